@@ -1,0 +1,204 @@
+//! Wire types: the request and response bodies of every RPC, named `Service.Method`.
+//!
+//! Every RPC is `POST /rpc/<Service.Method>` with a JSON body and a JSON reply, except the
+//! object batches, whose bodies are `frame` streams. Errors are a non-2xx status with
+//! `{"error": "<one line>"}`. The method name is also what permissions grant.
+
+use crate::hash::ObjectId;
+use crate::image::{FileTree, Image};
+use crate::plan::UpdatePlan;
+use serde::{Deserialize, Serialize};
+
+/// Method names, in one place, so the permission model and the routers agree.
+pub mod methods {
+    pub const ADD_IMAGE: &str = "ImageServer.AddImage";
+    pub const CHECK_IMAGE: &str = "ImageServer.CheckImage";
+    pub const GET_IMAGE: &str = "ImageServer.GetImage";
+    pub const LIST_IMAGES: &str = "ImageServer.ListImages";
+    pub const DELETE_IMAGE: &str = "ImageServer.DeleteImage";
+    pub const LIST_UNREFERENCED_OBJECTS: &str = "ImageServer.ListUnreferencedObjects";
+    pub const DELETE_UNREFERENCED_OBJECTS: &str = "ImageServer.DeleteUnreferencedObjects";
+    pub const CHECK_OBJECTS: &str = "ObjectServer.CheckObjects";
+    pub const ADD_OBJECTS: &str = "ObjectServer.AddObjects";
+    pub const GET_OBJECTS: &str = "ObjectServer.GetObjects";
+    pub const SUBD_POLL: &str = "Subd.Poll";
+    pub const SUBD_FETCH: &str = "Subd.Fetch";
+    pub const SUBD_UPDATE: &str = "Subd.Update";
+    pub const SUBD_CLEANUP: &str = "Subd.Cleanup";
+}
+
+/// The error body of every non-2xx reply.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// An empty request or reply.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Empty {}
+
+// ---- ImageServer ----
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddImageRequest {
+    pub name: String,
+    pub image: Image,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageNameRequest {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckImageResponse {
+    pub exists: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ListImagesRequest {
+    /// Only names starting with this prefix.
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ListImagesResponse {
+    /// Version-sorted.
+    pub names: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckObjectsRequest {
+    pub hashes: Vec<ObjectId>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckObjectsResponse {
+    /// One per requested hash, in order: the object's size, or 0 if absent.
+    pub sizes: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AddObjectsResponse {
+    /// Objects newly stored.
+    pub added: u64,
+    /// Objects that were already present.
+    pub existing: u64,
+    /// Bytes newly stored.
+    pub bytes_added: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GetObjectsRequest {
+    pub hashes: Vec<ObjectId>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ObjectInfo {
+    pub hash: ObjectId,
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ListUnreferencedObjectsResponse {
+    /// Oldest-unreferenced first.
+    pub objects: Vec<ObjectInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeleteUnreferencedObjectsRequest {
+    /// Delete oldest first until at least this percentage of the unreferenced objects…
+    pub percentage: u8,
+    /// …and at least this many bytes are deleted (`100 0` = all, `0 0` = none).
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeleteUnreferencedObjectsResponse {
+    pub deleted: u64,
+    pub bytes: u64,
+}
+
+// ---- Subd ----
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PollRequest {
+    /// The generation the caller already holds; the tree is sent only if it differs.
+    #[serde(default)]
+    pub have_generation: u64,
+    /// Never send the tree.
+    #[serde(default)]
+    pub short_only: bool,
+}
+
+/// What the last update did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UpdateResult {
+    pub image_name: String,
+    /// Unix seconds when it finished.
+    pub finished_at: u64,
+    /// Every step that failed, one line each (empty = success).
+    pub errors: Vec<String>,
+    /// Trigger commands that failed or timed out, one line each.
+    pub trigger_failures: Vec<String>,
+    /// Services acted on, in order, e.g. `sshd stop`, `sshd start`.
+    pub trigger_actions: Vec<String>,
+    /// Milliseconds from the first rename to the last change.
+    pub activation_ms: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PollResponse {
+    /// 0 until the first scan finishes; rises when a finished scan differs from the last.
+    pub generation: u64,
+    pub scan_count: u64,
+    /// Unix seconds when this subd started.
+    pub start_time: u64,
+    /// Unix seconds of the end of the last scan (0 = none yet).
+    pub last_scan_time: u64,
+    pub last_scan_duration_ms: u64,
+    pub fetch_in_progress: bool,
+    pub update_in_progress: bool,
+    pub last_fetch_error: Option<String>,
+    pub last_update: Option<UpdateResult>,
+    /// Free bytes on the root's file-system.
+    pub free_space: u64,
+    /// Last image applied by an update (full or sparse).
+    pub last_image: Option<String>,
+    /// The scan exclusion regexes in force (the diff must not touch them).
+    pub exclusions: Vec<String>,
+    /// The scanned tree; present only when `generation != have_generation`.
+    pub tree: Option<FileTree>,
+    /// Objects in the cache; sent with the tree.
+    pub object_cache: Option<Vec<ObjectId>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FetchRequest {
+    /// The imageserver to fetch from, `HOST:PORT`.
+    pub server: String,
+    pub hashes: Vec<ObjectId>,
+    /// Return only when the fetch is done (errors are then returned too).
+    #[serde(default)]
+    pub wait: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UpdateRequest {
+    pub plan: UpdatePlan,
+    /// Return only when the update is done, with its result.
+    #[serde(default)]
+    pub wait: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct UpdateResponse {
+    /// Present when `wait` was set.
+    pub result: Option<UpdateResult>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CleanupRequest {
+    pub hashes: Vec<ObjectId>,
+}

@@ -1,0 +1,405 @@
+//! The one place HTTP clients are built: `RpcClient` (TCP_NODELAY, timeouts, optional mutual
+//! TLS) and the typed clients `ImageServerClient` and `SubdClient` over it.
+
+use crate::api::{self, methods, ErrorBody};
+use crate::hash::ObjectId;
+use crate::image::Image;
+use crate::tls::{client_config, TlsFiles};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::time::Duration;
+
+/// How a client connects.
+#[derive(Clone, Debug, Default)]
+pub enum ClientSecurity {
+    /// Plain HTTP (only for loopback development).
+    #[default]
+    Insecure,
+    /// HTTPS with this client certificate, trusting servers signed by the CA.
+    Tls(TlsFiles),
+}
+
+/// A failed call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{addr}: {message}")]
+    Connect { addr: String, message: String },
+    #[error("{method}: {message} (HTTP {status})")]
+    Status {
+        method: String,
+        status: u16,
+        message: String,
+    },
+    #[error("{method}: bad reply: {message}")]
+    Decode { method: String, message: String },
+    #[error("client setup: {0}")]
+    Setup(String),
+}
+
+impl ClientError {
+    /// The HTTP status, if the server answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Turns `HOST`, `HOST:PORT`, `[V6]:PORT` or a URL into a base URL.
+pub fn base_url(addr: &str, default_port: u16, tls: bool) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        return addr.trim_end_matches('/').to_string();
+    }
+    let scheme = if tls { "https" } else { "http" };
+    let has_port = if addr.starts_with('[') {
+        addr.contains("]:")
+    } else {
+        addr.matches(':').count() == 1
+    };
+    if has_port {
+        format!("{scheme}://{addr}")
+    } else if addr.contains(':') {
+        format!("{scheme}://[{addr}]:{default_port}")
+    } else {
+        format!("{scheme}://{addr}:{default_port}")
+    }
+}
+
+/// An RPC client bound to one server.
+#[derive(Clone, Debug)]
+pub struct RpcClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+fn connect_message(e: &reqwest::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg = s.to_string();
+        src = s.source();
+    }
+    msg
+}
+
+impl RpcClient {
+    /// A client for `addr`; `timeout` bounds each whole call (`None` for long streams).
+    pub fn new(
+        addr: &str,
+        default_port: u16,
+        security: &ClientSecurity,
+        timeout: Option<Duration>,
+    ) -> Result<RpcClient, ClientError> {
+        let mut b = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(15))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .no_proxy();
+        if let Some(t) = timeout {
+            b = b.timeout(t);
+        }
+        let tls = matches!(security, ClientSecurity::Tls(_));
+        if let ClientSecurity::Tls(files) = security {
+            let cfg = client_config(files).map_err(|e| ClientError::Setup(e.to_string()))?;
+            b = b.use_preconfigured_tls(cfg);
+        }
+        Ok(RpcClient {
+            http: b.build().map_err(|e| ClientError::Setup(e.to_string()))?,
+            base: base_url(addr, default_port, tls),
+        })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Calls `method` with a JSON request, expecting a JSON reply.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        method: &str,
+        req: &Req,
+    ) -> Result<Resp, ClientError> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Setup(e.to_string()))?;
+        let resp = self
+            .call_raw(method, reqwest::Body::from(body), "application/json")
+            .await?;
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Decode {
+            method: method.to_string(),
+            message: connect_message(&e),
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            method: method.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Calls `method` with any body; returns the successful response for streaming.
+    pub async fn call_raw(
+        &self,
+        method: &str,
+        body: reqwest::Body,
+        content_type: &str,
+    ) -> Result<reqwest::Response, ClientError> {
+        let url = format!("{}/rpc/{method}", self.base);
+        let resp = self
+            .http
+            .post(&url)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| ClientError::Connect {
+                addr: self.base.clone(),
+                message: connect_message(&e),
+            })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ErrorBody>(&text)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| text.lines().next().unwrap_or("").to_string());
+        Err(ClientError::Status {
+            method: method.to_string(),
+            status,
+            message,
+        })
+    }
+
+    /// GETs a page (status pages, metrics); returns the body text.
+    pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| ClientError::Connect {
+                addr: self.base.clone(),
+                message: connect_message(&e),
+            })?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.map_err(|e| ClientError::Connect {
+            addr: self.base.clone(),
+            message: connect_message(&e),
+        })?;
+        if !(200..300).contains(&status) {
+            return Err(ClientError::Status {
+                method: path.to_string(),
+                status,
+                message: text.lines().next().unwrap_or("").to_string(),
+            });
+        }
+        Ok(text)
+    }
+}
+
+/// Default imageserver port.
+pub const IMAGESERVER_PORT: u16 = 6971;
+/// Default subd port.
+pub const SUBD_PORT: u16 = 6969;
+/// Default dominator port.
+pub const DOMINATOR_PORT: u16 = 6970;
+
+/// Typed client for the imageserver's `ImageServer.*` and `ObjectServer.*` methods.
+#[derive(Clone, Debug)]
+pub struct ImageServerClient {
+    pub rpc: RpcClient,
+}
+
+impl ImageServerClient {
+    pub fn new(addr: &str, security: &ClientSecurity) -> Result<Self, ClientError> {
+        Ok(ImageServerClient {
+            rpc: RpcClient::new(addr, IMAGESERVER_PORT, security, None)?,
+        })
+    }
+
+    pub async fn add_image(&self, name: &str, image: &Image) -> Result<(), ClientError> {
+        let req = api::AddImageRequest {
+            name: name.to_string(),
+            image: image.clone(),
+        };
+        self.rpc
+            .call::<_, api::Empty>(methods::ADD_IMAGE, &req)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn get_image(&self, name: &str) -> Result<Image, ClientError> {
+        self.rpc
+            .call(
+                methods::GET_IMAGE,
+                &api::ImageNameRequest {
+                    name: name.to_string(),
+                },
+            )
+            .await
+    }
+
+    pub async fn check_image(&self, name: &str) -> Result<bool, ClientError> {
+        let r: api::CheckImageResponse = self
+            .rpc
+            .call(
+                methods::CHECK_IMAGE,
+                &api::ImageNameRequest {
+                    name: name.to_string(),
+                },
+            )
+            .await?;
+        Ok(r.exists)
+    }
+
+    pub async fn list_images(&self, prefix: Option<&str>) -> Result<Vec<String>, ClientError> {
+        let r: api::ListImagesResponse = self
+            .rpc
+            .call(
+                methods::LIST_IMAGES,
+                &api::ListImagesRequest {
+                    prefix: prefix.map(str::to_string),
+                },
+            )
+            .await?;
+        Ok(r.names)
+    }
+
+    pub async fn delete_image(&self, name: &str) -> Result<(), ClientError> {
+        self.rpc
+            .call::<_, api::Empty>(
+                methods::DELETE_IMAGE,
+                &api::ImageNameRequest {
+                    name: name.to_string(),
+                },
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Sizes of the given objects on the server (0 = absent), in order.
+    pub async fn check_objects(&self, hashes: &[ObjectId]) -> Result<Vec<u64>, ClientError> {
+        let r: api::CheckObjectsResponse = self
+            .rpc
+            .call(
+                methods::CHECK_OBJECTS,
+                &api::CheckObjectsRequest {
+                    hashes: hashes.to_vec(),
+                },
+            )
+            .await?;
+        Ok(r.sizes)
+    }
+
+    /// Uploads a `frame` stream of objects in one request.
+    pub async fn add_objects(
+        &self,
+        body: reqwest::Body,
+    ) -> Result<api::AddObjectsResponse, ClientError> {
+        let resp = self
+            .rpc
+            .call_raw(methods::ADD_OBJECTS, body, "application/octet-stream")
+            .await?;
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Decode {
+            method: methods::ADD_OBJECTS.into(),
+            message: connect_message(&e),
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            method: methods::ADD_OBJECTS.into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Starts downloading objects; the response body is a `frame` stream in request order.
+    pub async fn get_objects(&self, hashes: &[ObjectId]) -> Result<reqwest::Response, ClientError> {
+        let body = serde_json::to_vec(&api::GetObjectsRequest {
+            hashes: hashes.to_vec(),
+        })
+        .unwrap();
+        self.rpc
+            .call_raw(methods::GET_OBJECTS, body.into(), "application/json")
+            .await
+    }
+
+    pub async fn list_unreferenced_objects(&self) -> Result<Vec<api::ObjectInfo>, ClientError> {
+        let r: api::ListUnreferencedObjectsResponse = self
+            .rpc
+            .call(methods::LIST_UNREFERENCED_OBJECTS, &api::Empty {})
+            .await?;
+        Ok(r.objects)
+    }
+
+    pub async fn delete_unreferenced_objects(
+        &self,
+        percentage: u8,
+        bytes: u64,
+    ) -> Result<api::DeleteUnreferencedObjectsResponse, ClientError> {
+        self.rpc
+            .call(
+                methods::DELETE_UNREFERENCED_OBJECTS,
+                &api::DeleteUnreferencedObjectsRequest { percentage, bytes },
+            )
+            .await
+    }
+}
+
+/// Typed client for a subd's `Subd.*` methods.
+#[derive(Clone, Debug)]
+pub struct SubdClient {
+    pub rpc: RpcClient,
+}
+
+impl SubdClient {
+    pub fn new(
+        addr: &str,
+        security: &ClientSecurity,
+        timeout: Option<Duration>,
+    ) -> Result<Self, ClientError> {
+        Ok(SubdClient {
+            rpc: RpcClient::new(addr, SUBD_PORT, security, timeout)?,
+        })
+    }
+
+    pub async fn poll(&self, req: &api::PollRequest) -> Result<api::PollResponse, ClientError> {
+        self.rpc.call(methods::SUBD_POLL, req).await
+    }
+
+    pub async fn fetch(&self, req: &api::FetchRequest) -> Result<(), ClientError> {
+        self.rpc
+            .call::<_, api::Empty>(methods::SUBD_FETCH, req)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn update(
+        &self,
+        req: &api::UpdateRequest,
+    ) -> Result<api::UpdateResponse, ClientError> {
+        self.rpc.call(methods::SUBD_UPDATE, req).await
+    }
+
+    pub async fn cleanup(&self, hashes: &[ObjectId]) -> Result<(), ClientError> {
+        self.rpc
+            .call::<_, api::Empty>(
+                methods::SUBD_CLEANUP,
+                &api::CleanupRequest {
+                    hashes: hashes.to_vec(),
+                },
+            )
+            .await
+            .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls() {
+        assert_eq!(base_url("localhost", 6971, false), "http://localhost:6971");
+        assert_eq!(base_url("h:1", 6971, true), "https://h:1");
+        assert_eq!(base_url("[::1]:5", 6971, false), "http://[::1]:5");
+        assert_eq!(base_url("::1", 6971, false), "http://[::1]:6971");
+        assert_eq!(base_url("http://x:1/", 6971, false), "http://x:1");
+    }
+}

@@ -1,0 +1,267 @@
+//! The one place HTTP is served: `serve(listener, router, security, shutdown)` accepts
+//! connections (TCP_NODELAY, optional mutual TLS), attaches the caller's identity, refuses
+//! RPCs the caller is not granted, and shuts down gracefully. Also `ApiError`, the one
+//! mapping from errors to HTTP statuses.
+
+use crate::api::ErrorBody;
+use crate::tls::{glob_match, identity_of};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+/// How a server talks to its clients.
+#[derive(Clone)]
+pub enum Security {
+    /// Plain HTTP; every caller may call every method. Only for development.
+    Insecure,
+    /// Mutual TLS; callers are identified and authorized by their certificates.
+    Tls(Arc<rustls::ServerConfig>),
+}
+
+impl Security {
+    pub fn is_insecure(&self) -> bool {
+        matches!(self, Security::Insecure)
+    }
+}
+
+/// Who is calling, attached to every request as an extension.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// Certificate common name; empty when insecure.
+    pub name: String,
+    /// Method globs from the certificate; `None` = everything (insecure mode).
+    pub grants: Option<Vec<String>>,
+}
+
+impl Caller {
+    pub fn insecure() -> Caller {
+        Caller {
+            name: String::new(),
+            grants: None,
+        }
+    }
+
+    /// Whether this caller may call `method` (`Service.Method`).
+    pub fn may(&self, method: &str) -> bool {
+        match &self.grants {
+            None => true,
+            Some(g) => g.iter().any(|p| glob_match(p, method)),
+        }
+    }
+}
+
+/// The RPC method a request path names (`/rpc/Service.Method`).
+pub fn method_of(path: &str) -> Option<&str> {
+    path.strip_prefix("/rpc/")
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then waits (up to 10 s) for
+/// requests in flight.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    security: Security,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let acceptor = match &security {
+        Security::Tls(cfg) => Some(tokio_rustls::TlsAcceptor::from(cfg.clone())),
+        Security::Insecure => None,
+    };
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let acceptor = acceptor.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            match acceptor {
+                None => {
+                    let svc = service(router, Caller::insecure());
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc);
+                    let _ = watcher.watch(conn).await;
+                }
+                Some(acc) => {
+                    let tls =
+                        match tokio::time::timeout(Duration::from_secs(15), acc.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::warn!(%peer, "TLS handshake refused: {e}");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::warn!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let caller = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                        Some(cert) => {
+                            let (name, grants) = identity_of(cert);
+                            Caller {
+                                name,
+                                grants: Some(grants),
+                            }
+                        }
+                        None => Caller {
+                            name: String::new(),
+                            grants: Some(Vec::new()),
+                        },
+                    };
+                    let svc = service(router, caller);
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc);
+                    let _ = watcher.watch(conn).await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+    Ok(())
+}
+
+fn service(
+    router: Router,
+    caller: Caller,
+) -> TowerToHyperService<
+    impl tower::Service<
+            hyper::Request<Incoming>,
+            Response = Response,
+            Error = std::convert::Infallible,
+            Future = impl Send,
+        > + Clone,
+> {
+    let svc = tower::service_fn(move |mut req: hyper::Request<Incoming>| {
+        let router = router.clone();
+        let caller = caller.clone();
+        async move {
+            if let Some(method) = method_of(req.uri().path()) {
+                if !caller.may(method) {
+                    tracing::warn!(caller = %caller.name, method, "access to method denied");
+                    return Ok(
+                        ApiError::Forbidden("access to method denied".into()).into_response()
+                    );
+                }
+            }
+            req.extensions_mut().insert(caller);
+            let req = req.map(axum::body::Body::new);
+            router.oneshot(req).await
+        }
+    });
+    TowerToHyperService::new(svc)
+}
+
+/// An error a handler returns; its variant decides the HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    InsufficientStorage(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> axum::http::StatusCode {
+        use axum::http::StatusCode as S;
+        match self {
+            ApiError::BadRequest(_) => S::BAD_REQUEST,
+            ApiError::NotFound(_) => S::NOT_FOUND,
+            ApiError::Conflict(_) => S::CONFLICT,
+            ApiError::Forbidden(_) => S::FORBIDDEN,
+            ApiError::TooLarge(_) => S::PAYLOAD_TOO_LARGE,
+            ApiError::Busy(_) => S::SERVICE_UNAVAILABLE,
+            ApiError::InsufficientStorage(_) => S::INSUFFICIENT_STORAGE,
+            ApiError::Internal(_) => S::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// An internal error from anything displayable (logged; detail kept in the body's
+    /// one line, since callers are operators of the same fleet).
+    pub fn internal(e: impl std::fmt::Display) -> ApiError {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!("{self}");
+        }
+        (
+            status,
+            axum::Json(ErrorBody {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
+    }
+}
+
+/// JSON body extractor whose rejection is a one-line `ApiError::BadRequest`.
+pub struct Json<T>(pub T);
+
+impl<T, S> axum::extract::FromRequest<S> for Json<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("reading request body: {e}")))?;
+        serde_json::from_slice(&bytes)
+            .map(Json)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON request: {e}")))
+    }
+}
+
+/// Reads a whole body up to `limit` bytes.
+pub async fn read_body_limited(
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<bytes::Bytes, ApiError> {
+    let limited = http_body_util::Limited::new(body, limit);
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => Err(ApiError::TooLarge(format!("request body: {e}"))),
+    }
+}
+
+/// The red banner status pages show when serving without TLS.
+pub const INSECURE_BANNER: &str = r#"<p style="background:#c00;color:#fff;padding:6px;font-weight:bold">INSECURE MODE: no TLS, every caller may call every method.</p>"#;

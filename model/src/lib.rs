@@ -1,0 +1,40 @@
+//! The library every program of the fleet shares.
+//!
+//! Layout:
+//! - `hash`: `ObjectId`, the SHA-512 of an object's bytes.
+//! - `path`: `FsPath`, absolute paths as bytes, and their JSON and human encodings.
+//! - `image`: `Inode`, `FileTree`, `Image`, `ImageName`.
+//! - `filter`, `triggers`: Dominator's filter and trigger files, compiled and matched.
+//! - `scan`: a directory → `FileTree`, hashing in parallel.
+//! - `tarball`: a `.tar`/`.tar.gz` → `FileTree` + objects.
+//! - `objectstore`: the content-addressed on-disk store (imageserver objects, subd cache).
+//! - `plan`, `diff`: `UpdatePlan` and the pure function computing it.
+//! - `apply`: executing an `UpdatePlan` under a root directory, safely.
+//! - `api`, `frame`: wire types and object batch framing.
+//! - `http`, `client`, `tls`: the one HTTP server, the one HTTP client, mutual TLS.
+//! - `fsutil`: durable writes (temp + fsync + rename).
+
+pub mod api;
+pub mod apply;
+pub mod client;
+pub mod diff;
+pub mod filter;
+pub mod frame;
+pub mod fsutil;
+pub mod hash;
+pub mod http;
+pub mod image;
+pub mod objectstore;
+pub mod path;
+pub mod plan;
+pub mod scan;
+pub mod tarball;
+pub mod tls;
+pub mod triggers;
+
+pub use filter::Filter;
+pub use hash::ObjectId;
+pub use image::{FileTree, Image, ImageName, Inode, Kind, Mtime};
+pub use path::FsPath;
+pub use plan::UpdatePlan;
+pub use triggers::{Trigger, Triggers};
