@@ -316,7 +316,7 @@ mod tests {
 
     #[test]
     fn preorder_sorting() {
-        let mut v = vec![p("/a-c"), p("/a/b"), p("/"), p("/a"), p("/b"), p("/a/b/c")];
+        let mut v = [p("/a-c"), p("/a/b"), p("/"), p("/a"), p("/b"), p("/a/b/c")];
         v.sort();
         let s: Vec<String> = v.iter().map(|x| x.display()).collect();
         assert_eq!(s, ["/", "/a", "/a/b", "/a/b/c", "/a-c", "/b"]);
