@@ -1,1 +1,334 @@
-//! TODO: filled in by the issue that owns it.
+//! The content-addressed object store (imageserver objects, subd's object cache): each
+//! object lives at `<dir>/<hh>/<hh>/<remaining 124 hex>` under the SHA-512 of its bytes.
+//!
+//! Writes stream into a temp file while hashing, are checked against the expected id, and
+//! are made durable in batches: `sync` (syncfs) of all temp files, renames, `sync` again.
+//! So a crash at any moment leaves only whole, correct objects under their names, plus
+//! temp files that `open` removes. Nothing renames, overwrites or edits an object in place.
+
+use crate::fsutil::{DeleteOnDrop, TEMP_SUFFIX};
+use crate::hash::{ObjectHasher, ObjectId};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// Why an object was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("hash mismatch: expected {expected}, computed {computed}")]
+    HashMismatch {
+        expected: ObjectId,
+        computed: ObjectId,
+    },
+    #[error("object {id}: truncated: expected {expected} bytes, got {got}")]
+    Truncated {
+        id: ObjectId,
+        expected: u64,
+        got: u64,
+    },
+    #[error("object store {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+impl StoreError {
+    /// True for errors caused by the data sent, not by the store.
+    pub fn is_bad_data(&self) -> bool {
+        !matches!(self, StoreError::Io { .. })
+    }
+    /// True when the disk is full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC))
+    }
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A directory of objects.
+#[derive(Clone, Debug)]
+pub struct ObjectStore {
+    dir: PathBuf,
+}
+
+impl ObjectStore {
+    /// Opens (creating if needed) a store and removes temp files left by a crash.
+    pub fn open(dir: &Path) -> Result<ObjectStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(io_at(dir))?;
+        let store = ObjectStore {
+            dir: dir.to_path_buf(),
+        };
+        store.walk(|path, name, _| {
+            if name.ends_with(TEMP_SUFFIX) {
+                let _ = std::fs::remove_file(path);
+            }
+        })?;
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where `id` lives.
+    pub fn path_of(&self, id: &ObjectId) -> PathBuf {
+        let hex = id.to_hex();
+        self.dir.join(&hex[0..2]).join(&hex[2..4]).join(&hex[4..])
+    }
+
+    /// The size of `id` if present.
+    pub fn size_of(&self, id: &ObjectId) -> Option<u64> {
+        std::fs::metadata(self.path_of(id)).ok().map(|m| m.len())
+    }
+
+    pub fn contains(&self, id: &ObjectId) -> bool {
+        self.path_of(id).exists()
+    }
+
+    /// Opens an object for reading.
+    pub fn open_object(&self, id: &ObjectId) -> io::Result<File> {
+        File::open(self.path_of(id))
+    }
+
+    /// Starts writing an object expected to hash to `expected` and be `len` bytes long.
+    pub fn writer(&self, expected: ObjectId, len: u64) -> Result<ObjectWriter, StoreError> {
+        let final_path = self.path_of(&expected);
+        let parent = final_path.parent().unwrap().to_path_buf();
+        std::fs::create_dir_all(&parent).map_err(io_at(&parent))?;
+        let tmp = crate::fsutil::temp_path(&final_path);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(&tmp)
+            .map_err(io_at(&tmp))?;
+        Ok(ObjectWriter {
+            guard: DeleteOnDrop::new(tmp.clone()),
+            tmp,
+            final_path,
+            file,
+            hasher: ObjectHasher::new(),
+            expected,
+            len,
+        })
+    }
+
+    /// Makes pending objects visible and durable: sync, rename each into place, sync.
+    /// Returns how many were new.
+    pub fn commit(&self, pending: Vec<PendingObject>) -> Result<usize, StoreError> {
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        self.sync()?;
+        let mut added = 0;
+        for p in pending {
+            if p.final_path.exists() {
+                continue; // an identical object arrived meanwhile; the guard removes the temp
+            }
+            std::fs::rename(&p.tmp, &p.final_path).map_err(io_at(&p.final_path))?;
+            p.guard.disarm();
+            added += 1;
+        }
+        self.sync()?;
+        Ok(added)
+    }
+
+    /// Writes a whole object from memory, verified and durable.
+    pub fn put(&self, data: &[u8]) -> Result<ObjectId, StoreError> {
+        let id = ObjectId::of(data);
+        if self.contains(&id) {
+            return Ok(id);
+        }
+        let mut w = self.writer(id, data.len() as u64)?;
+        w.write_all(data).map_err(io_at(&self.dir))?;
+        let p = w.finish()?;
+        self.commit(vec![p])?;
+        Ok(id)
+    }
+
+    /// Flushes everything written to the store's file-system.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let f = File::open(&self.dir).map_err(io_at(&self.dir))?;
+        rustix::fs::syncfs(&f).map_err(|e| StoreError::Io {
+            path: self.dir.clone(),
+            source: e.into(),
+        })
+    }
+
+    /// Removes an object (absent is fine).
+    pub fn remove(&self, id: &ObjectId) -> Result<(), StoreError> {
+        let p = self.path_of(id);
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_at(&p)(e)),
+        }
+    }
+
+    /// Every object with its size.
+    pub fn list(&self) -> Result<Vec<(ObjectId, u64)>, StoreError> {
+        let mut out = Vec::new();
+        self.walk(|_, name, size| {
+            if let Ok(id) = ObjectId::from_hex(name) {
+                out.push((id, size));
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f(path, hex-name-or-temp-name, size)` for every file two levels down; the
+    /// name passed is the full 128-hex id for objects, the raw file name otherwise.
+    fn walk(&self, mut f: impl FnMut(&Path, &str, u64)) -> Result<(), StoreError> {
+        for l1 in read_dir_names(&self.dir)? {
+            if l1.len() != 2 {
+                continue;
+            }
+            let d1 = self.dir.join(&l1);
+            for l2 in read_dir_names(&d1)? {
+                let d2 = d1.join(&l2);
+                if l2.len() != 2 {
+                    continue;
+                }
+                for name in read_dir_names(&d2)? {
+                    let p = d2.join(&name);
+                    let size = std::fs::symlink_metadata(&p).map(|m| m.len()).unwrap_or(0);
+                    if name.ends_with(TEMP_SUFFIX) {
+                        f(&p, &name, size);
+                    } else {
+                        f(&p, &format!("{l1}{l2}{name}"), size);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_dir_names(dir: &Path) -> Result<Vec<String>, StoreError> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotADirectory => return Ok(Vec::new()),
+        Err(e) => return Err(io_at(dir)(e)),
+    };
+    let mut v = Vec::new();
+    for e in rd {
+        let e = e.map_err(io_at(dir))?;
+        if let Ok(s) = e.file_name().into_string() {
+            v.push(s);
+        }
+    }
+    Ok(v)
+}
+
+/// An object being written; `finish` verifies it.
+pub struct ObjectWriter {
+    guard: DeleteOnDrop,
+    tmp: PathBuf,
+    final_path: PathBuf,
+    file: File,
+    hasher: ObjectHasher,
+    expected: ObjectId,
+    len: u64,
+}
+
+impl Write for ObjectWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl ObjectWriter {
+    /// Checks length and hash; on success the object awaits `ObjectStore::commit`.
+    /// On failure the temp file is removed.
+    pub fn finish(self) -> Result<PendingObject, StoreError> {
+        let (computed, got) = self.hasher.finish();
+        if got != self.len {
+            return Err(StoreError::Truncated {
+                id: self.expected,
+                expected: self.len,
+                got,
+            });
+        }
+        if computed != self.expected {
+            return Err(StoreError::HashMismatch {
+                expected: self.expected,
+                computed,
+            });
+        }
+        Ok(PendingObject {
+            guard: self.guard,
+            tmp: self.tmp,
+            final_path: self.final_path,
+            id: self.expected,
+            len: self.len,
+        })
+    }
+}
+
+/// A verified object not yet visible under its name.
+pub struct PendingObject {
+    guard: DeleteOnDrop,
+    tmp: PathBuf,
+    final_path: PathBuf,
+    pub id: ObjectId,
+    pub len: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_list_remove_and_temp_cleanup() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ObjectStore::open(d.path()).unwrap();
+        let id = s.put(b"hello").unwrap();
+        assert_eq!(s.size_of(&id), Some(5));
+        assert_eq!(s.list().unwrap(), vec![(id, 5)]);
+        // a crash leaves a temp file: open removes it
+        let mut w = s.writer(ObjectId::of(b"zz"), 2).unwrap();
+        w.write_all(b"zz").unwrap();
+        std::mem::forget(w);
+        let s = ObjectStore::open(d.path()).unwrap();
+        assert_eq!(s.list().unwrap().len(), 1);
+        s.remove(&id).unwrap();
+        assert!(s.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn mismatch_and_truncation_store_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ObjectStore::open(d.path()).unwrap();
+        let mut w = s.writer(ObjectId::of(b"good"), 4).unwrap();
+        w.write_all(b"evil").unwrap();
+        assert!(matches!(w.finish(), Err(StoreError::HashMismatch { .. })));
+        let mut w = s.writer(ObjectId::of(b"good"), 4).unwrap();
+        w.write_all(b"go").unwrap();
+        assert!(matches!(w.finish(), Err(StoreError::Truncated { .. })));
+        assert!(s.list().unwrap().is_empty());
+        let count = walkdir_files(d.path());
+        assert_eq!(count, 0, "no temp files left");
+    }
+
+    fn walkdir_files(p: &Path) -> usize {
+        let mut n = 0;
+        for e in std::fs::read_dir(p).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                n += walkdir_files(&e.path());
+            } else {
+                n += 1;
+            }
+        }
+        n
+    }
+}
