@@ -253,15 +253,15 @@ impl ObjectWriter {
         let (computed, got) = self.hasher.finish();
         if got != self.len {
             return Err(StoreError::Truncated {
-                id: self.expected,
+                id: Box::new(self.expected),
                 expected: self.len,
                 got,
             });
         }
         if computed != self.expected {
             return Err(StoreError::HashMismatch {
-                expected: self.expected,
-                computed,
+                expected: Box::new(self.expected),
+                computed: Box::new(computed),
             });
         }
         Ok(PendingObject {
