@@ -18,12 +18,12 @@ use std::path::{Path, PathBuf};
 pub enum StoreError {
     #[error("hash mismatch: expected {expected}, computed {computed}")]
     HashMismatch {
-        expected: ObjectId,
-        computed: ObjectId,
+        expected: Box<ObjectId>,
+        computed: Box<ObjectId>,
     },
     #[error("object {id}: truncated: expected {expected} bytes, got {got}")]
     Truncated {
-        id: ObjectId,
+        id: Box<ObjectId>,
         expected: u64,
         got: u64,
     },
