@@ -11,7 +11,8 @@
 //! - `plan`, `diff`: `UpdatePlan` and the pure function computing it.
 //! - `apply`: executing an `UpdatePlan` under a root directory, safely.
 //! - `api`, `frame`: wire types and object batch framing.
-//! - `http`, `client`, `tls`: the one HTTP server, the one HTTP client, mutual TLS.
+//! - `http`, `client`, `tls`, `security`: the one HTTP server, the one HTTP client, mutual
+//!   TLS, and the TLS flags every program shares.
 //! - `fsutil`: durable writes (temp + fsync + rename).
 
 pub mod api;
@@ -28,6 +29,7 @@ pub mod objectstore;
 pub mod path;
 pub mod plan;
 pub mod scan;
+pub mod security;
 pub mod tarball;
 pub mod tls;
 pub mod triggers;
