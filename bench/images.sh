@@ -33,8 +33,8 @@ stop_server() { kill $SERVER; wait $SERVER 2>/dev/null || true; }
 
 add() { # name path -> sets ADD_S, ADD_JSON, ADD_RSS
   local t0 t1; t0=$(now)
-  ADD_JSON=$(/usr/bin/time -v -o "$WORK/time.$1" "$BIN/imagetool" --json add "$1" "$2" "" "")
-  t1=$(now); ADD_S=$(secs "$t0" "$t1"); ADD_RSS=$(maxrss "$WORK/time.$1")
+  ADD_JSON=$(/usr/bin/time -v -o "$WORK/time.${1//\//_}" "$BIN/imagetool" --json add "$1" "$2" "" "")
+  t1=$(now); ADD_S=$(secs "$t0" "$t1"); ADD_RSS=$(maxrss "$WORK/time.${1//\//_}")
 }
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$ADD_JSON" "$1"; }
 
