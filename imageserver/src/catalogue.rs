@@ -190,7 +190,13 @@ impl Catalogue {
     /// Makes verified objects durable and visible; returns (new objects, new bytes).
     pub fn commit_objects(&self, pending: Vec<PendingObject>) -> Result<(u64, u64), ApiError> {
         let ids: Vec<(ObjectId, u64)> = pending.iter().map(|p| (p.id, p.len)).collect();
+        let t = std::time::Instant::now();
         self.store.commit(pending).map_err(store_api_error)?;
+        tracing::debug!(
+            objects = ids.len(),
+            ms = t.elapsed().as_millis() as u64,
+            "objects committed"
+        );
         let now = now_secs();
         let mut idx = self.lock();
         let (mut n, mut bytes) = (0, 0);

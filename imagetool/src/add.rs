@@ -36,6 +36,10 @@ pub struct Summary {
 pub const BATCH_BYTES: u64 = 8 << 20;
 /// …or this many files.
 pub const BATCH_FILES: usize = 4096;
+/// A directory's missing objects are sent in requests of about this many bytes…
+pub const DIR_BATCH_BYTES: u64 = 32 << 20;
+/// …on this many concurrent streams.
+pub const UPLOAD_STREAMS: usize = 2;
 /// Files larger than this are spooled to a temp file rather than kept in memory.
 pub const SPOOL_OVER: u64 = 1 << 20;
 
@@ -188,22 +192,22 @@ async fn add_directory(
     }
     let ids: Vec<ObjectId> = first_path.keys().copied().collect();
     let missing = up.missing(&ids).await?;
-    let mut batch = Vec::new();
+    let mut batches: Vec<Vec<Item>> = vec![Vec::new()];
     let mut batch_bytes = 0u64;
     for id in ids.into_iter().filter(|i| missing.contains(i)) {
         let (size, p) = first_path.remove(&id).expect("listed");
+        if batch_bytes >= DIR_BATCH_BYTES {
+            batches.push(Vec::new());
+            batch_bytes = 0;
+        }
         batch_bytes += size;
-        batch.push(Item {
+        batches.last_mut().expect("non-empty").push(Item {
             id,
             size,
             source: Source::Path(p),
         });
-        if batch_bytes >= 256 << 20 {
-            up.send(std::mem::take(&mut batch)).await?;
-            batch_bytes = 0;
-        }
     }
-    up.send(batch).await?;
+    up.send_concurrently(batches, UPLOAD_STREAMS).await?;
     Ok(tree)
 }
 

@@ -94,58 +94,98 @@ impl Uploader {
 
     /// Sends `items` (already known to be missing) in one streamed request.
     pub async fn send(&mut self, items: Vec<Item>) -> anyhow::Result<()> {
-        if items.is_empty() {
-            return Ok(());
-        }
         let ids: Vec<ObjectId> = items.iter().map(|i| i.id).collect();
-        let total: u64 = items.iter().map(|i| i.size).sum();
-        let (rd, wr) = tokio::io::duplex(256 * 1024);
-        let on_bytes = self.on_bytes.clone();
-        let producer = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let mut out = SyncIoBridge::new(wr);
-            let mut buf = vec![0u8; 256 * 1024];
-            for item in items {
-                out.write_all(&frame::header(&item.id, item.size))?;
-                let mut reader: Box<dyn Read> = match item.source {
-                    Source::Path(p) => Box::new(
-                        std::fs::File::open(&p).with_context(|| format!("{}", p.display()))?,
-                    ),
-                    Source::Memory(v) => Box::new(std::io::Cursor::new(v)),
-                    Source::Spool(mut f) => {
-                        f.rewind()?;
-                        Box::new(f)
-                    }
-                };
-                let mut left = item.size;
-                let mut hasher = model::hash::ObjectHasher::new();
-                while left > 0 {
-                    let want = (left as usize).min(buf.len());
-                    let n = reader.read(&mut buf[..want])?;
-                    if n == 0 {
-                        bail!("a file shrank while being added (object {})", item.id);
-                    }
-                    hasher.update(&buf[..n]);
-                    out.write_all(&buf[..n])?;
-                    on_bytes(n as u64);
-                    left -= n as u64;
-                }
-                if hasher.finish().0 != item.id {
-                    bail!("a file changed while being added (object {})", item.id);
-                }
-            }
-            out.flush()?;
-            out.shutdown()?;
-            Ok(())
-        });
-        let body = reqwest::Body::wrap_stream(ReaderStream::with_capacity(rd, 256 * 1024));
-        let result = self.client.add_objects(body).await;
-        let produced = producer.await.context("upload thread")?;
-        // A local problem (a file changed) explains a server-side refusal better.
-        produced?;
-        result.context("uploading objects")?;
-        self.sent.objects += ids.len() as u64;
-        self.sent.bytes += total;
+        let sent = send_batch(&self.client, items, self.on_bytes.clone()).await?;
+        self.sent.objects += sent.objects;
+        self.sent.bytes += sent.bytes;
         self.known.extend(ids);
         Ok(())
     }
+
+    /// Sends batches (each already known to be missing) on `streams` concurrent requests,
+    /// so the server verifies and writes on several cores.
+    pub async fn send_concurrently(
+        &mut self,
+        batches: Vec<Vec<Item>>,
+        streams: usize,
+    ) -> anyhow::Result<()> {
+        use futures_util::StreamExt;
+        let client = self.client.clone();
+        let on_bytes = self.on_bytes.clone();
+        let mut results = futures_util::stream::iter(batches.into_iter().map(|b| {
+            let ids: Vec<ObjectId> = b.iter().map(|i| i.id).collect();
+            let (client, on_bytes) = (client.clone(), on_bytes.clone());
+            async move { send_batch(&client, b, on_bytes).await.map(|s| (s, ids)) }
+        }))
+        .buffer_unordered(streams.max(1));
+        while let Some(r) = results.next().await {
+            let (s, ids) = r?;
+            self.sent.objects += s.objects;
+            self.sent.bytes += s.bytes;
+            self.known.extend(ids);
+        }
+        Ok(())
+    }
+}
+
+/// Streams one batch as a single `AddObjects` request.
+async fn send_batch(
+    client: &ImageServerClient,
+    items: Vec<Item>,
+    on_bytes: Arc<dyn Fn(u64) + Send + Sync>,
+) -> anyhow::Result<Sent> {
+    if items.is_empty() {
+        return Ok(Sent::default());
+    }
+    let count = items.len() as u64;
+    let total: u64 = items.iter().map(|i| i.size).sum();
+    let (rd, wr) = tokio::io::duplex(256 * 1024);
+    let producer = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut out = SyncIoBridge::new(wr);
+        let mut buf = vec![0u8; 256 * 1024];
+        for item in items {
+            out.write_all(&frame::header(&item.id, item.size))?;
+            let mut reader: Box<dyn Read> = match item.source {
+                Source::Path(p) => {
+                    Box::new(std::fs::File::open(&p).with_context(|| format!("{}", p.display()))?)
+                }
+                Source::Memory(v) => Box::new(std::io::Cursor::new(v)),
+                Source::Spool(mut f) => {
+                    f.rewind()?;
+                    Box::new(f)
+                }
+            };
+            let mut left = item.size;
+            while left > 0 {
+                let want = (left as usize).min(buf.len());
+                let n = reader.read(&mut buf[..want])?;
+                if n == 0 {
+                    bail!("a file shrank while being added (object {})", item.id);
+                }
+                out.write_all(&buf[..n])?;
+                on_bytes(n as u64);
+                left -= n as u64;
+            }
+        }
+        out.flush()?;
+        out.shutdown()?;
+        Ok(())
+    });
+    let body = reqwest::Body::wrap_stream(ReaderStream::with_capacity(rd, 256 * 1024));
+    let result = client.add_objects(body).await;
+    let produced = producer.await.context("upload thread")?;
+    // A local problem (a file changed) explains a server-side refusal better.
+    produced?;
+    // The server verifies every hash; a mismatch here means a file changed after it
+    // was hashed.
+    if let Err(e) = result {
+        if e.to_string().contains("hash mismatch") {
+            return Err(e).context("uploading objects (a file changed while being added)");
+        }
+        return Err(e).context("uploading objects");
+    }
+    Ok(Sent {
+        objects: count,
+        bytes: total,
+    })
 }
