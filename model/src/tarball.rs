@@ -147,10 +147,11 @@ pub fn decompressed<R: Read + Send + 'static>(r: R) -> io::Result<(Box<dyn Read 
 }
 
 /// Moves reading `r` onto its own thread, handing over chunks through a small bounded
-/// queue, so decompression and hashing use two cores. Errors arrive in order.
+/// queue, so decompression and hashing use two cores. Errors arrive in order. Dropping
+/// the reader stops and joins the thread, so no thread outlives an import.
 pub fn read_ahead(mut r: Box<dyn Read + Send>) -> impl Read + Send {
     let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
-    std::thread::spawn(move || loop {
+    let thread = std::thread::spawn(move || loop {
         let mut buf = vec![0u8; 256 * 1024];
         match r.read(&mut buf) {
             Ok(0) => break,
@@ -168,22 +169,35 @@ pub fn read_ahead(mut r: Box<dyn Read + Send>) -> impl Read + Send {
         }
     });
     ChunkReader {
-        rx,
+        rx: Some(rx),
+        thread: Some(thread),
         cur: Vec::new(),
         pos: 0,
     }
 }
 
 struct ChunkReader {
-    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    rx: Option<std::sync::mpsc::Receiver<io::Result<Vec<u8>>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     cur: Vec<u8>,
     pos: usize,
+}
+
+impl Drop for ChunkReader {
+    fn drop(&mut self) {
+        // Closing the queue makes the reader thread's next send fail, so it ends.
+        drop(self.rx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Read for ChunkReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.cur.len() {
-            match self.rx.recv() {
+            let Some(rx) = &self.rx else { return Ok(0) };
+            match rx.recv() {
                 Ok(Ok(c)) => {
                     self.cur = c;
                     self.pos = 0;
@@ -727,6 +741,39 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         io::Write::write_all(&mut gz, &plain).unwrap();
         assert_eq!(run(plain).unwrap(), run(gz.finish().unwrap()).unwrap());
+    }
+
+    /// Regression (cargo fuzz, tar_import, leak-29a052f9…): a failed gzip import left the
+    /// read-ahead thread running after `import` returned.
+    #[test]
+    fn fuzz_regression_read_ahead_thread_is_joined() {
+        let data = include_bytes!("../../testdata/tarballs/fuzz-leak-read-ahead.bin");
+        if let Ok(t) = run(data.to_vec()) {
+            t.validate().unwrap();
+        }
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        struct Endless(Arc<AtomicBool>);
+        impl Read for Endless {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                buf.fill(1);
+                Ok(buf.len())
+            }
+        }
+        impl Drop for Endless {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let gone = Arc::new(AtomicBool::new(false));
+        let mut r = read_ahead(Box::new(Endless(gone.clone())));
+        let mut buf = [0u8; 10];
+        r.read_exact(&mut buf).unwrap();
+        drop(r);
+        assert!(
+            gone.load(Ordering::SeqCst),
+            "the reader thread ended before drop returned"
+        );
     }
 
     proptest! {
