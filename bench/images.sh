@@ -83,5 +83,10 @@ machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
 imageserver peak RSS (VmHWM): directory adds $HWM1 MiB; tarball adds $HWM2 MiB
 TXT
 )
+# The server's RSS while receiving one 2 GiB object (a test, ignored by default).
+if [[ ${RSS_2GIB:-1} == 1 ]]; then
+  line=$(cargo test -q -p imageserver --test server -- --ignored two_gib --nocapture 2>&1 | grep "peak RSS" || echo "2 GiB upload test FAILED")
+  report+=$'\n'"$line"
+fi
 echo "$report"
 if [[ -n ${OUT:-} ]]; then echo "$report" >"$OUT"; fi
