@@ -317,4 +317,4 @@ pub fn object_uses(plan: &UpdatePlan) -> BTreeMap<ObjectId, usize> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -67,7 +67,7 @@ impl T {
     }
 }
 
-fn image(tree: FileTree, filter: Option<&str>) -> Image {
+pub(crate) fn image(tree: FileTree, filter: Option<&str>) -> Image {
     Image::new(
         tree,
         filter.map(|f| Filter::parse(f, "filter").unwrap()),
@@ -482,7 +482,7 @@ fn summary_counts_and_triggers() {
 
 // ---- property: one update converges ----
 
-fn arb_tree() -> impl Strategy<Value = FileTree> {
+pub(crate) fn arb_tree() -> impl Strategy<Value = FileTree> {
     // Up to 10 names drawn from a small pool, so trees overlap a lot.
     let names = prop::sample::select(vec!["/a", "/b", "/c", "/a/x", "/a/y", "/b/x", "/c/z"]);
     let kind = 0u8..7;
