@@ -303,3 +303,50 @@ async fn fetch_rate_limit_slows_the_transfer() {
         t0.elapsed()
     );
 }
+
+/// A small tmpfs mounted for the test (None when mounting is not permitted).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn disk_full_during_fetch_is_reported_and_leaves_nothing_half_written() {
+    let small = vec![1u8; 10_000];
+    let big = vec![2u8; 400_000];
+    let (hs, hb) = (ObjectId::of(&small), ObjectId::of(&big));
+    let (_fake, client) = start(HashMap::new(), [(hs, small), (hb, big)].into()).await;
+    let d = tempfile::tempdir().unwrap();
+    let Some(_mnt) = Tmpfs::mount(d.path(), "256k") else {
+        eprintln!("skipping: cannot mount a tmpfs here");
+        return;
+    };
+    let store = ObjectStore::open(&d.path().join("objects")).unwrap();
+    let e = fetch_objects(&client, &store, &[hs, hb], &FetchOptions::default())
+        .await
+        .unwrap_err();
+    assert!(e.is_disk_full(), "{e}");
+    assert!(e.to_string().contains("no space left"), "{e}");
+    let names: Vec<ObjectId> = store.list().unwrap().into_iter().map(|(h, _)| h).collect();
+    assert_eq!(
+        names,
+        [hs],
+        "the object before the disk filled is kept, the other is not"
+    );
+    let reopened = ObjectStore::open(&d.path().join("objects")).unwrap();
+    assert_eq!(reopened.list().unwrap().len(), 1);
+}
