@@ -218,7 +218,8 @@ mod tests {
 
     #[test]
     fn previous_image_table() {
-        let cases: &[(&[(Option<&str>, Option<&str>)], &str, Option<&str>)] = &[
+        type Change<'a> = (Option<&'a str>, Option<&'a str>);
+        let cases: &[(&[Change], &str, Option<&str>)] = &[
             (&[], "a", None),
             (&[(None, Some("a"))], "a", None),
             (&[(None, Some("a")), (Some("a"), Some("b"))], "b", Some("a")),
