@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod apply;
+pub mod certs;
 pub mod client;
 pub mod diff;
 pub mod filter;

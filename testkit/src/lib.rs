@@ -1,0 +1,161 @@
+//! Test support shared by integration tests: `FaultProxy`, a loopback TCP proxy that sits
+//! between a client and a real server and misbehaves on demand (HTTP 500s, connection
+//! resets, truncated or 1-byte-per-second replies, oversized bodies), so tests can show
+//! that retries are bounded, memory stays bounded and nothing half-written is stored.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// How the proxy treats each new connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward faithfully.
+    Pass,
+    /// Answer every request with `500 Internal Server Error` without contacting the server.
+    Status500,
+    /// Close the connection as soon as the request starts arriving.
+    Reset,
+    /// Forward the request, then pass only the first `n` bytes of the reply and close.
+    TruncateReply(usize),
+    /// Forward the request, then dribble the reply at one byte per `interval`.
+    SlowReply(Duration),
+    /// Answer `200 OK` with a body that never ends (random bytes forever).
+    EndlessReply,
+}
+
+/// A running proxy; dropping it stops accepting.
+pub struct FaultProxy {
+    pub addr: SocketAddr,
+    fault: Arc<Mutex<Fault>>,
+    connections: Arc<Mutex<u64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `target` on an ephemeral loopback port.
+    pub async fn start(target: SocketAddr, fault: Fault) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().unwrap();
+        let fault = Arc::new(Mutex::new(fault));
+        let connections = Arc::new(Mutex::new(0));
+        let (f, c) = (fault.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let _ = client.set_nodelay(true);
+                *c.lock().unwrap() += 1;
+                let mode = f.lock().unwrap().clone();
+                tokio::spawn(handle(client, target, mode));
+            }
+        });
+        FaultProxy {
+            addr,
+            fault,
+            connections,
+            task,
+        }
+    }
+
+    /// Changes the behaviour for connections accepted from now on.
+    pub fn set(&self, fault: Fault) {
+        *self.fault.lock().unwrap() = fault;
+    }
+
+    /// Connections accepted so far (to show retries are bounded).
+    pub fn connections(&self) -> u64 {
+        *self.connections.lock().unwrap()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn handle(mut client: TcpStream, target: SocketAddr, mode: Fault) {
+    match mode {
+        Fault::Reset => {
+            let mut buf = [0u8; 1];
+            let _ = client.read(&mut buf).await;
+            drop(client);
+        }
+        Fault::Status500 => {
+            let mut buf = vec![0u8; 65536];
+            let _ = tokio::time::timeout(Duration::from_millis(200), client.read(&mut buf)).await;
+            let body = "{\"error\":\"injected fault\"}";
+            let resp = format!(
+                "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = client.write_all(resp.as_bytes()).await;
+            let _ = client.shutdown().await;
+        }
+        Fault::EndlessReply => {
+            let mut buf = vec![0u8; 65536];
+            let _ = tokio::time::timeout(Duration::from_millis(200), client.read(&mut buf)).await;
+            let _ = client
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await;
+            let chunk = vec![0x5au8; 65536];
+            loop {
+                let head = format!("{:x}\r\n", chunk.len());
+                if client.write_all(head.as_bytes()).await.is_err()
+                    || client.write_all(&chunk).await.is_err()
+                    || client.write_all(b"\r\n").await.is_err()
+                {
+                    return;
+                }
+            }
+        }
+        Fault::Pass | Fault::TruncateReply(_) | Fault::SlowReply(_) => {
+            let Ok(server) = TcpStream::connect(target).await else {
+                return;
+            };
+            let _ = server.set_nodelay(true);
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let up = tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                let _ = sw.shutdown().await;
+            });
+            let mut buf = vec![0u8; 65536];
+            let mut sent = 0usize;
+            loop {
+                let n = match sr.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                match &mode {
+                    Fault::TruncateReply(limit) => {
+                        let take = n.min(limit.saturating_sub(sent));
+                        if cw.write_all(&buf[..take]).await.is_err() {
+                            break;
+                        }
+                        sent += take;
+                        if sent >= *limit {
+                            break;
+                        }
+                    }
+                    Fault::SlowReply(interval) => {
+                        for b in &buf[..n] {
+                            if cw.write_all(std::slice::from_ref(b)).await.is_err() {
+                                up.abort();
+                                return;
+                            }
+                            tokio::time::sleep(*interval).await;
+                        }
+                    }
+                    _ => {
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            up.abort();
+        }
+    }
+}
