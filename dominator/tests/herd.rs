@@ -551,3 +551,193 @@ async fn unreachable_machines_back_off_and_converge_when_they_return() {
     f.wait_status("gone", "synced").await;
     assert_eq!(sub.lock().unwrap().content("/x"), Some(ObjectId::of(b"x")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_previews_exactly_what_the_update_then_does() {
+    let m = FakeMachine::new(tree(&[("/etc/app.conf", b"old"), ("/junk", b"j")]));
+    let addr = start_subd(m.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mdb = dir.path().join("mdb.json");
+    std::fs::write(
+        &mdb,
+        mdb_json(&[
+            serde_json::json!({"Hostname": "m", "IpAddress": addr, "RequiredImage": "app/1"}),
+            serde_json::json!({"Hostname": "down", "IpAddress": "127.0.0.1:1", "RequiredImage": "app/1"}),
+        ]),
+    )
+    .unwrap();
+    let images: Images = Arc::default();
+    let triggers = model::Triggers::parse(
+        r#"[{"MatchLines":["/etc/app[.]conf"],"Service":"app"}]"#,
+        "t",
+    )
+    .unwrap();
+    images.lock().unwrap().insert(
+        "app/1".into(),
+        Image::new(
+            tree(&[("/etc/app.conf", b"new"), ("/bin/app", b"bin")]),
+            None,
+            triggers,
+        ),
+    );
+    let is = start_imageserver(images).await;
+    let args = dominator::commands::FleetArgs {
+        mdb: mdb.clone(),
+        image_server: Some(is),
+        subd_port: 6969,
+        tls: model::security::DaemonTlsArgs {
+            permit_insecure_mode: true,
+            ca: Some(dir.path().join("none")),
+            ..Default::default()
+        },
+    };
+    let plans = dominator::commands::plan(&args, None).await.unwrap();
+    assert_eq!(plans.len(), 2);
+    let text = plans[0].result.as_ref().unwrap();
+    assert_eq!(
+        text,
+        "m: image app/1 (sparse)\n  fetch   2 objects from the imageserver\n  mkdir   /bin (drwxr-xr-x 0:0)\n  add     /bin/app (-rw-r--r-- 0:0 3 B)\n  add     /etc/app.conf (-rw-r--r-- 0:0 3 B)\n  trigger app (stop, then start)\n"
+    );
+    assert!(
+        plans[1]
+            .result
+            .as_ref()
+            .unwrap_err()
+            .starts_with("unreachable"),
+        "{:?}",
+        plans[1].result
+    );
+    // Nothing was changed by planning.
+    assert_eq!(m.lock().unwrap().updates, 0);
+    assert_eq!(
+        m.lock().unwrap().content("/etc/app.conf"),
+        Some(ObjectId::of(b"old"))
+    );
+}
+
+// ---- the status page in a real browser ----
+
+fn chromium() -> Option<PathBuf> {
+    [
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+async fn headless(browser: &PathBuf, extra: &[String], url: &str) -> std::process::Output {
+    let profile = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(browser);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()))
+    .args(extra)
+    .arg(url)
+    .kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(90), cmd.output())
+        .await
+        .expect("chromium timed out")
+        .expect("running chromium")
+}
+
+/// Width and height from a PNG's IHDR chunk.
+fn png_size(data: &[u8]) -> (u32, u32) {
+    assert!(
+        data.len() > 24 && &data[..8] == b"\x89PNG\r\n\x1a\n",
+        "not a PNG"
+    );
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    (be(&data[16..20]), be(&data[20..24]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_renders_in_a_real_browser() {
+    let Some(browser) = chromium() else {
+        eprintln!("\n!!!!!!!! SKIPPED status_page_renders_in_a_real_browser: chromium is not installed (apt-get install -y chromium) !!!!!!!!\n");
+        return;
+    };
+    let a = FakeMachine::new(tree(&[]));
+    let addr = start_subd(a).await;
+    let f = Fixture::start(
+        &mdb_json(&[
+            serde_json::json!({"Hostname": "web-1", "IpAddress": addr, "RequiredImage": "app/1"}),
+            serde_json::json!({"Hostname": "web-2", "IpAddress": "127.0.0.1:1", "RequiredImage": "app/1"}),
+        ]),
+        None,
+    )
+    .await;
+    f.add_image("app/1", sparse(&[("/etc/app.conf", b"v1")]));
+    f.wait_status("web-1", "synced").await;
+    f.wait_status("web-2", "unreachable").await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let shot = dir.path().join("status.png");
+    let blank = dir.path().join("blank.png");
+    let size = "--window-size=1024,700".to_string();
+    for (png, url) in [
+        (&shot, format!("{}/", f.base)),
+        (&blank, "about:blank".to_string()),
+    ] {
+        let out = headless(
+            &browser,
+            &[format!("--screenshot={}", png.display()), size.clone()],
+            &url,
+        )
+        .await;
+        assert!(
+            png.exists(),
+            "no screenshot of {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let page = std::fs::read(&shot).unwrap();
+    let keep = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dominator-status.png");
+    let _ = std::fs::copy(&shot, &keep);
+    let empty = std::fs::read(&blank).unwrap();
+    assert_eq!(png_size(&page), (1024, 700));
+    // A rendered table compresses far worse than an empty page of the same size.
+    assert!(
+        page.len() > 2 * empty.len(),
+        "screenshot looks blank: {} bytes vs {} for about:blank",
+        page.len(),
+        empty.len()
+    );
+
+    let out = headless(
+        &browser,
+        &["--dump-dom".to_string()],
+        &format!("{}/", f.base),
+    )
+    .await;
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(dom.contains("<table id=\"machines\">"), "{dom}");
+    assert!(
+        dom.contains(">web-1</a></td><td>app/1</td><td class=\"ok\">synced</td>"),
+        "{dom}"
+    );
+    assert!(dom.contains("<td class=\"bad\">unreachable</td>"), "{dom}");
+    assert!(dom.contains("INSECURE MODE"), "{dom}");
+    let out = headless(
+        &browser,
+        &["--dump-dom".to_string()],
+        &format!("{}/machine/web-1", f.base),
+    )
+    .await;
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains("<pre id=\"plan\">web-1: image app/1 (sparse)"),
+        "{dom}"
+    );
+}
