@@ -103,7 +103,7 @@ async fn get_image(
     s.get(&req.name)
         .cloned()
         .map(axum::Json)
-        .ok_or_else(|| ApiError::NotFound(req.name))
+        .ok_or(ApiError::NotFound(req.name))
 }
 
 async fn listen(app: Router) -> String {
