@@ -304,25 +304,7 @@ async fn fetch_rate_limit_slows_the_transfer() {
     );
 }
 
-/// A small tmpfs mounted for the test (None when mounting is not permitted).
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| Tmpfs(dir.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
+use testkit::Tmpfs;
 
 #[tokio::test]
 async fn disk_full_during_fetch_is_reported_and_leaves_nothing_half_written() {

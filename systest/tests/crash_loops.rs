@@ -6,16 +6,17 @@
 //! `CRASH_ITERATIONS` sets the number of rounds (default 8 here; `bench/crash-loops.sh` runs
 //! 100 of each). `CRASH_SEED` makes a run reproducible.
 
-use model::api::{FetchRequest, PollRequest, PollResponse, UpdateRequest};
-use model::client::{ClientSecurity, ImageServerClient, SubdClient};
-use model::diff::{diff, DiffOptions, Machine};
+mod common;
+
+use common::{check_objects, converge, files_under, full_poll, imageserver, plan_for, subd};
+use model::api::{FetchRequest, UpdateRequest};
+use model::client::{ClientSecurity, ImageServerClient};
 use model::fsutil::TEMP_SUFFIX;
-use model::{Filter, Image, ObjectId};
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use model::{Image, ObjectId};
+use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
-use testkit::{bin, free_port, Daemon};
+use std::time::Duration;
+use testkit::{bin, free_port};
 
 fn iterations() -> usize {
     std::env::var("CRASH_ITERATIONS")
@@ -33,46 +34,6 @@ fn rng() -> fastrand::Rng {
     fastrand::Rng::with_seed(seed)
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            out.extend(files_under(&e.path()));
-        } else {
-            out.push(e.path());
-        }
-    }
-    out
-}
-
-/// Every object file's bytes hash to its name; temp files are tolerated only when
-/// `allow_temp` (before a restart cleans them). Returns the number of objects.
-fn check_objects(objects: &Path, allow_temp: bool) -> usize {
-    let mut n = 0;
-    for f in files_under(objects) {
-        let name = f.file_name().unwrap().to_string_lossy().into_owned();
-        if name.ends_with(TEMP_SUFFIX) {
-            assert!(allow_temp, "temp file left after restart: {}", f.display());
-            continue;
-        }
-        let rel = f
-            .strip_prefix(objects)
-            .unwrap()
-            .to_string_lossy()
-            .replace('/', "");
-        let want =
-            ObjectId::from_hex(&rel).unwrap_or_else(|_| panic!("stray file {}", f.display()));
-        let got = ObjectId::of(&std::fs::read(&f).unwrap());
-        assert_eq!(got, want, "partial or corrupt object {}", f.display());
-        n += 1;
-    }
-    n
-}
-
 /// Every stored image is whole JSON (or a zero-length tombstone).
 fn check_images(images: &Path) {
     for f in files_under(images) {
@@ -86,18 +47,6 @@ fn check_images(images: &Path) {
                 .unwrap_or_else(|e| panic!("partial image {}: {e}", f.display()));
         }
     }
-}
-
-fn imageserver(data: &Path, port: u16) -> Daemon {
-    let addr = format!("127.0.0.1:{port}");
-    let args = [
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--listen",
-        &addr,
-        "--permit-insecure-mode",
-    ];
-    Daemon::start(&bin("imageserver"), &args.map(String::from), &addr)
 }
 
 /// A tree shared by all rounds (dedup) plus a few files unique to round `i`.
@@ -246,114 +195,6 @@ fn wholly_old_or_new(root: &Path) -> (usize, usize) {
         }
     }
     (a, b)
-}
-
-fn subd(root: &Path, port: u16) -> (Daemon, SubdClient) {
-    let addr = format!("127.0.0.1:{port}");
-    let args = [
-        "--root",
-        root.to_str().unwrap(),
-        "--listen",
-        &addr,
-        "--permit-insecure-mode",
-        "--scan-speed-percent",
-        "100",
-    ];
-    let d = Daemon::start(&bin("subd"), &args.map(String::from), &addr);
-    let c = SubdClient::new(
-        &addr,
-        &ClientSecurity::Insecure,
-        Some(Duration::from_secs(30)),
-    )
-    .unwrap();
-    (d, c)
-}
-
-async fn full_poll(c: &SubdClient, newer_than: u64) -> PollResponse {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(p) = c
-            .poll(&PollRequest {
-                have_generation: newer_than,
-                short_only: false,
-            })
-            .await
-        {
-            if p.tree.is_some() && !p.update_in_progress && !p.fetch_in_progress {
-                return p;
-            }
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "subd never produced a scan"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn plan_for(name: &str, image: &Image, p: &PollResponse) -> model::UpdatePlan {
-    let cache: BTreeSet<ObjectId> = p
-        .object_cache
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
-    let excl = Filter::from_lines(p.exclusions.clone()).unwrap();
-    diff(
-        name,
-        image,
-        &Machine {
-            tree: p.tree.as_ref().unwrap(),
-            object_cache: &cache,
-            exclusions: Some(&excl),
-        },
-        &DiffOptions { allow_unsafe: true },
-    )
-}
-
-/// Drives one subd to `image` the way the dominator does: poll, fetch, update, confirm.
-async fn converge(c: &SubdClient, server: &str, name: &str, image: &Image) {
-    for _ in 0..5 {
-        let mut p = full_poll(c, 0).await;
-        let mut plan = plan_for(name, image, &p);
-        if plan.is_empty() {
-            return;
-        }
-        if !plan.objects_to_fetch.is_empty() {
-            let req = FetchRequest {
-                server: server.to_string(),
-                hashes: plan.objects_to_fetch.clone(),
-                wait: true,
-            };
-            c.fetch(&req).await.expect("fetch");
-            // wait for a scan that shows the fetched objects in the cache
-            let t0 = Instant::now();
-            while !plan.objects_to_fetch.is_empty() {
-                assert!(
-                    t0.elapsed() < Duration::from_secs(30),
-                    "fetched objects never showed up"
-                );
-                p = full_poll(c, p.generation).await;
-                plan = plan_for(name, image, &p);
-            }
-            if plan.is_empty() {
-                return;
-            }
-        }
-        let r = c
-            .update(&UpdateRequest { plan, wait: true })
-            .await
-            .expect("update");
-        let r = r.result.expect("waited");
-        assert!(r.errors.is_empty(), "update errors: {:?}", r.errors);
-        // the next scan must show convergence
-        let gen = p.generation;
-        let after = full_poll(c, gen).await;
-        if plan_for(name, image, &after).is_empty() {
-            return;
-        }
-    }
-    panic!("subd did not converge to {name}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
