@@ -514,7 +514,14 @@ pub fn apply(
             });
             match r {
                 Ok(()) => mark(&mut window),
-                Err(e) => run.error(format!("install {}: {e}", pi.path.display())),
+                Err(e) => {
+                    run.error(format!("install {}: {e}", pi.path.display()));
+                    // Keep the content: a staged object goes back to the cache, so the
+                    // next update need not fetch it again.
+                    if let (Kind::File, Some(h)) = (pi.inode.kind, pi.inode.hash) {
+                        return_to_cache(sfd, name, &store, &h);
+                    }
+                }
             }
         }
         for (n, h) in links.iter().enumerate() {
@@ -740,6 +747,22 @@ fn mkdir(pfd: &OwnedFd, leaf: &[u8]) -> Result<(), String> {
     match rustix::fs::mkdirat(pfd, leaf, Mode::from_raw_mode(0o700)) {
         Ok(()) | Err(Errno::EXIST) => Ok(()),
         Err(e) => Err(errno_msg(e)),
+    }
+}
+
+/// Moves a staged regular file back into the object cache under its hash (or drops it if
+/// the cache already holds that object). Its content was verified when it entered the cache.
+fn return_to_cache(sfd: &OwnedFd, name: &str, store: &ObjectStore, h: &ObjectId) {
+    let dst = store.path_of(h);
+    if dst.exists() {
+        let _ = rustix::fs::unlinkat(sfd, name, AtFlags::empty());
+        return;
+    }
+    if let Some(parent) = dst.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    if rustix::fs::renameat(sfd, name, CWD, dst.as_path()).is_err() {
+        let _ = rustix::fs::unlinkat(sfd, name, AtFlags::empty());
     }
 }
 

@@ -10,12 +10,15 @@ use common::{check_objects, converge, full_poll, imageserver, plan_for, subd};
 use model::api::{FetchRequest, UpdateRequest};
 use model::client::{ClientSecurity, ImageServerClient};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
 use std::process::{Command, Output};
 use testkit::{bin, free_port, Tmpfs};
 
 fn imagetool(addr: &str, args: &[&str]) -> Output {
-    Command::new(bin("imagetool")).args(["--image-server", addr]).args(args).output().unwrap()
+    Command::new(bin("imagetool"))
+        .args(["--image-server", addr])
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn noise(seed: u64, len: usize) -> Vec<u8> {
@@ -45,14 +48,25 @@ fn a_full_disk_during_an_upload_stores_nothing_partial_and_a_retry_succeeds() {
     let out = imagetool(&addr, &["add", "big/1", tree.to_str().unwrap(), "", ""]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.to_lowercase().contains("space"), "the error names the full disk: {err}");
+    assert!(
+        err.to_lowercase().contains("space"),
+        "the error names the full disk: {err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     check_objects(&data.join("objects"), false);
-    assert_eq!(imagetool(&addr, &["check", "big/1"]).status.code(), Some(1), "no image after a failed upload");
+    assert_eq!(
+        imagetool(&addr, &["check", "big/1"]).status.code(),
+        Some(1),
+        "no image after a failed upload"
+    );
 
     std::fs::remove_file(mnt.join("ballast")).unwrap();
     let again = imagetool(&addr, &["add", "big/1", tree.to_str().unwrap(), "", ""]);
-    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     check_objects(&data.join("objects"), false);
 }
 
@@ -72,8 +86,16 @@ async fn a_full_disk_during_fetch_and_update_activates_nothing_partial_and_conve
     }
     std::fs::write(tree.join("srv/unique"), noise(2, 300 << 10)).unwrap();
     let out = imagetool(&is_addr, &["add", "app/1", tree.to_str().unwrap(), "", ""]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let image = ImageServerClient::new(&is_addr, &ClientSecurity::Insecure).unwrap().get_image("app/1").await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = ImageServerClient::new(&is_addr, &ClientSecurity::Insecure)
+        .unwrap()
+        .get_image("app/1")
+        .await
+        .unwrap();
 
     let root = work.path().join("root");
     std::fs::create_dir(&root).unwrap();
@@ -90,7 +112,11 @@ async fn a_full_disk_during_fetch_and_update_activates_nothing_partial_and_conve
     assert_eq!(plan.objects_to_fetch.len(), 2);
 
     // Fetch with 200 KiB free: a clear error and no partial object.
-    let req = FetchRequest { server: is_addr.clone(), hashes: plan.objects_to_fetch.clone(), wait: true };
+    let req = FetchRequest {
+        server: is_addr.clone(),
+        hashes: plan.objects_to_fetch.clone(),
+        wait: true,
+    };
     let e = c.fetch(&req).await.expect_err("the fetch must fail");
     assert!(e.to_string().to_lowercase().contains("space"), "{e}");
     check_objects(&root.join(".subd/objects"), false);
@@ -105,9 +131,18 @@ async fn a_full_disk_during_fetch_and_update_activates_nothing_partial_and_conve
         p = full_poll(&c, p.generation).await;
         plan = plan_for("app/1", &image, &p);
     }
-    let r = c.update(&UpdateRequest { plan, wait: true }).await.unwrap().result.unwrap();
+    let r = c
+        .update(&UpdateRequest { plan, wait: true })
+        .await
+        .unwrap()
+        .result
+        .unwrap();
     assert!(!r.errors.is_empty(), "the update must report the full disk");
-    assert!(r.errors.iter().any(|e| e.to_lowercase().contains("space")), "{:?}", r.errors);
+    assert!(
+        r.errors.iter().any(|e| e.to_lowercase().contains("space")),
+        "{:?}",
+        r.errors
+    );
     for i in 0..5 {
         if let Ok(d) = std::fs::read(root.join(format!("srv/copy{i}"))) {
             assert_eq!(d, shared, "copy{i} is half-written");
@@ -118,7 +153,10 @@ async fn a_full_disk_during_fetch_and_update_activates_nothing_partial_and_conve
     std::fs::remove_file(&ballast).unwrap();
     converge(&c, &is_addr, "app/1", &image).await;
     for i in 0..5 {
-        assert_eq!(std::fs::read(root.join(format!("srv/copy{i}"))).unwrap(), shared);
+        assert_eq!(
+            std::fs::read(root.join(format!("srv/copy{i}"))).unwrap(),
+            shared
+        );
     }
 }
 
@@ -133,18 +171,38 @@ async fn symlinks_swapped_in_between_scan_and_update_never_lead_outside_the_root
     std::fs::write(tree.join("etc/app/config"), "new config\n").unwrap();
     std::fs::write(tree.join("etc/app/secret"), "s3cret\n").unwrap();
     std::fs::write(tree.join("etc/motd"), "same\n").unwrap();
-    std::fs::set_permissions(tree.join("etc/motd"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    std::fs::set_permissions(tree.join("etc/app/config"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(
+        tree.join("etc/motd"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        tree.join("etc/app/config"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
     let out = imagetool(&is_addr, &["add", "app/1", tree.to_str().unwrap(), "", ""]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let image = ImageServerClient::new(&is_addr, &ClientSecurity::Insecure).unwrap().get_image("app/1").await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = ImageServerClient::new(&is_addr, &ClientSecurity::Insecure)
+        .unwrap()
+        .get_image("app/1")
+        .await
+        .unwrap();
 
     // The machine: /etc/app with an old config, /etc/motd with the right content but mode 0644.
     let root = work.path().join("root");
     std::fs::create_dir_all(root.join("etc/app")).unwrap();
     std::fs::write(root.join("etc/app/config"), "old config\n").unwrap();
     std::fs::write(root.join("etc/motd"), "same\n").unwrap();
-    std::fs::set_permissions(root.join("etc/motd"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        root.join("etc/motd"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     // Outside the root: what an attacker wants overwritten or chmodded.
     let outside = work.path().join("outside");
     std::fs::create_dir(&outside).unwrap();
@@ -157,7 +215,12 @@ async fn symlinks_swapped_in_between_scan_and_update_never_lead_outside_the_root
         .iter()
         .map(|f| {
             let m = std::fs::metadata(outside.join(f)).unwrap();
-            (f.to_string(), m.mode(), m.uid(), std::fs::read(outside.join(f)).unwrap())
+            (
+                f.to_string(),
+                m.mode(),
+                m.uid(),
+                std::fs::read(outside.join(f)).unwrap(),
+            )
         })
         .collect();
 
@@ -165,7 +228,11 @@ async fn symlinks_swapped_in_between_scan_and_update_never_lead_outside_the_root
     let (_d, c) = subd(&root, port);
     let p = full_poll(&c, 0).await;
     let plan = plan_for("app/1", &image, &p);
-    let req = FetchRequest { server: is_addr.clone(), hashes: plan.objects_to_fetch.clone(), wait: true };
+    let req = FetchRequest {
+        server: is_addr.clone(),
+        hashes: plan.objects_to_fetch.clone(),
+        wait: true,
+    };
     c.fetch(&req).await.unwrap();
     let mut p = p;
     let mut plan = plan;
@@ -173,7 +240,12 @@ async fn symlinks_swapped_in_between_scan_and_update_never_lead_outside_the_root
         p = full_poll(&c, p.generation).await;
         plan = plan_for("app/1", &image, &p);
     }
-    assert!(plan.inodes_to_change.iter().any(|m| m.path.display() == "/etc/motd"), "{plan}");
+    assert!(
+        plan.inodes_to_change
+            .iter()
+            .any(|m| m.path.display() == "/etc/motd"),
+        "{plan}"
+    );
 
     // Between scan and update: the managed directory and file become symlinks outward.
     std::fs::rename(root.join("etc/app"), root.join("etc/app.moved")).unwrap();
@@ -186,16 +258,36 @@ async fn symlinks_swapped_in_between_scan_and_update_never_lead_outside_the_root
         .iter()
         .map(|f| {
             let m = std::fs::metadata(outside.join(f)).unwrap();
-            (f.to_string(), m.mode(), m.uid(), std::fs::read(outside.join(f)).unwrap())
+            (
+                f.to_string(),
+                m.mode(),
+                m.uid(),
+                std::fs::read(outside.join(f)).unwrap(),
+            )
         })
         .collect();
-    assert_eq!(before, after, "a file outside the root was written, chowned or chmodded");
-    assert!(!outside.join("secret").exists(), "a file was created outside the root");
+    assert_eq!(
+        before, after,
+        "a file outside the root was written, chowned or chmodded"
+    );
+    assert!(
+        !outside.join("secret").exists(),
+        "a file was created outside the root"
+    );
 
     // The next round (a fresh scan) converges the machine anyway.
     converge(&c, &is_addr, "app/1", &image).await;
-    assert_eq!(std::fs::read_to_string(root.join("etc/app/config")).unwrap(), "new config\n");
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/app/config")).unwrap(),
+        "new config\n"
+    );
     assert!(root.join("etc/app").symlink_metadata().unwrap().is_dir());
-    assert_eq!(std::fs::symlink_metadata(root.join("etc/motd")).unwrap().mode() & 0o7777, 0o600);
+    assert_eq!(
+        std::fs::symlink_metadata(root.join("etc/motd"))
+            .unwrap()
+            .mode()
+            & 0o7777,
+        0o600
+    );
     assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"victim\n");
 }
