@@ -40,6 +40,9 @@ fn skip_exact(r: &mut impl Read, len: u64) -> Result<(), ApiError> {
 }
 
 /// Receives a frame stream into the store; returns what was added.
+/// How much of a refused upload is read and discarded before the connection is closed.
+const DRAIN_LIMIT: u64 = 4 << 30;
+
 pub fn receive(st: &State, mut r: impl Read) -> Result<api::AddObjectsResponse, ApiError> {
     let cat = &st.catalogue;
     let mut resp = api::AddObjectsResponse::default();
@@ -107,9 +110,19 @@ pub async fn add_objects(
     let stream = body.into_data_stream().map_err(io::Error::other);
     let reader = SyncIoBridge::new(StreamReader::new(stream));
     let st2 = st.clone();
-    let result = tokio::task::spawn_blocking(move || receive(&st2, reader))
-        .await
-        .map_err(ApiError::internal)?;
+    let result = tokio::task::spawn_blocking(move || {
+        let mut reader = reader;
+        let r = receive(&st2, &mut reader);
+        if r.is_err() {
+            // Read (and discard) what the client is still sending, so it sees our one-line
+            // error instead of a reset connection. Bounded: a client that never stops is
+            // cut off after DRAIN_LIMIT bytes.
+            let _ = io::copy(&mut (&mut reader).take(DRAIN_LIMIT), &mut io::sink());
+        }
+        r
+    })
+    .await
+    .map_err(ApiError::internal)?;
     match result {
         Ok(r) => {
             st.metrics

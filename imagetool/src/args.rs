@@ -61,6 +61,19 @@ pub enum Command {
     /// Delete unreferenced objects, oldest first, until both PERCENTAGE % of them and
     /// BYTES bytes are gone ("100 0" = all)
     Delunrefobj { percentage: u8, bytes: u64 },
+    /// Make a local directory match an image, with the same diff and update code as subd
+    /// (fetches what the directory lacks into DIR/.subd/objects, then activates by rename)
+    PatchDirectory {
+        name: String,
+        dir: PathBuf,
+        /// Apply even if a full image would delete more than half of the directory
+        #[arg(long)]
+        allow_unsafe: bool,
+        /// Run the image's triggers with this command (`CMD SERVICE stop|start|reload`);
+        /// by default triggers are only listed
+        #[arg(long, value_name = "CMD", alias = "runTriggers")]
+        service_command: Option<String>,
+    },
 }
 
 /// Rewrites Dominator's `-imageServerHostname[=| ]HOST` and `-imageServerPortNum[=| ]N`

@@ -7,6 +7,7 @@
 //! - `upload`: batched existence checks and streamed object uploads.
 //! - `listing`: `show` lines (Dominator's format) and `diff`.
 //! - `get`: unpacking an image into a directory.
+//! - `patch-directory` is a thin wrapper over `model::patch::patch_directory`.
 
 pub mod add;
 pub mod args;
@@ -159,6 +160,50 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 writeln!(out, "{}", serde_json::to_string(&r)?)?;
             } else {
                 writeln!(out, "deleted {} objects, {} bytes", r.deleted, r.bytes)?;
+            }
+        }
+        Command::PatchDirectory {
+            name,
+            dir,
+            allow_unsafe,
+            service_command,
+        } => {
+            let options = model::patch::PatchOptions {
+                allow_unsafe,
+                apply: model::apply::ApplyOptions {
+                    service_command: service_command
+                        .map(|c| c.split_whitespace().map(str::to_string).collect()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let report = model::patch::patch_directory(&client, &name, &dir, &options)
+                .await
+                .with_context(|| format!("patching {} to {name}", dir.display()))?;
+            if cli.json {
+                writeln!(out, "{}", serde_json::to_string(&report.result)?)?;
+            } else {
+                write!(out, "{}", report.plan)?;
+                writeln!(
+                    out,
+                    "patched {} to {name}: fetched {} objects ({}) in {} requests, activation {:.1} ms",
+                    dir.display(),
+                    report.fetch.objects,
+                    mib(report.fetch.bytes),
+                    report.fetch.requests,
+                    report.result.activation_ms
+                )?;
+            }
+            for e in report
+                .result
+                .errors
+                .iter()
+                .chain(&report.result.trigger_failures)
+            {
+                eprintln!("imagetool: {e}");
+            }
+            if !report.succeeded() {
+                return Ok(1);
             }
         }
     }

@@ -544,3 +544,68 @@ fn unreferenced_objects_are_listed_oldest_first_and_deleted() {
     ok(s.tool(&["get", "u/2", dir.path().join("x").to_str().unwrap()]));
     fails(s.tool(&["delunrefobj", "101", "0"]), "over 100");
 }
+
+#[test]
+fn patch_directory_converges_a_directory_and_keeps_what_the_filter_protects() {
+    let s = Server::start();
+    let src = make_tree();
+    let filter = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(filter.path(), "/etc/hostname$\n/keep(|/.*)$\n").unwrap();
+    ok(s.tool(&[
+        "add",
+        "full.0",
+        src.path().to_str().unwrap(),
+        filter.path().to_str().unwrap(),
+        "",
+    ]));
+
+    // A drifted machine: wrong content, an extra file, a protected file, a missing file.
+    let dst = tempfile::tempdir().unwrap();
+    let d = dst.path();
+    std::fs::create_dir_all(d.join("etc")).unwrap();
+    std::fs::create_dir_all(d.join("keep")).unwrap();
+    std::fs::write(d.join("etc/passwd"), "evil\n").unwrap();
+    std::fs::write(d.join("etc/hostname"), "mine\n").unwrap();
+    std::fs::write(d.join("extra"), "delete me\n").unwrap();
+    std::fs::write(d.join("keep/state"), "precious\n").unwrap();
+    let out = ok(s.tool(&[
+        "patch-directory",
+        "full.0",
+        d.to_str().unwrap(),
+        "--allow-unsafe",
+    ]));
+    assert!(out.contains("patched"), "{out}");
+
+    assert_eq!(
+        std::fs::read_to_string(d.join("etc/passwd")).unwrap(),
+        "root:x:0:0\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("etc/hostname")).unwrap(),
+        "mine\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("keep/state")).unwrap(),
+        "precious\n"
+    );
+    assert!(!d.join("extra").exists());
+    let tool = std::fs::metadata(d.join("usr/bin/tool")).unwrap();
+    assert_eq!(tool.mode() & 0o7777, 0o755);
+    assert_eq!(
+        tool.ino(),
+        std::fs::metadata(d.join("usr/bin/tool2")).unwrap().ino()
+    );
+    assert_eq!(
+        std::fs::read_link(d.join("usr/bin/t")).unwrap(),
+        Path::new("tool")
+    );
+
+    // Converged: a second run changes nothing and fetches nothing.
+    let again = ok(s.tool(&["patch-directory", "full.0", d.to_str().unwrap()]));
+    assert!(
+        again.contains("nothing to do") && again.contains("fetched 0 objects"),
+        "{again}"
+    );
+    let missing = s.tool(&["patch-directory", "no-such-image", d.to_str().unwrap()]);
+    fails(missing, "no-such-image");
+}

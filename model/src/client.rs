@@ -71,7 +71,11 @@ pub fn base_url(addr: &str, default_port: u16, tls: bool) -> String {
 pub struct RpcClient {
     http: reqwest::Client,
     base: String,
+    reply_limit: usize,
 }
+
+/// Default cap on a JSON reply's size: a hostile or broken server cannot exhaust memory.
+pub const DEFAULT_REPLY_LIMIT: usize = 256 << 20;
 
 fn connect_message(e: &reqwest::Error) -> String {
     let mut msg = e.to_string();
@@ -107,7 +111,14 @@ impl RpcClient {
         Ok(RpcClient {
             http: b.build().map_err(|e| ClientError::Setup(e.to_string()))?,
             base: base_url(addr, default_port, tls),
+            reply_limit: DEFAULT_REPLY_LIMIT,
         })
+    }
+
+    /// Caps the size of JSON replies (default `DEFAULT_REPLY_LIMIT`).
+    pub fn with_reply_limit(mut self, bytes: usize) -> RpcClient {
+        self.reply_limit = bytes;
+        self
     }
 
     pub fn base(&self) -> &str {
@@ -121,13 +132,24 @@ impl RpcClient {
         req: &Req,
     ) -> Result<Resp, ClientError> {
         let body = serde_json::to_vec(req).map_err(|e| ClientError::Setup(e.to_string()))?;
-        let resp = self
+        let mut resp = self
             .call_raw(method, reqwest::Body::from(body), "application/json")
             .await?;
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Decode {
-            method: method.to_string(),
-            message: connect_message(&e),
-        })?;
+        let mut bytes = Vec::new();
+        loop {
+            let chunk = resp.chunk().await.map_err(|e| ClientError::Decode {
+                method: method.to_string(),
+                message: connect_message(&e),
+            })?;
+            let Some(chunk) = chunk else { break };
+            if bytes.len() + chunk.len() > self.reply_limit {
+                return Err(ClientError::Decode {
+                    method: method.to_string(),
+                    message: format!("reply larger than {} bytes", self.reply_limit),
+                });
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
             method: method.to_string(),
             message: e.to_string(),

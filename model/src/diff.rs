@@ -1,1 +1,320 @@
-//! TODO: filled in by the issue that owns it.
+//! The diff, shared by the dominator and `patch-directory`: a pure function from (the
+//! required image, the machine's polled tree, its object cache, its scan exclusions) to the
+//! `UpdatePlan` that makes the machine match the image.
+//!
+//! Rules (Dominator §2, §7.3): the image's own filter is applied to both trees; filtered,
+//! excluded and `/.subd` paths are never compared, made or deleted. Directories are
+//! compared by metadata only. Every other image inode is matched to at most one machine
+//! inode with the same data (the "keeper"), which then gets at most a metadata change;
+//! its other names become hardlinks to it, so hardlink groups join and split without
+//! perpetual re-updates. Inodes with no keeper are made anew, from the object cache, from an
+//! identical file elsewhere on the machine (copied to the cache first), or from fetched
+//! objects. Full images delete what they lack (only the top of each deleted subtree); a full
+//! image that would delete more than half of the machine, or that has fewer than half as
+//! many inodes, is refused unless the caller allows unsafe updates.
+
+use crate::filter::Filter;
+use crate::hash::ObjectId;
+use crate::image::{FileTree, Image, Inode, Kind};
+use crate::path::FsPath;
+use crate::plan::{CopyToCache, Hardlink, MetadataChange, PathInode, UpdatePlan};
+use crate::scan::SUBD_DIR;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+/// Paths subd always treats as excluded: they record which image a machine was installed
+/// from and last patched to, and an image must never fight over them.
+pub const ALWAYS_EXCLUDED: [&str; 2] = ["/var/lib/initial-image", "/var/lib/patched-image"];
+
+/// True for a path no update may touch: `/.subd` and beneath, the always-excluded paths,
+/// and whatever the machine's scan exclusions match.
+pub fn is_protected(path: &FsPath, exclusions: Option<&Filter>) -> bool {
+    let subd = FsPath::new(SUBD_DIR.as_bytes().to_vec()).expect("valid constant");
+    path.starts_with(&subd)
+        || ALWAYS_EXCLUDED
+            .iter()
+            .any(|p| path.as_bytes() == p.as_bytes())
+        || exclusions.is_some_and(|f| !path.is_root() && f.matches(path))
+}
+
+/// What the diff knows about the machine.
+#[derive(Clone, Copy, Debug)]
+pub struct Machine<'a> {
+    /// The polled tree (already without `/.subd` and excluded paths).
+    pub tree: &'a FileTree,
+    /// Objects in the machine's object cache.
+    pub object_cache: &'a BTreeSet<ObjectId>,
+    /// The machine's scan exclusions.
+    pub exclusions: Option<&'a Filter>,
+}
+
+/// Knobs of the diff.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DiffOptions {
+    /// Skip the safety check (`unsafe_reason` stays `None`).
+    pub allow_unsafe: bool,
+}
+
+/// Removes every path `hidden` says yes to, with its subtree (the root is always kept).
+fn prune(tree: &FileTree, hidden: impl Fn(&FsPath) -> bool) -> FileTree {
+    let mut out = FileTree::default();
+    let mut dropped: Option<FsPath> = None;
+    for (p, ino) in &tree.entries {
+        if let Some(d) = &dropped {
+            if p.starts_with(d) {
+                continue;
+            }
+        }
+        if !p.is_root() && hidden(p) {
+            dropped = Some(p.clone());
+            continue;
+        }
+        out.entries.insert(p.clone(), *ino);
+        if let Some(i) = tree.inodes.get(ino) {
+            out.inodes.insert(*ino, i.clone());
+        }
+    }
+    out
+}
+
+fn mtime_only(have: &Inode, want: &Inode) -> bool {
+    want.keeps_mtime()
+        && have.uid == want.uid
+        && have.gid == want.gid
+        && have.mode == want.mode
+        && have.mtime != want.mtime
+}
+
+/// Computes the plan that makes `machine` match `image`.
+pub fn diff(image_name: &str, image: &Image, machine: &Machine, opts: &DiffOptions) -> UpdatePlan {
+    let filter = image.filter.as_ref();
+    let full = filter.is_some();
+    let hidden =
+        |p: &FsPath| is_protected(p, machine.exclusions) || filter.is_some_and(|f| f.matches(p));
+    let want = prune(&image.tree, hidden);
+    let have = prune(machine.tree, hidden);
+    let all = machine.tree;
+
+    let mut plan = UpdatePlan {
+        image_name: image_name.to_string(),
+        sparse: !full,
+        triggers: image.triggers.clone(),
+        ..UpdatePlan::default()
+    };
+
+    // Directories: compared by metadata; anything else in the way is replaced.
+    for (p, ino) in &want.entries {
+        let wi = &want.inodes[ino];
+        if wi.kind != Kind::Dir {
+            continue;
+        }
+        match have.get(p) {
+            Some(hi) if hi.kind == Kind::Dir => {
+                if !hi.same_metadata(wi) {
+                    plan.inodes_to_change.push(MetadataChange {
+                        path: p.clone(),
+                        inode: wi.clone(),
+                        mtime_only: false,
+                    });
+                }
+            }
+            _ => plan.dirs_to_make.push(PathInode {
+                path: p.clone(),
+                inode: wi.clone(),
+            }),
+        }
+    }
+
+    // Every machine inode's names, over the whole polled tree (filtered paths included:
+    // they count as links that survive the update).
+    let all_links = all.links();
+    let deleted =
+        |q: &FsPath| full && have.entries.contains_key(q) && !want.entries.contains_key(q);
+
+    // Non-directory inodes: one keeper per image inode, or a new inode.
+    let want_links = want.links();
+    let mut order: Vec<(&FsPath, u64)> = want_links
+        .iter()
+        .filter(|(ino, _)| want.inodes[ino].kind != Kind::Dir)
+        .map(|(ino, paths)| (&paths[0], *ino))
+        .collect();
+    order.sort();
+    let mut claimed: HashSet<u64> = HashSet::new();
+    let mut made: Vec<(FsPath, Inode)> = Vec::new();
+    for (_, wino) in order {
+        let wi = &want.inodes[&wino];
+        let paths = &want_links[&wino];
+        let path_set: BTreeSet<&FsPath> = paths.iter().collect();
+        let mut keeper: Option<(&FsPath, u64)> = None;
+        for p in paths {
+            let Some(&hino) = have.entries.get(p) else {
+                continue;
+            };
+            let hi = &have.inodes[&hino];
+            if claimed.contains(&hino) || !hi.same_data(wi) {
+                continue;
+            }
+            // A metadata change must not reach a name that outlives the update.
+            let keepable = hi.same_metadata(wi)
+                || all_links[&hino]
+                    .iter()
+                    .all(|q| path_set.contains(q) || want.entries.contains_key(q) || deleted(q));
+            if keepable {
+                keeper = Some((p, hino));
+                break;
+            }
+        }
+        let target = match keeper {
+            Some((kp, hino)) => {
+                claimed.insert(hino);
+                let hi = &have.inodes[&hino];
+                if !hi.same_metadata(wi) {
+                    plan.inodes_to_change.push(MetadataChange {
+                        path: kp.clone(),
+                        inode: wi.clone(),
+                        mtime_only: mtime_only(hi, wi),
+                    });
+                }
+                kp.clone()
+            }
+            None => {
+                plan.inodes_to_make.push(PathInode {
+                    path: paths[0].clone(),
+                    inode: wi.clone(),
+                });
+                made.push((paths[0].clone(), wi.clone()));
+                paths[0].clone()
+            }
+        };
+        let keeper_ino = keeper.map(|(_, h)| h);
+        for p in paths {
+            if *p == target {
+                continue;
+            }
+            if keeper_ino.is_some() && have.entries.get(p).copied() == keeper_ino {
+                continue;
+            }
+            plan.hardlinks_to_make.push(Hardlink {
+                path: p.clone(),
+                target: target.clone(),
+            });
+        }
+    }
+
+    // Objects for new inodes: the cache, else an identical file on the machine, else fetch.
+    let mut by_hash: HashMap<ObjectId, u64> = HashMap::new();
+    for (ino, i) in &all.inodes {
+        if let (Kind::File, Some(h)) = (i.kind, i.hash) {
+            by_hash.entry(h).or_insert(*ino);
+        }
+    }
+    let mut arranged: BTreeSet<ObjectId> = BTreeSet::new();
+    let mut fetch: BTreeMap<ObjectId, u64> = BTreeMap::new();
+    for (_, i) in &made {
+        let (Kind::File, Some(h)) = (i.kind, i.hash) else {
+            continue;
+        };
+        if machine.object_cache.contains(&h) || !arranged.insert(h) {
+            continue;
+        }
+        match by_hash.get(&h) {
+            Some(hino) => {
+                let names = &all_links[hino];
+                let may_link = !claimed.contains(hino)
+                    && names
+                        .iter()
+                        .all(|q| want.entries.contains_key(q) || deleted(q));
+                plan.files_to_copy_to_cache.push(CopyToCache {
+                    path: names[0].clone(),
+                    hash: h,
+                    may_link,
+                });
+            }
+            None => {
+                fetch.insert(h, i.size);
+            }
+        }
+    }
+    plan.fetch_bytes = fetch.values().sum();
+    plan.objects_to_fetch = fetch.into_keys().collect();
+
+    // Deletions (full images only): the top of each subtree the image lacks. A directory
+    // holding filtered or excluded names is kept and only its managed contents go.
+    let mut deleted_count = 0usize;
+    if full {
+        let mut holds_hidden: HashSet<FsPath> = HashSet::new();
+        for p in all.entries.keys() {
+            if !have.entries.contains_key(p) {
+                let mut a = p.parent();
+                while let Some(d) = a {
+                    if !holds_hidden.insert(d.clone()) {
+                        break;
+                    }
+                    a = d.parent();
+                }
+            }
+        }
+        let mut skip: Option<FsPath> = None;
+        for (p, hino) in &have.entries {
+            if let Some(s) = &skip {
+                if p.starts_with(s) {
+                    if !want.entries.contains_key(p) {
+                        deleted_count += 1;
+                    }
+                    continue;
+                }
+            }
+            match want.get(p) {
+                Some(wi) => {
+                    // A directory replaced by a non-directory takes its subtree with it.
+                    if have.inodes[hino].kind == Kind::Dir && wi.kind != Kind::Dir {
+                        skip = Some(p.clone());
+                    }
+                }
+                None => {
+                    if have.inodes[hino].kind == Kind::Dir && holds_hidden.contains(p) {
+                        continue;
+                    }
+                    deleted_count += 1;
+                    plan.paths_to_delete.push(p.clone());
+                    skip = Some(p.clone());
+                }
+            }
+        }
+    }
+
+    // The safety check.
+    if full && !opts.allow_unsafe {
+        let have_inodes: HashSet<u64> = have.entries.values().copied().collect();
+        let want_inodes: HashSet<u64> = want.entries.values().copied().collect();
+        plan.unsafe_reason = if deleted_count * 2 > have.len() {
+            Some(format!(
+                "would delete {deleted_count} of the machine's {} paths (more than half)",
+                have.len()
+            ))
+        } else if want_inodes.len() * 2 < have_inodes.len() {
+            Some(format!(
+                "image has {} inodes, fewer than half the machine's {}",
+                want_inodes.len(),
+                have_inodes.len()
+            ))
+        } else {
+            None
+        };
+    }
+    plan
+}
+
+/// How many new inodes each object of the plan feeds (an object renamed into place is
+/// consumed, so all uses but the last need a copy).
+pub fn object_uses(plan: &UpdatePlan) -> BTreeMap<ObjectId, usize> {
+    let mut m = BTreeMap::new();
+    for pi in &plan.inodes_to_make {
+        if let (Kind::File, Some(h)) = (pi.inode.kind, pi.inode.hash) {
+            *m.entry(h).or_insert(0) += 1;
+        }
+    }
+    m
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

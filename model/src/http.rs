@@ -17,6 +17,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+/// Largest JSON request body accepted by default (an image of about a million files).
+pub const MAX_JSON_BODY: usize = 256 << 20;
+
 /// How a server talks to its clients.
 #[derive(Clone)]
 pub enum Security {
@@ -75,6 +78,9 @@ pub async fn serve(
         Security::Tls(cfg) => Some(tokio_rustls::TlsAcceptor::from(cfg.clone())),
         Security::Insecure => None,
     };
+    // JSON bodies (images, plans) may be large but are bounded; handlers may set a
+    // smaller `DefaultBodyLimit` on their own routes. Streamed bodies are not limited.
+    let router = router.layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {

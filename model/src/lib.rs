@@ -10,6 +10,8 @@
 //! - `objectstore`: the content-addressed on-disk store (imageserver objects, subd cache).
 //! - `plan`, `diff`: `UpdatePlan` and the pure function computing it.
 //! - `apply`: executing an `UpdatePlan` under a root directory, safely.
+//! - `fetch`: objects from an imageserver into a local store, verified, in batches.
+//! - `patch`: `patch_directory`, an image applied to a local directory (diff + fetch + apply).
 //! - `api`, `frame`: wire types and object batch framing.
 //! - `http`, `client`, `tls`, `security`: the one HTTP server, the one HTTP client, mutual
 //!   TLS, and the TLS flags every program shares.
@@ -17,8 +19,10 @@
 
 pub mod api;
 pub mod apply;
+pub mod certs;
 pub mod client;
 pub mod diff;
+pub mod fetch;
 pub mod filter;
 pub mod frame;
 pub mod fsutil;
@@ -26,6 +30,7 @@ pub mod hash;
 pub mod http;
 pub mod image;
 pub mod objectstore;
+pub mod patch;
 pub mod path;
 pub mod plan;
 pub mod scan;

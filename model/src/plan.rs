@@ -49,6 +49,9 @@ pub struct UpdatePlan {
     /// Objects the machine has nowhere: fetch them before sending the update.
     #[serde(default)]
     pub objects_to_fetch: Vec<ObjectId>,
+    /// Bytes held by `objects_to_fetch` (for the free-space check).
+    #[serde(default)]
+    pub fetch_bytes: u64,
     #[serde(default)]
     pub files_to_copy_to_cache: Vec<CopyToCache>,
     #[serde(default)]
@@ -101,5 +104,115 @@ impl UpdatePlan {
         v.sort();
         v.dedup();
         v
+    }
+}
+
+/// What an update would do, in a few lines for humans (`dominator plan HOST`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlanSummary {
+    pub objects_to_fetch: usize,
+    pub fetch_bytes: u64,
+    pub files_to_copy_to_cache: usize,
+    /// New names: directories, inodes and hardlinks whose path is not on the machine yet
+    /// or is replaced.
+    pub to_add: usize,
+    /// Metadata changes (of which `mtime_only` fire no triggers).
+    pub to_change: usize,
+    pub mtime_only: usize,
+    /// Tops of deleted subtrees.
+    pub to_delete: usize,
+    /// Services whose triggers the new image's set matches, in run order.
+    pub services: Vec<String>,
+    pub reboot: bool,
+}
+
+impl UpdatePlan {
+    /// Counts and the triggers that would fire (matched against the image's own triggers;
+    /// subd also merges the previously applied image's triggers when it stops services).
+    pub fn summary(&self) -> PlanSummary {
+        let touched = self.touched_paths();
+        let touched: Vec<&[u8]> = touched.iter().map(|p| p.as_bytes()).collect();
+        let matched = self.triggers.matching(&touched);
+        let mut services: Vec<String> = Vec::new();
+        for t in &matched {
+            if !services.contains(&t.service) {
+                services.push(t.service.clone());
+            }
+        }
+        PlanSummary {
+            objects_to_fetch: self.objects_to_fetch.len(),
+            fetch_bytes: self.fetch_bytes,
+            files_to_copy_to_cache: self.files_to_copy_to_cache.len(),
+            to_add: self.dirs_to_make.len()
+                + self.inodes_to_make.len()
+                + self.hardlinks_to_make.len(),
+            to_change: self.inodes_to_change.len(),
+            mtime_only: self
+                .inodes_to_change
+                .iter()
+                .filter(|c| c.mtime_only)
+                .count(),
+            to_delete: self.paths_to_delete.len(),
+            services,
+            reboot: matched.iter().any(|t| t.do_reboot),
+        }
+    }
+}
+
+impl std::fmt::Display for UpdatePlan {
+    /// A summary line block, then (with `{:#}`) every path: `+` added, `~` changed,
+    /// `-` deleted, `=` hardlinked.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.summary();
+        let kind = if self.sparse { "sparse" } else { "full" };
+        writeln!(f, "image {} ({kind})", self.image_name)?;
+        if let Some(r) = &self.unsafe_reason {
+            writeln!(f, "  UNSAFE: {r}")?;
+        }
+        if self.is_empty() {
+            return writeln!(f, "  nothing to do");
+        }
+        writeln!(
+            f,
+            "  fetch {} objects ({} bytes), copy {} local files to the cache",
+            s.objects_to_fetch, s.fetch_bytes, s.files_to_copy_to_cache
+        )?;
+        writeln!(
+            f,
+            "  add {}, change {} ({} mtime only), delete {}",
+            s.to_add, s.to_change, s.mtime_only, s.to_delete
+        )?;
+        if s.services.is_empty() {
+            writeln!(f, "  triggers: none")?;
+        } else {
+            writeln!(f, "  triggers: {}", s.services.join(", "))?;
+        }
+        if s.reboot {
+            writeln!(f, "  reboot: yes")?;
+        }
+        if f.alternate() {
+            for d in &self.dirs_to_make {
+                writeln!(f, "  + {} {}", d.inode.mode_string(), d.path.display())?;
+            }
+            for i in &self.inodes_to_make {
+                writeln!(f, "  + {} {}", i.inode.mode_string(), i.path.display())?;
+            }
+            for h in &self.hardlinks_to_make {
+                writeln!(f, "  = {} => {}", h.path.display(), h.target.display())?;
+            }
+            for c in &self.inodes_to_change {
+                let what = if c.mtime_only { " (mtime)" } else { "" };
+                writeln!(
+                    f,
+                    "  ~ {} {}{what}",
+                    c.inode.mode_string(),
+                    c.path.display()
+                )?;
+            }
+            for p in &self.paths_to_delete {
+                writeln!(f, "  - {}", p.display())?;
+            }
+        }
+        Ok(())
     }
 }

@@ -1,1 +1,327 @@
-//! placeholder
+//! subd: the agent on every managed machine. It scans its root in the background, reports
+//! the tree over `Subd.Poll`, fetches the objects it is told to (`Subd.Fetch`, verified)
+//! and applies the update plans it is given (`Subd.Update`) with the shared `model::apply`.
+//! It never decides what to change.
+//!
+//! Layout: `lib.rs` holds the configuration, the shared state and `serve`; `scanner` the
+//! background scan loop; `routes` the RPC handlers, status page and metrics.
+//! Private state lives in `ROOT/.subd`: `objects/` (the cache), `staging/`,
+//! `triggers.previous`, `last-image`, `last-update.json`.
+
+pub mod routes;
+pub mod scanner;
+
+use model::api::UpdateResult;
+use model::apply::ApplyOptions;
+use model::client::ClientSecurity;
+use model::diff::ALWAYS_EXCLUDED;
+use model::fetch::FetchStats;
+use model::http::Security;
+use model::objectstore::ObjectStore;
+use model::{FileTree, Filter, ObjectId};
+use std::future::Future;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// The default scan exclusions (Dominator's list).
+pub const DEFAULT_EXCLUSIONS: [&str; 7] = [
+    "/tmp/.*",
+    "/var/log/.*",
+    "/var/mail/.*",
+    "/var/spool/.*",
+    "/var/tmp/.*",
+    "/home/.*",
+    "/data/.*",
+];
+
+/// Command-line flags.
+#[derive(clap::Parser, Clone, Debug)]
+#[command(
+    name = "subd",
+    about = "Scan this machine, fetch what it lacks, converge it to an image"
+)]
+pub struct Args {
+    /// The root directory to manage
+    #[arg(long, default_value = "/")]
+    pub root: PathBuf,
+    /// Address to listen on
+    #[arg(long, default_value = "0.0.0.0:6969")]
+    pub listen: String,
+    /// Runs `CMD NAME stop|start|reload` for triggers (split on blanks)
+    #[arg(long, default_value = "service")]
+    pub service_command: String,
+    /// Runs when a trigger asks for a reboot (split on blanks); none = reboot skipped
+    #[arg(long)]
+    pub reboot_command: Option<String>,
+    /// Seconds after which a trigger or reboot command is killed
+    #[arg(long, default_value_t = 120)]
+    pub command_timeout_secs: u64,
+    /// Scan exclusion regex (repeatable; replaces the defaults /tmp/.*, /var/log/.*,
+    /// /var/mail/.*, /var/spool/.*, /var/tmp/.*, /home/.*, /data/.*).
+    /// /var/lib/initial-image and /var/lib/patched-image are always excluded
+    #[arg(long = "scan-exclude", value_name = "REGEX")]
+    pub scan_exclude: Vec<String>,
+    /// Share of one CPU the background scan may use after the first scan (1-100)
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub cpu_percent: u32,
+    /// Share of time the background scan may spend reading and hashing after the first
+    /// scan (1-100; 100 = unthrottled, all CPUs)
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub scan_speed_percent: u32,
+    /// Cap on fetch bandwidth in bytes per second (0 = unlimited)
+    #[arg(long, default_value_t = 0)]
+    pub fetch_bytes_per_second: u64,
+    #[command(flatten)]
+    pub tls: model::security::DaemonTlsArgs,
+}
+
+/// What a subd needs to run.
+#[derive(Clone)]
+pub struct Config {
+    pub root: PathBuf,
+    pub exclusions: Vec<String>,
+    pub service_command: Vec<String>,
+    pub reboot_command: Option<Vec<String>>,
+    pub command_timeout: Duration,
+    pub cpu_percent: u32,
+    pub scan_speed_percent: u32,
+    pub fetch_bytes_per_second: Option<u64>,
+    /// Minimum time between the starts of two scans.
+    pub min_scan_interval: Duration,
+    pub security: Security,
+    /// How the fetcher talks to imageservers.
+    pub client_security: ClientSecurity,
+}
+
+impl Config {
+    /// A configuration for tests and development: defaults, plain HTTP, unthrottled.
+    pub fn new(root: &Path) -> Config {
+        Config {
+            root: root.to_path_buf(),
+            exclusions: DEFAULT_EXCLUSIONS.iter().map(|s| s.to_string()).collect(),
+            service_command: vec!["service".into()],
+            reboot_command: None,
+            command_timeout: Duration::from_secs(120),
+            cpu_percent: 100,
+            scan_speed_percent: 100,
+            fetch_bytes_per_second: None,
+            min_scan_interval: Duration::from_secs(1),
+            security: Security::Insecure,
+            client_security: ClientSecurity::Insecure,
+        }
+    }
+
+    /// From the command line.
+    pub fn from_args(args: &Args) -> anyhow::Result<Config> {
+        use anyhow::Context;
+        let split = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        let service_command = split(&args.service_command);
+        anyhow::ensure!(!service_command.is_empty(), "--service-command is empty");
+        Ok(Config {
+            root: args.root.clone(),
+            exclusions: if args.scan_exclude.is_empty() {
+                DEFAULT_EXCLUSIONS.iter().map(|s| s.to_string()).collect()
+            } else {
+                args.scan_exclude.clone()
+            },
+            service_command,
+            reboot_command: args
+                .reboot_command
+                .as_deref()
+                .map(split)
+                .filter(|v| !v.is_empty()),
+            command_timeout: Duration::from_secs(args.command_timeout_secs.max(1)),
+            cpu_percent: args.cpu_percent,
+            scan_speed_percent: args.scan_speed_percent,
+            fetch_bytes_per_second: (args.fetch_bytes_per_second > 0)
+                .then_some(args.fetch_bytes_per_second),
+            min_scan_interval: Duration::from_secs(1),
+            security: args.tls.server_security("subd").context("TLS")?,
+            client_security: args.tls.client_security("subd").context("TLS")?,
+        })
+    }
+}
+
+/// Why a subd cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is not on the same file-system as the root (activation must be a rename)")]
+    OtherFileSystem(PathBuf),
+    #[error("scan exclusions: {0}")]
+    Exclusions(#[from] model::filter::BadRegex),
+    #[error("object cache: {0}")]
+    Store(#[from] model::objectstore::StoreError),
+}
+
+/// What Poll reports; guarded by `Subd::status` (a std Mutex never held across `.await`).
+#[derive(Default)]
+pub struct Status {
+    pub generation: u64,
+    pub scan_count: u64,
+    pub last_scan_time: u64,
+    pub last_scan_duration_ms: u64,
+    pub tree: Option<Arc<FileTree>>,
+    pub object_cache: Option<Arc<Vec<ObjectId>>>,
+    pub fetch_in_progress: bool,
+    pub update_in_progress: bool,
+    pub last_fetch_error: Option<String>,
+    pub last_fetch: Option<FetchStats>,
+    pub last_update: Option<UpdateResult>,
+    pub last_image: Option<String>,
+    /// Scan the next pass unthrottled (set after fetch, update, cleanup).
+    pub boost: bool,
+}
+
+/// A running subd's shared state.
+pub struct Subd {
+    pub config: Config,
+    pub state_dir: PathBuf,
+    pub store: ObjectStore,
+    pub exclusions: Filter,
+    pub status: Mutex<Status>,
+    /// Rises at the start and end of every update: a scan spanning a change is discarded.
+    pub epoch: AtomicU64,
+    /// Wakes the scanner early.
+    pub wake: (Mutex<bool>, Condvar),
+    pub stop: Arc<AtomicBool>,
+    pub start_time: u64,
+}
+
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+const LAST_IMAGE: &str = "last-image";
+const LAST_UPDATE: &str = "last-update.json";
+
+impl Subd {
+    /// Opens the state directory and starts the background scanner.
+    pub fn start(config: Config) -> Result<Arc<Subd>, StartError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StartError::Io { path, source }
+        };
+        let root_meta = std::fs::metadata(&config.root).map_err(io(&config.root))?;
+        let state_dir = config.root.join(".subd");
+        std::fs::create_dir_all(&state_dir).map_err(io(&state_dir))?;
+        let state_meta = std::fs::metadata(&state_dir).map_err(io(&state_dir))?;
+        if state_meta.dev() != root_meta.dev() {
+            return Err(StartError::OtherFileSystem(state_dir));
+        }
+        let mut lines = config.exclusions.clone();
+        lines.extend(ALWAYS_EXCLUDED.iter().map(|s| format!("{s}$")));
+        let exclusions = Filter::from_lines(lines)?;
+        let store = ObjectStore::open(&state_dir.join("objects"))?;
+        let status = Status {
+            last_image: std::fs::read_to_string(state_dir.join(LAST_IMAGE))
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty()),
+            last_update: std::fs::read(state_dir.join(LAST_UPDATE))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok()),
+            ..Status::default()
+        };
+        let subd = Arc::new(Subd {
+            config,
+            state_dir,
+            store,
+            exclusions,
+            status: Mutex::new(status),
+            epoch: AtomicU64::new(0),
+            wake: (Mutex::new(false), Condvar::new()),
+            stop: Arc::new(AtomicBool::new(false)),
+            start_time: now_secs(),
+        });
+        let s = subd.clone();
+        std::thread::Builder::new()
+            .name("scanner".into())
+            .spawn(move || scanner::run(&s))
+            .map_err(io(Path::new("scanner thread")))?;
+        Ok(subd)
+    }
+
+    /// Options for `model::apply`.
+    pub fn apply_options(&self) -> ApplyOptions {
+        ApplyOptions {
+            exclusions: Some(self.exclusions.clone()),
+            service_command: Some(self.config.service_command.clone()),
+            reboot_command: self.config.reboot_command.clone(),
+            command_timeout: self.config.command_timeout,
+        }
+    }
+
+    /// Asks the scanner to start its next pass soon, unthrottled.
+    pub fn boost_scan(&self) {
+        self.status.lock().unwrap().boost = true;
+        let (m, c) = &self.wake;
+        *m.lock().unwrap() = true;
+        c.notify_all();
+    }
+
+    /// Records a finished update durably and lets the scanner resume.
+    pub(crate) fn finish_update(&self, result: &UpdateResult, sparse: bool) {
+        if let Ok(json) = serde_json::to_vec_pretty(result) {
+            if let Err(e) = model::fsutil::write_atomic(&self.state_dir.join(LAST_UPDATE), &json) {
+                tracing::warn!("saving {LAST_UPDATE}: {e}");
+            }
+        }
+        let ok = result.errors.is_empty();
+        if ok {
+            if let Err(e) = model::fsutil::write_atomic(
+                &self.state_dir.join(LAST_IMAGE),
+                format!("{}\n", result.image_name).as_bytes(),
+            ) {
+                tracing::warn!("saving {LAST_IMAGE}: {e}");
+            }
+        }
+        {
+            let mut st = self.status.lock().unwrap();
+            st.last_update = Some(result.clone());
+            if ok {
+                st.last_image = Some(result.image_name.clone());
+            }
+            st.update_in_progress = false;
+        }
+        let _ = sparse;
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.boost_scan();
+    }
+
+    /// Stops the scanner (it finishes or abandons its pass).
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let (m, c) = &self.wake;
+        *m.lock().unwrap() = true;
+        c.notify_all();
+    }
+
+    /// Free bytes on the root's file-system.
+    pub fn free_space(&self) -> u64 {
+        rustix::fs::statvfs(&self.config.root)
+            .map(|s| s.f_bavail * s.f_frsize)
+            .unwrap_or(0)
+    }
+}
+
+/// Serves the subd API on `listener` until `shutdown` resolves, then stops the scanner.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<Subd>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let security = state.config.security.clone();
+    let r = model::http::serve(listener, routes::router(state.clone()), security, shutdown).await;
+    state.shutdown();
+    r
+}

@@ -1,2 +1,37 @@
-//! placeholder
-fn main() {}
+//! The subd binary: parse flags, set up logging, start the scanner, serve until SIGTERM.
+
+use anyhow::Context;
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = subd::Args::parse();
+    let config = subd::Config::from_args(&args)?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let state = subd::Subd::start(config).context("starting subd")?;
+    tracing::info!(
+        "subd managing {} on {}",
+        args.root.display(),
+        listener.local_addr()?
+    );
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        tracing::info!("stopping");
+    };
+    subd::serve(listener, state, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,624 @@
+//! `apply` on real directories: convergence (tables and a property test), path safety,
+//! trigger order and command timeouts.
+
+use super::*;
+use crate::diff::{diff, DiffOptions, Machine};
+use crate::image::{FileTree, Image, Mtime};
+use crate::plan::{Hardlink, MetadataChange, PathInode};
+use crate::scan::{scan, ScanOptions};
+use proptest::prelude::*;
+use std::collections::HashMap;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn p(s: &str) -> FsPath {
+    s.parse().unwrap()
+}
+
+/// Writes `tree` into the empty directory `dir` (independently of `apply`).
+fn materialize(tree: &FileTree, dir: &Path, contents: &HashMap<ObjectId, Vec<u8>>) {
+    let mut first: HashMap<u64, PathBuf> = HashMap::new();
+    for (path, ino) in &tree.entries {
+        let full = dir.join(path.relative_os());
+        let i = &tree.inodes[ino];
+        if !path.is_root() {
+            if let Some(f) = first.get(ino) {
+                std::fs::hard_link(f, &full).unwrap();
+                continue;
+            }
+            match i.kind {
+                Kind::Dir => std::fs::create_dir(&full).unwrap(),
+                Kind::File => {
+                    std::fs::write(&full, i.hash.map_or(&[][..], |h| &contents[&h])).unwrap()
+                }
+                Kind::Symlink => symlink(
+                    std::ffi::OsStr::from_bytes(i.target.as_ref().unwrap()),
+                    &full,
+                )
+                .unwrap(),
+                Kind::Char | Kind::Block | Kind::Fifo => {
+                    let ft = match i.kind {
+                        Kind::Char => FileType::CharacterDevice,
+                        Kind::Block => FileType::BlockDevice,
+                        _ => FileType::Fifo,
+                    };
+                    rustix::fs::mknodat(CWD, &full, ft, Mode::from_raw_mode(0o600), i.rdev)
+                        .unwrap();
+                }
+            }
+            first.insert(*ino, full.clone());
+        }
+        let (fd, o_path) = {
+            let parent = full.parent().unwrap();
+            let pfd = rustix::fs::open(parent, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
+                .unwrap();
+            let name = if path.is_root() {
+                b".".to_vec()
+            } else {
+                path.name().to_vec()
+            };
+            if path.is_root() {
+                (
+                    rustix::fs::open(&full, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
+                        .unwrap(),
+                    false,
+                )
+            } else {
+                open_inode(pfd.as_fd(), &name, i.kind).unwrap()
+            }
+        };
+        set_metadata(&fd, o_path, i).unwrap();
+    }
+}
+use std::os::unix::ffi::OsStrExt;
+
+struct Fixture {
+    _d: tempfile::TempDir,
+    root: PathBuf,
+    state: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let state = root.join(".subd");
+    std::fs::create_dir(&state).unwrap();
+    Fixture { _d: d, root, state }
+}
+
+/// scan → diff → put fetched objects in the cache → apply.
+fn converge(
+    f: &Fixture,
+    img: &Image,
+    contents: &HashMap<ObjectId, Vec<u8>>,
+    opts: &ApplyOptions,
+) -> (UpdatePlan, UpdateResult) {
+    let have = scan(
+        &f.root,
+        &ScanOptions {
+            exclude: opts.exclusions.clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let store = ObjectStore::open(&f.state.join("objects")).unwrap();
+    let cache: BTreeSet<ObjectId> = store.list().unwrap().into_iter().map(|(h, _)| h).collect();
+    let plan = diff(
+        "test/1",
+        img,
+        &Machine {
+            tree: &have,
+            object_cache: &cache,
+            exclusions: opts.exclusions.as_ref(),
+        },
+        &DiffOptions { allow_unsafe: true },
+    );
+    for h in &plan.objects_to_fetch {
+        store.put(&contents[h]).unwrap();
+    }
+    let result = apply(&f.root, &f.state, &plan, opts);
+    (plan, result)
+}
+
+fn rediff(f: &Fixture, img: &Image, opts: &ApplyOptions) -> UpdatePlan {
+    let have = scan(
+        &f.root,
+        &ScanOptions {
+            exclude: opts.exclusions.clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cache = BTreeSet::new();
+    diff(
+        "test/1",
+        img,
+        &Machine {
+            tree: &have,
+            object_cache: &cache,
+            exclusions: opts.exclusions.as_ref(),
+        },
+        &DiffOptions { allow_unsafe: true },
+    )
+}
+
+/// A tree builder over real content.
+struct B {
+    tree: FileTree,
+    contents: HashMap<ObjectId, Vec<u8>>,
+    next: u64,
+}
+
+const M: Mtime = Mtime {
+    sec: 1_600_000_000,
+    nsec: 123_456_789,
+};
+
+impl B {
+    fn new() -> B {
+        B {
+            tree: FileTree::with_root(Inode::dir(0o755, 0, 0)),
+            contents: HashMap::new(),
+            next: 10,
+        }
+    }
+    fn add(mut self, path: &str, i: Inode) -> B {
+        self.next += 1;
+        self.tree.inodes.insert(self.next, i);
+        self.tree.entries.insert(p(path), self.next);
+        self
+    }
+    fn dir(self, path: &str, mode: u32) -> B {
+        self.add(path, Inode::dir(mode, 0, 0))
+    }
+    fn file(mut self, path: &str, data: &[u8], mode: u32, uid: u32) -> B {
+        let h = ObjectId::of(data);
+        self.contents.insert(h, data.to_vec());
+        self.add(
+            path,
+            Inode::file(mode, uid, uid, M, data.len() as u64, Some(h)),
+        )
+    }
+    fn link(mut self, path: &str, to: &str) -> B {
+        let ino = self.tree.entries[&p(to)];
+        self.tree.entries.insert(p(path), ino);
+        self
+    }
+    fn image(&self, filter: Option<&str>) -> Image {
+        self.tree.validate().unwrap();
+        Image::new(
+            self.tree.clone(),
+            filter.map(|f| Filter::parse(f, "f").unwrap()),
+            Triggers::default(),
+        )
+    }
+}
+
+fn meta(f: &Fixture, path: &str) -> std::fs::Metadata {
+    std::fs::symlink_metadata(f.root.join(path.trim_start_matches('/'))).unwrap()
+}
+
+#[test]
+fn full_image_restores_kinds_owners_modes_links_and_deletes_extras() {
+    let f = fixture();
+    // the machine: drifted content, wrong modes, extras, a symlink where a dir goes
+    std::fs::create_dir_all(f.root.join("etc")).unwrap();
+    std::fs::write(f.root.join("etc/passwd"), b"drifted").unwrap();
+    std::fs::write(f.root.join("etc/extra"), b"x").unwrap();
+    std::fs::create_dir_all(f.root.join("junk/deep")).unwrap();
+    std::fs::create_dir_all(f.root.join("keep")).unwrap();
+    std::fs::write(f.root.join("keep/mine"), b"mine").unwrap();
+    symlink("/etc", f.root.join("bin")).unwrap();
+    let mut b = B::new()
+        .dir("/etc", 0o755)
+        .file("/etc/passwd", b"root:x:0:0\n", 0o644, 0)
+        .dir("/bin", 0o755)
+        .file("/bin/su", b"su binary", 0o4755, 0)
+        .link("/bin/su2", "/bin/su")
+        .file("/bin/owned", b"o", 0o640, 33)
+        .add("/bin/sh", Inode::symlink(0, 0, b"dash".to_vec()))
+        .add("/fifo", {
+            let mut i = Inode::new(Kind::Fifo, 0o620, 0, 0);
+            i.mtime = M;
+            i
+        })
+        .add("/empty", Inode::file(0o600, 0, 0, M, 0, None));
+    if is_root() {
+        let mut d = Inode::new(Kind::Char, 0o666, 0, 0);
+        d.rdev = rustix::fs::makedev(1, 3);
+        d.mtime = M;
+        b = b.add("/null", d);
+    }
+    let img = b.image(Some("/keep(|/.*)$"));
+    let opts = ApplyOptions::default();
+    let (plan, r) = converge(&f, &img, &b.contents, &opts);
+    assert!(r.errors.is_empty(), "{:?}\n{plan:#}", r.errors);
+    assert_eq!(
+        std::fs::read(f.root.join("etc/passwd")).unwrap(),
+        b"root:x:0:0\n"
+    );
+    assert!(!f.root.join("etc/extra").exists() && !f.root.join("junk").exists());
+    assert_eq!(
+        std::fs::read(f.root.join("keep/mine")).unwrap(),
+        b"mine",
+        "filtered path untouched"
+    );
+    assert_eq!(meta(&f, "/bin/su").mode() & 0o7777, 0o4755);
+    assert_eq!(meta(&f, "/bin/su").ino(), meta(&f, "/bin/su2").ino());
+    assert_eq!(meta(&f, "/bin/su").mtime_nsec(), 123_456_789);
+    assert_eq!(
+        std::fs::read_link(f.root.join("bin/sh")).unwrap().to_str(),
+        Some("dash")
+    );
+    assert!(meta(&f, "/fifo").file_type().is_fifo());
+    if is_root() {
+        assert_eq!(meta(&f, "/bin/owned").uid(), 33);
+        assert!(meta(&f, "/null").file_type().is_char_device());
+    }
+    assert!(r.activation_ms >= 0.0 && r.activation_ms < 5000.0);
+    let again = rediff(&f, &img, &opts);
+    assert!(again.is_empty(), "{again:#}");
+    assert!(f.root.join(".subd/objects").exists(), "state dir untouched");
+}
+
+use std::os::unix::fs::FileTypeExt;
+
+#[test]
+fn drift_in_metadata_only_is_fixed_in_place() {
+    let f = fixture();
+    let b = B::new()
+        .dir("/bin", 0o755)
+        .file("/bin/su", b"su", 0o4755, 0);
+    let img = b.image(None);
+    let opts = ApplyOptions::default();
+    converge(&f, &img, &b.contents, &opts);
+    let ino = meta(&f, "/bin/su").ino();
+    std::fs::set_permissions(
+        f.root.join("bin/su"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let (plan, r) = converge(&f, &img, &b.contents, &opts);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(plan.inodes_to_change.len(), 1);
+    assert_eq!(meta(&f, "/bin/su").mode() & 0o7777, 0o4755);
+    assert_eq!(meta(&f, "/bin/su").ino(), ino, "same inode");
+}
+
+#[test]
+fn sparse_image_leaves_everything_else_alone() {
+    let f = fixture();
+    std::fs::write(f.root.join("other"), b"o").unwrap();
+    std::fs::set_permissions(f.root.join("other"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let before = meta(&f, "/other");
+    let b = B::new()
+        .dir("/app", 0o750)
+        .file("/app/conf", b"c", 0o644, 0);
+    let (plan, r) = converge(&f, &b.image(None), &b.contents, &ApplyOptions::default());
+    assert!(r.errors.is_empty() && plan.paths_to_delete.is_empty());
+    let after = meta(&f, "/other");
+    assert_eq!(
+        (before.ino(), before.mode(), before.mtime_nsec()),
+        (after.ino(), after.mode(), after.mtime_nsec())
+    );
+    assert_eq!(meta(&f, "/app").mode() & 0o7777, 0o750);
+}
+
+#[test]
+fn bad_paths_are_refused_and_symlinks_never_followed() {
+    let f = fixture();
+    let outside = f._d.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("victim"), b"safe").unwrap();
+    std::fs::set_permissions(
+        outside.join("victim"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    symlink(&outside, f.root.join("link")).unwrap();
+    symlink(outside.join("victim"), f.root.join("filelink")).unwrap();
+    let evil = Inode::file(0o777, 0, 0, M, 0, None);
+    let plan = UpdatePlan {
+        image_name: "evil".into(),
+        sparse: true,
+        inodes_to_make: vec![
+            PathInode {
+                path: p("/link/victim"),
+                inode: evil.clone(),
+            },
+            PathInode {
+                path: p("/.subd/objects/x"),
+                inode: evil.clone(),
+            },
+        ],
+        dirs_to_make: vec![PathInode {
+            path: p("/link/newdir"),
+            inode: Inode::dir(0o777, 0, 0),
+        }],
+        paths_to_delete: vec![p("/link/victim"), p("/.subd")],
+        inodes_to_change: vec![
+            MetadataChange {
+                path: p("/filelink"),
+                inode: evil.clone(),
+                mtime_only: false,
+            },
+            MetadataChange {
+                path: p("/link/victim"),
+                inode: evil.clone(),
+                mtime_only: false,
+            },
+        ],
+        hardlinks_to_make: vec![Hardlink {
+            path: p("/stolen"),
+            target: p("/link/victim"),
+        }],
+        ..UpdatePlan::default()
+    };
+    let r = apply(&f.root, &f.state, &plan, &ApplyOptions::default());
+    let all = r.errors.join("\n");
+    for want in [
+        "refused: /.subd/objects/x",
+        "refused: /.subd:",
+        "a component is a symlink",
+        "change /filelink",
+    ] {
+        assert!(all.contains(want), "{want:?} not in\n{all}");
+    }
+    assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"safe");
+    assert_eq!(
+        std::fs::metadata(outside.join("victim")).unwrap().mode() & 0o777,
+        0o600
+    );
+    assert!(!outside.join("newdir").exists());
+    assert!(!f.root.join("stolen").exists());
+    assert!(f.root.join(".subd").exists());
+    // the excluded and always-excluded paths too
+    let plan = UpdatePlan {
+        image_name: "x".into(),
+        sparse: true,
+        inodes_to_make: vec![
+            PathInode {
+                path: p("/tmp/x"),
+                inode: evil.clone(),
+            },
+            PathInode {
+                path: p("/var/lib/patched-image"),
+                inode: evil,
+            },
+        ],
+        ..UpdatePlan::default()
+    };
+    let opts = ApplyOptions {
+        exclusions: Some(Filter::parse("/tmp/.*", "e").unwrap()),
+        ..Default::default()
+    };
+    let r = apply(&f.root, &f.state, &plan, &opts);
+    assert_eq!(r.errors.len(), 2, "{:?}", r.errors);
+}
+
+#[test]
+fn unsafe_plans_and_missing_objects_are_reported() {
+    let f = fixture();
+    let plan = UpdatePlan {
+        unsafe_reason: Some("too much".into()),
+        ..UpdatePlan::default()
+    };
+    let r = apply(&f.root, &f.state, &plan, &ApplyOptions::default());
+    assert!(r.errors[0].contains("unsafe"), "{:?}", r.errors);
+    let h = ObjectId::of(b"absent");
+    let plan = UpdatePlan {
+        sparse: true,
+        inodes_to_make: vec![PathInode {
+            path: p("/f"),
+            inode: Inode::file(0o644, 0, 0, M, 6, Some(h)),
+        }],
+        ..UpdatePlan::default()
+    };
+    let r = apply(&f.root, &f.state, &plan, &ApplyOptions::default());
+    assert!(
+        r.errors[0].contains("is not in the cache"),
+        "{:?}",
+        r.errors
+    );
+    assert!(!f.root.join("f").exists());
+}
+
+/// A service command that appends `NAME ACTION <content of /etc/app.conf>` to a log.
+fn recorder(f: &Fixture, body: &str) -> (Vec<String>, PathBuf) {
+    let log = f._d.path().join("log");
+    let script = f._d.path().join("svc.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n{body}\necho \"$1 $2 $(cat {}/etc/app.conf 2>/dev/null)\" >> {}\n",
+            f.root.display(),
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (vec![script.display().to_string()], log)
+}
+
+fn triggers(json: &str) -> Triggers {
+    Triggers::parse(json, "t").unwrap()
+}
+
+#[test]
+fn triggers_stop_before_and_start_after_the_change() {
+    let f = fixture();
+    let (cmd, log) = recorder(&f, "");
+    let opts = ApplyOptions {
+        service_command: Some(cmd),
+        ..Default::default()
+    };
+    // first image: app v1, triggers for "app" and for "old"
+    let b1 = B::new()
+        .dir("/etc", 0o755)
+        .file("/etc/app.conf", b"v1", 0o644, 0);
+    let mut img1 = b1.image(None);
+    img1.triggers = triggers(
+        r#"[{"MatchLines":["/etc/app"],"Service":"app"},{"MatchLines":["/etc/app"],"Service":"old"}]"#,
+    );
+    let (_, r) = converge(&f, &img1, &b1.contents, &opts);
+    assert!(r.trigger_failures.is_empty(), "{:?}", r.trigger_failures);
+    std::fs::remove_file(&log).unwrap();
+    // second image drops "old", adds a reload-only "web"
+    let b2 = B::new()
+        .dir("/etc", 0o755)
+        .file("/etc/app.conf", b"v2", 0o644, 0);
+    let mut img2 = b2.image(None);
+    img2.triggers = triggers(
+        r#"[{"MatchLines":["/etc/app"],"Service":"app"},{"MatchLines":["/etc/app"],"Service":"web","DoReload":true}]"#,
+    );
+    let (_, r) = converge(&f, &img2, &b2.contents, &opts);
+    let lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "app stop v1",
+            "old stop v1",
+            "app start v2",
+            "web reload v2"
+        ],
+        "{r:?}"
+    );
+    assert_eq!(
+        r.trigger_actions,
+        ["app stop", "old stop", "app start", "web reload"]
+    );
+    // an mtime-only change fires nothing
+    std::fs::remove_file(&log).unwrap();
+    let t = filetime_set(&f.root.join("etc/app.conf"));
+    let (plan, r) = converge(&f, &img2, &b2.contents, &opts);
+    assert!(plan.inodes_to_change[0].mtime_only, "{t}");
+    assert!(r.trigger_actions.is_empty() && !log.exists(), "{r:?}");
+}
+
+fn filetime_set(path: &Path) -> i64 {
+    let t = Timespec {
+        tv_sec: 5,
+        tv_nsec: 0,
+    };
+    rustix::fs::utimensat(
+        CWD,
+        path,
+        &Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        AtFlags::empty(),
+    )
+    .unwrap();
+    5
+}
+
+#[test]
+fn failing_and_hanging_service_commands_are_reported() {
+    let f = fixture();
+    let (cmd, _) = recorder(
+        &f,
+        "[ \"$1\" = hang ] && sleep 30\n[ \"$1\" = fail ] && exit 3",
+    );
+    let opts = ApplyOptions {
+        service_command: Some(cmd),
+        command_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let b = B::new().file("/x", b"x", 0o644, 0);
+    let mut img = b.image(None);
+    img.triggers = triggers(
+        r#"[{"MatchLines":["/x"],"Service":"fail"},{"MatchLines":["/x"],"Service":"hang"}]"#,
+    );
+    let t0 = Instant::now();
+    let (_, r) = converge(&f, &img, &b.contents, &opts);
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let all = r.trigger_failures.join("\n");
+    assert!(all.contains("fail stop: exit status: 3"), "{all}");
+    assert!(all.contains("hang stop: timed out"), "{all}");
+    assert_eq!(
+        std::fs::read(f.root.join("x")).unwrap(),
+        b"x",
+        "the update still happened"
+    );
+}
+
+#[test]
+fn reboot_trigger_skips_stops_and_runs_the_reboot_command() {
+    let f = fixture();
+    let (cmd, log) = recorder(&f, "");
+    let marker = f._d.path().join("rebooted");
+    let reboot = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        format!("touch {}", marker.display()),
+    ];
+    let opts = ApplyOptions {
+        service_command: Some(cmd),
+        reboot_command: Some(reboot),
+        ..Default::default()
+    };
+    let b = B::new().file("/kernel", b"k", 0o644, 0);
+    let mut img = b.image(None);
+    img.triggers = triggers(
+        r#"[{"MatchLines":["/kernel"],"Service":"kexec","DoReboot":true},{"MatchLines":["/kernel"],"Service":"app"}]"#,
+    );
+    let (_, r) = converge(&f, &img, &b.contents, &opts);
+    let lines = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(lines.trim(), "kexec start", "{r:?}");
+    assert!(marker.exists());
+}
+
+#[test]
+fn an_object_several_inodes_need_is_duplicated() {
+    let f = fixture();
+    let b = B::new()
+        .file("/a", b"same", 0o644, 0)
+        .file("/b", b"same", 0o600, 0)
+        .file("/c", b"same", 0o640, 0);
+    let (plan, r) = converge(&f, &b.image(None), &b.contents, &ApplyOptions::default());
+    assert_eq!(plan.objects_to_fetch.len(), 1);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    for n in ["a", "b", "c"] {
+        assert_eq!(std::fs::read(f.root.join(n)).unwrap(), b"same");
+    }
+}
+
+fn contents_for(t: &FileTree) -> HashMap<ObjectId, Vec<u8>> {
+    let mut m = HashMap::new();
+    for c in [&b"1"[..], b"2", b"3"] {
+        m.insert(ObjectId::of(c), c.to_vec());
+    }
+    let _ = t;
+    m
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn applying_a_diff_to_a_real_tree_converges(
+        a in crate::diff::tests::arb_tree(),
+        b in crate::diff::tests::arb_tree(),
+        full in any::<bool>(),
+    ) {
+        let f = fixture();
+        let contents = contents_for(&a);
+        // fix the generated mtimes into the past so the kernel keeps them exactly
+        materialize(&a, &f.root, &contents);
+        let img = crate::diff::tests::image(b, full.then_some(""));
+        let opts = ApplyOptions::default();
+        let (plan, r) = converge(&f, &img, &contents, &opts);
+        prop_assert!(r.errors.is_empty(), "{:?}\n{plan:#}", r.errors);
+        let again = rediff(&f, &img, &opts);
+        prop_assert!(again.is_empty(), "first {plan:#}\nsecond {again:#}");
+    }
+}

@@ -1,0 +1,550 @@
+//! Table tests of the diff, and a property test (on a model of `apply`) that one update
+//! always converges: applying diff(B, A) to A yields a tree that diffs to empty.
+
+use super::*;
+use crate::image::Mtime;
+use crate::triggers::Triggers;
+use proptest::prelude::*;
+
+fn p(s: &str) -> FsPath {
+    s.parse().unwrap()
+}
+
+/// A tree builder: `T::new().dir("/etc").file("/etc/passwd", b"x")…`.
+#[derive(Clone)]
+struct T {
+    tree: FileTree,
+    next: u64,
+}
+
+const M: Mtime = Mtime { sec: 1000, nsec: 5 };
+
+impl T {
+    fn new() -> T {
+        T {
+            tree: FileTree::with_root(Inode::dir(0o755, 0, 0)),
+            next: 100,
+        }
+    }
+    fn add(mut self, path: &str, inode: Inode) -> T {
+        self.next += 1;
+        self.tree.inodes.insert(self.next, inode);
+        self.tree.entries.insert(p(path), self.next);
+        self
+    }
+    fn dir(self, path: &str) -> T {
+        self.add(path, Inode::dir(0o755, 0, 0))
+    }
+    fn file(self, path: &str, data: &[u8]) -> T {
+        self.file_m(path, data, 0o644)
+    }
+    fn file_m(self, path: &str, data: &[u8], mode: u32) -> T {
+        let h = (!data.is_empty()).then(|| ObjectId::of(data));
+        self.add(path, Inode::file(mode, 0, 0, M, data.len() as u64, h))
+    }
+    fn sym(self, path: &str, target: &str) -> T {
+        self.add(path, Inode::symlink(0, 0, target.as_bytes().to_vec()))
+    }
+    fn dev(self, path: &str, rdev: u64) -> T {
+        let mut i = Inode::new(Kind::Char, 0o600, 0, 0);
+        i.rdev = rdev;
+        i.mtime = M;
+        self.add(path, i)
+    }
+    fn link(mut self, path: &str, to: &str) -> T {
+        let ino = self.tree.entries[&p(to)];
+        self.tree.entries.insert(p(path), ino);
+        self
+    }
+    fn with(mut self, path: &str, f: impl FnOnce(&mut Inode)) -> T {
+        let ino = self.tree.entries[&p(path)];
+        f(self.tree.inodes.get_mut(&ino).unwrap());
+        self
+    }
+    fn done(self) -> FileTree {
+        self.tree.validate().unwrap();
+        self.tree
+    }
+}
+
+pub(crate) fn image(tree: FileTree, filter: Option<&str>) -> Image {
+    Image::new(
+        tree,
+        filter.map(|f| Filter::parse(f, "filter").unwrap()),
+        Triggers::default(),
+    )
+}
+
+fn run(img: &Image, have: &FileTree, cache: &[ObjectId], excl: Option<&str>) -> UpdatePlan {
+    let cache: BTreeSet<ObjectId> = cache.iter().copied().collect();
+    let excl = excl.map(|e| Filter::parse(e, "excl").unwrap());
+    diff(
+        "img",
+        img,
+        &Machine {
+            tree: have,
+            object_cache: &cache,
+            exclusions: excl.as_ref(),
+        },
+        &DiffOptions::default(),
+    )
+}
+
+fn paths<'a>(v: impl IntoIterator<Item = &'a FsPath>) -> Vec<String> {
+    v.into_iter().map(|p| p.display()).collect()
+}
+
+/// A model of `apply` on trees, used to check convergence.
+fn simulate(have: &FileTree, plan: &UpdatePlan) -> FileTree {
+    let mut t = have.clone();
+    let mut next = t.inodes.keys().max().copied().unwrap_or(0) + 1000;
+    let mut fresh = |t: &mut FileTree, path: &FsPath, inode: &Inode| {
+        t.remove_subtree(path);
+        next += 1;
+        t.inodes.insert(next, inode.clone());
+        t.entries.insert(path.clone(), next);
+    };
+    for d in &plan.dirs_to_make {
+        if t.get(&d.path).is_none_or(|i| i.kind != Kind::Dir) {
+            fresh(&mut t, &d.path, &d.inode);
+        } else {
+            let ino = t.entries[&d.path];
+            t.inodes.insert(ino, d.inode.clone());
+        }
+    }
+    for i in &plan.inodes_to_make {
+        fresh(&mut t, &i.path, &i.inode);
+    }
+    for h in &plan.hardlinks_to_make {
+        let ino = t.entries[&h.target];
+        t.remove_subtree(&h.path);
+        t.entries.insert(h.path.clone(), ino);
+    }
+    for d in &plan.paths_to_delete {
+        t.remove_subtree(d);
+    }
+    for c in &plan.inodes_to_change {
+        let ino = t.entries[&c.path];
+        t.inodes.insert(ino, c.inode.clone());
+    }
+    t.gc_inodes();
+    t.validate().unwrap();
+    t
+}
+
+fn assert_converges(img: &Image, have: &FileTree) {
+    let plan = run(img, have, &[], None);
+    let after = simulate(have, &plan);
+    let again = run(img, &after, &[], None);
+    assert!(
+        again.is_empty(),
+        "not converged after {plan:#}\nsecond plan: {again:#}"
+    );
+}
+
+#[test]
+fn identical_trees_diff_to_empty() {
+    let t = T::new()
+        .dir("/etc")
+        .file("/etc/passwd", b"root")
+        .link("/etc/pw2", "/etc/passwd")
+        .sym("/l", "/etc")
+        .dev("/null", 0x103)
+        .file("/empty", b"")
+        .done();
+    for filter in [None, Some("")] {
+        let plan = run(&image(t.clone(), filter), &t, &[], None);
+        assert!(plan.is_empty(), "{plan:#}");
+        assert!(plan.unsafe_reason.is_none());
+    }
+}
+
+#[test]
+fn sparse_image_touches_only_its_paths() {
+    let img = T::new().dir("/etc").file("/etc/a", b"new").done();
+    let have = T::new()
+        .dir("/etc")
+        .file("/etc/a", b"old")
+        .file("/etc/b", b"mine")
+        .file("/x", b"x")
+        .done();
+    let plan = run(&image(img.clone(), None), &have, &[], None);
+    assert!(plan.sparse);
+    assert_eq!(
+        paths(plan.inodes_to_make.iter().map(|i| &i.path)),
+        ["/etc/a"]
+    );
+    assert!(plan.paths_to_delete.is_empty());
+    assert_eq!(plan.objects_to_fetch, [ObjectId::of(b"new")]);
+    assert_eq!(plan.fetch_bytes, 3);
+    assert!(plan.unsafe_reason.is_none());
+    assert_converges(&image(img, None), &have);
+}
+
+#[test]
+fn full_image_deletes_only_tops_and_never_filtered() {
+    let common = T::new()
+        .dir("/etc")
+        .file("/etc/a", b"a")
+        .file("/etc/b", b"b")
+        .file("/etc/c", b"c")
+        .file("/etc/d", b"d");
+    let img = common.clone().done();
+    let have = common
+        .dir("/junk")
+        .dir("/junk/deep")
+        .file("/junk/deep/f", b"f")
+        .dir("/keep")
+        .file("/keep/data", b"d")
+        .file("/keepme", b"k")
+        .done();
+    let i = image(img, Some("/keep(|/.*)$\n"));
+    let plan = run(&i, &have, &[], None);
+    assert_eq!(paths(&plan.paths_to_delete), ["/junk", "/keepme"]);
+    assert!(plan.unsafe_reason.is_none(), "{:?}", plan.unsafe_reason);
+    assert_converges(&i, &have);
+}
+
+#[test]
+fn image_entries_its_own_filter_matches_are_ignored() {
+    let img = T::new().dir("/etc").file("/etc/hostname", b"img").done();
+    let have = T::new().dir("/etc").file("/etc/hostname", b"mine").done();
+    let plan = run(&image(img, Some("/etc/hostname$")), &have, &[], None);
+    assert!(plan.is_empty(), "{plan:#}");
+}
+
+#[test]
+fn excluded_and_private_paths_are_never_made_or_deleted() {
+    let img = T::new()
+        .dir("/tmp")
+        .file("/tmp/x", b"x")
+        .dir("/.subd")
+        .file("/.subd/evil", b"e")
+        .dir("/var")
+        .dir("/var/lib")
+        .file("/var/lib/patched-image", b"other")
+        .done();
+    let have = T::new().dir("/tmp").dir("/var").dir("/var/lib").done();
+    let plan = run(&image(img, Some("")), &have, &[], Some("/tmp/.*"));
+    assert!(plan.is_empty(), "{plan:#}");
+    assert!(is_protected(&p("/.subd/objects"), None));
+    assert!(!is_protected(&p("/.subdx"), None));
+}
+
+#[test]
+fn directory_holding_filtered_names_is_kept() {
+    let img = T::new().done();
+    let have = T::new()
+        .dir("/d")
+        .file("/d/keep", b"k")
+        .file("/d/x", b"x")
+        .done();
+    let i = image(img, Some("/d/keep$"));
+    let plan = run(&i, &have, &[], None);
+    assert_eq!(paths(&plan.paths_to_delete), ["/d/x"]);
+}
+
+#[test]
+fn type_changes() {
+    // (machine, image) for one path /p, and what the plan must hold.
+    let cases: Vec<(T, T, &str)> = vec![
+        (T::new().file("/p", b"f"), T::new().dir("/p"), "mkdir"),
+        (
+            T::new().dir("/p").file("/p/c", b"c"),
+            T::new().file("/p", b"f"),
+            "inode",
+        ),
+        (T::new().file("/p", b"f"), T::new().sym("/p", "/t"), "inode"),
+        (T::new().sym("/p", "/t"), T::new().file("/p", b"f"), "inode"),
+        (T::new().sym("/p", "/t"), T::new().dir("/p"), "mkdir"),
+        (T::new().dir("/p"), T::new().sym("/p", "/t"), "inode"),
+        (T::new().sym("/p", "/a"), T::new().sym("/p", "/b"), "inode"),
+        (T::new().dev("/p", 1), T::new().dev("/p", 2), "inode"),
+        (T::new().file("/p", b""), T::new().dev("/p", 2), "inode"),
+    ];
+    for (have, want, what) in cases {
+        let (have, want) = (have.done(), want.done());
+        for filter in [None, Some("")] {
+            let i = image(want.clone(), filter);
+            let plan = run(&i, &have, &[], None);
+            match what {
+                "mkdir" => assert_eq!(paths(plan.dirs_to_make.iter().map(|d| &d.path)), ["/p"]),
+                _ => assert_eq!(paths(plan.inodes_to_make.iter().map(|d| &d.path)), ["/p"]),
+            }
+            // a directory replaced by a file takes its subtree: no separate deletion
+            assert!(plan.paths_to_delete.is_empty(), "{plan:#}");
+            assert_converges(&i, &have);
+        }
+    }
+}
+
+#[test]
+fn hardlink_groups_join_without_fetching() {
+    let have = T::new().file("/a", b"same").file("/b", b"same").done();
+    let want = T::new().file("/a", b"same").link("/b", "/a").done();
+    let i = image(want, Some(""));
+    let plan = run(&i, &have, &[], None);
+    assert!(plan.inodes_to_make.is_empty());
+    assert_eq!(plan.hardlinks_to_make.len(), 1);
+    assert_eq!(plan.hardlinks_to_make[0].path, p("/b"));
+    assert_eq!(plan.hardlinks_to_make[0].target, p("/a"));
+    assert!(plan.objects_to_fetch.is_empty());
+    assert_converges(&i, &have);
+}
+
+#[test]
+fn hardlink_groups_split_by_copying_local_content() {
+    let have = T::new().file("/a", b"same").link("/b", "/a").done();
+    let want = T::new().file("/a", b"same").file("/b", b"same").done();
+    let i = image(want, Some(""));
+    let plan = run(&i, &have, &[], None);
+    assert_eq!(paths(plan.inodes_to_make.iter().map(|d| &d.path)), ["/b"]);
+    assert!(plan.objects_to_fetch.is_empty());
+    assert_eq!(plan.files_to_copy_to_cache.len(), 1);
+    assert!(!plan.files_to_copy_to_cache[0].may_link, "/a is kept");
+    assert_converges(&i, &have);
+}
+
+#[test]
+fn metadata_change_never_reaches_a_surviving_foreign_link() {
+    // /f is filtered and shares /a's inode: chmod of /a would change /f, so /a is remade.
+    let have = T::new().file("/a", b"x").link("/f", "/a").done();
+    let want = T::new().file_m("/a", b"x", 0o600).done();
+    let i = image(want, Some("/f$"));
+    let plan = run(&i, &have, &[], None);
+    assert!(plan.inodes_to_change.is_empty(), "{plan:#}");
+    assert_eq!(paths(plan.inodes_to_make.iter().map(|d| &d.path)), ["/a"]);
+    assert_converges(&i, &have);
+}
+
+#[test]
+fn rename_of_identical_content_reuses_the_local_file() {
+    let have = T::new().file("/old", b"content").done();
+    let want = T::new().file("/new", b"content").done();
+    let i = image(want, Some(""));
+    let plan = run(&i, &have, &[], None);
+    assert!(plan.objects_to_fetch.is_empty());
+    assert_eq!(plan.files_to_copy_to_cache.len(), 1);
+    assert_eq!(plan.files_to_copy_to_cache[0].path, p("/old"));
+    assert!(plan.files_to_copy_to_cache[0].may_link);
+    assert_eq!(paths(&plan.paths_to_delete), ["/old"]);
+    assert_converges(&i, &have);
+}
+
+#[test]
+fn cached_objects_are_not_fetched_and_duplicates_fetched_once() {
+    let have = T::new().done();
+    let want = T::new()
+        .file("/a", b"one")
+        .file("/b", b"one")
+        .file("/c", b"two")
+        .done();
+    let plan = run(&image(want, None), &have, &[ObjectId::of(b"two")], None);
+    assert_eq!(plan.objects_to_fetch, [ObjectId::of(b"one")]);
+    assert_eq!(object_uses(&plan)[&ObjectId::of(b"one")], 2);
+}
+
+#[test]
+fn metadata_changes_setuid_owner_mtime() {
+    let have = T::new()
+        .dir("/bin")
+        .file("/bin/su", b"su")
+        .file("/bin/ls", b"ls")
+        .file("/bin/own", b"o")
+        .dev("/bin/dev", 7)
+        .done();
+    let want = T::new()
+        .dir("/bin")
+        .file_m("/bin/su", b"su", 0o4755)
+        .file("/bin/ls", b"ls")
+        .with("/bin/ls", |i| i.mtime = Mtime { sec: 1, nsec: 0 })
+        .file("/bin/own", b"o")
+        .with("/bin/own", |i| i.uid = 33)
+        .dev("/bin/dev", 7)
+        .with("/bin/dev", |i| i.mode = 0o666)
+        .with("/", |i| i.mode = 0o700)
+        .done();
+    let i = image(want, None);
+    let plan = run(&i, &have, &[], None);
+    let changes: Vec<(String, bool)> = plan
+        .inodes_to_change
+        .iter()
+        .map(|c| (c.path.display(), c.mtime_only))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("/".to_string(), false),
+            ("/bin/dev".to_string(), false),
+            ("/bin/ls".to_string(), true),
+            ("/bin/own".to_string(), false),
+            ("/bin/su".to_string(), false),
+        ]
+    );
+    assert!(plan.inodes_to_make.is_empty());
+    let touched = paths(&plan.touched_paths());
+    assert!(
+        !touched.contains(&"/bin/ls".to_string()),
+        "mtime-only fires nothing"
+    );
+    assert_converges(&i, &have);
+}
+
+#[test]
+fn empty_files_need_no_object() {
+    let plan = run(
+        &image(T::new().file("/e", b"").done(), None),
+        &T::new().done(),
+        &[],
+        None,
+    );
+    assert_eq!(plan.inodes_to_make.len(), 1);
+    assert!(plan.objects_to_fetch.is_empty() && plan.files_to_copy_to_cache.is_empty());
+}
+
+#[test]
+fn safety_check() {
+    let mut big = T::new();
+    for n in 0..10 {
+        big = big.file(&format!("/f{n}"), format!("{n}").as_bytes());
+    }
+    let big = big.done();
+    let tiny = T::new().file("/f0", b"0").done();
+    let plan = run(&image(tiny.clone(), Some("")), &big, &[], None);
+    assert!(
+        plan.unsafe_reason
+            .as_deref()
+            .unwrap()
+            .contains("would delete 9"),
+        "{:?}",
+        plan.unsafe_reason
+    );
+    let cache = BTreeSet::new();
+    let ok = diff(
+        "img",
+        &image(tiny.clone(), Some("")),
+        &Machine {
+            tree: &big,
+            object_cache: &cache,
+            exclusions: None,
+        },
+        &DiffOptions { allow_unsafe: true },
+    );
+    assert!(ok.unsafe_reason.is_none());
+    assert_eq!(ok.paths_to_delete.len(), 9);
+    // sparse images never delete, so are never unsafe
+    assert!(run(&image(tiny, None), &big, &[], None)
+        .unsafe_reason
+        .is_none());
+    // fewer than half as many inodes, without mass deletion: all names are links
+    let mut linked = T::new().file("/a", b"a");
+    for n in 0..6 {
+        linked = linked.file(&format!("/x{n}"), b"a");
+    }
+    let want = {
+        let mut w = T::new().file("/a", b"a");
+        for n in 0..6 {
+            w = w.link(&format!("/x{n}"), "/a");
+        }
+        w.done()
+    };
+    let plan = run(&image(want, Some("")), &linked.done(), &[], None);
+    assert!(
+        plan.unsafe_reason
+            .as_deref()
+            .unwrap()
+            .contains("fewer than half"),
+        "{:?}",
+        plan.unsafe_reason
+    );
+}
+
+#[test]
+fn summary_counts_and_triggers() {
+    let want = T::new().dir("/etc").file("/etc/ssh", b"conf").done();
+    let mut i = image(want, Some(""));
+    i.triggers = Triggers::parse(
+        r#"[{"MatchLines":["/etc/ssh"],"Service":"sshd"},{"MatchLines":["/boot"],"Service":"k","DoReboot":true}]"#,
+        "t",
+    )
+    .unwrap();
+    let have = T::new().dir("/etc").file("/old", b"o").done();
+    let plan = run(&i, &have, &[], None);
+    let s = plan.summary();
+    assert_eq!((s.to_add, s.to_delete, s.objects_to_fetch), (1, 1, 1));
+    assert_eq!(s.services, ["sshd"]);
+    assert!(!s.reboot);
+    let text = format!("{plan:#}");
+    assert!(text.contains("triggers: sshd"), "{text}");
+    assert!(text.contains("+ -rw-r--r-- /etc/ssh"), "{text}");
+    assert!(text.contains("- /old"), "{text}");
+}
+
+// ---- property: one update converges ----
+
+pub(crate) fn arb_tree() -> impl Strategy<Value = FileTree> {
+    // Up to 10 names drawn from a small pool, so trees overlap a lot.
+    let names = prop::sample::select(vec!["/a", "/b", "/c", "/a/x", "/a/y", "/b/x", "/c/z"]);
+    let kind = 0u8..7;
+    let content = prop::sample::select(vec![&b""[..], b"1", b"2", b"3"]);
+    let mode = prop::sample::select(vec![0o644u32, 0o4755, 0o600]);
+    prop::collection::vec((names, kind, content, mode, 0u32..2), 0..10).prop_map(|items| {
+        let mut t = T::new();
+        for (name, kind, content, mode, uid) in items {
+            if t.tree.entries.contains_key(&p(name)) {
+                continue;
+            }
+            let path = p(name);
+            // parents must exist and be directories
+            if path
+                .parent()
+                .and_then(|d| t.tree.get(&d).cloned())
+                .is_none_or(|i| i.kind != Kind::Dir)
+            {
+                continue;
+            }
+            t = match kind {
+                0 | 1 => t.dir(name),
+                2 | 3 => t.file_m(name, content, mode),
+                4 => t.sym(name, "/a"),
+                5 => t.dev(name, mode as u64),
+                _ => {
+                    // a hardlink to some existing non-directory
+                    let existing = t
+                        .tree
+                        .entries
+                        .iter()
+                        .find(|(_, i)| t.tree.inodes[i].kind != Kind::Dir)
+                        .map(|(q, _)| q.display());
+                    match existing {
+                        Some(q) => t.link(name, &q),
+                        None => t.file(name, content),
+                    }
+                }
+            };
+            if uid == 1 {
+                t = t.with(name, |i| i.uid = 7);
+            }
+        }
+        t.done()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+    #[test]
+    fn one_update_converges(a in arb_tree(), b in arb_tree(), full in any::<bool>()) {
+        let img = image(b, full.then_some(""));
+        let cache = BTreeSet::new();
+        let m = Machine { tree: &a, object_cache: &cache, exclusions: None };
+        let plan = diff("img", &img, &m, &DiffOptions { allow_unsafe: true });
+        let after = simulate(&a, &plan);
+        let m2 = Machine { tree: &after, object_cache: &cache, exclusions: None };
+        let again = diff("img", &img, &m2, &DiffOptions { allow_unsafe: true });
+        prop_assert!(again.is_empty(), "plan {plan:#} second {again:#}");
+        if full {
+            // the result is the image, inode for inode up to numbering
+            prop_assert_eq!(after.entries.len(), img.tree.entries.len());
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! Fetching objects from an imageserver into a local `ObjectStore` (subd's Fetch and
+//! `patch-directory`): `ObjectServer.GetObjects` in batches, each reply streamed through a
+//! small bounded channel into a blocking writer that verifies every object's length and
+//! SHA-512 before it is kept. A mismatching object is discarded and reported; a truncated
+//! reply keeps the whole objects before the cut; a full disk is reported as such.
+
+use crate::client::{ClientError, ImageServerClient};
+use crate::hash::ObjectId;
+use crate::objectstore::{ObjectStore, StoreError};
+use futures_util::StreamExt;
+use std::collections::HashSet;
+use std::io::{self, Read};
+use std::time::{Duration, Instant};
+
+/// How to fetch.
+#[derive(Clone, Debug)]
+pub struct FetchOptions {
+    /// Objects asked for per request.
+    pub batch_objects: usize,
+    /// Cap on the transfer rate; `None` = unlimited.
+    pub bytes_per_second: Option<u64>,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            batch_objects: 1000,
+            bytes_per_second: None,
+        }
+    }
+}
+
+/// What a fetch did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FetchStats {
+    /// `GetObjects` requests made.
+    pub requests: u64,
+    /// Objects newly stored.
+    pub objects: u64,
+    /// Bytes of the objects newly stored.
+    pub bytes: u64,
+    /// Objects skipped because the store already held them.
+    pub already_present: u64,
+}
+
+/// Why a fetch did not bring every object.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error(
+        "object cache {dir}: no space left on device (stored {stored} objects before it filled)"
+    )]
+    DiskFull { dir: String, stored: u64 },
+    #[error(
+        "{count} fetched objects failed SHA-512 verification and were discarded (first {first})"
+    )]
+    Mismatch { count: usize, first: Box<ObjectId> },
+    #[error("reply truncated: {0}")]
+    Truncated(String),
+    #[error("server sent an object that was not asked for: {0}")]
+    Unexpected(Box<ObjectId>),
+    #[error("server did not send {count} of the objects asked for (first {first})")]
+    Missing { count: usize, first: Box<ObjectId> },
+    #[error("object cache: {0}")]
+    Store(StoreError),
+}
+
+impl FetchError {
+    /// True when the local disk filled up.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, FetchError::DiskFull { .. })
+    }
+}
+
+/// Reads the chunks of a reply as they arrive (blocking side of the channel).
+struct ChunkReader {
+    rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, String>>,
+    cur: bytes::Bytes,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                None => return Ok(0),
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(io::Error::new(io::ErrorKind::ConnectionAborted, e)),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        let _ = self.cur.split_to(n);
+        Ok(n)
+    }
+}
+
+/// Outcome of writing one reply.
+struct BatchOutcome {
+    stored: u64,
+    bytes: u64,
+    received: HashSet<ObjectId>,
+    mismatched: Vec<ObjectId>,
+    error: Option<FetchError>,
+}
+
+fn no_space(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
+}
+
+/// Parses frames from `r` into `store`, verifying each; commits what verified.
+fn write_frames(mut r: impl Read, store: &ObjectStore, wanted: &HashSet<ObjectId>) -> BatchOutcome {
+    let mut out = BatchOutcome {
+        stored: 0,
+        bytes: 0,
+        received: HashSet::new(),
+        mismatched: Vec::new(),
+        error: None,
+    };
+    let mut pending = Vec::new();
+    let dir = store.dir().display().to_string();
+    loop {
+        let (id, len) = match crate::frame::read_header(&mut r) {
+            Ok(None) => break,
+            Ok(Some(h)) => h,
+            Err(e) => {
+                out.error = Some(FetchError::Truncated(e.to_string()));
+                break;
+            }
+        };
+        if !wanted.contains(&id) {
+            out.error = Some(FetchError::Unexpected(Box::new(id)));
+            break;
+        }
+        out.received.insert(id);
+        let mut w = match store.writer(id, len) {
+            Ok(w) => w,
+            Err(e) if e.is_no_space() => {
+                out.error = Some(FetchError::DiskFull {
+                    dir: dir.clone(),
+                    stored: 0,
+                });
+                break;
+            }
+            Err(e) => {
+                out.error = Some(FetchError::Store(e));
+                break;
+            }
+        };
+        match io::copy(&mut (&mut r).take(len), &mut w) {
+            Ok(n) if n == len => {}
+            Ok(n) => {
+                out.error = Some(FetchError::Truncated(format!(
+                    "object {id}: got {n} of {len} bytes"
+                )));
+                break;
+            }
+            Err(e) if no_space(&e) => {
+                out.error = Some(FetchError::DiskFull {
+                    dir: dir.clone(),
+                    stored: 0,
+                });
+                break;
+            }
+            Err(e) => {
+                out.error = Some(FetchError::Truncated(format!("object {id}: {e}")));
+                break;
+            }
+        }
+        match w.finish() {
+            Ok(p) => {
+                out.bytes += p.len;
+                pending.push(p);
+            }
+            Err(StoreError::HashMismatch { .. }) => {
+                tracing::warn!("fetched object {id} does not match its SHA-512: discarded");
+                out.mismatched.push(id);
+            }
+            Err(e) => {
+                out.error = Some(FetchError::Store(e));
+                break;
+            }
+        }
+    }
+    match store.commit(pending) {
+        Ok(n) => out.stored = n as u64,
+        Err(e) if e.is_no_space() => {
+            out.error
+                .get_or_insert(FetchError::DiskFull { dir, stored: 0 });
+        }
+        Err(e) => {
+            out.error.get_or_insert(FetchError::Store(e));
+        }
+    }
+    if let Some(FetchError::DiskFull { stored, .. }) = &mut out.error {
+        *stored = out.stored;
+    }
+    out
+}
+
+/// Fetches `hashes` (those the store lacks) from `client` into `store`.
+pub async fn fetch_objects(
+    client: &ImageServerClient,
+    store: &ObjectStore,
+    hashes: &[ObjectId],
+    opts: &FetchOptions,
+) -> Result<FetchStats, FetchError> {
+    let mut stats = FetchStats::default();
+    let mut seen = HashSet::new();
+    let mut todo = Vec::new();
+    for h in hashes {
+        if !seen.insert(*h) {
+            continue;
+        }
+        if store.contains(h) {
+            stats.already_present += 1;
+        } else {
+            todo.push(*h);
+        }
+    }
+    let started = Instant::now();
+    let mut transferred: u64 = 0;
+    let mut mismatched: Vec<ObjectId> = Vec::new();
+    for batch in todo.chunks(opts.batch_objects.max(1)) {
+        stats.requests += 1;
+        let resp = client.get_objects(batch).await?;
+        let wanted: HashSet<ObjectId> = batch.iter().copied().collect();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let st = store.clone();
+        let w = wanted.clone();
+        let writer = tokio::task::spawn_blocking(move || {
+            write_frames(
+                ChunkReader {
+                    rx,
+                    cur: bytes::Bytes::new(),
+                },
+                &st,
+                &w,
+            )
+        });
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let item = chunk.map_err(|e| e.to_string());
+            let failed = item.is_err();
+            if let Ok(b) = &item {
+                transferred += b.len() as u64;
+            }
+            if tx.send(item).await.is_err() || failed {
+                break; // the writer stopped (disk full, bad frame) or the connection broke
+            }
+            if let Some(rate) = opts.bytes_per_second.filter(|r| *r > 0) {
+                let due = Duration::from_secs_f64(transferred as f64 / rate as f64);
+                let spent = started.elapsed();
+                if due > spent {
+                    tokio::time::sleep(due - spent).await;
+                }
+            }
+        }
+        drop(tx);
+        let out = writer
+            .await
+            .map_err(|e| FetchError::Truncated(format!("writer failed: {e}")))?;
+        stats.objects += out.stored;
+        stats.bytes += out.bytes;
+        mismatched.extend(out.mismatched);
+        if let Some(e) = out.error {
+            return Err(e);
+        }
+        let missing: Vec<&ObjectId> = batch.iter().filter(|h| !out.received.contains(h)).collect();
+        if let Some(first) = missing.first() {
+            return Err(FetchError::Missing {
+                count: missing.len(),
+                first: Box::new(**first),
+            });
+        }
+    }
+    if let Some(first) = mismatched.first() {
+        return Err(FetchError::Mismatch {
+            count: mismatched.len(),
+            first: Box::new(*first),
+        });
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::header;
+
+    fn body(objs: &[(&ObjectId, &[u8])]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for (id, data) in objs {
+            v.extend_from_slice(&header(id, data.len() as u64));
+            v.extend_from_slice(data);
+        }
+        v
+    }
+
+    #[test]
+    fn frames_are_verified_and_bad_ones_discarded() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ObjectStore::open(d.path()).unwrap();
+        let (a, b, c) = (
+            ObjectId::of(b"aaa"),
+            ObjectId::of(b"bbb"),
+            ObjectId::of(b"ccc"),
+        );
+        let wanted: HashSet<ObjectId> = [a, b, c].into_iter().collect();
+        // b's bytes are wrong; c is cut short
+        let mut v = body(&[(&a, b"aaa"), (&b, b"BBB"), (&c, b"ccc")]);
+        v.truncate(v.len() - 1);
+        let out = write_frames(&v[..], &s, &wanted);
+        assert_eq!(out.stored, 1);
+        assert_eq!(out.mismatched, [b]);
+        assert!(
+            matches!(out.error, Some(FetchError::Truncated(_))),
+            "{:?}",
+            out.error.map(|e| e.to_string())
+        );
+        assert!(s.contains(&a) && !s.contains(&b) && !s.contains(&c));
+        // an object nobody asked for stops the reply
+        let x = ObjectId::of(b"x");
+        let out = write_frames(&body(&[(&x, b"x")])[..], &s, &wanted);
+        assert!(matches!(out.error, Some(FetchError::Unexpected(_))));
+        assert!(!s.contains(&x));
+    }
+}

@@ -1,0 +1,137 @@
+//! `patch_directory`: make a local directory match an image without a subd — get the image,
+//! scan the directory, diff, fetch the missing objects into `DIR/.subd/objects` (same
+//! file-system, so activation is a rename), apply. The same diff and apply code subd uses;
+//! `imagetool patch-directory NAME DIR` is a thin wrapper.
+
+use crate::api::UpdateResult;
+use crate::apply::{apply, state_dir_of, ApplyOptions};
+use crate::client::{ClientError, ImageServerClient};
+use crate::diff::{diff, DiffOptions, Machine};
+use crate::fetch::{fetch_objects, FetchError, FetchOptions, FetchStats};
+use crate::objectstore::{ObjectStore, StoreError};
+use crate::plan::UpdatePlan;
+use crate::scan::{scan, ScanError, ScanOptions};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// How to patch.
+#[derive(Clone, Debug, Default)]
+pub struct PatchOptions {
+    /// Apply even when the safety check refuses (mass deletion).
+    pub allow_unsafe: bool,
+    /// Exclusions, trigger commands (none by default: triggers are listed, not run).
+    pub apply: ApplyOptions,
+    pub fetch: FetchOptions,
+    /// Hashing threads for the scan; 0 = one per CPU.
+    pub scan_threads: usize,
+}
+
+/// What a patch did.
+#[derive(Clone, Debug)]
+pub struct PatchReport {
+    pub plan: UpdatePlan,
+    pub fetch: FetchStats,
+    pub result: UpdateResult,
+}
+
+impl PatchReport {
+    /// True when every step succeeded (trigger failures included).
+    pub fn succeeded(&self) -> bool {
+        self.result.errors.is_empty() && self.result.trigger_failures.is_empty()
+    }
+}
+
+/// Why a patch could not be applied at all.
+#[derive(Debug, thiserror::Error)]
+pub enum PatchError {
+    #[error("getting image {name}: {source}")]
+    Image { name: String, source: ClientError },
+    #[error("{path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("scanning: {0}")]
+    Scan(#[from] ScanError),
+    #[error("object cache: {0}")]
+    Store(#[from] StoreError),
+    #[error("refusing unsafe update: {0} (pass --allow-unsafe to override)")]
+    Unsafe(String),
+    #[error("fetching objects: {0}")]
+    Fetch(#[from] FetchError),
+    #[error("internal: {0}")]
+    Join(String),
+}
+
+/// Makes `dir` (created if missing) match image `image_name` from `client`.
+pub async fn patch_directory(
+    client: &ImageServerClient,
+    image_name: &str,
+    dir: &Path,
+    options: &PatchOptions,
+) -> Result<PatchReport, PatchError> {
+    let image = client
+        .get_image(image_name)
+        .await
+        .map_err(|source| PatchError::Image {
+            name: image_name.to_string(),
+            source,
+        })?;
+    let state = state_dir_of(dir);
+    std::fs::create_dir_all(&state).map_err(|source| PatchError::Dir {
+        path: state.clone(),
+        source,
+    })?;
+    let objects_dir = state.join("objects");
+    let (tree, store) = {
+        let dir = dir.to_path_buf();
+        let opts = ScanOptions {
+            exclude: options.apply.exclusions.clone(),
+            threads: options.scan_threads,
+            ..Default::default()
+        };
+        tokio::task::spawn_blocking(move || -> Result<_, PatchError> {
+            let store = ObjectStore::open(&objects_dir)?;
+            Ok((scan(&dir, &opts)?, store))
+        })
+        .await
+        .map_err(|e| PatchError::Join(e.to_string()))??
+    };
+    let cache: BTreeSet<_> = {
+        let st = store.clone();
+        tokio::task::spawn_blocking(move || st.list())
+            .await
+            .map_err(|e| PatchError::Join(e.to_string()))??
+            .into_iter()
+            .map(|(h, _)| h)
+            .collect()
+    };
+    let plan = diff(
+        image_name,
+        &image,
+        &Machine {
+            tree: &tree,
+            object_cache: &cache,
+            exclusions: options.apply.exclusions.as_ref(),
+        },
+        &DiffOptions {
+            allow_unsafe: options.allow_unsafe,
+        },
+    );
+    drop(tree);
+    if let Some(r) = &plan.unsafe_reason {
+        return Err(PatchError::Unsafe(r.clone()));
+    }
+    let fetch = fetch_objects(client, &store, &plan.objects_to_fetch, &options.fetch).await?;
+    let result = {
+        let (dir, plan, opts) = (dir.to_path_buf(), plan.clone(), options.apply.clone());
+        tokio::task::spawn_blocking(move || apply(&dir, &state, &plan, &opts))
+            .await
+            .map_err(|e| PatchError::Join(e.to_string()))?
+    };
+    Ok(PatchReport {
+        plan,
+        fetch,
+        result,
+    })
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace on a fresh machine: installs what the tests need
+# (headless Chromium for the status-page screenshot test), builds all binaries (the
+# end-to-end tests start the real imageserver, subd, dominator, imagetool and mdb), then
+# runs the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "[test] installing ${need[*]}" >&2
+        apt-get update -qq >/dev/null 2>&1 || true
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    else
+        echo "[test] WARNING: ${need[*]} missing and cannot be installed (not root): browser tests will fail" >&2
+    fi
+fi
+
+cargo build --workspace --bins
+cargo test --workspace "$@"

@@ -1,0 +1,114 @@
+//! The background scanner: an endless loop that walks the root (never crossing mount
+//! points, skipping `/.subd` and the exclusions), SHA-512s every regular file on every pass
+//! (no mtime shortcut), lists the object cache, and raises the generation when a finished
+//! pass differs from the last. Passes start at least `min_scan_interval` apart. The first
+//! pass (and the pass after a fetch, update or cleanup) runs unthrottled on all CPUs; the
+//! others run on one thread at nice 15, with a tranquilizer that sleeps in proportion to
+//! the work done, so the scan uses at most `min(cpu_percent, scan_speed_percent)` of the
+//! time. A pass that overlaps an update is discarded.
+
+use crate::{now_secs, Subd};
+use model::scan::{scan, ScanOptions, Throttle};
+use model::ObjectId;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A throttle that sleeps `work × (100 − percent) / percent` after each chunk.
+pub fn tranquilizer(percent: u32) -> Throttle {
+    let percent = percent.clamp(1, 100) as f64;
+    let last = Arc::new(Mutex::new(Instant::now()));
+    Arc::new(move |_bytes: u64| {
+        let mut l = last.lock().unwrap();
+        let work = l.elapsed();
+        let pause = work.mul_f64((100.0 - percent) / percent);
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
+        *l = Instant::now();
+    })
+}
+
+/// Runs until `subd.stop` is set.
+pub fn run(subd: &Subd) {
+    let cfg = &subd.config;
+    let percent = cfg.cpu_percent.min(cfg.scan_speed_percent);
+    let mut niced = false;
+    while !subd.stop.load(Ordering::SeqCst) {
+        let started = Instant::now();
+        let epoch = subd.epoch.load(Ordering::SeqCst);
+        let (first, boost, updating) = {
+            let mut st = subd.status.lock().unwrap();
+            let b = st.boost;
+            st.boost = false;
+            (st.generation == 0, b, st.update_in_progress)
+        };
+        if updating {
+            wait(subd, Duration::from_millis(50));
+            continue;
+        }
+        let throttled = !first && !boost && percent < 100;
+        let opts = ScanOptions {
+            exclude: Some(subd.exclusions.clone()),
+            threads: if throttled { 1 } else { 0 },
+            throttle: throttled.then(|| tranquilizer(percent)),
+            cancel: Some(subd.stop.clone()),
+        };
+        let tree = scan(&cfg.root, &opts);
+        let cache = subd.store.list();
+        let (tree, cache) = match (tree, cache) {
+            (Ok(t), Ok(c)) => (t, c),
+            (Err(model::scan::ScanError::Cancelled), _) => break,
+            (Err(e), _) => {
+                tracing::error!("scan: {e}");
+                wait(subd, Duration::from_secs(5));
+                continue;
+            }
+            (_, Err(e)) => {
+                tracing::error!("listing object cache: {e}");
+                wait(subd, Duration::from_secs(5));
+                continue;
+            }
+        };
+        let mut ids: Vec<ObjectId> = cache.into_iter().map(|(h, _)| h).collect();
+        ids.sort();
+        {
+            let mut st = subd.status.lock().unwrap();
+            if st.update_in_progress || subd.epoch.load(Ordering::SeqCst) != epoch {
+                continue; // the tree changed under us: scan again
+            }
+            let changed = st.generation == 0
+                || st.tree.as_deref() != Some(&tree)
+                || st.object_cache.as_deref() != Some(&ids);
+            if changed {
+                st.generation += 1;
+                st.tree = Some(Arc::new(tree));
+                st.object_cache = Some(Arc::new(ids));
+            }
+            st.scan_count += 1;
+            st.last_scan_time = now_secs();
+            st.last_scan_duration_ms = started.elapsed().as_millis() as u64;
+        }
+        if !niced && percent < 100 {
+            // Linux: applies to this thread; hashing threads it creates inherit it.
+            if let Err(e) = rustix::process::setpriority_process(None, 15) {
+                tracing::warn!("cannot lower scanner priority: {e}");
+            }
+            niced = true;
+        }
+        let elapsed = started.elapsed();
+        if elapsed < cfg.min_scan_interval {
+            wait(subd, cfg.min_scan_interval - elapsed);
+        }
+    }
+}
+
+/// Sleeps up to `d`, waking early when asked (stop or boost).
+fn wait(subd: &Subd, d: Duration) {
+    let (m, c) = &subd.wake;
+    let mut woken = m.lock().unwrap();
+    if !*woken {
+        woken = c.wait_timeout(woken, d).unwrap().0;
+    }
+    *woken = false;
+}

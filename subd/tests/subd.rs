@@ -1,0 +1,410 @@
+//! A real subd on 127.0.0.1:0 with a temp directory as root, driven through `SubdClient`;
+//! plans computed with the shared diff from what Poll returns. Objects are put straight
+//! into the subd's cache here (fetching from a real imageserver is in `fleet.rs`).
+
+use model::api::{PollRequest, PollResponse, UpdateRequest};
+use model::client::{ClientSecurity, SubdClient};
+use model::diff::{diff, DiffOptions, Machine};
+use model::image::{FileTree, Image, Inode, Mtime};
+use model::objectstore::ObjectStore;
+use model::plan::{PathInode, UpdatePlan};
+use model::{Filter, FsPath, ObjectId, Triggers};
+use std::collections::BTreeSet;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use subd::{Config, Subd};
+
+struct Running {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    base: PathBuf,
+    client: SubdClient,
+    subd: Arc<Subd>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.subd.shutdown();
+    }
+}
+
+async fn start_with(prepare: impl FnOnce(&Path, &Path) -> Config) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let config = prepare(&root, dir.path());
+    let subd = Subd::start(config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(subd::serve(listener, subd.clone(), async {
+        let _ = rx.await;
+    }));
+    let client = SubdClient::new(
+        &addr.to_string(),
+        &ClientSecurity::Insecure,
+        Some(Duration::from_secs(30)),
+    )
+    .unwrap();
+    Running {
+        base: dir.path().to_path_buf(),
+        _dir: dir,
+        root,
+        client,
+        subd,
+        stop: Some(tx),
+    }
+}
+
+async fn start() -> Running {
+    start_with(|root, _| Config::new(root)).await
+}
+
+/// Polls until the generation passes `after` and the tree is present.
+async fn poll_after(r: &Running, after: u64) -> PollResponse {
+    let t0 = Instant::now();
+    loop {
+        let p = r
+            .client
+            .poll(&PollRequest {
+                have_generation: after,
+                short_only: false,
+            })
+            .await
+            .unwrap();
+        if p.generation > after && p.tree.is_some() {
+            return p;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "generation stuck at {}",
+            p.generation
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn p(s: &str) -> FsPath {
+    s.parse().unwrap()
+}
+
+const M: Mtime = Mtime {
+    sec: 1_650_000_000,
+    nsec: 7,
+};
+
+fn plan_for(img: &Image, poll: &PollResponse) -> UpdatePlan {
+    let cache: BTreeSet<ObjectId> = poll.object_cache.clone().unwrap().into_iter().collect();
+    let excl = Filter::from_lines(poll.exclusions.clone()).unwrap();
+    diff(
+        "app/1",
+        img,
+        &Machine {
+            tree: poll.tree.as_ref().unwrap(),
+            object_cache: &cache,
+            exclusions: Some(&excl),
+        },
+        &DiffOptions::default(),
+    )
+}
+
+/// A sparse image with /etc/app.conf (content `conf`) and a setuid /bin/tool.
+fn app_image(conf: &[u8]) -> (Image, Vec<Vec<u8>>) {
+    let mut t = FileTree::with_root(Inode::dir(0o755, 0, 0));
+    t.inodes.insert(1, Inode::dir(0o755, 0, 0));
+    t.entries.insert(p("/etc"), 1);
+    t.inodes.insert(
+        2,
+        Inode::file(0o644, 0, 0, M, conf.len() as u64, Some(ObjectId::of(conf))),
+    );
+    t.entries.insert(p("/etc/app.conf"), 2);
+    t.inodes.insert(3, Inode::dir(0o755, 0, 0));
+    t.entries.insert(p("/bin"), 3);
+    t.inodes.insert(
+        4,
+        Inode::file(0o4755, 0, 0, M, 4, Some(ObjectId::of(b"tool"))),
+    );
+    t.entries.insert(p("/bin/tool"), 4);
+    (
+        Image::new(t, None, Triggers::default()),
+        vec![conf.to_vec(), b"tool".to_vec()],
+    )
+}
+
+fn put_objects(r: &Running, objs: &[Vec<u8>]) {
+    let store = ObjectStore::open(&r.root.join(".subd/objects")).unwrap();
+    for o in objs {
+        store.put(o).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn poll_reports_generations_and_sends_the_tree_only_when_it_changed() {
+    let r = start().await;
+    std::fs::write(r.root.join("a"), b"1").unwrap();
+    let p1 = poll_after(&r, 0).await;
+    assert!(p1.generation >= 1);
+    assert!(p1.exclusions.iter().any(|e| e == "/tmp/.*"));
+    let same = r
+        .client
+        .poll(&PollRequest {
+            have_generation: p1.generation,
+            short_only: false,
+        })
+        .await
+        .unwrap();
+    if same.generation == p1.generation {
+        assert!(same.tree.is_none(), "tree sent though the caller has it");
+    }
+    let short = r
+        .client
+        .poll(&PollRequest {
+            have_generation: 0,
+            short_only: true,
+        })
+        .await
+        .unwrap();
+    assert!(short.tree.is_none());
+    // content change without a size or mtime change is still seen (no mtime shortcut)
+    let mtime = std::fs::metadata(r.root.join("a"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    std::fs::write(r.root.join("a"), b"2").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(r.root.join("a"))
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let p2 = poll_after(&r, p1.generation).await;
+    let ino = p2.tree.as_ref().unwrap().get(&p("/a")).unwrap();
+    assert_eq!(ino.hash, Some(ObjectId::of(b"2")));
+    // .subd is never reported
+    assert!(p2.tree.as_ref().unwrap().get(&p("/.subd")).is_none());
+    // status page and metrics
+    let page = r.client.rpc.get_text("/").await.unwrap();
+    assert!(
+        page.contains("generation") && page.contains("INSECURE MODE"),
+        "{page}"
+    );
+    let m = r.client.rpc.get_text("/metrics").await.unwrap();
+    assert!(
+        m.contains(&format!("subd_generation {}", p2.generation)) || m.contains("subd_generation"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn sparse_update_applies_and_drift_is_corrected() {
+    let r = start().await;
+    std::fs::write(r.root.join("other"), b"mine").unwrap();
+    let other_ino = std::fs::metadata(r.root.join("other")).unwrap().ino();
+    let (img, objs) = app_image(b"v1");
+    put_objects(&r, &objs);
+    let poll = poll_after(&r, 0).await;
+    let poll = if poll.object_cache.as_ref().unwrap().len() < 2 {
+        poll_after(&r, poll.generation).await
+    } else {
+        poll
+    };
+    let plan = plan_for(&img, &poll);
+    assert!(plan.objects_to_fetch.is_empty(), "{plan:#}");
+    let resp = r
+        .client
+        .update(&UpdateRequest { plan, wait: true })
+        .await
+        .unwrap();
+    let res = resp.result.unwrap();
+    assert!(res.errors.is_empty(), "{res:?}");
+    assert_eq!(std::fs::read(r.root.join("etc/app.conf")).unwrap(), b"v1");
+    assert_eq!(
+        std::fs::metadata(r.root.join("bin/tool")).unwrap().mode() & 0o7777,
+        0o4755
+    );
+    assert_eq!(
+        std::fs::metadata(r.root.join("other")).unwrap().ino(),
+        other_ino
+    );
+    // the next scan shows nothing left to do
+    let after = poll_after(&r, poll.generation).await;
+    assert!(
+        plan_for(&img, &after).is_empty(),
+        "{:#}",
+        plan_for(&img, &after)
+    );
+    assert_eq!(after.last_image.as_deref(), Some("app/1"));
+    // drift: mode and content; the cache no longer holds v1 (renamed into place)
+    std::fs::set_permissions(
+        r.root.join("bin/tool"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(r.root.join("etc/app.conf"), b"edited").unwrap();
+    let drifted = poll_after(&r, after.generation).await;
+    let plan = plan_for(&img, &drifted);
+    assert_eq!(plan.objects_to_fetch, [ObjectId::of(b"v1")], "{plan:#}");
+    put_objects(&r, &objs[..1]);
+    let again = poll_after(&r, drifted.generation).await;
+    let plan = plan_for(&img, &again);
+    let res = r
+        .client
+        .update(&UpdateRequest { plan, wait: true })
+        .await
+        .unwrap()
+        .result
+        .unwrap();
+    assert!(res.errors.is_empty(), "{res:?}");
+    assert_eq!(std::fs::read(r.root.join("etc/app.conf")).unwrap(), b"v1");
+    assert_eq!(
+        std::fs::metadata(r.root.join("bin/tool")).unwrap().mode() & 0o7777,
+        0o4755
+    );
+    // restart loses nothing: a new subd on the same root remembers the last image and update
+    drop(r.subd.clone());
+    let s2 = Subd::start(Config::new(&r.root)).unwrap();
+    assert_eq!(
+        s2.status.lock().unwrap().last_image.as_deref(),
+        Some("app/1")
+    );
+    assert!(s2.status.lock().unwrap().last_update.is_some());
+    s2.shutdown();
+}
+
+#[tokio::test]
+async fn bad_plans_are_refused_or_reported() {
+    let r = start().await;
+    let outside = r.base.join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, r.root.join("escape")).unwrap();
+    let poll = poll_after(&r, 0).await;
+    let evil = Inode::file(0o777, 0, 0, M, 0, None);
+    let plan = UpdatePlan {
+        image_name: "evil/1".into(),
+        sparse: true,
+        inodes_to_make: vec![
+            PathInode {
+                path: p("/escape/owned"),
+                inode: evil.clone(),
+            },
+            PathInode {
+                path: p("/.subd/objects/x"),
+                inode: evil.clone(),
+            },
+            PathInode {
+                path: p("/tmp/x"),
+                inode: evil,
+            },
+        ],
+        ..UpdatePlan::default()
+    };
+    let res = r
+        .client
+        .update(&UpdateRequest { plan, wait: true })
+        .await
+        .unwrap()
+        .result
+        .unwrap();
+    assert_eq!(res.errors.len(), 3, "{res:?}");
+    assert!(!outside.join("owned").exists());
+    // not valid paths at all: 400 with one line
+    let raw = r
+        .client
+        .rpc
+        .call::<_, serde_json::Value>(
+            "Subd.Update",
+            &serde_json::json!({"plan": {"image_name": "x", "sparse": true, "paths_to_delete": ["/a/../../etc"]}}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(raw.status(), Some(400), "{raw}");
+    assert!(raw.to_string().contains("`.` or `..`"), "{raw}");
+    // an unsafe plan is refused
+    let plan = UpdatePlan {
+        unsafe_reason: Some("would delete everything".into()),
+        ..UpdatePlan::default()
+    };
+    let e = r
+        .client
+        .update(&UpdateRequest { plan, wait: true })
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400));
+    let _ = poll;
+}
+
+#[tokio::test]
+async fn triggers_run_around_the_change_and_a_second_update_is_refused_meanwhile() {
+    let r = start_with(|root, base| {
+        let log = base.join("log");
+        let script = base.join("svc.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n[ \"$2\" = stop ] && sleep 1\necho \"$1 $2 $(cat {}/etc/app.conf)\" >> {}\n",
+                root.display(),
+                log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Config { service_command: vec![script.display().to_string()], ..Config::new(root) }
+    })
+    .await;
+    std::fs::create_dir(r.root.join("etc")).unwrap();
+    std::fs::write(r.root.join("etc/app.conf"), b"old").unwrap();
+    let (mut img, objs) = app_image(b"new");
+    img.triggers = Triggers::parse(
+        r#"[{"MatchLines":["/etc/app[.]conf$"],"Service":"app"}]"#,
+        "t",
+    )
+    .unwrap();
+    put_objects(&r, &objs);
+    let mut poll = poll_after(&r, 0).await;
+    while poll.object_cache.as_ref().unwrap().len() < 2 {
+        poll = poll_after(&r, poll.generation).await;
+    }
+    let plan = plan_for(&img, &poll);
+    let resp = r
+        .client
+        .update(&UpdateRequest {
+            plan: plan.clone(),
+            wait: false,
+        })
+        .await
+        .unwrap();
+    assert!(resp.result.is_none());
+    let busy = r
+        .client
+        .update(&UpdateRequest { plan, wait: false })
+        .await
+        .unwrap_err();
+    assert_eq!(busy.status(), Some(409), "{busy}");
+    let t0 = Instant::now();
+    let done = loop {
+        let s = r
+            .client
+            .poll(&PollRequest {
+                have_generation: 0,
+                short_only: true,
+            })
+            .await
+            .unwrap();
+        if !s.update_in_progress && s.last_update.is_some() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let u = done.last_update.unwrap();
+    assert_eq!(u.trigger_actions, ["app stop", "app start"], "{u:?}");
+    let log = std::fs::read_to_string(r.base.join("log")).unwrap();
+    assert_eq!(log, "app stop old\napp start new\n");
+    assert!(r.root.join(".subd/triggers.previous").exists());
+}

@@ -1,0 +1,179 @@
+//! Helpers shared by the system tests: starting the real daemons, polling subd, driving it
+//! to an image the way the dominator does, and checking an object store.
+#![allow(dead_code)]
+
+use model::api::{FetchRequest, PollRequest, PollResponse, UpdateRequest};
+use model::client::{ClientSecurity, SubdClient};
+use model::diff::{diff, DiffOptions, Machine};
+use model::fsutil::TEMP_SUFFIX;
+use model::{Filter, Image, ObjectId};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use testkit::{bin, Daemon};
+
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(files_under(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+/// Every object file's bytes hash to its name; temp files are tolerated only when
+/// `allow_temp` (before a restart cleans them). Returns the number of objects.
+pub fn check_objects(objects: &Path, allow_temp: bool) -> usize {
+    let mut n = 0;
+    for f in files_under(objects) {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with(TEMP_SUFFIX) {
+            assert!(allow_temp, "temp file left after restart: {}", f.display());
+            continue;
+        }
+        let rel = f
+            .strip_prefix(objects)
+            .unwrap()
+            .to_string_lossy()
+            .replace('/', "");
+        let want =
+            ObjectId::from_hex(&rel).unwrap_or_else(|_| panic!("stray file {}", f.display()));
+        let got = ObjectId::of(&std::fs::read(&f).unwrap());
+        assert_eq!(got, want, "partial or corrupt object {}", f.display());
+        n += 1;
+    }
+    n
+}
+
+pub fn imageserver(data: &Path, port: u16) -> Daemon {
+    let addr = format!("127.0.0.1:{port}");
+    let args = [
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        &addr,
+        "--permit-insecure-mode",
+    ];
+    Daemon::start(&bin("imageserver"), &args.map(String::from), &addr)
+}
+
+pub fn subd(root: &Path, port: u16) -> (Daemon, SubdClient) {
+    let addr = format!("127.0.0.1:{port}");
+    let args = [
+        "--root",
+        root.to_str().unwrap(),
+        "--listen",
+        &addr,
+        "--permit-insecure-mode",
+        "--scan-speed-percent",
+        "100",
+    ];
+    let d = Daemon::start(&bin("subd"), &args.map(String::from), &addr);
+    let c = SubdClient::new(
+        &addr,
+        &ClientSecurity::Insecure,
+        Some(Duration::from_secs(30)),
+    )
+    .unwrap();
+    (d, c)
+}
+
+pub async fn full_poll(c: &SubdClient, newer_than: u64) -> PollResponse {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(p) = c
+            .poll(&PollRequest {
+                have_generation: newer_than,
+                short_only: false,
+            })
+            .await
+        {
+            if p.tree.is_some() && !p.update_in_progress && !p.fetch_in_progress {
+                return p;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "subd never produced a scan"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn plan_for(name: &str, image: &Image, p: &PollResponse) -> model::UpdatePlan {
+    let cache: BTreeSet<ObjectId> = p
+        .object_cache
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let excl = Filter::from_lines(p.exclusions.clone()).unwrap();
+    diff(
+        name,
+        image,
+        &Machine {
+            tree: p.tree.as_ref().unwrap(),
+            object_cache: &cache,
+            exclusions: Some(&excl),
+        },
+        &DiffOptions { allow_unsafe: true },
+    )
+}
+
+/// Drives one subd to `image` the way the dominator does: poll, fetch, update, confirm.
+pub async fn converge(c: &SubdClient, server: &str, name: &str, image: &Image) {
+    for _ in 0..5 {
+        let mut p = full_poll(c, 0).await;
+        let mut plan = plan_for(name, image, &p);
+        if plan.is_empty() {
+            return;
+        }
+        if !plan.objects_to_fetch.is_empty() {
+            let req = FetchRequest {
+                server: server.to_string(),
+                hashes: plan.objects_to_fetch.clone(),
+                wait: true,
+            };
+            c.fetch(&req).await.expect("fetch");
+            // wait for a scan that shows the fetched objects in the cache
+            let t0 = Instant::now();
+            while !plan.objects_to_fetch.is_empty() {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "fetched objects never showed up"
+                );
+                p = full_poll(c, p.generation).await;
+                plan = plan_for(name, image, &p);
+            }
+            if plan.is_empty() {
+                return;
+            }
+        }
+        let r = c
+            .update(&UpdateRequest { plan, wait: true })
+            .await
+            .expect("update");
+        let r = r.result.expect("waited");
+        if !r.errors.is_empty() {
+            // As the dominator does: report, then re-plan from a scan newer than the update.
+            eprintln!(
+                "update errors (re-planning after the next scan): {:?}",
+                r.errors
+            );
+        }
+        // the next scan must show convergence
+        let gen = p.generation;
+        let after = full_poll(c, gen).await;
+        if plan_for(name, image, &after).is_empty() {
+            return;
+        }
+    }
+    panic!("subd did not converge to {name}");
+}

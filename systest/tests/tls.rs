@@ -1,0 +1,183 @@
+//! Mutual TLS with the real binaries: each daemon refuses to start without its
+//! certificates; an image builder's certificate adds images (recorded as `created_by`) but
+//! cannot delete them or update machines; the dominator's certificate is accepted by subd;
+//! a client without a certificate, or from another CA, gets nothing.
+
+use model::api::{PollRequest, UpdateRequest};
+use model::client::{ClientSecurity, SubdClient};
+use model::tls::TlsFiles;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+use testkit::{bin, free_port, Daemon};
+
+fn daemon_flags(certs: &Path, role: &str) -> Vec<String> {
+    vec![
+        "--ca-file".into(),
+        certs.join("CA.pem").display().to_string(),
+        "--cert-file".into(),
+        certs.join(role).join("cert.pem").display().to_string(),
+        "--key-file".into(),
+        certs.join(role).join("key.pem").display().to_string(),
+    ]
+}
+
+fn user_flags(certs: &Path, user: &str) -> Vec<String> {
+    vec![
+        "--ca-file".into(),
+        certs.join("CA.pem").display().to_string(),
+        "--cert-file".into(),
+        certs.join(format!("{user}.cert")).display().to_string(),
+        "--key-file".into(),
+        certs.join(format!("{user}.key")).display().to_string(),
+    ]
+}
+
+fn imagetool(addr: &str, tls: &[String], args: &[&str]) -> Output {
+    Command::new(bin("imagetool"))
+        .args(["--image-server", addr])
+        .args(tls)
+        .args(args)
+        .env("HOME", "/nonexistent")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn each_daemon_refuses_to_start_without_certificates() {
+    let d = tempfile::tempdir().unwrap();
+    let missing = ["--ca-file", "/nonexistent/CA.pem"];
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        (
+            "imageserver",
+            vec![
+                "--data-dir".into(),
+                d.path().join("data").display().to_string(),
+            ],
+        ),
+        (
+            "subd",
+            vec!["--root".into(), d.path().display().to_string()],
+        ),
+        (
+            "dominator",
+            vec![
+                "--mdb".into(),
+                d.path().join("mdb.json").display().to_string(),
+                "--image-server".into(),
+                "127.0.0.1:1".into(),
+            ],
+        ),
+    ];
+    for (name, mut args) in cases {
+        args.extend(["--listen".to_string(), format!("127.0.0.1:{}", free_port())]);
+        args.extend(missing.iter().map(|s| s.to_string()));
+        let out = Command::new(bin(name)).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} started without certificates");
+        assert!(
+            err.contains("/nonexistent/CA.pem") && err.contains("--permit-insecure-mode"),
+            "{name}: {err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_over_mutual_tls_with_the_real_binaries() {
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs");
+    model::certs::make_all(&certs, &[]).unwrap();
+    let other = work.path().join("other-ca");
+    model::certs::make_all(&other, &[]).unwrap();
+
+    // imageserver over TLS
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "--data-dir".to_string(),
+        work.path().join("data").display().to_string(),
+        "--listen".into(),
+        addr.clone(),
+    ];
+    args.extend(daemon_flags(&certs, "imageserver"));
+    let _is = Daemon::start(&bin("imageserver"), &args, &addr);
+
+    let tree = work.path().join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/motd"), "hello\n").unwrap();
+    let builder = user_flags(&certs, "builder");
+    let out = imagetool(
+        &addr,
+        &builder,
+        &["add", "app/1", tree.to_str().unwrap(), "", ""],
+    );
+    assert!(
+        out.status.success(),
+        "builder add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // created_by comes from the certificate
+    let admin = user_flags(&certs, "admin");
+    let show = imagetool(&addr, &admin, &["--json", "show", "app/1"]);
+    let img: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(img["created_by"], "builder");
+
+    // the builder may not delete; the admin may
+    let del = imagetool(&addr, &builder, &["delete", "app/1"]);
+    assert_eq!(del.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&del.stderr).contains("access to method denied"));
+    // plain HTTP and a foreign CA get nothing
+    let plain = imagetool(&addr, &[], &["list"]);
+    assert_eq!(plain.status.code(), Some(1));
+    let mut foreign = user_flags(&other, "admin");
+    foreign[1] = certs.join("CA.pem").display().to_string();
+    let f = imagetool(&addr, &foreign, &["list"]);
+    assert_eq!(
+        f.status.code(),
+        Some(1),
+        "a certificate from another CA must be refused"
+    );
+    assert!(imagetool(&addr, &admin, &["delete", "app/1"])
+        .status
+        .success());
+
+    // subd over TLS: the dominator's certificate may poll and update; a builder's may not
+    let root = work.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let saddr = format!("127.0.0.1:{}", free_port());
+    let mut sargs = vec![
+        "--root".to_string(),
+        root.display().to_string(),
+        "--listen".into(),
+        saddr.clone(),
+    ];
+    sargs.extend(daemon_flags(&certs, "subd"));
+    let _subd = Daemon::start(&bin("subd"), &sargs, &saddr);
+    let files = |cert: &str, key: &str| TlsFiles {
+        ca: certs.join("CA.pem"),
+        cert: certs.join(cert),
+        key: certs.join(key),
+    };
+    let dom = SubdClient::new(
+        &saddr,
+        &ClientSecurity::Tls(files("dominator/cert.pem", "dominator/key.pem")),
+        Some(Duration::from_secs(10)),
+    )
+    .unwrap();
+    dom.poll(&PollRequest::default())
+        .await
+        .expect("the dominator may poll");
+    let bld = SubdClient::new(
+        &saddr,
+        &ClientSecurity::Tls(files("builder.cert", "builder.key")),
+        Some(Duration::from_secs(10)),
+    )
+    .unwrap();
+    let req = UpdateRequest {
+        plan: model::UpdatePlan::default(),
+        wait: true,
+    };
+    let e = bld.update(&req).await.unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    assert!(e.to_string().contains("access to method denied"));
+}

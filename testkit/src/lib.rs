@@ -1,0 +1,255 @@
+//! Test support shared by integration tests: `FaultProxy`, a loopback TCP proxy that sits
+//! between a client and a real server and misbehaves on demand (HTTP 500s, connection
+//! resets, truncated or 1-byte-per-second replies, oversized bodies), so tests can show
+//! that retries are bounded, memory stays bounded and nothing half-written is stored.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// How the proxy treats each new connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward faithfully.
+    Pass,
+    /// Answer every request with `500 Internal Server Error` without contacting the server.
+    Status500,
+    /// Close the connection as soon as the request starts arriving.
+    Reset,
+    /// Forward the request, then pass only the first `n` bytes of the reply and close.
+    TruncateReply(usize),
+    /// Forward the request, then dribble the reply at one byte per `interval`.
+    SlowReply(Duration),
+    /// Answer `200 OK` with a body that never ends (random bytes forever).
+    EndlessReply,
+}
+
+/// A running proxy; dropping it stops accepting.
+pub struct FaultProxy {
+    pub addr: SocketAddr,
+    fault: Arc<Mutex<Fault>>,
+    connections: Arc<Mutex<u64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `target` on an ephemeral loopback port.
+    pub async fn start(target: SocketAddr, fault: Fault) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().unwrap();
+        let fault = Arc::new(Mutex::new(fault));
+        let connections = Arc::new(Mutex::new(0));
+        let (f, c) = (fault.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let _ = client.set_nodelay(true);
+                *c.lock().unwrap() += 1;
+                let mode = f.lock().unwrap().clone();
+                tokio::spawn(handle(client, target, mode));
+            }
+        });
+        FaultProxy {
+            addr,
+            fault,
+            connections,
+            task,
+        }
+    }
+
+    /// Changes the behaviour for connections accepted from now on.
+    pub fn set(&self, fault: Fault) {
+        *self.fault.lock().unwrap() = fault;
+    }
+
+    /// Connections accepted so far (to show retries are bounded).
+    pub fn connections(&self) -> u64 {
+        *self.connections.lock().unwrap()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn handle(mut client: TcpStream, target: SocketAddr, mode: Fault) {
+    match mode {
+        Fault::Reset => {
+            let mut buf = [0u8; 1];
+            let _ = client.read(&mut buf).await;
+            drop(client);
+        }
+        Fault::Status500 => {
+            let mut buf = vec![0u8; 65536];
+            let _ = tokio::time::timeout(Duration::from_millis(200), client.read(&mut buf)).await;
+            let body = "{\"error\":\"injected fault\"}";
+            let resp = format!(
+                "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = client.write_all(resp.as_bytes()).await;
+            let _ = client.shutdown().await;
+        }
+        Fault::EndlessReply => {
+            let mut buf = vec![0u8; 65536];
+            let _ = tokio::time::timeout(Duration::from_millis(200), client.read(&mut buf)).await;
+            let _ = client
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await;
+            let chunk = vec![0x5au8; 65536];
+            loop {
+                let head = format!("{:x}\r\n", chunk.len());
+                if client.write_all(head.as_bytes()).await.is_err()
+                    || client.write_all(&chunk).await.is_err()
+                    || client.write_all(b"\r\n").await.is_err()
+                {
+                    return;
+                }
+            }
+        }
+        Fault::Pass | Fault::TruncateReply(_) | Fault::SlowReply(_) => {
+            let Ok(server) = TcpStream::connect(target).await else {
+                return;
+            };
+            let _ = server.set_nodelay(true);
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let up = tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                let _ = sw.shutdown().await;
+            });
+            let mut buf = vec![0u8; 65536];
+            let mut sent = 0usize;
+            loop {
+                let n = match sr.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                match &mode {
+                    Fault::TruncateReply(limit) => {
+                        let take = n.min(limit.saturating_sub(sent));
+                        if cw.write_all(&buf[..take]).await.is_err() {
+                            break;
+                        }
+                        sent += take;
+                        if sent >= *limit {
+                            break;
+                        }
+                    }
+                    Fault::SlowReply(interval) => {
+                        for b in &buf[..n] {
+                            if cw.write_all(std::slice::from_ref(b)).await.is_err() {
+                                up.abort();
+                                return;
+                            }
+                            tokio::time::sleep(*interval).await;
+                        }
+                    }
+                    _ => {
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            up.abort();
+        }
+    }
+}
+
+/// The path of a workspace binary built beside the running test (`target/<profile>/<name>`).
+/// Panics with the command to run when it has not been built.
+pub fn bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// A loopback port that was free a moment ago (for real processes that must be told one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real daemon process listening on `addr`; killed (SIGKILL) when dropped.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Daemon {
+    /// Starts `program args…` and waits until `addr` accepts connections (10 s at most).
+    pub fn start(program: &std::path::Path, args: &[String], addr: &str) -> Daemon {
+        let child = std::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+        let mut d = Daemon {
+            child,
+            addr: addr.to_string(),
+        };
+        let t0 = std::time::Instant::now();
+        while std::net::TcpStream::connect(addr).is_err() {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("{} exited before listening: {status}", program.display());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{} never listened on {addr}",
+                program.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    /// SIGKILL, as a crash or a power cut would, and reap it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A small tmpfs mounted for a test and unmounted when dropped: a file-system that can
+/// really fill up. `None` when mounting is not permitted here (tests then say they skip).
+pub struct Tmpfs(pub std::path::PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
