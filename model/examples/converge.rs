@@ -12,11 +12,17 @@ use std::time::Instant;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(a.len() == 5, "usage: converge patch|subd SERVER IMAGE DIR|SUBD");
+    anyhow::ensure!(
+        a.len() == 5,
+        "usage: converge patch|subd SERVER IMAGE DIR|SUBD"
+    );
     let server = ImageServerClient::new(&a[2], &ClientSecurity::Insecure)?;
     let t0 = Instant::now();
     if a[1] == "patch" {
-        let opts = PatchOptions { allow_unsafe: true, ..Default::default() };
+        let opts = PatchOptions {
+            allow_unsafe: true,
+            ..Default::default()
+        };
         let r = patch_directory(&server, &a[3], std::path::Path::new(&a[4]), &opts).await?;
         println!(
             "{}",
@@ -32,15 +38,44 @@ async fn main() -> anyhow::Result<()> {
     let image = server.get_image(&a[3]).await?;
     let poll = subd.poll(&PollRequest::default()).await?;
     let t_poll = t0.elapsed().as_secs_f64();
-    let cache: BTreeSet<_> = poll.object_cache.clone().unwrap_or_default().into_iter().collect();
+    let cache: BTreeSet<_> = poll
+        .object_cache
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     let excl = model::Filter::from_lines(poll.exclusions.clone())?;
-    let tree = poll.tree.clone().ok_or_else(|| anyhow::anyhow!("no tree yet"))?;
-    let plan = diff(&a[3], &image, &Machine { tree: &tree, object_cache: &cache, exclusions: Some(&excl) }, &DiffOptions { allow_unsafe: true });
+    let tree = poll
+        .tree
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("no tree yet"))?;
+    let plan = diff(
+        &a[3],
+        &image,
+        &Machine {
+            tree: &tree,
+            object_cache: &cache,
+            exclusions: Some(&excl),
+        },
+        &DiffOptions { allow_unsafe: true },
+    );
     let t1 = Instant::now();
-    subd.fetch(&FetchRequest { server: a[2].clone(), hashes: plan.objects_to_fetch.clone(), wait: true }).await?;
+    subd.fetch(&FetchRequest {
+        server: a[2].clone(),
+        hashes: plan.objects_to_fetch.clone(),
+        wait: true,
+    })
+    .await?;
     let fetch_s = t1.elapsed().as_secs_f64();
     let t2 = Instant::now();
-    let r = subd.update(&UpdateRequest { plan: plan.clone(), wait: true }).await?.result.unwrap_or_default();
+    let r = subd
+        .update(&UpdateRequest {
+            plan: plan.clone(),
+            wait: true,
+        })
+        .await?
+        .result
+        .unwrap_or_default();
     let update_s = t2.elapsed().as_secs_f64();
     println!(
         "{}",
