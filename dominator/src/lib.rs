@@ -1,1 +1,66 @@
-//! placeholder
+//! The dominator: drives every machine of the MDB to its required image.
+//!
+//! Layout:
+//! - `decision`: PURE per-machine `next_step` (and `backoff`), with the status names.
+//! - `planner`: the one place a machine's `UpdatePlan` is computed (the shared diff).
+//! - `herd`: the MDB watcher and one task per machine (I/O around `decision`).
+//! - `images`: the fleet-wide image cache.
+//! - `fleet`: the shared state the herd writes and the web surface reads.
+//! - `web`: status pages, JSON API, metrics, control RPCs.
+//! - `preview`: an `UpdatePlan` as human text (`dominator plan`, machine pages).
+//! - `commands`: the `plan`, `disable-updates`/`enable-updates` and `local-fleet` commands.
+
+pub mod commands;
+pub mod decision;
+pub mod fleet;
+pub mod herd;
+pub mod images;
+pub mod local_fleet;
+pub mod planner;
+pub mod preview;
+pub mod web;
+
+use fleet::{unix_now, Fleet, GlobalDisable};
+use herd::HerdConfig;
+use model::http::Security;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// Everything `serve` needs besides the listener.
+pub struct Config {
+    pub herd: HerdConfig,
+    /// How the status page and RPCs are served.
+    pub security: Security,
+    /// Start with updates disabled fleet-wide, for this reason.
+    pub disable_updates_at_startup: Option<String>,
+}
+
+/// Runs the dominator (herd + HTTP surface) on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let fleet = Arc::new(Fleet::new(
+        &config.herd.mdb_path.display().to_string(),
+        &config.herd.image_server,
+        config.security.is_insecure(),
+    ));
+    if let Some(reason) = config.disable_updates_at_startup {
+        fleet.set_global_disable(Some(GlobalDisable {
+            reason,
+            by: "startup".into(),
+            since: unix_now(),
+        }));
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let herd = tokio::spawn(herd::run(config.herd, fleet.clone(), stop_rx));
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let r = model::http::serve(listener, web::router(fleet), config.security, shutdown).await;
+    let _ = herd.await;
+    r
+}

@@ -1,2 +1,84 @@
-//! placeholder
-fn main() {}
+//! The `dominator` binary: parses arguments, sets up logging, and runs the daemon or a
+//! subcommand from the library. Exit 1 on failure, 2 on usage errors (clap).
+
+use anyhow::Context;
+use clap::Parser;
+use dominator::commands::{self, Cli, Command};
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        None | Some(Command::LocalFleet(_)) => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("dominator: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        None => {
+            let d = cli.daemon;
+            let security = d.fleet.tls.server_security("dominator")?;
+            let mut herd = d.fleet.herd_config()?;
+            herd.concurrency = d.concurrency;
+            herd.poll_interval = std::time::Duration::from_millis(d.poll_interval_ms);
+            let listener = tokio::net::TcpListener::bind(&d.listen)
+                .await
+                .with_context(|| format!("listening on {}", d.listen))?;
+            tracing::info!(addr = %listener.local_addr()?, mdb = %herd.mdb_path.display(), "dominator listening");
+            let config = dominator::Config {
+                herd,
+                security,
+                disable_updates_at_startup: d.disable_updates_at_startup,
+            };
+            dominator::serve(listener, config, shutdown_signal()).await?;
+        }
+        Some(Command::Plan { host, fleet }) => {
+            let plans = commands::plan(&fleet, host.as_deref()).await?;
+            let mut failed = false;
+            for p in plans {
+                match p.result {
+                    Ok(text) => print!("{text}"),
+                    Err(e) => {
+                        failed = true;
+                        println!("{}: cannot plan: {e}", p.host);
+                    }
+                }
+            }
+            if failed {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Some(Command::DisableUpdates { reason, target }) => {
+            commands::control(&target, Some(&reason)).await?;
+        }
+        Some(Command::EnableUpdates { target }) => commands::control(&target, None).await?,
+        Some(Command::LocalFleet(args)) => dominator::local_fleet::run(args).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,1 +1,99 @@
-//! placeholder
+//! The imageserver: stores images (tree + filter + triggers + metadata) and the objects
+//! (file contents, by SHA-512) they refer to, and serves them to imagetool, the dominator
+//! and subd over the RPCs named in `model::api::methods`.
+//!
+//! Layout:
+//! - `catalogue`: the on-disk layout and the in-memory index (names, objects, references).
+//! - `rpc`: the JSON RPC handlers (`ImageServer.*`, `ObjectServer.CheckObjects`).
+//! - `objects`: the streaming object batches (`ObjectServer.AddObjects` / `GetObjects`).
+//! - `pages`: the status page at `/` and `/metrics`.
+
+pub mod catalogue;
+pub mod objects;
+pub mod pages;
+pub mod rpc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use catalogue::Catalogue;
+use model::api::methods;
+use model::http::Security;
+use std::future::Future;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// Largest JSON request (an `AddImage` of a large tree).
+pub const JSON_BODY_LIMIT: usize = 512 << 20;
+
+/// Counters exported on `/metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    pub objects_received: AtomicU64,
+    pub object_bytes_received: AtomicU64,
+    pub objects_served: AtomicU64,
+    pub object_bytes_served: AtomicU64,
+    pub images_added: AtomicU64,
+    pub images_deleted: AtomicU64,
+    pub rejected_uploads: AtomicU64,
+}
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct State {
+    pub catalogue: Arc<Catalogue>,
+    pub security: Security,
+    pub metrics: Arc<Metrics>,
+}
+
+impl State {
+    /// Opens the data directory (see `catalogue` for its layout).
+    pub fn open(data_dir: &Path, security: Security) -> Result<State, catalogue::OpenError> {
+        Ok(State {
+            catalogue: Arc::new(Catalogue::open(data_dir)?),
+            security,
+            metrics: Arc::new(Metrics::default()),
+        })
+    }
+}
+
+fn rpc_path(method: &str) -> String {
+    format!("/rpc/{method}")
+}
+
+/// The routes of every RPC and page.
+pub fn router(state: State) -> Router {
+    Router::new()
+        .route(&rpc_path(methods::ADD_IMAGE), post(rpc::add_image))
+        .route(&rpc_path(methods::CHECK_IMAGE), post(rpc::check_image))
+        .route(&rpc_path(methods::GET_IMAGE), post(rpc::get_image))
+        .route(&rpc_path(methods::LIST_IMAGES), post(rpc::list_images))
+        .route(&rpc_path(methods::DELETE_IMAGE), post(rpc::delete_image))
+        .route(
+            &rpc_path(methods::LIST_UNREFERENCED_OBJECTS),
+            post(rpc::list_unreferenced),
+        )
+        .route(
+            &rpc_path(methods::DELETE_UNREFERENCED_OBJECTS),
+            post(rpc::delete_unreferenced),
+        )
+        .route(&rpc_path(methods::CHECK_OBJECTS), post(rpc::check_objects))
+        .route(&rpc_path(methods::ADD_OBJECTS), post(objects::add_objects))
+        .route(&rpc_path(methods::GET_OBJECTS), post(objects::get_objects))
+        .route("/", get(pages::status))
+        .route("/metrics", get(pages::metrics))
+        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        .with_state(state)
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    state: State,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let security = state.security.clone();
+    model::http::serve(listener, router(state), security, shutdown).await
+}

@@ -1,2 +1,52 @@
-//! placeholder
-fn main() {}
+//! `imageserver --data-dir DIR [--listen ADDR]`: parses flags, sets up logging and runs
+//! the server (see the library for everything else).
+
+use anyhow::Context;
+use clap::Parser;
+use std::path::PathBuf;
+
+/// Stores images and their objects and serves them to imagetool, dominator and subd.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Directory holding objects/ and images/ (created if missing)
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+    /// Address to listen on
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:6971")]
+    listen: String,
+    #[command(flatten)]
+    tls: model::security::DaemonTlsArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let security = args.tls.server_security("imageserver")?;
+    let data_dir = args.data_dir.clone();
+    let state = tokio::task::spawn_blocking(move || imageserver::State::open(&data_dir, security))
+        .await?
+        .with_context(|| format!("opening data directory {}", args.data_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, data_dir = %args.data_dir.display(), "imageserver listening");
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        tracing::info!("shutting down");
+    };
+    imageserver::serve(listener, state, shutdown).await?;
+    Ok(())
+}

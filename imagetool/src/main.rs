@@ -1,2 +1,37 @@
-//! placeholder
-fn main() {}
+//! `imagetool`: parses the command line (accepting Dominator's single-dash server flags),
+//! sets up logging, runs the command and turns the outcome into an exit code
+//! (0 success, 1 failure with one line on stderr, 2 usage).
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let argv = imagetool::args::rewrite_dominator_flags(std::env::args_os().collect());
+    let cli = imagetool::args::Cli::parse_from(argv);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("imagetool: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(imagetool::run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("imagetool: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,1 +1,17 @@
-//! placeholder
+//! The machine database (MDB): which machine should run which image.
+//!
+//! Layout:
+//! - `machine`: the file format (`Machine`, `Mdb`), parsed and validated with no I/O.
+//! - `store`: the file on disk: `load`, locked `edit` (temp + fsync + rename), and the
+//!   append-only history that `mdb history` and `mdb rollback` read.
+//! - `cli`: the `mdb` command (the binary's `main` only parses and calls `cli::run`).
+
+pub mod cli;
+pub mod machine;
+pub mod store;
+
+pub use machine::{Machine, Mdb, MdbError, TAG_DISABLE_SAFETY_CHECK};
+pub use store::{load, StoreError};
+
+/// Where the MDB lives unless told otherwise (the dominator and mdbd use the same path).
+pub const DEFAULT_MDB_PATH: &str = "/var/lib/mdbd/mdb.json";

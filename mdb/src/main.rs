@@ -1,2 +1,19 @@
-//! placeholder
-fn main() {}
+//! The `mdb` binary: parses arguments and runs `mdb::cli`; exit 1 on failure, 2 on usage.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = mdb::cli::Cli::parse();
+    let mut out = std::io::stdout().lock();
+    match mdb::cli::run(cli, &mut out) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mdb: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

@@ -1,1 +1,770 @@
-//! TODO: filled in by the issue that owns it.
+//! Tar import: a `.tar`, `.tar.gz` or `.tgz` stream → a `FileTree`, with every regular
+//! file's content handed, in archive order, to a `ContentSink` (which hashes it, and may
+//! keep or upload it). One sequential pass; nothing is extracted to disk.
+//!
+//! Compression is detected by content (the gzip magic `1f 8b`), never by file name.
+//!
+//! Rules, chosen to make a hostile or broken archive an error rather than a surprise:
+//! - Paths are taken relative to the image root: `./a`, `a` and `/a` all name `/a`.
+//!   A `..` component anywhere is an error (it could escape).
+//! - `./` (or `.`, `/`) sets the root's metadata and must be a directory; without it the
+//!   root is `0755 root:root`.
+//! - A directory that is not in the archive but has entries beneath it is created as
+//!   `0755 root:root`; a later entry for it in the archive sets its metadata.
+//! - Duplicate paths are an error (an archive naming a path twice is ambiguous: tar itself
+//!   would keep the last, a reader of the listing would believe the first).
+//! - A hardlink must name a path stored earlier in the archive, and not a directory.
+//! - An entry below a symlink stored earlier (written *through* it) is an error; so is an
+//!   entry below a file.
+//! - `/.subd` and everything below it are dropped (subd's private directory).
+//! - Sparse files, sockets and other exotic entry types are an error; PAX global headers
+//!   are ignored. PAX `mtime` fractions give nanoseconds.
+//! - A truncated archive (an entry shorter than its header says, a partial header, or a
+//!   stream ending without the end-of-archive marker), a corrupt gzip stream (checked to
+//!   its CRC trailer) and a file that is not a tar are errors. An archive with no entries
+//!   at all is an error too.
+
+use crate::hash::{ObjectHasher, ObjectId};
+use crate::image::{FileTree, Inode, Kind, Mtime};
+use crate::path::{escape, FsPath};
+use crate::scan::SUBD_DIR;
+use std::collections::BTreeSet;
+use std::io::{self, BufRead, BufReader, Read};
+use tar::EntryType;
+
+/// Why an archive was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TarError {
+    #[error("reading archive: {0}")]
+    Io(#[source] io::Error),
+    #[error("not a tar archive: {0}")]
+    NotTar(String),
+    #[error("archive has no entries (not a tar archive?)")]
+    Empty,
+    #[error("archive truncated: {0}")]
+    Truncated(String),
+    #[error("tar entry {path}: {reason}")]
+    Entry { path: String, reason: String },
+    #[error("{0}")]
+    Sink(#[source] io::Error),
+}
+
+fn entry_err(path: &[u8], reason: impl Into<String>) -> TarError {
+    TarError::Entry {
+        path: escape(path),
+        reason: reason.into(),
+    }
+}
+
+/// Receives each regular file's content, in archive order.
+pub trait ContentSink {
+    /// Consumes exactly `size` bytes of `content` (the file at `path`) and returns their id.
+    /// Called only for non-empty files.
+    fn file(&mut self, path: &FsPath, size: u64, content: &mut dyn Read) -> io::Result<ObjectId>;
+}
+
+/// A sink that only hashes.
+#[derive(Default)]
+pub struct HashOnly;
+
+impl ContentSink for HashOnly {
+    fn file(&mut self, _: &FsPath, _: u64, content: &mut dyn Read) -> io::Result<ObjectId> {
+        Ok(crate::hash::hash_reader(content)?.0)
+    }
+}
+
+/// Hashes `content` while copying it into `out`; returns the id and byte count.
+pub fn hash_copy(content: &mut dyn Read, out: &mut dyn io::Write) -> io::Result<(ObjectId, u64)> {
+    let mut h = ObjectHasher::new();
+    let mut buf = vec![0u8; 128 * 1024];
+    loop {
+        let n = match content.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        h.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+    }
+    Ok(h.finish())
+}
+
+/// Counts of what an import saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImportStats {
+    pub entries: u64,
+    /// Regular files with content (each hardlinked inode once).
+    pub files: u64,
+    pub bytes: u64,
+    /// Entries dropped (`/.subd`).
+    pub dropped: u64,
+}
+
+/// Wraps a reader to remember whether it ever reached end-of-file.
+struct EofTracker<R> {
+    inner: R,
+    eof: bool,
+}
+
+impl<R: Read> Read for EofTracker<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.eof = true;
+        }
+        Ok(n)
+    }
+}
+
+/// Counts bytes read, to detect content shorter than the header claims.
+struct Counting<'a, R: ?Sized> {
+    inner: &'a mut R,
+    n: u64,
+}
+
+impl<R: Read + ?Sized> Read for Counting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+}
+
+/// Opens `r` as an archive stream, transparently decompressing gzip (detected by magic).
+/// Returns the stream and whether it was compressed.
+pub fn decompressed<R: Read + Send + 'static>(r: R) -> io::Result<(Box<dyn Read + Send>, bool)> {
+    let mut br = BufReader::with_capacity(256 * 1024, r);
+    let head = br.fill_buf()?;
+    if head.len() >= 2 && head[0] == 0x1f && head[1] == 0x8b {
+        Ok((
+            Box::new(flate2::bufread::MultiGzDecoder::new(br)) as Box<dyn Read + Send>,
+            true,
+        ))
+    } else {
+        Ok((Box::new(br) as Box<dyn Read + Send>, false))
+    }
+}
+
+/// Moves reading `r` onto its own thread, handing over chunks through a small bounded
+/// queue, so decompression and hashing use two cores. Errors arrive in order.
+pub fn read_ahead(mut r: Box<dyn Read + Send>) -> impl Read + Send {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
+    std::thread::spawn(move || loop {
+        let mut buf = vec![0u8; 256 * 1024];
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.truncate(n);
+                if tx.send(Ok(buf)).is_err() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                break;
+            }
+        }
+    });
+    ChunkReader {
+        rx,
+        cur: Vec::new(),
+        pos: 0,
+    }
+}
+
+struct ChunkReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(Ok(c)) => {
+                    self.cur = c;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Imports an archive (plain or gzip, detected by content) into a tree, feeding file
+/// contents to `sink`.
+pub fn import<R: Read + Send + 'static>(
+    r: R,
+    sink: &mut dyn ContentSink,
+) -> Result<(FileTree, ImportStats), TarError> {
+    let (stream, gz) = decompressed(r).map_err(TarError::Io)?;
+    if gz {
+        import_plain(read_ahead(stream), sink)
+    } else {
+        import_plain(stream, sink)
+    }
+}
+
+/// Builds the tree while entries arrive.
+struct Builder {
+    tree: FileTree,
+    next_ino: u64,
+    /// Directories created only because something lay beneath them.
+    implicit: BTreeSet<FsPath>,
+    root_seen: bool,
+    stats: ImportStats,
+}
+
+impl Builder {
+    fn new() -> Builder {
+        Builder {
+            tree: FileTree::with_root(Inode::dir(0o755, 0, 0)),
+            next_ino: 1,
+            implicit: BTreeSet::new(),
+            root_seen: false,
+            stats: ImportStats::default(),
+        }
+    }
+
+    /// Makes sure every ancestor of `path` is a directory, creating missing ones.
+    fn ensure_parents(&mut self, path: &FsPath) -> Result<(), TarError> {
+        let mut ancestors = Vec::new();
+        let mut p = path.parent();
+        while let Some(a) = p {
+            if a.is_root() {
+                break;
+            }
+            p = a.parent();
+            ancestors.push(a);
+        }
+        for a in ancestors.into_iter().rev() {
+            match self.tree.get(&a) {
+                Some(i) if i.kind == Kind::Dir => {}
+                Some(i) if i.kind == Kind::Symlink => {
+                    return Err(entry_err(
+                        path.as_bytes(),
+                        format!(
+                            "written through the symlink {} stored earlier in the archive",
+                            a.display()
+                        ),
+                    ))
+                }
+                Some(_) => {
+                    return Err(entry_err(
+                        path.as_bytes(),
+                        format!("parent {} is not a directory", a.display()),
+                    ))
+                }
+                None => {
+                    let ino = self.alloc();
+                    self.tree.inodes.insert(ino, Inode::dir(0o755, 0, 0));
+                    self.tree.entries.insert(a.clone(), ino);
+                    self.implicit.insert(a);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn alloc(&mut self) -> u64 {
+        let i = self.next_ino;
+        self.next_ino += 1;
+        i
+    }
+
+    /// Adds `inode` at `path` (a new inode), enforcing the duplicate rule.
+    fn add(&mut self, path: FsPath, inode: Inode) -> Result<(), TarError> {
+        if path.is_root() {
+            if inode.kind != Kind::Dir {
+                return Err(entry_err(b"/", "the archive root must be a directory"));
+            }
+            if self.root_seen {
+                return Err(entry_err(b"/", "appears twice in the archive"));
+            }
+            self.root_seen = true;
+            self.tree.inodes.insert(0, inode);
+            return Ok(());
+        }
+        self.ensure_parents(&path)?;
+        if let Some(&ino) = self.tree.entries.get(&path) {
+            if inode.kind == Kind::Dir && self.implicit.remove(&path) {
+                self.tree.inodes.insert(ino, inode);
+                return Ok(());
+            }
+            return Err(entry_err(path.as_bytes(), "appears twice in the archive"));
+        }
+        let ino = self.alloc();
+        self.tree.inodes.insert(ino, inode);
+        self.tree.entries.insert(path, ino);
+        Ok(())
+    }
+
+    fn hardlink(&mut self, path: FsPath, target: FsPath) -> Result<(), TarError> {
+        if path.is_root() {
+            return Err(entry_err(b"/", "the archive root cannot be a hardlink"));
+        }
+        let Some(&ino) = self.tree.entries.get(&target) else {
+            return Err(entry_err(
+                path.as_bytes(),
+                format!(
+                    "hardlink to {}, which is not earlier in the archive",
+                    target.display()
+                ),
+            ));
+        };
+        if self.tree.inodes[&ino].kind == Kind::Dir {
+            return Err(entry_err(
+                path.as_bytes(),
+                format!("hardlink to the directory {}", target.display()),
+            ));
+        }
+        self.ensure_parents(&path)?;
+        if self.tree.entries.contains_key(&path) {
+            return Err(entry_err(path.as_bytes(), "appears twice in the archive"));
+        }
+        self.tree.entries.insert(path, ino);
+        Ok(())
+    }
+}
+
+fn is_subd(p: &FsPath) -> bool {
+    let subd = FsPath::new(SUBD_DIR.as_bytes().to_vec()).expect("valid");
+    p.starts_with(&subd)
+}
+
+fn pax_mtime(entry: &mut tar::Entry<'_, impl Read>) -> io::Result<Option<Mtime>> {
+    let Some(exts) = entry.pax_extensions()? else {
+        return Ok(None);
+    };
+    for e in exts {
+        let e = e?;
+        if e.key_bytes() == b"mtime" {
+            let v = std::str::from_utf8(e.value_bytes()).unwrap_or("");
+            let (s, frac) = v.split_once('.').unwrap_or((v, ""));
+            let Ok(sec) = s.parse::<i64>() else {
+                return Ok(None);
+            };
+            let digits: String = frac.chars().take(9).collect();
+            let nsec = if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                0
+            } else {
+                format!("{digits:0<9}").parse::<u32>().unwrap_or(0)
+            };
+            // A negative fractional time counts down from the whole second.
+            if sec < 0 && nsec > 0 {
+                return Ok(Some(Mtime {
+                    sec: sec - 1,
+                    nsec: 1_000_000_000 - nsec,
+                }));
+            }
+            return Ok(Some(Mtime { sec, nsec }));
+        }
+    }
+    Ok(None)
+}
+
+fn classify_io(e: io::Error) -> TarError {
+    let msg = e.to_string();
+    if msg.contains("checksum mismatch") || msg.contains("numeric field") {
+        TarError::NotTar(msg)
+    } else if e.kind() == io::ErrorKind::UnexpectedEof || msg.contains("entire block") {
+        TarError::Truncated(msg)
+    } else {
+        TarError::Io(e)
+    }
+}
+
+/// Imports an uncompressed tar stream.
+pub fn import_plain<R: Read>(
+    r: R,
+    sink: &mut dyn ContentSink,
+) -> Result<(FileTree, ImportStats), TarError> {
+    let mut tracker = EofTracker {
+        inner: r,
+        eof: false,
+    };
+    let mut b = Builder::new();
+    {
+        let mut archive = tar::Archive::new(&mut tracker);
+        let entries = archive.entries().map_err(classify_io)?;
+        for entry in entries {
+            let mut entry = entry.map_err(classify_io)?;
+            b.stats.entries += 1;
+            let raw_path = entry.path_bytes().into_owned();
+            let path = FsPath::from_relative(&raw_path)
+                .map_err(|e| entry_err(&raw_path, e.reason.to_string()))?;
+            let etype = entry.header().entry_type();
+            if matches!(
+                etype,
+                EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName
+            ) {
+                continue;
+            }
+            if is_subd(&path) {
+                b.stats.dropped += 1;
+                continue;
+            }
+            let h = entry.header();
+            let mode = h.mode().map_err(|e| entry_err(&raw_path, e.to_string()))?;
+            let uid = h.uid().map_err(|e| entry_err(&raw_path, e.to_string()))? as u32;
+            let gid = h.gid().map_err(|e| entry_err(&raw_path, e.to_string()))? as u32;
+            let mut mtime = Mtime {
+                sec: h.mtime().map_err(|e| entry_err(&raw_path, e.to_string()))? as i64,
+                nsec: 0,
+            };
+            let link = entry.link_name_bytes().map(|c| c.into_owned());
+            let (major, minor) = (
+                h.device_major().ok().flatten().unwrap_or(0),
+                h.device_minor().ok().flatten().unwrap_or(0),
+            );
+            if let Some(m) = pax_mtime(&mut entry).map_err(classify_io)? {
+                mtime = m;
+            }
+            let size = entry.size();
+            match etype {
+                EntryType::Directory => b.add(path, Inode::dir(mode, uid, gid))?,
+                EntryType::Regular | EntryType::Continuous => {
+                    let hash = if size > 0 {
+                        let mut counting = Counting {
+                            inner: &mut entry,
+                            n: 0,
+                        };
+                        let id = sink.file(&path, size, &mut counting).map_err(|e| {
+                            if counting.n < size {
+                                classify_io(e)
+                            } else {
+                                TarError::Sink(e)
+                            }
+                        })?;
+                        if counting.n != size {
+                            return Err(TarError::Truncated(format!(
+                                "{}: {} of {size} bytes present",
+                                path.display(),
+                                counting.n
+                            )));
+                        }
+                        b.stats.files += 1;
+                        b.stats.bytes += size;
+                        Some(id)
+                    } else {
+                        None
+                    };
+                    b.add(path, Inode::file(mode, uid, gid, mtime, size, hash))?;
+                }
+                EntryType::Symlink => {
+                    let target = link.filter(|t| !t.is_empty()).ok_or_else(|| {
+                        entry_err(&raw_path, "symlink without a target".to_string())
+                    })?;
+                    b.add(path, Inode::symlink(uid, gid, target))?;
+                }
+                EntryType::Link => {
+                    let target =
+                        link.ok_or_else(|| entry_err(&raw_path, "hardlink without a target"))?;
+                    let target = FsPath::from_relative(&target).map_err(|e| {
+                        entry_err(&raw_path, format!("hardlink target: {}", e.reason))
+                    })?;
+                    if is_subd(&target) {
+                        return Err(entry_err(
+                            &raw_path,
+                            "hardlink into /.subd, which is never part of an image",
+                        ));
+                    }
+                    b.hardlink(path, target)?;
+                }
+                EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                    let kind = match etype {
+                        EntryType::Char => Kind::Char,
+                        EntryType::Block => Kind::Block,
+                        _ => Kind::Fifo,
+                    };
+                    let mut ino = Inode::new(kind, mode, uid, gid);
+                    ino.mtime = mtime;
+                    if kind != Kind::Fifo {
+                        ino.rdev = libc::makedev(major, minor);
+                    }
+                    b.add(path, ino.normalized())?;
+                }
+                other => {
+                    return Err(entry_err(
+                        &raw_path,
+                        format!("unsupported entry type {:?}", other.as_byte() as char),
+                    ))
+                }
+            }
+        }
+    }
+    if b.stats.entries == 0 {
+        return Err(TarError::Empty);
+    }
+    if tracker.eof {
+        return Err(TarError::Truncated(
+            "the stream ends without the end-of-archive marker".into(),
+        ));
+    }
+    // Drain the rest (padding), which also checks a gzip stream's CRC trailer.
+    io::copy(&mut tracker.inner, &mut io::sink()).map_err(classify_io)?;
+    b.tree.validate().map_err(|e| TarError::Entry {
+        path: String::new(),
+        reason: e.to_string(),
+    })?;
+    Ok((b.tree, b.stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Builds a tar in memory; `f` adds entries.
+    fn tar_with(f: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        f(&mut b);
+        b.into_inner().unwrap()
+    }
+
+    fn hdr(kind: EntryType, mode: u32, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h
+    }
+
+    fn file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]) {
+        let mut h = hdr(EntryType::Regular, 0o644, data.len() as u64);
+        b.append_data(&mut h, path, data).unwrap();
+    }
+
+    fn dir(b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32) {
+        let mut h = hdr(EntryType::Directory, mode, 0);
+        b.append_data(&mut h, path, io::empty()).unwrap();
+    }
+
+    fn link(b: &mut tar::Builder<Vec<u8>>, kind: EntryType, path: &str, target: &str) {
+        let mut h = hdr(kind, 0o777, 0);
+        b.append_link(&mut h, path, target).unwrap();
+    }
+
+    fn run(data: Vec<u8>) -> Result<FileTree, TarError> {
+        import(io::Cursor::new(data), &mut HashOnly).map(|(t, _)| t)
+    }
+
+    fn p(s: &str) -> FsPath {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn normal_archive_with_root_hardlinks_symlinks_devices() {
+        let data = tar_with(|b| {
+            dir(b, "./", 0o750);
+            dir(b, "./etc", 0o755);
+            file(b, "./etc/passwd", b"root:x:0:0\n");
+            link(b, EntryType::Link, "./etc/passwd-", "./etc/passwd");
+            link(b, EntryType::Symlink, "./lnk", "/nowhere");
+            let mut h = hdr(EntryType::Char, 0o620, 0);
+            h.set_device_major(4).unwrap();
+            h.set_device_minor(1).unwrap();
+            b.append_data(&mut h, "./dev/tty1", io::empty()).unwrap();
+            let mut h = hdr(EntryType::Fifo, 0o600, 0);
+            b.append_data(&mut h, "./run/fifo", io::empty()).unwrap();
+            file(b, "./.subd/objects/x", b"dropped");
+            file(b, "./empty", b"");
+        });
+        let t = run(data).unwrap();
+        assert_eq!(t.get(&FsPath::root()).unwrap().mode, 0o750);
+        let pw = t.get(&p("/etc/passwd")).unwrap();
+        assert_eq!(pw.hash, Some(ObjectId::of(b"root:x:0:0\n")));
+        assert_eq!(t.entries[&p("/etc/passwd")], t.entries[&p("/etc/passwd-")]);
+        assert_eq!(
+            t.get(&p("/lnk")).unwrap().target.as_deref(),
+            Some(&b"/nowhere"[..])
+        );
+        let tty = t.get(&p("/dev/tty1")).unwrap();
+        assert_eq!(tty.kind, Kind::Char);
+        assert_eq!(tty.rdev, libc::makedev(4, 1));
+        // implicit parent directory
+        assert_eq!(t.get(&p("/dev")).unwrap().mode, 0o755);
+        assert_eq!(t.get(&p("/run/fifo")).unwrap().kind, Kind::Fifo);
+        assert!(t.get(&p("/.subd")).is_none());
+        assert!(t.get(&p("/.subd/objects/x")).is_none());
+        assert_eq!(t.get(&p("/empty")).unwrap().hash, None);
+    }
+
+    #[test]
+    fn default_root_and_late_directory_entry_sets_metadata() {
+        let data = tar_with(|b| {
+            file(b, "a/b", b"x");
+            dir(b, "a", 0o700);
+        });
+        let t = run(data).unwrap();
+        assert_eq!(t.get(&FsPath::root()).unwrap().mode, 0o755);
+        assert_eq!(t.get(&p("/a")).unwrap().mode, 0o700);
+    }
+
+    fn expect_err(data: Vec<u8>, want: &str) {
+        let e = run(data).expect_err("must fail").to_string();
+        assert!(e.contains(want), "{e:?} lacks {want:?}");
+    }
+
+    /// Writes a raw header with an arbitrary path (the builder refuses `..`).
+    fn raw_entry(b: &mut tar::Builder<Vec<u8>>, kind: EntryType, path: &[u8], link: &[u8]) {
+        let mut h = hdr(kind, 0o644, 0);
+        h.as_old_mut().name[..path.len()].copy_from_slice(path);
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
+        h.set_cksum();
+        b.append(&h, io::empty()).unwrap();
+    }
+
+    #[test]
+    fn bad_archives() {
+        expect_err(
+            tar_with(|b| raw_entry(b, EntryType::Regular, b"../etc/passwd", b"")),
+            "`..` component",
+        );
+        expect_err(
+            tar_with(|b| raw_entry(b, EntryType::Regular, b"/a/../../x", b"")),
+            "`..` component",
+        );
+        expect_err(
+            tar_with(|b| {
+                link(b, EntryType::Link, "a", "b");
+                file(b, "b", b"x");
+            }),
+            "not earlier in the archive",
+        );
+        expect_err(
+            tar_with(|b| {
+                link(b, EntryType::Symlink, "etc", "/etc");
+                file(b, "etc/passwd", b"x");
+            }),
+            "written through the symlink /etc",
+        );
+        expect_err(
+            tar_with(|b| {
+                file(b, "a", b"1");
+                file(b, "a", b"2");
+            }),
+            "appears twice",
+        );
+        expect_err(
+            tar_with(|b| {
+                dir(b, "d", 0o755);
+                dir(b, "d", 0o755);
+            }),
+            "appears twice",
+        );
+        expect_err(
+            tar_with(|b| {
+                file(b, "f", b"1");
+                file(b, "f/x", b"2");
+            }),
+            "is not a directory",
+        );
+        expect_err(
+            tar_with(|b| {
+                dir(b, "d", 0o755);
+                link(b, EntryType::Link, "h", "d");
+            }),
+            "hardlink to the directory",
+        );
+        expect_err(
+            b"hello, I am not a tar archive at all".repeat(40),
+            "not a tar",
+        );
+        expect_err(Vec::new(), "no entries");
+        expect_err(vec![0u8; 10240], "no entries");
+    }
+
+    #[test]
+    fn truncations() {
+        let good = tar_with(|b| file(b, "big", &vec![7u8; 100_000]));
+        run(good.clone()).unwrap();
+        // inside the content
+        expect_err(good[..50_000].to_vec(), "truncated");
+        // inside a header
+        expect_err(good[..100].to_vec(), "truncated");
+        // at an entry boundary, without the end marker
+        let boundary = 512 + 100_000usize.div_ceil(512) * 512;
+        expect_err(good[..boundary].to_vec(), "truncated");
+        // gzip cut anywhere
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        io::Write::write_all(&mut gz, &good).unwrap();
+        let gz = gz.finish().unwrap();
+        run(gz.clone()).unwrap();
+        for cut in [10, gz.len() / 2, gz.len() - 4] {
+            assert!(run(gz[..cut].to_vec()).is_err(), "gzip cut at {cut}");
+        }
+        let mut corrupt = gz.clone();
+        let mid = corrupt.len() / 2;
+        corrupt[mid] ^= 0xff;
+        assert!(run(corrupt).is_err());
+    }
+
+    #[test]
+    fn non_utf8_names_survive() {
+        let data = tar_with(|b| raw_entry(b, EntryType::Regular, b"caf\xe9", b""));
+        let t = run(data).unwrap();
+        assert!(t.get(&FsPath::new(b"/caf\xe9".to_vec()).unwrap()).is_some());
+    }
+
+    #[test]
+    fn gzip_detected_by_content_and_matches_plain() {
+        let plain = tar_with(|b| {
+            file(b, "x", b"hello");
+            link(b, EntryType::Symlink, "y", "x");
+        });
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        io::Write::write_all(&mut gz, &plain).unwrap();
+        assert_eq!(run(plain).unwrap(), run(gz.finish().unwrap()).unwrap());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// Arbitrary bytes never panic the importer.
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = run(data);
+        }
+
+        /// Random valid archives import to exactly the files put in.
+        #[test]
+        fn random_archives_round_trip(files in proptest::collection::btree_map("[a-z]{1,3}(/[a-z]{1,3}){0,2}", proptest::collection::vec(any::<u8>(), 0..300), 1..20)) {
+            // Drop names that are a prefix directory of another name.
+            let names: Vec<&String> = files.keys().collect();
+            let leaves: Vec<(&String, &Vec<u8>)> = files.iter().filter(|(k, _)| !names.iter().any(|n| n.starts_with(&format!("{k}/")))).collect();
+            let data = tar_with(|b| for (k, v) in &leaves { file(b, k, v) });
+            let t = run(data).unwrap();
+            t.validate().unwrap();
+            for (k, v) in leaves {
+                let ino = t.get(&p(&format!("/{k}"))).unwrap();
+                prop_assert_eq!(ino.size, v.len() as u64);
+                prop_assert_eq!(ino.hash, if v.is_empty() { None } else { Some(ObjectId::of(v)) });
+            }
+        }
+
+        /// Mutating one byte of a valid archive either fails cleanly or yields a valid tree.
+        #[test]
+        fn mutated_archives_fail_cleanly(pos in 0usize..3072, val in any::<u8>()) {
+            let mut data = tar_with(|b| {
+                dir(b, "./", 0o755);
+                file(b, "a/b", b"hello");
+                link(b, EntryType::Link, "a/c", "a/b");
+                link(b, EntryType::Symlink, "s", "a");
+            });
+            let pos = pos % data.len();
+            data[pos] = val;
+            if let Ok(t) = run(data) { t.validate().unwrap() }
+        }
+    }
+}

@@ -159,3 +159,73 @@ async fn handle(mut client: TcpStream, target: SocketAddr, mode: Fault) {
         }
     }
 }
+
+/// The path of a workspace binary built beside the running test (`target/<profile>/<name>`).
+/// Panics with the command to run when it has not been built.
+pub fn bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// A loopback port that was free a moment ago (for real processes that must be told one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real daemon process listening on `addr`; killed (SIGKILL) when dropped.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Daemon {
+    /// Starts `program args…` and waits until `addr` accepts connections (10 s at most).
+    pub fn start(program: &std::path::Path, args: &[String], addr: &str) -> Daemon {
+        let child = std::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+        let mut d = Daemon {
+            child,
+            addr: addr.to_string(),
+        };
+        let t0 = std::time::Instant::now();
+        while std::net::TcpStream::connect(addr).is_err() {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("{} exited before listening: {status}", program.display());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{} never listened on {addr}",
+                program.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    /// SIGKILL, as a crash or a power cut would, and reap it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,231 @@
+//! The `dominator` command line: the daemon's flags and the subcommands (`plan`,
+//! `disable-updates`, `enable-updates`, `local-fleet`), and the code of the small ones.
+
+use crate::herd::{self, HerdConfig};
+use crate::{local_fleet, planner, preview, web};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use model::api::PollRequest;
+use model::client::{ClientSecurity, RpcClient};
+use model::security::{ClientTlsArgs, DaemonTlsArgs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Drive every machine of the MDB to its required image.
+#[derive(Parser, Debug)]
+#[command(
+    name = "dominator",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What the daemon and `dominator plan` share: where the fleet is described and reached.
+#[derive(Args, Debug, Clone)]
+pub struct FleetArgs {
+    /// The machine database
+    #[arg(long, env = "MDB_FILE", default_value = mdb::DEFAULT_MDB_PATH)]
+    pub mdb: PathBuf,
+    /// The imageserver (HOST:PORT); subds are told to fetch from this address too
+    #[arg(long, value_name = "HOST:PORT", required = true)]
+    pub image_server: Option<String>,
+    /// Port of subds whose MDB Hostname/IpAddress carries none
+    #[arg(long, default_value_t = model::client::SUBD_PORT)]
+    pub subd_port: u16,
+    #[command(flatten)]
+    pub tls: DaemonTlsArgs,
+}
+
+impl FleetArgs {
+    /// The herd configuration these flags describe (client side: `client_security`).
+    pub fn herd_config(&self) -> anyhow::Result<HerdConfig> {
+        let security = self.tls.client_security("dominator")?;
+        let mut cfg = HerdConfig::new(
+            self.mdb.clone(),
+            self.image_server
+                .clone()
+                .context("--image-server is required")?,
+            security,
+        );
+        cfg.subd_port = self.subd_port;
+        Ok(cfg)
+    }
+}
+
+/// Flags of the daemon.
+#[derive(Args, Debug, Clone)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+    /// Address of the status page and RPCs
+    #[arg(long, default_value = "0.0.0.0:6970")]
+    pub listen: String,
+    /// Start with updates disabled fleet-wide (optionally saying why); re-enable with
+    /// `dominator enable-updates`
+    #[arg(long, value_name = "REASON", num_args = 0..=1, default_missing_value = "disabled at startup")]
+    pub disable_updates_at_startup: Option<String>,
+    /// Machines worked on at once
+    #[arg(long, default_value_t = 200)]
+    pub concurrency: usize,
+    /// Milliseconds between two polls of a machine
+    #[arg(long, default_value_t = 1000)]
+    pub poll_interval_ms: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print what an update would do on one machine (or all) now, without doing it
+    Plan {
+        /// The machine (default: every machine of the MDB)
+        host: Option<String>,
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
+    /// Stop all updates fleet-wide (fetches continue), with a reason
+    DisableUpdates {
+        /// Why (shown on the status page)
+        reason: String,
+        #[command(flatten)]
+        target: ControlArgs,
+    },
+    /// Allow updates again after `disable-updates`
+    EnableUpdates {
+        #[command(flatten)]
+        target: ControlArgs,
+    },
+    /// Start a complete local fleet (imageserver, dominator, three subds) for trying it out
+    LocalFleet(local_fleet::LocalFleetArgs),
+}
+
+/// Where a control command sends its RPC.
+#[derive(Args, Debug)]
+pub struct ControlArgs {
+    /// The dominator to control
+    #[arg(long, default_value = "localhost:6970", env = "DOMINATOR")]
+    pub dominator: String,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+}
+
+/// Sends `Dominator.DisableUpdates` (with `reason`) or `Dominator.EnableUpdates`.
+pub async fn control(target: &ControlArgs, disable: Option<&str>) -> anyhow::Result<()> {
+    let client = RpcClient::new(
+        &target.dominator,
+        model::client::DOMINATOR_PORT,
+        &target.tls.security()?,
+        Some(Duration::from_secs(30)),
+    )?;
+    match disable {
+        Some(reason) => {
+            client
+                .call::<_, model::api::Empty>(
+                    web::DISABLE_UPDATES,
+                    &web::DisableUpdatesRequest {
+                        reason: reason.to_string(),
+                    },
+                )
+                .await?;
+        }
+        None => {
+            client
+                .call::<_, model::api::Empty>(web::ENABLE_UPDATES, &model::api::Empty {})
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The outcome of `dominator plan` for one machine.
+pub struct MachinePlan {
+    pub host: String,
+    /// The preview text, or why there is none.
+    pub result: Result<String, String>,
+}
+
+/// Computes what an update would do on `host` (or every machine) now: a full poll of each
+/// subd and the same diff the herd uses. Nothing is sent to the machines but the poll.
+pub async fn plan(fleet: &FleetArgs, host: Option<&str>) -> anyhow::Result<Vec<MachinePlan>> {
+    let cfg = fleet.herd_config()?;
+    let mdb = mdb::load(&cfg.mdb_path)?;
+    let machines: Vec<mdb::Machine> = match host {
+        Some(h) => vec![mdb
+            .get(h)
+            .with_context(|| format!("no machine {h:?} in {}", cfg.mdb_path.display()))?
+            .clone()],
+        None => mdb.machines().cloned().collect(),
+    };
+    let images = Arc::new(crate::images::ImageCache::new(
+        model::client::ImageServerClient::new(&cfg.image_server, &cfg.security)?,
+        Duration::ZERO,
+    ));
+    let permits = Arc::new(tokio::sync::Semaphore::new(cfg.concurrency));
+    let mut set = tokio::task::JoinSet::new();
+    for (i, m) in machines.into_iter().enumerate() {
+        let (images, permits, security, port) = (
+            images.clone(),
+            permits.clone(),
+            cfg.security.clone(),
+            cfg.subd_port,
+        );
+        set.spawn(async move {
+            let _p = permits.acquire().await;
+            let result = plan_one(&m, &images, &security, port).await;
+            (
+                i,
+                MachinePlan {
+                    host: m.hostname.clone(),
+                    result,
+                },
+            )
+        });
+    }
+    let mut out: Vec<(usize, MachinePlan)> = Vec::new();
+    while let Some(r) = set.join_next().await {
+        out.push(r?);
+    }
+    out.sort_by_key(|(i, _)| *i);
+    Ok(out.into_iter().map(|(_, p)| p).collect())
+}
+
+async fn plan_one(
+    m: &mdb::Machine,
+    images: &crate::images::ImageCache,
+    security: &ClientSecurity,
+    port: u16,
+) -> Result<String, String> {
+    if m.required_image.is_empty() {
+        return Err("no RequiredImage in the MDB (image undefined)".into());
+    }
+    let address = herd::dial_address(m, port);
+    let client = herd::subd_client(&address, security, Duration::from_secs(300))
+        .map_err(|e| e.to_string())?;
+    let (poll, _) = herd::poll_counted(&client, &PollRequest::default())
+        .await
+        .map_err(|e| format!("unreachable: {e}"))?;
+    let tree = poll
+        .tree
+        .ok_or_else(|| "sub not ready (no scan finished yet)".to_string())?;
+    let cache = poll.object_cache.unwrap_or_default();
+    let image = images.get(&m.required_image).await?;
+    let (name, excl) = (m.required_image.clone(), poll.exclusions);
+    let plan =
+        tokio::task::spawn_blocking(move || planner::compute(&name, &image, &tree, &cache, &excl))
+            .await
+            .map_err(|e| e.to_string())?;
+    let mut text = preview::describe(&m.hostname, &plan);
+    if !plan.is_empty() {
+        if m.disable_updates {
+            text.push_str("  (not sent: DisableUpdates is set in the MDB)\n");
+        } else if plan.unsafe_reason.is_some() && !m.safety_check_disabled() {
+            text.push_str("  (not sent: unsafe; set the MDB tag DisableSafetyCheck to allow it)\n");
+        }
+    }
+    Ok(text)
+}

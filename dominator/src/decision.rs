@@ -1,0 +1,536 @@
+//! The per-machine decision, as a pure function: given what the MDB wants, what the
+//! machine last reported, the plan the diff computed and what we did last, what is the
+//! next step? No I/O, no clocks: `herd` gathers the facts, calls `next_step`, and carries
+//! the step out. Back-off is data too (`backoff`).
+
+use model::api::PollResponse;
+use model::{ObjectId, UpdatePlan};
+use serde::Serialize;
+use std::time::Duration;
+
+/// What a user sees for a machine. Names follow Dominator's (`dominator.md` §7.5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    WaitingToPoll,
+    Unreachable,
+    SubNotReady,
+    ImageUndefined,
+    ImageNotReady,
+    Fetching,
+    FetchFailed,
+    Updating,
+    UpdateFailed,
+    WaitingForScan,
+    UpdatesDisabled,
+    UnsafeUpdate,
+    Synced,
+}
+
+impl Status {
+    pub const ALL: [Status; 13] = [
+        Status::Synced,
+        Status::Fetching,
+        Status::Updating,
+        Status::WaitingForScan,
+        Status::UpdateFailed,
+        Status::FetchFailed,
+        Status::Unreachable,
+        Status::ImageNotReady,
+        Status::ImageUndefined,
+        Status::UpdatesDisabled,
+        Status::UnsafeUpdate,
+        Status::SubNotReady,
+        Status::WaitingToPoll,
+    ];
+
+    /// The human name shown on the status page and in the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::WaitingToPoll => "waiting to poll",
+            Status::Unreachable => "unreachable",
+            Status::SubNotReady => "sub not ready",
+            Status::ImageUndefined => "image undefined",
+            Status::ImageNotReady => "image not ready",
+            Status::Fetching => "fetching",
+            Status::FetchFailed => "fetch failed",
+            Status::Updating => "updating",
+            Status::UpdateFailed => "update failed",
+            Status::WaitingForScan => "waiting for next scan",
+            Status::UpdatesDisabled => "updates disabled",
+            Status::UnsafeUpdate => "unsafe update",
+            Status::Synced => "synced",
+        }
+    }
+
+    /// Failures that are retried with an exponential back-off.
+    pub fn backs_off(self) -> bool {
+        matches!(
+            self,
+            Status::Unreachable | Status::FetchFailed | Status::UpdateFailed
+        )
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The required image, as far as the dominator knows it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ImageState {
+    /// The MDB names no image.
+    Undefined,
+    /// Named but not (yet) on the imageserver, or the imageserver is unreachable.
+    NotReady(String),
+    /// Available; the diff could be computed (`plan`).
+    Ready,
+}
+
+/// Something the dominator asked the machine to do, remembered until it is confirmed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Fetch objects for `image`; the poll before it had scan count `scan_count`.
+    Fetch { image: String, scan_count: u64 },
+    /// Apply the update for `image`; the poll before it had scan count `scan_count`.
+    Update { image: String, scan_count: u64 },
+}
+
+/// Everything the decision depends on.
+#[derive(Clone, Debug)]
+pub struct Facts<'a> {
+    /// The poll, or why it failed.
+    pub poll: Result<&'a PollResponse, &'a str>,
+    pub required_image: &'a str,
+    pub image: ImageState,
+    /// The diff of the required image against the last tree, when both are known.
+    pub plan: Option<&'a UpdatePlan>,
+    /// Why updates are off for this machine (MDB `DisableUpdates` or the global switch).
+    pub updates_disabled: Option<&'a str>,
+    /// The MDB tag `DisableSafetyCheck` is set.
+    pub safety_check_disabled: bool,
+    /// The last action not yet confirmed by a later poll.
+    pub last_action: Option<&'a Action>,
+    /// Objects the planned image needs that the machine has nowhere (empty if none or
+    /// not ready).
+    pub planned_missing: &'a [ObjectId],
+}
+
+/// The next step for one machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing to send now; report `status` (and `error`), and forget the last action if
+    /// it has been settled.
+    Wait {
+        status: Status,
+        error: Option<String>,
+        settled: bool,
+    },
+    /// Ask the subd to fetch these objects from the imageserver.
+    Fetch { hashes: Vec<ObjectId> },
+    /// Send the plan.
+    Update,
+    /// In sync; optionally prefetch the planned image's objects.
+    Synced { prefetch: Vec<ObjectId> },
+}
+
+fn wait(status: Status, error: Option<String>) -> Step {
+    Step::Wait {
+        status,
+        error,
+        settled: false,
+    }
+}
+
+/// Scans after an update that must complete before its result is believed: the scan in
+/// flight when the update started may have seen the tree half-way.
+pub const SCANS_AFTER_UPDATE: u64 = 2;
+/// Scans after a fetch before the object cache is believed to list the fetched objects.
+pub const SCANS_AFTER_FETCH: u64 = 1;
+
+/// Decides the next step. The order of checks is the status precedence: connection,
+/// work in progress, sub readiness, the outcome of our last action, image availability,
+/// then the plan itself.
+pub fn next_step(f: &Facts<'_>) -> Step {
+    let poll = match f.poll {
+        Err(e) => return wait(Status::Unreachable, Some(e.to_string())),
+        Ok(p) => p,
+    };
+    if poll.fetch_in_progress {
+        return wait(Status::Fetching, None);
+    }
+    if poll.update_in_progress {
+        return wait(Status::Updating, None);
+    }
+    if poll.generation == 0 {
+        return wait(Status::SubNotReady, None);
+    }
+    match f.last_action {
+        Some(Action::Update { image, scan_count }) => {
+            if poll.scan_count < scan_count + SCANS_AFTER_UPDATE {
+                return wait(Status::WaitingForScan, None);
+            }
+            if let Some(r) = poll.last_update.as_ref().filter(|r| &r.image_name == image) {
+                if let Some(e) = r.errors.last() {
+                    return Step::Wait {
+                        status: Status::UpdateFailed,
+                        error: Some(e.clone()),
+                        settled: true,
+                    };
+                }
+            }
+        }
+        Some(Action::Fetch { scan_count, .. }) => {
+            if let Some(e) = &poll.last_fetch_error {
+                return Step::Wait {
+                    status: Status::FetchFailed,
+                    error: Some(e.clone()),
+                    settled: true,
+                };
+            }
+            if poll.scan_count < scan_count + SCANS_AFTER_FETCH {
+                return wait(Status::Fetching, None);
+            }
+        }
+        None => {}
+    }
+    match &f.image {
+        ImageState::Undefined => return wait(Status::ImageUndefined, None),
+        ImageState::NotReady(e) => return wait(Status::ImageNotReady, Some(e.clone())),
+        ImageState::Ready => {}
+    }
+    let Some(plan) = f.plan else {
+        return wait(Status::WaitingToPoll, None);
+    };
+    if !plan.objects_to_fetch.is_empty() {
+        // Objects are fetched even when updates are off, so enabling them is quick.
+        return Step::Fetch {
+            hashes: plan.objects_to_fetch.clone(),
+        };
+    }
+    if plan.is_empty() {
+        return Step::Synced {
+            prefetch: f.planned_missing.to_vec(),
+        };
+    }
+    if let Some(reason) = f.updates_disabled {
+        return Step::Wait {
+            status: Status::UpdatesDisabled,
+            error: Some(reason.to_string()),
+            settled: true,
+        };
+    }
+    if let Some(reason) = &plan.unsafe_reason {
+        if !f.safety_check_disabled {
+            return Step::Wait {
+                status: Status::UnsafeUpdate,
+                error: Some(format!(
+                    "{reason} (set the MDB tag DisableSafetyCheck on this machine to allow it)"
+                )),
+                settled: true,
+            };
+        }
+    }
+    let _ = f.required_image;
+    Step::Update
+}
+
+/// Delay before retrying after `failures` consecutive failures: `base`, doubling each
+/// time, never more than `cap`.
+pub fn backoff(failures: u32, base: Duration, cap: Duration) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let factor = 1u32
+        .checked_shl(failures.saturating_sub(1).min(31))
+        .unwrap_or(u32::MAX);
+    base.saturating_mul(factor).min(cap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::api::UpdateResult;
+
+    fn id(n: u8) -> ObjectId {
+        ObjectId::of(&[n])
+    }
+
+    fn poll(generation: u64, scan_count: u64) -> PollResponse {
+        PollResponse {
+            generation,
+            scan_count,
+            ..PollResponse::default()
+        }
+    }
+
+    fn plan_with(f: impl FnOnce(&mut UpdatePlan)) -> UpdatePlan {
+        let mut p = UpdatePlan {
+            image_name: "img/2".into(),
+            ..UpdatePlan::default()
+        };
+        f(&mut p);
+        p
+    }
+
+    /// One row: a name, the facts, the expected step.
+    struct Case<'a> {
+        name: &'a str,
+        facts: Facts<'a>,
+        want: Step,
+    }
+
+    fn base<'a>(p: &'a PollResponse, plan: Option<&'a UpdatePlan>) -> Facts<'a> {
+        Facts {
+            poll: Ok(p),
+            required_image: "img/2",
+            image: ImageState::Ready,
+            plan,
+            updates_disabled: None,
+            safety_check_disabled: false,
+            last_action: None,
+            planned_missing: &[],
+        }
+    }
+
+    #[test]
+    fn next_step_table() {
+        let ready = poll(3, 10);
+        let fetching = PollResponse {
+            fetch_in_progress: true,
+            ..poll(3, 10)
+        };
+        let updating = PollResponse {
+            update_in_progress: true,
+            ..poll(3, 10)
+        };
+        let not_ready = poll(0, 0);
+        let fetch_err = PollResponse {
+            last_fetch_error: Some("GetObjects: connection refused".into()),
+            ..poll(3, 11)
+        };
+        let failed_update = PollResponse {
+            last_update: Some(UpdateResult {
+                image_name: "img/2".into(),
+                errors: vec!["/etc/x: permission denied".into()],
+                ..UpdateResult::default()
+            }),
+            ..poll(4, 12)
+        };
+        let empty = plan_with(|_| {});
+        let needs_objects = plan_with(|p| p.objects_to_fetch = vec![id(1), id(2)]);
+        let changes = plan_with(|p| p.paths_to_delete = vec!["/x".parse().unwrap()]);
+        let unsafe_plan = plan_with(|p| {
+            p.paths_to_delete = vec!["/usr".parse().unwrap()];
+            p.unsafe_reason = Some("deletes 900 of 1000 inodes".into());
+        });
+        let sent_update = Action::Update {
+            image: "img/2".into(),
+            scan_count: 10,
+        };
+        let sent_fetch = Action::Fetch {
+            image: "img/2".into(),
+            scan_count: 10,
+        };
+        let prefetch = [id(9)];
+        let (one_scan, two_scans) = (poll(4, 11), poll(4, 12));
+        let w = |status, error: Option<&str>, settled| Step::Wait {
+            status,
+            error: error.map(str::to_string),
+            settled,
+        };
+
+        let cases = vec![
+            Case {
+                name: "unreachable",
+                facts: Facts {
+                    poll: Err("connection refused"),
+                    ..base(&ready, Some(&changes))
+                },
+                want: w(Status::Unreachable, Some("connection refused"), false),
+            },
+            Case {
+                name: "fetch in progress",
+                facts: base(&fetching, Some(&needs_objects)),
+                want: w(Status::Fetching, None, false),
+            },
+            Case {
+                name: "update in progress",
+                facts: base(&updating, Some(&changes)),
+                want: w(Status::Updating, None, false),
+            },
+            Case {
+                name: "first scan not done",
+                facts: base(&not_ready, None),
+                want: w(Status::SubNotReady, None, false),
+            },
+            Case {
+                name: "no image named",
+                facts: Facts {
+                    image: ImageState::Undefined,
+                    required_image: "",
+                    ..base(&ready, None)
+                },
+                want: w(Status::ImageUndefined, None, false),
+            },
+            Case {
+                name: "image not on the server yet",
+                facts: Facts {
+                    image: ImageState::NotReady("no such image".into()),
+                    ..base(&ready, None)
+                },
+                want: w(Status::ImageNotReady, Some("no such image"), false),
+            },
+            Case {
+                name: "no tree yet",
+                facts: base(&ready, None),
+                want: w(Status::WaitingToPoll, None, false),
+            },
+            Case {
+                name: "missing objects: fetch",
+                facts: base(&ready, Some(&needs_objects)),
+                want: Step::Fetch {
+                    hashes: vec![id(1), id(2)],
+                },
+            },
+            Case {
+                name: "missing objects are fetched even with updates disabled",
+                facts: Facts {
+                    updates_disabled: Some("MDB DisableUpdates"),
+                    ..base(&ready, Some(&needs_objects))
+                },
+                want: Step::Fetch {
+                    hashes: vec![id(1), id(2)],
+                },
+            },
+            Case {
+                name: "fetch sent, no scan since: still fetching",
+                facts: Facts {
+                    last_action: Some(&sent_fetch),
+                    ..base(&ready, Some(&needs_objects))
+                },
+                want: w(Status::Fetching, None, false),
+            },
+            Case {
+                name: "fetch failed",
+                facts: Facts {
+                    last_action: Some(&sent_fetch),
+                    ..base(&fetch_err, Some(&needs_objects))
+                },
+                want: w(
+                    Status::FetchFailed,
+                    Some("GetObjects: connection refused"),
+                    true,
+                ),
+            },
+            Case {
+                name: "changes: update",
+                facts: base(&ready, Some(&changes)),
+                want: Step::Update,
+            },
+            Case {
+                name: "changes, MDB disables updates",
+                facts: Facts {
+                    updates_disabled: Some("DisableUpdates in the MDB"),
+                    ..base(&ready, Some(&changes))
+                },
+                want: w(
+                    Status::UpdatesDisabled,
+                    Some("DisableUpdates in the MDB"),
+                    true,
+                ),
+            },
+            Case {
+                name: "unsafe plan stops",
+                facts: base(&ready, Some(&unsafe_plan)),
+                want: w(
+                    Status::UnsafeUpdate,
+                    Some("deletes 900 of 1000 inodes (set the MDB tag DisableSafetyCheck on this machine to allow it)"),
+                    true,
+                ),
+            },
+            Case {
+                name: "DisableSafetyCheck lifts the safety stop",
+                facts: Facts {
+                    safety_check_disabled: true,
+                    ..base(&ready, Some(&unsafe_plan))
+                },
+                want: Step::Update,
+            },
+            Case {
+                name: "global disable wins over DisableSafetyCheck",
+                facts: Facts {
+                    safety_check_disabled: true,
+                    updates_disabled: Some("maintenance"),
+                    ..base(&ready, Some(&unsafe_plan))
+                },
+                want: w(Status::UpdatesDisabled, Some("maintenance"), true),
+            },
+            Case {
+                name: "update sent, one scan since: wait",
+                facts: Facts {
+                    last_action: Some(&sent_update),
+                    ..base(&one_scan, Some(&changes))
+                },
+                want: w(Status::WaitingForScan, None, false),
+            },
+            Case {
+                name: "update failed",
+                facts: Facts {
+                    last_action: Some(&sent_update),
+                    ..base(&failed_update, Some(&changes))
+                },
+                want: w(
+                    Status::UpdateFailed,
+                    Some("/etc/x: permission denied"),
+                    true,
+                ),
+            },
+            Case {
+                name: "update confirmed: empty diff after two scans",
+                facts: Facts {
+                    last_action: Some(&sent_update),
+                    ..base(&two_scans, Some(&empty))
+                },
+                want: Step::Synced { prefetch: vec![] },
+            },
+            Case {
+                name: "synced: prefetch the planned image",
+                facts: Facts {
+                    planned_missing: &prefetch,
+                    ..base(&ready, Some(&empty))
+                },
+                want: Step::Synced {
+                    prefetch: vec![id(9)],
+                },
+            },
+        ];
+        for c in cases {
+            assert_eq!(next_step(&c.facts), c.want, "case {:?}", c.name);
+        }
+    }
+
+    #[test]
+    fn backoff_table() {
+        let (b, cap) = (Duration::from_secs(1), Duration::from_secs(60));
+        let cases = [
+            (0, 0),
+            (1, 1),
+            (2, 2),
+            (3, 4),
+            (6, 32),
+            (7, 60),
+            (40, 60),
+            (u32::MAX, 60),
+        ];
+        for (failures, secs) in cases {
+            assert_eq!(
+                backoff(failures, b, cap),
+                Duration::from_secs(secs),
+                "{failures}"
+            );
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! What the dominator knows about its fleet, shared between the herd (which writes it) and
+//! the status pages, JSON API, metrics and control RPCs (which read it or flip the global
+//! switch).
+
+use crate::decision::Status;
+use model::api::UpdateResult;
+use model::UpdatePlan;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// One machine as the status page and the API show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct MachineReport {
+    pub host: String,
+    /// The address dialled (`HOST:PORT`).
+    pub address: String,
+    pub required_image: String,
+    pub planned_image: String,
+    pub status: Status,
+    /// `status` as the human name (`synced`, `update failed`, …).
+    pub status_name: &'static str,
+    pub last_error: Option<String>,
+    /// Unix seconds of the last poll that found the machine in sync.
+    pub last_synced: Option<u64>,
+    /// Unix seconds of the last successful poll.
+    pub last_poll: Option<u64>,
+    pub generation: u64,
+    pub scan_count: u64,
+    pub polls: u64,
+    /// Size of the last poll reply in bytes.
+    pub last_poll_bytes: u64,
+    pub consecutive_failures: u32,
+    /// What the last update the machine reports did.
+    pub last_update: Option<UpdateResult>,
+    /// The last plan computed for the machine (present in per-machine views).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "plan_ser")]
+    pub last_plan: Option<Arc<UpdatePlan>>,
+}
+
+fn plan_ser<S: serde::Serializer>(p: &Option<Arc<UpdatePlan>>, s: S) -> Result<S::Ok, S::Error> {
+    p.as_deref().serialize(s)
+}
+
+impl MachineReport {
+    pub fn new(host: &str) -> MachineReport {
+        MachineReport {
+            host: host.to_string(),
+            address: String::new(),
+            required_image: String::new(),
+            planned_image: String::new(),
+            status: Status::WaitingToPoll,
+            status_name: Status::WaitingToPoll.name(),
+            last_error: None,
+            last_synced: None,
+            last_poll: None,
+            generation: 0,
+            scan_count: 0,
+            polls: 0,
+            last_poll_bytes: 0,
+            consecutive_failures: 0,
+            last_update: None,
+            last_plan: None,
+        }
+    }
+}
+
+/// Why updates are stopped fleet-wide.
+#[derive(Clone, Debug, Serialize)]
+pub struct GlobalDisable {
+    pub reason: String,
+    /// Who disabled them (certificate name, `startup`, or empty when insecure).
+    pub by: String,
+    pub since: u64,
+}
+
+/// Fleet-wide counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub polls: AtomicU64,
+    pub poll_bytes: AtomicU64,
+    pub poll_failures: AtomicU64,
+    pub fetches: AtomicU64,
+    pub updates: AtomicU64,
+    pub mdb_loads: AtomicU64,
+    pub mdb_errors: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The shared state. Every std Mutex here is held only to copy in or out, never across
+/// an `.await`.
+pub struct Fleet {
+    pub machines: Mutex<BTreeMap<String, MachineReport>>,
+    pub disabled: Mutex<Option<GlobalDisable>>,
+    /// The last MDB problem (file unreadable or invalid); `None` once a good file loads.
+    pub mdb_error: Mutex<Option<String>>,
+    pub mdb_path: String,
+    pub image_server: String,
+    pub insecure: bool,
+    pub started: u64,
+    pub counters: Counters,
+}
+
+impl Fleet {
+    pub fn new(mdb_path: &str, image_server: &str, insecure: bool) -> Fleet {
+        Fleet {
+            machines: Mutex::new(BTreeMap::new()),
+            disabled: Mutex::new(None),
+            mdb_error: Mutex::new(None),
+            mdb_path: mdb_path.to_string(),
+            image_server: image_server.to_string(),
+            insecure,
+            started: unix_now(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Every machine, host-sorted, without plans.
+    pub fn reports(&self) -> Vec<MachineReport> {
+        let m = self.machines.lock().expect("fleet lock");
+        let mut v: Vec<MachineReport> = m
+            .values()
+            .map(|r| MachineReport {
+                last_plan: None,
+                ..r.clone()
+            })
+            .collect();
+        v.sort_by(|a, b| model::image::version_cmp(&a.host, &b.host));
+        v
+    }
+
+    /// One machine, with its last plan.
+    pub fn report(&self, host: &str) -> Option<MachineReport> {
+        let m = self.machines.lock().expect("fleet lock");
+        m.get(host)
+            .or_else(|| m.values().find(|r| r.host.eq_ignore_ascii_case(host)))
+            .cloned()
+    }
+
+    /// Machines per status, every status listed.
+    pub fn counts(&self) -> BTreeMap<&'static str, usize> {
+        let mut c: BTreeMap<&'static str, usize> =
+            Status::ALL.iter().map(|s| (s.name(), 0)).collect();
+        for r in self.machines.lock().expect("fleet lock").values() {
+            *c.entry(r.status.name()).or_default() += 1;
+        }
+        c
+    }
+
+    pub fn global_disable(&self) -> Option<GlobalDisable> {
+        self.disabled.lock().expect("fleet lock").clone()
+    }
+
+    pub fn set_global_disable(&self, d: Option<GlobalDisable>) {
+        match &d {
+            Some(d) => {
+                tracing::warn!(reason = %d.reason, by = %d.by, "updates disabled fleet-wide")
+            }
+            None => tracing::warn!("updates enabled fleet-wide"),
+        }
+        *self.disabled.lock().expect("fleet lock") = d;
+    }
+
+    pub fn mdb_error(&self) -> Option<String> {
+        self.mdb_error.lock().expect("fleet lock").clone()
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

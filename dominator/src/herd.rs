@@ -1,0 +1,566 @@
+//! The herd: every machine of the MDB, each driven by its own task.
+//!
+//! The MDB watcher notices a changed file (device, inode, size or mtime) within
+//! `mdb_check_interval`, keeps the previous list when the new file does not parse, and
+//! starts, updates or stops machine tasks. A machine task loops: take a permit from the
+//! fleet-wide `Semaphore`, poll (cheaply, passing the generation it already holds), load
+//! the required image from the shared cache, compute the plan off the executor, ask the
+//! pure `decision::next_step` what to do, do it, publish the report, and sleep (the poll
+//! interval, or a capped exponential back-off after failures) unless the MDB changes.
+
+use crate::decision::{self, Action, Facts, ImageState, Status, Step};
+use crate::fleet::{unix_now, Counters, Fleet, MachineReport};
+use crate::images::ImageCache;
+use crate::planner;
+use mdb::{Machine, Mdb};
+use model::api::{self, methods, PollRequest, PollResponse};
+use model::client::{ClientSecurity, RpcClient, SubdClient};
+use model::{FileTree, Image, ObjectId, UpdatePlan};
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Semaphore};
+use tracing::Instrument;
+
+/// How the herd runs.
+#[derive(Clone, Debug)]
+pub struct HerdConfig {
+    pub mdb_path: PathBuf,
+    /// The imageserver, `HOST:PORT`; also what subds are told to fetch from.
+    pub image_server: String,
+    /// Port of machines whose MDB address carries none.
+    pub subd_port: u16,
+    pub security: ClientSecurity,
+    /// Machines worked on at once.
+    pub concurrency: usize,
+    /// Pause between two polls of a healthy machine.
+    pub poll_interval: Duration,
+    /// First retry delay after a failure; doubles up to `backoff_cap`.
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// How often the MDB file is checked for changes.
+    pub mdb_check_interval: Duration,
+    /// Timeout of one RPC to a subd.
+    pub rpc_timeout: Duration,
+}
+
+impl HerdConfig {
+    pub fn new(mdb_path: PathBuf, image_server: String, security: ClientSecurity) -> Self {
+        HerdConfig {
+            mdb_path,
+            image_server,
+            subd_port: model::client::SUBD_PORT,
+            security,
+            concurrency: 200,
+            poll_interval: Duration::from_secs(1),
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(60),
+            mdb_check_interval: Duration::from_millis(250),
+            rpc_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What every machine task shares.
+struct Ctx {
+    cfg: HerdConfig,
+    fleet: Arc<Fleet>,
+    images: ImageCache,
+    permits: Semaphore,
+}
+
+/// The address to dial for `m`, always with a port.
+pub fn dial_address(m: &Machine, default_port: u16) -> String {
+    model::client::base_url(m.address(), default_port, false)
+        .trim_start_matches("http://")
+        .to_string()
+}
+
+/// A subd client for `address`.
+pub fn subd_client(
+    address: &str,
+    security: &ClientSecurity,
+    timeout: Duration,
+) -> Result<SubdClient, model::client::ClientError> {
+    Ok(SubdClient {
+        rpc: RpcClient::new(address, model::client::SUBD_PORT, security, Some(timeout))?,
+    })
+}
+
+/// Polls and also returns the reply's size in bytes (what a poll costs on the wire).
+pub async fn poll_counted(
+    client: &SubdClient,
+    req: &PollRequest,
+) -> Result<(PollResponse, u64), String> {
+    let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    let resp = client
+        .rpc
+        .call_raw(methods::SUBD_POLL, body.into(), "application/json")
+        .await
+        .map_err(|e| e.to_string())?;
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| format!("reading poll reply: {e}"))?;
+    let n = bytes.len() as u64;
+    let parsed = if n > 64 * 1024 {
+        tokio::task::spawn_blocking(move || serde_json::from_slice::<PollResponse>(&bytes))
+            .await
+            .map_err(|e| e.to_string())?
+    } else {
+        serde_json::from_slice(&bytes)
+    };
+    parsed
+        .map(|p| (p, n))
+        .map_err(|e| format!("bad poll reply: {e}"))
+}
+
+/// File identity the watcher compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+}
+
+fn stamp(path: &std::path::Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        size: m.size(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+    })
+}
+
+struct Task {
+    record: watch::Sender<Machine>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+/// Runs the herd until `shutdown` becomes true.
+pub async fn run(cfg: HerdConfig, fleet: Arc<Fleet>, mut shutdown: watch::Receiver<bool>) {
+    let images = match model::client::ImageServerClient::new(&cfg.image_server, &cfg.security) {
+        Ok(c) => ImageCache::new(c, Duration::from_secs(1)),
+        Err(e) => {
+            tracing::error!("imageserver client: {e}");
+            return;
+        }
+    };
+    let ctx = Arc::new(Ctx {
+        permits: Semaphore::new(cfg.concurrency.max(1)),
+        cfg,
+        fleet,
+        images,
+    });
+    let mut tasks: BTreeMap<String, Task> = BTreeMap::new();
+    let mut last_stamp: Option<FileStamp> = None;
+    let mut last_error_stamp: Option<FileStamp> = None;
+    loop {
+        let st = stamp(&ctx.cfg.mdb_path);
+        if st != last_stamp && (st.is_none() || st != last_error_stamp) {
+            match load_mdb(&ctx.cfg.mdb_path).await {
+                Ok(mdb) => {
+                    Counters::add(&ctx.fleet.counters.mdb_loads, 1);
+                    *ctx.fleet.mdb_error.lock().expect("fleet lock") = None;
+                    last_stamp = st;
+                    last_error_stamp = None;
+                    reconcile(&ctx, &mut tasks, &mdb);
+                }
+                Err(e) => {
+                    if last_error_stamp != st || st.is_none() {
+                        tracing::error!("MDB not loaded, keeping the previous list: {e}");
+                        Counters::add(&ctx.fleet.counters.mdb_errors, 1);
+                    }
+                    *ctx.fleet.mdb_error.lock().expect("fleet lock") = Some(e);
+                    last_error_stamp = st;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(ctx.cfg.mdb_check_interval) => {}
+            _ = shutdown.changed() => break,
+        }
+        if *shutdown.borrow() {
+            break;
+        }
+    }
+    for (_, t) in tasks {
+        t.handle.abort();
+    }
+}
+
+async fn load_mdb(path: &std::path::Path) -> Result<Mdb, String> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || mdb::load(&path).map_err(|e| e.to_string()))
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+/// Starts tasks for new machines, hands changed records to their tasks, stops tasks of
+/// machines no longer listed (nothing is done to those machines).
+fn reconcile(ctx: &Arc<Ctx>, tasks: &mut BTreeMap<String, Task>, mdb: &Mdb) {
+    let wanted: BTreeMap<String, &Machine> =
+        mdb.machines().map(|m| (m.hostname.clone(), m)).collect();
+    tasks.retain(|host, t| {
+        if wanted.contains_key(host) {
+            return true;
+        }
+        tracing::info!(host, "machine left the MDB");
+        t.handle.abort();
+        ctx.fleet.machines.lock().expect("fleet lock").remove(host);
+        false
+    });
+    for (host, m) in &wanted {
+        match tasks.get(host) {
+            Some(t) => {
+                t.record.send_if_modified(|old| {
+                    if old != *m {
+                        *old = (*m).clone();
+                        true
+                    } else {
+                        false
+                    }
+                });
+            }
+            None => {
+                let (tx, rx) = watch::channel((*m).clone());
+                ctx.fleet
+                    .machines
+                    .lock()
+                    .expect("fleet lock")
+                    .insert(host.clone(), MachineReport::new(host));
+                let handle = tokio::spawn(machine_loop(ctx.clone(), rx));
+                tasks.insert(host.clone(), Task { record: tx, handle });
+            }
+        }
+    }
+    let images: HashSet<String> = mdb
+        .machines()
+        .flat_map(|m| [m.required_image.clone(), m.planned_image.clone()])
+        .filter(|s| !s.is_empty())
+        .collect();
+    ctx.images.retain(&images);
+    tracing::info!(machines = wanted.len(), images = images.len(), "MDB loaded");
+}
+
+/// What a machine task remembers between cycles.
+#[derive(Default)]
+struct MachineState {
+    client: Option<(String, SubdClient)>,
+    start_time: u64,
+    generation: u64,
+    tree: Option<Arc<FileTree>>,
+    cache: Arc<Vec<ObjectId>>,
+    exclusions: Arc<Vec<String>>,
+    plan: Option<Arc<UpdatePlan>>,
+    plan_key: Option<(String, u64, usize)>,
+    planned_missing: Vec<ObjectId>,
+    planned_key: Option<(String, u64)>,
+    prefetched: Option<(String, u64)>,
+    last_action: Option<Action>,
+    failures: u32,
+}
+
+async fn machine_loop(ctx: Arc<Ctx>, mut rx: watch::Receiver<Machine>) {
+    let mut st = MachineState::default();
+    loop {
+        let m = rx.borrow_and_update().clone();
+        let delay = {
+            let Ok(_permit) = ctx.permits.acquire().await else {
+                return;
+            };
+            let span = tracing::info_span!("machine", host = %m.hostname);
+            cycle(&ctx, &m, &mut st).instrument(span).await
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            r = rx.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// One poll-decide-act round for one machine; returns how long to wait before the next.
+async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
+    let cfg = &ctx.cfg;
+    let address = dial_address(m, cfg.subd_port);
+    if st.client.as_ref().map(|(a, _)| a) != Some(&address) {
+        match subd_client(&address, &cfg.security, cfg.rpc_timeout) {
+            Ok(c) => {
+                st.client = Some((address.clone(), c));
+                st.tree = None;
+            }
+            Err(e) => {
+                tracing::error!("subd client for {address}: {e}");
+                return cfg.backoff_cap;
+            }
+        }
+    }
+    let client = st.client.as_ref().expect("client set").1.clone();
+
+    // Poll: cheap (generation only) when we hold a tree; full after a subd restart.
+    let have = if st.tree.is_some() { st.generation } else { 0 };
+    let mut polled = poll_counted(
+        &client,
+        &PollRequest {
+            have_generation: have,
+            short_only: false,
+        },
+    )
+    .await;
+    if let Ok((p, _)) = &polled {
+        if st.start_time != 0 && p.start_time != st.start_time {
+            tracing::info!("subd restarted");
+            st.last_action = None;
+            if p.tree.is_none() && p.generation != 0 {
+                polled = poll_counted(&client, &PollRequest::default()).await;
+            }
+        }
+    }
+    let counters = &ctx.fleet.counters;
+    Counters::add(&counters.polls, 1);
+    let mut poll_bytes = 0;
+    let poll: Result<PollResponse, String> = match polled {
+        Ok((mut p, n)) => {
+            Counters::add(&counters.poll_bytes, n);
+            poll_bytes = n;
+            st.start_time = p.start_time;
+            if let Some(tree) = p.tree.take() {
+                st.tree = Some(Arc::new(tree));
+                st.cache = Arc::new(p.object_cache.take().unwrap_or_default());
+                st.generation = p.generation;
+                st.exclusions = Arc::new(p.exclusions.clone());
+            } else if p.generation == 0 {
+                st.tree = None;
+            }
+            Ok(p)
+        }
+        Err(e) => {
+            Counters::add(&counters.poll_failures, 1);
+            Err(e)
+        }
+    };
+
+    // The required image, from the fleet-wide cache.
+    let mut image: Option<Arc<Image>> = None;
+    let image_state = if m.required_image.is_empty() {
+        ImageState::Undefined
+    } else if poll.is_err() {
+        // Do not hammer the imageserver for machines that are down.
+        match ctx.images.cached(&m.required_image) {
+            Some(i) => {
+                image = Some(i);
+                ImageState::Ready
+            }
+            None => ImageState::NotReady(String::new()),
+        }
+    } else {
+        match ctx.images.get(&m.required_image).await {
+            Ok(i) => {
+                image = Some(i);
+                ImageState::Ready
+            }
+            Err(e) => ImageState::NotReady(e),
+        }
+    };
+
+    // The plan, recomputed only when the image or the tree changed.
+    if let (Some(img), Some(tree), Ok(_)) = (&image, &st.tree, &poll) {
+        let key = (
+            m.required_image.clone(),
+            st.generation,
+            Arc::as_ptr(tree) as usize,
+        );
+        if st.plan_key.as_ref() != Some(&key) {
+            let (img, tree, cache, excl, name) = (
+                img.clone(),
+                tree.clone(),
+                st.cache.clone(),
+                st.exclusions.clone(),
+                m.required_image.clone(),
+            );
+            match tokio::task::spawn_blocking(move || {
+                planner::compute(&name, &img, &tree, &cache, &excl)
+            })
+            .await
+            {
+                Ok(p) => {
+                    st.plan = Some(Arc::new(p));
+                    st.plan_key = Some(key);
+                }
+                Err(e) => tracing::error!("computing plan: {e}"),
+            }
+        }
+    } else if image.is_none() {
+        st.plan = None;
+        st.plan_key = None;
+    }
+
+    // The planned image's missing objects, only worth knowing once in sync.
+    let synced_now = st.plan.as_ref().is_some_and(|p| p.is_empty());
+    if synced_now && !m.planned_image.is_empty() && m.planned_image != m.required_image {
+        let key = (m.planned_image.clone(), st.generation);
+        if st.planned_key.as_ref() != Some(&key) {
+            if let (Ok(planned), Some(tree)) = (ctx.images.get(&m.planned_image).await, &st.tree) {
+                let (tree, cache) = (tree.clone(), st.cache.clone());
+                if let Ok(missing) = tokio::task::spawn_blocking(move || {
+                    planner::missing_objects(&planned, &tree, &cache)
+                })
+                .await
+                {
+                    st.planned_missing = missing;
+                    st.planned_key = Some(key);
+                }
+            }
+        }
+    } else {
+        st.planned_missing.clear();
+        st.planned_key = None;
+    }
+
+    let global = ctx.fleet.global_disable();
+    let disabled_reason = if m.disable_updates {
+        Some("DisableUpdates is set in the MDB".to_string())
+    } else {
+        global.map(|g| format!("updates disabled fleet-wide: {}", g.reason))
+    };
+    let poll_err;
+    let facts = Facts {
+        poll: match &poll {
+            Ok(p) => Ok(p),
+            Err(e) => {
+                poll_err = e.clone();
+                Err(&poll_err)
+            }
+        },
+        required_image: &m.required_image,
+        image: image_state,
+        plan: st.plan.as_deref(),
+        updates_disabled: disabled_reason.as_deref(),
+        safety_check_disabled: m.safety_check_disabled(),
+        last_action: st.last_action.as_ref(),
+        planned_missing: &st.planned_missing,
+    };
+    let step = decision::next_step(&facts);
+    let scan_count = poll.as_ref().map(|p| p.scan_count).unwrap_or(0);
+
+    let (status, error, synced) = match step {
+        Step::Wait {
+            status,
+            error,
+            settled,
+        } => {
+            if settled {
+                st.last_action = None;
+            }
+            (status, error, false)
+        }
+        Step::Fetch { hashes } => {
+            Counters::add(&counters.fetches, 1);
+            let req = api::FetchRequest {
+                server: cfg.image_server.clone(),
+                hashes,
+                wait: false,
+            };
+            match client.fetch(&req).await {
+                Ok(()) => {
+                    tracing::info!(objects = req.hashes.len(), "fetch sent");
+                    st.last_action = Some(Action::Fetch {
+                        image: m.required_image.clone(),
+                        scan_count,
+                    });
+                    (Status::Fetching, None, false)
+                }
+                Err(e) => (Status::FetchFailed, Some(e.to_string()), false),
+            }
+        }
+        Step::Update => {
+            Counters::add(&counters.updates, 1);
+            let plan = st.plan.as_ref().expect("update needs a plan");
+            let req = api::UpdateRequest {
+                plan: (**plan).clone(),
+                wait: false,
+            };
+            match client.update(&req).await {
+                Ok(_) => {
+                    tracing::info!(image = %m.required_image, "update sent");
+                    st.last_action = Some(Action::Update {
+                        image: m.required_image.clone(),
+                        scan_count,
+                    });
+                    (Status::Updating, None, false)
+                }
+                Err(e) => (Status::UpdateFailed, Some(e.to_string()), false),
+            }
+        }
+        Step::Synced { prefetch } => {
+            st.last_action = None;
+            let key = (m.planned_image.clone(), st.generation);
+            if !prefetch.is_empty() && st.prefetched.as_ref() != Some(&key) {
+                let req = api::FetchRequest {
+                    server: cfg.image_server.clone(),
+                    hashes: prefetch,
+                    wait: false,
+                };
+                match client.fetch(&req).await {
+                    Ok(()) => {
+                        tracing::info!(image = %m.planned_image, objects = req.hashes.len(), "prefetch sent");
+                        st.prefetched = Some(key);
+                    }
+                    Err(e) => tracing::warn!("prefetch of {}: {e}", m.planned_image),
+                }
+            }
+            (Status::Synced, None, true)
+        }
+    };
+    if status.backs_off() {
+        st.failures = st.failures.saturating_add(1);
+    } else {
+        st.failures = 0;
+    }
+    if let Some(e) = &error {
+        if status.backs_off() {
+            tracing::warn!(status = status.name(), "{e}");
+        }
+    }
+
+    // Publish.
+    let now = unix_now();
+    {
+        let mut machines = ctx.fleet.machines.lock().expect("fleet lock");
+        if let Some(r) = machines.get_mut(&m.hostname) {
+            r.address = address;
+            r.required_image = m.required_image.clone();
+            r.planned_image = m.planned_image.clone();
+            r.status = status;
+            r.status_name = status.name();
+            if error.is_some() || status == Status::Synced {
+                r.last_error = error;
+            }
+            if synced {
+                r.last_synced = Some(now);
+            }
+            r.consecutive_failures = st.failures;
+            r.last_plan = st.plan.clone();
+            r.last_poll_bytes = poll_bytes;
+            if let Ok(p) = &poll {
+                r.last_poll = Some(now);
+                r.polls += 1;
+                r.generation = p.generation;
+                r.scan_count = p.scan_count;
+                if p.last_update.is_some() {
+                    r.last_update = p.last_update.clone();
+                }
+            }
+        }
+    }
+
+    if status.backs_off() {
+        decision::backoff(st.failures, cfg.backoff_base, cfg.backoff_cap)
+    } else {
+        cfg.poll_interval
+    }
+}

@@ -1,0 +1,115 @@
+//! The fleet-wide image cache: each wanted image is fetched from the imageserver once,
+//! however many machines want it; a missing one is retried at most once per `retry`.
+//! Images are immutable, so a cached image is kept until the MDB no longer names it.
+
+use model::client::ImageServerClient;
+use model::Image;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct Slot {
+    image: Option<Arc<Image>>,
+    error: String,
+    tried: Option<Instant>,
+}
+
+/// Images by name, shared by every machine task.
+pub struct ImageCache {
+    client: ImageServerClient,
+    retry: Duration,
+    // std Mutex: held only to look up or insert a slot, never across `.await`.
+    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+}
+
+impl ImageCache {
+    pub fn new(client: ImageServerClient, retry: Duration) -> ImageCache {
+        ImageCache {
+            client,
+            retry,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The image `name`, fetching it if needed; the error says why it is not ready.
+    /// Concurrent callers for one name wait for a single fetch.
+    pub async fn get(&self, name: &str) -> Result<Arc<Image>, String> {
+        let slot = self
+            .slots
+            .lock()
+            .expect("image cache lock")
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        let mut s = slot.lock().await;
+        if let Some(img) = &s.image {
+            return Ok(img.clone());
+        }
+        if s.tried.is_some_and(|t| t.elapsed() < self.retry) {
+            return Err(s.error.clone());
+        }
+        s.tried = Some(Instant::now());
+        match self.client.get_image(name).await {
+            Ok(img) => {
+                let checked = tokio::task::spawn_blocking(move || {
+                    img.tree.validate().map(|()| img).map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+                match checked {
+                    Ok(img) => {
+                        tracing::info!(image = name, "image loaded");
+                        let img = Arc::new(img);
+                        s.image = Some(img.clone());
+                        Ok(img)
+                    }
+                    Err(e) => {
+                        s.error = format!("image {name} is malformed: {e}");
+                        Err(s.error.clone())
+                    }
+                }
+            }
+            Err(e) => {
+                s.error = match e.status() {
+                    Some(404) => format!("image {name} is not on the imageserver (yet)"),
+                    _ => format!("getting image {name}: {e}"),
+                };
+                Err(s.error.clone())
+            }
+        }
+    }
+
+    /// The image if it is already cached (never fetches).
+    pub fn cached(&self, name: &str) -> Option<Arc<Image>> {
+        let slot = self
+            .slots
+            .lock()
+            .expect("image cache lock")
+            .get(name)
+            .cloned()?;
+        let s = slot.try_lock().ok()?;
+        s.image.clone()
+    }
+
+    /// Forgets every image not in `wanted`.
+    pub fn retain(&self, wanted: &HashSet<String>) {
+        self.slots
+            .lock()
+            .expect("image cache lock")
+            .retain(|k, _| wanted.contains(k));
+    }
+
+    /// Names of the images currently loaded.
+    pub fn loaded(&self) -> Vec<String> {
+        let slots = self.slots.lock().expect("image cache lock");
+        let mut v: Vec<String> = slots
+            .iter()
+            .filter(|(_, s)| s.try_lock().is_ok_and(|s| s.image.is_some()))
+            .map(|(k, _)| k.clone())
+            .collect();
+        v.sort_by(|a, b| model::image::version_cmp(a, b));
+        v
+    }
+}

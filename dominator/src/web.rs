@@ -1,0 +1,362 @@
+//! The dominator's HTTP surface: the status page (`/`, `/machine/<host>`), the JSON API
+//! under `/api/`, `/metrics`, and the control RPCs `Dominator.DisableUpdates` and
+//! `Dominator.EnableUpdates` (authorized per method by `model::http::serve`).
+
+use crate::decision::Status;
+use crate::fleet::{unix_now, Fleet, GlobalDisable, MachineReport};
+use crate::preview;
+use axum::extract::{Path, State};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use model::api::Empty;
+use model::http::{ApiError, Caller, Json, INSECURE_BANNER};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+pub const DISABLE_UPDATES: &str = "Dominator.DisableUpdates";
+pub const ENABLE_UPDATES: &str = "Dominator.EnableUpdates";
+
+/// Body of `Dominator.DisableUpdates`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DisableUpdatesRequest {
+    /// Why (mandatory; shown on the status page and logged with the caller).
+    pub reason: String,
+}
+
+/// The fleet overview of `/api/fleet`.
+#[derive(Serialize)]
+pub struct FleetView {
+    pub counts: BTreeMap<&'static str, usize>,
+    pub machines: Vec<MachineReport>,
+    pub updates_disabled: Option<GlobalDisable>,
+    pub mdb_error: Option<String>,
+    pub mdb: String,
+    pub image_server: String,
+}
+
+/// The router of every page and RPC.
+pub fn router(fleet: Arc<Fleet>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/machine/{host}", get(machine_page))
+        .route("/api/fleet", get(api_fleet))
+        .route("/api/machines", get(api_machines))
+        .route("/api/machines/{host}", get(api_machine))
+        .route("/metrics", get(metrics))
+        .route(&format!("/rpc/{DISABLE_UPDATES}"), post(disable_updates))
+        .route(&format!("/rpc/{ENABLE_UPDATES}"), post(enable_updates))
+        .with_state(fleet)
+}
+
+fn fleet_view(fleet: &Fleet) -> FleetView {
+    FleetView {
+        counts: fleet.counts(),
+        machines: fleet.reports(),
+        updates_disabled: fleet.global_disable(),
+        mdb_error: fleet.mdb_error(),
+        mdb: fleet.mdb_path.clone(),
+        image_server: fleet.image_server.clone(),
+    }
+}
+
+async fn api_fleet(State(fleet): State<Arc<Fleet>>) -> axum::Json<FleetView> {
+    axum::Json(fleet_view(&fleet))
+}
+
+async fn api_machines(State(fleet): State<Arc<Fleet>>) -> axum::Json<Vec<MachineReport>> {
+    axum::Json(fleet.reports())
+}
+
+/// One machine with its last plan and that plan as text.
+#[derive(Serialize)]
+pub struct MachineView {
+    #[serde(flatten)]
+    pub report: MachineReport,
+    pub plan_text: Option<String>,
+}
+
+async fn api_machine(
+    State(fleet): State<Arc<Fleet>>,
+    Path(host): Path<String>,
+) -> Result<axum::Json<MachineView>, ApiError> {
+    let report = fleet
+        .report(&host)
+        .ok_or_else(|| ApiError::NotFound(format!("no machine {host:?} in the MDB")))?;
+    let plan_text = report
+        .last_plan
+        .as_ref()
+        .map(|p| preview::describe(&report.host, p));
+    Ok(axum::Json(MachineView { report, plan_text }))
+}
+
+async fn disable_updates(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(caller): Extension<Caller>,
+    Json(req): Json<DisableUpdatesRequest>,
+) -> Result<axum::Json<Empty>, ApiError> {
+    let reason = req.reason.trim();
+    if reason.is_empty() {
+        return Err(ApiError::BadRequest(
+            "a reason is required to disable updates".into(),
+        ));
+    }
+    fleet.set_global_disable(Some(GlobalDisable {
+        reason: reason.to_string(),
+        by: caller.name,
+        since: unix_now(),
+    }));
+    Ok(axum::Json(Empty {}))
+}
+
+async fn enable_updates(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(caller): Extension<Caller>,
+) -> axum::Json<Empty> {
+    tracing::warn!(by = %caller.name, "enable updates requested");
+    fleet.set_global_disable(None);
+    axum::Json(Empty {})
+}
+
+async fn metrics(State(fleet): State<Arc<Fleet>>) -> Response {
+    let mut s = String::new();
+    s.push_str("# HELP dominator_machines Machines per status.\n# TYPE dominator_machines gauge\n");
+    for (status, n) in fleet.counts() {
+        let _ = writeln!(s, "dominator_machines{{status=\"{status}\"}} {n}");
+    }
+    let c = &fleet.counters;
+    for (name, help, v) in [
+        ("dominator_polls_total", "Polls sent.", &c.polls),
+        (
+            "dominator_poll_bytes_total",
+            "Bytes of poll replies.",
+            &c.poll_bytes,
+        ),
+        (
+            "dominator_poll_failures_total",
+            "Polls that failed.",
+            &c.poll_failures,
+        ),
+        (
+            "dominator_fetches_total",
+            "Fetch requests sent.",
+            &c.fetches,
+        ),
+        (
+            "dominator_updates_total",
+            "Update requests sent.",
+            &c.updates,
+        ),
+        (
+            "dominator_mdb_loads_total",
+            "MDB files loaded.",
+            &c.mdb_loads,
+        ),
+        (
+            "dominator_mdb_errors_total",
+            "MDB files refused.",
+            &c.mdb_errors,
+        ),
+    ] {
+        let _ = writeln!(
+            s,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "# HELP dominator_updates_disabled 1 while updates are disabled fleet-wide.\n# TYPE dominator_updates_disabled gauge\ndominator_updates_disabled {}",
+        u8::from(fleet.global_disable().is_some())
+    );
+    ([("content-type", "text/plain; version=0.0.4")], s).into_response()
+}
+
+/// Escapes text for HTML.
+pub fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '&' => o.push_str("&amp;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            _ => o.push(c),
+        }
+    }
+    o
+}
+
+fn url_component(s: &str) -> String {
+    let mut o = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
+            o.push(b as char);
+        } else {
+            let _ = write!(o, "%{b:02X}");
+        }
+    }
+    o
+}
+
+/// "3m ago"-style age of a Unix time.
+pub fn ago(t: Option<u64>, now: u64) -> String {
+    let Some(t) = t else {
+        return "never".into();
+    };
+    let d = now.saturating_sub(t);
+    match d {
+        0..=59 => format!("{d}s ago"),
+        60..=3599 => format!("{}m ago", d / 60),
+        3600..=86399 => format!("{}h ago", d / 3600),
+        _ => format!("{}d ago", d / 86400),
+    }
+}
+
+fn status_class(s: Status) -> &'static str {
+    match s {
+        Status::Synced => "ok",
+        Status::Fetching | Status::Updating | Status::WaitingForScan | Status::WaitingToPoll => {
+            "busy"
+        }
+        Status::UpdatesDisabled | Status::ImageUndefined | Status::SubNotReady => "idle",
+        _ => "bad",
+    }
+}
+
+const STYLE: &str = "body{font-family:sans-serif;margin:1.5em;color:#222}\
+table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:3px 8px;text-align:left}\
+th{background:#eee}.ok{color:#070}.busy{color:#b60}.bad{color:#c00;font-weight:bold}.idle{color:#666}\
+.banner{background:#fc0;padding:6px;font-weight:bold}.error{background:#c00;color:#fff;padding:6px}\
+pre{background:#f6f6f6;padding:8px}";
+
+fn page(fleet: &Fleet, title: &str, body: &str) -> Html<String> {
+    let mut s = format!(
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{}</title><style>{STYLE}</style></head><body>\n",
+        esc(title)
+    );
+    if fleet.insecure {
+        s.push_str(INSECURE_BANNER);
+        s.push('\n');
+    }
+    if let Some(d) = fleet.global_disable() {
+        let _ = writeln!(
+            s,
+            "<p class=\"banner\" id=\"disabled\">Updates are disabled fleet-wide: {} (by {}, {})</p>",
+            esc(&d.reason),
+            esc(if d.by.is_empty() { "unknown" } else { &d.by }),
+            ago(Some(d.since), unix_now())
+        );
+    }
+    if let Some(e) = fleet.mdb_error() {
+        let _ = writeln!(
+            s,
+            "<p class=\"error\" id=\"mdb-error\">MDB not loaded (previous list kept): {}</p>",
+            esc(&e)
+        );
+    }
+    s.push_str(body);
+    s.push_str("</body></html>\n");
+    Html(s)
+}
+
+async fn index(State(fleet): State<Arc<Fleet>>) -> Html<String> {
+    let view = fleet_view(&fleet);
+    let now = unix_now();
+    let mut b = String::new();
+    let _ = writeln!(b, "<h1>Dominator</h1>");
+    let _ = writeln!(
+        b,
+        "<p>MDB <code>{}</code> &middot; imageserver <code>{}</code> &middot; {} machines &middot; up {}</p>",
+        esc(&view.mdb),
+        esc(&view.image_server),
+        view.machines.len(),
+        ago(Some(fleet.started), now).trim_end_matches(" ago")
+    );
+    b.push_str("<h2>Machines by status</h2>\n<table id=\"counts\"><tr><th>status</th><th>machines</th></tr>\n");
+    for s in Status::ALL {
+        let n = view.counts.get(s.name()).copied().unwrap_or(0);
+        if n > 0 {
+            let _ = writeln!(
+                b,
+                "<tr><td class=\"{}\">{}</td><td>{n}</td></tr>",
+                status_class(s),
+                s.name()
+            );
+        }
+    }
+    b.push_str("</table>\n<h2>Machines</h2>\n<table id=\"machines\"><tr><th>machine</th><th>required image</th><th>status</th><th>last error</th><th>last synced</th></tr>\n");
+    for m in &view.machines {
+        let _ = writeln!(
+            b,
+            "<tr><td><a href=\"/machine/{}\">{}</a></td><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td></tr>",
+            url_component(&m.host),
+            esc(&m.host),
+            esc(if m.required_image.is_empty() { "-" } else { &m.required_image }),
+            status_class(m.status),
+            m.status_name,
+            esc(m.last_error.as_deref().unwrap_or("")),
+            ago(m.last_synced, now)
+        );
+    }
+    b.push_str("</table>\n<p><a href=\"/api/fleet\">JSON</a> &middot; <a href=\"/metrics\">metrics</a></p>\n");
+    page(&fleet, "Dominator", &b)
+}
+
+async fn machine_page(
+    State(fleet): State<Arc<Fleet>>,
+    Path(host): Path<String>,
+) -> Result<Html<String>, ApiError> {
+    let m = fleet
+        .report(&host)
+        .ok_or_else(|| ApiError::NotFound(format!("no machine {host:?} in the MDB")))?;
+    let now = unix_now();
+    let mut b = format!(
+        "<p><a href=\"/\">&larr; fleet</a></p><h1>{}</h1>\n<table id=\"machine\">\n",
+        esc(&m.host)
+    );
+    let rows = [
+        ("address", m.address.clone()),
+        ("required image", m.required_image.clone()),
+        ("planned image", m.planned_image.clone()),
+        ("status", m.status_name.to_string()),
+        ("last error", m.last_error.clone().unwrap_or_default()),
+        ("last synced", ago(m.last_synced, now)),
+        ("last poll", ago(m.last_poll, now)),
+        (
+            "generation / scans",
+            format!("{} / {}", m.generation, m.scan_count),
+        ),
+        ("last poll size", format!("{} bytes", m.last_poll_bytes)),
+    ];
+    for (k, v) in rows {
+        let _ = writeln!(b, "<tr><th>{k}</th><td>{}</td></tr>", esc(&v));
+    }
+    b.push_str("</table>\n");
+    if let Some(u) = &m.last_update {
+        let _ = writeln!(
+            b,
+            "<h2>Last update</h2><pre id=\"last-update\">image {}\nerrors: {}\ntrigger actions: {}\ntrigger failures: {}</pre>",
+            esc(&u.image_name),
+            esc(&u.errors.join("; ")),
+            esc(&u.trigger_actions.join(", ")),
+            esc(&u.trigger_failures.join("; "))
+        );
+    }
+    b.push_str("<h2>Last plan</h2>\n");
+    match &m.last_plan {
+        Some(p) => {
+            let _ = writeln!(
+                b,
+                "<pre id=\"plan\">{}</pre>",
+                esc(&preview::describe(&m.host, p))
+            );
+        }
+        None => b.push_str("<p id=\"plan\">No plan computed yet.</p>\n"),
+    }
+    Ok(page(&fleet, &format!("{} - Dominator", m.host), &b))
+}

@@ -1,0 +1,743 @@
+//! The dominator in-process against in-test subds and an in-test imageserver speaking the
+//! real RPCs over real sockets: convergence, MDB edits (good and invalid), a missing image
+//! added later, DisableUpdates, the global switch, the safety stop, unreachable machines,
+//! the status page, JSON API and metrics. (`tests/fleet.rs` runs the real binaries.)
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::Router;
+use dominator::herd::HerdConfig;
+use model::api::{self, PollRequest, PollResponse, UpdateResult};
+use model::client::ClientSecurity;
+use model::http::{ApiError, Json, Security};
+use model::{FileTree, FsPath, Image, Inode, Mtime, ObjectId};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+// ---- an in-test subd: applies plans to an in-memory tree ----
+
+#[derive(Default)]
+struct FakeMachine {
+    tree: FileTree,
+    cache: Vec<ObjectId>,
+    generation: u64,
+    scans: u64,
+    last_update: Option<UpdateResult>,
+    updates: u64,
+    next_ino: u64,
+}
+
+type Sub = Arc<Mutex<FakeMachine>>;
+
+fn file(content: &[u8]) -> Inode {
+    Inode::file(
+        0o644,
+        0,
+        0,
+        Mtime { sec: 1, nsec: 0 },
+        content.len() as u64,
+        Some(ObjectId::of(content)),
+    )
+}
+
+fn tree(files: &[(&str, &[u8])]) -> FileTree {
+    let mut t = FileTree::with_root(Inode::dir(0o755, 0, 0));
+    let mut n = 1;
+    for (p, c) in files {
+        let path: FsPath = p.parse().unwrap();
+        let mut parent = path.parent();
+        while let Some(d) = parent {
+            if !t.entries.contains_key(&d) {
+                t.inodes.insert(n, Inode::dir(0o755, 0, 0));
+                t.entries.insert(d.clone(), n);
+                n += 1;
+            }
+            parent = d.parent();
+        }
+        t.inodes.insert(n, file(c));
+        t.entries.insert(path, n);
+        n += 1;
+    }
+    t
+}
+
+impl FakeMachine {
+    fn new(t: FileTree) -> Sub {
+        Arc::new(Mutex::new(FakeMachine {
+            next_ino: 1000,
+            tree: t,
+            generation: 1,
+            scans: 1,
+            ..FakeMachine::default()
+        }))
+    }
+    fn content(&self, path: &str) -> Option<ObjectId> {
+        self.tree.get(&path.parse().unwrap()).and_then(|i| i.hash)
+    }
+}
+
+async fn poll(State(s): State<Sub>, Json(req): Json<PollRequest>) -> axum::Json<PollResponse> {
+    let mut m = s.lock().unwrap();
+    m.scans += 1;
+    let send = req.have_generation != m.generation;
+    axum::Json(PollResponse {
+        generation: m.generation,
+        scan_count: m.scans,
+        start_time: 1,
+        last_update: m.last_update.clone(),
+        tree: send.then(|| m.tree.clone()),
+        object_cache: send.then(|| m.cache.clone()),
+        ..PollResponse::default()
+    })
+}
+
+async fn fetch(State(s): State<Sub>, Json(req): Json<api::FetchRequest>) -> axum::Json<api::Empty> {
+    let mut m = s.lock().unwrap();
+    m.cache.extend(req.hashes);
+    m.generation += 1;
+    axum::Json(api::Empty {})
+}
+
+async fn update(
+    State(s): State<Sub>,
+    Json(req): Json<api::UpdateRequest>,
+) -> Result<axum::Json<api::UpdateResponse>, ApiError> {
+    let mut m = s.lock().unwrap();
+    let p = req.plan;
+    for pi in p.dirs_to_make.iter().chain(&p.inodes_to_make) {
+        if let Some(h) = pi.inode.hash {
+            if !m.cache.contains(&h) {
+                return Err(ApiError::BadRequest(format!("object {h} not in cache")));
+            }
+        }
+        let n = m.next_ino;
+        m.next_ino += 1;
+        m.tree.remove_subtree(&pi.path);
+        m.tree.inodes.insert(n, pi.inode.clone());
+        m.tree.entries.insert(pi.path.clone(), n);
+    }
+    for d in &p.paths_to_delete {
+        m.tree.remove_subtree(d);
+    }
+    for c in &p.inodes_to_change {
+        let n = m.next_ino;
+        m.next_ino += 1;
+        m.tree.inodes.insert(n, c.inode.clone());
+        m.tree.entries.insert(c.path.clone(), n);
+    }
+    m.tree.gc_inodes();
+    m.generation += 1;
+    m.updates += 1;
+    m.last_update = Some(UpdateResult {
+        image_name: p.image_name.clone(),
+        ..UpdateResult::default()
+    });
+    Ok(axum::Json(api::UpdateResponse::default()))
+}
+
+async fn start_subd(sub: Sub) -> String {
+    let app = Router::new()
+        .route("/rpc/Subd.Poll", post(poll))
+        .route("/rpc/Subd.Fetch", post(fetch))
+        .route("/rpc/Subd.Update", post(update))
+        .with_state(sub);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(model::http::serve(
+        l,
+        app,
+        Security::Insecure,
+        std::future::pending(),
+    ));
+    addr
+}
+
+// ---- an in-test imageserver: GetImage only ----
+
+type Images = Arc<Mutex<HashMap<String, Image>>>;
+
+async fn get_image(
+    State(s): State<Images>,
+    Json(req): Json<api::ImageNameRequest>,
+) -> Result<axum::Json<Image>, ApiError> {
+    s.lock()
+        .unwrap()
+        .get(&req.name)
+        .cloned()
+        .map(axum::Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no image {}", req.name)))
+}
+
+async fn start_imageserver(images: Images) -> String {
+    let app = Router::new()
+        .route("/rpc/ImageServer.GetImage", post(get_image))
+        .with_state(images);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(model::http::serve(
+        l,
+        app,
+        Security::Insecure,
+        std::future::pending(),
+    ));
+    addr
+}
+
+// ---- the fixture ----
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    mdb: PathBuf,
+    images: Images,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Fixture {
+    async fn start(mdb_text: &str, disable_at_startup: Option<&str>) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let mdb = dir.path().join("mdb.json");
+        std::fs::write(&mdb, mdb_text).unwrap();
+        let images: Images = Arc::default();
+        let is = start_imageserver(images.clone()).await;
+        let mut herd = HerdConfig::new(mdb.clone(), is, ClientSecurity::Insecure);
+        herd.poll_interval = Duration::from_millis(50);
+        herd.backoff_base = Duration::from_millis(50);
+        herd.backoff_cap = Duration::from_millis(400);
+        herd.mdb_check_interval = Duration::from_millis(50);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", l.local_addr().unwrap());
+        let config = dominator::Config {
+            herd,
+            security: Security::Insecure,
+            disable_updates_at_startup: disable_at_startup.map(str::to_string),
+        };
+        tokio::spawn(dominator::serve(l, config, std::future::pending()));
+        Fixture {
+            _dir: dir,
+            mdb,
+            images,
+            base,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn add_image(&self, name: &str, image: Image) {
+        self.images.lock().unwrap().insert(name.into(), image);
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    async fn machine(&self, host: &str) -> Value {
+        let (code, body) = self.get(&format!("/api/machines/{host}")).await;
+        if code != 200 {
+            return Value::Null;
+        }
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Waits (up to 20 s) until `host` shows `status`; returns its report.
+    async fn wait_status(&self, host: &str, status: &str) -> Value {
+        self.wait_error(host, status, "").await
+    }
+
+    /// Waits (up to 20 s) until `host` shows `status` with an error containing `error`.
+    async fn wait_error(&self, host: &str, status: &str, error: &str) -> Value {
+        let mut last = Value::Null;
+        for _ in 0..400 {
+            last = self.machine(host).await;
+            if last["status_name"] == status
+                && (error.is_empty()
+                    || last["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains(error)))
+            {
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{host} never reached {status:?}; last report: {last:#}");
+    }
+
+    async fn rpc(&self, method: &str, body: Value) -> (u16, String) {
+        let r = self
+            .http
+            .post(format!("{}/rpc/{method}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+}
+
+fn mdb_json(entries: &[Value]) -> String {
+    serde_json::to_string_pretty(entries).unwrap()
+}
+
+fn sparse(files: &[(&str, &[u8])]) -> Image {
+    Image::new(tree(files), None, model::Triggers::default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converges_and_follows_mdb_edits() {
+    let a = FakeMachine::new(tree(&[("/etc/keep", b"mine")]));
+    let b = FakeMachine::new(tree(&[]));
+    let (aa, ba) = (start_subd(a.clone()).await, start_subd(b.clone()).await);
+    let mdb = |img_a: &str| {
+        mdb_json(&[
+            serde_json::json!({"Hostname": "a", "IpAddress": aa, "RequiredImage": img_a}),
+            serde_json::json!({"Hostname": format!("b:{}", ba.rsplit(':').next().unwrap()), "IpAddress": ba, "RequiredImage": "app/1"}),
+        ])
+    };
+    let f = Fixture::start(&mdb("app/1"), None).await;
+    f.add_image("app/1", sparse(&[("/etc/app.conf", b"v1")]));
+    f.add_image("app/2", sparse(&[("/etc/app.conf", b"v2")]));
+    let r = f.wait_status("a", "synced").await;
+    assert!(r["last_synced"].as_u64().is_some());
+    assert_eq!(
+        a.lock().unwrap().content("/etc/app.conf"),
+        Some(ObjectId::of(b"v1"))
+    );
+    assert_eq!(
+        a.lock().unwrap().content("/etc/keep"),
+        Some(ObjectId::of(b"mine")),
+        "sparse keeps other files"
+    );
+    f.wait_status(&format!("b:{}", ba.rsplit(':').next().unwrap()), "synced")
+        .await;
+
+    // An MDB edit is picked up (written in place, as an editor might).
+    std::fs::write(&f.mdb, mdb("app/2")).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while a.lock().unwrap().content("/etc/app.conf") != Some(ObjectId::of(b"v2")) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "MDB edit not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = f.wait_status("a", "synced").await;
+    assert_eq!(r["required_image"], "app/2");
+    assert!(r["plan_text"].as_str().unwrap().contains("in sync"), "{r}");
+
+    // Drift is put back.
+    let updates = a.lock().unwrap().updates;
+    {
+        let mut m = a.lock().unwrap();
+        let ino = m.tree.entries[&"/etc/app.conf".parse::<FsPath>().unwrap()];
+        m.tree.inodes.insert(ino, file(b"tampered"));
+        m.generation += 1;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while a.lock().unwrap().content("/etc/app.conf") != Some(ObjectId::of(b"v2")) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "drift not corrected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(a.lock().unwrap().updates, updates + 1);
+
+    // The status page and metrics show the fleet.
+    f.wait_status("a", "synced").await;
+    let (code, html) = f.get("/").await;
+    assert_eq!(code, 200);
+    assert!(html.contains("INSECURE MODE"), "{html}");
+    assert!(
+        html.contains(
+            "<a href=\"/machine/a\">a</a></td><td>app/2</td><td class=\"ok\">synced</td>"
+        ),
+        "{html}"
+    );
+    let (_, page) = f.get("/machine/a").await;
+    assert!(
+        page.contains("<pre id=\"plan\">a: image app/2 (sparse)"),
+        "{page}"
+    );
+    let (_, metrics) = f.get("/metrics").await;
+    assert!(
+        metrics.contains("dominator_machines{status=\"synced\"} 2"),
+        "{metrics}"
+    );
+    let (code, _) = f.get("/api/machines/nope").await;
+    assert_eq!(code, 404);
+
+    // A machine removed from the MDB disappears from the status.
+    std::fs::write(
+        &f.mdb,
+        mdb_json(&[
+            serde_json::json!({"Hostname": "a", "IpAddress": aa, "RequiredImage": "app/2"}),
+        ]),
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = f.get("/api/machines").await;
+        if serde_json::from_str::<Vec<Value>>(&body).unwrap().len() == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_for_images_and_honours_every_stop() {
+    let m = FakeMachine::new(tree(&[
+        ("/a", b"1"),
+        ("/b", b"2"),
+        ("/c", b"3"),
+        ("/d", b"4"),
+    ]));
+    let addr = start_subd(m.clone()).await;
+    let entry = |extra: Value| {
+        let mut e =
+            serde_json::json!({"Hostname": "m", "IpAddress": addr, "RequiredImage": "full/1"});
+        e.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        mdb_json(&[e])
+    };
+    let f = Fixture::start(&entry(serde_json::json!({})), None).await;
+
+    // The image does not exist yet: waited for, then used.
+    let r = f.wait_status("m", "image not ready").await;
+    assert!(r["last_error"].as_str().unwrap().contains("full/1"), "{r}");
+    let mut full = sparse(&[("/a", b"1")]);
+    full.filter = Some(model::Filter::empty());
+    f.add_image("full/1", full);
+
+    // A tiny full image onto a bigger machine: the safety check stops it.
+    f.wait_error("m", "unsafe update", "DisableSafetyCheck")
+        .await;
+    assert_eq!(m.lock().unwrap().updates, 0);
+
+    // DisableUpdates in the MDB wins (even with the safety check lifted).
+    std::fs::write(
+        &f.mdb,
+        entry(serde_json::json!({"DisableUpdates": true, "Tags": {"DisableSafetyCheck": "yes"}})),
+    )
+    .unwrap();
+    f.wait_error("m", "updates disabled", "DisableUpdates is set in the MDB")
+        .await;
+
+    // An invalid MDB is reported and the previous list kept.
+    std::fs::write(&f.mdb, "[{\"Hostname\": \"m\",]").unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = f.get("/api/fleet").await;
+        let v: Value = serde_json::from_str(&body).unwrap();
+        if v["mdb_error"].is_string() {
+            assert!(
+                v["mdb_error"].as_str().unwrap().contains("not valid JSON"),
+                "{v}"
+            );
+            assert_eq!(v["machines"].as_array().unwrap().len(), 1);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "invalid MDB not reported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, html) = f.get("/").await;
+    assert!(
+        html.contains("id=\"mdb-error\">MDB not loaded (previous list kept): "),
+        "{html}"
+    );
+    f.wait_status("m", "updates disabled").await;
+
+    // The global switch stops the update the tag would now allow.
+    let (code, body) = f
+        .rpc(
+            "Dominator.DisableUpdates",
+            serde_json::json!({"reason": ""}),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    let (code, _) = f
+        .rpc(
+            "Dominator.DisableUpdates",
+            serde_json::json!({"reason": "change freeze"}),
+        )
+        .await;
+    assert_eq!(code, 200);
+    std::fs::write(
+        &f.mdb,
+        entry(serde_json::json!({"Tags": {"DisableSafetyCheck": "yes"}})),
+    )
+    .unwrap();
+    f.wait_error("m", "updates disabled", "change freeze").await;
+    let (_, html) = f.get("/").await;
+    assert!(
+        html.contains("Updates are disabled fleet-wide: change freeze"),
+        "{html}"
+    );
+    assert_eq!(m.lock().unwrap().updates, 0);
+
+    // Enabled again: the full image (safety lifted by the tag) applies.
+    let (code, _) = f
+        .rpc("Dominator.EnableUpdates", serde_json::json!({}))
+        .await;
+    assert_eq!(code, 200);
+    f.wait_status("m", "synced").await;
+    let t = m.lock().unwrap().tree.clone();
+    let paths: Vec<String> = t.entries.keys().map(|p| p.display()).collect();
+    assert_eq!(paths, ["/", "/a"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_machines_back_off_and_converge_when_they_return() {
+    // Reserve a port, then start nothing on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let f = Fixture::start(
+        &mdb_json(&[
+            serde_json::json!({"Hostname": "gone", "IpAddress": addr, "RequiredImage": "app/1"}),
+        ]),
+        Some("testing startup"),
+    )
+    .await;
+    f.add_image("app/1", sparse(&[("/x", b"x")]));
+    let r = f.wait_status("gone", "unreachable").await;
+    assert!(!r["last_error"].as_str().unwrap().is_empty());
+    // Failures accumulate (the back-off grows) while it is down.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while f.machine("gone").await["consecutive_failures"]
+        .as_u64()
+        .unwrap()
+        < 3
+    {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // It comes back (updates disabled at startup), then updates are enabled.
+    let sub = FakeMachine::new(tree(&[]));
+    let app = Router::new()
+        .route("/rpc/Subd.Poll", post(poll))
+        .route("/rpc/Subd.Fetch", post(fetch))
+        .route("/rpc/Subd.Update", post(update))
+        .with_state(sub.clone());
+    let l = tokio::net::TcpListener::bind(&addr).await.unwrap();
+    tokio::spawn(model::http::serve(
+        l,
+        app,
+        Security::Insecure,
+        std::future::pending(),
+    ));
+    let r = f
+        .wait_error("gone", "updates disabled", "testing startup")
+        .await;
+    assert_eq!(r["consecutive_failures"], 0);
+    f.rpc("Dominator.EnableUpdates", serde_json::json!({}))
+        .await;
+    f.wait_status("gone", "synced").await;
+    assert_eq!(sub.lock().unwrap().content("/x"), Some(ObjectId::of(b"x")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_previews_exactly_what_the_update_then_does() {
+    let m = FakeMachine::new(tree(&[("/etc/app.conf", b"old"), ("/junk", b"j")]));
+    let addr = start_subd(m.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mdb = dir.path().join("mdb.json");
+    std::fs::write(
+        &mdb,
+        mdb_json(&[
+            serde_json::json!({"Hostname": "m", "IpAddress": addr, "RequiredImage": "app/1"}),
+            serde_json::json!({"Hostname": "down", "IpAddress": "127.0.0.1:1", "RequiredImage": "app/1"}),
+        ]),
+    )
+    .unwrap();
+    let images: Images = Arc::default();
+    let triggers = model::Triggers::parse(
+        r#"[{"MatchLines":["/etc/app[.]conf"],"Service":"app"}]"#,
+        "t",
+    )
+    .unwrap();
+    images.lock().unwrap().insert(
+        "app/1".into(),
+        Image::new(
+            tree(&[("/etc/app.conf", b"new"), ("/bin/app", b"bin")]),
+            None,
+            triggers,
+        ),
+    );
+    let is = start_imageserver(images).await;
+    let args = dominator::commands::FleetArgs {
+        mdb: mdb.clone(),
+        image_server: Some(is),
+        subd_port: 6969,
+        tls: model::security::DaemonTlsArgs {
+            permit_insecure_mode: true,
+            ca: Some(dir.path().join("none")),
+            ..Default::default()
+        },
+    };
+    let plans = dominator::commands::plan(&args, None).await.unwrap();
+    assert_eq!(plans.len(), 2);
+    let text = plans[0].result.as_ref().unwrap();
+    assert_eq!(
+        text,
+        "m: image app/1 (sparse)\n  fetch   2 objects from the imageserver\n  mkdir   /bin (drwxr-xr-x 0:0)\n  add     /bin/app (-rw-r--r-- 0:0 3 B)\n  add     /etc/app.conf (-rw-r--r-- 0:0 3 B)\n  trigger app (stop, then start)\n"
+    );
+    assert!(
+        plans[1]
+            .result
+            .as_ref()
+            .unwrap_err()
+            .starts_with("unreachable"),
+        "{:?}",
+        plans[1].result
+    );
+    // Nothing was changed by planning.
+    assert_eq!(m.lock().unwrap().updates, 0);
+    assert_eq!(
+        m.lock().unwrap().content("/etc/app.conf"),
+        Some(ObjectId::of(b"old"))
+    );
+}
+
+// ---- the status page in a real browser ----
+
+fn chromium() -> Option<PathBuf> {
+    [
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+async fn headless(browser: &PathBuf, extra: &[String], url: &str) -> std::process::Output {
+    let profile = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(browser);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()))
+    .args(extra)
+    .arg(url)
+    .kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(90), cmd.output())
+        .await
+        .expect("chromium timed out")
+        .expect("running chromium")
+}
+
+/// Width and height from a PNG's IHDR chunk.
+fn png_size(data: &[u8]) -> (u32, u32) {
+    assert!(
+        data.len() > 24 && &data[..8] == b"\x89PNG\r\n\x1a\n",
+        "not a PNG"
+    );
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    (be(&data[16..20]), be(&data[20..24]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_renders_in_a_real_browser() {
+    let Some(browser) = chromium() else {
+        eprintln!("\n!!!!!!!! SKIPPED status_page_renders_in_a_real_browser: chromium is not installed (apt-get install -y chromium) !!!!!!!!\n");
+        return;
+    };
+    let a = FakeMachine::new(tree(&[]));
+    let addr = start_subd(a).await;
+    let f = Fixture::start(
+        &mdb_json(&[
+            serde_json::json!({"Hostname": "web-1", "IpAddress": addr, "RequiredImage": "app/1"}),
+            serde_json::json!({"Hostname": "web-2", "IpAddress": "127.0.0.1:1", "RequiredImage": "app/1"}),
+        ]),
+        None,
+    )
+    .await;
+    f.add_image("app/1", sparse(&[("/etc/app.conf", b"v1")]));
+    f.wait_status("web-1", "synced").await;
+    f.wait_status("web-2", "unreachable").await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let shot = dir.path().join("status.png");
+    let blank = dir.path().join("blank.png");
+    let size = "--window-size=1024,700".to_string();
+    for (png, url) in [
+        (&shot, format!("{}/", f.base)),
+        (&blank, "about:blank".to_string()),
+    ] {
+        let out = headless(
+            &browser,
+            &[format!("--screenshot={}", png.display()), size.clone()],
+            &url,
+        )
+        .await;
+        assert!(
+            png.exists(),
+            "no screenshot of {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let page = std::fs::read(&shot).unwrap();
+    let keep = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dominator-status.png");
+    let _ = std::fs::copy(&shot, &keep);
+    let empty = std::fs::read(&blank).unwrap();
+    assert_eq!(png_size(&page), (1024, 700));
+    // A rendered table compresses far worse than an empty page of the same size.
+    assert!(
+        page.len() > 2 * empty.len(),
+        "screenshot looks blank: {} bytes vs {} for about:blank",
+        page.len(),
+        empty.len()
+    );
+
+    let out = headless(
+        &browser,
+        &["--dump-dom".to_string()],
+        &format!("{}/", f.base),
+    )
+    .await;
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(dom.contains("<table id=\"machines\">"), "{dom}");
+    assert!(
+        dom.contains(">web-1</a></td><td>app/1</td><td class=\"ok\">synced</td>"),
+        "{dom}"
+    );
+    assert!(dom.contains("<td class=\"bad\">unreachable</td>"), "{dom}");
+    assert!(dom.contains("INSECURE MODE"), "{dom}");
+    let out = headless(
+        &browser,
+        &["--dump-dom".to_string()],
+        &format!("{}/machine/web-1", f.base),
+    )
+    .await;
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains("<pre id=\"plan\">web-1: image app/1 (sparse)"),
+        "{dom}"
+    );
+}

@@ -1,0 +1,490 @@
+//! The catalogue: which images and objects the server holds, on disk and in memory.
+//!
+//! Layout under the data directory:
+//! - `objects/<hh>/<hh>/<124 hex>`: the content-addressed `ObjectStore`.
+//! - `images/<name>/.image`: one JSON `Image` per image name. Image names never have a
+//!   component starting with `.`, so `.image` never collides with a name, and an image
+//!   `a/b` can coexist with `a/b/c`. A zero-length `.image` is a tombstone: the name was
+//!   deleted and is never reused.
+//!
+//! Every write is temp + fsync + rename (+ fsync of the directories), so after a crash a
+//! restart sees each image either whole or not at all. In memory the catalogue keeps the
+//! names (live, deleted or being written), every object's size and reference count, and
+//! when each unreferenced object became unreferenced (persisted as the object file's mtime,
+//! so the oldest-first order survives restarts). Image bodies stay on disk.
+//!
+//! The catalogue is guarded by a std `Mutex` whose critical sections are short and never
+//! span an `.await` or a file write; callers run it on blocking threads.
+
+use model::fsutil::{fsync_dir, write_atomic, TEMP_SUFFIX};
+use model::http::ApiError;
+use model::objectstore::{ObjectStore, PendingObject, StoreError};
+use model::{Image, ImageName, ObjectId};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// File name of an image inside its name's directory.
+pub const IMAGE_FILE: &str = ".image";
+
+/// A problem opening the data directory.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: corrupt image file: {message}")]
+    Corrupt { path: PathBuf, message: String },
+}
+
+/// The state of a name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NameState {
+    Live,
+    /// Tombstoned: never reused.
+    Deleted,
+    /// Being written by an `add_image` in flight.
+    Adding,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ObjectMeta {
+    size: u64,
+    refs: u32,
+    /// Unix seconds when the object last became unreferenced (or arrived).
+    unref_since: i64,
+}
+
+#[derive(Default)]
+struct Index {
+    names: BTreeMap<String, NameState>,
+    objects: HashMap<ObjectId, ObjectMeta>,
+    object_bytes: u64,
+}
+
+/// Figures for the status page and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Counts {
+    pub images: u64,
+    pub deleted_names: u64,
+    pub objects: u64,
+    pub object_bytes: u64,
+    pub unreferenced_objects: u64,
+    pub unreferenced_bytes: u64,
+}
+
+/// Images and objects of one data directory.
+pub struct Catalogue {
+    store: ObjectStore,
+    images_dir: PathBuf,
+    index: Mutex<Index>,
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError + '_ {
+    move |source| OpenError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn store_api_error(e: StoreError) -> ApiError {
+    if e.is_bad_data() {
+        ApiError::BadRequest(e.to_string())
+    } else if e.is_no_space() {
+        ApiError::InsufficientStorage(e.to_string())
+    } else {
+        ApiError::internal(e)
+    }
+}
+
+impl Catalogue {
+    /// Opens (creating if needed) a data directory: removes crash debris, registers every
+    /// object by its file name and every image and tombstone.
+    pub fn open(data_dir: &Path) -> Result<Catalogue, OpenError> {
+        let store = ObjectStore::open(&data_dir.join("objects"))?;
+        let images_dir = data_dir.join("images");
+        std::fs::create_dir_all(&images_dir).map_err(io_at(&images_dir))?;
+        let mut index = Index::default();
+        for (id, size) in store.list()? {
+            let mtime = std::fs::metadata(store.path_of(&id))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs() as i64);
+            index.object_bytes += size;
+            index.objects.insert(
+                id,
+                ObjectMeta {
+                    size,
+                    refs: 0,
+                    unref_since: mtime,
+                },
+            );
+        }
+        let mut found = Vec::new();
+        walk_images(&images_dir, &images_dir, &mut found)?;
+        for (name, path, len) in found {
+            if len == 0 {
+                index.names.insert(name, NameState::Deleted);
+                continue;
+            }
+            let bytes = std::fs::read(&path).map_err(io_at(&path))?;
+            let image: Image = serde_json::from_slice(&bytes).map_err(|e| OpenError::Corrupt {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            let mut missing = 0;
+            for id in image.tree.objects().keys() {
+                match index.objects.get_mut(id) {
+                    Some(m) => m.refs += 1,
+                    None => missing += 1,
+                }
+            }
+            if missing > 0 {
+                tracing::warn!(image = %name, missing, "image refers to objects that are not stored");
+            }
+            index.names.insert(name, NameState::Live);
+        }
+        Ok(Catalogue {
+            store,
+            images_dir,
+            index: Mutex::new(index),
+        })
+    }
+
+    pub fn store(&self) -> &ObjectStore {
+        &self.store
+    }
+
+    fn image_path(&self, name: &ImageName) -> PathBuf {
+        self.images_dir.join(name.as_str()).join(IMAGE_FILE)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sizes of the given objects (0 = absent), in order.
+    pub fn check_objects(&self, ids: &[ObjectId]) -> Vec<u64> {
+        let idx = self.lock();
+        ids.iter()
+            .map(|id| idx.objects.get(id).map_or(0, |m| m.size))
+            .collect()
+    }
+
+    pub fn has_object(&self, id: &ObjectId) -> bool {
+        self.lock().objects.contains_key(id)
+    }
+
+    /// Makes verified objects durable and visible; returns (new objects, new bytes).
+    pub fn commit_objects(&self, pending: Vec<PendingObject>) -> Result<(u64, u64), ApiError> {
+        let ids: Vec<(ObjectId, u64)> = pending.iter().map(|p| (p.id, p.len)).collect();
+        self.store.commit(pending).map_err(store_api_error)?;
+        let now = now_secs();
+        let mut idx = self.lock();
+        let (mut n, mut bytes) = (0, 0);
+        for (id, size) in ids {
+            if idx.objects.contains_key(&id) {
+                continue;
+            }
+            idx.objects.insert(
+                id,
+                ObjectMeta {
+                    size,
+                    refs: 0,
+                    unref_since: now,
+                },
+            );
+            idx.object_bytes += size;
+            n += 1;
+            bytes += size;
+        }
+        Ok((n, bytes))
+    }
+
+    /// The first missing object of `ids`, and how many are missing.
+    pub fn first_missing(&self, ids: &[ObjectId]) -> Option<(ObjectId, usize)> {
+        let idx = self.lock();
+        let missing: Vec<&ObjectId> = ids
+            .iter()
+            .filter(|i| !idx.objects.contains_key(i))
+            .collect();
+        missing.first().map(|f| (**f, missing.len()))
+    }
+
+    /// Adds an image under a fresh name: the name must never have been used, the tree must
+    /// be valid and every object it needs present with the right size.
+    pub fn add_image(&self, name: &ImageName, image: &Image) -> Result<(), ApiError> {
+        image
+            .tree
+            .validate()
+            .map_err(|e| ApiError::BadRequest(format!("image {name}: invalid tree: {e}")))?;
+        let objects = image.tree.objects();
+        {
+            let mut idx = self.lock();
+            match idx.names.get(name.as_str()) {
+                Some(NameState::Deleted) => {
+                    return Err(ApiError::Conflict(format!(
+                        "image {name} was deleted; image names are never reused"
+                    )))
+                }
+                Some(_) => return Err(ApiError::Conflict(format!("image {name} already exists"))),
+                None => {}
+            }
+            let mut missing = objects
+                .iter()
+                .filter(|(id, _)| !idx.objects.contains_key(id));
+            if let Some((first, _)) = missing.next() {
+                let more = missing.count();
+                return Err(ApiError::BadRequest(if more == 0 {
+                    format!("object {first} is not available")
+                } else {
+                    format!(
+                        "object {first} is not available ({} objects are missing)",
+                        more + 1
+                    )
+                }));
+            }
+            for (id, size) in &objects {
+                let have = idx.objects[id].size;
+                if have != *size {
+                    return Err(ApiError::BadRequest(format!(
+                        "object {id} has {have} bytes but the image says {size}"
+                    )));
+                }
+            }
+            for id in objects.keys() {
+                idx.objects.get_mut(id).expect("checked").refs += 1;
+            }
+            idx.names.insert(name.to_string(), NameState::Adding);
+        }
+        let written = self.write_image(name, image);
+        let mut idx = self.lock();
+        match written {
+            Ok(()) => {
+                idx.names.insert(name.to_string(), NameState::Live);
+                Ok(())
+            }
+            Err(e) => {
+                idx.names.remove(name.as_str());
+                let now = now_secs();
+                for id in objects.keys() {
+                    if let Some(m) = idx.objects.get_mut(id) {
+                        m.refs -= 1;
+                        if m.refs == 0 {
+                            m.unref_since = now;
+                        }
+                    }
+                }
+                Err(ApiError::internal(format!("writing image {name}: {e}")))
+            }
+        }
+    }
+
+    fn write_image(&self, name: &ImageName, image: &Image) -> std::io::Result<()> {
+        let path = self.image_path(name);
+        let dir = path.parent().expect("has a parent");
+        std::fs::create_dir_all(dir)?;
+        let bytes = serde_json::to_vec(image).map_err(std::io::Error::other)?;
+        write_atomic(&path, &bytes)?;
+        // Make every directory on the way durable too.
+        let mut d = dir.to_path_buf();
+        while d != self.images_dir {
+            let parent = d.parent().expect("below images_dir").to_path_buf();
+            fsync_dir(&parent)?;
+            d = parent;
+        }
+        Ok(())
+    }
+
+    /// The stored JSON of a live image.
+    pub fn image_json(&self, name: &ImageName) -> Result<Vec<u8>, ApiError> {
+        if self.lock().names.get(name.as_str()) != Some(&NameState::Live) {
+            return Err(ApiError::NotFound(format!("image {name} does not exist")));
+        }
+        std::fs::read(self.image_path(name))
+            .map_err(|e| ApiError::internal(format!("reading image {name}: {e}")))
+    }
+
+    pub fn image_exists(&self, name: &ImageName) -> bool {
+        self.lock().names.get(name.as_str()) == Some(&NameState::Live)
+    }
+
+    /// Live image names starting with `prefix`, version-sorted.
+    pub fn list_images(&self, prefix: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .lock()
+            .names
+            .iter()
+            .filter(|(n, s)| **s == NameState::Live && n.starts_with(prefix))
+            .map(|(n, _)| n.clone())
+            .collect();
+        v.sort_by(|a, b| model::image::version_cmp(a, b));
+        v
+    }
+
+    /// Deletes an image, leaving a tombstone so the name is never reused.
+    pub fn delete_image(&self, name: &ImageName) -> Result<(), ApiError> {
+        let bytes = self.image_json(name)?;
+        let image: Image = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::internal(format!("image {name} is corrupt: {e}")))?;
+        {
+            let mut idx = self.lock();
+            if idx.names.get(name.as_str()) != Some(&NameState::Live) {
+                return Err(ApiError::NotFound(format!("image {name} does not exist")));
+            }
+            idx.names.insert(name.to_string(), NameState::Adding);
+        }
+        if let Err(e) = write_atomic(&self.image_path(name), b"") {
+            self.lock().names.insert(name.to_string(), NameState::Live);
+            return Err(ApiError::internal(format!("deleting image {name}: {e}")));
+        }
+        let now = now_secs();
+        let mut freed = Vec::new();
+        {
+            let mut idx = self.lock();
+            idx.names.insert(name.to_string(), NameState::Deleted);
+            for id in image.tree.objects().keys() {
+                if let Some(m) = idx.objects.get_mut(id) {
+                    m.refs = m.refs.saturating_sub(1);
+                    if m.refs == 0 {
+                        m.unref_since = now;
+                        freed.push(*id);
+                    }
+                }
+            }
+        }
+        // Record when each object became unreferenced in its mtime, for the order after a
+        // restart. Best effort: the order is advisory.
+        let t = SystemTime::now();
+        for id in freed {
+            if let Ok(f) = std::fs::File::options()
+                .write(true)
+                .open(self.store.path_of(&id))
+            {
+                let _ = f.set_modified(t);
+            }
+        }
+        Ok(())
+    }
+
+    /// Unreferenced objects, oldest-unreferenced first.
+    pub fn unreferenced(&self) -> Vec<(ObjectId, u64)> {
+        let idx = self.lock();
+        let mut v: Vec<(i64, ObjectId, u64)> = idx
+            .objects
+            .iter()
+            .filter(|(_, m)| m.refs == 0)
+            .map(|(id, m)| (m.unref_since, *id, m.size))
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, id, s)| (id, s)).collect()
+    }
+
+    /// Deletes unreferenced objects, oldest first, until at least `percentage` % of them
+    /// and at least `bytes` bytes are gone (`100 0` = all, `0 0` = none).
+    pub fn delete_unreferenced(&self, percentage: u8, bytes: u64) -> Result<(u64, u64), ApiError> {
+        if percentage > 100 {
+            return Err(ApiError::BadRequest(format!(
+                "percentage {percentage} is over 100"
+            )));
+        }
+        let doomed = {
+            let mut idx = self.lock();
+            let mut v: Vec<(i64, ObjectId, u64)> = idx
+                .objects
+                .iter()
+                .filter(|(_, m)| m.refs == 0)
+                .map(|(id, m)| (m.unref_since, *id, m.size))
+                .collect();
+            v.sort();
+            let want_count = (v.len() as u64 * percentage as u64).div_ceil(100);
+            let mut doomed = Vec::new();
+            let (mut n, mut b) = (0u64, 0u64);
+            for (_, id, size) in v {
+                if n >= want_count && b >= bytes {
+                    break;
+                }
+                n += 1;
+                b += size;
+                doomed.push((id, size));
+            }
+            for (id, size) in &doomed {
+                idx.objects.remove(id);
+                idx.object_bytes -= size;
+            }
+            doomed
+        };
+        let (mut n, mut b) = (0, 0);
+        for (id, size) in doomed {
+            self.store.remove(&id).map_err(store_api_error)?;
+            n += 1;
+            b += size;
+        }
+        Ok((n, b))
+    }
+
+    pub fn counts(&self) -> Counts {
+        let idx = self.lock();
+        let mut c = Counts {
+            objects: idx.objects.len() as u64,
+            object_bytes: idx.object_bytes,
+            ..Default::default()
+        };
+        for s in idx.names.values() {
+            match s {
+                NameState::Live => c.images += 1,
+                NameState::Deleted => c.deleted_names += 1,
+                NameState::Adding => {}
+            }
+        }
+        for m in idx.objects.values().filter(|m| m.refs == 0) {
+            c.unreferenced_objects += 1;
+            c.unreferenced_bytes += m.size;
+        }
+        c
+    }
+}
+
+/// Collects `(name, path, length)` of every `.image` below `dir`; removes temp files.
+fn walk_images(
+    root: &Path,
+    dir: &Path,
+    out: &mut Vec<(String, PathBuf, u64)>,
+) -> Result<(), OpenError> {
+    for e in std::fs::read_dir(dir).map_err(io_at(dir))? {
+        let e = e.map_err(io_at(dir))?;
+        let path = e.path();
+        let ft = e.file_type().map_err(io_at(&path))?;
+        let fname = e.file_name();
+        let fname = fname.to_string_lossy();
+        if ft.is_dir() {
+            walk_images(root, &path, out)?;
+        } else if fname.ends_with(TEMP_SUFFIX) {
+            let _ = std::fs::remove_file(&path);
+        } else if fname == IMAGE_FILE && dir != root {
+            let rel = dir.strip_prefix(root).expect("below root");
+            let Some(name) = rel.to_str() else {
+                continue;
+            };
+            if ImageName::parse(name).is_err() {
+                tracing::warn!(path = %path.display(), "ignoring an image file with an invalid name");
+                continue;
+            }
+            let len = e.metadata().map_err(io_at(&path))?.len();
+            out.push((name.to_string(), path, len));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,315 @@
+//! `imagetool add NAME PATH FILTERFILE TRIGGERSFILE`: build the tree from a directory or a
+//! tarball, send the objects the server lacks, then add the image.
+//!
+//! A directory is scanned (hashing in parallel), then its objects are checked and sent in
+//! batches. A tarball is read once: a blocking thread imports it, keeping each file's bytes
+//! (in memory when small, spooled to an unlinked temp file when large) in bounded batches
+//! that an async task checks and uploads while the next batch is read.
+
+use crate::upload::{Item, Source, Uploader};
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use model::client::ImageServerClient;
+use model::image::Kind;
+use model::scan::{scan, ScanOptions};
+use model::tarball::{self, ContentSink};
+use model::{FileTree, Filter, FsPath, Image, ImageName, ObjectId, Triggers};
+use std::collections::HashSet;
+use std::io::{self, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What `add` did.
+#[derive(Debug, serde::Serialize)]
+pub struct Summary {
+    pub name: String,
+    pub sparse: bool,
+    pub files: u64,
+    pub bytes: u64,
+    pub new_objects: u64,
+    pub bytes_sent: u64,
+    pub seconds: f64,
+}
+
+/// A batch of tarball files is handed to the uploader at this many bytes in memory…
+pub const BATCH_BYTES: u64 = 8 << 20;
+/// …or this many files.
+pub const BATCH_FILES: usize = 4096;
+/// Files larger than this are spooled to a temp file rather than kept in memory.
+pub const SPOOL_OVER: u64 = 1 << 20;
+
+/// Reads and compiles the filter file (`""` = sparse image).
+pub fn load_filter(arg: &str) -> anyhow::Result<Option<Filter>> {
+    if arg.is_empty() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(arg).with_context(|| format!("filter file {arg}"))?;
+    let f = Filter::parse(&text, arg)?;
+    for l in f.lines_with_trailing_blanks() {
+        eprintln!("imagetool: warning: {arg}: filter line {l:?} ends in blanks, which are part of the regex");
+    }
+    Ok(Some(f))
+}
+
+/// Reads and compiles the triggers file (`""` = none).
+pub fn load_triggers(arg: &str) -> anyhow::Result<Triggers> {
+    if arg.is_empty() {
+        return Ok(Triggers::default());
+    }
+    let text = std::fs::read_to_string(arg).with_context(|| format!("triggers file {arg}"))?;
+    Ok(Triggers::parse(&text, arg)?)
+}
+
+fn progress_bar(label: &str) -> ProgressBar {
+    if !io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg} {bytes} ({binary_bytes_per_sec}) {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    pb.set_message(label.to_string());
+    pb.enable_steady_tick(std::time::Duration::from_millis(200));
+    pb
+}
+
+/// True if `filter` leaves `path` out (it or an ancestor matches).
+fn filtered(filter: Option<&Filter>, path: &FsPath) -> bool {
+    let Some(f) = filter else { return false };
+    let mut p = Some(path.clone());
+    while let Some(x) = p {
+        if x.is_root() {
+            return false;
+        }
+        if f.matches(&x) {
+            return true;
+        }
+        p = x.parent();
+    }
+    false
+}
+
+pub async fn add(
+    client: &ImageServerClient,
+    name: &str,
+    path: &Path,
+    filter_arg: &str,
+    triggers_arg: &str,
+) -> anyhow::Result<Summary> {
+    let start = Instant::now();
+    let name = ImageName::parse(name)?;
+    let filter = load_filter(filter_arg)?;
+    let triggers = load_triggers(triggers_arg)?;
+    let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    if client
+        .check_image(name.as_str())
+        .await
+        .context("asking the imageserver")?
+    {
+        bail!("image {name} already exists");
+    }
+    let mut up = Uploader::new(client.clone());
+    let pb = progress_bar("adding");
+    let pbc = pb.clone();
+    up.on_bytes = Arc::new(move |n| pbc.inc(n));
+    let tree = if meta.is_dir() {
+        add_directory(&mut up, path, filter.clone(), &pb).await?
+    } else if meta.is_file() {
+        add_tarball(&mut up, path, filter.clone()).await?
+    } else {
+        bail!("{}: neither a directory nor a file", path.display());
+    };
+    pb.finish_and_clear();
+    if filter.is_none() {
+        if let Some(root) = tree.get(&FsPath::root()) {
+            if (root.mode, root.uid, root.gid) != (0o755, 0, 0) {
+                eprintln!(
+                    "imagetool: warning: sparse image {name}: / is {:04o} {}:{}, not 0755 0:0; hosts' / will be changed to it",
+                    root.mode, root.uid, root.gid
+                );
+            }
+        }
+    }
+    let files = tree
+        .entries
+        .values()
+        .filter(|i| tree.inodes[i].kind == Kind::File)
+        .count() as u64;
+    let bytes = tree.total_bytes();
+    let sparse = filter.is_none();
+    let image = Image::new(tree, filter, triggers);
+    client
+        .add_image(name.as_str(), &image)
+        .await
+        .with_context(|| format!("adding image {name}"))?;
+    Ok(Summary {
+        name: name.to_string(),
+        sparse,
+        files,
+        bytes,
+        new_objects: up.sent.objects,
+        bytes_sent: up.sent.bytes,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+async fn add_directory(
+    up: &mut Uploader,
+    path: &Path,
+    filter: Option<Filter>,
+    pb: &ProgressBar,
+) -> anyhow::Result<FileTree> {
+    let root = path.to_path_buf();
+    let pbc = pb.clone();
+    let opts = ScanOptions {
+        exclude: filter,
+        threads: 0,
+        throttle: Some(Arc::new(move |n| pbc.inc(n))),
+        cancel: None,
+    };
+    pb.set_message("hashing");
+    let tree = tokio::task::spawn_blocking(move || scan(&root, &opts))
+        .await
+        .context("scan thread")?
+        .with_context(|| format!("scanning {}", path.display()))?;
+    pb.set_message("sending");
+    pb.set_position(0);
+    // One path per object to read it from.
+    let mut first_path: std::collections::HashMap<ObjectId, (u64, PathBuf)> = Default::default();
+    for (p, ino) in &tree.entries {
+        let i = &tree.inodes[ino];
+        if let (Kind::File, Some(h)) = (i.kind, i.hash) {
+            first_path
+                .entry(h)
+                .or_insert_with(|| (i.size, path.join(p.relative_os())));
+        }
+    }
+    let ids: Vec<ObjectId> = first_path.keys().copied().collect();
+    let missing = up.missing(&ids).await?;
+    let mut batch = Vec::new();
+    let mut batch_bytes = 0u64;
+    for id in ids.into_iter().filter(|i| missing.contains(i)) {
+        let (size, p) = first_path.remove(&id).expect("listed");
+        batch_bytes += size;
+        batch.push(Item {
+            id,
+            size,
+            source: Source::Path(p),
+        });
+        if batch_bytes >= 256 << 20 {
+            up.send(std::mem::take(&mut batch)).await?;
+            batch_bytes = 0;
+        }
+    }
+    up.send(batch).await?;
+    Ok(tree)
+}
+
+/// Collects tarball file contents into batches for the uploader.
+struct BatchSink {
+    filter: Option<Filter>,
+    seen: HashSet<ObjectId>,
+    batch: Vec<Item>,
+    batch_bytes: u64,
+    tx: tokio::sync::mpsc::Sender<Vec<Item>>,
+}
+
+impl BatchSink {
+    fn flush(&mut self) -> io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.batch_bytes = 0;
+        self.tx
+            .blocking_send(std::mem::take(&mut self.batch))
+            .map_err(|_| io::Error::other("upload stopped"))
+    }
+}
+
+impl ContentSink for BatchSink {
+    fn file(&mut self, path: &FsPath, size: u64, content: &mut dyn Read) -> io::Result<ObjectId> {
+        let skip = filtered(self.filter.as_ref(), path);
+        let (id, source) = if size <= SPOOL_OVER {
+            let mut v = Vec::with_capacity(size as usize);
+            content.read_to_end(&mut v)?;
+            (ObjectId::of(&v), Source::Memory(v))
+        } else if skip {
+            (
+                model::hash::hash_reader(content)?.0,
+                Source::Memory(Vec::new()),
+            )
+        } else {
+            let mut f = tempfile::tempfile()?;
+            let mut w = io::BufWriter::with_capacity(256 * 1024, &mut f);
+            let (id, _) = tarball::hash_copy(content, &mut w)?;
+            w.flush()?;
+            drop(w);
+            (id, Source::Spool(f))
+        };
+        if skip || !self.seen.insert(id) {
+            return Ok(id);
+        }
+        let mem = matches!(source, Source::Memory(_));
+        self.batch.push(Item { id, size, source });
+        if mem {
+            self.batch_bytes += size;
+        }
+        if self.batch_bytes >= BATCH_BYTES || self.batch.len() >= BATCH_FILES || !mem {
+            self.flush()?;
+        }
+        Ok(id)
+    }
+}
+
+async fn add_tarball(
+    up: &mut Uploader,
+    path: &Path,
+    filter: Option<Filter>,
+) -> anyhow::Result<FileTree> {
+    let file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Item>>(1);
+    let f2 = filter.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut sink = BatchSink {
+            filter: f2,
+            seen: HashSet::new(),
+            batch: Vec::new(),
+            batch_bytes: 0,
+            tx,
+        };
+        let r = tarball::import(file, &mut sink);
+        if r.is_ok() {
+            sink.flush().map_err(tarball::TarError::Sink)?;
+        }
+        r
+    });
+    let mut upload_err = None;
+    while let Some(batch) = rx.recv().await {
+        let ids: Vec<ObjectId> = batch.iter().map(|i| i.id).collect();
+        let result = async {
+            let missing = up.missing(&ids).await?;
+            let items: Vec<Item> = batch
+                .into_iter()
+                .filter(|i| missing.contains(&i.id))
+                .collect();
+            up.send(items).await
+        }
+        .await;
+        if let Err(e) = result {
+            upload_err = Some(e);
+            break;
+        }
+    }
+    drop(rx);
+    let imported = reader.await.context("tar thread")?;
+    if let Some(e) = upload_err {
+        return Err(e);
+    }
+    let (mut tree, _stats) = imported.with_context(|| format!("{}", path.display()))?;
+    if let Some(f) = &filter {
+        tree.apply_filter(f);
+    }
+    Ok(tree)
+}

@@ -1,0 +1,162 @@
+//! The command line: clap definitions, and the rewrite that lets Dominator's single-dash
+//! spellings (`-imageServerHostname=HOST`, `-imageServerPortNum N`) work unchanged.
+
+use clap::{Parser, Subcommand};
+use model::security::ClientTlsArgs;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// Packages directories and tarballs into images on an imageserver, and inspects them.
+#[derive(Parser, Debug)]
+#[command(name = "imagetool", version)]
+pub struct Cli {
+    /// The imageserver, HOST[:PORT]
+    #[arg(
+        long,
+        env = "IMAGE_SERVER",
+        default_value = "localhost:6971",
+        global = true,
+        value_name = "HOST[:PORT]"
+    )]
+    pub image_server: String,
+    /// Print machine-readable JSON (list, show, diff, listunrefobj, add's summary, …)
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Add an image from a directory, a .tar or a .tar.gz/.tgz
+    Add {
+        name: String,
+        /// Directory or tar archive (gzip detected by content)
+        path: PathBuf,
+        /// Filter file; "" makes a sparse image (an empty file makes a full one)
+        filter_file: String,
+        /// Triggers file (JSON); "" means none
+        triggers_file: String,
+    },
+    /// List image names, version-sorted
+    List { prefix: Option<String> },
+    /// Show an image's tree, one line per path, root first
+    Show { name: String },
+    /// Show an image's filter lines
+    ShowFilter { name: String },
+    /// Show an image's triggers (JSON)
+    ShowTriggers { name: String },
+    /// Exit 0 if the image exists, 1 if not (prints nothing)
+    Check { name: String },
+    /// Delete an image (its name is never reused)
+    Delete { name: String },
+    /// Paths added, removed and changed from image A to image B
+    Diff { a: String, b: String },
+    /// Unpack an image into a new or empty directory, with owners, modes, mtimes, links
+    Get { name: String, dir: PathBuf },
+    /// List objects no image refers to, oldest-unreferenced first: HASH SIZE
+    Listunrefobj,
+    /// Delete unreferenced objects, oldest first, until both PERCENTAGE % of them and
+    /// BYTES bytes are gone ("100 0" = all)
+    Delunrefobj { percentage: u8, bytes: u64 },
+    /// Make a local directory match an image, with the same diff and update code as subd
+    /// (fetches what the directory lacks into DIR/.subd/objects, then activates by rename)
+    PatchDirectory {
+        name: String,
+        dir: PathBuf,
+        /// Apply even if a full image would delete more than half of the directory
+        #[arg(long)]
+        allow_unsafe: bool,
+        /// Run the image's triggers with this command (`CMD SERVICE stop|start|reload`);
+        /// by default triggers are only listed
+        #[arg(long, value_name = "CMD", alias = "runTriggers")]
+        service_command: Option<String>,
+    },
+}
+
+/// Rewrites Dominator's `-imageServerHostname[=| ]HOST` and `-imageServerPortNum[=| ]N`
+/// (one or two dashes) into `--image-server HOST:PORT`. Other arguments pass unchanged.
+pub fn rewrite_dominator_flags(args: Vec<OsString>) -> Vec<OsString> {
+    let mut host: Option<String> = None;
+    let mut port: Option<String> = None;
+    let mut out = Vec::with_capacity(args.len() + 1);
+    let mut it = args.into_iter();
+    if let Some(a0) = it.next() {
+        out.push(a0);
+    }
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy().to_string();
+        let bare = s.trim_start_matches('-');
+        let dashes = s.len() - bare.len();
+        let (key, inline) = match bare.split_once('=') {
+            Some((k, v)) => (k, Some(v.to_string())),
+            None => (bare, None),
+        };
+        if (dashes == 1 || dashes == 2)
+            && (key == "imageServerHostname" || key == "imageServerPortNum")
+        {
+            let value = match inline {
+                Some(v) => Some(v),
+                None => it.next().map(|v| v.to_string_lossy().to_string()),
+            };
+            match (key, value) {
+                ("imageServerHostname", Some(v)) => host = Some(v),
+                ("imageServerPortNum", Some(v)) => port = Some(v),
+                // A missing value: let clap report the flag as unknown (exit 2).
+                _ => out.push(a),
+            }
+            continue;
+        }
+        out.push(a);
+    }
+    if host.is_some() || port.is_some() {
+        let host = host.unwrap_or_else(|| "localhost".into());
+        let port = port.unwrap_or_else(|| model::client::IMAGESERVER_PORT.to_string());
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        out.insert(1, OsString::from(format!("--image-server={host}:{port}")));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rw(v: &[&str]) -> Vec<String> {
+        rewrite_dominator_flags(v.iter().map(OsString::from).collect())
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn dominator_spellings() {
+        assert_eq!(
+            rw(&[
+                "t",
+                "-imageServerHostname=h",
+                "-imageServerPortNum",
+                "7",
+                "list"
+            ]),
+            ["t", "--image-server=h:7", "list"]
+        );
+        assert_eq!(
+            rw(&["t", "-imageServerHostname", "h", "list"]),
+            ["t", "--image-server=h:6971", "list"]
+        );
+        assert_eq!(
+            rw(&["t", "--imageServerPortNum=9", "list"]),
+            ["t", "--image-server=localhost:9", "list"]
+        );
+        assert_eq!(rw(&["t", "list", "x"]), ["t", "list", "x"]);
+        let cli = Cli::try_parse_from(rw(&["t", "-imageServerHostname=h", "check", "n"])).unwrap();
+        assert_eq!(cli.image_server, "h:6971");
+    }
+}

@@ -1,0 +1,246 @@
+//! Human listings: `show`'s one line per path (Dominator's format), and `diff`.
+
+use model::image::Kind;
+use model::{FileTree, FsPath, Image, Inode, Mtime};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+/// `02 Jan 2006 15:04:05 UTC`, as Dominator prints mtimes.
+pub fn format_time(sec: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(sec) {
+        Ok(t) => format!(
+            "{:02} {} {:04} {:02}:{:02}:{:02} UTC",
+            t.day(),
+            MONTHS[t.month() as usize - 1],
+            t.year(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => format!("{sec}"),
+    }
+}
+
+/// One `show` line: `mode nlinks uid gid size|devnum mtime path [hash | -> target]`.
+pub fn show_line(path: &FsPath, inode: &Inode, nlinks: u32) -> String {
+    let size = match inode.kind {
+        Kind::File => format!("{:>10}", inode.size),
+        Kind::Char | Kind::Block => format!("{:>#10x}", inode.rdev),
+        _ => " ".repeat(10),
+    };
+    let mtime = if inode.keeps_mtime() {
+        format_time(inode.mtime.sec)
+    } else {
+        " ".repeat(24)
+    };
+    let tail = match inode.kind {
+        Kind::File => inode.hash.map(|h| format!(" {h}")).unwrap_or_default(),
+        Kind::Symlink => format!(
+            " -> {}",
+            model::path::escape(inode.target.as_deref().unwrap_or_default())
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "{} {:>3} {:>5} {:>5} {} {} {}{}",
+        inode.mode_string(),
+        nlinks,
+        inode.uid,
+        inode.gid,
+        size,
+        mtime,
+        path.display(),
+        tail
+    )
+}
+
+/// Every line of `show`, root first.
+pub fn show_lines(tree: &FileTree) -> Vec<String> {
+    let counts = tree.link_counts();
+    tree.entries
+        .iter()
+        .filter_map(|(p, ino)| {
+            tree.inodes
+                .get(ino)
+                .map(|i| show_line(p, i, counts.get(ino).copied().unwrap_or(1)))
+        })
+        .collect()
+}
+
+/// The one-line description above a listing.
+pub fn header(name: &str, image: &Image) -> String {
+    let kind = match &image.filter {
+        None => "sparse image (only its paths are managed; nothing is deleted)".to_string(),
+        Some(f) => format!(
+            "full image (filter of {} lines; everything else is deleted on hosts)",
+            f.lines().len()
+        ),
+    };
+    let mut s = format!(
+        "# {name}: {kind}, {} paths, {} bytes",
+        image.tree.len(),
+        image.tree.total_bytes()
+    );
+    if image.created_on > 0 {
+        s.push_str(&format!(
+            ", created {}",
+            format_time(image.created_on as i64)
+        ));
+    }
+    if !image.created_by.is_empty() {
+        s.push_str(&format!(" by {}", image.created_by));
+    }
+    s
+}
+
+/// How one path differs between two trees.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Change {
+    pub path: FsPath,
+    /// `added`, `removed` or `changed`.
+    pub what: &'static str,
+    /// For `changed`: each difference, e.g. `mode 0644 -> 0755`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<String>,
+}
+
+fn mtime_str(m: Mtime) -> String {
+    if m.nsec == 0 {
+        format_time(m.sec)
+    } else {
+        format!("{}+{}ns", format_time(m.sec), m.nsec)
+    }
+}
+
+fn inode_changes(a: &Inode, b: &Inode, la: u32, lb: u32) -> Vec<String> {
+    let mut d = Vec::new();
+    if a.kind != b.kind {
+        d.push(format!("type {:?} -> {:?}", a.kind, b.kind));
+        return d;
+    }
+    if a.mode != b.mode {
+        d.push(format!("mode {:04o} -> {:04o}", a.mode, b.mode));
+    }
+    if a.uid != b.uid {
+        d.push(format!("uid {} -> {}", a.uid, b.uid));
+    }
+    if a.gid != b.gid {
+        d.push(format!("gid {} -> {}", a.gid, b.gid));
+    }
+    if a.keeps_mtime() && a.mtime != b.mtime {
+        d.push(format!(
+            "mtime {} -> {}",
+            mtime_str(a.mtime),
+            mtime_str(b.mtime)
+        ));
+    }
+    if a.size != b.size {
+        d.push(format!("size {} -> {}", a.size, b.size));
+    }
+    if a.hash != b.hash {
+        d.push("content".into());
+    }
+    if a.target != b.target {
+        d.push(format!(
+            "target {} -> {}",
+            model::path::escape(a.target.as_deref().unwrap_or_default()),
+            model::path::escape(b.target.as_deref().unwrap_or_default())
+        ));
+    }
+    if a.rdev != b.rdev {
+        d.push(format!("device {:#x} -> {:#x}", a.rdev, b.rdev));
+    }
+    if la != lb {
+        d.push(format!("links {la} -> {lb}"));
+    }
+    d
+}
+
+/// Paths added, removed and changed from `a` to `b`, in path order.
+pub fn diff(a: &FileTree, b: &FileTree) -> Vec<Change> {
+    let (ca, cb) = (a.link_counts(), b.link_counts());
+    let mut out = Vec::new();
+    let mut all: BTreeMap<&FsPath, (Option<u64>, Option<u64>)> = BTreeMap::new();
+    for (p, i) in &a.entries {
+        all.entry(p).or_default().0 = Some(*i);
+    }
+    for (p, i) in &b.entries {
+        all.entry(p).or_default().1 = Some(*i);
+    }
+    for (p, (ia, ib)) in all {
+        match (ia, ib) {
+            (Some(_), None) => out.push(Change {
+                path: p.clone(),
+                what: "removed",
+                details: vec![],
+            }),
+            (None, Some(_)) => out.push(Change {
+                path: p.clone(),
+                what: "added",
+                details: vec![],
+            }),
+            (Some(x), Some(y)) => {
+                let d = inode_changes(&a.inodes[&x], &b.inodes[&y], ca[&x], cb[&y]);
+                if !d.is_empty() {
+                    out.push(Change {
+                        path: p.clone(),
+                        what: "changed",
+                        details: d,
+                    });
+                }
+            }
+            (None, None) => {}
+        }
+    }
+    out
+}
+
+/// `+ path`, `- path`, `~ path: detail, detail`.
+pub fn diff_line(c: &Change) -> String {
+    match c.what {
+        "added" => format!("+ {}", c.path),
+        "removed" => format!("- {}", c.path),
+        _ => format!("~ {}: {}", c.path, c.details.join(", ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::ObjectId;
+
+    #[test]
+    fn time_format_matches_dominator() {
+        assert_eq!(format_time(1136214245), "02 Jan 2006 15:04:05 UTC");
+    }
+
+    #[test]
+    fn show_line_shapes() {
+        let f = Inode::file(
+            0o4755,
+            0,
+            0,
+            Mtime {
+                sec: 1136214245,
+                nsec: 0,
+            },
+            3,
+            Some(ObjectId::of(b"abc")),
+        );
+        let l = show_line(&"/bin/su".parse().unwrap(), &f, 2);
+        assert!(
+            l.starts_with(
+                "-rwsr-xr-x   2     0     0          3 02 Jan 2006 15:04:05 UTC /bin/su ddaf35a1"
+            ),
+            "{l}"
+        );
+        let s = Inode::symlink(1, 2, b"/x".to_vec());
+        let l = show_line(&"/l".parse().unwrap(), &s, 1);
+        assert!(l.ends_with("/l -> /x"), "{l}");
+        assert!(l.starts_with("lrwxrwxrwx   1     1     2"), "{l}");
+    }
+}

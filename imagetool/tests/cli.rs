@@ -1,0 +1,611 @@
+//! End-to-end tests: a real imageserver on an ephemeral port (in-process, on its own
+//! runtime thread) driven by the real imagetool binary, checking what a user sees.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct Server {
+    addr: String,
+    data: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start() -> Server {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().to_path_buf();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (atx, arx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                atx.send(listener.local_addr().unwrap().to_string())
+                    .unwrap();
+                let state =
+                    imageserver::State::open(&dir, model::http::Security::Insecure).unwrap();
+                imageserver::serve(listener, state, async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        Server {
+            addr: arx.recv().unwrap(),
+            data,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn tool(&self, args: &[&str]) -> Output {
+        let mut all = vec!["--image-server", &self.addr];
+        all.extend_from_slice(args);
+        run_tool(&all)
+    }
+
+    /// Regular object files stored (temp files included: there must never be any left).
+    fn object_files(&self) -> usize {
+        count_files(&self.data.path().join("objects"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn count_files(p: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    rd.map(|e| {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            count_files(&e.path())
+        } else {
+            1
+        }
+    })
+    .sum()
+}
+
+fn run_tool(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_imagetool"))
+        .args(args)
+        .env_remove("IMAGE_SERVER")
+        .env("HOME", "/nonexistent")
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[track_caller]
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// Asserts exit 1 with one stderr line containing `want`.
+#[track_caller]
+fn fails(o: Output, want: &str) {
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "stderr: {err}\nstdout: {}",
+        stdout(&o)
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| !l.contains("warning")).collect();
+    assert_eq!(lines.len(), 1, "one line expected: {err:?}");
+    assert!(err.contains(want), "{err:?} lacks {want:?}");
+}
+
+fn testdata(p: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../testdata")
+        .join(p)
+        .display()
+        .to_string()
+}
+
+/// A small tree: /etc/passwd, /etc/hostname, /usr/bin/tool (0755), a symlink, a hardlink.
+fn make_tree() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let r = d.path();
+    std::fs::create_dir_all(r.join("etc")).unwrap();
+    std::fs::create_dir_all(r.join("usr/bin")).unwrap();
+    std::fs::write(r.join("etc/passwd"), "root:x:0:0\n").unwrap();
+    std::fs::write(r.join("etc/hostname"), "web1\n").unwrap();
+    std::fs::write(r.join("usr/bin/tool"), "#!/bin/sh\n".repeat(1000)).unwrap();
+    std::fs::set_permissions(
+        r.join("usr/bin/tool"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::hard_link(r.join("usr/bin/tool"), r.join("usr/bin/tool2")).unwrap();
+    std::os::unix::fs::symlink("tool", r.join("usr/bin/t")).unwrap();
+    std::fs::set_permissions(r, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+#[test]
+fn add_list_show_check_delete_from_directory() {
+    let s = Server::start();
+    let tree = make_tree();
+    let src = tree.path().to_str().unwrap();
+    let out = ok(s.tool(&["add", "web/prod/1.9", src, "", ""]));
+    assert!(
+        out.contains("added sparse image web/prod/1.9: 4 files"),
+        "{out}"
+    );
+    assert!(
+        out.contains("2 new objects") || out.contains("3 new objects"),
+        "{out}"
+    );
+    ok(s.tool(&["add", "web/prod/1.10", src, "", ""]));
+    ok(s.tool(&["add", "other/1", src, "", ""]));
+    assert_eq!(
+        ok(s.tool(&["list"])),
+        "other/1\nweb/prod/1.9\nweb/prod/1.10\n"
+    );
+    assert_eq!(
+        ok(s.tool(&["list", "web/"])),
+        "web/prod/1.9\nweb/prod/1.10\n"
+    );
+    assert_eq!(
+        ok(s.tool(&["--json", "list", "web"])),
+        "[\"web/prod/1.9\",\"web/prod/1.10\"]\n"
+    );
+    let show = ok(s.tool(&["show", "web/prod/1.9"]));
+    let lines: Vec<&str> = show.lines().collect();
+    assert!(lines[0].contains("sparse image"), "{show}");
+    assert!(
+        lines[1].starts_with("drwxr-xr-x   1     0     0") && lines[1].ends_with(" /"),
+        "{show}"
+    );
+    assert!(show.contains("/usr/bin/t -> tool"), "{show}");
+    let tool_line = lines.iter().find(|l| l.contains("/usr/bin/tool ")).unwrap();
+    assert!(tool_line.starts_with("-rwxr-xr-x   2"), "{tool_line}");
+    assert!(
+        tool_line.contains(&model::ObjectId::of("#!/bin/sh\n".repeat(1000).as_bytes()).to_hex())
+    );
+    // check: silent, 0 / 1
+    let c = s.tool(&["check", "web/prod/1.9"]);
+    assert_eq!(
+        (c.status.code(), c.stdout.len(), c.stderr.len()),
+        (Some(0), 0, 0)
+    );
+    let c = s.tool(&["check", "nope"]);
+    assert_eq!(
+        (c.status.code(), c.stdout.len(), c.stderr.len()),
+        (Some(1), 0, 0)
+    );
+    ok(s.tool(&["delete", "web/prod/1.9"]));
+    assert_eq!(s.tool(&["check", "web/prod/1.9"]).status.code(), Some(1));
+    fails(s.tool(&["delete", "web/prod/1.9"]), "does not exist");
+    // names are never reused
+    fails(
+        s.tool(&["add", "web/prod/1.9", src, "", ""]),
+        "never reused",
+    );
+    fails(s.tool(&["add", "other/1", src, "", ""]), "already exists");
+    fails(s.tool(&["show", "nope"]), "image nope does not exist");
+}
+
+#[test]
+fn dedup_second_image_stores_exactly_one_new_object() {
+    let s = Server::start();
+    let tree = make_tree();
+    let src = tree.path().to_str().unwrap();
+    ok(s.tool(&["add", "a/1", src, "", ""]));
+    let before = s.object_files();
+    std::fs::write(tree.path().join("etc/hostname"), "web2\n").unwrap();
+    let out = ok(s.tool(&["--json", "add", "a/2", src, "", ""]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["new_objects"], 1, "{out}");
+    assert_eq!(v["bytes_sent"], 5, "{out}");
+    assert_eq!(s.object_files(), before + 1);
+    // a mode-, owner- and symlink-only change sends nothing
+    std::fs::set_permissions(
+        tree.path().join("etc/passwd"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::remove_file(tree.path().join("usr/bin/t")).unwrap();
+    std::os::unix::fs::symlink("tool2", tree.path().join("usr/bin/t")).unwrap();
+    if rustix::process::geteuid().is_root() {
+        std::os::unix::fs::chown(tree.path().join("etc/hostname"), Some(7), Some(7)).unwrap();
+    }
+    let out = ok(s.tool(&["--json", "add", "a/3", src, "", ""]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["new_objects"], 0, "{out}");
+    assert_eq!(s.object_files(), before + 1);
+    let diff = ok(s.tool(&["diff", "a/2", "a/3"]));
+    assert!(diff.contains("~ /etc/passwd: mode 0644 -> 0600"), "{diff}");
+    assert!(
+        diff.contains("~ /usr/bin/t: target tool -> tool2"),
+        "{diff}"
+    );
+    let d1 = ok(s.tool(&["diff", "a/1", "a/2"]));
+    assert!(
+        d1.contains("~ /etc/hostname: ") && d1.contains("content"),
+        "{d1}"
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(s.tool(&["--json", "diff", "a/1", "a/2"]))).unwrap();
+    assert_eq!(j[0]["path"], "/etc/hostname");
+    assert_eq!(j[0]["what"], "changed");
+}
+
+#[test]
+fn tarballs_full_image_filter_triggers_and_get_round_trip() {
+    let s = Server::start();
+    let filter = testdata("example.filter");
+    let trig = testdata("triggers.sshd");
+    let out = ok(s.tool(&[
+        "add",
+        "t/normal",
+        &testdata("tarballs/normal.tar.gz"),
+        &filter,
+        &trig,
+    ]));
+    assert!(out.contains("added full image t/normal"), "{out}");
+    let show = ok(s.tool(&["show", "t/normal"]));
+    assert!(
+        show.lines().next().unwrap().contains("full image"),
+        "{show}"
+    );
+    assert!(
+        show.contains("/tmp\n") && !show.contains("/tmp/scratch"),
+        "filter applied: {show}"
+    );
+    assert!(show.contains("drwxrwxrwt"), "{show}");
+    assert_eq!(
+        ok(s.tool(&["show-filter", "t/normal"])),
+        std::fs::read_to_string(&filter)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+    );
+    let trig_out = ok(s.tool(&["show-triggers", "t/normal"]));
+    assert!(
+        trig_out.contains("\"Service\": \"sshd\"") && trig_out.contains("/etc/ssh/sshd[.]conf"),
+        "{trig_out}"
+    );
+    // plain tar of the same tree gives the same tree
+    ok(s.tool(&[
+        "add",
+        "t/plain",
+        &testdata("tarballs/normal.tar"),
+        &filter,
+        &trig,
+    ]));
+    assert_eq!(ok(s.tool(&["diff", "t/normal", "t/plain"])), "");
+    // kinds: setuid, setgid, hardlinks, symlinks, devices, FIFO, owners
+    ok(s.tool(&["add", "t/kinds", &testdata("tarballs/kinds.tar"), "", ""]));
+    let show = ok(s.tool(&["show", "t/kinds"]));
+    assert!(
+        show.contains("-rwsr-xr-x   2     0     0         14 14 Nov 2023 22:13:20 UTC /bin/su "),
+        "{show}"
+    );
+    assert!(
+        show.contains("crw-rw-rw-   1     0     0      0x103"),
+        "{show}"
+    );
+    assert!(show.contains("prw-------"), "{show}");
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("out");
+    ok(s.tool(&["get", "t/kinds", target.to_str().unwrap()]));
+    let m = |p: &str| std::fs::symlink_metadata(target.join(p)).unwrap();
+    assert_eq!(m("bin/su").mode() & 0o7777, 0o4755);
+    assert_eq!(m("bin/wall").mode() & 0o7777, 0o2755);
+    assert_eq!(m("bin/su").ino(), m("bin/su-again").ino());
+    assert_eq!(m("bin/su").mtime(), 1_700_000_000);
+    assert_eq!(
+        std::fs::read_link(target.join("dangling")).unwrap(),
+        PathBuf::from("/does/not/exist")
+    );
+    assert_eq!(
+        std::fs::read(target.join("bin/su")).unwrap(),
+        b"setuid binary\n"
+    );
+    assert_eq!(m("tmp").mode() & 0o7777, 0o1777);
+    assert!(m("run/fifo").file_type().is_fifo_like());
+    if rustix::process::geteuid().is_root() {
+        assert_eq!(
+            (m("home/user.txt").uid(), m("home/user.txt").gid()),
+            (1000, 1000)
+        );
+        assert_eq!(m("bin/wall").gid(), 5);
+        assert_eq!(m("dev/null").rdev(), libc::makedev(1, 3));
+    }
+    // get refuses a non-empty directory
+    fails(
+        s.tool(&["get", "t/kinds", target.to_str().unwrap()]),
+        "not empty",
+    );
+    // a full round trip: the unpacked tree added again is the same image
+    ok(s.tool(&["add", "t/again", target.to_str().unwrap(), "", ""]));
+    if rustix::process::geteuid().is_root() {
+        assert_eq!(ok(s.tool(&["diff", "t/kinds", "t/again"])), "");
+    }
+}
+
+trait FifoLike {
+    fn is_fifo_like(&self) -> bool;
+}
+impl FifoLike for std::fs::FileType {
+    fn is_fifo_like(&self) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        self.is_fifo()
+    }
+}
+
+#[test]
+fn non_utf8_names_round_trip() {
+    let s = Server::start();
+    ok(s.tool(&["add", "n/1", &testdata("tarballs/nonutf8.tar"), "", ""]));
+    let show = ok(s.tool(&["show", "n/1"]));
+    assert!(show.contains("/caf\\xe9.txt"), "{show}");
+    let j = ok(s.tool(&["--json", "show", "n/1"]));
+    assert!(j.contains("{\"hex\":\"2f636166e92e747874\"}"), "{j}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o");
+    ok(s.tool(&["get", "n/1", out.to_str().unwrap()]));
+    use std::os::unix::ffi::OsStrExt;
+    let p = out.join(std::ffi::OsStr::from_bytes(b"caf\xe9.txt"));
+    assert_eq!(std::fs::read(p).unwrap(), b"latin-1 name\n");
+}
+
+#[test]
+fn bad_inputs_fail_with_one_line_and_store_nothing() {
+    let s = Server::start();
+    let tree = make_tree();
+    let src = tree.path().to_str().unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![testdata("tarballs/escape.tar"), "".into(), "".into()],
+            "`..` component",
+        ),
+        (
+            vec![
+                testdata("tarballs/hardlink-to-later.tar"),
+                "".into(),
+                "".into(),
+            ],
+            "not earlier in the archive",
+        ),
+        (
+            vec![
+                testdata("tarballs/through-symlink.tar"),
+                "".into(),
+                "".into(),
+            ],
+            "written through the symlink /etc",
+        ),
+        (
+            vec![testdata("tarballs/duplicate.tar"), "".into(), "".into()],
+            "appears twice",
+        ),
+        (
+            vec![testdata("tarballs/truncated.tar.gz"), "".into(), "".into()],
+            "truncated",
+        ),
+        (
+            vec![testdata("tarballs/not-a-tar.tar"), "".into(), "".into()],
+            "not a tar",
+        ),
+        (
+            vec![src.into(), testdata("bad-regex.filter"), "".into()],
+            "bad-regex.filter:2: invalid regex \"/etc/(unclosed\"",
+        ),
+        (
+            vec![src.into(), "".into(), testdata("bad-json.triggers")],
+            "bad-json.triggers",
+        ),
+        (
+            vec![src.into(), "".into(), testdata("bad-regex.triggers")],
+            "/etc/[ssh",
+        ),
+        (
+            vec!["/does/not/exist".into(), "".into(), "".into()],
+            "/does/not/exist: No such file",
+        ),
+        (
+            vec![src.into(), "/no/filter".into(), "".into()],
+            "filter file /no/filter",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut a = vec!["add", "bad/1"];
+        a.extend(args.iter().map(|s| s.as_str()));
+        fails(s.tool(&a), want);
+        assert_eq!(ok(s.tool(&["list"])), "", "no image after {args:?}");
+        assert_eq!(s.object_files(), 0, "no object after {args:?}");
+    }
+    fails(
+        s.tool(&["add", "bad//name", src, "", ""]),
+        "invalid image name",
+    );
+    // a name already taken
+    ok(s.tool(&["add", "good/1", src, "", ""]));
+    let n = s.object_files();
+    fails(s.tool(&["add", "good/1", src, "", ""]), "already exists");
+    assert_eq!(s.object_files(), n);
+}
+
+#[test]
+fn warnings_are_not_errors() {
+    let s = Server::start();
+    let tree = make_tree();
+    std::fs::set_permissions(tree.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let src = tree.path().to_str().unwrap();
+    let o = s.tool(&["add", "w/1", src, "", ""]);
+    assert!(o.status.success());
+    assert!(
+        stderr(&o).contains("warning: sparse image w/1: / is 0700"),
+        "{}",
+        stderr(&o)
+    );
+    let o = s.tool(&["add", "w/2", src, &testdata("trailing-blank.filter"), ""]);
+    assert!(o.status.success());
+    assert!(stderr(&o).contains("ends in blanks"), "{}", stderr(&o));
+}
+
+#[test]
+fn usage_errors_exit_2_and_server_errors_exit_1() {
+    let s = Server::start();
+    assert_eq!(s.tool(&["add", "x"]).status.code(), Some(2));
+    assert_eq!(s.tool(&["frobnicate"]).status.code(), Some(2));
+    assert_eq!(s.tool(&["delunrefobj", "x", "0"]).status.code(), Some(2));
+    assert_eq!(run_tool(&[]).status.code(), Some(2));
+    fails(
+        run_tool(&["--image-server", "127.0.0.1:1", "list"]),
+        "127.0.0.1:1",
+    );
+}
+
+#[test]
+fn dominator_flag_spellings_work() {
+    let s = Server::start();
+    let (host, port) = s.addr.rsplit_once(':').unwrap();
+    ok(s.tool(&["add", "d/1", make_tree().path().to_str().unwrap(), "", ""]));
+    let h = format!("-imageServerHostname={host}");
+    let p = format!("-imageServerPortNum={port}");
+    assert_eq!(ok(run_tool(&[&h, &p, "list"])), "d/1\n");
+    assert_eq!(
+        ok(run_tool(&[
+            "-imageServerHostname",
+            host,
+            "-imageServerPortNum",
+            port,
+            "list"
+        ])),
+        "d/1\n"
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_imagetool"))
+        .arg("list")
+        .env("IMAGE_SERVER", &s.addr)
+        .output()
+        .unwrap();
+    assert_eq!(ok(o), "d/1\n");
+}
+
+#[test]
+fn unreferenced_objects_are_listed_oldest_first_and_deleted() {
+    let s = Server::start();
+    let tree = make_tree();
+    let src = tree.path().to_str().unwrap();
+    ok(s.tool(&["add", "u/1", src, "", ""]));
+    assert_eq!(ok(s.tool(&["listunrefobj"])), "");
+    std::fs::write(tree.path().join("etc/hostname"), "other\n").unwrap();
+    ok(s.tool(&["add", "u/2", src, "", ""]));
+    ok(s.tool(&["delete", "u/1"]));
+    let list = ok(s.tool(&["listunrefobj"]));
+    let hostname_id = model::ObjectId::of(b"web1\n");
+    assert_eq!(list, format!("{hostname_id} 5\n"));
+    assert_eq!(
+        ok(s.tool(&["delunrefobj", "0", "0"])),
+        "deleted 0 objects, 0 bytes\n"
+    );
+    let n = s.object_files();
+    assert_eq!(
+        ok(s.tool(&["delunrefobj", "100", "0"])),
+        "deleted 1 objects, 5 bytes\n"
+    );
+    assert_eq!(s.object_files(), n - 1);
+    assert_eq!(ok(s.tool(&["listunrefobj"])), "");
+    // the remaining image is still whole
+    let dir = tempfile::tempdir().unwrap();
+    ok(s.tool(&["get", "u/2", dir.path().join("x").to_str().unwrap()]));
+    fails(s.tool(&["delunrefobj", "101", "0"]), "over 100");
+}
+
+#[test]
+fn patch_directory_converges_a_directory_and_keeps_what_the_filter_protects() {
+    let s = Server::start();
+    let src = make_tree();
+    let filter = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(filter.path(), "/etc/hostname$\n/keep(|/.*)$\n").unwrap();
+    ok(s.tool(&[
+        "add",
+        "full.0",
+        src.path().to_str().unwrap(),
+        filter.path().to_str().unwrap(),
+        "",
+    ]));
+
+    // A drifted machine: wrong content, an extra file, a protected file, a missing file.
+    let dst = tempfile::tempdir().unwrap();
+    let d = dst.path();
+    std::fs::create_dir_all(d.join("etc")).unwrap();
+    std::fs::create_dir_all(d.join("keep")).unwrap();
+    std::fs::write(d.join("etc/passwd"), "evil\n").unwrap();
+    std::fs::write(d.join("etc/hostname"), "mine\n").unwrap();
+    std::fs::write(d.join("extra"), "delete me\n").unwrap();
+    std::fs::write(d.join("keep/state"), "precious\n").unwrap();
+    let out = ok(s.tool(&[
+        "patch-directory",
+        "full.0",
+        d.to_str().unwrap(),
+        "--allow-unsafe",
+    ]));
+    assert!(out.contains("patched"), "{out}");
+
+    assert_eq!(
+        std::fs::read_to_string(d.join("etc/passwd")).unwrap(),
+        "root:x:0:0\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("etc/hostname")).unwrap(),
+        "mine\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("keep/state")).unwrap(),
+        "precious\n"
+    );
+    assert!(!d.join("extra").exists());
+    let tool = std::fs::metadata(d.join("usr/bin/tool")).unwrap();
+    assert_eq!(tool.mode() & 0o7777, 0o755);
+    assert_eq!(
+        tool.ino(),
+        std::fs::metadata(d.join("usr/bin/tool2")).unwrap().ino()
+    );
+    assert_eq!(
+        std::fs::read_link(d.join("usr/bin/t")).unwrap(),
+        Path::new("tool")
+    );
+
+    // Converged: a second run changes nothing and fetches nothing.
+    let again = ok(s.tool(&["patch-directory", "full.0", d.to_str().unwrap()]));
+    assert!(
+        again.contains("nothing to do") && again.contains("fetched 0 objects"),
+        "{again}"
+    );
+    let missing = s.tool(&["patch-directory", "no-such-image", d.to_str().unwrap()]);
+    fails(missing, "no-such-image");
+}

@@ -1,0 +1,479 @@
+//! The MDB file format: a JSON array of machines, as Dominator reads it, parsed and
+//! validated without any I/O.
+//!
+//! Like Go's `encoding/json` (which the reference uses), key names match case-insensitively
+//! and unknown keys are accepted; unlike it, unknown keys are *kept* so that rewriting a
+//! hand-edited file never loses what an operator (or mdbd) put there. Entries with an empty
+//! `Hostname` are ignored by the dominator but kept in the file.
+
+use model::ImageName;
+use serde::ser::SerializeMap;
+use serde::{Serialize, Serializer};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Why an MDB document is not acceptable. Every message is one line naming the entry.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MdbError {
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    #[error("the MDB must be a JSON array of machines, found {0}")]
+    NotArray(&'static str),
+    #[error("{entry}: {message}")]
+    Entry { entry: String, message: String },
+    #[error("duplicate Hostname {host:?}: {first} and {second}")]
+    Duplicate {
+        host: String,
+        first: String,
+        second: String,
+    },
+}
+
+/// One machine record.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Machine {
+    /// Unique key; may carry `:PORT`. Empty ⇒ the entry is ignored.
+    pub hostname: String,
+    /// The address actually dialled, if set; may carry `:PORT`.
+    pub ip_address: Option<String>,
+    /// The image to enforce (empty ⇒ none).
+    pub required_image: String,
+    /// The image to prefetch (empty ⇒ none).
+    pub planned_image: String,
+    /// Poll and prefetch, but never send an update.
+    pub disable_updates: bool,
+    /// Free-form tags; `DisableSafetyCheck` (any value) lifts the safety check.
+    pub tags: BTreeMap<String, String>,
+    /// Keys this program does not interpret, kept verbatim for rewriting.
+    pub extra: BTreeMap<String, Value>,
+}
+
+/// The tag that lifts the safety check for one machine.
+pub const TAG_DISABLE_SAFETY_CHECK: &str = "DisableSafetyCheck";
+
+impl Machine {
+    pub fn new(hostname: &str) -> Machine {
+        Machine {
+            hostname: hostname.to_string(),
+            ..Machine::default()
+        }
+    }
+
+    /// The address to dial: `IpAddress` if set, else `Hostname`.
+    pub fn address(&self) -> &str {
+        match &self.ip_address {
+            Some(ip) if !ip.is_empty() => ip,
+            _ => &self.hostname,
+        }
+    }
+
+    /// Whether the MDB lifts the safety check for this machine.
+    pub fn safety_check_disabled(&self) -> bool {
+        self.tags.contains_key(TAG_DISABLE_SAFETY_CHECK)
+    }
+
+    /// Checks the fields that must be well formed (host names, ports, image names).
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.hostname.is_empty() {
+            check_address(&self.hostname).map_err(|e| format!("Hostname: {e}"))?;
+        }
+        if let Some(ip) = &self.ip_address {
+            if !ip.is_empty() {
+                check_address(ip).map_err(|e| format!("IpAddress: {e}"))?;
+            }
+        }
+        for (key, v) in [
+            ("RequiredImage", &self.required_image),
+            ("PlannedImage", &self.planned_image),
+        ] {
+            if !v.is_empty() {
+                ImageName::parse(v).map_err(|e| format!("{key}: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks `HOST`, `HOST:PORT`, `[V6]`, `[V6]:PORT` or a bare IPv6 address.
+pub fn check_address(addr: &str) -> Result<(), String> {
+    if addr.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{addr:?} contains whitespace"));
+    }
+    let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
+        let (h, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("{addr:?}: `[` without `]`"))?;
+        match after {
+            "" => (h, None),
+            p if p.starts_with(':') => (h, Some(&p[1..])),
+            _ => return Err(format!("{addr:?}: junk after `]`")),
+        }
+    } else if addr.matches(':').count() == 1 {
+        let (h, p) = addr.split_once(':').unwrap();
+        (h, Some(p))
+    } else {
+        (addr, None)
+    };
+    if host.is_empty() {
+        return Err(format!("{addr:?}: empty host"));
+    }
+    if let Some(p) = port {
+        match p.parse::<u16>() {
+            Ok(n) if n > 0 => {}
+            _ => {
+                return Err(format!(
+                    "{addr:?}: port {p:?} is not a number from 1 to 65535"
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A whole machine database, in file order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Mdb {
+    /// Every entry, including ignored ones with an empty Hostname.
+    pub entries: Vec<Machine>,
+}
+
+impl Mdb {
+    /// Parses and validates an MDB document.
+    pub fn parse(text: &str) -> Result<Mdb, MdbError> {
+        let value: Value = serde_json::from_str(text).map_err(|e| MdbError::Json(e.to_string()))?;
+        let items = match value {
+            Value::Array(a) => a,
+            other => return Err(MdbError::NotArray(kind_of(&other))),
+        };
+        let mut entries = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let m = machine_from_value(item).map_err(|message| MdbError::Entry {
+                entry: entry_label(i, None),
+                message,
+            })?;
+            m.validate().map_err(|message| MdbError::Entry {
+                entry: entry_label(i, Some(&m.hostname)),
+                message,
+            })?;
+            entries.push(m);
+        }
+        let mdb = Mdb { entries };
+        mdb.check_duplicates()?;
+        Ok(mdb)
+    }
+
+    fn check_duplicates(&self) -> Result<(), MdbError> {
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        for (i, m) in self.entries.iter().enumerate() {
+            if m.hostname.is_empty() {
+                continue;
+            }
+            if let Some(&first) = seen.get(&m.hostname.to_ascii_lowercase()) {
+                return Err(MdbError::Duplicate {
+                    host: m.hostname.clone(),
+                    first: entry_label(first, Some(&self.entries[first].hostname)),
+                    second: entry_label(i, Some(&m.hostname)),
+                });
+            }
+            seen.insert(m.hostname.to_ascii_lowercase(), i);
+        }
+        Ok(())
+    }
+
+    /// The machines the dominator manages (entries with a Hostname), in file order.
+    pub fn machines(&self) -> impl Iterator<Item = &Machine> {
+        self.entries.iter().filter(|m| !m.hostname.is_empty())
+    }
+
+    /// Number of entries ignored for an empty Hostname.
+    pub fn ignored(&self) -> usize {
+        self.entries
+            .iter()
+            .filter(|m| m.hostname.is_empty())
+            .count()
+    }
+
+    /// The machine named `host` (case-insensitive, as host names are).
+    pub fn get(&self, host: &str) -> Option<&Machine> {
+        self.machines()
+            .find(|m| m.hostname.eq_ignore_ascii_case(host))
+    }
+
+    pub fn get_mut(&mut self, host: &str) -> Option<&mut Machine> {
+        self.entries
+            .iter_mut()
+            .find(|m| !m.hostname.is_empty() && m.hostname.eq_ignore_ascii_case(host))
+    }
+
+    /// Adds a machine; refuses a duplicate or an invalid record.
+    pub fn add(&mut self, m: Machine) -> Result<(), MdbError> {
+        if m.hostname.is_empty() {
+            return Err(MdbError::Entry {
+                entry: "new entry".into(),
+                message: "Hostname is empty".into(),
+            });
+        }
+        m.validate().map_err(|message| MdbError::Entry {
+            entry: format!("machine {:?}", m.hostname),
+            message,
+        })?;
+        self.entries.push(m);
+        self.check_duplicates().inspect_err(|_| {
+            self.entries.pop();
+        })
+    }
+
+    /// Removes the machine named `host`; returns it.
+    pub fn remove(&mut self, host: &str) -> Option<Machine> {
+        let i = self
+            .entries
+            .iter()
+            .position(|m| !m.hostname.is_empty() && m.hostname.eq_ignore_ascii_case(host))?;
+        Some(self.entries.remove(i))
+    }
+
+    /// The document as pretty JSON (known keys first, in Dominator's spelling), newline-ended.
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(&self.entries).expect("MDB serializes");
+        s.push('\n');
+        s
+    }
+}
+
+fn entry_label(i: usize, host: Option<&str>) -> String {
+    match host {
+        Some(h) if !h.is_empty() => format!("entry {} (Hostname {h:?})", i + 1),
+        _ => format!("entry {}", i + 1),
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn want_string(key: &str, v: Value) -> Result<String, String> {
+    match v {
+        Value::String(s) => Ok(s),
+        Value::Null => Ok(String::new()),
+        other => Err(format!("{key} must be a string, found {}", kind_of(&other))),
+    }
+}
+
+fn machine_from_value(v: Value) -> Result<Machine, String> {
+    let obj = match v {
+        Value::Object(o) => o,
+        other => return Err(format!("must be an object, found {}", kind_of(&other))),
+    };
+    let mut m = Machine::default();
+    for (key, value) in obj {
+        match key.to_ascii_lowercase().as_str() {
+            "hostname" => m.hostname = want_string("Hostname", value)?,
+            "ipaddress" => {
+                let s = want_string("IpAddress", value)?;
+                m.ip_address = (!s.is_empty()).then_some(s);
+            }
+            "requiredimage" => m.required_image = want_string("RequiredImage", value)?,
+            "plannedimage" => m.planned_image = want_string("PlannedImage", value)?,
+            "disableupdates" => {
+                m.disable_updates = match value {
+                    Value::Bool(b) => b,
+                    Value::Null => false,
+                    other => {
+                        return Err(format!(
+                            "DisableUpdates must be true or false, found {}",
+                            kind_of(&other)
+                        ))
+                    }
+                }
+            }
+            "tags" => match value {
+                Value::Null => {}
+                Value::Object(t) => {
+                    for (k, v) in t {
+                        let s = want_string(&format!("Tags.{k}"), v)?;
+                        m.tags.insert(k, s);
+                    }
+                }
+                other => return Err(format!("Tags must be an object, found {}", kind_of(&other))),
+            },
+            _ => {
+                m.extra.insert(key, value);
+            }
+        }
+    }
+    Ok(m)
+}
+
+impl Serialize for Machine {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("Hostname", &self.hostname)?;
+        if let Some(ip) = &self.ip_address {
+            map.serialize_entry("IpAddress", ip)?;
+        }
+        map.serialize_entry("RequiredImage", &self.required_image)?;
+        if !self.planned_image.is_empty() {
+            map.serialize_entry("PlannedImage", &self.planned_image)?;
+        }
+        if self.disable_updates {
+            map.serialize_entry("DisableUpdates", &true)?;
+        }
+        if !self.tags.is_empty() {
+            map.serialize_entry("Tags", &self.tags)?;
+        }
+        for (k, v) in &self.extra {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Machine {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Machine, D::Error> {
+        let v = Value::deserialize(d)?;
+        machine_from_value(v).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for Machine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&serde_json::to_string_pretty(self).map_err(|_| fmt::Error)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses `text`; returns `Ok(summary)` of the managed machines or the error text.
+    fn check(text: &str) -> Result<Vec<String>, String> {
+        Mdb::parse(text)
+            .map(|m| {
+                m.machines()
+                    .map(|m| {
+                        format!(
+                            "{}@{} req={} plan={} dis={} tags={:?}",
+                            m.hostname,
+                            m.address(),
+                            m.required_image,
+                            m.planned_image,
+                            m.disable_updates,
+                            m.tags
+                        )
+                    })
+                    .collect()
+            })
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn parse_table() {
+        let ok: &[(&str, &[&str])] = &[
+            ("[]", &[]),
+            (
+                r#"[{"Hostname":"a","RequiredImage":"img/1"}]"#,
+                &["a@a req=img/1 plan= dis=false tags={}"],
+            ),
+            (
+                r#"[{"hostname":"a:7000","ipaddress":"127.0.0.1:7001","requiredimage":"x","PLANNEDIMAGE":"y","DisableUpdates":true}]"#,
+                &["a:7000@127.0.0.1:7001 req=x plan=y dis=true tags={}"],
+            ),
+            (
+                r#"[{"Hostname":"a","Tags":{"DisableSafetyCheck":""},"Location":"rack1","OwnerGroups":["x"]}]"#,
+                &[r#"a@a req= plan= dis=false tags={"DisableSafetyCheck": ""}"#],
+            ),
+            (
+                r#"[{"Hostname":"","RequiredImage":"x"},{"Hostname":"b"}]"#,
+                &["b@b req= plan= dis=false tags={}"],
+            ),
+            (
+                r#"[{"Hostname":"[::1]:6969"},{"Hostname":"c","IpAddress":""}]"#,
+                &[
+                    "[::1]:6969@[::1]:6969 req= plan= dis=false tags={}",
+                    "c@c req= plan= dis=false tags={}",
+                ],
+            ),
+        ];
+        for (text, want) in ok {
+            assert_eq!(
+                check(text),
+                Ok(want.iter().map(|s| s.to_string()).collect()),
+                "{text}"
+            );
+        }
+        let bad: &[(&str, &str)] = &[
+            ("", "not valid JSON"),
+            ("{}", "must be a JSON array of machines, found an object"),
+            (r#"[{"Hostname":"a"},]"#, "not valid JSON"),
+            ("[1]", "entry 1: must be an object, found a number"),
+            (r#"[{"Hostname":5}]"#, "entry 1: Hostname must be a string"),
+            (
+                r#"[{"Hostname":"a"},{"Hostname":"b","DisableUpdates":"yes"}]"#,
+                "entry 2: DisableUpdates must be true or false",
+            ),
+            (
+                r#"[{"Hostname":"a","Tags":{"k":1}}]"#,
+                "entry 1: Tags.k must be a string",
+            ),
+            (
+                r#"[{"Hostname":"a:99999"}]"#,
+                r#"entry 1 (Hostname "a:99999"): Hostname: "a:99999": port "99999""#,
+            ),
+            (
+                r#"[{"Hostname":"a","IpAddress":"1.2.3.4:x"}]"#,
+                "IpAddress: \"1.2.3.4:x\": port",
+            ),
+            (r#"[{"Hostname":"a b"}]"#, "contains whitespace"),
+            (
+                r#"[{"Hostname":"a","RequiredImage":"../x"}]"#,
+                "RequiredImage: invalid image name",
+            ),
+            (
+                r#"[{"Hostname":"a"},{"Hostname":"b"},{"Hostname":"A"}]"#,
+                r#"duplicate Hostname "A": entry 1 (Hostname "a") and entry 3 (Hostname "A")"#,
+            ),
+        ];
+        for (text, want) in bad {
+            let got = check(text).unwrap_err();
+            assert!(got.contains(want), "{text}: got {got:?}, want {want:?}");
+            assert!(!got.contains('\n'), "one line: {got:?}");
+        }
+    }
+
+    #[test]
+    fn round_trip_keeps_unknown_keys_and_ignored_entries() {
+        let text = r#"[{"Hostname":"a","RequiredImage":"i/1","Location":"rack1","OwnerGroups":["ops"]},{"Hostname":""}]"#;
+        let mdb = Mdb::parse(text).unwrap();
+        let out = mdb.to_json();
+        let again = Mdb::parse(&out).unwrap();
+        assert_eq!(again, mdb);
+        assert!(out.contains("\"Location\": \"rack1\""), "{out}");
+        assert_eq!(again.entries.len(), 2);
+        assert_eq!(again.ignored(), 1);
+    }
+
+    #[test]
+    fn edits() {
+        let mut mdb = Mdb::parse(r#"[{"Hostname":"a"}]"#).unwrap();
+        assert!(mdb
+            .add(Machine::new("A"))
+            .unwrap_err()
+            .to_string()
+            .contains("duplicate"));
+        assert_eq!(mdb.entries.len(), 1);
+        assert!(mdb.add(Machine::new("b:0")).is_err());
+        mdb.add(Machine::new("b")).unwrap();
+        mdb.get_mut("B").unwrap().required_image = "x".into();
+        assert_eq!(mdb.get("b").unwrap().required_image, "x");
+        assert_eq!(mdb.remove("a").unwrap().hostname, "a");
+        assert!(mdb.get("a").is_none());
+    }
+}

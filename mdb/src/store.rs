@@ -1,0 +1,305 @@
+//! The MDB on disk: reading, locked read-modify-write edits (temp + fsync + rename, so the
+//! dominator never sees half a file), and the append-only history beside it.
+//!
+//! Files: `<mdb>` itself, `<mdb>.lock` (an `flock` taken for every edit, so two `mdb`
+//! commands never lose each other's change) and `<mdb>.history` (JSON lines, one per
+//! changed machine, fsynced before the new MDB is renamed into place). Hand edits with an
+//! editor bypass the lock and the history; they are still read and kept.
+
+use crate::machine::{Machine, Mdb, MdbError};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, Write};
+use std::path::{Path, PathBuf};
+
+/// A failed read or edit of the MDB file.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {source}")]
+    Invalid { path: PathBuf, source: MdbError },
+    #[error("{0}")]
+    Edit(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Reads and validates the MDB at `path`.
+pub fn load(path: &Path) -> Result<Mdb, StoreError> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    Mdb::parse(&text).map_err(|source| StoreError::Invalid {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// One line of the history: what an edit did to one machine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// Unix seconds.
+    pub time: u64,
+    pub host: String,
+    /// `add`, `set`, `remove` or `rollback`.
+    pub action: String,
+    /// Who ran it (`$SUDO_USER`, `$USER` or the uid).
+    pub user: String,
+    pub before: Option<Machine>,
+    pub after: Option<Machine>,
+}
+
+/// Where the history of the MDB at `path` lives.
+pub fn history_path(path: &Path) -> PathBuf {
+    sibling(path, ".history")
+}
+
+/// Where the edit lock of the MDB at `path` lives.
+pub fn lock_path(path: &Path) -> PathBuf {
+    sibling(path, ".lock")
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+fn current_user() -> String {
+    for var in ["SUDO_USER", "USER", "LOGNAME"] {
+        if let Ok(u) = std::env::var(var) {
+            if !u.is_empty() {
+                return u;
+            }
+        }
+    }
+    format!("uid {}", rustix::process::getuid().as_raw())
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Reads every history entry for `host` (case-insensitive), oldest first. A missing
+/// history is empty; a torn last line (crash while appending) is skipped.
+pub fn history(path: &Path, host: &str) -> Result<Vec<HistoryEntry>, StoreError> {
+    let hp = history_path(path);
+    let f = match File::open(&hp) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(&hp)(e)),
+    };
+    let mut out = Vec::new();
+    for line in io::BufReader::new(f).lines() {
+        let line = line.map_err(io_err(&hp))?;
+        if let Ok(e) = serde_json::from_str::<HistoryEntry>(&line) {
+            if e.host.eq_ignore_ascii_case(host) {
+                out.push(e);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The image `rollback` returns `host` to: walking the history newest first, the first
+/// recorded RequiredImage (after, then before) that differs from `current`. So a rollback
+/// undoes the last change, a second rollback redoes it, and a hand edit made after the
+/// last recorded change is undone to the recorded value.
+pub fn previous_image(entries: &[HistoryEntry], current: &str) -> Option<String> {
+    entries.iter().rev().find_map(|e| {
+        [&e.after, &e.before]
+            .into_iter()
+            .flatten()
+            .map(|m| m.required_image.as_str())
+            .find(|img| !img.is_empty() && *img != current)
+            .map(str::to_string)
+    })
+}
+
+/// Applies `edit` to the MDB at `path` under its lock and records what changed.
+///
+/// A missing file is treated as an empty MDB when `create` is set. The closure returns
+/// the action name for the history; the file is rewritten only if the content changed.
+pub fn edit<T>(
+    path: &Path,
+    create: bool,
+    edit: impl FnOnce(&mut Mdb) -> Result<(&'static str, T), StoreError>,
+) -> Result<T, StoreError> {
+    let lp = lock_path(path);
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lp)
+        .map_err(io_err(&lp))?;
+    lock.lock().map_err(io_err(&lp))?;
+    let before = match std::fs::read_to_string(path) {
+        Ok(text) => Mdb::parse(&text).map_err(|source| StoreError::Invalid {
+            path: path.to_path_buf(),
+            source,
+        })?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound && create => Mdb::default(),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let mut after = before.clone();
+    let (action, out) = edit(&mut after)?;
+    // Re-validate the whole result: the closure may have produced a duplicate or a bad field.
+    let text = after.to_json();
+    Mdb::parse(&text).map_err(|e| StoreError::Edit(e.to_string()))?;
+    if after != before {
+        append_history(path, action, &before, &after)?;
+        model::fsutil::write_atomic(path, text.as_bytes()).map_err(io_err(path))?;
+    }
+    drop(lock);
+    Ok(out)
+}
+
+fn append_history(path: &Path, action: &str, before: &Mdb, after: &Mdb) -> Result<(), StoreError> {
+    let mut hosts: Vec<&str> = before
+        .machines()
+        .chain(after.machines())
+        .map(|m| m.hostname.as_str())
+        .collect();
+    hosts.sort_by_key(|h| h.to_ascii_lowercase());
+    hosts.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
+    let (time, user) = (now(), current_user());
+    let mut lines = String::new();
+    for host in hosts {
+        let (b, a) = (before.get(host), after.get(host));
+        if b == a {
+            continue;
+        }
+        let e = HistoryEntry {
+            time,
+            host: host.to_string(),
+            action: action.to_string(),
+            user: user.clone(),
+            before: b.cloned(),
+            after: a.cloned(),
+        };
+        lines.push_str(&serde_json::to_string(&e).expect("history serializes"));
+        lines.push('\n');
+    }
+    let hp = history_path(path);
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&hp)
+        .map_err(io_err(&hp))?;
+    f.write_all(lines.as_bytes()).map_err(io_err(&hp))?;
+    f.sync_all().map_err(io_err(&hp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(before: Option<&str>, after: Option<&str>) -> HistoryEntry {
+        let m = |img: &str| Machine {
+            required_image: img.into(),
+            ..Machine::new("h")
+        };
+        HistoryEntry {
+            time: 0,
+            host: "h".into(),
+            action: "set".into(),
+            user: "u".into(),
+            before: before.map(m),
+            after: after.map(m),
+        }
+    }
+
+    #[test]
+    fn previous_image_table() {
+        type Change<'a> = (Option<&'a str>, Option<&'a str>);
+        let cases: &[(&[Change], &str, Option<&str>)] = &[
+            (&[], "a", None),
+            (&[(None, Some("a"))], "a", None),
+            (&[(None, Some("a")), (Some("a"), Some("b"))], "b", Some("a")),
+            // A second rollback toggles back.
+            (
+                &[
+                    (None, Some("a")),
+                    (Some("a"), Some("b")),
+                    (Some("b"), Some("a")),
+                ],
+                "a",
+                Some("b"),
+            ),
+            // A hand edit after the last recorded change is undone to the recorded value.
+            (&[(Some("a"), Some("b"))], "c", Some("b")),
+            // A change of something else (same image) is skipped over.
+            (
+                &[(Some("a"), Some("b")), (Some("b"), Some("b"))],
+                "b",
+                Some("a"),
+            ),
+            // Empty images are never a rollback target.
+            (&[(Some(""), Some("b"))], "b", None),
+        ];
+        for (hist, current, want) in cases {
+            let entries: Vec<_> = hist.iter().map(|(b, a)| entry(*b, *a)).collect();
+            assert_eq!(
+                previous_image(&entries, current).as_deref(),
+                *want,
+                "{hist:?} {current}"
+            );
+        }
+    }
+
+    #[test]
+    fn edit_writes_history_and_refuses_bad_results() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("mdb.json");
+        edit(&p, true, |m| Ok(("add", m.add(Machine::new("a")).unwrap()))).unwrap();
+        edit(&p, false, |m| {
+            m.get_mut("a").unwrap().required_image = "img/1".into();
+            Ok(("set", ()))
+        })
+        .unwrap();
+        // An edit producing an invalid MDB changes nothing.
+        let err = edit(&p, false, |m| {
+            m.get_mut("a").unwrap().required_image = "../bad".into();
+            Ok(("set", ()))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("RequiredImage"), "{err}");
+        assert_eq!(load(&p).unwrap().get("a").unwrap().required_image, "img/1");
+        let h = history(&p, "A").unwrap();
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[0].action, "add");
+        assert_eq!(h[1].after.as_ref().unwrap().required_image, "img/1");
+        // Only the MDB, its lock and its history: no temp debris.
+        let mut names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["mdb.json", "mdb.json.history", "mdb.json.lock"]);
+    }
+
+    #[test]
+    fn concurrent_edits_are_not_lost() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("mdb.json");
+        std::thread::scope(|s| {
+            for i in 0..8 {
+                let p = &p;
+                s.spawn(move || {
+                    edit(p, true, |m| {
+                        Ok(("add", m.add(Machine::new(&format!("h{i}"))).unwrap()))
+                    })
+                    .unwrap()
+                });
+            }
+        });
+        assert_eq!(load(&p).unwrap().machines().count(), 8);
+    }
+}

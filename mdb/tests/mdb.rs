@@ -1,0 +1,257 @@
+//! The `mdb` command as operators run it: the real binary against real files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn mdb(file: &Path, args: &[&str]) -> Run {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = Command::new(env!("CARGO_BIN_EXE_mdb"))
+        .arg("--mdb")
+        .arg(file)
+        .args(args)
+        .env_remove("MDB_FILE")
+        .output()
+        .expect("running mdb");
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: String::from_utf8(stdout).unwrap(),
+        stderr: String::from_utf8(stderr).unwrap(),
+    }
+}
+
+fn ok(file: &Path, args: &[&str]) -> String {
+    let r = mdb(file, args);
+    assert_eq!(r.code, 0, "mdb {args:?}: {}", r.stderr);
+    r.stdout
+}
+
+fn fails(file: &Path, args: &[&str], code: i32, needle: &str) {
+    let r = mdb(file, args);
+    assert_eq!(r.code, code, "mdb {args:?}: {} {}", r.stdout, r.stderr);
+    assert!(r.stderr.contains(needle), "mdb {args:?}: {}", r.stderr);
+    if code == 1 {
+        assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
+    }
+}
+
+fn scratch() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("mdb.json");
+    (d, p)
+}
+
+#[test]
+fn add_set_show_list_remove() {
+    let (_d, p) = scratch();
+    ok(
+        &p,
+        &[
+            "add",
+            "web1:7001",
+            "--required",
+            "web/1",
+            "--ip",
+            "127.0.0.1:7001",
+        ],
+    );
+    ok(
+        &p,
+        &[
+            "add",
+            "web2",
+            "--required",
+            "web/1",
+            "--tag",
+            "DisableSafetyCheck=true",
+        ],
+    );
+    let shown = ok(
+        &p,
+        &[
+            "set",
+            "web2",
+            "--required",
+            "web/2",
+            "--planned",
+            "web/3",
+            "--disable-updates",
+            "true",
+        ],
+    );
+    assert!(shown.contains("\"RequiredImage\": \"web/2\""), "{shown}");
+    let list = ok(&p, &["list"]);
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["HOST", "REQUIRED", "PLANNED", "FLAGS"]
+    );
+    assert!(
+        lines[1].starts_with("web1:7001")
+            && lines[1].contains("web/1")
+            && lines[1].contains("ip=127.0.0.1:7001"),
+        "{list}"
+    );
+    assert!(
+        lines[2].contains("web/2")
+            && lines[2].contains("web/3")
+            && lines[2].contains("updates-disabled,DisableSafetyCheck=true"),
+        "{list}"
+    );
+    let show: serde_json::Value = serde_json::from_str(&ok(&p, &["show", "WEB2"])).unwrap();
+    assert_eq!(show["DisableUpdates"], true);
+    assert_eq!(show["Tags"]["DisableSafetyCheck"], "true");
+    // The file is plain Dominator MDB JSON.
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    assert_eq!(file[0]["Hostname"], "web1:7001");
+    assert_eq!(file[0]["IpAddress"], "127.0.0.1:7001");
+    ok(&p, &["remove", "web1:7001"]);
+    assert!(!ok(&p, &["list"]).contains("web1"));
+    let json: serde_json::Value = serde_json::from_str(&ok(&p, &["list", "--json"])).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn errors_are_one_line_and_change_nothing() {
+    let (_d, p) = scratch();
+    fails(&p, &["list"], 1, "mdb.json");
+    ok(&p, &["add", "a", "--required", "img/1"]);
+    let before = std::fs::read(&p).unwrap();
+    fails(&p, &["add", "A"], 1, "duplicate Hostname \"A\"");
+    fails(
+        &p,
+        &["set", "nope", "--required", "x"],
+        1,
+        "no machine \"nope\"",
+    );
+    fails(
+        &p,
+        &["set", "a", "--required", "../x"],
+        1,
+        "invalid image name",
+    );
+    fails(&p, &["set", "a"], 1, "nothing to change");
+    fails(&p, &["add", "b:70000"], 1, "port");
+    fails(&p, &["show", "zz"], 1, "no machine \"zz\"");
+    fails(
+        &p,
+        &["set", "a", "--disable-updates", "maybe"],
+        2,
+        "invalid value",
+    );
+    fails(&p, &["frobnicate"], 2, "unrecognized subcommand");
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+}
+
+#[test]
+fn check_reports_the_problem() {
+    let (d, _p) = scratch();
+    let f = d.path().join("x.json");
+    let cases: &[(&str, Option<&str>)] = &[
+        (r#"[{"Hostname":"a"},{"Hostname":"","Junk":1}]"#, None),
+        (
+            r#"[{"Hostname":"a"},{"Hostname":"a"}]"#,
+            Some("duplicate Hostname \"a\": entry 1 (Hostname \"a\") and entry 2 (Hostname \"a\")"),
+        ),
+        (r#"[{"Hostname":"a"},]"#, Some("not valid JSON")),
+        (r#"{"Hostname":"a"}"#, Some("JSON array")),
+    ];
+    for (text, err) in cases {
+        std::fs::write(&f, text).unwrap();
+        let r = mdb(&f, &["check", f.to_str().unwrap()]);
+        match err {
+            None => {
+                assert_eq!(r.code, 0, "{text}: {}", r.stderr);
+                assert!(
+                    r.stdout
+                        .contains("ok, 1 machines (1 entries without a Hostname ignored)"),
+                    "{}",
+                    r.stdout
+                );
+            }
+            Some(e) => {
+                assert_eq!(r.code, 1, "{text}");
+                assert!(r.stderr.contains(e), "{text}: {}", r.stderr);
+            }
+        }
+    }
+}
+
+#[test]
+fn hand_edits_keep_working_and_unknown_keys_survive() {
+    let (_d, p) = scratch();
+    std::fs::write(
+        &p,
+        r#"[
+  {"hostname": "a", "requiredimage": "img/1", "Location": "rack 7", "OwnerGroups": ["ops"]},
+  {"Hostname": "b", "RequiredImage": "img/1"}
+]"#,
+    )
+    .unwrap();
+    ok(&p, &["set", "b", "--required", "img/2"]);
+    let text = std::fs::read_to_string(&p).unwrap();
+    assert!(text.contains("\"Location\": \"rack 7\""), "{text}");
+    assert!(text.contains("\"OwnerGroups\""), "{text}");
+    // An operator edits the file by hand; mdb reads it.
+    std::fs::write(&p, text.replace("img/2", "img/9")).unwrap();
+    assert!(ok(&p, &["show", "b"]).contains("img/9"));
+    // Rollback undoes the hand edit to the last recorded value.
+    assert_eq!(
+        ok(&p, &["rollback", "b"]).trim(),
+        "b: RequiredImage img/9 -> img/2"
+    );
+}
+
+#[test]
+fn history_and_rollback() {
+    let (_d, p) = scratch();
+    ok(&p, &["add", "h", "--required", "app/1"]);
+    ok(&p, &["set", "h", "--required", "app/2"]);
+    ok(&p, &["set", "h", "--disable-updates", "true"]);
+    assert_eq!(
+        ok(&p, &["rollback", "h"]).trim(),
+        "h: RequiredImage app/2 -> app/1"
+    );
+    assert!(ok(&p, &["show", "h"]).contains("\"RequiredImage\": \"app/1\""));
+    // A second rollback redoes.
+    assert_eq!(
+        ok(&p, &["rollback", "h"]).trim(),
+        "h: RequiredImage app/1 -> app/2"
+    );
+    let hist = ok(&p, &["history", "h"]);
+    let actions: Vec<&str> = hist
+        .lines()
+        .map(|l| l.split_whitespace().nth(2).unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["add", "set", "set", "rollback", "rollback"],
+        "{hist}"
+    );
+    assert!(
+        hist.lines()
+            .nth(1)
+            .unwrap()
+            .ends_with("RequiredImage app/1 -> app/2"),
+        "{hist}"
+    );
+    let raw = ok(&p, &["history", "h", "--json"]);
+    assert_eq!(raw.lines().count(), 5);
+    // Nothing to roll back to.
+    ok(&p, &["add", "fresh", "--required", "x/1"]);
+    fails(
+        &p,
+        &["rollback", "fresh"],
+        1,
+        "no earlier RequiredImage recorded for fresh",
+    );
+}
