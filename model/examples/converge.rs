@@ -28,6 +28,7 @@ async fn main() -> anyhow::Result<()> {
             "{}",
             serde_json::json!({
                 "seconds": t0.elapsed().as_secs_f64(),
+                "scan_seconds": r.scan_seconds, "fetch_seconds": r.fetch_seconds, "apply_seconds": r.apply_seconds,
                 "requests": r.fetch.requests, "objects": r.fetch.objects, "bytes": r.fetch.bytes,
                 "activation_ms": r.result.activation_ms, "errors": r.result.errors,
             })
