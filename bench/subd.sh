@@ -109,6 +109,6 @@ echo "subd peak RSS through scan, poll, fetch and update: $RSS MiB (target <= 32
 # 5. zero differences (content, modes, owners, mtimes, hardlinks). Symlink mtimes are not
 # part of an image (as in Dominator), hence -J; /var/lib/patched-image is subd's own record.
 for d in live conv; do
-  DIFFS=$(rsync -aHJn --delete --checksum --itemize-changes --exclude=/.subd --exclude=/var/lib/patched-image "$CORPUS/rootfs2/" "$WORK/$d/" | grep -v '^\.d\.\.t' | wc -l)
+  DIFFS=$(rsync -aHJn --delete --checksum --itemize-changes --exclude=/.subd --exclude=/var/lib/patched-image "$CORPUS/rootfs2/" "$WORK/$d/" | { grep -v '^\.d\.\.t' || true; } | wc -l)
   echo "differences from rootfs2 after converging ($d): $DIFFS"
 done
