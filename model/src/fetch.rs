@@ -1,7 +1,7 @@
 //! Fetching objects from an imageserver into a local `ObjectStore` (subd's Fetch and
 //! `patch-directory`): `ObjectServer.GetObjects` in batches, each reply streamed through a
 //! small bounded channel into a blocking writer that verifies every object's length and
-//! SHA-512 before it is kept. A mismatching object is discarded and reported; a truncated
+//! SHA-512 before it is kept. Batches run concurrently, one per CPU (at most 4). A mismatching object is discarded and reported; a truncated
 //! reply keeps the whole objects before the cut; a full disk is reported as such.
 
 use crate::client::{ClientError, ImageServerClient};
@@ -10,6 +10,7 @@ use crate::objectstore::{ObjectStore, StoreError};
 use futures_util::StreamExt;
 use std::collections::HashSet;
 use std::io::{self, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// How to fetch.
@@ -198,7 +199,71 @@ fn write_frames(mut r: impl Read, store: &ObjectStore, wanted: &HashSet<ObjectId
     out
 }
 
-/// Fetches `hashes` (those the store lacks) from `client` into `store`.
+/// Fetches one batch: one request, its reply streamed into a blocking writer.
+async fn fetch_batch(
+    client: &ImageServerClient,
+    store: &ObjectStore,
+    batch: &[ObjectId],
+    opts: &FetchOptions,
+    pace: &Pace,
+) -> Result<BatchOutcome, FetchError> {
+    let resp = client.get_objects(batch).await?;
+    let wanted: HashSet<ObjectId> = batch.iter().copied().collect();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let st = store.clone();
+    let writer = tokio::task::spawn_blocking(move || {
+        write_frames(
+            ChunkReader {
+                rx,
+                cur: bytes::Bytes::new(),
+            },
+            &st,
+            &wanted,
+        )
+    });
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let item = chunk.map_err(|e| e.to_string());
+        let failed = item.is_err();
+        let len = item.as_ref().map_or(0, |b| b.len() as u64);
+        if tx.send(item).await.is_err() || failed {
+            break; // the writer stopped (disk full, bad frame) or the connection broke
+        }
+        if let Some(rate) = opts.bytes_per_second.filter(|r| *r > 0) {
+            let total = pace.transferred.fetch_add(len, Ordering::Relaxed) + len;
+            let due = Duration::from_secs_f64(total as f64 / rate as f64);
+            let spent = pace.started.elapsed();
+            if due > spent {
+                tokio::time::sleep(due - spent).await;
+            }
+        }
+    }
+    drop(tx);
+    let out = writer
+        .await
+        .map_err(|e| FetchError::Truncated(format!("writer failed: {e}")))?;
+    Ok(out)
+}
+
+async fn run_batch(
+    client: &ImageServerClient,
+    store: &ObjectStore,
+    batch: Vec<ObjectId>,
+    opts: &FetchOptions,
+    pace: &Pace,
+) -> (Vec<ObjectId>, Result<BatchOutcome, FetchError>) {
+    let r = fetch_batch(client, store, &batch, opts, pace).await;
+    (batch, r)
+}
+
+/// Bytes moved so far by all batches of one fetch, for the rate limit.
+struct Pace {
+    started: Instant,
+    transferred: AtomicU64,
+}
+
+/// Fetches `hashes` (those the store lacks) from `client` into `store`, running up to one
+/// batch per CPU (at most 4) at a time so hashing and file creation use every core.
 pub async fn fetch_objects(
     client: &ImageServerClient,
     store: &ObjectStore,
@@ -218,61 +283,51 @@ pub async fn fetch_objects(
             todo.push(*h);
         }
     }
-    let started = Instant::now();
-    let mut transferred: u64 = 0;
+    let lanes = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 4);
+    // Split small fetches across the lanes too, but never into batches of fewer than 16.
+    let per = opts
+        .batch_objects
+        .max(1)
+        .min(todo.len().div_ceil(lanes).max(16));
+    let pace = Pace {
+        started: Instant::now(),
+        transferred: AtomicU64::new(0),
+    };
+    let batches: Vec<Vec<ObjectId>> = todo.chunks(per).map(<[ObjectId]>::to_vec).collect();
+    let futures = batches
+        .into_iter()
+        .map(|batch| run_batch(client, store, batch, opts, &pace));
+    let mut outcomes = futures_util::stream::iter(futures).buffer_unordered(lanes);
     let mut mismatched: Vec<ObjectId> = Vec::new();
-    for batch in todo.chunks(opts.batch_objects.max(1)) {
+    let mut first_error: Option<FetchError> = None;
+    while let Some((batch, r)) = outcomes.next().await {
         stats.requests += 1;
-        let resp = client.get_objects(batch).await?;
-        let wanted: HashSet<ObjectId> = batch.iter().copied().collect();
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
-        let st = store.clone();
-        let w = wanted.clone();
-        let writer = tokio::task::spawn_blocking(move || {
-            write_frames(
-                ChunkReader {
-                    rx,
-                    cur: bytes::Bytes::new(),
-                },
-                &st,
-                &w,
-            )
-        });
-        let mut body = resp.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let item = chunk.map_err(|e| e.to_string());
-            let failed = item.is_err();
-            if let Ok(b) = &item {
-                transferred += b.len() as u64;
+        let out = match r {
+            Ok(out) => out,
+            Err(e) => {
+                first_error.get_or_insert(e);
+                continue;
             }
-            if tx.send(item).await.is_err() || failed {
-                break; // the writer stopped (disk full, bad frame) or the connection broke
-            }
-            if let Some(rate) = opts.bytes_per_second.filter(|r| *r > 0) {
-                let due = Duration::from_secs_f64(transferred as f64 / rate as f64);
-                let spent = started.elapsed();
-                if due > spent {
-                    tokio::time::sleep(due - spent).await;
-                }
-            }
-        }
-        drop(tx);
-        let out = writer
-            .await
-            .map_err(|e| FetchError::Truncated(format!("writer failed: {e}")))?;
+        };
         stats.objects += out.stored;
         stats.bytes += out.bytes;
         mismatched.extend(out.mismatched);
         if let Some(e) = out.error {
-            return Err(e);
+            first_error.get_or_insert(e);
+            continue;
         }
         let missing: Vec<&ObjectId> = batch.iter().filter(|h| !out.received.contains(h)).collect();
         if let Some(first) = missing.first() {
-            return Err(FetchError::Missing {
+            first_error.get_or_insert(FetchError::Missing {
                 count: missing.len(),
                 first: Box::new(**first),
             });
         }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
     }
     if let Some(first) = mismatched.first() {
         return Err(FetchError::Mismatch {

@@ -32,6 +32,10 @@ pub struct PatchReport {
     pub plan: UpdatePlan,
     pub fetch: FetchStats,
     pub result: UpdateResult,
+    /// Seconds spent scanning + diffing, fetching, and applying.
+    pub scan_seconds: f64,
+    pub fetch_seconds: f64,
+    pub apply_seconds: f64,
 }
 
 impl PatchReport {
@@ -77,6 +81,7 @@ pub async fn patch_directory(
             name: image_name.to_string(),
             source,
         })?;
+    let t_scan = std::time::Instant::now();
     let state = state_dir_of(dir);
     std::fs::create_dir_all(&state).map_err(|source| PatchError::Dir {
         path: state.clone(),
@@ -122,7 +127,11 @@ pub async fn patch_directory(
     if let Some(r) = &plan.unsafe_reason {
         return Err(PatchError::Unsafe(r.clone()));
     }
+    let scan_seconds = t_scan.elapsed().as_secs_f64();
+    let t_fetch = std::time::Instant::now();
     let fetch = fetch_objects(client, &store, &plan.objects_to_fetch, &options.fetch).await?;
+    let fetch_seconds = t_fetch.elapsed().as_secs_f64();
+    let t_apply = std::time::Instant::now();
     let result = {
         let (dir, plan, opts) = (dir.to_path_buf(), plan.clone(), options.apply.clone());
         tokio::task::spawn_blocking(move || apply(&dir, &state, &plan, &opts))
@@ -133,5 +142,8 @@ pub async fn patch_directory(
         plan,
         fetch,
         result,
+        scan_seconds,
+        fetch_seconds,
+        apply_seconds: t_apply.elapsed().as_secs_f64(),
     })
 }

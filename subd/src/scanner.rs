@@ -5,7 +5,8 @@
 //! pass (and the pass after a fetch, update or cleanup) runs unthrottled on all CPUs; the
 //! others run on one thread at nice 15, with a tranquilizer that sleeps in proportion to
 //! the work done, so the scan uses at most `min(cpu_percent, scan_speed_percent)` of the
-//! time. A pass that overlaps an update is discarded.
+//! time (`scan_speed_percent` 100 disables throttling). A pass that overlaps an update is
+//! discarded.
 
 use crate::{now_secs, Subd};
 use model::scan::{scan, ScanOptions, Throttle};
@@ -32,7 +33,12 @@ pub fn tranquilizer(percent: u32) -> Throttle {
 /// Runs until `subd.stop` is set.
 pub fn run(subd: &Subd) {
     let cfg = &subd.config;
-    let percent = cfg.cpu_percent.min(cfg.scan_speed_percent);
+    // `--scan-speed-percent 100` means unthrottled, whatever the CPU share.
+    let percent = if cfg.scan_speed_percent >= 100 {
+        100
+    } else {
+        cfg.cpu_percent.min(cfg.scan_speed_percent)
+    };
     let mut niced = false;
     while !subd.stop.load(Ordering::SeqCst) {
         let started = Instant::now();

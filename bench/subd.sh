@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# subd benchmark on the Debian corpus (../shared/corpus/make-rootfs.sh, at $CORPUS, default
+# /tmp/bench/fs), baselines measured in the same run:
+#   1. full unthrottled subd scan          vs  single-core sha512sum of the same files
+#   2. birth of an empty root (patch)      vs  rsync -aH from an rsync daemon on loopback
+#   3. converge rootfs -> rootfs2 (patch)  vs  rsync -aH --delete --checksum (cold)
+#   4. running subd, scan done: fetch + update time, activation window
+#   5. counts: objects/requests/bytes fetched, unchanged inodes untouched, zero differences
+#   6. subd peak RSS on the tree
+# Parts 2-5 need the imageserver and imagetool (skipped if they do not build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CORPUS=${CORPUS:-/tmp/bench/fs}
+WORK=${WORK:-/tmp/bench/subd-work}
+PORT=${PORT:-17969}
+[[ -d $CORPUS/rootfs && -d $CORPUS/rootfs2 ]] || { echo "corpus missing at $CORPUS" >&2; exit 2; }
+command -v rsync >/dev/null || apt-get install -y -q rsync >/dev/null
+cargo build --release -q -p subd
+cargo build --release -q -p model --example converge
+BIN=$PWD/target/release
+HAVE_IMAGES=1
+cargo build --release -q -p imageserver -p imagetool 2>/dev/null || HAVE_IMAGES=0
+"$BIN/imageserver" --help 2>/dev/null | grep -q -- --data-dir || HAVE_IMAGES=0
+"$BIN/imagetool" --help 2>/dev/null | grep -q add || HAVE_IMAGES=0
+rm -rf "$WORK"; mkdir -p "$WORK"
+PIDS=()
+trap 'for p in "${PIDS[@]}"; do kill $p 2>/dev/null || true; done' EXIT
+
+now() { date +%s.%N; }
+secs() { python3 -c "print(f'{$2-$1:.3f}')"; }
+ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
+jfield() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
+wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+metric() { curl -s "http://127.0.0.1:$1/metrics" | awk -v k="$2" '$1==k {print $2}'; }
+wait_scans() { # port count
+  for _ in $(seq 1200); do local n; n=$(metric "$1" subd_scan_count); [[ -n $n && $n -ge $2 ]] && return; sleep 0.1; done
+  echo "subd never finished $2 scans" >&2; exit 1; }
+
+echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {print int($2/1024) " MiB"}' /proc/meminfo), $(uname -r)"
+cp -a "$CORPUS/rootfs" "$WORK/root"
+
+# 1. scan vs sha512sum (warm cache for both)
+shasum() { (cd "$1" && find . -xdev -type f -print0 | xargs -0 -P1 -n 256 sha512sum >/dev/null); }
+shasum "$WORK/root"
+t0=$(now); shasum "$WORK/root"; t1=$(now); SHA=$(secs "$t0" "$t1")
+P=$((PORT+1))
+"$BIN/subd" --root "$WORK/root" --listen "127.0.0.1:$P" --permit-insecure-mode \
+  --scan-speed-percent 100 --service-command true 2>"$WORK/subd.log" & SUBD=$!; PIDS+=($SUBD)
+wait_port $P; wait_scans $P 3
+SCAN=$(metric $P subd_last_scan_duration_seconds)
+curl -s -X POST -d '{"have_generation":0}' "http://127.0.0.1:$P/rpc/Subd.Poll" >/dev/null
+RSS=$(awk '/VmHWM/ {printf "%.1f", $2/1024}' /proc/$SUBD/status)
+echo "scan: subd $SCAN s, sha512sum -P1 $SHA s, ratio $(ratio "$SCAN" "$SHA") (target <= 1.2)"
+echo "subd peak RSS after scans and a full poll: $RSS MiB (target <= 32)"
+
+if [[ $HAVE_IMAGES == 0 ]]; then echo "imageserver/imagetool not available: parts 2-5 skipped"; exit 0; fi
+
+# image server with both images (full: empty filter)
+"$BIN/imageserver" --data-dir "$WORK/images" --listen "127.0.0.1:$PORT" --permit-insecure-mode 2>"$WORK/imageserver.log" & PIDS+=($!)
+wait_port $PORT
+: >"$WORK/empty-filter"
+"$BIN/imagetool" --image-server "127.0.0.1:$PORT" add bench/rootfs "$CORPUS/rootfs" "$WORK/empty-filter" "" >/dev/null
+"$BIN/imagetool" --image-server "127.0.0.1:$PORT" add bench/rootfs2 "$CORPUS/rootfs2" "$WORK/empty-filter" "" >/dev/null
+# rsync daemon on loopback serving the corpus
+R=$((PORT+2))
+cat >"$WORK/rsyncd.conf" <<CONF
+uid = root
+gid = root
+use chroot = no
+[corpus]
+path = $CORPUS
+read only = yes
+CONF
+rsync --daemon --no-detach --config="$WORK/rsyncd.conf" --port=$R --address=127.0.0.1 & PIDS+=($!)
+wait_port $R
+sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+
+# 2. birth
+t0=$(now); rsync -aH "rsync://127.0.0.1:$R/corpus/rootfs/" "$WORK/rsync-birth/"; t1=$(now); RB=$(secs "$t0" "$t1")
+J=$("$BIN/examples/converge" patch "127.0.0.1:$PORT" bench/rootfs "$WORK/birth")
+PB=$(jfield "$J" seconds)
+echo "birth: patch-directory $PB s ($(jfield "$J" objects) objects in $(jfield "$J" requests) requests), rsync -aH $RB s, ratio $(ratio "$PB" "$RB") (target <= 1.5)"
+
+# 3. converge cold: rootfs -> rootfs2
+cp -a "$CORPUS/rootfs" "$WORK/rsync-conv"; cp -a "$CORPUS/rootfs" "$WORK/conv"
+t0=$(now); rsync -aH --delete --checksum "rsync://127.0.0.1:$R/corpus/rootfs2/" "$WORK/rsync-conv/"; t1=$(now); RC=$(secs "$t0" "$t1")
+J=$("$BIN/examples/converge" patch "127.0.0.1:$PORT" bench/rootfs2 "$WORK/conv")
+PC=$(jfield "$J" seconds)
+echo "converge cold: patch-directory $PC s, rsync --checksum $RC s, ratio $(ratio "$PC" "$RC") (target <= 1.5)"
+echo "converge counts: $(jfield "$J" objects) objects, $(jfield "$J" bytes) bytes in $(jfield "$J" requests) requests (target 66 in <= 5); activation $(jfield "$J" activation_ms) ms"
+
+# 4. running subd on a copy of rootfs, scan done
+kill $SUBD; wait $SUBD 2>/dev/null || true
+cp -a "$CORPUS/rootfs" "$WORK/live"
+(cd "$WORK/live" && find . -xdev -path ./.subd -prune -o -printf '%i %p\n' | sort -k2) >"$WORK/inodes.before"
+"$BIN/subd" --root "$WORK/live" --listen "127.0.0.1:$P" --permit-insecure-mode --service-command true --scan-exclude '/bench-manages-everything$' 2>"$WORK/subd2.log" & SUBD=$!; PIDS+=($SUBD)
+wait_port $P; wait_scans $P 1
+W0=$(awk '$1=="write_bytes:" {print $2}' /proc/$SUBD/io)
+J=$("$BIN/examples/converge" subd "127.0.0.1:$PORT" bench/rootfs2 "127.0.0.1:$P")
+W1=$(awk '$1=="write_bytes:" {print $2}' /proc/$SUBD/io)
+echo "running subd: fetch $(jfield "$J" fetch_seconds) s, update $(jfield "$J" update_seconds) s (target <= 0.1), activation $(jfield "$J" activation_ms) ms (target < 50)"
+echo "running subd: $(jfield "$J" objects_to_fetch) objects / $(jfield "$J" fetch_bytes) bytes fetched; subd wrote $((W1-W0)) bytes"
+(cd "$WORK/live" && find . -xdev -path ./.subd -prune -o -printf '%i %p\n' | sort -k2) >"$WORK/inodes.after"
+CHANGED=$(join -1 2 -2 2 "$WORK/inodes.before" "$WORK/inodes.after" | awk '$2!=$3' | wc -l)
+echo "inodes replaced among paths in both trees: $CHANGED (rootfs2.changes.txt has $(wc -l <"$CORPUS/../rootfs2.changes.txt" 2>/dev/null || echo '?') change records)"
+RSS=$(awk '/VmHWM/ {printf "%.1f", $2/1024}' /proc/$SUBD/status)
+echo "subd peak RSS through scan, poll, fetch and update: $RSS MiB (target <= 32)"
+
+# 5. zero differences (content, modes, owners, mtimes, hardlinks). Symlink mtimes are not
+# part of an image (as in Dominator), hence -J; /var/lib/patched-image is subd's own record.
+for d in live conv; do
+  DIFFS=$(rsync -aHJn --delete --checksum --itemize-changes --exclude=/.subd --exclude=/var/lib/patched-image "$CORPUS/rootfs2/" "$WORK/$d/" | { grep -v '^\.d\.\.t' || true; } | wc -l)
+  echo "differences from rootfs2 after converging ($d): $DIFFS"
+done

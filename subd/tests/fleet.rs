@@ -1,0 +1,303 @@
+//! A real imageserver and a real subd, both on 127.0.0.1:0, with a temp directory as root:
+//! images are built from directories with `model::scan` and uploaded (objects + image)
+//! the way imagetool does; plans come from the shared diff; subd fetches from the
+//! imageserver. Faults: imageserver down, answering 500, truncating, serving bad bytes.
+
+use model::api::{FetchRequest, PollRequest, PollResponse, UpdateRequest};
+use model::client::{ClientSecurity, ImageServerClient, SubdClient};
+use model::diff::{diff, DiffOptions, Machine};
+use model::scan::{scan, ScanOptions};
+use model::{Filter, Image, ObjectId, Triggers};
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use subd::{Config, Subd};
+use testkit::{Fault, FaultProxy};
+
+struct Fleet {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    data: PathBuf,
+    server: String,
+    images: ImageServerClient,
+    subd: SubdClient,
+    state: Arc<Subd>,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.state.shutdown();
+    }
+}
+
+async fn fleet() -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let data = dir.path().join("imageserver");
+    std::fs::create_dir_all(&root).unwrap();
+    let st = imageserver::State::open(&data, model::http::Security::Insecure).unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = l.local_addr().unwrap().to_string();
+    tokio::spawn(imageserver::serve(l, st, std::future::pending()));
+    let state = Subd::start(Config::new(&root)).unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let subd_addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(subd::serve(l, state.clone(), std::future::pending()));
+    Fleet {
+        images: ImageServerClient::new(&server, &ClientSecurity::Insecure).unwrap(),
+        subd: SubdClient::new(
+            &subd_addr,
+            &ClientSecurity::Insecure,
+            Some(Duration::from_secs(60)),
+        )
+        .unwrap(),
+        _dir: dir,
+        root,
+        data,
+        server,
+        state,
+    }
+}
+
+/// Builds an image from `src` and uploads its objects and the image.
+async fn add_image(
+    f: &Fleet,
+    name: &str,
+    src: &Path,
+    filter: Option<&str>,
+    triggers: Triggers,
+) -> Image {
+    let tree = scan(src, &ScanOptions::default()).unwrap();
+    let mut body = Vec::new();
+    for (path, ino) in &tree.entries {
+        let i = &tree.inodes[ino];
+        if let Some(h) = i.hash {
+            let data = std::fs::read(src.join(path.relative_os())).unwrap();
+            body.extend_from_slice(&model::frame::header(&h, data.len() as u64));
+            body.extend_from_slice(&data);
+        }
+    }
+    f.images.add_objects(body.into()).await.unwrap();
+    let img = Image::new(
+        tree,
+        filter.map(|l| Filter::parse(l, "f").unwrap()),
+        triggers,
+    );
+    f.images.add_image(name, &img).await.unwrap();
+    f.images.get_image(name).await.unwrap()
+}
+
+async fn poll_after(f: &Fleet, after: u64) -> PollResponse {
+    let t0 = Instant::now();
+    loop {
+        let p = f
+            .subd
+            .poll(&PollRequest {
+                have_generation: after,
+                short_only: false,
+            })
+            .await
+            .unwrap();
+        if p.generation > after && p.tree.is_some() {
+            return p;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "generation stuck");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn plan(name: &str, img: &Image, p: &PollResponse) -> model::UpdatePlan {
+    let cache: BTreeSet<ObjectId> = p.object_cache.clone().unwrap().into_iter().collect();
+    let excl = Filter::from_lines(p.exclusions.clone()).unwrap();
+    diff(
+        name,
+        img,
+        &Machine {
+            tree: p.tree.as_ref().unwrap(),
+            object_cache: &cache,
+            exclusions: Some(&excl),
+        },
+        &DiffOptions::default(),
+    )
+}
+
+/// poll → diff → Fetch(wait) → Update(wait) → rescan diffs to empty.
+async fn converge(f: &Fleet, name: &str, img: &Image) -> model::api::UpdateResult {
+    let p = poll_after(f, 0).await;
+    let pl = plan(name, img, &p);
+    assert!(pl.unsafe_reason.is_none(), "{pl:#}");
+    f.subd
+        .fetch(&FetchRequest {
+            server: f.server.clone(),
+            hashes: pl.objects_to_fetch.clone(),
+            wait: true,
+        })
+        .await
+        .unwrap();
+    let p = poll_after(f, p.generation).await;
+    let pl = plan(name, img, &p);
+    assert!(
+        pl.objects_to_fetch.is_empty(),
+        "fetched objects are in the cache: {pl:#}"
+    );
+    let r = f
+        .subd
+        .update(&UpdateRequest {
+            plan: pl,
+            wait: true,
+        })
+        .await
+        .unwrap()
+        .result
+        .unwrap();
+    let after = poll_after(f, p.generation).await;
+    let again = plan(name, img, &after);
+    assert!(again.is_empty(), "not converged: {again:#}");
+    r
+}
+
+fn write(root: &Path, rel: &str, data: &[u8]) {
+    let p = root.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, data).unwrap();
+}
+
+#[tokio::test]
+async fn full_image_with_filter_is_fetched_and_applied() {
+    let f = fleet().await;
+    let src = f._dir.path().join("src");
+    write(&src, "etc/passwd", b"root:x:0:0\n");
+    write(&src, "usr/bin/tool", b"#!/bin/sh\n");
+    std::fs::set_permissions(
+        src.join("usr/bin/tool"),
+        std::fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
+    std::fs::hard_link(src.join("usr/bin/tool"), src.join("usr/bin/tool2")).unwrap();
+    std::os::unix::fs::symlink("tool", src.join("usr/bin/t")).unwrap();
+    std::fs::create_dir_all(src.join("tmp")).unwrap();
+    std::fs::create_dir_all(src.join("keep")).unwrap();
+    let img = add_image(
+        &f,
+        "os/1",
+        &src,
+        Some("/keep(|/.*)$\n"),
+        Triggers::default(),
+    )
+    .await;
+    // the machine: drift, extras, filtered and excluded content
+    write(&f.root, "etc/passwd", b"hacked\n");
+    write(&f.root, "etc/extra", b"x");
+    write(&f.root, "opt/junk/file", b"j");
+    write(&f.root, "keep/local", b"mine");
+    write(&f.root, "tmp/scratch", b"s");
+    let r = converge(&f, "os/1", &img).await;
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(
+        std::fs::read(f.root.join("etc/passwd")).unwrap(),
+        b"root:x:0:0\n"
+    );
+    assert!(!f.root.join("etc/extra").exists() && !f.root.join("opt").exists());
+    assert_eq!(
+        std::fs::read(f.root.join("keep/local")).unwrap(),
+        b"mine",
+        "filtered"
+    );
+    assert_eq!(
+        std::fs::read(f.root.join("tmp/scratch")).unwrap(),
+        b"s",
+        "excluded"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let (a, b) = (
+        std::fs::metadata(f.root.join("usr/bin/tool")).unwrap(),
+        std::fs::metadata(f.root.join("usr/bin/tool2")).unwrap(),
+    );
+    assert_eq!((a.ino(), a.mode() & 0o7777), (b.ino(), 0o4755));
+    assert_eq!(
+        std::fs::read_link(f.root.join("usr/bin/t"))
+            .unwrap()
+            .to_str(),
+        Some("tool")
+    );
+    assert_eq!(
+        std::fs::read_to_string(f.root.join(".subd/last-image"))
+            .unwrap()
+            .trim(),
+        "os/1"
+    );
+}
+
+#[tokio::test]
+async fn fetch_faults_are_reported_and_nothing_bad_is_kept() {
+    let f = fleet().await;
+    let src = f._dir.path().join("src");
+    write(&src, "a", b"alpha");
+    write(&src, "b", &vec![7u8; 300_000]);
+    let img = add_image(&f, "app/1", &src, None, Triggers::default()).await;
+    let hashes: Vec<ObjectId> = img.tree.objects().into_keys().collect();
+    poll_after(&f, 0).await;
+    let fetch = |server: String| {
+        let hashes = hashes.clone();
+        let c = f.subd.clone();
+        async move {
+            c.fetch(&FetchRequest {
+                server,
+                hashes,
+                wait: true,
+            })
+            .await
+        }
+    };
+    // down
+    let e = fetch("127.0.0.1:1".into()).await.unwrap_err();
+    assert!(e.to_string().contains("127.0.0.1:1"), "{e}");
+    let s = f
+        .subd
+        .poll(&PollRequest {
+            short_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(s.last_fetch_error.unwrap().contains("127.0.0.1:1"));
+    // 500 and truncation through a misbehaving proxy
+    let target: std::net::SocketAddr = f.server.parse().unwrap();
+    let proxy = FaultProxy::start(target, Fault::Status500).await;
+    let e = fetch(proxy.addr.to_string()).await.unwrap_err();
+    assert!(e.to_string().contains("500"), "{e}");
+    proxy.set(Fault::TruncateReply(2000));
+    let e = fetch(proxy.addr.to_string()).await.unwrap_err();
+    assert!(
+        e.to_string().contains("truncated") || e.to_string().contains("connection"),
+        "{e}"
+    );
+    let store = model::objectstore::ObjectStore::open(&f.root.join(".subd/objects")).unwrap();
+    for (h, _) in store.list().unwrap() {
+        assert_eq!(
+            ObjectId::of(&std::fs::read(store.path_of(&h)).unwrap()),
+            h,
+            "only whole, verified objects"
+        );
+    }
+    // bytes that do not match their name on the imageserver's disk
+    let big = ObjectId::of(&vec![7u8; 300_000]);
+    let on_server = model::objectstore::ObjectStore::open(&f.data.join("objects"))
+        .unwrap()
+        .path_of(&big);
+    let mut bytes = std::fs::read(&on_server).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&on_server, &bytes).unwrap();
+    let e = fetch(f.server.clone()).await.unwrap_err();
+    assert!(
+        !store.contains(&big),
+        "a mismatching object is never installed"
+    );
+    assert!(e.status().is_some(), "{e}");
+    // a good fetch works afterwards
+    std::fs::write(&on_server, vec![7u8; 300_000]).unwrap();
+    fetch(f.server.clone()).await.unwrap();
+    assert!(store.contains(&big));
+}
