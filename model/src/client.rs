@@ -74,6 +74,9 @@ pub struct RpcClient {
     reply_limit: usize,
 }
 
+/// How long a call waits for the next bytes of a reply before failing.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Default cap on a JSON reply's size: a hostile or broken server cannot exhaust memory.
 pub const DEFAULT_REPLY_LIMIT: usize = 256 << 20;
 
@@ -99,6 +102,8 @@ impl RpcClient {
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(15))
             .pool_idle_timeout(Duration::from_secs(30))
+            // A peer that goes silent mid-reply is given up on, even for long streams.
+            .read_timeout(READ_TIMEOUT)
             .no_proxy();
         if let Some(t) = timeout {
             b = b.timeout(t);

@@ -17,8 +17,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-/// Largest JSON request body accepted by default (an image of about a million files).
-pub const MAX_JSON_BODY: usize = 256 << 20;
+/// Largest JSON request body accepted by default (an image of about half a million files).
+pub const MAX_JSON_BODY: usize = 128 << 20;
 
 /// How a server talks to its clients.
 #[derive(Clone)]
