@@ -69,6 +69,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Some(Command::EnableUpdates { target }) => commands::control(&target, None).await?,
         Some(Command::LocalFleet(args)) => dominator::local_fleet::run(args).await?,
+        Some(Command::MakeCerts { dir, hosts }) => {
+            for line in commands::make_certs(&dir, &hosts)? {
+                println!("{line}");
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
