@@ -53,7 +53,7 @@ fn tree(files: usize, salt: &str) -> FileTree {
 async fn poll(State(s): State<Sub>, Json(req): Json<PollRequest>) -> axum::Json<PollResponse> {
     let mut m = s.lock().unwrap();
     m.scans += 1;
-    let send = req.have_generation != m.generation;
+    let send = !req.short_only && req.have_generation != m.generation;
     axum::Json(PollResponse {
         generation: m.generation,
         scan_count: m.scans,

@@ -74,6 +74,9 @@ pub struct DaemonArgs {
     /// Machines worked on at once
     #[arg(long, default_value_t = 200)]
     pub concurrency: usize,
+    /// Machines whose whole tree is fetched and diffed at once (bounds memory)
+    #[arg(long, default_value_t = 16)]
+    pub full_poll_concurrency: usize,
     /// Milliseconds between two polls of a machine
     #[arg(long, default_value_t = 1000)]
     pub poll_interval_ms: u64,
@@ -274,7 +277,7 @@ async fn plan_one(
         .map_err(|e| e.to_string())?;
     let (poll, _) = herd::poll_counted(&client, &PollRequest::default())
         .await
-        .map_err(|e| format!("unreachable: {e}"))?;
+        .map_err(|e| format!("{}: {}", e.status, e.message))?;
     let tree = poll
         .tree
         .ok_or_else(|| "sub not ready (no scan finished yet)".to_string())?;
