@@ -72,6 +72,17 @@ async fn fetch(State(s): State<Sub>, Json(req): Json<api::FetchRequest>) -> axum
     axum::Json(api::Empty {})
 }
 
+async fn cleanup(
+    State(s): State<Sub>,
+    Json(req): Json<api::CleanupRequest>,
+) -> axum::Json<api::Empty> {
+    let mut m = s.lock().unwrap();
+    let gone: std::collections::HashSet<ObjectId> = req.hashes.into_iter().collect();
+    m.cache.retain(|h| !gone.contains(h));
+    m.generation += 1;
+    axum::Json(api::Empty {})
+}
+
 async fn update(
     State(s): State<Sub>,
     Json(req): Json<api::UpdateRequest>,
@@ -187,6 +198,7 @@ async fn main() {
             .route("/rpc/Subd.Poll", post(poll))
             .route("/rpc/Subd.Fetch", post(fetch))
             .route("/rpc/Subd.Update", post(update))
+            .route("/rpc/Subd.Cleanup", post(cleanup))
             .with_state(sub.clone());
         subs.push((listen(app).await, sub));
     }

@@ -192,6 +192,24 @@ pub const SCANS_AFTER_UPDATE: u64 = 2;
 /// Scans after a fetch before the object cache is believed to list the fetched objects.
 pub const SCANS_AFTER_FETCH: u64 = 1;
 
+/// Whether `next_step` would look at the plan: not while the subd is busy or the last
+/// action awaits the scans that confirm it. The herd drops a plan once it has acted on it
+/// and recomputes one (from a fresh tree) only when this says it is needed.
+pub fn needs_plan(poll: &PollResponse, last_action: Option<&Action>) -> bool {
+    if poll.fetch_in_progress || poll.update_in_progress || poll.generation == 0 {
+        return false;
+    }
+    match last_action {
+        Some(Action::Update { scan_count, .. }) => {
+            poll.scan_count >= scan_count + SCANS_AFTER_UPDATE
+        }
+        Some(Action::Fetch { scan_count, .. }) => {
+            poll.last_fetch_error.is_some() || poll.scan_count >= scan_count + SCANS_AFTER_FETCH
+        }
+        None => true,
+    }
+}
+
 /// Decides the next step. The order of checks is the status precedence: connection,
 /// work in progress, sub readiness, the outcome of our last action, image availability,
 /// then the plan itself.
@@ -626,6 +644,34 @@ mod tests {
         for c in cases {
             assert_eq!(next_step(&c.facts), c.want, "case {:?}", c.name);
         }
+    }
+
+    #[test]
+    fn plan_needed_only_when_the_decision_reads_it() {
+        let sent = |scan_count| Action::Update {
+            image: "i".into(),
+            scan_count,
+        };
+        let fetched = Action::Fetch {
+            image: "i".into(),
+            scan_count: 10,
+        };
+        let busy = PollResponse {
+            update_in_progress: true,
+            ..poll(3, 10)
+        };
+        let fetch_err = PollResponse {
+            last_fetch_error: Some("x".into()),
+            ..poll(3, 10)
+        };
+        assert!(needs_plan(&poll(3, 10), None));
+        assert!(!needs_plan(&poll(0, 0), None));
+        assert!(!needs_plan(&busy, None));
+        assert!(!needs_plan(&poll(3, 11), Some(&sent(10))));
+        assert!(needs_plan(&poll(3, 12), Some(&sent(10))));
+        assert!(!needs_plan(&poll(3, 10), Some(&fetched)));
+        assert!(needs_plan(&poll(3, 11), Some(&fetched)));
+        assert!(needs_plan(&fetch_err, Some(&fetched)));
     }
 
     #[test]

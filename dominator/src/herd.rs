@@ -484,11 +484,14 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
         }
     };
 
-    // A full poll and a new plan only when the tree or the wanted images changed.
+    // A full poll and a new plan only when the tree or the wanted images changed (or the
+    // plan was dropped after acting on it), and the decision will look at it.
     if let (Some(img), Ok(p)) = (&image, &poll) {
         let gen = p.generation;
-        let stale = st.plan_key.as_ref() != Some(&(m.required_image.clone(), gen));
-        if gen != 0 && (stale || planned_wanted(m, st, gen)) {
+        let stale =
+            st.plan.is_none() || st.plan_key.as_ref() != Some(&(m.required_image.clone(), gen));
+        let wanted = decision::needs_plan(p, st.last_action.as_ref());
+        if wanted && (stale || planned_wanted(m, st, gen)) {
             match refresh_from_tree(ctx, &client, m, img, st).await {
                 Ok((full, n)) => {
                     Counters::add(&counters.poll_bytes, n);
@@ -584,6 +587,8 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
             match client.fetch(&req).await {
                 Ok(()) => {
                     tracing::info!(objects = req.hashes.len(), "fetch sent");
+                    // Acted on: the next plan comes from the tree that shows the fetch.
+                    st.plan = None;
                     st.last_action = Some(Action::Fetch {
                         image: m.required_image.clone(),
                         scan_count,
@@ -605,6 +610,8 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
             match client.update(&req).await {
                 Ok(_) => {
                     tracing::info!(image = %m.required_image, "update sent");
+                    // Acted on: the next plan comes from a scan after the update.
+                    st.plan = None;
                     st.last_action = Some(Action::Update {
                         image: m.required_image.clone(),
                         scan_count,
@@ -632,12 +639,12 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
                 }
             }
             if !cleanup.is_empty() && st.cleaned != Some(st.generation) {
+                // Once per generation, whatever the outcome: a subd that refuses it is
+                // not asked again every poll.
+                st.cleaned = Some(st.generation);
                 Counters::add(&counters.cleanups, 1);
                 match client.cleanup(&cleanup).await {
-                    Ok(()) => {
-                        tracing::info!(objects = cleanup.len(), "cleanup sent");
-                        st.cleaned = Some(st.generation);
-                    }
+                    Ok(()) => tracing::info!(objects = cleanup.len(), "cleanup sent"),
                     Err(e) => tracing::warn!("cleanup: {e}"),
                 }
             }

@@ -7,8 +7,9 @@
 //! starting one costs seconds on a 2-core CI machine: the seed's sparse image with triggers
 //! then an MDB edit; a full image with a filter; drift put back; a subd killed (-9) and
 //! restarted while its RequiredImage changed; an image added after the MDB named it;
-//! DisableUpdates; `mdb rollback`; an invalid MDB; the safety stop (and its tag); and
-//! `dominator plan` compared with what the update then did on disk.
+//! DisableUpdates; `mdb rollback`; an invalid MDB; the safety stop (and its tag);
+//! `dominator plan` compared with what the update then did on disk; and a planned image
+//! prefetched, then cleaned out of the cache when the MDB stops planning it.
 //!
 //! Needs the workspace binaries: `cargo build --workspace --bins`.
 
@@ -577,5 +578,51 @@ async fn fleet_of_real_processes_over_mutual_tls() {
         "plan said trigger motd but it did not fire: {}",
         f.service_log(2)
     );
+
+    // A planned image is prefetched into the cache once in sync; when the MDB no longer
+    // plans it, the dominator tells subd to clean those objects up (`Subd.Cleanup`).
+    let objects = r1.join(".subd/objects");
+    assert_eq!(cached_objects(&objects), 0, "cache not empty after updates");
+    f.mdb(&["set", "machine-1", "--planned", "app.1"]);
+    wait_until("planned image prefetched", || cached_objects(&objects) > 0).await;
+    let m = f.wait_status("machine-1", "app.2", "synced").await;
+    assert_eq!(m["planned_image"], "app.1");
+    f.mdb(&["set", "machine-1", "--planned", ""]);
+    wait_until("cache cleaned up", || cached_objects(&objects) == 0).await;
+    let metrics = f.api.get_text("/metrics").await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("dominator_cleanups_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    wait_content(&r1.join("etc/app/app.conf"), b"greeting = app.2\n").await;
     let _ = &f.dom_addr;
+}
+
+/// Whole object files in a subd's cache directory (not temp files of a fetch).
+fn cached_objects(dir: &Path) -> usize {
+    fn count(d: &Path) -> usize {
+        std::fs::read_dir(d).map_or(0, |rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        count(&e.path())
+                    } else {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        usize::from(!name.ends_with(model::fsutil::TEMP_SUFFIX))
+                    }
+                })
+                .sum()
+        })
+    }
+    count(dir)
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < WAIT, "{what}: timed out");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
