@@ -90,6 +90,12 @@ async fn update(
     let mut m = s.lock().unwrap();
     let p = req.plan;
     for pi in p.dirs_to_make.iter().chain(&p.inodes_to_make) {
+        // Activation renames the cached object into place, as subd does.
+        if let Some(h) = pi.inode.hash {
+            if let Some(at) = m.cache.iter().position(|c| *c == h) {
+                m.cache.swap_remove(at);
+            }
+        }
         let n = m.next_ino;
         m.next_ino += 1;
         m.tree.remove_subtree(&pi.path);

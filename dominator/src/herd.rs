@@ -74,6 +74,8 @@ struct Ctx {
     cfg: HerdConfig,
     fleet: Arc<Fleet>,
     images: ImageCache,
+    /// The one HTTP client (pool, TLS configuration) every machine's subd client shares.
+    subd_rpc: RpcClient,
     permits: Semaphore,
     full_permits: Semaphore,
 }
@@ -195,7 +197,20 @@ pub async fn run(cfg: HerdConfig, fleet: Arc<Fleet>, mut shutdown: watch::Receiv
             return;
         }
     };
+    let subd_rpc = match RpcClient::new(
+        "localhost",
+        model::client::SUBD_PORT,
+        &cfg.security,
+        Some(cfg.rpc_timeout),
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("subd client: {e}");
+            return;
+        }
+    };
     let ctx = Arc::new(Ctx {
+        subd_rpc,
         permits: Semaphore::new(cfg.concurrency.max(1)),
         full_permits: Semaphore::new(cfg.full_poll_concurrency.max(1)),
         cfg,
@@ -412,18 +427,11 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
     let cfg = &ctx.cfg;
     let address = dial_address(m, cfg.subd_port);
     if st.client.as_ref().map(|(a, _)| a) != Some(&address) {
-        match subd_client(&address, &cfg.security, cfg.rpc_timeout) {
-            Ok(c) => {
-                st.client = Some((address.clone(), c));
-                st.generation = 0;
-                st.plan = None;
-                st.plan_key = None;
-            }
-            Err(e) => {
-                tracing::error!("subd client for {address}: {e}");
-                return cfg.backoff_cap;
-            }
-        }
+        let rpc = ctx.subd_rpc.for_address(&address, cfg.subd_port);
+        st.client = Some((address.clone(), SubdClient { rpc }));
+        st.generation = 0;
+        st.plan = None;
+        st.plan_key = None;
     }
     let client = st.client.as_ref().expect("client set").1.clone();
     let counters = &ctx.fleet.counters;
