@@ -53,7 +53,7 @@ fn tree(files: usize, salt: &str) -> FileTree {
 async fn poll(State(s): State<Sub>, Json(req): Json<PollRequest>) -> axum::Json<PollResponse> {
     let mut m = s.lock().unwrap();
     m.scans += 1;
-    let send = req.have_generation != m.generation;
+    let send = !req.short_only && req.have_generation != m.generation;
     axum::Json(PollResponse {
         generation: m.generation,
         scan_count: m.scans,
@@ -72,6 +72,17 @@ async fn fetch(State(s): State<Sub>, Json(req): Json<api::FetchRequest>) -> axum
     axum::Json(api::Empty {})
 }
 
+async fn cleanup(
+    State(s): State<Sub>,
+    Json(req): Json<api::CleanupRequest>,
+) -> axum::Json<api::Empty> {
+    let mut m = s.lock().unwrap();
+    let gone: std::collections::HashSet<ObjectId> = req.hashes.into_iter().collect();
+    m.cache.retain(|h| !gone.contains(h));
+    m.generation += 1;
+    axum::Json(api::Empty {})
+}
+
 async fn update(
     State(s): State<Sub>,
     Json(req): Json<api::UpdateRequest>,
@@ -79,6 +90,12 @@ async fn update(
     let mut m = s.lock().unwrap();
     let p = req.plan;
     for pi in p.dirs_to_make.iter().chain(&p.inodes_to_make) {
+        // Activation renames the cached object into place, as subd does.
+        if let Some(h) = pi.inode.hash {
+            if let Some(at) = m.cache.iter().position(|c| *c == h) {
+                m.cache.swap_remove(at);
+            }
+        }
         let n = m.next_ino;
         m.next_ino += 1;
         m.tree.remove_subtree(&pi.path);
@@ -187,6 +204,7 @@ async fn main() {
             .route("/rpc/Subd.Poll", post(poll))
             .route("/rpc/Subd.Fetch", post(fetch))
             .route("/rpc/Subd.Update", post(update))
+            .route("/rpc/Subd.Cleanup", post(cleanup))
             .with_state(sub.clone());
         subs.push((listen(app).await, sub));
     }

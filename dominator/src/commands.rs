@@ -74,6 +74,9 @@ pub struct DaemonArgs {
     /// Machines worked on at once
     #[arg(long, default_value_t = 200)]
     pub concurrency: usize,
+    /// Machines whose whole tree is fetched and diffed at once (bounds memory)
+    #[arg(long, default_value_t = 16)]
+    pub full_poll_concurrency: usize,
     /// Milliseconds between two polls of a machine
     #[arg(long, default_value_t = 1000)]
     pub poll_interval_ms: u64,
@@ -102,6 +105,72 @@ pub enum Command {
     },
     /// Start a complete local fleet (imageserver, dominator, three subds) for trying it out
     LocalFleet(local_fleet::LocalFleetArgs),
+    /// Create a CA and one key pair per role (imageserver, subd, dominator, builder, admin)
+    MakeCerts {
+        /// Directory to write into (created if needed)
+        dir: PathBuf,
+        /// Extra host name or address the daemons' certificates are valid for (repeatable;
+        /// localhost, 127.0.0.1 and ::1 are always included)
+        #[arg(long = "host", value_name = "NAME")]
+        hosts: Vec<String>,
+    },
+}
+
+/// Where each file `model::certs::make_all` writes is to be installed, and what it grants.
+pub fn install_hint(rel: &str) -> String {
+    let role = rel.split(['/', '.']).next().unwrap_or(rel);
+    let grants = model::certs::ROLES
+        .iter()
+        .find(|r| r.name == role)
+        .map(|r| {
+            if r.methods.is_empty() {
+                "serves only; calls nothing".to_string()
+            } else {
+                format!("may call {}", r.methods.join(", "))
+            }
+        });
+    match (rel, grants) {
+        ("CA.pem", _) => "every machine: /etc/ssl/CA.pem (the trust anchor)".into(),
+        ("CA.key", _) => "keep OFFLINE: it signs new certificates; no program needs it".into(),
+        (r, Some(g)) if r.contains('/') => {
+            let file = r.rsplit('/').next().unwrap_or(r);
+            format!("/etc/ssl/{role}/{file} on every {role} host ({g})")
+        }
+        (r, Some(g)) => {
+            let file = r.rsplit('/').next().unwrap_or(r);
+            format!("~/.ssl/{file} of a {role} user ({g})")
+        }
+        (_, None) => String::new(),
+    }
+}
+
+/// `dominator make-certs`: writes the certificates and returns the lines to print.
+pub fn make_certs(dir: &std::path::Path, hosts: &[String]) -> anyhow::Result<Vec<String>> {
+    if dir.join("CA.pem").exists() {
+        anyhow::bail!(
+            "{} already holds a CA.pem; refusing to replace a CA (use a new directory)",
+            dir.display()
+        );
+    }
+    let written = model::certs::make_all(dir, hosts)
+        .with_context(|| format!("making certificates in {}", dir.display()))?;
+    let mut lines = vec![format!(
+        "Wrote {} files into {}:",
+        written.len(),
+        dir.display()
+    )];
+    for p in &written {
+        let rel = p.strip_prefix(dir).unwrap_or(p).display().to_string();
+        lines.push(format!("  {rel:<22} -> {}", install_hint(&rel)));
+    }
+    lines.push(String::new());
+    lines.push(
+        "Daemons read /etc/ssl/CA.pem and /etc/ssl/<daemon>/{cert,key}.pem by default \
+         (override with --ca-file/--cert-file/--key-file); clients use the first \
+         ~/.ssl/*.cert with a matching *.key."
+            .into(),
+    );
+    Ok(lines)
 }
 
 /// Where a control command sends its RPC.
@@ -208,7 +277,7 @@ async fn plan_one(
         .map_err(|e| e.to_string())?;
     let (poll, _) = herd::poll_counted(&client, &PollRequest::default())
         .await
-        .map_err(|e| format!("unreachable: {e}"))?;
+        .map_err(|e| format!("{}: {}", e.status, e.message))?;
     let tree = poll
         .tree
         .ok_or_else(|| "sub not ready (no scan finished yet)".to_string())?;

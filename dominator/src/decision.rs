@@ -14,6 +14,10 @@ use std::time::Duration;
 pub enum Status {
     WaitingToPoll,
     Unreachable,
+    ConnectionRefused,
+    DnsError,
+    ConnectTimeout,
+    PollDenied,
     SubNotReady,
     ImageUndefined,
     ImageNotReady,
@@ -28,7 +32,7 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 13] = [
+    pub const ALL: [Status; 17] = [
         Status::Synced,
         Status::Fetching,
         Status::Updating,
@@ -36,6 +40,10 @@ impl Status {
         Status::UpdateFailed,
         Status::FetchFailed,
         Status::Unreachable,
+        Status::ConnectionRefused,
+        Status::DnsError,
+        Status::ConnectTimeout,
+        Status::PollDenied,
         Status::ImageNotReady,
         Status::ImageUndefined,
         Status::UpdatesDisabled,
@@ -49,6 +57,10 @@ impl Status {
         match self {
             Status::WaitingToPoll => "waiting to poll",
             Status::Unreachable => "unreachable",
+            Status::ConnectionRefused => "connection refused",
+            Status::DnsError => "DNS error",
+            Status::ConnectTimeout => "connect timeout",
+            Status::PollDenied => "poll denied",
             Status::SubNotReady => "sub not ready",
             Status::ImageUndefined => "image undefined",
             Status::ImageNotReady => "image not ready",
@@ -67,7 +79,22 @@ impl Status {
     pub fn backs_off(self) -> bool {
         matches!(
             self,
-            Status::Unreachable | Status::FetchFailed | Status::UpdateFailed
+            Status::Unreachable
+                | Status::ConnectionRefused
+                | Status::DnsError
+                | Status::ConnectTimeout
+                | Status::PollDenied
+                | Status::FetchFailed
+                | Status::UpdateFailed
+        )
+    }
+
+    /// Work the dominator started and waits on: neither a success nor a failure, so it
+    /// leaves the failure count (and thus the back-off) as it was.
+    pub fn in_progress(self) -> bool {
+        matches!(
+            self,
+            Status::Fetching | Status::Updating | Status::WaitingForScan
         )
     }
 }
@@ -98,11 +125,19 @@ pub enum Action {
     Update { image: String, scan_count: u64 },
 }
 
+/// Why a poll failed: the status to show (`unreachable`, `connection refused`,
+/// `DNS error`, `connect timeout`, `poll denied`) and the error line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PollFailure {
+    pub status: Status,
+    pub message: String,
+}
+
 /// Everything the decision depends on.
 #[derive(Clone, Debug)]
 pub struct Facts<'a> {
     /// The poll, or why it failed.
-    pub poll: Result<&'a PollResponse, &'a str>,
+    pub poll: Result<&'a PollResponse, &'a PollFailure>,
     pub required_image: &'a str,
     pub image: ImageState,
     /// The diff of the required image against the last tree, when both are known.
@@ -116,6 +151,9 @@ pub struct Facts<'a> {
     /// Objects the planned image needs that the machine has nowhere (empty if none or
     /// not ready).
     pub planned_missing: &'a [ObjectId],
+    /// Objects in the machine's cache that neither the required nor the planned image
+    /// needs (`planner::unneeded_cache`); removed once the machine is in sync.
+    pub unneeded_cache: &'a [ObjectId],
 }
 
 /// The next step for one machine.
@@ -132,8 +170,12 @@ pub enum Step {
     Fetch { hashes: Vec<ObjectId> },
     /// Send the plan.
     Update,
-    /// In sync; optionally prefetch the planned image's objects.
-    Synced { prefetch: Vec<ObjectId> },
+    /// In sync; optionally prefetch the planned image's objects and remove cache objects
+    /// no image wants (`Subd.Cleanup`).
+    Synced {
+        prefetch: Vec<ObjectId>,
+        cleanup: Vec<ObjectId>,
+    },
 }
 
 fn wait(status: Status, error: Option<String>) -> Step {
@@ -150,12 +192,30 @@ pub const SCANS_AFTER_UPDATE: u64 = 2;
 /// Scans after a fetch before the object cache is believed to list the fetched objects.
 pub const SCANS_AFTER_FETCH: u64 = 1;
 
+/// Whether `next_step` would look at the plan: not while the subd is busy or the last
+/// action awaits the scans that confirm it. The herd drops a plan once it has acted on it
+/// and recomputes one (from a fresh tree) only when this says it is needed.
+pub fn needs_plan(poll: &PollResponse, last_action: Option<&Action>) -> bool {
+    if poll.fetch_in_progress || poll.update_in_progress || poll.generation == 0 {
+        return false;
+    }
+    match last_action {
+        Some(Action::Update { scan_count, .. }) => {
+            poll.scan_count >= scan_count + SCANS_AFTER_UPDATE
+        }
+        Some(Action::Fetch { scan_count, .. }) => {
+            poll.last_fetch_error.is_some() || poll.scan_count >= scan_count + SCANS_AFTER_FETCH
+        }
+        None => true,
+    }
+}
+
 /// Decides the next step. The order of checks is the status precedence: connection,
 /// work in progress, sub readiness, the outcome of our last action, image availability,
 /// then the plan itself.
 pub fn next_step(f: &Facts<'_>) -> Step {
     let poll = match f.poll {
-        Err(e) => return wait(Status::Unreachable, Some(e.to_string())),
+        Err(e) => return wait(e.status, Some(e.message.clone())),
         Ok(p) => p,
     };
     if poll.fetch_in_progress {
@@ -213,6 +273,7 @@ pub fn next_step(f: &Facts<'_>) -> Step {
     if plan.is_empty() {
         return Step::Synced {
             prefetch: f.planned_missing.to_vec(),
+            cleanup: f.unneeded_cache.to_vec(),
         };
     }
     if let Some(reason) = f.updates_disabled {
@@ -233,8 +294,35 @@ pub fn next_step(f: &Facts<'_>) -> Step {
             };
         }
     }
-    let _ = f.required_image;
+    if let Some(Action::Update { image, .. }) = f.last_action {
+        // Our update of this very image completed without errors, the scans after it are
+        // in, and the machine still differs: sending it again at once would loop. Report
+        // it and let the back-off pace the retries.
+        if image == f.required_image {
+            return Step::Wait {
+                status: Status::UpdateFailed,
+                error: Some(leftover(image, plan)),
+                settled: true,
+            };
+        }
+    }
     Step::Update
+}
+
+/// Why an update that reported success is not believed: what still differs.
+fn leftover(image: &str, plan: &UpdatePlan) -> String {
+    let paths = plan.touched_paths();
+    let first: Vec<String> = paths
+        .iter()
+        .take(3)
+        .map(|p| p.display().to_string())
+        .collect();
+    format!(
+        "update to {image} reported success but {} path(s) still differ ({}{}); retrying with back-off",
+        paths.len(),
+        first.join(", "),
+        if paths.len() > first.len() { ", …" } else { "" }
+    )
 }
 
 /// Delay before retrying after `failures` consecutive failures: `base`, doubling each
@@ -292,6 +380,7 @@ mod tests {
             safety_check_disabled: false,
             last_action: None,
             planned_missing: &[],
+            unneeded_cache: &[],
         }
     }
 
@@ -335,6 +424,15 @@ mod tests {
             scan_count: 10,
         };
         let prefetch = [id(9)];
+        let stale = [id(7)];
+        let refused = PollFailure {
+            status: Status::ConnectionRefused,
+            message: "h:1: refused".into(),
+        };
+        let sent_other = Action::Update {
+            image: "img/1".into(),
+            scan_count: 10,
+        };
         let (one_scan, two_scans) = (poll(4, 11), poll(4, 12));
         let w = |status, error: Option<&str>, settled| Step::Wait {
             status,
@@ -346,10 +444,10 @@ mod tests {
             Case {
                 name: "unreachable",
                 facts: Facts {
-                    poll: Err("connection refused"),
+                    poll: Err(&refused),
                     ..base(&ready, Some(&changes))
                 },
-                want: w(Status::Unreachable, Some("connection refused"), false),
+                want: w(Status::ConnectionRefused, Some("h:1: refused"), false),
             },
             Case {
                 name: "fetch in progress",
@@ -494,7 +592,42 @@ mod tests {
                     last_action: Some(&sent_update),
                     ..base(&two_scans, Some(&empty))
                 },
-                want: Step::Synced { prefetch: vec![] },
+                want: Step::Synced {
+                    prefetch: vec![],
+                    cleanup: vec![],
+                },
+            },
+            Case {
+                name: "update reported success but the diff is not empty: no resend loop",
+                facts: Facts {
+                    last_action: Some(&sent_update),
+                    ..base(&two_scans, Some(&changes))
+                },
+                want: w(
+                    Status::UpdateFailed,
+                    Some("update to img/2 reported success but 1 path(s) still differ (/x); retrying with back-off"),
+                    true,
+                ),
+            },
+            Case {
+                name: "after an update of another image: update",
+                facts: Facts {
+                    last_action: Some(&sent_other),
+                    ..base(&two_scans, Some(&changes))
+                },
+                want: Step::Update,
+            },
+            Case {
+                name: "synced: clean up cache objects no image needs",
+                facts: Facts {
+                    unneeded_cache: &stale,
+                    planned_missing: &prefetch,
+                    ..base(&ready, Some(&empty))
+                },
+                want: Step::Synced {
+                    prefetch: vec![id(9)],
+                    cleanup: vec![id(7)],
+                },
             },
             Case {
                 name: "synced: prefetch the planned image",
@@ -504,12 +637,41 @@ mod tests {
                 },
                 want: Step::Synced {
                     prefetch: vec![id(9)],
+                    cleanup: vec![],
                 },
             },
         ];
         for c in cases {
             assert_eq!(next_step(&c.facts), c.want, "case {:?}", c.name);
         }
+    }
+
+    #[test]
+    fn plan_needed_only_when_the_decision_reads_it() {
+        let sent = |scan_count| Action::Update {
+            image: "i".into(),
+            scan_count,
+        };
+        let fetched = Action::Fetch {
+            image: "i".into(),
+            scan_count: 10,
+        };
+        let busy = PollResponse {
+            update_in_progress: true,
+            ..poll(3, 10)
+        };
+        let fetch_err = PollResponse {
+            last_fetch_error: Some("x".into()),
+            ..poll(3, 10)
+        };
+        assert!(needs_plan(&poll(3, 10), None));
+        assert!(!needs_plan(&poll(0, 0), None));
+        assert!(!needs_plan(&busy, None));
+        assert!(!needs_plan(&poll(3, 11), Some(&sent(10))));
+        assert!(needs_plan(&poll(3, 12), Some(&sent(10))));
+        assert!(!needs_plan(&poll(3, 10), Some(&fetched)));
+        assert!(needs_plan(&poll(3, 11), Some(&fetched)));
+        assert!(needs_plan(&fetch_err, Some(&fetched)));
     }
 
     #[test]

@@ -79,10 +79,13 @@ pub struct GlobalDisable {
 #[derive(Debug, Default)]
 pub struct Counters {
     pub polls: AtomicU64,
+    /// Polls that fetched the whole tree.
+    pub full_polls: AtomicU64,
     pub poll_bytes: AtomicU64,
     pub poll_failures: AtomicU64,
     pub fetches: AtomicU64,
     pub updates: AtomicU64,
+    pub cleanups: AtomicU64,
     pub mdb_loads: AtomicU64,
     pub mdb_errors: AtomicU64,
 }

@@ -3,19 +3,22 @@
 //! The MDB watcher notices a changed file (device, inode, size or mtime) within
 //! `mdb_check_interval`, keeps the previous list when the new file does not parse, and
 //! starts, updates or stops machine tasks. A machine task loops: take a permit from the
-//! fleet-wide `Semaphore`, poll (cheaply, passing the generation it already holds), load
-//! the required image from the shared cache, compute the plan off the executor, ask the
-//! pure `decision::next_step` what to do, do it, publish the report, and sleep (the poll
+//! fleet-wide `Semaphore`, poll cheaply (`short_only`: status and generation), load the
+//! required image from the shared cache, and only when the generation or the wanted
+//! images changed take a second, smaller semaphore's permit, poll the whole tree, compute
+//! the plan off the executor and drop the tree (memory stays bounded by that semaphore,
+//! not by the fleet's size); then ask the pure `decision::next_step` what to do, do it
+//! (fetch, update, prefetch, `Subd.Cleanup`), publish the report, and sleep (the poll
 //! interval, or a capped exponential back-off after failures) unless the MDB changes.
 
-use crate::decision::{self, Action, Facts, ImageState, Status, Step};
+use crate::decision::{self, Action, Facts, ImageState, PollFailure, Status, Step};
 use crate::fleet::{unix_now, Counters, Fleet, MachineReport};
 use crate::images::ImageCache;
 use crate::planner;
 use mdb::{Machine, Mdb};
 use model::api::{self, methods, PollRequest, PollResponse};
-use model::client::{ClientSecurity, RpcClient, SubdClient};
-use model::{FileTree, Image, ObjectId, UpdatePlan};
+use model::client::{ClientError, ClientSecurity, RpcClient, SubdClient};
+use model::{Image, ObjectId, UpdatePlan};
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,6 +37,9 @@ pub struct HerdConfig {
     pub security: ClientSecurity,
     /// Machines worked on at once.
     pub concurrency: usize,
+    /// Machines whose tree is fetched, decoded and diffed at once (the memory bound:
+    /// every other machine holds only its plan and generation).
+    pub full_poll_concurrency: usize,
     /// Pause between two polls of a healthy machine.
     pub poll_interval: Duration,
     /// First retry delay after a failure; doubles up to `backoff_cap`.
@@ -53,6 +59,7 @@ impl HerdConfig {
             subd_port: model::client::SUBD_PORT,
             security,
             concurrency: 200,
+            full_poll_concurrency: 16,
             poll_interval: Duration::from_secs(1),
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(60),
@@ -67,7 +74,10 @@ struct Ctx {
     cfg: HerdConfig,
     fleet: Arc<Fleet>,
     images: ImageCache,
+    /// The one HTTP client (pool, TLS configuration) every machine's subd client shares.
+    subd_rpc: RpcClient,
     permits: Semaphore,
+    full_permits: Semaphore,
 }
 
 /// The address to dial for `m`, always with a port.
@@ -89,31 +99,68 @@ pub fn subd_client(
 }
 
 /// Polls and also returns the reply's size in bytes (what a poll costs on the wire).
+/// A large reply (a tree) is decoded off the executor.
 pub async fn poll_counted(
     client: &SubdClient,
     req: &PollRequest,
-) -> Result<(PollResponse, u64), String> {
-    let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+) -> Result<(PollResponse, u64), PollFailure> {
+    let body = serde_json::to_vec(req).map_err(|e| unreachable(e.to_string()))?;
     let resp = client
         .rpc
         .call_raw(methods::SUBD_POLL, body.into(), "application/json")
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| classify_poll_error(&e))?;
     let bytes = resp
         .bytes()
         .await
-        .map_err(|e| format!("reading poll reply: {e}"))?;
+        .map_err(|e| unreachable(format!("reading poll reply: {e}")))?;
     let n = bytes.len() as u64;
     let parsed = if n > 64 * 1024 {
         tokio::task::spawn_blocking(move || serde_json::from_slice::<PollResponse>(&bytes))
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| unreachable(e.to_string()))?
     } else {
         serde_json::from_slice(&bytes)
     };
     parsed
         .map(|p| (p, n))
-        .map_err(|e| format!("bad poll reply: {e}"))
+        .map_err(|e| unreachable(format!("bad poll reply: {e}")))
+}
+
+fn unreachable(message: String) -> PollFailure {
+    PollFailure {
+        status: Status::Unreachable,
+        message,
+    }
+}
+
+/// Names why a poll failed, as far as the client error tells: `poll denied` (HTTP 403:
+/// the subd does not grant our certificate `Subd.Poll`), `connection refused`,
+/// `DNS error`, `connect timeout`, else `unreachable`.
+pub fn classify_poll_error(e: &ClientError) -> PollFailure {
+    let message = e.to_string();
+    let status = match e {
+        ClientError::Status { status: 403, .. } => Status::PollDenied,
+        ClientError::Connect { message: m, .. } => {
+            let m = m.to_ascii_lowercase();
+            if m.contains("connection refused") {
+                Status::ConnectionRefused
+            } else if m.contains("dns error")
+                || m.contains("failed to lookup address")
+                || m.contains("name or service not known")
+                || m.contains("no address associated")
+                || m.contains("temporary failure in name resolution")
+            {
+                Status::DnsError
+            } else if m.contains("timed out") || m.contains("deadline has elapsed") {
+                Status::ConnectTimeout
+            } else {
+                Status::Unreachable
+            }
+        }
+        _ => Status::Unreachable,
+    };
+    PollFailure { status, message }
 }
 
 /// File identity the watcher compares.
@@ -150,8 +197,22 @@ pub async fn run(cfg: HerdConfig, fleet: Arc<Fleet>, mut shutdown: watch::Receiv
             return;
         }
     };
+    let subd_rpc = match RpcClient::new(
+        "localhost",
+        model::client::SUBD_PORT,
+        &cfg.security,
+        Some(cfg.rpc_timeout),
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("subd client: {e}");
+            return;
+        }
+    };
     let ctx = Arc::new(Ctx {
+        subd_rpc,
         permits: Semaphore::new(cfg.concurrency.max(1)),
+        full_permits: Semaphore::new(cfg.full_poll_concurrency.max(1)),
         cfg,
         fleet,
         images,
@@ -247,22 +308,34 @@ fn reconcile(ctx: &Arc<Ctx>, tasks: &mut BTreeMap<String, Task>, mdb: &Mdb) {
     tracing::info!(machines = wanted.len(), images = images.len(), "MDB loaded");
 }
 
-/// What a machine task remembers between cycles.
+/// What a machine task remembers between cycles. No tree is kept: a machine's tree is
+/// decoded, diffed and dropped within one cycle (under a `full_permits` permit), and the
+/// plan is kept with the generation it was computed from. While the generation and the
+/// MDB record stay the same, polls are cheap (`short_only`) and the plan is reused.
 #[derive(Default)]
 struct MachineState {
     client: Option<(String, SubdClient)>,
     start_time: u64,
+    /// Generation of the tree the plans were computed from (0 = none yet).
     generation: u64,
-    tree: Option<Arc<FileTree>>,
+    /// The object cache the subd reported with that tree.
     cache: Arc<Vec<ObjectId>>,
-    exclusions: Arc<Vec<String>>,
     plan: Option<Arc<UpdatePlan>>,
-    plan_key: Option<(String, u64, usize)>,
+    /// (required image, generation) of `plan`.
+    plan_key: Option<(String, u64)>,
     planned_missing: Vec<ObjectId>,
+    /// (planned image, generation) of `planned_missing`.
     planned_key: Option<(String, u64)>,
     prefetched: Option<(String, u64)>,
+    /// Cache objects no wanted image needs, for (required, planned, generation).
+    unneeded: Vec<ObjectId>,
+    unneeded_key: Option<(String, String, u64)>,
+    /// The generation at which `Subd.Cleanup` was last sent.
+    cleaned: Option<u64>,
     last_action: Option<Action>,
     failures: u32,
+    /// The failing status `failures` counts (a new kind of failure starts over).
+    failure_status: Option<Status>,
 }
 
 async fn machine_loop(ctx: Arc<Ctx>, mut rx: watch::Receiver<Machine>) {
@@ -283,59 +356,111 @@ async fn machine_loop(ctx: Arc<Ctx>, mut rx: watch::Receiver<Machine>) {
     }
 }
 
+/// Whether the planned image's missing objects must be (re)computed from a tree.
+fn planned_wanted(m: &Machine, st: &MachineState, generation: u64) -> bool {
+    !m.planned_image.is_empty()
+        && m.planned_image != m.required_image
+        && st.plan.as_ref().is_some_and(|p| p.is_empty())
+        && st.planned_key.as_ref() != Some(&(m.planned_image.clone(), generation))
+}
+
+/// Full poll, plan and planned image's missing objects, all from one tree that is dropped
+/// before returning. Holds a `full_permits` permit throughout, so only a few trees are
+/// in memory at once however large the fleet.
+async fn refresh_from_tree(
+    ctx: &Ctx,
+    client: &SubdClient,
+    m: &Machine,
+    image: &Arc<Image>,
+    st: &mut MachineState,
+) -> Result<(PollResponse, u64), PollFailure> {
+    let Ok(_full) = ctx.full_permits.acquire().await else {
+        return Err(unreachable("shutting down".into()));
+    };
+    let (mut p, n) = poll_counted(client, &PollRequest::default()).await?;
+    Counters::add(&ctx.fleet.counters.full_polls, 1);
+    let Some(tree) = p.tree.take() else {
+        return Ok((p, n)); // no scan finished yet
+    };
+    let cache = Arc::new(p.object_cache.take().unwrap_or_default());
+    let excl = std::mem::take(&mut p.exclusions);
+    let planned = if !m.planned_image.is_empty() && m.planned_image != m.required_image {
+        ctx.images.get(&m.planned_image).await.ok()
+    } else {
+        None
+    };
+    let (img, name, c) = (image.clone(), m.required_image.clone(), cache.clone());
+    let computed = tokio::task::spawn_blocking(move || {
+        let plan = planner::compute(&name, &img, &tree, &c, &excl);
+        let missing = planned
+            .filter(|_| plan.is_empty())
+            .map(|pi| planner::missing_objects(&pi, &tree, &c));
+        drop(tree);
+        (plan, missing, excl)
+    })
+    .await;
+    match computed {
+        Ok((plan, missing, excl)) => {
+            p.exclusions = excl;
+            st.generation = p.generation;
+            st.cache = cache;
+            st.plan = Some(Arc::new(plan));
+            st.plan_key = Some((m.required_image.clone(), p.generation));
+            match missing {
+                Some(missing) => {
+                    st.planned_missing = missing;
+                    st.planned_key = Some((m.planned_image.clone(), p.generation));
+                }
+                None => {
+                    st.planned_missing.clear();
+                    st.planned_key = None;
+                }
+            }
+        }
+        Err(e) => tracing::error!("computing plan: {e}"),
+    }
+    Ok((p, n))
+}
+
 /// One poll-decide-act round for one machine; returns how long to wait before the next.
 async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
     let cfg = &ctx.cfg;
     let address = dial_address(m, cfg.subd_port);
     if st.client.as_ref().map(|(a, _)| a) != Some(&address) {
-        match subd_client(&address, &cfg.security, cfg.rpc_timeout) {
-            Ok(c) => {
-                st.client = Some((address.clone(), c));
-                st.tree = None;
-            }
-            Err(e) => {
-                tracing::error!("subd client for {address}: {e}");
-                return cfg.backoff_cap;
-            }
-        }
+        let rpc = ctx.subd_rpc.for_address(&address, cfg.subd_port);
+        st.client = Some((address.clone(), SubdClient { rpc }));
+        st.generation = 0;
+        st.plan = None;
+        st.plan_key = None;
     }
     let client = st.client.as_ref().expect("client set").1.clone();
-
-    // Poll: cheap (generation only) when we hold a tree; full after a subd restart.
-    let have = if st.tree.is_some() { st.generation } else { 0 };
-    let mut polled = poll_counted(
-        &client,
-        &PollRequest {
-            have_generation: have,
-            short_only: false,
-        },
-    )
-    .await;
-    if let Ok((p, _)) = &polled {
-        if st.start_time != 0 && p.start_time != st.start_time {
-            tracing::info!("subd restarted");
-            st.last_action = None;
-            if p.tree.is_none() && p.generation != 0 {
-                polled = poll_counted(&client, &PollRequest::default()).await;
-            }
-        }
-    }
     let counters = &ctx.fleet.counters;
+
+    // A cheap poll first: status and generation, never the tree.
     Counters::add(&counters.polls, 1);
     let mut poll_bytes = 0;
-    let poll: Result<PollResponse, String> = match polled {
+    let mut poll: Result<PollResponse, PollFailure> = match poll_counted(
+        &client,
+        &PollRequest {
+            have_generation: st.generation,
+            short_only: true,
+        },
+    )
+    .await
+    {
         Ok((mut p, n)) => {
             Counters::add(&counters.poll_bytes, n);
-            poll_bytes = n;
-            st.start_time = p.start_time;
-            if let Some(tree) = p.tree.take() {
-                st.tree = Some(Arc::new(tree));
-                st.cache = Arc::new(p.object_cache.take().unwrap_or_default());
-                st.generation = p.generation;
-                st.exclusions = Arc::new(p.exclusions.clone());
-            } else if p.generation == 0 {
-                st.tree = None;
+            poll_bytes += n;
+            p.tree = None; // asked short_only; never keep a tree here
+            p.object_cache = None;
+            if st.start_time != 0 && p.start_time != st.start_time {
+                tracing::info!("subd restarted");
+                st.last_action = None;
+                st.generation = 0;
+                st.plan_key = None;
+                st.planned_key = None;
             }
+            st.start_time = p.start_time;
             Ok(p)
         }
         Err(e) => {
@@ -367,58 +492,66 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
         }
     };
 
-    // The plan, recomputed only when the image or the tree changed.
-    if let (Some(img), Some(tree), Ok(_)) = (&image, &st.tree, &poll) {
-        let key = (
-            m.required_image.clone(),
-            st.generation,
-            Arc::as_ptr(tree) as usize,
-        );
-        if st.plan_key.as_ref() != Some(&key) {
-            let (img, tree, cache, excl, name) = (
-                img.clone(),
-                tree.clone(),
-                st.cache.clone(),
-                st.exclusions.clone(),
-                m.required_image.clone(),
-            );
-            match tokio::task::spawn_blocking(move || {
-                planner::compute(&name, &img, &tree, &cache, &excl)
-            })
-            .await
-            {
-                Ok(p) => {
-                    st.plan = Some(Arc::new(p));
-                    st.plan_key = Some(key);
+    // A full poll and a new plan only when the tree or the wanted images changed (or the
+    // plan was dropped after acting on it), and the decision will look at it.
+    if let (Some(img), Ok(p)) = (&image, &poll) {
+        let gen = p.generation;
+        let stale =
+            st.plan.is_none() || st.plan_key.as_ref() != Some(&(m.required_image.clone(), gen));
+        let wanted = decision::needs_plan(p, st.last_action.as_ref());
+        if wanted && (stale || planned_wanted(m, st, gen)) {
+            match refresh_from_tree(ctx, &client, m, img, st).await {
+                Ok((full, n)) => {
+                    Counters::add(&counters.poll_bytes, n);
+                    poll_bytes += n;
+                    poll = Ok(full);
                 }
-                Err(e) => tracing::error!("computing plan: {e}"),
+                Err(e) => {
+                    Counters::add(&counters.poll_failures, 1);
+                    poll = Err(e);
+                }
             }
         }
-    } else if image.is_none() {
+    }
+    if image.is_none() || st.plan_key.as_ref().map(|k| &k.0) != Some(&m.required_image) {
         st.plan = None;
         st.plan_key = None;
     }
+    if m.planned_image.is_empty() || m.planned_image == m.required_image {
+        st.planned_missing.clear();
+        st.planned_key = None;
+    }
 
-    // The planned image's missing objects, only worth knowing once in sync.
+    // Cache objects neither wanted image needs (worth knowing only when in sync).
     let synced_now = st.plan.as_ref().is_some_and(|p| p.is_empty());
-    if synced_now && !m.planned_image.is_empty() && m.planned_image != m.required_image {
-        let key = (m.planned_image.clone(), st.generation);
-        if st.planned_key.as_ref() != Some(&key) {
-            if let (Ok(planned), Some(tree)) = (ctx.images.get(&m.planned_image).await, &st.tree) {
-                let (tree, cache) = (tree.clone(), st.cache.clone());
-                if let Ok(missing) = tokio::task::spawn_blocking(move || {
-                    planner::missing_objects(&planned, &tree, &cache)
-                })
-                .await
+    if synced_now && !st.cache.is_empty() {
+        let key = (
+            m.required_image.clone(),
+            m.planned_image.clone(),
+            st.generation,
+        );
+        if st.unneeded_key.as_ref() != Some(&key) {
+            let planned = if m.planned_image.is_empty() {
+                None
+            } else {
+                // Unknown planned image: keep everything rather than delete its objects.
+                ctx.images.cached(&m.planned_image)
+            };
+            if m.planned_image.is_empty() || planned.is_some() {
+                let wanted: Vec<Arc<Image>> = image.iter().cloned().chain(planned).collect();
+                let cache = st.cache.clone();
+                if let Ok(u) =
+                    tokio::task::spawn_blocking(move || planner::unneeded_cache(&cache, &wanted))
+                        .await
                 {
-                    st.planned_missing = missing;
-                    st.planned_key = Some(key);
+                    st.unneeded = u;
+                    st.unneeded_key = Some(key);
                 }
             }
         }
     } else {
-        st.planned_missing.clear();
-        st.planned_key = None;
+        st.unneeded.clear();
+        st.unneeded_key = None;
     }
 
     let global = ctx.fleet.global_disable();
@@ -427,15 +560,8 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
     } else {
         global.map(|g| format!("updates disabled fleet-wide: {}", g.reason))
     };
-    let poll_err;
     let facts = Facts {
-        poll: match &poll {
-            Ok(p) => Ok(p),
-            Err(e) => {
-                poll_err = e.clone();
-                Err(&poll_err)
-            }
-        },
+        poll: poll.as_ref(),
         required_image: &m.required_image,
         image: image_state,
         plan: st.plan.as_deref(),
@@ -443,6 +569,7 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
         safety_check_disabled: m.safety_check_disabled(),
         last_action: st.last_action.as_ref(),
         planned_missing: &st.planned_missing,
+        unneeded_cache: &st.unneeded,
     };
     let step = decision::next_step(&facts);
     let scan_count = poll.as_ref().map(|p| p.scan_count).unwrap_or(0);
@@ -468,6 +595,8 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
             match client.fetch(&req).await {
                 Ok(()) => {
                     tracing::info!(objects = req.hashes.len(), "fetch sent");
+                    // Acted on: the next plan comes from the tree that shows the fetch.
+                    st.plan = None;
                     st.last_action = Some(Action::Fetch {
                         image: m.required_image.clone(),
                         scan_count,
@@ -479,14 +608,18 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
         }
         Step::Update => {
             Counters::add(&counters.updates, 1);
-            let plan = st.plan.as_ref().expect("update needs a plan");
-            let req = api::UpdateRequest {
-                plan: (**plan).clone(),
-                wait: false,
-            };
+            let mut plan = (**st.plan.as_ref().expect("update needs a plan")).clone();
+            if m.safety_check_disabled() {
+                // The decision sends an unsafe plan only under the MDB tag
+                // DisableSafetyCheck; subd refuses any plan still carrying a reason.
+                plan.unsafe_reason = None;
+            }
+            let req = api::UpdateRequest { plan, wait: false };
             match client.update(&req).await {
                 Ok(_) => {
                     tracing::info!(image = %m.required_image, "update sent");
+                    // Acted on: the next plan comes from a scan after the update.
+                    st.plan = None;
                     st.last_action = Some(Action::Update {
                         image: m.required_image.clone(),
                         scan_count,
@@ -496,7 +629,7 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
                 Err(e) => (Status::UpdateFailed, Some(e.to_string()), false),
             }
         }
-        Step::Synced { prefetch } => {
+        Step::Synced { prefetch, cleanup } => {
             st.last_action = None;
             let key = (m.planned_image.clone(), st.generation);
             if !prefetch.is_empty() && st.prefetched.as_ref() != Some(&key) {
@@ -513,13 +646,28 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
                     Err(e) => tracing::warn!("prefetch of {}: {e}", m.planned_image),
                 }
             }
+            if !cleanup.is_empty() && st.cleaned != Some(st.generation) {
+                // Once per generation, whatever the outcome: a subd that refuses it is
+                // not asked again every poll.
+                st.cleaned = Some(st.generation);
+                Counters::add(&counters.cleanups, 1);
+                match client.cleanup(&cleanup).await {
+                    Ok(()) => tracing::info!(objects = cleanup.len(), "cleanup sent"),
+                    Err(e) => tracing::warn!("cleanup: {e}"),
+                }
+            }
             (Status::Synced, None, true)
         }
     };
     if status.backs_off() {
+        if st.failure_status != Some(status) {
+            st.failures = 0;
+            st.failure_status = Some(status);
+        }
         st.failures = st.failures.saturating_add(1);
-    } else {
+    } else if !status.in_progress() {
         st.failures = 0;
+        st.failure_status = None;
     }
     if let Some(e) = &error {
         if status.backs_off() {
@@ -562,5 +710,59 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
         decision::backoff(st.failures, cfg.backoff_base, cfg.backoff_cap)
     } else {
         cfg.poll_interval
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_errors_are_named() {
+        let connect = |m: &str| ClientError::Connect {
+            addr: "https://h:1".into(),
+            message: m.into(),
+        };
+        let cases = [
+            (
+                connect("Connection refused (os error 111)"),
+                Status::ConnectionRefused,
+            ),
+            (
+                connect("failed to lookup address information: Name or service not known"),
+                Status::DnsError,
+            ),
+            (connect("dns error: no record found"), Status::DnsError),
+            (connect("operation timed out"), Status::ConnectTimeout),
+            (
+                connect("Connection timed out (os error 110)"),
+                Status::ConnectTimeout,
+            ),
+            (
+                connect("No route to host (os error 113)"),
+                Status::Unreachable,
+            ),
+            (
+                ClientError::Status {
+                    method: "Subd.Poll".into(),
+                    status: 403,
+                    message: "access to method denied".into(),
+                },
+                Status::PollDenied,
+            ),
+            (
+                ClientError::Status {
+                    method: "Subd.Poll".into(),
+                    status: 500,
+                    message: "boom".into(),
+                },
+                Status::Unreachable,
+            ),
+        ];
+        for (e, want) in cases {
+            let f = classify_poll_error(&e);
+            assert_eq!(f.status, want, "{e}");
+            assert_eq!(f.message, e.to_string());
+        }
     }
 }

@@ -27,6 +27,10 @@ pub struct LocalFleetArgs {
     /// Run the dominator with updates disabled at startup
     #[arg(long)]
     pub disable_updates_at_startup: bool,
+    /// Plain HTTP everywhere instead of mutual TLS (so a browser can open the status
+    /// page without a client certificate); development only
+    #[arg(long)]
+    pub permit_insecure_mode: bool,
 }
 
 /// The embedded `testdata/fleet`: (path, content, mode).
@@ -88,21 +92,57 @@ pub const FLEET_FILES: &[(&str, &[u8], u32)] = &[
 pub enum Security {
     /// Plain HTTP on loopback (`--permit-insecure-mode`).
     Insecure,
+    /// Mutual TLS with the certificates `model::certs::make_all` wrote into this directory.
+    Tls(PathBuf),
 }
 
 impl Security {
-    /// Flags for a daemon (`imageserver`, `subd`, `dominator`).
-    pub fn daemon_flags(&self, _daemon: &str) -> Vec<OsString> {
+    /// Makes a CA and every role's key pair in `dir/certs`.
+    pub fn make(dir: &Path) -> anyhow::Result<Security> {
+        let certs = dir.join("certs");
+        model::certs::make_all(&certs, &[])
+            .with_context(|| format!("making certificates in {}", certs.display()))?;
+        Ok(Security::Tls(certs))
+    }
+
+    /// Flags for a daemon (`imageserver`, `subd`, `dominator`): its own pair.
+    pub fn daemon_flags(&self, daemon: &str) -> Vec<OsString> {
         match self {
             Security::Insecure => vec!["--permit-insecure-mode".into()],
+            Security::Tls(d) => vec![
+                "--ca-file".into(),
+                d.join("CA.pem").into(),
+                "--cert-file".into(),
+                d.join(daemon).join("cert.pem").into(),
+                "--key-file".into(),
+                d.join(daemon).join("key.pem").into(),
+            ],
         }
     }
 
-    /// Flags for a client command (`imagetool`, `mdb` needs none).
-    pub fn client_flags(&self) -> Vec<OsString> {
+    /// Flags for a user command acting as `user` (`builder` for imagetool, `admin` for
+    /// control commands); `mdb` needs none.
+    pub fn client_flags(&self, user: &str) -> Vec<OsString> {
         match self {
             Security::Insecure => Vec::new(),
+            Security::Tls(d) => vec![
+                "--ca-file".into(),
+                d.join("CA.pem").into(),
+                "--cert-file".into(),
+                d.join(format!("{user}.cert")).into(),
+                "--key-file".into(),
+                d.join(format!("{user}.key")).into(),
+            ],
         }
+    }
+
+    /// `flags` as one shell-ready string (for the printed commands).
+    pub fn shell(flags: &[OsString]) -> String {
+        flags
+            .iter()
+            .map(|f| f.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
 
@@ -178,7 +218,7 @@ pub async fn imagetool_add(
     triggers: &str,
 ) -> anyhow::Result<()> {
     let out = Command::new(sibling("imagetool")?)
-        .args(security.client_flags())
+        .args(security.client_flags("builder"))
         .arg("--image-server")
         .arg(server)
         .arg("add")
@@ -207,7 +247,6 @@ pub fn subd_args(security: &Security, root: &Path, addr: &str) -> Vec<OsString> 
 
 /// Runs the local fleet until Ctrl-C or SIGTERM.
 pub async fn run(args: LocalFleetArgs) -> anyhow::Result<()> {
-    let security = Security::Insecure;
     let (tmp, dir) = match &args.dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
@@ -218,6 +257,13 @@ pub async fn run(args: LocalFleetArgs) -> anyhow::Result<()> {
             let p = t.path().to_path_buf();
             (Some(t), p)
         }
+    };
+    let security = if args.permit_insecure_mode {
+        Security::Insecure
+    } else if dir.join("certs/CA.pem").exists() {
+        Security::Tls(dir.join("certs"))
+    } else {
+        Security::make(&dir)?
     };
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
@@ -241,9 +287,33 @@ pub async fn run(args: LocalFleetArgs) -> anyhow::Result<()> {
 
         // The images, with the seed's commands.
         let s = |p: &str| images.join(p).display().to_string();
-        imagetool_add(&security, &is_addr, "app.0", &images.join("app.0"), "", &s("app.triggers.json")).await?;
-        imagetool_add(&security, &is_addr, "app.1", &images.join("app.1"), "", &s("app.triggers.json")).await?;
-        imagetool_add(&security, &is_addr, "base.0", &images.join("base.0"), &s("base.filter"), "").await?;
+        imagetool_add(
+            &security,
+            &is_addr,
+            "app.0",
+            &images.join("app.0"),
+            "",
+            &s("app.triggers.json"),
+        )
+        .await?;
+        imagetool_add(
+            &security,
+            &is_addr,
+            "app.1",
+            &images.join("app.1"),
+            "",
+            &s("app.triggers.json"),
+        )
+        .await?;
+        imagetool_add(
+            &security,
+            &is_addr,
+            "base.0",
+            &images.join("base.0"),
+            &s("base.filter"),
+            "",
+        )
+        .await?;
 
         // Three subds, each with a root folder.
         let mut machines = Vec::new();
@@ -277,7 +347,11 @@ pub async fn run(args: LocalFleetArgs) -> anyhow::Result<()> {
         model::fsutil::write_atomic(&mdb_path, mdb.to_json().as_bytes())?;
 
         // The dominator.
-        let port = if args.port == 0 { free_port()? } else { args.port };
+        let port = if args.port == 0 {
+            free_port()?
+        } else {
+            args.port
+        };
         let dom_addr = format!("127.0.0.1:{port}");
         let mut a: Vec<OsString> = vec![
             "--mdb".into(),
@@ -299,29 +373,21 @@ pub async fn run(args: LocalFleetArgs) -> anyhow::Result<()> {
         let mdb_bin = sibling("mdb")?;
         let r1 = &machines[0].2;
         println!(
-            "Local fleet running in {dir}\n\n\
-             Status page:  http://{dom_addr}/   (JSON: http://{dom_addr}/api/fleet)\n\
-             Imageserver:  {is_addr}   images app.0, app.1 (sparse, triggers), base.0 (full, filter)\n\
-             Machines:     machine-1, machine-2 (app.0), machine-3 (base.0); roots under {roots}\n\
-             Logs:         {logs}\n\n\
-             Things to try:\n\
-             - Drift: edit a managed file and watch it put back within seconds:\n\
-             \x20   echo tampered > {r1}/etc/app/app.conf; sleep 3; cat {r1}/etc/app/app.conf\n\
-             - Roll out a new image by editing the MDB:\n\
-             \x20   {mdb_bin} --mdb {mdb} set machine-1 --required app.1\n\
-             - Preview exactly what an update would do:\n\
-             \x20   {exe} plan --mdb {mdb} --image-server {is_addr} --permit-insecure-mode\n\
-             - Return to the previous image:  {mdb_bin} --mdb {mdb} rollback machine-1\n\
-             - Stop updates for one machine:  {mdb_bin} --mdb {mdb} set machine-2 --disable-updates true\n\n\
-             Press Ctrl-C to stop the fleet{cleanup}.",
-            dir = dir.display(),
-            roots = dir.join("roots").display(),
-            logs = logs.display(),
-            r1 = r1.display(),
-            mdb_bin = mdb_bin.display(),
-            mdb = mdb_path.display(),
-            exe = exe.display(),
-            cleanup = if tmp.is_some() { " and remove this directory" } else { "" },
+            "{}",
+            instructions(&Instructions {
+                security: &security,
+                dir: &dir,
+                dom_addr: &dom_addr,
+                is_addr: &is_addr,
+                root1: r1,
+                logs: &logs,
+                mdb_bin: &mdb_bin,
+                mdb: &mdb_path,
+                dominator: &exe,
+                imagetool: &sibling("imagetool")?,
+                images: &images,
+                removes_dir: tmp.is_some(),
+            })
         );
 
         // Wait for Ctrl-C, SIGTERM, or a child dying.
@@ -363,4 +429,140 @@ pub async fn run(args: LocalFleetArgs) -> anyhow::Result<()> {
     }
     drop(tmp);
     result
+}
+
+/// What `instructions` prints about.
+pub struct Instructions<'a> {
+    pub security: &'a Security,
+    pub dir: &'a Path,
+    pub dom_addr: &'a str,
+    pub is_addr: &'a str,
+    pub root1: &'a Path,
+    pub logs: &'a Path,
+    pub mdb_bin: &'a Path,
+    pub mdb: &'a Path,
+    pub dominator: &'a Path,
+    pub imagetool: &'a Path,
+    pub images: &'a Path,
+    pub removes_dir: bool,
+}
+
+/// The text printed once the fleet runs: where to watch and what to try, with the exact
+/// security flags each command needs.
+pub fn instructions(i: &Instructions<'_>) -> String {
+    let d = |p: &Path| p.display().to_string();
+    let sec = i.security;
+    let dom_flags = Security::shell(&sec.daemon_flags("dominator"));
+    let builder = Security::shell(&sec.client_flags("builder"));
+    let admin = Security::shell(&sec.client_flags("admin"));
+    let (mdb, mdb_bin, dom, it) = (d(i.mdb), d(i.mdb_bin), d(i.dominator), d(i.imagetool));
+    let (dom_addr, is_addr) = (i.dom_addr, i.is_addr);
+    let watch = match sec {
+        Security::Insecure => format!(
+            "Status page:  http://{dom_addr}/   (JSON: http://{dom_addr}/api/machines)\n\
+             \x20             INSECURE MODE: plain HTTP, anyone on this machine may call every method.\n"
+        ),
+        Security::Tls(c) => format!(
+            "Security:     mutual TLS; CA and key pairs in {certs} (made with make_all,\n\
+             \x20             as `dominator make-certs` does)\n\
+             Status page:  https://{dom_addr}/  needs a client certificate from this CA, e.g.\n\
+             \x20   curl -s --cacert {ca} --cert {cert} --key {key} https://{dom_addr}/api/machines\n\
+             \x20             A browser needs {cert} + {key} imported as a client certificate\n\
+             \x20             (and will warn about the unknown CA); to browse without one, restart\n\
+             \x20             with `dominator local-fleet --permit-insecure-mode` (plain HTTP).\n",
+            certs = d(c),
+            ca = d(&c.join("CA.pem")),
+            cert = d(&c.join("admin.cert")),
+            key = d(&c.join("admin.key")),
+        ),
+    };
+    format!(
+        "Local fleet running in {dir}\n\n\
+         {watch}\
+         Imageserver:  {is_addr}   images app.0, app.1 (sparse, triggers), base.0 (full, filter)\n\
+         Machines:     machine-1, machine-2 (app.0), machine-3 (base.0); roots under {roots}\n\
+         Logs:         {logs}\n\n\
+         Things to try:\n\
+         - Drift: edit a managed file and watch it put back within seconds:\n\
+         \x20   echo tampered > {r1}/etc/app/app.conf; sleep 3; cat {r1}/etc/app/app.conf\n\
+         - Roll out a new image by editing the MDB:\n\
+         \x20   {mdb_bin} --mdb {mdb} set machine-1 --required app.1\n\
+         - Preview exactly what an update would do:\n\
+         \x20   {dom} plan --mdb {mdb} --image-server {is_addr} {dom_flags}\n\
+         - Add an image (as the image builder):\n\
+         \x20   {it} --image-server {is_addr} {builder} add app.2 {app1} \"\" {trig}\n\
+         - Return to the previous image:  {mdb_bin} --mdb {mdb} rollback machine-1\n\
+         - Stop updates for one machine:  {mdb_bin} --mdb {mdb} set machine-2 --disable-updates true\n\
+         - Stop updates fleet-wide (as admin):\n\
+         \x20   {dom} disable-updates \"maintenance\" --dominator {dom_addr} {admin}\n\n\
+         Press Ctrl-C to stop the fleet{cleanup}.",
+        dir = d(i.dir),
+        roots = d(&i.dir.join("roots")),
+        logs = d(i.logs),
+        r1 = d(i.root1),
+        app1 = d(&i.images.join("app.1")),
+        trig = d(&i.images.join("app.triggers.json")),
+        cleanup = if i.removes_dir { " and remove this directory" } else { "" },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(security: &Security) -> String {
+        let p = Path::new("/f");
+        instructions(&Instructions {
+            security,
+            dir: p,
+            dom_addr: "127.0.0.1:6970",
+            is_addr: "127.0.0.1:6971",
+            root1: &p.join("roots/machine-1"),
+            logs: &p.join("logs"),
+            mdb_bin: Path::new("/bin/mdb"),
+            mdb: &p.join("mdb.json"),
+            dominator: Path::new("/bin/dominator"),
+            imagetool: Path::new("/bin/imagetool"),
+            images: &p.join("images"),
+            removes_dir: true,
+        })
+    }
+
+    #[test]
+    fn printed_commands_carry_the_flags_each_role_needs() {
+        let t = text(&Security::Tls("/f/certs".into()));
+        assert!(t.contains("https://127.0.0.1:6970/"), "{t}");
+        assert!(
+            t.contains("--cert /f/certs/admin.cert --key /f/certs/admin.key"),
+            "{t}"
+        );
+        let imagetool = t.lines().find(|l| l.contains("/bin/imagetool")).unwrap();
+        assert!(
+            imagetool.contains("--ca-file /f/certs/CA.pem --cert-file /f/certs/builder.cert --key-file /f/certs/builder.key"),
+            "{imagetool}"
+        );
+        let plan = t.lines().find(|l| l.contains("dominator plan")).unwrap();
+        assert!(
+            plan.contains("--cert-file /f/certs/dominator/cert.pem"),
+            "{plan}"
+        );
+        let disable = t
+            .lines()
+            .find(|l| l.contains("disable-updates \""))
+            .unwrap();
+        assert!(
+            disable.contains("--cert-file /f/certs/admin.cert"),
+            "{disable}"
+        );
+        assert!(!t.contains("--permit-insecure-mode --"), "{t}");
+
+        let t = text(&Security::Insecure);
+        assert!(
+            t.contains("http://127.0.0.1:6970/") && t.contains("INSECURE"),
+            "{t}"
+        );
+        let plan = t.lines().find(|l| l.contains("dominator plan")).unwrap();
+        assert!(plan.contains("--permit-insecure-mode"), "{plan}");
+        assert!(!t.contains("--cert-file"), "{t}");
+    }
 }

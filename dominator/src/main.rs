@@ -36,6 +36,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let security = d.fleet.tls.server_security("dominator")?;
             let mut herd = d.fleet.herd_config()?;
             herd.concurrency = d.concurrency;
+            herd.full_poll_concurrency = d.full_poll_concurrency;
             herd.poll_interval = std::time::Duration::from_millis(d.poll_interval_ms);
             let listener = tokio::net::TcpListener::bind(&d.listen)
                 .await
@@ -69,6 +70,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Some(Command::EnableUpdates { target }) => commands::control(&target, None).await?,
         Some(Command::LocalFleet(args)) => dominator::local_fleet::run(args).await?,
+        Some(Command::MakeCerts { dir, hosts }) => {
+            for line in commands::make_certs(&dir, &hosts)? {
+                println!("{line}");
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -38,6 +38,20 @@ pub fn compute(
     )
 }
 
+/// Objects in the machine's `cache` that none of `wanted` needs (what `Subd.Cleanup` may
+/// remove once the machine is in sync).
+pub fn unneeded_cache(cache: &[ObjectId], wanted: &[std::sync::Arc<Image>]) -> Vec<ObjectId> {
+    let needed: HashSet<ObjectId> = wanted
+        .iter()
+        .flat_map(|i| i.tree.objects().into_keys())
+        .collect();
+    cache
+        .iter()
+        .filter(|h| !needed.contains(h))
+        .copied()
+        .collect()
+}
+
 /// Objects `image` needs that the machine has neither in its cache nor in any file.
 pub fn missing_objects(image: &Image, tree: &FileTree, cache: &[ObjectId]) -> Vec<ObjectId> {
     let mut have: HashSet<ObjectId> = cache.iter().copied().collect();

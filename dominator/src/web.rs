@@ -131,6 +131,11 @@ async fn metrics(State(fleet): State<Arc<Fleet>>) -> Response {
     for (name, help, v) in [
         ("dominator_polls_total", "Polls sent.", &c.polls),
         (
+            "dominator_full_polls_total",
+            "Polls that fetched the whole tree.",
+            &c.full_polls,
+        ),
+        (
             "dominator_poll_bytes_total",
             "Bytes of poll replies.",
             &c.poll_bytes,
@@ -149,6 +154,11 @@ async fn metrics(State(fleet): State<Arc<Fleet>>) -> Response {
             "dominator_updates_total",
             "Update requests sent.",
             &c.updates,
+        ),
+        (
+            "dominator_cleanups_total",
+            "Cleanup requests sent (cache objects no wanted image needs).",
+            &c.cleanups,
         ),
         (
             "dominator_mdb_loads_total",

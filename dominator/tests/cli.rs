@@ -52,3 +52,52 @@ fn usage_and_failures() {
     let (code, err) = run(&["disable-updates"]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn make_certs_writes_every_role_and_says_where_each_goes() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("certs");
+    let out = Command::new(env!("CARGO_BIN_EXE_dominator"))
+        .args(["make-certs", dir.to_str().unwrap(), "--host", "dom.example"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (file, hint) in [
+        ("CA.pem", "/etc/ssl/CA.pem"),
+        ("CA.key", "OFFLINE"),
+        ("subd/cert.pem", "/etc/ssl/subd/cert.pem"),
+        ("dominator/key.pem", "/etc/ssl/dominator/key.pem"),
+        ("imageserver/cert.pem", "/etc/ssl/imageserver/cert.pem"),
+        ("builder.cert", "~/.ssl/builder.cert"),
+        ("admin.key", "~/.ssl/admin.key"),
+    ] {
+        assert!(dir.join(file).exists(), "{file} not written");
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(file))
+            .unwrap_or_else(|| panic!("{file} not listed:\n{text}"));
+        assert!(line.contains(hint), "{line}");
+    }
+    // The daemons' certificates carry the extra host name.
+    let pem = std::fs::read(dir.join("dominator/cert.pem")).unwrap();
+    let der = rustls_pemfile::certs(&mut pem.as_slice())
+        .next()
+        .unwrap()
+        .unwrap();
+    let (cn, methods) = model::tls::identity_of(&der);
+    assert_eq!(cn, "dominator");
+    assert!(methods.iter().any(|m| m == "Subd.*"), "{methods:?}");
+    assert!(String::from_utf8_lossy(&der).contains("dom.example"));
+    // A second run into the same directory refuses to replace the CA.
+    let again = Command::new(env!("CARGO_BIN_EXE_dominator"))
+        .args(["make-certs", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a CA.pem"));
+}

@@ -1,6 +1,6 @@
 //! The dominator in-process against in-test subds and an in-test imageserver speaking the
 //! real RPCs over real sockets: convergence, MDB edits (good and invalid), a missing image
-//! added later, DisableUpdates, the global switch, the safety stop, unreachable machines,
+//! added later, DisableUpdates, the global switch, the safety stop, unreachable machines (named: `connection refused`),
 //! the status page, JSON API and metrics. (`tests/fleet.rs` runs the real binaries.)
 
 use axum::extract::State;
@@ -82,7 +82,7 @@ impl FakeMachine {
 async fn poll(State(s): State<Sub>, Json(req): Json<PollRequest>) -> axum::Json<PollResponse> {
     let mut m = s.lock().unwrap();
     m.scans += 1;
-    let send = req.have_generation != m.generation;
+    let send = !req.short_only && req.have_generation != m.generation;
     axum::Json(PollResponse {
         generation: m.generation,
         scan_count: m.scans,
@@ -516,7 +516,7 @@ async fn unreachable_machines_back_off_and_converge_when_they_return() {
     )
     .await;
     f.add_image("app/1", sparse(&[("/x", b"x")]));
-    let r = f.wait_status("gone", "unreachable").await;
+    let r = f.wait_status("gone", "connection refused").await;
     assert!(!r["last_error"].as_str().unwrap().is_empty());
     // Failures accumulate (the back-off grows) while it is down.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -603,7 +603,7 @@ async fn plan_previews_exactly_what_the_update_then_does() {
             .result
             .as_ref()
             .unwrap_err()
-            .starts_with("unreachable"),
+            .starts_with("connection refused"),
         "{:?}",
         plans[1].result
     );
@@ -680,7 +680,7 @@ async fn status_page_renders_in_a_real_browser() {
     .await;
     f.add_image("app/1", sparse(&[("/etc/app.conf", b"v1")]));
     f.wait_status("web-1", "synced").await;
-    f.wait_status("web-2", "unreachable").await;
+    f.wait_status("web-2", "connection refused").await;
 
     let dir = tempfile::tempdir().unwrap();
     let shot = dir.path().join("status.png");
@@ -727,7 +727,10 @@ async fn status_page_renders_in_a_real_browser() {
         dom.contains(">web-1</a></td><td>app/1</td><td class=\"ok\">synced</td>"),
         "{dom}"
     );
-    assert!(dom.contains("<td class=\"bad\">unreachable</td>"), "{dom}");
+    assert!(
+        dom.contains("<td class=\"bad\">connection refused</td>"),
+        "{dom}"
+    );
     assert!(dom.contains("INSECURE MODE"), "{dom}");
     let out = headless(
         &browser,

@@ -120,6 +120,16 @@ impl RpcClient {
         })
     }
 
+    /// A client for another server sharing this one's connection pool, TLS configuration
+    /// and timeouts (one `reqwest::Client` for a whole fleet instead of one per machine).
+    pub fn for_address(&self, addr: &str, default_port: u16) -> RpcClient {
+        RpcClient {
+            http: self.http.clone(),
+            base: base_url(addr, default_port, self.base.starts_with("https://")),
+            reply_limit: self.reply_limit,
+        }
+    }
+
     /// Caps the size of JSON replies (default `DEFAULT_REPLY_LIMIT`).
     pub fn with_reply_limit(mut self, bytes: usize) -> RpcClient {
         self.reply_limit = bytes;
