@@ -1,12 +1,15 @@
 //! Fetching objects from an imageserver into a local `ObjectStore` (subd's Fetch and
 //! `patch-directory`): `ObjectServer.GetObjects` in batches, each reply streamed through a
 //! small bounded channel into a blocking writer that verifies every object's length and
-//! SHA-512 before it is kept. Batches run concurrently, one per CPU (at most 4). A mismatching object is discarded and reported; a truncated
-//! reply keeps the whole objects before the cut; a full disk is reported as such.
+//! SHA-512 before it is kept. Batches run concurrently, one per CPU (at most 4); the
+//! objects they verify are committed together (one sync before the renames, one after) at
+//! the end or every `COMMIT_EVERY` objects, so a fetch syncs twice, not twice per batch.
+//! A mismatching object is discarded and reported; a truncated reply keeps the whole
+//! objects before the cut; a full disk is reported as such.
 
 use crate::client::{ClientError, ImageServerClient};
 use crate::hash::ObjectId;
-use crate::objectstore::{ObjectStore, StoreError};
+use crate::objectstore::{ObjectStore, PendingObject, StoreError};
 use futures_util::StreamExt;
 use std::collections::HashSet;
 use std::io::{self, Read};
@@ -78,27 +81,52 @@ impl FetchError {
 struct ChunkReader {
     rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, String>>,
     cur: bytes::Bytes,
+    /// A transfer error received while filling a buffer, for the next read.
+    failed: Option<String>,
 }
 
 impl Read for ChunkReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.cur.is_empty() {
+            if let Some(e) = self.failed.take() {
+                return Err(io::Error::new(io::ErrorKind::ConnectionAborted, e));
+            }
             match self.rx.blocking_recv() {
                 None => return Ok(0),
                 Some(Ok(b)) => self.cur = b,
                 Some(Err(e)) => return Err(io::Error::new(io::ErrorKind::ConnectionAborted, e)),
             }
         }
-        let n = buf.len().min(self.cur.len());
-        buf[..n].copy_from_slice(&self.cur[..n]);
-        let _ = self.cur.split_to(n);
-        Ok(n)
+        // Fill `buf` with what has already arrived, so writes are large.
+        let mut n = 0;
+        loop {
+            let k = (buf.len() - n).min(self.cur.len());
+            buf[n..n + k].copy_from_slice(&self.cur[..k]);
+            let _ = self.cur.split_to(k);
+            n += k;
+            if n == buf.len() {
+                return Ok(n);
+            }
+            match self.rx.try_recv() {
+                Ok(Ok(b)) => self.cur = b,
+                Ok(Err(e)) => {
+                    self.failed = Some(e); // reported by the next read
+                    return Ok(n);
+                }
+                Err(_) => return Ok(n), // nothing more yet
+            }
+        }
     }
 }
 
+/// Verified objects held back for one commit at most: bounds the memory they take and
+/// the work a crash loses.
+const COMMIT_EVERY: usize = 8192;
+
 /// Outcome of writing one reply.
 struct BatchOutcome {
-    stored: u64,
+    /// Verified objects, not yet committed.
+    pending: Vec<PendingObject>,
     bytes: u64,
     received: HashSet<ObjectId>,
     mismatched: Vec<ObjectId>,
@@ -109,17 +137,43 @@ fn no_space(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
 }
 
-/// Parses frames from `r` into `store`, verifying each; commits what verified.
+/// Bytes moved per read and write while storing an object.
+const COPY_BUFFER: usize = 256 * 1024;
+
+/// Copies up to `len` bytes from `r` to `w` through `buf`; returns how many were copied
+/// (fewer only at the end of `r`).
+fn copy_object(
+    r: &mut impl Read,
+    len: u64,
+    w: &mut impl io::Write,
+    buf: &mut [u8],
+) -> io::Result<u64> {
+    let mut done = 0u64;
+    while done < len {
+        let want = buf.len().min((len - done) as usize);
+        let n = match r.read(&mut buf[..want]) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        w.write_all(&buf[..n])?;
+        done += n as u64;
+    }
+    Ok(done)
+}
+
+/// Parses frames from `r` into `store`, verifying each; returns what verified, uncommitted.
 fn write_frames(mut r: impl Read, store: &ObjectStore, wanted: &HashSet<ObjectId>) -> BatchOutcome {
     let mut out = BatchOutcome {
-        stored: 0,
+        pending: Vec::new(),
         bytes: 0,
         received: HashSet::new(),
         mismatched: Vec::new(),
         error: None,
     };
-    let mut pending = Vec::new();
     let dir = store.dir().display().to_string();
+    let mut buf = vec![0u8; COPY_BUFFER];
     loop {
         let (id, len) = match crate::frame::read_header(&mut r) {
             Ok(None) => break,
@@ -148,7 +202,7 @@ fn write_frames(mut r: impl Read, store: &ObjectStore, wanted: &HashSet<ObjectId
                 break;
             }
         };
-        match io::copy(&mut (&mut r).take(len), &mut w) {
+        match copy_object(&mut r, len, &mut w, &mut buf) {
             Ok(n) if n == len => {}
             Ok(n) => {
                 out.error = Some(FetchError::Truncated(format!(
@@ -171,7 +225,7 @@ fn write_frames(mut r: impl Read, store: &ObjectStore, wanted: &HashSet<ObjectId
         match w.finish() {
             Ok(p) => {
                 out.bytes += p.len;
-                pending.push(p);
+                out.pending.push(p);
             }
             Err(StoreError::HashMismatch { .. }) => {
                 tracing::warn!("fetched object {id} does not match its SHA-512: discarded");
@@ -183,20 +237,24 @@ fn write_frames(mut r: impl Read, store: &ObjectStore, wanted: &HashSet<ObjectId
             }
         }
     }
-    match store.commit(pending) {
-        Ok(n) => out.stored = n as u64,
-        Err(e) if e.is_no_space() => {
-            out.error
-                .get_or_insert(FetchError::DiskFull { dir, stored: 0 });
-        }
-        Err(e) => {
-            out.error.get_or_insert(FetchError::Store(e));
-        }
-    }
-    if let Some(FetchError::DiskFull { stored, .. }) = &mut out.error {
-        *stored = out.stored;
-    }
     out
+}
+
+/// Commits `pending` (off the executor: it syncs); returns how many were new.
+async fn commit(store: &ObjectStore, pending: Vec<PendingObject>) -> Result<u64, FetchError> {
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    let st = store.clone();
+    match tokio::task::spawn_blocking(move || st.commit(pending)).await {
+        Ok(Ok(n)) => Ok(n as u64),
+        Ok(Err(e)) if e.is_no_space() => Err(FetchError::DiskFull {
+            dir: store.dir().display().to_string(),
+            stored: 0,
+        }),
+        Ok(Err(e)) => Err(FetchError::Store(e)),
+        Err(e) => Err(FetchError::Truncated(format!("commit failed: {e}"))),
+    }
 }
 
 /// Fetches one batch: one request, its reply streamed into a blocking writer.
@@ -216,6 +274,7 @@ async fn fetch_batch(
             ChunkReader {
                 rx,
                 cur: bytes::Bytes::new(),
+                failed: None,
             },
             &st,
             &wanted,
@@ -302,6 +361,7 @@ pub async fn fetch_objects(
     let mut outcomes = futures_util::stream::iter(futures).buffer_unordered(lanes);
     let mut mismatched: Vec<ObjectId> = Vec::new();
     let mut first_error: Option<FetchError> = None;
+    let mut pending: Vec<PendingObject> = Vec::new();
     while let Some((batch, r)) = outcomes.next().await {
         stats.requests += 1;
         let out = match r {
@@ -311,8 +371,16 @@ pub async fn fetch_objects(
                 continue;
             }
         };
-        stats.objects += out.stored;
         stats.bytes += out.bytes;
+        pending.extend(out.pending);
+        if pending.len() >= COMMIT_EVERY {
+            match commit(store, std::mem::take(&mut pending)).await {
+                Ok(n) => stats.objects += n,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
         mismatched.extend(out.mismatched);
         if let Some(e) = out.error {
             first_error.get_or_insert(e);
@@ -326,7 +394,18 @@ pub async fn fetch_objects(
             });
         }
     }
-    if let Some(e) = first_error {
+    drop(outcomes);
+    // Whatever verified is kept, even when another batch failed.
+    match commit(store, pending).await {
+        Ok(n) => stats.objects += n,
+        Err(e) => {
+            first_error.get_or_insert(e);
+        }
+    }
+    if let Some(mut e) = first_error {
+        if let FetchError::DiskFull { stored, .. } = &mut e {
+            *stored = stats.objects;
+        }
         return Err(e);
     }
     if let Some(first) = mismatched.first() {
@@ -366,7 +445,9 @@ mod tests {
         let mut v = body(&[(&a, b"aaa"), (&b, b"BBB"), (&c, b"ccc")]);
         v.truncate(v.len() - 1);
         let out = write_frames(&v[..], &s, &wanted);
-        assert_eq!(out.stored, 1);
+        assert_eq!(out.pending.len(), 1);
+        assert!(!s.contains(&a), "nothing visible before the commit");
+        assert_eq!(s.commit(out.pending).unwrap(), 1);
         assert_eq!(out.mismatched, [b]);
         assert!(
             matches!(out.error, Some(FetchError::Truncated(_))),

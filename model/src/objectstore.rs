@@ -1,5 +1,8 @@
 //! The content-addressed object store (imageserver objects, subd's object cache): each
-//! object lives at `<dir>/<hh>/<hh>/<remaining 124 hex>` under the SHA-512 of its bytes.
+//! object lives at `<dir>/<hh>/<remaining 126 hex>` under the SHA-512 of its bytes (stores
+//! made by earlier versions, `<dir>/<hh>/<hh>/<124 hex>`, are recognised and kept as they
+//! are). One level of fan-out: a second level made a directory for nearly every object of
+//! a fresh machine's fetch, doubling the inodes a birth allocates.
 //!
 //! Writes stream into a temp file while hashing, are checked against the expected id, and
 //! are made durable in batches: `sync` (syncfs) of all temp files, renames, `sync` again.
@@ -12,6 +15,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Why an object was refused.
 #[derive(Debug, thiserror::Error)]
@@ -49,10 +54,47 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
+/// How objects are laid out under the store's directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// `<hh>/<126 hex>`: every store made by this version.
+    OneLevel,
+    /// `<hh>/<hh>/<124 hex>`: stores made by earlier versions.
+    TwoLevel,
+}
+
+impl Layout {
+    /// What an existing store holds: a two-character directory inside a first-level
+    /// directory means the old layout; anything else (an empty store included) the new one.
+    fn detect(dir: &Path) -> Result<Layout, StoreError> {
+        for l1 in read_dir_names(dir)? {
+            if l1.len() != 2 {
+                continue;
+            }
+            let d1 = dir.join(&l1);
+            for name in read_dir_names(&d1)? {
+                if name.ends_with(TEMP_SUFFIX) {
+                    continue;
+                }
+                return Ok(if name.len() == 2 && d1.join(&name).is_dir() {
+                    Layout::TwoLevel
+                } else {
+                    Layout::OneLevel
+                });
+            }
+        }
+        Ok(Layout::OneLevel)
+    }
+}
+
 /// A directory of objects.
 #[derive(Clone, Debug)]
 pub struct ObjectStore {
     dir: PathBuf,
+    layout: Layout,
+    /// First-level directories known to exist (one-level layout), so writing an object
+    /// costs no `mkdir` attempt once its directory is made.
+    made: Arc<[AtomicBool; 256]>,
 }
 
 impl ObjectStore {
@@ -61,6 +103,8 @@ impl ObjectStore {
         std::fs::create_dir_all(dir).map_err(io_at(dir))?;
         let store = ObjectStore {
             dir: dir.to_path_buf(),
+            layout: Layout::detect(dir)?,
+            made: Arc::new(std::array::from_fn(|_| AtomicBool::new(false))),
         };
         store.walk(|path, name, _| {
             if name.ends_with(TEMP_SUFFIX) {
@@ -77,7 +121,22 @@ impl ObjectStore {
     /// Where `id` lives.
     pub fn path_of(&self, id: &ObjectId) -> PathBuf {
         let hex = id.to_hex();
-        self.dir.join(&hex[0..2]).join(&hex[2..4]).join(&hex[4..])
+        match self.layout {
+            Layout::OneLevel => self.dir.join(&hex[0..2]).join(&hex[2..]),
+            Layout::TwoLevel => self.dir.join(&hex[0..2]).join(&hex[2..4]).join(&hex[4..]),
+        }
+    }
+
+    /// Makes the directory `final_path` of `id` goes in, unless known to exist.
+    fn make_parent(&self, id: &ObjectId, final_path: &Path) -> Result<(), StoreError> {
+        let slot = &self.made[id.0[0] as usize];
+        if self.layout == Layout::OneLevel && slot.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let parent = final_path.parent().unwrap();
+        std::fs::create_dir_all(parent).map_err(io_at(parent))?;
+        slot.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The size of `id` if present.
@@ -97,15 +156,25 @@ impl ObjectStore {
     /// Starts writing an object expected to hash to `expected` and be `len` bytes long.
     pub fn writer(&self, expected: ObjectId, len: u64) -> Result<ObjectWriter, StoreError> {
         let final_path = self.path_of(&expected);
-        let parent = final_path.parent().unwrap().to_path_buf();
-        std::fs::create_dir_all(&parent).map_err(io_at(&parent))?;
+        self.make_parent(&expected, &final_path)?;
         let tmp = crate::fsutil::temp_path(&final_path);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o640)
-            .open(&tmp)
-            .map_err(io_at(&tmp))?;
+        let create = || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o640)
+                .open(&tmp)
+        };
+        let file = match create() {
+            // Its directory was removed behind our back: make it again.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.made[expected.0[0] as usize].store(false, Ordering::Relaxed);
+                self.make_parent(&expected, &final_path)?;
+                create()
+            }
+            r => r,
+        }
+        .map_err(io_at(&tmp))?;
         Ok(ObjectWriter {
             guard: DeleteOnDrop::new(tmp.clone()),
             tmp,
@@ -180,27 +249,34 @@ impl ObjectStore {
         Ok(out)
     }
 
-    /// Calls `f(path, hex-name-or-temp-name, size)` for every file two levels down; the
-    /// name passed is the full 128-hex id for objects, the raw file name otherwise.
+    /// Calls `f(path, hex-name-or-temp-name, size)` for every file in the fan-out
+    /// directories; the name passed is the full 128-hex id for objects, the raw file name
+    /// otherwise.
     fn walk(&self, mut f: impl FnMut(&Path, &str, u64)) -> Result<(), StoreError> {
+        let mut visit = |dir: &Path, prefix: &str| -> Result<(), StoreError> {
+            for name in read_dir_names(dir)? {
+                let p = dir.join(&name);
+                let size = std::fs::symlink_metadata(&p).map(|m| m.len()).unwrap_or(0);
+                if name.ends_with(TEMP_SUFFIX) {
+                    f(&p, &name, size);
+                } else {
+                    f(&p, &format!("{prefix}{name}"), size);
+                }
+            }
+            Ok(())
+        };
         for l1 in read_dir_names(&self.dir)? {
             if l1.len() != 2 {
                 continue;
             }
             let d1 = self.dir.join(&l1);
+            if self.layout == Layout::OneLevel {
+                visit(&d1, &l1)?;
+                continue;
+            }
             for l2 in read_dir_names(&d1)? {
-                let d2 = d1.join(&l2);
-                if l2.len() != 2 {
-                    continue;
-                }
-                for name in read_dir_names(&d2)? {
-                    let p = d2.join(&name);
-                    let size = std::fs::symlink_metadata(&p).map(|m| m.len()).unwrap_or(0);
-                    if name.ends_with(TEMP_SUFFIX) {
-                        f(&p, &name, size);
-                    } else {
-                        f(&p, &format!("{l1}{l2}{name}"), size);
-                    }
+                if l2.len() == 2 {
+                    visit(&d1.join(&l2), &format!("{l1}{l2}"))?;
                 }
             }
         }
@@ -317,6 +393,35 @@ mod tests {
         assert!(s.list().unwrap().is_empty());
         let count = walkdir_files(d.path());
         assert_eq!(count, 0, "no temp files left");
+    }
+
+    #[test]
+    fn stores_of_the_earlier_two_level_layout_are_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let id = ObjectId::of(b"old");
+        let hex = id.to_hex();
+        let old = d.path().join(&hex[0..2]).join(&hex[2..4]);
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join(&hex[4..]), b"old").unwrap();
+        std::fs::write(old.join(format!("x{TEMP_SUFFIX}")), b"crash").unwrap();
+        let s = ObjectStore::open(d.path()).unwrap();
+        assert_eq!(s.list().unwrap(), vec![(id, 3)]);
+        assert!(!old.join(format!("x{TEMP_SUFFIX}")).exists());
+        let new = s.put(b"new").unwrap();
+        assert_eq!(
+            s.path_of(&new).parent().unwrap().parent().unwrap().parent(),
+            Some(d.path())
+        );
+        assert_eq!(s.list().unwrap().len(), 2);
+        // a fresh store uses one level of fan-out
+        let e = tempfile::tempdir().unwrap();
+        let s = ObjectStore::open(e.path()).unwrap();
+        let id = s.put(b"x").unwrap();
+        assert_eq!(s.path_of(&id).parent().unwrap().parent(), Some(e.path()));
+        assert_eq!(
+            ObjectStore::open(e.path()).unwrap().list().unwrap(),
+            vec![(id, 1)]
+        );
     }
 
     fn walkdir_files(p: &Path) -> usize {
