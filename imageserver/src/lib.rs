@@ -25,8 +25,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
-/// Largest JSON request (an `AddImage` of a large tree).
-pub const JSON_BODY_LIMIT: usize = 512 << 20;
+/// Largest JSON request (an `AddImage` of about half a million files); bounded so a hostile
+/// client cannot make the server buffer without limit.
+pub const JSON_BODY_LIMIT: usize = model::http::MAX_JSON_BODY;
 
 /// Counters exported on `/metrics`.
 #[derive(Default)]

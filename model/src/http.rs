@@ -250,7 +250,13 @@ where
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
-            .map_err(|e| ApiError::BadRequest(format!("reading request body: {e}")))?;
+            .map_err(|e| {
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::TooLarge(format!("request body larger than {MAX_JSON_BODY} bytes"))
+                } else {
+                    ApiError::BadRequest(format!("reading request body: {e}"))
+                }
+            })?;
         serde_json::from_slice(&bytes)
             .map(Json)
             .map_err(|e| ApiError::BadRequest(format!("invalid JSON request: {e}")))

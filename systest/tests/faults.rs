@@ -18,31 +18,66 @@ async fn imagetool_through_a_faulty_network_fails_cleanly_and_stores_nothing() {
     let tree = work.path().join("tree");
     std::fs::create_dir_all(&tree).unwrap();
     for i in 0..20 {
-        std::fs::write(tree.join(format!("f{i}")), format!("file {i}\n").repeat(5000)).unwrap();
+        std::fs::write(
+            tree.join(format!("f{i}")),
+            format!("file {i}\n").repeat(5000),
+        )
+        .unwrap();
     }
     let proxy = FaultProxy::start(format!("127.0.0.1:{port}").parse().unwrap(), Fault::Pass).await;
     let paddr = proxy.addr.to_string();
-    for (n, fault) in [Fault::Status500, Fault::Reset, Fault::EndlessReply, Fault::TruncateReply(100)].into_iter().enumerate() {
+    for (n, fault) in [
+        Fault::Status500,
+        Fault::Reset,
+        Fault::EndlessReply,
+        Fault::TruncateReply(100),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         proxy.set(fault.clone());
         let t0 = Instant::now();
         let out = Command::new(bin("imagetool"))
-            .args(["--image-server", &paddr, "add", &format!("f/{n}"), tree.to_str().unwrap(), "", ""])
+            .args([
+                "--image-server",
+                &paddr,
+                "add",
+                &format!("f/{n}"),
+                tree.to_str().unwrap(),
+                "",
+                "",
+            ])
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{fault:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{fault:?}: one line: {err}");
-        assert!(t0.elapsed() < Duration::from_secs(30), "{fault:?} took {:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{fault:?} took {:?}",
+            t0.elapsed()
+        );
         let before = proxy.connections();
         std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(proxy.connections(), before, "{fault:?}: no retries after giving up");
+        assert_eq!(
+            proxy.connections(),
+            before,
+            "{fault:?}: no retries after giving up"
+        );
     }
     // Nothing half-stored, and no image was created.
     check_objects(&data.join("objects"), false);
     proxy.set(Fault::Pass);
-    let list = Command::new(bin("imagetool")).args(["--image-server", &paddr, "list"]).output().unwrap();
+    let list = Command::new(bin("imagetool"))
+        .args(["--image-server", &paddr, "list"])
+        .output()
+        .unwrap();
     assert!(list.status.success());
-    assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "", "no image from a failed add");
+    assert_eq!(
+        String::from_utf8_lossy(&list.stdout).trim(),
+        "",
+        "no image from a failed add"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,20 +85,29 @@ async fn oversized_image_metadata_is_refused_with_413_and_bounded_memory() {
     let work = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut server = imageserver(&work.path().join("data"), port);
-    // 200 MiB of image JSON that never ends properly, streamed.
+    // 160 MiB of image JSON (over the 128 MiB limit) that never ends properly, streamed.
     let chunk = bytes_of(1 << 20);
-    let stream = futures_stream(chunk, 200);
+    let stream = futures_stream(chunk, 160);
     let url = format!("http://127.0.0.1:{port}/rpc/ImageServer.AddImage");
     let resp = reqwest_post(&url, stream).await;
     // A 413, or the connection cut after the limit (the client may still be sending).
-    assert!(matches!(resp, Some(413) | None), "oversized body got {resp:?}");
+    assert!(
+        matches!(resp, Some(413) | None),
+        "oversized body got {resp:?}"
+    );
     let rss = vm_hwm_kib(server.child.id());
-    assert!(rss < 200 * 1024, "imageserver peak RSS {rss} KiB while refusing a 200 MiB body");
-    let names = model::client::ImageServerClient::new(&format!("127.0.0.1:{port}"), &model::client::ClientSecurity::Insecure)
-        .unwrap()
-        .list_images(None)
-        .await
-        .unwrap();
+    assert!(
+        rss < 200 * 1024,
+        "imageserver peak RSS {rss} KiB while refusing a 160 MiB body"
+    );
+    let names = model::client::ImageServerClient::new(
+        &format!("127.0.0.1:{port}"),
+        &model::client::ClientSecurity::Insecure,
+    )
+    .unwrap()
+    .list_images(None)
+    .await
+    .unwrap();
     assert!(names.is_empty(), "{names:?}");
     server.kill9();
     check_objects(&work.path().join("data/objects"), true);
@@ -88,7 +132,13 @@ fn futures_stream(chunk: Vec<u8>, n: usize) -> reqwest::Body {
 
 async fn reqwest_post(url: &str, body: reqwest::Body) -> Option<u16> {
     let c = reqwest::Client::new();
-    match c.post(url).header("content-type", "application/json").body(body).send().await {
+    match c
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+    {
         Ok(r) => Some(r.status().as_u16()),
         Err(e) => {
             eprintln!("connection cut: {e}");
