@@ -107,12 +107,16 @@ pub async fn add(
     let filter = load_filter(filter_arg)?;
     let triggers = load_triggers(triggers_arg)?;
     let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
-    if client
-        .check_image(name.as_str())
+    // Refuse a taken name before sending anything (AddImage checks again, atomically).
+    let state = client
+        .check_image_name(name.as_str())
         .await
-        .context("asking the imageserver")?
-    {
+        .context("asking the imageserver")?;
+    if state.exists {
         bail!("image {name} already exists");
+    }
+    if state.deleted {
+        bail!("image {name} was deleted; image names are never reused");
     }
     let mut up = Uploader::new(client.clone());
     let pb = progress_bar("adding");
@@ -121,10 +125,33 @@ pub async fn add(
     let tree = if meta.is_dir() {
         add_directory(&mut up, path, filter.clone(), &pb).await?
     } else if meta.is_file() {
-        add_tarball(&mut up, path, filter.clone()).await?
+        let tree = add_tarball(&mut up, path, filter.clone()).await;
+        if tree.is_err() && up.sent.objects > 0 {
+            pb.finish_and_clear();
+            eprintln!(
+                "imagetool: warning: the {} objects ({:.1} MiB) sent before the error stay on the server, unreferenced, until `imagetool delunrefobj` removes them",
+                up.sent.objects,
+                up.sent.bytes as f64 / 1048576.0
+            );
+        }
+        tree?
     } else {
         bail!("{}: neither a directory nor a file", path.display());
     };
+    // Confirm (and so pin) every object right before AddImage: one sent or found early
+    // in a long add may have been deleted as unreferenced since its pin ran out.
+    let ids: Vec<ObjectId> = tree.objects().into_keys().collect();
+    let gone = up.recheck(&ids).await?;
+    if !gone.is_empty() {
+        if meta.is_dir() {
+            resend_from_directory(&mut up, path, &tree, &gone).await?;
+        } else {
+            bail!(
+                "{} objects sent earlier were deleted from the server (as unreferenced) during the add; run it again",
+                gone.len()
+            );
+        }
+    }
     pb.finish_and_clear();
     if filter.is_none() {
         if let Some(root) = tree.get(&FsPath::root()) {
@@ -209,6 +236,27 @@ async fn add_directory(
     }
     up.send_concurrently(batches, UPLOAD_STREAMS).await?;
     Ok(tree)
+}
+
+/// Sends again, from the directory, the objects in `gone`.
+async fn resend_from_directory(
+    up: &mut Uploader,
+    root: &Path,
+    tree: &FileTree,
+    gone: &HashSet<ObjectId>,
+) -> anyhow::Result<()> {
+    let mut items: std::collections::HashMap<ObjectId, Item> = Default::default();
+    for (p, ino) in &tree.entries {
+        let i = &tree.inodes[ino];
+        if let Some(h) = i.hash.filter(|h| gone.contains(h)) {
+            items.entry(h).or_insert_with(|| Item {
+                id: h,
+                size: i.size,
+                source: Source::Path(root.join(p.relative_os())),
+            });
+        }
+    }
+    up.send(items.into_values().collect()).await
 }
 
 /// Collects tarball file contents into batches for the uploader.
