@@ -34,8 +34,11 @@ pub struct Summary {
 
 /// A batch of tarball files is handed to the uploader at this many bytes in memory…
 pub const BATCH_BYTES: u64 = 8 << 20;
-/// …or this many files.
+/// …or this many files…
 pub const BATCH_FILES: usize = 4096;
+/// …or this many bytes in all, spooled ones included (each batch is one `AddObjects`,
+/// and each costs the server at least one `syncfs`).
+pub const BATCH_TOTAL_BYTES: u64 = 64 << 20;
 /// A directory's missing objects are sent in requests of about this many bytes…
 pub const DIR_BATCH_BYTES: u64 = 32 << 20;
 /// …on this many concurrent streams.
@@ -264,7 +267,10 @@ struct BatchSink {
     filter: Option<Filter>,
     seen: HashSet<ObjectId>,
     batch: Vec<Item>,
+    /// Bytes of the batch held in memory.
     batch_bytes: u64,
+    /// Bytes of the batch, spooled ones included.
+    batch_total: u64,
     tx: tokio::sync::mpsc::Sender<Vec<Item>>,
 }
 
@@ -274,6 +280,7 @@ impl BatchSink {
             return Ok(());
         }
         self.batch_bytes = 0;
+        self.batch_total = 0;
         self.tx
             .blocking_send(std::mem::take(&mut self.batch))
             .map_err(|_| io::Error::other("upload stopped"))
@@ -308,7 +315,11 @@ impl ContentSink for BatchSink {
         if mem {
             self.batch_bytes += size;
         }
-        if self.batch_bytes >= BATCH_BYTES || self.batch.len() >= BATCH_FILES || !mem {
+        self.batch_total += size;
+        if self.batch_bytes >= BATCH_BYTES
+            || self.batch.len() >= BATCH_FILES
+            || self.batch_total >= BATCH_TOTAL_BYTES
+        {
             self.flush()?;
         }
         Ok(id)
@@ -329,6 +340,7 @@ async fn add_tarball(
             seen: HashSet::new(),
             batch: Vec::new(),
             batch_bytes: 0,
+            batch_total: 0,
             tx,
         };
         let r = tarball::import(file, &mut sink);
