@@ -13,6 +13,14 @@
 //! when each unreferenced object became unreferenced (persisted as the object file's mtime,
 //! so the oldest-first order survives restarts). Image bodies stay on disk.
 //!
+//! Pins: an object that arrives through `AddObjects` is *held* while its upload stream is
+//! open and pinned for a grace period after the stream ends; an object `CheckObjects`
+//! reports present is pinned for the grace period too. Unreferenced-object deletion skips
+//! held and pinned objects, so a concurrent `delunrefobj` cannot delete what an `add` has
+//! just sent or been told is there before its `AddImage` arrives. Pins live in memory;
+//! after a restart an object stored less than the grace period ago is pinned for the rest
+//! of it (by its mtime).
+//!
 //! The catalogue is guarded by a std `Mutex` whose critical sections are short and never
 //! span an `.await` or a file write; callers run it on blocking threads.
 
@@ -23,7 +31,12 @@ use model::{Image, ImageName, ObjectId};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long objects stay pinned after their upload stream ends or `CheckObjects` reports
+/// them, unless configured otherwise. Dominator uses ~11 s; ours is longer because a large
+/// tarball add uploads its first batches well before it reaches `AddImage`.
+pub const DEFAULT_PIN_GRACE: Duration = Duration::from_secs(60);
 
 /// File name of an image inside its name's directory.
 pub const IMAGE_FILE: &str = ".image";
@@ -58,6 +71,20 @@ struct ObjectMeta {
     refs: u32,
     /// Unix seconds when the object last became unreferenced (or arrived).
     unref_since: i64,
+    /// Upload streams holding the object (it arrived or was offered in one still open).
+    holds: u32,
+    /// Not deleted as unreferenced before this instant.
+    pinned_until: Option<Instant>,
+}
+
+impl ObjectMeta {
+    fn collectable(&self, now: Instant) -> bool {
+        self.refs == 0 && self.holds == 0 && self.pinned_until.is_none_or(|t| t <= now)
+    }
+
+    fn pin(&mut self, until: Instant) {
+        self.pinned_until = Some(self.pinned_until.map_or(until, |t| t.max(until)));
+    }
 }
 
 #[derive(Default)]
@@ -76,6 +103,8 @@ pub struct Counts {
     pub object_bytes: u64,
     pub unreferenced_objects: u64,
     pub unreferenced_bytes: u64,
+    /// Unreferenced objects that deletion skips for now (held or pinned).
+    pub pinned_objects: u64,
 }
 
 /// Images and objects of one data directory.
@@ -83,6 +112,7 @@ pub struct Catalogue {
     store: ObjectStore,
     images_dir: PathBuf,
     index: Mutex<Index>,
+    pin_grace: Duration,
 }
 
 fn now_secs() -> i64 {
@@ -109,19 +139,32 @@ fn store_api_error(e: StoreError) -> ApiError {
 }
 
 impl Catalogue {
-    /// Opens (creating if needed) a data directory: removes crash debris, registers every
-    /// object by its file name and every image and tombstone.
+    /// Opens (creating if needed) a data directory with the default pin grace period.
     pub fn open(data_dir: &Path) -> Result<Catalogue, OpenError> {
+        Catalogue::open_with_grace(data_dir, DEFAULT_PIN_GRACE)
+    }
+
+    /// Opens (creating if needed) a data directory: removes crash debris, registers every
+    /// object by its file name and every image and tombstone. Objects stay pinned for
+    /// `pin_grace` after they are uploaded or reported present.
+    pub fn open_with_grace(data_dir: &Path, pin_grace: Duration) -> Result<Catalogue, OpenError> {
         let store = ObjectStore::open(&data_dir.join("objects"))?;
         let images_dir = data_dir.join("images");
         std::fs::create_dir_all(&images_dir).map_err(io_at(&images_dir))?;
         let mut index = Index::default();
+        let (wall, mono) = (SystemTime::now(), Instant::now());
         for (id, size) in store.list()? {
-            let mtime = std::fs::metadata(store.path_of(&id))
+            let modified = std::fs::metadata(store.path_of(&id))
                 .and_then(|m| m.modified())
-                .ok()
+                .ok();
+            let mtime = modified
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_secs() as i64);
+            // Stored (or unreferenced) less than the grace period ago: pinned for the rest.
+            let age = modified.and_then(|t| wall.duration_since(t).ok());
+            let pinned_until = age
+                .filter(|a| *a < pin_grace)
+                .map(|a| mono + (pin_grace - a));
             index.object_bytes += size;
             index.objects.insert(
                 id,
@@ -129,6 +172,8 @@ impl Catalogue {
                     size,
                     refs: 0,
                     unref_since: mtime,
+                    holds: 0,
+                    pinned_until,
                 },
             );
         }
@@ -160,6 +205,7 @@ impl Catalogue {
             store,
             images_dir,
             index: Mutex::new(index),
+            pin_grace,
         })
     }
 
@@ -175,11 +221,18 @@ impl Catalogue {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sizes of the given objects (0 = absent), in order.
+    /// Sizes of the given objects (0 = absent), in order. Present objects are pinned for
+    /// the grace period: the caller may be about to add an image that refers to them.
     pub fn check_objects(&self, ids: &[ObjectId]) -> Vec<u64> {
-        let idx = self.lock();
+        let until = Instant::now() + self.pin_grace;
+        let mut idx = self.lock();
         ids.iter()
-            .map(|id| idx.objects.get(id).map_or(0, |m| m.size))
+            .map(|id| {
+                idx.objects.get_mut(id).map_or(0, |m| {
+                    m.pin(until);
+                    m.size
+                })
+            })
             .collect()
     }
 
@@ -187,7 +240,33 @@ impl Catalogue {
         self.lock().objects.contains_key(id)
     }
 
-    /// Makes verified objects durable and visible; returns (new objects, new bytes).
+    /// If the object is stored, holds it for an upload stream (see `release`) and returns
+    /// true.
+    pub fn hold_if_present(&self, id: &ObjectId) -> bool {
+        match self.lock().objects.get_mut(id) {
+            Some(m) => {
+                m.holds += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ends an upload stream's holds on `ids`, pinning them for the grace period.
+    pub fn release(&self, ids: &[ObjectId]) {
+        let until = Instant::now() + self.pin_grace;
+        let mut idx = self.lock();
+        for id in ids {
+            if let Some(m) = idx.objects.get_mut(id) {
+                m.holds = m.holds.saturating_sub(1);
+                m.pin(until);
+            }
+        }
+    }
+
+    /// Makes verified objects durable and visible, each held for the calling upload stream
+    /// (which must `release` them, including those already present); returns (new objects,
+    /// new bytes).
     pub fn commit_objects(&self, pending: Vec<PendingObject>) -> Result<(u64, u64), ApiError> {
         let ids: Vec<(ObjectId, u64)> = pending.iter().map(|p| (p.id, p.len)).collect();
         let t = std::time::Instant::now();
@@ -201,7 +280,8 @@ impl Catalogue {
         let mut idx = self.lock();
         let (mut n, mut bytes) = (0, 0);
         for (id, size) in ids {
-            if idx.objects.contains_key(&id) {
+            if let Some(m) = idx.objects.get_mut(&id) {
+                m.holds += 1;
                 continue;
             }
             idx.objects.insert(
@@ -210,6 +290,8 @@ impl Catalogue {
                     size,
                     refs: 0,
                     unref_since: now,
+                    holds: 1,
+                    pinned_until: None,
                 },
             );
             idx.object_bytes += size;
@@ -327,6 +409,11 @@ impl Catalogue {
         self.lock().names.get(name.as_str()) == Some(&NameState::Live)
     }
 
+    /// True if the name was deleted (a tombstone: it can never be used again).
+    pub fn name_deleted(&self, name: &ImageName) -> bool {
+        self.lock().names.get(name.as_str()) == Some(&NameState::Deleted)
+    }
+
     /// Live image names starting with `prefix`, version-sorted.
     pub fn list_images(&self, prefix: &str) -> Vec<String> {
         let mut v: Vec<String> = self
@@ -399,7 +486,8 @@ impl Catalogue {
     }
 
     /// Deletes unreferenced objects, oldest first, until at least `percentage` % of them
-    /// and at least `bytes` bytes are gone (`100 0` = all, `0 0` = none).
+    /// and at least `bytes` bytes are gone (`100 0` = all, `0 0` = none). Held and pinned
+    /// objects are skipped (and not counted).
     pub fn delete_unreferenced(&self, percentage: u8, bytes: u64) -> Result<(u64, u64), ApiError> {
         if percentage > 100 {
             return Err(ApiError::BadRequest(format!(
@@ -407,11 +495,12 @@ impl Catalogue {
             )));
         }
         let doomed = {
+            let now = Instant::now();
             let mut idx = self.lock();
             let mut v: Vec<(i64, ObjectId, u64)> = idx
                 .objects
                 .iter()
-                .filter(|(_, m)| m.refs == 0)
+                .filter(|(_, m)| m.collectable(now))
                 .map(|(id, m)| (m.unref_since, *id, m.size))
                 .collect();
             v.sort();
@@ -455,9 +544,13 @@ impl Catalogue {
                 NameState::Adding => {}
             }
         }
+        let now = Instant::now();
         for m in idx.objects.values().filter(|m| m.refs == 0) {
             c.unreferenced_objects += 1;
             c.unreferenced_bytes += m.size;
+            if !m.collectable(now) {
+                c.pinned_objects += 1;
+            }
         }
         c
     }
@@ -493,4 +586,63 @@ fn walk_images(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn put(cat: &Catalogue, data: &[u8]) -> ObjectId {
+        let id = ObjectId::of(data);
+        let mut w = cat.store().writer(id, data.len() as u64).unwrap();
+        w.write_all(data).unwrap();
+        let p = w.finish().unwrap();
+        cat.commit_objects(vec![p]).unwrap();
+        id
+    }
+
+    #[test]
+    fn held_objects_survive_deletion_until_released_then_the_grace_period() {
+        let d = tempfile::tempdir().unwrap();
+        let cat = Catalogue::open_with_grace(d.path(), Duration::from_millis(300)).unwrap();
+        // committed by a stream: held until released
+        let a = put(&cat, b"aaa");
+        assert_eq!(cat.delete_unreferenced(100, 0).unwrap(), (0, 0));
+        assert_eq!(cat.counts().pinned_objects, 1);
+        cat.release(&[a]);
+        // released: pinned for the grace period…
+        assert_eq!(cat.delete_unreferenced(100, 0).unwrap(), (0, 0));
+        std::thread::sleep(Duration::from_millis(350));
+        // …then collectable
+        assert_eq!(cat.counts().pinned_objects, 0);
+        // offered again in a stream: held, whatever the time
+        assert!(cat.hold_if_present(&a));
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(cat.delete_unreferenced(100, 0).unwrap(), (0, 0));
+        cat.release(&[a]);
+        std::thread::sleep(Duration::from_millis(350));
+        // CheckObjects pins it again
+        assert_eq!(cat.check_objects(&[a]), [3]);
+        assert_eq!(cat.delete_unreferenced(100, 0).unwrap(), (0, 0));
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(cat.delete_unreferenced(100, 0).unwrap(), (1, 3));
+        assert!(!cat.has_object(&a));
+        assert!(!cat.hold_if_present(&a));
+    }
+
+    #[test]
+    fn a_restart_pins_recent_objects_for_the_rest_of_the_grace_period() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let cat = Catalogue::open_with_grace(d.path(), Duration::ZERO).unwrap();
+            let a = put(&cat, b"recent");
+            cat.release(&[a]);
+        }
+        let cat = Catalogue::open_with_grace(d.path(), Duration::from_secs(3600)).unwrap();
+        assert_eq!(cat.counts().pinned_objects, 1);
+        assert_eq!(cat.delete_unreferenced(100, 0).unwrap(), (0, 0));
+        let cat = Catalogue::open_with_grace(d.path(), Duration::ZERO).unwrap();
+        assert_eq!(cat.delete_unreferenced(100, 0).unwrap(), (1, 6));
+    }
 }

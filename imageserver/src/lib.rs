@@ -23,6 +23,7 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// Largest JSON request (an `AddImage` of about half a million files); bounded so a hostile
@@ -50,10 +51,21 @@ pub struct State {
 }
 
 impl State {
-    /// Opens the data directory (see `catalogue` for its layout).
+    /// Opens the data directory (see `catalogue` for its layout), with the default pin
+    /// grace period.
     pub fn open(data_dir: &Path, security: Security) -> Result<State, catalogue::OpenError> {
+        State::open_with_grace(data_dir, security, catalogue::DEFAULT_PIN_GRACE)
+    }
+
+    /// Opens the data directory; uploaded and checked objects stay pinned against
+    /// unreferenced-object deletion for `pin_grace`.
+    pub fn open_with_grace(
+        data_dir: &Path,
+        security: Security,
+        pin_grace: Duration,
+    ) -> Result<State, catalogue::OpenError> {
         Ok(State {
-            catalogue: Arc::new(Catalogue::open(data_dir)?),
+            catalogue: Arc::new(Catalogue::open_with_grace(data_dir, pin_grace)?),
             security,
             metrics: Arc::new(Metrics::default()),
         })

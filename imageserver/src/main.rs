@@ -15,6 +15,10 @@ struct Args {
     /// Address to listen on
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:6971")]
     listen: String,
+    /// Seconds an uploaded object (or one `CheckObjects` reported present) is safe from
+    /// unreferenced-object deletion, so the `AddImage` that follows finds it
+    #[arg(long, value_name = "SECONDS", default_value_t = imageserver::catalogue::DEFAULT_PIN_GRACE.as_secs())]
+    object_pin_seconds: u64,
     #[command(flatten)]
     tls: model::security::DaemonTlsArgs,
 }
@@ -31,9 +35,12 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let security = args.tls.server_security("imageserver")?;
     let data_dir = args.data_dir.clone();
-    let state = tokio::task::spawn_blocking(move || imageserver::State::open(&data_dir, security))
-        .await?
-        .with_context(|| format!("opening data directory {}", args.data_dir.display()))?;
+    let grace = std::time::Duration::from_secs(args.object_pin_seconds);
+    let state = tokio::task::spawn_blocking(move || {
+        imageserver::State::open_with_grace(&data_dir, security, grace)
+    })
+    .await?
+    .with_context(|| format!("opening data directory {}", args.data_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;

@@ -2,7 +2,12 @@
 //! writes each object straight to a temp file while hashing it (never holding a whole
 //! object in memory), verifies it, and commits verified objects in durable batches.
 //! `ObjectServer.GetObjects` streams the requested objects back as frames.
+//!
+//! Every object an upload stream stores or offers (already present) is held until the
+//! stream ends, then pinned for the catalogue's grace period, so unreferenced-object
+//! deletion cannot race the `AddImage` that follows.
 
+use crate::catalogue::Catalogue;
 use crate::State;
 use axum::body::Body;
 use axum::extract::State as AxState;
@@ -11,6 +16,7 @@ use futures_util::TryStreamExt;
 use model::api;
 use model::frame;
 use model::http::{ApiError, Json};
+use model::ObjectId;
 use std::io::{self, Read, Write};
 use std::sync::atomic::Ordering;
 use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
@@ -39,12 +45,29 @@ fn skip_exact(r: &mut impl Read, len: u64) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Receives a frame stream into the store; returns what was added.
 /// How much of a refused upload is read and discarded before the connection is closed.
 const DRAIN_LIMIT: u64 = 4 << 30;
 
+/// The objects one upload stream holds; released (and pinned) when dropped, whether the
+/// stream ends well or not.
+struct Holds<'a> {
+    catalogue: &'a Catalogue,
+    ids: Vec<ObjectId>,
+}
+
+impl Drop for Holds<'_> {
+    fn drop(&mut self) {
+        self.catalogue.release(&self.ids);
+    }
+}
+
+/// Receives a frame stream into the store; returns what was added.
 pub fn receive(st: &State, mut r: impl Read) -> Result<api::AddObjectsResponse, ApiError> {
     let cat = &st.catalogue;
+    let mut holds = Holds {
+        catalogue: cat,
+        ids: Vec::new(),
+    };
     let mut resp = api::AddObjectsResponse::default();
     let mut pending = Vec::new();
     let mut pending_bytes = 0u64;
@@ -55,7 +78,8 @@ pub fn receive(st: &State, mut r: impl Read) -> Result<api::AddObjectsResponse, 
                 "object {id}: zero-length objects are never stored"
             )));
         }
-        if cat.has_object(&id) {
+        if cat.hold_if_present(&id) {
+            holds.ids.push(id);
             skip_exact(&mut r, len)?;
             resp.existing += 1;
             continue;
@@ -91,13 +115,17 @@ pub fn receive(st: &State, mut r: impl Read) -> Result<api::AddObjectsResponse, 
         pending_bytes += len;
         pending.push(p);
         if pending_bytes >= COMMIT_BYTES || pending.len() >= COMMIT_OBJECTS {
+            let ids: Vec<ObjectId> = pending.iter().map(|p| p.id).collect();
             let (n, b) = cat.commit_objects(std::mem::take(&mut pending))?;
+            holds.ids.extend(ids);
             resp.added += n;
             resp.bytes_added += b;
             pending_bytes = 0;
         }
     }
+    let ids: Vec<ObjectId> = pending.iter().map(|p| p.id).collect();
     let (n, b) = cat.commit_objects(pending)?;
+    holds.ids.extend(ids);
     resp.added += n;
     resp.bytes_added += b;
     Ok(resp)

@@ -76,6 +76,12 @@ pub async fn metrics(AxState(st): AxState<State>) -> Response {
         "Bytes of unreferenced objects.",
         c.unreferenced_bytes,
     );
+    put(
+        "imageserver_pinned_objects",
+        "gauge",
+        "Unreferenced objects safe from deletion for now (being uploaded, or uploaded or checked within the pin grace period).",
+        c.pinned_objects,
+    );
     let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     put(
         "imageserver_objects_received_total",

@@ -51,6 +51,7 @@ pub async fn check_image(
     let name = name_of(&req.name)?;
     Ok(axum::Json(api::CheckImageResponse {
         exists: st.catalogue.image_exists(&name),
+        deleted: st.catalogue.name_deleted(&name),
     }))
 }
 

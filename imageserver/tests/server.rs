@@ -1,5 +1,6 @@
 //! The imageserver over real HTTP: in-process on an ephemeral port for the RPC behaviour,
-//! and as a real process for restart, kill -9 and memory tests.
+//! and as a real process for restart and kill -9 tests. (The server's memory while
+//! receiving a 2 GiB object is measured by `bench/images.sh`.)
 
 use model::client::{ClientSecurity, ImageServerClient};
 use model::frame;
@@ -19,9 +20,15 @@ struct InProcess {
 
 impl InProcess {
     async fn start(dir: &Path) -> InProcess {
+        InProcess::start_with_grace(dir, imageserver::catalogue::DEFAULT_PIN_GRACE).await
+    }
+
+    async fn start_with_grace(dir: &Path, grace: Duration) -> InProcess {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let state = imageserver::State::open(dir, model::http::Security::Insecure).unwrap();
+        let state =
+            imageserver::State::open_with_grace(dir, model::http::Security::Insecure, grace)
+                .unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             imageserver::serve(listener, state, async {
@@ -201,6 +208,65 @@ async fn add_image_validation_and_created_metadata() {
     s.stop().await;
 }
 
+/// `delunrefobj` racing an add between its uploads and its `AddImage` deletes nothing the
+/// add needs: uploaded objects are pinned for the grace period.
+#[tokio::test]
+async fn uploaded_objects_are_pinned_against_unreferenced_deletion() {
+    let d = tempfile::tempdir().unwrap();
+    let s = InProcess::start_with_grace(d.path(), Duration::from_millis(800)).await;
+    let c = &s.client;
+    c.add_objects(frames(&[b"needed", b"spare"]).into())
+        .await
+        .unwrap();
+    assert_eq!(c.list_unreferenced_objects().await.unwrap().len(), 2);
+    let r = c.delete_unreferenced_objects(100, 0).await.unwrap();
+    assert_eq!((r.deleted, r.bytes), (0, 0), "pinned objects are kept");
+    let metrics = reqwest::get(format!("http://{}/metrics", s.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("imageserver_pinned_objects 2"),
+        "{metrics}"
+    );
+    c.add_image("pin/1", &image_with(&[b"needed"]))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let r = c.delete_unreferenced_objects(100, 0).await.unwrap();
+    assert_eq!((r.deleted, r.bytes), (1, 5), "the pin ran out");
+    assert_eq!(
+        c.check_objects(&[ObjectId::of(b"needed"), ObjectId::of(b"spare")])
+            .await
+            .unwrap(),
+        [6, 0]
+    );
+    s.stop().await;
+}
+
+/// `CheckImage` tells a live name, a deleted (tombstoned) name and a free one apart.
+#[tokio::test]
+async fn check_image_reports_tombstones() {
+    let d = tempfile::tempdir().unwrap();
+    let s = InProcess::start(d.path()).await;
+    let c = &s.client;
+    c.add_objects(frames(&[b"x"]).into()).await.unwrap();
+    c.add_image("t/1", &image_with(&[b"x"])).await.unwrap();
+    c.add_image("t/2", &image_with(&[b"x"])).await.unwrap();
+    c.delete_image("t/2").await.unwrap();
+    let state = |n: &'static str| async move {
+        let r = c.check_image_name(n).await.unwrap();
+        (r.exists, r.deleted)
+    };
+    assert_eq!(state("t/1").await, (true, false));
+    assert_eq!(state("t/2").await, (false, true));
+    assert_eq!(state("t/3").await, (false, false));
+    assert!(!c.check_image("t/2").await.unwrap());
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn restart_keeps_images_objects_and_tombstones() {
     let d = tempfile::tempdir().unwrap();
@@ -373,15 +439,6 @@ fn noise_body(id: ObjectId, len: u64, seed: u64) -> reqwest::Body {
     reqwest::Body::wrap_stream(stream)
 }
 
-fn vm_hwm_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 #[tokio::test]
 async fn kill_9_during_a_large_upload_leaves_nothing_partial() {
     let d = tempfile::tempdir().unwrap();
@@ -421,34 +478,6 @@ async fn kill_9_during_a_large_upload_leaves_nothing_partial() {
         1,
         "only the small object; temp files removed"
     );
-    p.child.kill().unwrap();
-    p.child.wait().unwrap();
-}
-
-/// A 2 GiB object uploads through the real server with its peak RSS under 100 MiB.
-/// Slow (hashes 2 GiB twice, writes 2 GiB): run with `--ignored` (bench/images.sh does).
-#[tokio::test]
-#[ignore]
-async fn two_gib_upload_keeps_server_rss_low() {
-    let d =
-        tempfile::tempdir_in(std::env::var("BENCH_TMP").unwrap_or_else(|_| "/tmp".into())).unwrap();
-    let mut p = spawn_server(d.path());
-    let c = ImageServerClient::new(&p.addr, &ClientSecurity::Insecure).unwrap();
-    let len = 2u64 << 30;
-    let id = model::hash::hash_reader(Noise {
-        state: 11,
-        left: len,
-    })
-    .unwrap()
-    .0;
-    let r = c.add_objects(noise_body(id, len, 11)).await.unwrap();
-    assert_eq!(r.bytes_added, len);
-    let hwm = vm_hwm_kib(p.child.id());
-    println!(
-        "imageserver peak RSS after a 2 GiB upload: {} MiB",
-        hwm / 1024
-    );
-    assert!(hwm < 100 * 1024, "peak RSS {hwm} KiB");
     p.child.kill().unwrap();
     p.child.wait().unwrap();
 }

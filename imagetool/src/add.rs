@@ -34,8 +34,11 @@ pub struct Summary {
 
 /// A batch of tarball files is handed to the uploader at this many bytes in memory…
 pub const BATCH_BYTES: u64 = 8 << 20;
-/// …or this many files.
+/// …or this many files…
 pub const BATCH_FILES: usize = 4096;
+/// …or this many bytes in all, spooled ones included (each batch is one `AddObjects`,
+/// and each costs the server at least one `syncfs`).
+pub const BATCH_TOTAL_BYTES: u64 = 64 << 20;
 /// A directory's missing objects are sent in requests of about this many bytes…
 pub const DIR_BATCH_BYTES: u64 = 32 << 20;
 /// …on this many concurrent streams.
@@ -107,12 +110,16 @@ pub async fn add(
     let filter = load_filter(filter_arg)?;
     let triggers = load_triggers(triggers_arg)?;
     let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
-    if client
-        .check_image(name.as_str())
+    // Refuse a taken name before sending anything (AddImage checks again, atomically).
+    let state = client
+        .check_image_name(name.as_str())
         .await
-        .context("asking the imageserver")?
-    {
+        .context("asking the imageserver")?;
+    if state.exists {
         bail!("image {name} already exists");
+    }
+    if state.deleted {
+        bail!("image {name} was deleted; image names are never reused");
     }
     let mut up = Uploader::new(client.clone());
     let pb = progress_bar("adding");
@@ -121,10 +128,33 @@ pub async fn add(
     let tree = if meta.is_dir() {
         add_directory(&mut up, path, filter.clone(), &pb).await?
     } else if meta.is_file() {
-        add_tarball(&mut up, path, filter.clone()).await?
+        let tree = add_tarball(&mut up, path, filter.clone()).await;
+        if tree.is_err() && up.sent.objects > 0 {
+            pb.finish_and_clear();
+            eprintln!(
+                "imagetool: warning: the {} objects ({:.1} MiB) sent before the error stay on the server, unreferenced, until `imagetool delunrefobj` removes them",
+                up.sent.objects,
+                up.sent.bytes as f64 / 1048576.0
+            );
+        }
+        tree?
     } else {
         bail!("{}: neither a directory nor a file", path.display());
     };
+    // Confirm (and so pin) every object right before AddImage: one sent or found early
+    // in a long add may have been deleted as unreferenced since its pin ran out.
+    let ids: Vec<ObjectId> = tree.objects().into_keys().collect();
+    let gone = up.recheck(&ids).await?;
+    if !gone.is_empty() {
+        if meta.is_dir() {
+            resend_from_directory(&mut up, path, &tree, &gone).await?;
+        } else {
+            bail!(
+                "{} objects sent earlier were deleted from the server (as unreferenced) during the add; run it again",
+                gone.len()
+            );
+        }
+    }
     pb.finish_and_clear();
     if filter.is_none() {
         if let Some(root) = tree.get(&FsPath::root()) {
@@ -211,12 +241,36 @@ async fn add_directory(
     Ok(tree)
 }
 
+/// Sends again, from the directory, the objects in `gone`.
+async fn resend_from_directory(
+    up: &mut Uploader,
+    root: &Path,
+    tree: &FileTree,
+    gone: &HashSet<ObjectId>,
+) -> anyhow::Result<()> {
+    let mut items: std::collections::HashMap<ObjectId, Item> = Default::default();
+    for (p, ino) in &tree.entries {
+        let i = &tree.inodes[ino];
+        if let Some(h) = i.hash.filter(|h| gone.contains(h)) {
+            items.entry(h).or_insert_with(|| Item {
+                id: h,
+                size: i.size,
+                source: Source::Path(root.join(p.relative_os())),
+            });
+        }
+    }
+    up.send(items.into_values().collect()).await
+}
+
 /// Collects tarball file contents into batches for the uploader.
 struct BatchSink {
     filter: Option<Filter>,
     seen: HashSet<ObjectId>,
     batch: Vec<Item>,
+    /// Bytes of the batch held in memory.
     batch_bytes: u64,
+    /// Bytes of the batch, spooled ones included.
+    batch_total: u64,
     tx: tokio::sync::mpsc::Sender<Vec<Item>>,
 }
 
@@ -226,6 +280,7 @@ impl BatchSink {
             return Ok(());
         }
         self.batch_bytes = 0;
+        self.batch_total = 0;
         self.tx
             .blocking_send(std::mem::take(&mut self.batch))
             .map_err(|_| io::Error::other("upload stopped"))
@@ -260,7 +315,11 @@ impl ContentSink for BatchSink {
         if mem {
             self.batch_bytes += size;
         }
-        if self.batch_bytes >= BATCH_BYTES || self.batch.len() >= BATCH_FILES || !mem {
+        self.batch_total += size;
+        if self.batch_bytes >= BATCH_BYTES
+            || self.batch.len() >= BATCH_FILES
+            || self.batch_total >= BATCH_TOTAL_BYTES
+        {
             self.flush()?;
         }
         Ok(id)
@@ -281,6 +340,7 @@ async fn add_tarball(
             seen: HashSet::new(),
             batch: Vec::new(),
             batch_bytes: 0,
+            batch_total: 0,
             tx,
         };
         let r = tarball::import(file, &mut sink);

@@ -92,6 +92,13 @@ impl Uploader {
         Ok(missing)
     }
 
+    /// Asks the server again about every one of `ids`, whatever it was told before, which
+    /// also pins them on the server for its grace period; returns those it lacks.
+    pub async fn recheck(&mut self, ids: &[ObjectId]) -> anyhow::Result<HashSet<ObjectId>> {
+        self.known.clear();
+        self.missing(ids).await
+    }
+
     /// Sends `items` (already known to be missing) in one streamed request.
     pub async fn send(&mut self, items: Vec<Item>) -> anyhow::Result<()> {
         let ids: Vec<ObjectId> = items.iter().map(|i| i.id).collect();

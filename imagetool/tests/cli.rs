@@ -13,7 +13,13 @@ struct Server {
 }
 
 impl Server {
+    /// A server whose objects are never pinned against `delunrefobj`, so tests of
+    /// unreferenced objects need not wait.
     fn start() -> Server {
+        Server::start_with_grace(std::time::Duration::ZERO)
+    }
+
+    fn start_with_grace(grace: std::time::Duration) -> Server {
         let data = tempfile::tempdir().unwrap();
         let dir = data.path().to_path_buf();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -24,8 +30,12 @@ impl Server {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 atx.send(listener.local_addr().unwrap().to_string())
                     .unwrap();
-                let state =
-                    imageserver::State::open(&dir, model::http::Security::Insecure).unwrap();
+                let state = imageserver::State::open_with_grace(
+                    &dir,
+                    model::http::Security::Insecure,
+                    grace,
+                )
+                .unwrap();
                 imageserver::serve(listener, state, async {
                     let _ = rx.await;
                 })
@@ -451,10 +461,76 @@ fn bad_inputs_fail_with_one_line_and_store_nothing() {
         s.tool(&["add", "bad//name", src, "", ""]),
         "invalid image name",
     );
-    // a name already taken
+    // a name already taken, or deleted, is refused before any object is sent
     ok(s.tool(&["add", "good/1", src, "", ""]));
+    ok(s.tool(&["add", "good/2", src, "", ""]));
+    ok(s.tool(&["delete", "good/2"]));
     let n = s.object_files();
+    std::fs::write(tree.path().join("new-file"), "never sent\n").unwrap();
     fails(s.tool(&["add", "good/1", src, "", ""]), "already exists");
+    fails(
+        s.tool(&["add", "good/2", src, "", ""]),
+        "image good/2 was deleted; image names are never reused",
+    );
+    assert_eq!(s.object_files(), n, "nothing sent for a taken name");
+}
+
+/// A bad tarball larger than one upload batch: the objects of its valid prefix were sent
+/// before the bad entry was reached. No image is created, imagetool says what was left,
+/// and `delunrefobj` removes it.
+#[test]
+fn a_large_bad_tarball_leaves_only_unreferenced_objects_that_delunrefobj_removes() {
+    let s = Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let tarball = tmp.path().join("bad-late.tar.gz");
+    let gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&tarball).unwrap(),
+        flate2::Compression::fast(),
+    );
+    let mut b = tar::Builder::new(gz);
+    let add = |b: &mut tar::Builder<_>, path: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        b.append_data(&mut h, path, data).unwrap();
+    };
+    // ten distinct 1 MiB files: more than one batch (8 MiB)
+    for i in 0..10u8 {
+        add(&mut b, &format!("d/f{i}"), &vec![i; 1 << 20]);
+    }
+    add(&mut b, "d/f7", b"again");
+    b.into_inner().unwrap().finish().unwrap();
+    let o = s.tool(&["add", "late/1", tarball.to_str().unwrap(), "", ""]);
+    let err = stderr(&o);
+    assert!(
+        err.contains("objects (") && err.contains("until `imagetool delunrefobj`"),
+        "{err}"
+    );
+    fails(o, "tar entry /d/f7: appears twice in the archive");
+    assert_eq!(ok(s.tool(&["list"])), "");
+    let left = s.object_files();
+    assert!(left >= 8, "a first batch was sent ({left} objects)");
+    assert_eq!(ok(s.tool(&["listunrefobj"])).lines().count(), left);
+    ok(s.tool(&["delunrefobj", "100", "0"]));
+    assert_eq!(s.object_files(), 0);
+}
+
+/// With the server's default pin grace, objects just sent survive a `delunrefobj`.
+#[test]
+fn recently_uploaded_objects_survive_delunrefobj() {
+    let s = Server::start_with_grace(std::time::Duration::from_secs(600));
+    let tree = make_tree();
+    ok(s.tool(&["add", "p/1", tree.path().to_str().unwrap(), "", ""]));
+    ok(s.tool(&["delete", "p/1"]));
+    let n = s.object_files();
+    assert_eq!(ok(s.tool(&["listunrefobj"])).lines().count(), n);
+    assert_eq!(
+        ok(s.tool(&["delunrefobj", "100", "0"])),
+        "deleted 0 objects, 0 bytes\n"
+    );
     assert_eq!(s.object_files(), n);
 }
 

@@ -53,6 +53,10 @@ pub struct ImageNameRequest {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CheckImageResponse {
     pub exists: bool,
+    /// The name was used and deleted: it can never be used again. (Absent from older
+    /// servers' replies, hence the default.)
+    #[serde(default)]
+    pub deleted: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

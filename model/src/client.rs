@@ -288,6 +288,21 @@ impl ImageServerClient {
         Ok(r.exists)
     }
 
+    /// Whether `name` is an image, and whether it was deleted (a tombstone).
+    pub async fn check_image_name(
+        &self,
+        name: &str,
+    ) -> Result<api::CheckImageResponse, ClientError> {
+        self.rpc
+            .call(
+                methods::CHECK_IMAGE,
+                &api::ImageNameRequest {
+                    name: name.to_string(),
+                },
+            )
+            .await
+    }
+
     pub async fn list_images(&self, prefix: Option<&str>) -> Result<Vec<String>, ClientError> {
         let r: api::ListImagesResponse = self
             .rpc

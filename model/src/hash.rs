@@ -1,7 +1,6 @@
 //! Object identity: the SHA-512 of a file's content (`ObjectId`) and helpers to compute it.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use sha2::{Digest, Sha512};
 use std::fmt;
 use std::io::{self, Read};
 use std::str::FromStr;
@@ -18,7 +17,10 @@ pub struct BadObjectId(pub String);
 impl ObjectId {
     /// The id of `data`.
     pub fn of(data: &[u8]) -> ObjectId {
-        ObjectId(Sha512::digest(data).into())
+        let d = ring::digest::digest(&ring::digest::SHA512, data);
+        let mut id = [0u8; 64];
+        id.copy_from_slice(d.as_ref());
+        ObjectId(id)
     }
 
     /// Lowercase hex form.
@@ -82,11 +84,22 @@ impl<'de> Deserialize<'de> for ObjectId {
     }
 }
 
-/// Incremental SHA-512 that also counts bytes.
-#[derive(Default, Clone)]
+/// Incremental SHA-512 that also counts bytes. (ring's SHA-512, OpenSSL's assembly, is
+/// ~15–20 % faster here than the `sha2` crate; every object is hashed on both ends of an
+/// upload.)
+#[derive(Clone)]
 pub struct ObjectHasher {
-    inner: Sha512,
+    inner: ring::digest::Context,
     len: u64,
+}
+
+impl Default for ObjectHasher {
+    fn default() -> Self {
+        ObjectHasher {
+            inner: ring::digest::Context::new(&ring::digest::SHA512),
+            len: 0,
+        }
+    }
 }
 
 impl ObjectHasher {
@@ -104,7 +117,9 @@ impl ObjectHasher {
         self.len == 0
     }
     pub fn finish(self) -> (ObjectId, u64) {
-        (ObjectId(self.inner.finalize().into()), self.len)
+        let mut id = [0u8; 64];
+        id.copy_from_slice(self.inner.finish().as_ref());
+        (ObjectId(id), self.len)
     }
 }
 

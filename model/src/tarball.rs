@@ -146,18 +146,25 @@ pub fn decompressed<R: Read + Send + 'static>(r: R) -> io::Result<(Box<dyn Read 
     }
 }
 
+/// Bytes per read-ahead chunk.
+const CHUNK: usize = 512 * 1024;
+
+/// A read-ahead chunk: a buffer and how many of its bytes hold data.
+type Chunk = io::Result<(Vec<u8>, usize)>;
+
 /// Moves reading `r` onto its own thread, handing over chunks through a small bounded
-/// queue, so decompression and hashing use two cores. Errors arrive in order. Dropping
-/// the reader stops and joins the thread, so no thread outlives an import.
+/// queue, so decompression and hashing use two cores. Errors arrive in order. Chunk
+/// buffers go back to the thread once read, so they are allocated (and zeroed) once.
+/// Dropping the reader stops and joins the thread, so no thread outlives an import.
 pub fn read_ahead(mut r: Box<dyn Read + Send>) -> impl Read + Send {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(4);
+    let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let thread = std::thread::spawn(move || loop {
-        let mut buf = vec![0u8; 256 * 1024];
+        let mut buf = back_rx.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
         match r.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                buf.truncate(n);
-                if tx.send(Ok(buf)).is_err() {
+                if tx.send(Ok((buf, n))).is_err() {
                     break;
                 }
             }
@@ -170,17 +177,22 @@ pub fn read_ahead(mut r: Box<dyn Read + Send>) -> impl Read + Send {
     });
     ChunkReader {
         rx: Some(rx),
+        back: back_tx,
         thread: Some(thread),
         cur: Vec::new(),
         pos: 0,
+        len: 0,
     }
 }
 
 struct ChunkReader {
-    rx: Option<std::sync::mpsc::Receiver<io::Result<Vec<u8>>>>,
+    rx: Option<std::sync::mpsc::Receiver<Chunk>>,
+    back: std::sync::mpsc::Sender<Vec<u8>>,
     thread: Option<std::thread::JoinHandle<()>>,
     cur: Vec<u8>,
     pos: usize,
+    /// Bytes of `cur` that hold data.
+    len: usize,
 }
 
 impl Drop for ChunkReader {
@@ -195,18 +207,22 @@ impl Drop for ChunkReader {
 
 impl Read for ChunkReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.cur.len() {
+        while self.pos == self.len {
             let Some(rx) = &self.rx else { return Ok(0) };
             match rx.recv() {
-                Ok(Ok(c)) => {
-                    self.cur = c;
+                Ok(Ok((c, n))) => {
+                    let done = std::mem::replace(&mut self.cur, c);
+                    if !done.is_empty() {
+                        let _ = self.back.send(done);
+                    }
                     self.pos = 0;
+                    self.len = n;
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Ok(0),
             }
         }
-        let n = buf.len().min(self.cur.len() - self.pos);
+        let n = buf.len().min(self.len - self.pos);
         buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
