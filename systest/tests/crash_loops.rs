@@ -8,7 +8,9 @@
 
 mod common;
 
-use common::{check_objects, converge, files_under, full_poll, imageserver, plan_for, subd};
+use common::{
+    check_objects, converge, fetch_then_replan, files_under, full_poll, imageserver, plan_for, subd,
+};
 use model::api::{FetchRequest, UpdateRequest};
 use model::client::{ClientSecurity, ImageServerClient};
 use model::fsutil::TEMP_SUFFIX;
@@ -256,18 +258,7 @@ async fn subd_killed_at_random_moments_during_fetch_and_activation_converges() {
             fetch_kills += 1;
         } else {
             // Fetch fully, then kill during the update's activation.
-            let req = FetchRequest {
-                server: is_addr.clone(),
-                hashes: plan.objects_to_fetch.clone(),
-                wait: true,
-            };
-            c.fetch(&req).await.unwrap();
-            let mut p = p;
-            let mut plan = plan;
-            while !plan.objects_to_fetch.is_empty() {
-                p = full_poll(&c, p.generation).await;
-                plan = plan_for(name, image, &p);
-            }
+            let (_, plan) = fetch_then_replan(&c, &is_addr, name, image, p, plan).await;
             c.update(&UpdateRequest { plan, wait: false })
                 .await
                 .unwrap();

@@ -6,9 +6,10 @@
 
 mod common;
 
-use common::{check_objects, converge, full_poll, imageserver, plan_for, subd};
+use common::{
+    add_image, check_objects, converge, fetch_then_replan, full_poll, imageserver, plan_for, subd,
+};
 use model::api::{FetchRequest, UpdateRequest};
-use model::client::{ClientSecurity, ImageServerClient};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::{Command, Output};
 use testkit::{bin, free_port, Tmpfs};
@@ -85,17 +86,7 @@ async fn a_full_disk_during_fetch_and_update_activates_nothing_partial_and_conve
         std::fs::write(tree.join(format!("srv/copy{i}")), &shared).unwrap();
     }
     std::fs::write(tree.join("srv/unique"), noise(2, 300 << 10)).unwrap();
-    let out = imagetool(&is_addr, &["add", "app/1", tree.to_str().unwrap(), "", ""]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let image = ImageServerClient::new(&is_addr, &ClientSecurity::Insecure)
-        .unwrap()
-        .get_image("app/1")
-        .await
-        .unwrap();
+    let image = add_image(&is_addr, "app/1", &tree, "").await;
 
     let root = work.path().join("root");
     std::fs::create_dir(&root).unwrap();
@@ -124,13 +115,7 @@ async fn a_full_disk_during_fetch_and_update_activates_nothing_partial_and_conve
 
     // With ~1 MiB free the fetch fits but the update's four copies do not.
     std::fs::write(&ballast, vec![0u8; 2 << 20]).unwrap();
-    c.fetch(&req).await.expect("fetch with room");
-    let mut p = full_poll(&c, p.generation).await;
-    let mut plan = plan_for("app/1", &image, &p);
-    while !plan.objects_to_fetch.is_empty() {
-        p = full_poll(&c, p.generation).await;
-        plan = plan_for("app/1", &image, &p);
-    }
+    let (_, plan) = fetch_then_replan(&c, &is_addr, "app/1", &image, p, plan).await;
     let r = c
         .update(&UpdateRequest { plan, wait: true })
         .await
@@ -181,17 +166,7 @@ async fn symlinks_swapped_in_between_scan_and_update_never_lead_outside_the_root
         std::fs::Permissions::from_mode(0o600),
     )
     .unwrap();
-    let out = imagetool(&is_addr, &["add", "app/1", tree.to_str().unwrap(), "", ""]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let image = ImageServerClient::new(&is_addr, &ClientSecurity::Insecure)
-        .unwrap()
-        .get_image("app/1")
-        .await
-        .unwrap();
+    let image = add_image(&is_addr, "app/1", &tree, "").await;
 
     // The machine: /etc/app with an old config, /etc/motd with the right content but mode 0644.
     let root = work.path().join("root");
@@ -228,18 +203,7 @@ async fn symlinks_swapped_in_between_scan_and_update_never_lead_outside_the_root
     let (_d, c) = subd(&root, port);
     let p = full_poll(&c, 0).await;
     let plan = plan_for("app/1", &image, &p);
-    let req = FetchRequest {
-        server: is_addr.clone(),
-        hashes: plan.objects_to_fetch.clone(),
-        wait: true,
-    };
-    c.fetch(&req).await.unwrap();
-    let mut p = p;
-    let mut plan = plan;
-    while !plan.objects_to_fetch.is_empty() {
-        p = full_poll(&c, p.generation).await;
-        plan = plan_for("app/1", &image, &p);
-    }
+    let (_, plan) = fetch_then_replan(&c, &is_addr, "app/1", &image, p, plan).await;
     assert!(
         plan.inodes_to_change
             .iter()

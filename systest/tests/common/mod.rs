@@ -136,22 +136,7 @@ pub async fn converge(c: &SubdClient, server: &str, name: &str, image: &Image) {
             return;
         }
         if !plan.objects_to_fetch.is_empty() {
-            let req = FetchRequest {
-                server: server.to_string(),
-                hashes: plan.objects_to_fetch.clone(),
-                wait: true,
-            };
-            c.fetch(&req).await.expect("fetch");
-            // wait for a scan that shows the fetched objects in the cache
-            let t0 = Instant::now();
-            while !plan.objects_to_fetch.is_empty() {
-                assert!(
-                    t0.elapsed() < Duration::from_secs(30),
-                    "fetched objects never showed up"
-                );
-                p = full_poll(c, p.generation).await;
-                plan = plan_for(name, image, &p);
-            }
+            (p, plan) = fetch_then_replan(c, server, name, image, p, plan).await;
             if plan.is_empty() {
                 return;
             }
@@ -176,4 +161,61 @@ pub async fn converge(c: &SubdClient, server: &str, name: &str, image: &Image) {
         }
     }
     panic!("subd did not converge to {name}");
+}
+
+/// Adds the directory `dir` as image `name` with the real imagetool (`filter`: "" = sparse)
+/// and returns the image as the server stores it.
+pub async fn add_image(server: &str, name: &str, dir: &Path, filter: &str) -> Image {
+    let out = std::process::Command::new(bin("imagetool"))
+        .args([
+            "--image-server",
+            server,
+            "add",
+            name,
+            dir.to_str().unwrap(),
+            filter,
+            "",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "imagetool add {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    model::client::ImageServerClient::new(server, &ClientSecurity::Insecure)
+        .unwrap()
+        .get_image(name)
+        .await
+        .unwrap()
+}
+
+/// Fetches what `plan` lacks (waiting for the fetch), then re-polls until a scan shows the
+/// objects in the cache; returns that poll and the plan computed from it.
+pub async fn fetch_then_replan(
+    c: &SubdClient,
+    server: &str,
+    name: &str,
+    image: &Image,
+    mut p: PollResponse,
+    mut plan: model::UpdatePlan,
+) -> (PollResponse, model::UpdatePlan) {
+    if !plan.objects_to_fetch.is_empty() {
+        let req = FetchRequest {
+            server: server.to_string(),
+            hashes: plan.objects_to_fetch.clone(),
+            wait: true,
+        };
+        c.fetch(&req).await.expect("fetch");
+    }
+    let t0 = Instant::now();
+    while !plan.objects_to_fetch.is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "fetched objects never showed up"
+        );
+        p = full_poll(c, p.generation).await;
+        plan = plan_for(name, image, &p);
+    }
+    (p, plan)
 }
