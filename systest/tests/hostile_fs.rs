@@ -186,18 +186,7 @@ async fn symlinks_swapped_in_between_scan_and_update_never_lead_outside_the_root
     for f in ["config", "victim"] {
         std::fs::set_permissions(outside.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
     }
-    let before: Vec<(String, u32, u32, Vec<u8>)> = ["config", "victim"]
-        .iter()
-        .map(|f| {
-            let m = std::fs::metadata(outside.join(f)).unwrap();
-            (
-                f.to_string(),
-                m.mode(),
-                m.uid(),
-                std::fs::read(outside.join(f)).unwrap(),
-            )
-        })
-        .collect();
+    let before = outside_state(&outside);
 
     let port = free_port();
     let (_d, c) = subd(&root, port);
@@ -218,18 +207,7 @@ async fn symlinks_swapped_in_between_scan_and_update_never_lead_outside_the_root
     std::os::unix::fs::symlink(outside.join("victim"), root.join("etc/motd")).unwrap();
     let _ = c.update(&UpdateRequest { plan, wait: true }).await.unwrap();
 
-    let after: Vec<(String, u32, u32, Vec<u8>)> = ["config", "victim"]
-        .iter()
-        .map(|f| {
-            let m = std::fs::metadata(outside.join(f)).unwrap();
-            (
-                f.to_string(),
-                m.mode(),
-                m.uid(),
-                std::fs::read(outside.join(f)).unwrap(),
-            )
-        })
-        .collect();
+    let after = outside_state(&outside);
     assert_eq!(
         before, after,
         "a file outside the root was written, chowned or chmodded"
@@ -254,4 +232,20 @@ async fn symlinks_swapped_in_between_scan_and_update_never_lead_outside_the_root
         0o600
     );
     assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"victim\n");
+}
+
+/// Mode, owner and content of the files outside the root that an attacker targets.
+fn outside_state(outside: &std::path::Path) -> Vec<(String, u32, u32, Vec<u8>)> {
+    ["config", "victim"]
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(outside.join(f)).unwrap();
+            (
+                f.to_string(),
+                m.mode(),
+                m.uid(),
+                std::fs::read(outside.join(f)).unwrap(),
+            )
+        })
+        .collect()
 }
