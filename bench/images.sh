@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CORPUS=${CORPUS:-/tmp/bench/fs}
-WORK=${WORK:-/tmp/bench/images-work}
+# Work (server data, spools, copies) lives on the corpus's own file-system: this machine's
+# root slows 3-8x after large deletes, and syncfs there waits for everyone's dirty pages.
+WORK=${WORK:-$CORPUS/images-work}
 if [[ ! -d $CORPUS/rootfs || ! -d $CORPUS/rootfs2 ]]; then
   if [[ ${BUILD_CORPUS:-0} == 1 ]]; then ../shared/corpus/make-rootfs.sh; else
     echo "corpus missing at $CORPUS (set BUILD_CORPUS=1 to build it)" >&2; exit 2; fi
@@ -15,8 +17,12 @@ cargo build --release -q -p imageserver -p imagetool
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 BIN=$PWD/target/release
 rm -rf "$WORK"; mkdir -p "$WORK"
+# Each timed step starts with nothing dirty: a previous delete or write still being written
+# back would otherwise be billed to it.
+quiesce() { sync; sleep 1; }
 PORT=${PORT:-16999}
 export IMAGE_SERVER=127.0.0.1:$PORT
+export TMPDIR=$WORK  # imagetool spools large tar members here
 
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2-$1:.2f}')"; }
@@ -33,14 +39,14 @@ server_hwm() { awk '/VmHWM/ {printf "%.1f", $2/1024}' /proc/$SERVER/status; }
 stop_server() { kill $SERVER; wait $SERVER 2>/dev/null || true; }
 
 add() { # name path -> sets ADD_S, ADD_JSON, ADD_RSS
-  local t0 t1; t0=$(now)
+  local t0 t1; quiesce; t0=$(now)
   ADD_JSON=$(/usr/bin/time -v -o "$WORK/time.${1//\//_}" "$BIN/imagetool" --json add "$1" "$2" "" "")
   t1=$(now); ADD_S=$(secs "$t0" "$t1"); ADD_RSS=$(maxrss "$WORK/time.${1//\//_}")
 }
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$ADD_JSON" "$1"; }
 
 sha_baseline() { # dir -> seconds (two cores, as in the issue)
-  local t0 t1; t0=$(now)
+  local t0 t1; quiesce; t0=$(now)
   (cd "$1" && find . -type f -print0 | xargs -0 -P2 -n 256 sha512sum >/dev/null)
   t1=$(now); secs "$t0" "$t1"
 }
@@ -64,7 +70,7 @@ HWM1=$(server_hwm); stop_server
 # Tarball: one pass over the .tar.gz, into a fresh server (everything is sent).
 tar -C "$CORPUS/rootfs" -czf "$WORK/rootfs.tar.gz" .
 gzip -dc "$WORK/rootfs.tar.gz" | sha512sum >/dev/null
-t0=$(now); gzip -dc "$WORK/rootfs.tar.gz" | sha512sum >/dev/null; t1=$(now); BG=$(secs "$t0" "$t1")
+quiesce; t0=$(now); gzip -dc "$WORK/rootfs.tar.gz" | sha512sum >/dev/null; t1=$(now); BG=$(secs "$t0" "$t1")
 start_server "$WORK/data-tgz"
 add bench/tgz "$WORK/rootfs.tar.gz"; AT=$ADD_S; RT=$ADD_RSS; NT=$(field new_objects)
 # …and again into the same server (only hashing and existence checks).
@@ -73,7 +79,7 @@ HWM2=$(server_hwm); stop_server
 
 MIB() { python3 -c "print(f'{$1/1048576:.2f} MiB')"; }
 report=$(cat <<TXT
-machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); corpus: $(head -1 /tmp/bench/corpus-stats.txt 2>/dev/null | cut -c1-80)
+machine: $(nproc) cores, work on $(df --output=source,fstype "$WORK" | tail -1 | tr -s " "), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); corpus: $(head -1 /tmp/bench/corpus-stats.txt 2>/dev/null | cut -c1-80)
 | measurement | time (s) | baseline (s) | ratio | objects sent | bytes sent | imagetool peak RSS (MiB) |
 |---|---|---|---|---|---|---|
 | add rootfs (fresh server) | $A1 | $B1 (find|xargs -P2 sha512sum) | $(ratio "$A1" "$B1") | $N1 | $(MIB "$S1") | $R1 |

@@ -11,7 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CORPUS=${CORPUS:-/tmp/bench/fs}
-WORK=${WORK:-/tmp/bench/subd-work}
+# Work (server data, spools, copies) lives on the corpus's own file-system: this machine's
+# root slows 3-8x after large deletes, and syncfs there waits for everyone's dirty pages.
+WORK=${WORK:-$CORPUS/subd-work}
 PORT=${PORT:-17969}
 [[ -d $CORPUS/rootfs && -d $CORPUS/rootfs2 ]] || { echo "corpus missing at $CORPUS" >&2; exit 2; }
 command -v rsync >/dev/null || apt-get install -y -q rsync >/dev/null
@@ -36,13 +38,13 @@ wait_scans() { # port count
   for _ in $(seq 1200); do local n; n=$(metric "$1" subd_scan_count); [[ -n $n && $n -ge $2 ]] && return; sleep 0.1; done
   echo "subd never finished $2 scans" >&2; exit 1; }
 
-echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {print int($2/1024) " MiB"}' /proc/meminfo), $(uname -r)"
+echo "machine: $(nproc) CPUs, work on $(df --output=source,fstype "$WORK" | tail -1 | tr -s " "), $(awk '/MemTotal/ {print int($2/1024) " MiB"}' /proc/meminfo), $(uname -r)"
 cp -a "$CORPUS/rootfs" "$WORK/root"
 
 # 1. scan vs sha512sum (warm cache for both)
 shasum() { (cd "$1" && find . -xdev -type f -print0 | xargs -0 -P1 -n 256 sha512sum >/dev/null); }
 shasum "$WORK/root"
-t0=$(now); shasum "$WORK/root"; t1=$(now); SHA=$(secs "$t0" "$t1")
+sync; t0=$(now); shasum "$WORK/root"; t1=$(now); SHA=$(secs "$t0" "$t1")
 P=$((PORT+1))
 "$BIN/subd" --root "$WORK/root" --listen "127.0.0.1:$P" --permit-insecure-mode \
   --scan-speed-percent 100 --service-command true 2>"$WORK/subd.log" & SUBD=$!; PIDS+=($SUBD)
@@ -77,13 +79,15 @@ sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
 
 # 2. birth
 t0=$(now); rsync -aH "rsync://127.0.0.1:$R/corpus/rootfs/" "$WORK/rsync-birth/"; t1=$(now); RB=$(secs "$t0" "$t1")
+sync  # rsync's writes are not billed to the patch
 J=$("$BIN/examples/converge" patch "127.0.0.1:$PORT" bench/rootfs "$WORK/birth")
 PB=$(jfield "$J" seconds)
 echo "birth: patch-directory $PB s ($(jfield "$J" objects) objects in $(jfield "$J" requests) requests), rsync -aH $RB s, ratio $(ratio "$PB" "$RB") (target <= 1.5)"
 
 # 3. converge cold: rootfs -> rootfs2
 cp -a "$CORPUS/rootfs" "$WORK/rsync-conv"; cp -a "$CORPUS/rootfs" "$WORK/conv"
-t0=$(now); rsync -aH --delete --checksum "rsync://127.0.0.1:$R/corpus/rootfs2/" "$WORK/rsync-conv/"; t1=$(now); RC=$(secs "$t0" "$t1")
+sync; t0=$(now); rsync -aH --delete --checksum "rsync://127.0.0.1:$R/corpus/rootfs2/" "$WORK/rsync-conv/"; t1=$(now); RC=$(secs "$t0" "$t1")
+sync
 J=$("$BIN/examples/converge" patch "127.0.0.1:$PORT" bench/rootfs2 "$WORK/conv")
 PC=$(jfield "$J" seconds)
 echo "converge cold: patch-directory $PC s, rsync --checksum $RC s, ratio $(ratio "$PC" "$RC") (target <= 1.5)"
@@ -95,6 +99,7 @@ cp -a "$CORPUS/rootfs" "$WORK/live"
 (cd "$WORK/live" && find . -xdev -path ./.subd -prune -o -printf '%i %p\n' | sort -k2) >"$WORK/inodes.before"
 "$BIN/subd" --root "$WORK/live" --listen "127.0.0.1:$P" --permit-insecure-mode --service-command true --scan-exclude '/bench-manages-everything$' 2>"$WORK/subd2.log" & SUBD=$!; PIDS+=($SUBD)
 wait_port $P; wait_scans $P 1
+sync
 W0=$(awk '$1=="write_bytes:" {print $2}' /proc/$SUBD/io)
 J=$("$BIN/examples/converge" subd "127.0.0.1:$PORT" bench/rootfs2 "127.0.0.1:$P")
 W1=$(awk '$1=="write_bytes:" {print $2}' /proc/$SUBD/io)

@@ -225,11 +225,25 @@ fn hash_files(
 /// Hashes one file, returning the id and length of the bytes actually read (so a file that
 /// changes while being read still yields a consistent pair).
 pub fn hash_file(path: &Path, throttle: Option<&Throttle>) -> io::Result<(ObjectId, u64)> {
+    thread_local! {
+        /// One read buffer per hashing thread, rather than one zeroed per file.
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
+    }
+    BUF.with(|b| match b.try_borrow_mut() {
+        Ok(mut buf) => hash_file_with(path, throttle, &mut buf),
+        Err(_) => hash_file_with(path, throttle, &mut vec![0u8; 256 * 1024]),
+    })
+}
+
+fn hash_file_with(
+    path: &Path,
+    throttle: Option<&Throttle>,
+    buf: &mut [u8],
+) -> io::Result<(ObjectId, u64)> {
     let mut f = File::open(path)?;
     let mut h = ObjectHasher::new();
-    let mut buf = vec![0u8; 256 * 1024];
     loop {
-        let n = match f.read(&mut buf) {
+        let n = match f.read(buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
