@@ -46,7 +46,7 @@ shasum() { (cd "$1" && find . -xdev -type f -print0 | xargs -0 -P1 -n 256 sha512
 shasum "$WORK/root"
 sync; t0=$(now); shasum "$WORK/root"; t1=$(now); SHA=$(secs "$t0" "$t1")
 P=$((PORT+1))
-"$BIN/subd" --root "$WORK/root" --listen "127.0.0.1:$P" --permit-insecure-mode \
+"${SUBD_BIN:-$BIN/subd}" --root "$WORK/root" --listen "127.0.0.1:$P" --permit-insecure-mode \
   --scan-speed-percent 100 --service-command true 2>"$WORK/subd.log" & SUBD=$!; PIDS+=($SUBD)
 wait_port $P; wait_scans $P 3
 SCAN=$(metric $P subd_last_scan_duration_seconds)
@@ -97,7 +97,7 @@ echo "converge counts: $(jfield "$J" objects) objects, $(jfield "$J" bytes) byte
 kill $SUBD; wait $SUBD 2>/dev/null || true
 cp -a "$CORPUS/rootfs" "$WORK/live"
 (cd "$WORK/live" && find . -xdev -path ./.subd -prune -o -printf '%i %p\n' | sort -k2) >"$WORK/inodes.before"
-"$BIN/subd" --root "$WORK/live" --listen "127.0.0.1:$P" --permit-insecure-mode --service-command true --scan-exclude '/bench-manages-everything$' 2>"$WORK/subd2.log" & SUBD=$!; PIDS+=($SUBD)
+"${SUBD_BIN:-$BIN/subd}" --root "$WORK/live" --listen "127.0.0.1:$P" --permit-insecure-mode --service-command true --scan-exclude '/bench-manages-everything$' 2>"$WORK/subd2.log" & SUBD=$!; PIDS+=($SUBD)
 wait_port $P; wait_scans $P 1
 sync
 W0=$(awk '$1=="write_bytes:" {print $2}' /proc/$SUBD/io)

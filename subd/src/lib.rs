@@ -168,6 +168,8 @@ pub struct Status {
     pub scan_count: u64,
     pub last_scan_time: u64,
     pub last_scan_duration_ms: u64,
+    /// Passes abandoned because an update began.
+    pub scans_aborted: u64,
     pub tree: Option<Arc<FileTree>>,
     pub object_cache: Option<Arc<Vec<ObjectId>>>,
     pub fetch_in_progress: bool,
@@ -192,6 +194,10 @@ pub struct Subd {
     /// Wakes the scanner early.
     pub wake: (Mutex<bool>, Condvar),
     pub stop: Arc<AtomicBool>,
+    /// Abandons the scanner's current pass: set by `stop` and when an update begins, so a
+    /// pass hashing on every CPU does not compete with the activation (its result would
+    /// be discarded anyway).
+    pub scan_abort: Arc<AtomicBool>,
     pub start_time: u64,
 }
 
@@ -241,6 +247,7 @@ impl Subd {
             epoch: AtomicU64::new(0),
             wake: (Mutex::new(false), Condvar::new()),
             stop: Arc::new(AtomicBool::new(false)),
+            scan_abort: Arc::new(AtomicBool::new(false)),
             start_time: now_secs(),
         });
         let s = subd.clone();
@@ -301,6 +308,7 @@ impl Subd {
     /// Stops the scanner (it finishes or abandons its pass).
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.scan_abort.store(true, Ordering::SeqCst);
         let (m, c) = &self.wake;
         *m.lock().unwrap() = true;
         c.notify_all();

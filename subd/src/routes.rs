@@ -106,6 +106,9 @@ fn claim(s: &Subd, fetching: bool) -> Result<(), ApiError> {
         st.last_fetch_error = None;
     } else {
         st.update_in_progress = true;
+        // Under the lock: the scanner clears this only before it reads the status.
+        s.scan_abort
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
     Ok(())
 }
@@ -276,6 +279,7 @@ async fn metrics(State(s): State<Arc<Subd>>) -> impl IntoResponse {
     let lines = [
         format!("subd_generation {}", st.generation),
         format!("subd_scan_count {}", st.scan_count),
+        format!("subd_scans_aborted_for_update {}", st.scans_aborted),
         format!(
             "subd_last_scan_duration_seconds {}",
             st.last_scan_duration_ms as f64 / 1000.0

@@ -6,7 +6,7 @@
 //! others run on one thread at nice 15, with a tranquilizer that sleeps in proportion to
 //! the work done, so the scan uses at most `min(cpu_percent, scan_speed_percent)` of the
 //! time (`scan_speed_percent` 100 disables throttling). A pass that overlaps an update is
-//! discarded.
+//! abandoned as soon as the update begins, and a new one starts once it ends.
 
 use crate::{now_secs, Subd};
 use model::scan::{scan, ScanOptions, Throttle};
@@ -43,6 +43,11 @@ pub fn run(subd: &Subd) {
     while !subd.stop.load(Ordering::SeqCst) {
         let started = Instant::now();
         let epoch = subd.epoch.load(Ordering::SeqCst);
+        // Cleared before the status is read, so an update that begins after this point
+        // either is seen below or aborts the pass.
+        if !subd.stop.load(Ordering::SeqCst) {
+            subd.scan_abort.store(false, Ordering::SeqCst);
+        }
         let (first, boost, updating) = {
             let mut st = subd.status.lock().unwrap();
             let b = st.boost;
@@ -58,13 +63,20 @@ pub fn run(subd: &Subd) {
             exclude: Some(subd.exclusions.clone()),
             threads: if throttled { 1 } else { 0 },
             throttle: throttled.then(|| tranquilizer(percent)),
-            cancel: Some(subd.stop.clone()),
+            cancel: Some(subd.scan_abort.clone()),
         };
         let tree = scan(&cfg.root, &opts);
         let cache = subd.store.list();
         let (tree, cache) = match (tree, cache) {
             (Ok(t), Ok(c)) => (t, c),
-            (Err(model::scan::ScanError::Cancelled), _) => break,
+            (Err(model::scan::ScanError::Cancelled), _) if subd.stop.load(Ordering::SeqCst) => {
+                break
+            }
+            (Err(model::scan::ScanError::Cancelled), _) => {
+                tracing::debug!("scan pass abandoned: an update began");
+                subd.status.lock().unwrap().scans_aborted += 1;
+                continue;
+            }
             (Err(e), _) => {
                 tracing::error!("scan: {e}");
                 wait(subd, Duration::from_secs(5));

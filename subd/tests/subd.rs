@@ -408,3 +408,59 @@ async fn triggers_run_around_the_change_and_a_second_update_is_refused_meanwhile
     assert_eq!(log, "app stop old\napp start new\n");
     assert!(r.root.join(".subd/triggers.previous").exists());
 }
+
+#[tokio::test]
+async fn an_update_abandons_the_scan_pass_in_progress() {
+    // 300 files make a throttled pass (1 % of one CPU) last seconds; the first pass is
+    // unthrottled, every later one is slow, and starts at once.
+    let r = start_with(|root, _| {
+        for i in 0..300 {
+            std::fs::write(root.join(format!("f{i:03}")), vec![i as u8; 64 * 1024]).unwrap();
+        }
+        let (_, objs) = app_image(b"v1");
+        let store = ObjectStore::open(&root.join(".subd/objects")).unwrap();
+        for o in &objs {
+            store.put(o).unwrap();
+        }
+        let mut c = Config::new(root);
+        c.scan_speed_percent = 1;
+        c.min_scan_interval = Duration::ZERO;
+        c
+    })
+    .await;
+    let poll = poll_after(&r, 0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // the slow second pass is running
+    assert_eq!(r.subd.status.lock().unwrap().scans_aborted, 0);
+    let (img, _) = app_image(b"v1");
+    let plan = plan_for(&img, &poll);
+    assert!(plan.objects_to_fetch.is_empty(), "{plan:#}");
+    let res = r
+        .client
+        .update(&UpdateRequest { plan, wait: true })
+        .await
+        .unwrap()
+        .result
+        .unwrap();
+    assert!(res.errors.is_empty(), "{res:?}");
+    let t0 = Instant::now();
+    while r.subd.status.lock().unwrap().scans_aborted == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "the pass in progress was not abandoned"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The boosted pass after the update sees the change, and the image is then in place.
+    let after = poll_after(&r, poll.generation).await;
+    assert!(
+        plan_for(&img, &after).is_empty(),
+        "{:#}",
+        plan_for(&img, &after)
+    );
+    // …and the operator can see it.
+    let metrics = r.client.rpc.get_text("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("subd_scans_aborted_for_update 1\n"),
+        "{metrics}"
+    );
+}
