@@ -52,6 +52,9 @@ pub enum Command {
     Check { name: String },
     /// Delete an image (its name is never reused)
     Delete { name: String },
+    /// Accepted so Dominator's scripts run unchanged: image names need no directories
+    /// here, so this only checks that NAME is a valid name no image holds
+    Mkdir { name: String },
     /// Paths added, removed and changed from image A to image B
     Diff { a: String, b: String },
     /// Unpack an image into a new or empty directory, with owners, modes, mtimes, links

@@ -103,6 +103,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 1
             });
         }
+        Command::Mkdir { name } => {
+            let dir = model::ImageName::parse(&name)?;
+            let state = client
+                .check_image_name(dir.as_str())
+                .await
+                .context("asking the imageserver")?;
+            if state.exists || state.deleted {
+                anyhow::bail!("{dir} is the name of an image, not a directory");
+            }
+        }
         Command::Delete { name } => {
             client
                 .delete_image(&name)

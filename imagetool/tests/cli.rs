@@ -589,6 +589,19 @@ fn dominator_flag_spellings_work() {
         .output()
         .unwrap();
     assert_eq!(ok(o), "d/1\n");
+    // Dominator's scripts make image directories first; here names need none.
+    assert_eq!(ok(run_tool(&[&h, &p, "mkdir", "web"])), "");
+    ok(run_tool(&[&h, &p, "mkdir", "web/prod"]));
+    ok(s.tool(&[
+        "add",
+        "web/prod/1",
+        make_tree().path().to_str().unwrap(),
+        "",
+        "",
+    ]));
+    assert_eq!(ok(s.tool(&["list", "web/"])), "web/prod/1\n");
+    fails(s.tool(&["mkdir", "d/1"]), "d/1 is the name of an image");
+    fails(s.tool(&["mkdir", "a/../b"]), "a/../b");
 }
 
 #[test]
