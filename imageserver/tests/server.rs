@@ -81,18 +81,7 @@ fn image_with(files: &[&[u8]]) -> Image {
 }
 
 fn count_files(p: &Path) -> usize {
-    let Ok(rd) = std::fs::read_dir(p) else {
-        return 0;
-    };
-    rd.map(|e| {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            count_files(&e.path())
-        } else {
-            1
-        }
-    })
-    .sum()
+    testkit::files_under(p).len()
 }
 
 #[tokio::test]

@@ -75,18 +75,7 @@ impl Drop for Server {
 }
 
 fn count_files(p: &Path) -> usize {
-    let Ok(rd) = std::fs::read_dir(p) else {
-        return 0;
-    };
-    rd.map(|e| {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            count_files(&e.path())
-        } else {
-            1
-        }
-    })
-    .sum()
+    testkit::files_under(p).len()
 }
 
 fn run_tool(args: &[&str]) -> Output {

@@ -5,14 +5,13 @@
 
 use model::api::{FetchRequest, PollRequest, PollResponse, UpdateRequest};
 use model::client::{ClientSecurity, ImageServerClient, SubdClient};
-use model::diff::{diff, DiffOptions, Machine};
+use model::diff::DiffOptions;
 use model::scan::{scan, ScanOptions};
 use model::{Filter, Image, ObjectId, Triggers};
-use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use subd::{Config, Subd};
 use testkit::{Fault, FaultProxy};
 
@@ -90,37 +89,11 @@ async fn add_image(
 }
 
 async fn poll_after(f: &Fleet, after: u64) -> PollResponse {
-    let t0 = Instant::now();
-    loop {
-        let p = f
-            .subd
-            .poll(&PollRequest {
-                have_generation: after,
-                short_only: false,
-            })
-            .await
-            .unwrap();
-        if p.generation > after && p.tree.is_some() {
-            return p;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "generation stuck");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    testkit::drive::poll_after(&f.subd, after).await
 }
 
 fn plan(name: &str, img: &Image, p: &PollResponse) -> model::UpdatePlan {
-    let cache: BTreeSet<ObjectId> = p.object_cache.clone().unwrap().into_iter().collect();
-    let excl = Filter::from_lines(p.exclusions.clone()).unwrap();
-    diff(
-        name,
-        img,
-        &Machine {
-            tree: p.tree.as_ref().unwrap(),
-            object_cache: &cache,
-            exclusions: Some(&excl),
-        },
-        &DiffOptions::default(),
-    )
+    testkit::drive::plan_for(name, img, p, &DiffOptions::default())
 }
 
 /// poll → diff → Fetch(wait) → Update(wait) → rescan diffs to empty.

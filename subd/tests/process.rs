@@ -4,11 +4,10 @@
 
 use model::api::{FetchRequest, PollRequest, PollResponse, UpdateRequest};
 use model::client::{ClientSecurity, SubdClient};
-use model::diff::{diff, DiffOptions, Machine};
+use model::diff::DiffOptions;
 use model::image::{FileTree, Image, Inode, Mtime};
 use model::objectstore::ObjectStore;
 use model::{Filter, FsPath, ObjectId, Triggers};
-use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command};
@@ -58,22 +57,7 @@ impl Drop for Proc {
 }
 
 async fn poll_tree(c: &SubdClient, after: u64) -> PollResponse {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(p) = c
-            .poll(&PollRequest {
-                have_generation: after,
-                short_only: false,
-            })
-            .await
-        {
-            if p.generation > after && p.tree.is_some() {
-                return p;
-            }
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "no scan");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    testkit::drive::poll_after(c, after).await
 }
 
 fn kill9(child: &Child) {
@@ -158,18 +142,7 @@ fn image(fill: u8) -> (Image, Vec<u8>) {
 }
 
 fn plan(img: &Image, p: &PollResponse) -> model::UpdatePlan {
-    let cache: BTreeSet<ObjectId> = p.object_cache.clone().unwrap().into_iter().collect();
-    let excl = Filter::from_lines(p.exclusions.clone()).unwrap();
-    diff(
-        "d/2",
-        img,
-        &Machine {
-            tree: p.tree.as_ref().unwrap(),
-            object_cache: &cache,
-            exclusions: Some(&excl),
-        },
-        &DiffOptions::default(),
-    )
+    testkit::drive::plan_for("d/2", img, p, &DiffOptions::default())
 }
 
 fn every_file_wholly(root: &Path) -> (usize, usize) {

@@ -2,14 +2,13 @@
 //! plans computed with the shared diff from what Poll returns. Objects are put straight
 //! into the subd's cache here (fetching from a real imageserver is in `fleet.rs`).
 
-use model::api::{PollRequest, PollResponse, UpdateRequest};
+use model::api::{PollRequest, PollResponse, UpdateRequest, UpdateResult};
 use model::client::{ClientSecurity, SubdClient};
-use model::diff::{diff, DiffOptions, Machine};
+use model::diff::DiffOptions;
 use model::image::{FileTree, Image, Inode, Mtime};
 use model::objectstore::ObjectStore;
 use model::plan::{PathInode, UpdatePlan};
-use model::{Filter, FsPath, ObjectId, Triggers};
-use std::collections::BTreeSet;
+use model::{FsPath, ObjectId, Triggers};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -68,26 +67,7 @@ async fn start() -> Running {
 
 /// Polls until the generation passes `after` and the tree is present.
 async fn poll_after(r: &Running, after: u64) -> PollResponse {
-    let t0 = Instant::now();
-    loop {
-        let p = r
-            .client
-            .poll(&PollRequest {
-                have_generation: after,
-                short_only: false,
-            })
-            .await
-            .unwrap();
-        if p.generation > after && p.tree.is_some() {
-            return p;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "generation stuck at {}",
-            p.generation
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    testkit::drive::poll_after(&r.client, after).await
 }
 
 fn p(s: &str) -> FsPath {
@@ -100,18 +80,7 @@ const M: Mtime = Mtime {
 };
 
 fn plan_for(img: &Image, poll: &PollResponse) -> UpdatePlan {
-    let cache: BTreeSet<ObjectId> = poll.object_cache.clone().unwrap().into_iter().collect();
-    let excl = Filter::from_lines(poll.exclusions.clone()).unwrap();
-    diff(
-        "app/1",
-        img,
-        &Machine {
-            tree: poll.tree.as_ref().unwrap(),
-            object_cache: &cache,
-            exclusions: Some(&excl),
-        },
-        &DiffOptions::default(),
-    )
+    testkit::drive::plan_for("app/1", img, poll, &DiffOptions::default())
 }
 
 /// A sparse image with /etc/app.conf (content `conf`) and a setuid /bin/tool.
@@ -135,6 +104,17 @@ fn app_image(conf: &[u8]) -> (Image, Vec<Vec<u8>>) {
         Image::new(t, None, Triggers::default()),
         vec![conf.to_vec(), b"tool".to_vec()],
     )
+}
+
+/// Sends `plan` and waits for the result.
+async fn update(r: &Running, plan: UpdatePlan) -> UpdateResult {
+    testkit::drive::update(&r.client, plan).await
+}
+
+/// Sends `plan`, waits, and asserts it applied without errors.
+async fn update_ok(r: &Running, plan: UpdatePlan) {
+    let res = update(r, plan).await;
+    assert!(res.errors.is_empty(), "{res:?}");
 }
 
 fn put_objects(r: &Running, objs: &[Vec<u8>]) {
@@ -216,13 +196,7 @@ async fn sparse_update_applies_and_drift_is_corrected() {
     };
     let plan = plan_for(&img, &poll);
     assert!(plan.objects_to_fetch.is_empty(), "{plan:#}");
-    let resp = r
-        .client
-        .update(&UpdateRequest { plan, wait: true })
-        .await
-        .unwrap();
-    let res = resp.result.unwrap();
-    assert!(res.errors.is_empty(), "{res:?}");
+    update_ok(&r, plan).await;
     assert_eq!(std::fs::read(r.root.join("etc/app.conf")).unwrap(), b"v1");
     assert_eq!(
         std::fs::metadata(r.root.join("bin/tool")).unwrap().mode() & 0o7777,
@@ -253,14 +227,7 @@ async fn sparse_update_applies_and_drift_is_corrected() {
     put_objects(&r, &objs[..1]);
     let again = poll_after(&r, drifted.generation).await;
     let plan = plan_for(&img, &again);
-    let res = r
-        .client
-        .update(&UpdateRequest { plan, wait: true })
-        .await
-        .unwrap()
-        .result
-        .unwrap();
-    assert!(res.errors.is_empty(), "{res:?}");
+    update_ok(&r, plan).await;
     assert_eq!(std::fs::read(r.root.join("etc/app.conf")).unwrap(), b"v1");
     assert_eq!(
         std::fs::metadata(r.root.join("bin/tool")).unwrap().mode() & 0o7777,
@@ -304,13 +271,7 @@ async fn bad_plans_are_refused_or_reported() {
         ],
         ..UpdatePlan::default()
     };
-    let res = r
-        .client
-        .update(&UpdateRequest { plan, wait: true })
-        .await
-        .unwrap()
-        .result
-        .unwrap();
+    let res = update(&r, plan).await;
     assert_eq!(res.errors.len(), 3, "{res:?}");
     assert!(!outside.join("owned").exists());
     // not valid paths at all: 400 with one line
@@ -434,14 +395,7 @@ async fn an_update_abandons_the_scan_pass_in_progress() {
     let (img, _) = app_image(b"v1");
     let plan = plan_for(&img, &poll);
     assert!(plan.objects_to_fetch.is_empty(), "{plan:#}");
-    let res = r
-        .client
-        .update(&UpdateRequest { plan, wait: true })
-        .await
-        .unwrap()
-        .result
-        .unwrap();
-    assert!(res.errors.is_empty(), "{res:?}");
+    update_ok(&r, plan).await;
     let t0 = Instant::now();
     while r.subd.status.lock().unwrap().scans_aborted == 0 {
         assert!(

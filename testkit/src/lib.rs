@@ -2,6 +2,10 @@
 //! between a client and a real server and misbehaves on demand (HTTP 500s, connection
 //! resets, truncated or 1-byte-per-second replies, oversized bodies), so tests can show
 //! that retries are bounded, memory stays bounded and nothing half-written is stored.
+//! Also: the real binaries (`bin`, `Daemon`), a small tmpfs (`Tmpfs`), `files_under`, and
+//! `drive`, which polls, plans and updates a subd the way the dominator does.
+
+pub mod drive;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -252,4 +256,21 @@ impl Drop for Tmpfs {
             .arg(&self.0)
             .status();
     }
+}
+
+/// Every regular file below `dir`, recursively (none if `dir` is missing).
+pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(files_under(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
 }

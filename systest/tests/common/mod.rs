@@ -2,31 +2,15 @@
 //! to an image the way the dominator does, and checking an object store.
 #![allow(dead_code)]
 
-use model::api::{FetchRequest, PollRequest, PollResponse, UpdateRequest};
+use model::api::{FetchRequest, PollResponse, UpdateRequest};
 use model::client::{ClientSecurity, SubdClient};
-use model::diff::{diff, DiffOptions, Machine};
+use model::diff::DiffOptions;
 use model::fsutil::TEMP_SUFFIX;
-use model::{Filter, Image, ObjectId};
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use model::{Image, ObjectId};
+use std::path::Path;
 use std::time::{Duration, Instant};
+pub use testkit::files_under;
 use testkit::{bin, Daemon};
-
-pub fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            out.extend(files_under(&e.path()));
-        } else {
-            out.push(e.path());
-        }
-    }
-    out
-}
 
 /// Every object file's bytes hash to its name; temp files are tolerated only when
 /// `allow_temp` (before a restart cleans them). Returns the number of objects.
@@ -86,45 +70,11 @@ pub fn subd(root: &Path, port: u16) -> (Daemon, SubdClient) {
 }
 
 pub async fn full_poll(c: &SubdClient, newer_than: u64) -> PollResponse {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(p) = c
-            .poll(&PollRequest {
-                have_generation: newer_than,
-                short_only: false,
-            })
-            .await
-        {
-            if p.tree.is_some() && !p.update_in_progress && !p.fetch_in_progress {
-                return p;
-            }
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "subd never produced a scan"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    testkit::drive::poll_after(c, newer_than).await
 }
 
 pub fn plan_for(name: &str, image: &Image, p: &PollResponse) -> model::UpdatePlan {
-    let cache: BTreeSet<ObjectId> = p
-        .object_cache
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
-    let excl = Filter::from_lines(p.exclusions.clone()).unwrap();
-    diff(
-        name,
-        image,
-        &Machine {
-            tree: p.tree.as_ref().unwrap(),
-            object_cache: &cache,
-            exclusions: Some(&excl),
-        },
-        &DiffOptions { allow_unsafe: true },
-    )
+    testkit::drive::plan_for(name, image, p, &DiffOptions { allow_unsafe: true })
 }
 
 /// Drives one subd to `image` the way the dominator does: poll, fetch, update, confirm.
