@@ -1,7 +1,8 @@
 //! Mutual TLS with the real binaries: each daemon refuses to start without its
 //! certificates; an image builder's certificate adds images (recorded as `created_by`) but
 //! cannot delete them or update machines; the dominator's certificate is accepted by subd;
-//! a client without a certificate, or from another CA, gets nothing.
+//! a client without a certificate, or from another CA, gets nothing; a dominator holding
+//! the wrong role's pair shows its machines as `poll denied`.
 
 use model::api::{PollRequest, UpdateRequest};
 use model::client::{ClientSecurity, SubdClient};
@@ -180,4 +181,78 @@ async fn roles_over_mutual_tls_with_the_real_binaries() {
     let e = bld.update(&req).await.unwrap_err();
     assert_eq!(e.status(), Some(403), "{e}");
     assert!(e.to_string().contains("access to method denied"));
+}
+
+/// The dominator names why it cannot poll a machine: a real dominator started with the
+/// builder's pair (no `Subd.*` grant) is refused by a real subd (`poll denied`), and a
+/// machine whose name does not resolve is a `DNS error`; both read over the dominator's
+/// own TLS API with the admin's pair.
+#[tokio::test]
+async fn the_dominator_names_a_denied_poll_and_a_name_that_does_not_resolve() {
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs");
+    model::certs::make_all(&certs, &[]).unwrap();
+    let root = work.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let saddr = format!("127.0.0.1:{}", free_port());
+    let mut sargs = vec![
+        "--root".to_string(),
+        root.display().to_string(),
+        "--listen".into(),
+        saddr.clone(),
+    ];
+    sargs.extend(daemon_flags(&certs, "subd"));
+    let _subd = Daemon::start(&bin("subd"), &sargs, &saddr);
+    let mdb = work.path().join("mdb.json");
+    let machines = serde_json::json!([
+        {"Hostname": "denied", "IpAddress": saddr, "RequiredImage": "app/1"},
+        {"Hostname": "no-such-machine.invalid", "RequiredImage": "app/1"},
+    ]);
+    std::fs::write(&mdb, machines.to_string()).unwrap();
+    let daddr = format!("127.0.0.1:{}", free_port());
+    let mut dargs = vec![
+        "--mdb".to_string(),
+        mdb.display().to_string(),
+        "--image-server".into(),
+        format!("127.0.0.1:{}", free_port()),
+        "--listen".into(),
+        daddr.clone(),
+        "--poll-interval-ms".into(),
+        "100".into(),
+    ];
+    dargs.extend(user_flags(&certs, "builder")); // the wrong role's pair
+    let _dom = Daemon::start(&bin("dominator"), &dargs, &daddr);
+    let admin = model::client::RpcClient::new(
+        &daddr,
+        model::client::DOMINATOR_PORT,
+        &ClientSecurity::Tls(TlsFiles {
+            ca: certs.join("CA.pem"),
+            cert: certs.join("admin.cert"),
+            key: certs.join("admin.key"),
+        }),
+        Some(Duration::from_secs(10)),
+    )
+    .unwrap();
+    for (host, want) in [
+        ("denied", "poll denied"),
+        ("no-such-machine.invalid", "DNS error"),
+    ] {
+        let t0 = std::time::Instant::now();
+        let last = loop {
+            let text = admin
+                .get_text(&format!("/api/machines/{host}"))
+                .await
+                .unwrap_or_default();
+            let m: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            if m["status_name"] == want || t0.elapsed() > Duration::from_secs(30) {
+                break m;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(last["status_name"], want, "{host}: {last:#}");
+        assert!(
+            !last["last_error"].as_str().unwrap_or("").is_empty(),
+            "{host}: the error is shown: {last:#}"
+        );
+    }
 }
