@@ -241,6 +241,8 @@ pub async fn imagetool_add(
 /// Arguments that start a subd on `root`, listening on `addr`.
 pub fn subd_args(security: &Security, root: &Path, addr: &str) -> Vec<OsString> {
     let mut a: Vec<OsString> = vec!["--root".into(), root.into(), "--listen".into(), addr.into()];
+    // Never the host's real `service`: triggers are echoed into the subd's log.
+    a.extend(["--service-command".into(), "echo".into()]);
     a.extend(security.daemon_flags("subd"));
     a
 }
@@ -526,6 +528,13 @@ mod tests {
             images: &p.join("images"),
             removes_dir: true,
         })
+    }
+
+    #[test]
+    fn subds_never_run_the_hosts_service_command() {
+        let a = subd_args(&Security::Insecure, Path::new("/r"), "127.0.0.1:1");
+        let i = a.iter().position(|x| x == "--service-command").unwrap();
+        assert_eq!(a[i + 1], "echo");
     }
 
     #[test]

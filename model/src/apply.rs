@@ -279,39 +279,75 @@ fn remove_tree(
         .map_err(|e| format!("{}: {}", path.display(), errno_msg(e)))
 }
 
-/// Runs `argv + args` with stdin/stdout/stderr detached, in its own process group, killed
-/// (group and all) after `timeout`.
+/// Runs `argv + args` with stdin detached and stdout/stderr captured (into an unlinked temp
+/// file, so a chatty command never blocks on a full pipe), in its own process group,
+/// killed (group and all) after `timeout`. The output's last line is logged, and on failure
+/// ends the error (`exit status: 1 (app: unrecognized service)`).
 pub fn run_command(argv: &[String], args: &[&str], timeout: Duration) -> Result<(), String> {
     use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
     let Some((prog, rest)) = argv.split_first() else {
         return Err("empty command".into());
+    };
+    let out = tempfile::tempfile().ok();
+    let sink = || {
+        out.as_ref()
+            .and_then(|f| f.try_clone().ok())
+            .map_or_else(Stdio::null, Stdio::from)
     };
     let mut child = std::process::Command::new(prog)
         .args(rest)
         .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stdin(Stdio::null())
+        .stdout(sink())
+        .stderr(sink())
         .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot run {prog}: {e}"))?;
     let deadline = Instant::now() + timeout;
+    let said = || out.as_ref().map(last_line).unwrap_or_default();
+    let with_output = |e: String| match said() {
+        l if l.is_empty() => e,
+        l => format!("{e} ({l})"),
+    };
     loop {
         match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => return Err(status.to_string()),
+            Ok(Some(status)) if status.success() => {
+                let l = said();
+                if !l.is_empty() {
+                    tracing::info!("{prog} {}: {l}", args.join(" "));
+                }
+                return Ok(());
+            }
+            Ok(Some(status)) => return Err(with_output(status.to_string())),
             Ok(None) if Instant::now() >= deadline => {
                 if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
                     let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
                 }
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("timed out after {:?}, killed", timeout));
+                return Err(with_output(format!("timed out after {timeout:?}, killed")));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
             Err(e) => return Err(e.to_string()),
         }
     }
+}
+
+/// The last non-empty line of what a command wrote (its final 4 KiB), at most 200 chars.
+fn last_line(f: &std::fs::File) -> String {
+    use std::io::{Seek, SeekFrom};
+    let mut f = f;
+    let len = f.seek(SeekFrom::End(0)).unwrap_or(0);
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(len.saturating_sub(4096))).is_err()
+        || f.take(4096).read_to_end(&mut buf).is_err()
+    {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty());
+    line.unwrap_or("").chars().take(200).collect()
 }
 
 /// The previously applied image's triggers saved in `state_dir` (none if absent or bad).

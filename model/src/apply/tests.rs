@@ -526,7 +526,7 @@ fn failing_and_hanging_service_commands_are_reported() {
     let f = fixture();
     let (cmd, _) = recorder(
         &f,
-        "[ \"$1\" = hang ] && sleep 30\n[ \"$1\" = fail ] && exit 3",
+        "[ \"$1\" = hang ] && sleep 30\n[ \"$1\" = fail ] && { echo \"$1: unrecognized service\" >&2; exit 3; }",
     );
     let opts = ApplyOptions {
         service_command: Some(cmd),
@@ -543,7 +543,10 @@ fn failing_and_hanging_service_commands_are_reported() {
     assert!(t0.elapsed() < Duration::from_secs(10));
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     let all = r.trigger_failures.join("\n");
-    assert!(all.contains("fail stop: exit status: 3"), "{all}");
+    assert!(
+        all.contains("fail stop: exit status: 3 (fail: unrecognized service)"),
+        "the command's own last line is in the error: {all}"
+    );
     assert!(all.contains("hang stop: timed out"), "{all}");
     assert_eq!(
         std::fs::read(f.root.join("x")).unwrap(),
