@@ -53,6 +53,8 @@ pub enum OpenError {
     },
     #[error("{path}: corrupt image file: {message}")]
     Corrupt { path: PathBuf, message: String },
+    #[error(transparent)]
+    Locked(#[from] model::fsutil::LockError),
 }
 
 /// The state of a name.
@@ -109,6 +111,8 @@ pub struct Counts {
 
 /// Images and objects of one data directory.
 pub struct Catalogue {
+    /// Held while open: one imageserver per data directory.
+    _lock: model::fsutil::DirLock,
     store: ObjectStore,
     images_dir: PathBuf,
     index: Mutex<Index>,
@@ -148,6 +152,9 @@ impl Catalogue {
     /// object by its file name and every image and tombstone. Objects stay pinned for
     /// `pin_grace` after they are uploaded or reported present.
     pub fn open_with_grace(data_dir: &Path, pin_grace: Duration) -> Result<Catalogue, OpenError> {
+        std::fs::create_dir_all(data_dir).map_err(io_at(data_dir))?;
+        // Before anything is cleaned up: debris may be another live server's uploads.
+        let lock = model::fsutil::lock_dir(data_dir, ".lock")?;
         let store = ObjectStore::open(&data_dir.join("objects"))?;
         let images_dir = data_dir.join("images");
         std::fs::create_dir_all(&images_dir).map_err(io_at(&images_dir))?;
@@ -202,6 +209,7 @@ impl Catalogue {
             index.names.insert(name, NameState::Live);
         }
         Ok(Catalogue {
+            _lock: lock,
             store,
             images_dir,
             index: Mutex::new(index),
@@ -642,7 +650,21 @@ mod tests {
         let cat = Catalogue::open_with_grace(d.path(), Duration::from_secs(3600)).unwrap();
         assert_eq!(cat.counts().pinned_objects, 1);
         assert_eq!(cat.delete_unreferenced(100, 0).unwrap(), (0, 0));
+        drop(cat);
         let cat = Catalogue::open_with_grace(d.path(), Duration::ZERO).unwrap();
         assert_eq!(cat.delete_unreferenced(100, 0).unwrap(), (1, 6));
+    }
+
+    #[test]
+    fn a_second_server_on_the_same_directory_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let cat = Catalogue::open(d.path()).unwrap();
+        let e = Catalogue::open(d.path())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("in use by another process"), "{e}");
+        drop(cat);
+        Catalogue::open(d.path()).unwrap();
     }
 }

@@ -255,3 +255,23 @@ fn history_and_rollback() {
         "no earlier RequiredImage recorded for fresh",
     );
 }
+
+#[test]
+fn a_bare_relative_file_name_works() {
+    let d = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_mdb"))
+            .args(["--mdb", "m.json"])
+            .args(args)
+            .current_dir(d.path())
+            .env_remove("MDB_FILE")
+            .output()
+            .unwrap()
+    };
+    let o = run(&["add", "m1", "--required", "x.0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["set", "m1", "--required", "x.1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["show", "m1"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("x.1"));
+}

@@ -39,7 +39,72 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     drop(f);
     std::fs::rename(&tmp, path)?;
     guard.disarm();
-    fsync_dir(path.parent().unwrap_or(Path::new(".")))
+    fsync_dir(parent_dir(path))
+}
+
+/// The directory `path` is in (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// An exclusive lock on a directory, held until dropped (or the process dies): one
+/// daemon per data or state directory.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+/// Why a directory could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("{dir} is in use by another process ({holder}); only one may use it at a time")]
+    Busy { dir: PathBuf, holder: String },
+    #[error("locking {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// Takes the lock file `name` in `dir` without waiting, and records this process's pid in
+/// it; fails with `LockError::Busy` naming the holder's pid if another process has it.
+pub fn lock_dir(dir: &Path, name: &str) -> Result<DirLock, LockError> {
+    use rustix::fs::{flock, FlockOperation};
+    use std::io::{Read, Seek};
+    let path = dir.join(name);
+    let io = |source| LockError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(&path)
+        .map_err(io)?;
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(LockError::Busy {
+                dir: dir.to_path_buf(),
+                holder: if pid.is_empty() {
+                    format!("lock file {}", path.display())
+                } else {
+                    format!("pid {pid}, lock file {}", path.display())
+                },
+            });
+        }
+        Err(e) => return Err(io(e.into())),
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(DirLock { _file: file })
 }
 
 /// Removes a file when dropped, unless disarmed: cleans up temp files on every error path.
@@ -66,6 +131,26 @@ impl Drop for DeleteOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_parent_of_a_bare_file_name_is_the_current_directory() {
+        assert_eq!(parent_dir(Path::new("x")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("a/x")), Path::new("a"));
+        assert_eq!(parent_dir(Path::new("/x")), Path::new("/"));
+    }
+
+    #[test]
+    fn a_locked_directory_names_its_holder_until_released() {
+        let d = tempfile::tempdir().unwrap();
+        let held = lock_dir(d.path(), "lock").unwrap();
+        let e = lock_dir(d.path(), "lock").unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("pid {}", std::process::id())) && e.contains("in use"),
+            "{e}"
+        );
+        drop(held);
+        lock_dir(d.path(), "lock").unwrap();
+    }
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temp() {

@@ -48,6 +48,8 @@ impl PatchReport {
 /// Why a patch could not be applied at all.
 #[derive(Debug, thiserror::Error)]
 pub enum PatchError {
+    #[error("{0} (is a subd managing this directory?)")]
+    Locked(#[from] crate::fsutil::LockError),
     #[error("getting image {name}: {source}")]
     Image { name: String, source: ClientError },
     #[error("{path}: {source}")]
@@ -87,6 +89,7 @@ pub async fn patch_directory(
         path: state.clone(),
         source,
     })?;
+    let _lock = crate::fsutil::lock_dir(&state, "lock")?;
     let objects_dir = state.join("objects");
     let (tree, store) = {
         let dir = dir.to_path_buf();

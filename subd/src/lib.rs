@@ -159,6 +159,8 @@ pub enum StartError {
     Exclusions(#[from] model::filter::BadRegex),
     #[error("object cache: {0}")]
     Store(#[from] model::objectstore::StoreError),
+    #[error("{0} (another subd, or imagetool patch-directory, on this root?)")]
+    Locked(#[from] model::fsutil::LockError),
 }
 
 /// What Poll reports; guarded by `Subd::status` (a std Mutex never held across `.await`).
@@ -199,6 +201,8 @@ pub struct Subd {
     /// be discarded anyway).
     pub scan_abort: Arc<AtomicBool>,
     pub start_time: u64,
+    /// Held while running: one subd per root.
+    _lock: model::fsutil::DirLock,
 }
 
 pub(crate) fn now_secs() -> u64 {
@@ -224,6 +228,8 @@ impl Subd {
         if state_meta.dev() != root_meta.dev() {
             return Err(StartError::OtherFileSystem(state_dir));
         }
+        // Before the object cache and staging are cleaned: they may be another subd's.
+        let lock = model::fsutil::lock_dir(&state_dir, "lock")?;
         let mut lines = config.exclusions.clone();
         lines.extend(ALWAYS_EXCLUDED.iter().map(|s| format!("{s}$")));
         let exclusions = Filter::from_lines(lines)?;
@@ -249,6 +255,7 @@ impl Subd {
             stop: Arc::new(AtomicBool::new(false)),
             scan_abort: Arc::new(AtomicBool::new(false)),
             start_time: now_secs(),
+            _lock: lock,
         });
         let s = subd.clone();
         std::thread::Builder::new()

@@ -33,6 +33,15 @@ impl Drop for Running {
     }
 }
 
+impl Running {
+    /// Stops this subd (its server and scanner let go of the root soon after) and hands
+    /// back the directory holding its root, which would otherwise be deleted.
+    fn stop_keeping_root(mut self) -> (tempfile::TempDir, PathBuf) {
+        let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().unwrap());
+        (dir, self.root.clone())
+    }
+}
+
 async fn start_with(prepare: impl FnOnce(&Path, &Path) -> Config) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
@@ -233,9 +242,20 @@ async fn sparse_update_applies_and_drift_is_corrected() {
         std::fs::metadata(r.root.join("bin/tool")).unwrap().mode() & 0o7777,
         0o4755
     );
-    // restart loses nothing: a new subd on the same root remembers the last image and update
-    drop(r.subd.clone());
-    let s2 = Subd::start(Config::new(&r.root)).unwrap();
+    // a second subd on the same root is refused while this one runs…
+    let e = Subd::start(Config::new(&r.root)).err().expect("refused");
+    assert!(e.to_string().contains("in use by another process"), "{e}");
+    // …and a restart loses nothing: once this one has stopped, a new subd on the same root
+    // remembers the last image and update
+    let (_dir, root) = r.stop_keeping_root();
+    let t0 = Instant::now();
+    let s2 = loop {
+        match Subd::start(Config::new(&root)) {
+            Ok(s) => break s,
+            Err(e) => assert!(t0.elapsed() < Duration::from_secs(10), "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(
         s2.status.lock().unwrap().last_image.as_deref(),
         Some("app/1")
