@@ -43,7 +43,7 @@ pub struct Machine {
     pub planned_image: String,
     /// Poll and prefetch, but never send an update.
     pub disable_updates: bool,
-    /// Free-form tags; `DisableSafetyCheck` (any value) lifts the safety check.
+    /// Free-form tags; `DisableSafetyCheck` lifts the safety check (unless `false`, `0`, …).
     pub tags: BTreeMap<String, String>,
     /// Keys this program does not interpret, kept verbatim for rewriting.
     pub extra: BTreeMap<String, Value>,
@@ -68,9 +68,15 @@ impl Machine {
         }
     }
 
-    /// Whether the MDB lifts the safety check for this machine.
+    /// Whether the MDB lifts the safety check for this machine: the tag is present (as in
+    /// Dominator, whatever its value) unless its value says no (`false`, `0`, `no`, `off`),
+    /// so `DisableSafetyCheck=false` keeps the check.
     pub fn safety_check_disabled(&self) -> bool {
-        self.tags.contains_key(TAG_DISABLE_SAFETY_CHECK)
+        self.tags.get(TAG_DISABLE_SAFETY_CHECK).is_some_and(|v| {
+            !["false", "0", "no", "off"]
+                .iter()
+                .any(|n| v.trim().eq_ignore_ascii_case(n))
+        })
     }
 
     /// Checks the fields that must be well formed (host names, ports, image names).
@@ -352,6 +358,24 @@ impl fmt::Display for Machine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disable_safety_check_false_keeps_the_check() {
+        let with = |v: Option<&str>| {
+            let mut m = Machine::new("h");
+            if let Some(v) = v {
+                m.tags.insert(TAG_DISABLE_SAFETY_CHECK.into(), v.into());
+            }
+            m.safety_check_disabled()
+        };
+        assert!(!with(None));
+        for yes in ["", "true", "1", "yes", "anything"] {
+            assert!(with(Some(yes)), "{yes:?} lifts the check");
+        }
+        for no in ["false", "False", "0", "no", "OFF", " false "] {
+            assert!(!with(Some(no)), "{no:?} keeps the check");
+        }
+    }
 
     /// Parses `text`; returns `Ok(summary)` of the managed machines or the error text.
     fn check(text: &str) -> Result<Vec<String>, String> {
