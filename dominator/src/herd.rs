@@ -218,26 +218,24 @@ pub async fn run(cfg: HerdConfig, fleet: Arc<Fleet>, mut shutdown: watch::Receiv
         images,
     });
     let mut tasks: BTreeMap<String, Task> = BTreeMap::new();
-    let mut last_stamp: Option<FileStamp> = None;
-    let mut last_error_stamp: Option<FileStamp> = None;
+    // The file identity last acted on (`Some(None)`: last seen missing); `None` before the
+    // first look. A change (appearing, vanishing, any edit) is loaded once; a failure is
+    // logged once and the previous list kept.
+    let mut seen: Option<Option<FileStamp>> = None;
     loop {
         let st = stamp(&ctx.cfg.mdb_path);
-        if st != last_stamp && (st.is_none() || st != last_error_stamp) {
+        if seen != Some(st) {
+            seen = Some(st);
             match load_mdb(&ctx.cfg.mdb_path).await {
                 Ok(mdb) => {
                     Counters::add(&ctx.fleet.counters.mdb_loads, 1);
                     *ctx.fleet.mdb_error.lock().expect("fleet lock") = None;
-                    last_stamp = st;
-                    last_error_stamp = None;
                     reconcile(&ctx, &mut tasks, &mdb);
                 }
                 Err(e) => {
-                    if last_error_stamp != st || st.is_none() {
-                        tracing::error!("MDB not loaded, keeping the previous list: {e}");
-                        Counters::add(&ctx.fleet.counters.mdb_errors, 1);
-                    }
+                    tracing::error!("MDB not loaded, keeping the previous list: {e}");
+                    Counters::add(&ctx.fleet.counters.mdb_errors, 1);
                     *ctx.fleet.mdb_error.lock().expect("fleet lock") = Some(e);
-                    last_error_stamp = st;
                 }
             }
         }

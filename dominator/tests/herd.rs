@@ -198,9 +198,16 @@ struct Fixture {
 
 impl Fixture {
     async fn start(mdb_text: &str, disable_at_startup: Option<&str>) -> Fixture {
+        Fixture::start_with(Some(mdb_text), disable_at_startup).await
+    }
+
+    /// `mdb_text` `None`: the MDB file does not exist.
+    async fn start_with(mdb_text: Option<&str>, disable_at_startup: Option<&str>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let mdb = dir.path().join("mdb.json");
-        std::fs::write(&mdb, mdb_text).unwrap();
+        if let Some(text) = mdb_text {
+            std::fs::write(&mdb, text).unwrap();
+        }
         let images: Images = Arc::default();
         let is = start_imageserver(images.clone()).await;
         let mut herd = HerdConfig::new(mdb.clone(), is, ClientSecurity::Insecure);
@@ -223,6 +230,20 @@ impl Fixture {
             base,
             http: reqwest::Client::new(),
         }
+    }
+
+    /// Waits (up to 20 s) until `/api/fleet` satisfies `ok`; returns it.
+    async fn wait_fleet(&self, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        let mut last = Value::Null;
+        for _ in 0..400 {
+            let (_, body) = self.get("/api/fleet").await;
+            last = serde_json::from_str(&body).unwrap_or(Value::Null);
+            if ok(&last) {
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the fleet never showed {what}; last: {last:#}");
     }
 
     fn add_image(&self, name: &str, image: Image) {
@@ -743,4 +764,39 @@ async fn status_page_renders_in_a_real_browser() {
         dom.contains("<pre id=\"plan\">web-1: image app/1 (sparse)"),
         "{dom}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_mdb_is_reported_until_it_appears() {
+    let f = Fixture::start_with(None, None).await;
+    let v = f
+        .wait_fleet("the missing MDB", |v| v["mdb_error"].is_string())
+        .await;
+    assert!(
+        v["mdb_error"]
+            .as_str()
+            .unwrap()
+            .contains("No such file or directory"),
+        "{v}"
+    );
+    // Checked every 50 ms here: still reported once, not on every check.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (_, metrics) = f.get("/metrics").await;
+    assert!(
+        metrics.contains("dominator_mdb_errors_total 1\n"),
+        "{metrics}"
+    );
+    let sub = FakeMachine::new(tree(&[]));
+    let addr = start_subd(sub).await;
+    std::fs::write(
+        &f.mdb,
+        mdb_json(&[serde_json::json!({"Hostname": "m", "IpAddress": addr})]),
+    )
+    .unwrap();
+    let v = f
+        .wait_fleet("the machine once the MDB appears", |v| {
+            v["mdb_error"].is_null() && v["machines"].as_array().is_some_and(|m| m.len() == 1)
+        })
+        .await;
+    assert_eq!(v["machines"][0]["host"], "m", "{v}");
 }
