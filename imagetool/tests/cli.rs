@@ -687,3 +687,44 @@ fn patch_directory_converges_a_directory_and_keeps_what_the_filter_protects() {
     let missing = s.tool(&["patch-directory", "no-such-image", d.to_str().unwrap()]);
     fails(missing, "no-such-image");
 }
+
+#[test]
+fn half_a_tls_configuration_is_an_error_not_plain_http() {
+    let s = Server::start(); // plain HTTP: any fall-back would succeed
+    let home = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_imagetool"))
+            .args(["--image-server", &s.addr])
+            .args(args)
+            .env_remove("IMAGE_SERVER")
+            .env("HOME", home.path())
+            .output()
+            .unwrap()
+    };
+    let pem = home.path().join("x.pem");
+    std::fs::write(&pem, "not used").unwrap();
+    let pem = pem.to_str().unwrap();
+    fails(
+        run(&["--cert-file", pem, "list"]),
+        "--cert-file needs --key-file",
+    );
+    fails(
+        run(&["--key-file", pem, "list"]),
+        "--key-file needs --cert-file",
+    );
+    fails(
+        run(&["--ca-file", pem, "list"]),
+        "--ca-file given but no client certificate",
+    );
+    // A user's pair in ~/.ssl whose CA is missing.
+    std::fs::create_dir(home.path().join(".ssl")).unwrap();
+    std::fs::write(home.path().join(".ssl/me.cert"), "x").unwrap();
+    std::fs::write(home.path().join(".ssl/me.key"), "x").unwrap();
+    fails(
+        run(&["--ca-file", "/nonexistent/CA.pem", "list"]),
+        "CA certificate /nonexistent/CA.pem does not exist",
+    );
+    // Nothing at all: plain HTTP, as before.
+    std::fs::remove_dir_all(home.path().join(".ssl")).unwrap();
+    ok(run(&["list"]));
+}

@@ -87,6 +87,12 @@ fn connect_message(e: &reqwest::Error) -> String {
         msg = s.to_string();
         src = s.source();
     }
+    if msg.contains("invalid HTTP version parsed") {
+        // A plain-HTTP request answered with a TLS alert, or by something not HTTP at all.
+        msg = format!(
+            "{msg}: the server speaks TLS (or is not HTTP); to use TLS give a client certificate (--ca-file, --cert-file, --key-file, or a pair in ~/.ssl)"
+        );
+    }
     msg
 }
 

@@ -37,6 +37,9 @@ pub enum SecurityError {
     Missing(String),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// Some TLS material was given or found, but not enough to use it.
+    #[error("{0}")]
+    Incomplete(String),
 }
 
 impl DaemonTlsArgs {
@@ -96,28 +99,60 @@ pub struct ClientTlsArgs {
 }
 
 impl ClientTlsArgs {
-    /// Explicit flags, else `~/.ssl`, else plain HTTP.
+    /// Explicit flags, else `~/.ssl`, else plain HTTP — but only when no TLS material at
+    /// all was given or found: half a configuration (a certificate without its key, a CA
+    /// alone, a `~/.ssl` pair without a CA) is an error naming what is missing, never a
+    /// silent fall-back to plain text.
     pub fn security(&self) -> Result<ClientSecurity, SecurityError> {
-        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
-            let files = TlsFiles {
-                ca: self.ca.clone().unwrap_or_else(|| "/etc/ssl/CA.pem".into()),
-                cert: cert.clone(),
-                key: key.clone(),
-            };
-            for p in [&files.ca, &files.cert, &files.key] {
-                if !p.exists() {
-                    return Err(SecurityError::Missing(p.display().to_string()));
-                }
+        let default_ca = || PathBuf::from("/etc/ssl/CA.pem");
+        let missing = |p: &PathBuf, what: &str| {
+            SecurityError::Incomplete(format!("{what} {} does not exist", p.display()))
+        };
+        let check = |files: TlsFiles| -> Result<ClientSecurity, SecurityError> {
+            if !files.cert.exists() {
+                return Err(missing(&files.cert, "client certificate"));
             }
-            return Ok(ClientSecurity::Tls(files));
+            if !files.key.exists() {
+                return Err(missing(&files.key, "client key"));
+            }
+            if !files.ca.exists() {
+                return Err(SecurityError::Incomplete(format!(
+                    "CA certificate {} does not exist (servers are verified against it; give --ca-file)",
+                    files.ca.display()
+                )));
+            }
+            Ok(ClientSecurity::Tls(files))
+        };
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                return check(TlsFiles {
+                    ca: self.ca.clone().unwrap_or_else(default_ca),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                })
+            }
+            (Some(_), None) => {
+                return Err(SecurityError::Incomplete(
+                    "--cert-file needs --key-file".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(SecurityError::Incomplete(
+                    "--key-file needs --cert-file".into(),
+                ))
+            }
+            (None, None) => {}
         }
         if let Some(mut files) = TlsFiles::user_default() {
             if let Some(ca) = &self.ca {
                 files.ca = ca.clone();
             }
-            if files.present() {
-                return Ok(ClientSecurity::Tls(files));
-            }
+            return check(files);
+        }
+        if self.ca.is_some() {
+            return Err(SecurityError::Incomplete(
+                "--ca-file given but no client certificate: give --cert-file and --key-file, or put a NAME.cert and NAME.key in ~/.ssl".into(),
+            ));
         }
         Ok(ClientSecurity::Insecure)
     }

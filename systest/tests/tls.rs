@@ -130,6 +130,11 @@ async fn roles_over_mutual_tls_with_the_real_binaries() {
     // plain HTTP and a foreign CA get nothing
     let plain = imagetool(&addr, &[], &["list"]);
     assert_eq!(plain.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&plain.stderr).contains("the server speaks TLS"),
+        "a plain-HTTP client is told why: {}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
     let mut foreign = user_flags(&other, "admin");
     foreign[1] = certs.join("CA.pem").display().to_string();
     let f = imagetool(&addr, &foreign, &["list"]);
