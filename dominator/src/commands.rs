@@ -283,11 +283,16 @@ async fn plan_one(
         .ok_or_else(|| "sub not ready (no scan finished yet)".to_string())?;
     let cache = poll.object_cache.unwrap_or_default();
     let image = images.get(&m.required_image).await?;
-    let (name, excl) = (m.required_image.clone(), poll.exclusions);
-    let plan =
-        tokio::task::spawn_blocking(move || planner::compute(&name, &image, &tree, &cache, &excl))
-            .await
-            .map_err(|e| e.to_string())?;
+    let (name, excl, hidden) = (
+        m.required_image.clone(),
+        poll.exclusions,
+        poll.hidden_parents,
+    );
+    let plan = tokio::task::spawn_blocking(move || {
+        planner::compute(&name, &image, &tree, &cache, &excl, &hidden)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     let mut text = preview::describe(&m.hostname, &plan);
     if !plan.is_empty() {
         if m.disable_updates {

@@ -382,6 +382,7 @@ async fn refresh_from_tree(
     };
     let cache = Arc::new(p.object_cache.take().unwrap_or_default());
     let excl = std::mem::take(&mut p.exclusions);
+    let hidden = std::mem::take(&mut p.hidden_parents);
     let planned = if !m.planned_image.is_empty() && m.planned_image != m.required_image {
         ctx.images.get(&m.planned_image).await.ok()
     } else {
@@ -389,7 +390,7 @@ async fn refresh_from_tree(
     };
     let (img, name, c) = (image.clone(), m.required_image.clone(), cache.clone());
     let computed = tokio::task::spawn_blocking(move || {
-        let plan = planner::compute(&name, &img, &tree, &c, &excl);
+        let plan = planner::compute(&name, &img, &tree, &c, &excl, &hidden);
         let missing = planned
             .filter(|_| plan.is_empty())
             .map(|pi| planner::missing_objects(&pi, &tree, &c));

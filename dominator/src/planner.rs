@@ -18,6 +18,7 @@ pub fn compute(
     tree: &FileTree,
     cache: &[ObjectId],
     exclusions: &[String],
+    hidden_parents: &[model::FsPath],
 ) -> UpdatePlan {
     let exclusions = (!exclusions.is_empty())
         .then(|| Filter::from_lines(exclusions.to_vec()).ok())
@@ -27,6 +28,7 @@ pub fn compute(
         tree,
         object_cache: &cache,
         exclusions: exclusions.as_ref(),
+        hidden_parents,
     };
     diff(
         image_name,

@@ -57,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
             tree: &tree,
             object_cache: &cache,
             exclusions: Some(&excl),
+            hidden_parents: &poll.hidden_parents,
         },
         &DiffOptions { allow_unsafe: true },
     );

@@ -6,6 +6,7 @@
 
 use crate::hash::ObjectId;
 use crate::image::{FileTree, Image};
+use crate::path::FsPath;
 use crate::plan::UpdatePlan;
 use serde::{Deserialize, Serialize};
 
@@ -176,6 +177,10 @@ pub struct PollResponse {
     pub tree: Option<FileTree>,
     /// Objects in the cache; sent with the tree.
     pub object_cache: Option<Vec<ObjectId>>,
+    /// Directories holding entries the scan left out (excluded names, mount points), which
+    /// a full image keeps; sent with the tree.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hidden_parents: Vec<FsPath>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -45,6 +45,9 @@ pub struct Machine<'a> {
     pub object_cache: &'a BTreeSet<ObjectId>,
     /// The machine's scan exclusions.
     pub exclusions: Option<&'a Filter>,
+    /// Directories holding entries the machine's scan left out (`scan::Scan`); kept by a
+    /// full image. Empty when unknown.
+    pub hidden_parents: &'a [FsPath],
 }
 
 /// Knobs of the diff.
@@ -241,17 +244,24 @@ pub fn diff(image_name: &str, image: &Image, machine: &Machine, opts: &DiffOptio
     // holding filtered or excluded names is kept and only its managed contents go.
     let mut deleted_count = 0usize;
     if full {
+        // Directories holding names the filter or exclusions hide, here or on the machine
+        // (where the scan never reported them), and their ancestors.
         let mut holds_hidden: HashSet<FsPath> = HashSet::new();
+        let mut keep = |mut a: Option<FsPath>| {
+            while let Some(d) = a {
+                if !holds_hidden.insert(d.clone()) {
+                    break;
+                }
+                a = d.parent();
+            }
+        };
         for p in all.entries.keys() {
             if !have.entries.contains_key(p) {
-                let mut a = p.parent();
-                while let Some(d) = a {
-                    if !holds_hidden.insert(d.clone()) {
-                        break;
-                    }
-                    a = d.parent();
-                }
+                keep(p.parent());
             }
+        }
+        for d in machine.hidden_parents {
+            keep(Some(d.clone()));
         }
         let mut skip: Option<FsPath> = None;
         for (p, hino) in &have.entries {

@@ -10,7 +10,7 @@ use crate::diff::{diff, DiffOptions, Machine};
 use crate::fetch::{fetch_objects, FetchError, FetchOptions, FetchStats};
 use crate::objectstore::{ObjectStore, StoreError};
 use crate::plan::UpdatePlan;
-use crate::scan::{scan, ScanError, ScanOptions};
+use crate::scan::{scan_full, ScanError, ScanOptions};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -100,7 +100,7 @@ pub async fn patch_directory(
         };
         tokio::task::spawn_blocking(move || -> Result<_, PatchError> {
             let store = ObjectStore::open(&objects_dir)?;
-            Ok((scan(&dir, &opts)?, store))
+            Ok((scan_full(&dir, &opts)?, store))
         })
         .await
         .map_err(|e| PatchError::Join(e.to_string()))??
@@ -118,9 +118,10 @@ pub async fn patch_directory(
         image_name,
         &image,
         &Machine {
-            tree: &tree,
+            tree: &tree.tree,
             object_cache: &cache,
             exclusions: options.apply.exclusions.as_ref(),
+            hidden_parents: &tree.hidden_parents.iter().cloned().collect::<Vec<_>>(),
         },
         &DiffOptions {
             allow_unsafe: options.allow_unsafe,

@@ -6,7 +6,7 @@ use crate::filter::Filter;
 use crate::hash::{ObjectHasher, ObjectId};
 use crate::image::{FileTree, Inode, Kind, Mtime};
 use crate::path::FsPath;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
@@ -76,8 +76,23 @@ pub fn inode_from_meta(meta: &std::fs::Metadata, link_target: Option<Vec<u8>>) -
     Some(ino.normalized())
 }
 
+/// A finished scan.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Scan {
+    pub tree: FileTree,
+    /// Directories holding entries the scan left out (names the exclusions match, mount
+    /// points; not `/.subd`): a full image must keep them, deleting only what they hold
+    /// that is managed.
+    pub hidden_parents: BTreeSet<FsPath>,
+}
+
 /// Scans `root` into a tree whose inode numbers are the host's.
 pub fn scan(root: &Path, opts: &ScanOptions) -> Result<FileTree, ScanError> {
+    scan_full(root, opts).map(|s| s.tree)
+}
+
+/// `scan`, also reporting the directories that hold entries it left out.
+pub fn scan_full(root: &Path, opts: &ScanOptions) -> Result<Scan, ScanError> {
     let meta = std::fs::symlink_metadata(root).map_err(io_err(root))?;
     if !meta.is_dir() {
         return Err(ScanError::NotDir(root.to_path_buf()));
@@ -87,13 +102,17 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<FileTree, ScanError> {
     tree.inodes.insert(meta.ino(), root_ino);
     tree.entries.insert(FsPath::root(), meta.ino());
     let mut to_hash: Vec<(u64, PathBuf)> = Vec::new();
+    let mut hidden_parents = BTreeSet::new();
     walk(
         root,
         &FsPath::root(),
         meta.dev(),
         opts,
-        &mut tree,
-        &mut to_hash,
+        &mut Found {
+            tree: &mut tree,
+            to_hash: &mut to_hash,
+            hidden_parents: &mut hidden_parents,
+        },
     )?;
     let hashes = hash_files(&to_hash, opts)?;
     for (ino, (id, size)) in hashes {
@@ -102,7 +121,17 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<FileTree, ScanError> {
             i.hash = if size == 0 { None } else { Some(id) };
         }
     }
-    Ok(tree)
+    Ok(Scan {
+        tree,
+        hidden_parents,
+    })
+}
+
+/// What a walk collects.
+struct Found<'a> {
+    tree: &'a mut FileTree,
+    to_hash: &'a mut Vec<(u64, PathBuf)>,
+    hidden_parents: &'a mut BTreeSet<FsPath>,
 }
 
 fn cancelled(opts: &ScanOptions) -> bool {
@@ -116,8 +145,7 @@ fn walk(
     dir_path: &FsPath,
     dev: u64,
     opts: &ScanOptions,
-    tree: &mut FileTree,
-    to_hash: &mut Vec<(u64, PathBuf)>,
+    found: &mut Found,
 ) -> Result<(), ScanError> {
     if cancelled(opts) {
         return Err(ScanError::Cancelled);
@@ -139,6 +167,7 @@ fn walk(
             continue;
         }
         if opts.exclude.as_ref().is_some_and(|f| f.matches(&path)) {
+            found.hidden_parents.insert(dir_path.clone());
             continue;
         }
         let full = dir.join(&name);
@@ -148,7 +177,9 @@ fn walk(
             Err(e) => return Err(io_err(&full)(e)),
         };
         if meta.dev() != dev {
-            continue; // a mount point: another file-system is never scanned
+            // a mount point: another file-system is never scanned
+            found.hidden_parents.insert(dir_path.clone());
+            continue;
         }
         let target = if meta.file_type().is_symlink() {
             match std::fs::read_link(&full) {
@@ -164,15 +195,15 @@ fn walk(
         }; // sockets
         let ino = meta.ino();
         let kind = inode.kind;
-        if let std::collections::btree_map::Entry::Vacant(slot) = tree.inodes.entry(ino) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = found.tree.inodes.entry(ino) {
             if kind == Kind::File && inode.size > 0 {
-                to_hash.push((ino, full.clone()));
+                found.to_hash.push((ino, full.clone()));
             }
             slot.insert(inode);
         }
-        tree.entries.insert(path.clone(), ino);
+        found.tree.entries.insert(path.clone(), ino);
         if kind == Kind::Dir {
-            walk(&full, &path, dev, opts, tree, to_hash)?;
+            walk(&full, &path, dev, opts, found)?;
         }
     }
     Ok(())
@@ -298,5 +329,12 @@ mod tests {
         assert!(get("/.subd").is_none());
         assert!(get("/tmp").is_some());
         assert!(get("/tmp/junk").is_none());
+        let full = scan_full(r, &opts).unwrap();
+        assert_eq!(full.tree, t);
+        assert_eq!(
+            full.hidden_parents.into_iter().collect::<Vec<_>>(),
+            ["/tmp".parse::<FsPath>().unwrap()],
+            "/tmp holds the excluded /tmp/junk; / holds only /.subd, which does not count"
+        );
     }
 }

@@ -174,6 +174,8 @@ pub struct Status {
     pub scans_aborted: u64,
     pub tree: Option<Arc<FileTree>>,
     pub object_cache: Option<Arc<Vec<ObjectId>>>,
+    /// Directories holding entries the last scan left out (see `model::scan::Scan`).
+    pub hidden_parents: Vec<model::FsPath>,
     pub fetch_in_progress: bool,
     pub update_in_progress: bool,
     pub last_fetch_error: Option<String>,

@@ -13,7 +13,7 @@ use model::api::{
 use model::client::ImageServerClient;
 use model::fetch::{fetch_objects, FetchError, FetchOptions};
 use model::http::{ApiError, Json};
-use model::{FileTree, ObjectId};
+use model::{FileTree, FsPath, ObjectId};
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -46,6 +46,8 @@ struct PollReply<'a> {
     exclusions: &'a [String],
     tree: Option<&'a FileTree>,
     object_cache: Option<&'a [ObjectId]>,
+    #[serde(skip_serializing_if = "<[FsPath]>::is_empty")]
+    hidden_parents: &'a [FsPath],
 }
 
 async fn poll(
@@ -79,6 +81,7 @@ async fn poll(
             } else {
                 None
             },
+            hidden_parents: if send_tree { &st.hidden_parents } else { &[] },
         };
         serde_json::to_vec(&reply)
     })

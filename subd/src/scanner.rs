@@ -9,7 +9,7 @@
 //! abandoned as soon as the update begins, and a new one starts once it ends.
 
 use crate::{now_secs, Subd};
-use model::scan::{scan, ScanOptions, Throttle};
+use model::scan::{scan_full, ScanOptions, Throttle};
 use model::ObjectId;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -65,10 +65,10 @@ pub fn run(subd: &Subd) {
             throttle: throttled.then(|| tranquilizer(percent)),
             cancel: Some(subd.scan_abort.clone()),
         };
-        let tree = scan(&cfg.root, &opts);
+        let scanned = scan_full(&cfg.root, &opts);
         let cache = subd.store.list();
-        let (tree, cache) = match (tree, cache) {
-            (Ok(t), Ok(c)) => (t, c),
+        let (tree, hidden_parents, cache) = match (scanned, cache) {
+            (Ok(s), Ok(c)) => (s.tree, s.hidden_parents.into_iter().collect::<Vec<_>>(), c),
             (Err(model::scan::ScanError::Cancelled), _) if subd.stop.load(Ordering::SeqCst) => {
                 break
             }
@@ -97,11 +97,13 @@ pub fn run(subd: &Subd) {
             }
             let changed = st.generation == 0
                 || st.tree.as_deref() != Some(&tree)
-                || st.object_cache.as_deref() != Some(&ids);
+                || st.object_cache.as_deref() != Some(&ids)
+                || st.hidden_parents != hidden_parents;
             if changed {
                 st.generation += 1;
                 st.tree = Some(Arc::new(tree));
                 st.object_cache = Some(Arc::new(ids));
+                st.hidden_parents = hidden_parents;
             }
             st.scan_count += 1;
             st.last_scan_time = now_secs();

@@ -135,11 +135,19 @@ fn put_objects(r: &Running, objs: &[Vec<u8>]) {
 
 #[tokio::test]
 async fn poll_reports_generations_and_sends_the_tree_only_when_it_changed() {
-    let r = start().await;
-    std::fs::write(r.root.join("a"), b"1").unwrap();
+    let r = start_with(|root, _| {
+        std::fs::write(root.join("a"), b"1").unwrap();
+        std::fs::create_dir(root.join("tmp")).unwrap();
+        std::fs::write(root.join("tmp/scratch"), b"s").unwrap();
+        Config::new(root)
+    })
+    .await;
     let p1 = poll_after(&r, 0).await;
     assert!(p1.generation >= 1);
     assert!(p1.exclusions.iter().any(|e| e == "/tmp/.*"));
+    // /tmp/scratch is excluded: not in the tree, but /tmp is named as holding it.
+    assert!(p1.tree.as_ref().unwrap().get(&p("/tmp/scratch")).is_none());
+    assert_eq!(p1.hidden_parents, [p("/tmp")]);
     let same = r
         .client
         .poll(&PollRequest {

@@ -51,6 +51,7 @@ pub fn plan_for(name: &str, image: &Image, p: &PollResponse, opts: &DiffOptions)
             tree: p.tree.as_ref().expect("a poll with its tree"),
             object_cache: &cache,
             exclusions: Some(&excl),
+            hidden_parents: &p.hidden_parents,
         },
         opts,
     )

@@ -5,7 +5,7 @@ use super::*;
 use crate::diff::{diff, DiffOptions, Machine};
 use crate::image::{FileTree, Image, Mtime};
 use crate::plan::{Hardlink, MetadataChange, PathInode};
-use crate::scan::{scan, ScanOptions};
+use crate::scan::{scan_full, ScanOptions};
 use proptest::prelude::*;
 use std::collections::HashMap;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
@@ -97,7 +97,7 @@ fn converge(
     contents: &HashMap<ObjectId, Vec<u8>>,
     opts: &ApplyOptions,
 ) -> (UpdatePlan, UpdateResult) {
-    let have = scan(
+    let scanned = scan_full(
         &f.root,
         &ScanOptions {
             exclude: opts.exclusions.clone(),
@@ -105,6 +105,7 @@ fn converge(
         },
     )
     .unwrap();
+    let (have, hidden): (_, Vec<_>) = (scanned.tree, scanned.hidden_parents.into_iter().collect());
     let store = ObjectStore::open(&f.state.join("objects")).unwrap();
     let cache: BTreeSet<ObjectId> = store.list().unwrap().into_iter().map(|(h, _)| h).collect();
     let plan = diff(
@@ -114,6 +115,7 @@ fn converge(
             tree: &have,
             object_cache: &cache,
             exclusions: opts.exclusions.as_ref(),
+            hidden_parents: &hidden,
         },
         &DiffOptions { allow_unsafe: true },
     );
@@ -125,7 +127,7 @@ fn converge(
 }
 
 fn rediff(f: &Fixture, img: &Image, opts: &ApplyOptions) -> UpdatePlan {
-    let have = scan(
+    let scanned = scan_full(
         &f.root,
         &ScanOptions {
             exclude: opts.exclusions.clone(),
@@ -133,6 +135,7 @@ fn rediff(f: &Fixture, img: &Image, opts: &ApplyOptions) -> UpdatePlan {
         },
     )
     .unwrap();
+    let (have, hidden): (_, Vec<_>) = (scanned.tree, scanned.hidden_parents.into_iter().collect());
     let cache = BTreeSet::new();
     diff(
         "test/1",
@@ -141,6 +144,7 @@ fn rediff(f: &Fixture, img: &Image, opts: &ApplyOptions) -> UpdatePlan {
             tree: &have,
             object_cache: &cache,
             exclusions: opts.exclusions.as_ref(),
+            hidden_parents: &hidden,
         },
         &DiffOptions { allow_unsafe: true },
     )
@@ -306,6 +310,42 @@ fn sparse_image_leaves_everything_else_alone() {
         (after.ino(), after.mode(), after.mtime_nsec())
     );
     assert_eq!(meta(&f, "/app").mode() & 0o7777, 0o750);
+}
+
+#[test]
+fn a_full_image_keeps_directories_holding_excluded_entries() {
+    // The seed's full-image recipe on a tree without /tmp or /var: the machine's /tmp and
+    // /var/log hold excluded files, so those directories stay; everything else goes.
+    let f = fixture();
+    for d in ["tmp", "var/log", "old"] {
+        std::fs::create_dir_all(f.root.join(d)).unwrap();
+    }
+    std::fs::write(f.root.join("tmp/x"), b"x").unwrap();
+    std::fs::write(f.root.join("var/log/y"), b"y").unwrap();
+    std::fs::write(f.root.join("var/junk"), b"j").unwrap();
+    std::fs::write(f.root.join("old/f"), b"f").unwrap();
+    let opts = ApplyOptions {
+        exclusions: Some(Filter::parse("/tmp/.*\n/var/log/.*\n", "e").unwrap()),
+        ..Default::default()
+    };
+    let b = B::new()
+        .dir("/etc", 0o755)
+        .file("/etc/passwd", b"root", 0o644, 0);
+    let (plan, r) = converge(&f, &b.image(Some("")), &b.contents, &opts);
+    assert!(r.errors.is_empty(), "{:?}\n{plan:#}", r.errors);
+    assert_eq!(
+        plan.paths_to_delete,
+        [p("/old"), p("/var/junk")],
+        "only what no excluded entry needs: {plan:#}"
+    );
+    assert_eq!(std::fs::read(f.root.join("tmp/x")).unwrap(), b"x");
+    assert_eq!(std::fs::read(f.root.join("var/log/y")).unwrap(), b"y");
+    assert!(!f.root.join("old").exists() && !f.root.join("var/junk").exists());
+    let again = rediff(&f, &b.image(Some("")), &opts);
+    assert!(
+        again.is_empty(),
+        "converged, not deleting /tmp forever: {again:#}"
+    );
 }
 
 #[test]

@@ -85,6 +85,7 @@ fn run(img: &Image, have: &FileTree, cache: &[ObjectId], excl: Option<&str>) -> 
             tree: have,
             object_cache: &cache,
             exclusions: excl.as_ref(),
+            hidden_parents: &[],
         },
         &DiffOptions::default(),
     )
@@ -427,6 +428,7 @@ fn safety_check() {
             tree: &big,
             object_cache: &cache,
             exclusions: None,
+            hidden_parents: &[],
         },
         &DiffOptions { allow_unsafe: true },
     );
@@ -536,10 +538,10 @@ proptest! {
     fn one_update_converges(a in arb_tree(), b in arb_tree(), full in any::<bool>()) {
         let img = image(b, full.then_some(""));
         let cache = BTreeSet::new();
-        let m = Machine { tree: &a, object_cache: &cache, exclusions: None };
+        let m = Machine { tree: &a, object_cache: &cache, exclusions: None, hidden_parents: &[] };
         let plan = diff("img", &img, &m, &DiffOptions { allow_unsafe: true });
         let after = simulate(&a, &plan);
-        let m2 = Machine { tree: &after, object_cache: &cache, exclusions: None };
+        let m2 = Machine { tree: &after, object_cache: &cache, exclusions: None, hidden_parents: &[] };
         let again = diff("img", &img, &m2, &DiffOptions { allow_unsafe: true });
         prop_assert!(again.is_empty(), "plan {plan:#} second {again:#}");
         if full {
