@@ -23,7 +23,7 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("dominator: {e:#}");
+            eprintln!("dominator: {}", model::report::error_line(e.as_ref()));
             ExitCode::from(1)
         }
     }

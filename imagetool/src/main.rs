@@ -29,8 +29,7 @@ fn main() -> ExitCode {
     match rt.block_on(imagetool::run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("imagetool: {msg}");
+            eprintln!("imagetool: {}", model::report::error_line(e.as_ref()));
             ExitCode::from(1)
         }
     }

@@ -33,6 +33,7 @@ pub mod objectstore;
 pub mod patch;
 pub mod path;
 pub mod plan;
+pub mod report;
 pub mod scan;
 pub mod security;
 pub mod tarball;

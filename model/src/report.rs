@@ -1,0 +1,40 @@
+//! Turning an error and its chain of causes into the one line a program prints.
+
+use std::error::Error;
+
+/// `e` and each cause, joined by `: `, skipping a cause whose text the line already holds
+/// (error types that embed their source in their own message), on one line.
+pub fn error_line(e: &(dyn Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !text.is_empty() && !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line.replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = crate::fsutil::LockError::Io {
+            path: "/x/lock".into(),
+            source: io,
+        };
+        let wrapped = anyhow::Error::new(e).context("starting subd");
+        assert_eq!(
+            error_line(wrapped.as_ref()),
+            "starting subd: locking /x/lock: No such file"
+        );
+        let plain = anyhow::anyhow!("a\nb").context("c");
+        assert_eq!(error_line(plain.as_ref()), "c: a b");
+    }
+}
