@@ -257,6 +257,29 @@ async fn check_image_reports_tombstones() {
 }
 
 #[tokio::test]
+async fn a_method_of_another_daemon_gets_a_404_that_says_so() {
+    let d = tempfile::tempdir().unwrap();
+    let s = InProcess::start(d.path()).await;
+    let subd = model::client::SubdClient::new(
+        &s.addr,
+        &model::client::ClientSecurity::Insecure,
+        Some(Duration::from_secs(10)),
+    )
+    .unwrap();
+    let e = subd
+        .poll(&model::api::PollRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(404));
+    assert!(
+        e.to_string()
+            .contains("this server has no method Subd.Poll (is it the right kind of server"),
+        "{e}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn restart_keeps_images_objects_and_tombstones() {
     let d = tempfile::tempdir().unwrap();
     let s = InProcess::start(d.path()).await;

@@ -68,6 +68,18 @@ pub fn method_of(path: &str) -> Option<&str> {
 
 /// Serves `router` on `listener` until `shutdown` resolves, then waits (up to 10 s) for
 /// requests in flight.
+/// A path this server does not serve: says so, and what the caller may have meant, rather
+/// than an empty 404 (the usual cause is a client pointed at the wrong daemon).
+async fn no_such_route(uri: axum::http::Uri) -> ApiError {
+    let path = uri.path();
+    ApiError::NotFound(match path.strip_prefix("/rpc/") {
+        Some(method) => format!(
+            "this server has no method {method} (is it the right kind of server: imageserver, subd or dominator?)"
+        ),
+        None => format!("no page {path}"),
+    })
+}
+
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -80,7 +92,9 @@ pub async fn serve(
     };
     // JSON bodies (images, plans) may be large but are bounded; handlers may set a
     // smaller `DefaultBodyLimit` on their own routes. Streamed bodies are not limited.
-    let router = router.layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY));
+    let router = router
+        .fallback(no_such_route)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
