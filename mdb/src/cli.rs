@@ -142,19 +142,13 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 if json {
                     writeln!(out, "{}", serde_json::to_string(e)?)?;
                 } else {
-                    let img = |m: &Option<Machine>| match m {
-                        Some(m) if m.required_image.is_empty() => "(none)".to_string(),
-                        Some(m) => m.required_image.clone(),
-                        None => "(absent)".to_string(),
-                    };
                     writeln!(
                         out,
-                        "{}  {:<8} by {:<10} RequiredImage {} -> {}",
+                        "{}  {:<8} by {:<10} {}",
                         format_time(e.time),
                         e.action,
                         e.user,
-                        img(&e.before),
-                        img(&e.after)
+                        describe_change(e.before.as_ref(), e.after.as_ref())
                     )?;
                 }
             }
@@ -299,6 +293,61 @@ pub fn format_time(t: u64) -> String {
         secs / 60 % 60,
         secs % 60
     )
+}
+
+/// What an edit changed on one machine, field by field: `RequiredImage a -> b`,
+/// `PlannedImage (none) -> p`, `DisableUpdates false -> true`, `Tags {…} -> {…}`; an added
+/// or removed machine shows `(absent)` on its missing side.
+pub fn describe_change(before: Option<&Machine>, after: Option<&Machine>) -> String {
+    let img = |s: &str| {
+        if s.is_empty() {
+            "(none)".to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    let (b, a) = match (before, after) {
+        (Some(b), Some(a)) => (b, a),
+        (None, Some(a)) => return format!("(absent) -> RequiredImage {}", img(&a.required_image)),
+        (Some(b), None) => return format!("RequiredImage {} -> (absent)", img(&b.required_image)),
+        (None, None) => return "(absent)".into(),
+    };
+    let mut parts = Vec::new();
+    if b.required_image != a.required_image {
+        parts.push(format!(
+            "RequiredImage {} -> {}",
+            img(&b.required_image),
+            img(&a.required_image)
+        ));
+    }
+    if b.planned_image != a.planned_image {
+        parts.push(format!(
+            "PlannedImage {} -> {}",
+            img(&b.planned_image),
+            img(&a.planned_image)
+        ));
+    }
+    if b.disable_updates != a.disable_updates {
+        parts.push(format!(
+            "DisableUpdates {} -> {}",
+            b.disable_updates, a.disable_updates
+        ));
+    }
+    if b.ip_address != a.ip_address {
+        let ip = |i: &Option<String>| i.clone().unwrap_or_else(|| "(none)".into());
+        parts.push(format!(
+            "IpAddress {} -> {}",
+            ip(&b.ip_address),
+            ip(&a.ip_address)
+        ));
+    }
+    if b.tags != a.tags {
+        parts.push(format!("Tags {:?} -> {:?}", b.tags, a.tags));
+    }
+    if parts.is_empty() {
+        parts.push("other fields changed".into());
+    }
+    parts.join("; ")
 }
 
 #[cfg(test)]

@@ -217,6 +217,7 @@ fn history_and_rollback() {
     ok(&p, &["add", "h", "--required", "app/1"]);
     ok(&p, &["set", "h", "--required", "app/2"]);
     ok(&p, &["set", "h", "--disable-updates", "true"]);
+    ok(&p, &["set", "h", "--planned", "app/3"]);
     assert_eq!(
         ok(&p, &["rollback", "h"]).trim(),
         "h: RequiredImage app/2 -> app/1"
@@ -234,18 +235,19 @@ fn history_and_rollback() {
         .collect();
     assert_eq!(
         actions,
-        ["add", "set", "set", "rollback", "rollback"],
+        ["add", "set", "set", "set", "rollback", "rollback"],
         "{hist}"
     );
+    let line = |n: usize| hist.lines().nth(n).unwrap().to_string();
     assert!(
-        hist.lines()
-            .nth(1)
-            .unwrap()
-            .ends_with("RequiredImage app/1 -> app/2"),
+        line(0).ends_with("(absent) -> RequiredImage app/1"),
         "{hist}"
     );
+    assert!(line(1).ends_with("RequiredImage app/1 -> app/2"), "{hist}");
+    assert!(line(2).ends_with("DisableUpdates false -> true"), "{hist}");
+    assert!(line(3).ends_with("PlannedImage (none) -> app/3"), "{hist}");
     let raw = ok(&p, &["history", "h", "--json"]);
-    assert_eq!(raw.lines().count(), 5);
+    assert_eq!(raw.lines().count(), 6);
     // Nothing to roll back to.
     ok(&p, &["add", "fresh", "--required", "x/1"]);
     fails(
