@@ -122,18 +122,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Diff { a, b } => {
             let ia = client.get_image(&a).await?;
             let ib = client.get_image(&b).await?;
-            let changes = listing::diff(&ia.tree, &ib.tree);
+            let d = listing::ImageDiff::of(&ia, &ib);
             if cli.json {
-                writeln!(out, "{}", serde_json::to_string(&changes)?)?;
+                writeln!(out, "{}", serde_json::to_string(&d)?)?;
             } else {
-                if ia.filter != ib.filter {
-                    writeln!(out, "# filters differ")?;
-                }
-                if ia.triggers != ib.triggers {
-                    writeln!(out, "# triggers differ")?;
-                }
-                for c in &changes {
-                    writeln!(out, "{}", listing::diff_line(c))?;
+                for l in d.lines() {
+                    writeln!(out, "{l}")?;
                 }
             }
         }

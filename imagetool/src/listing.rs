@@ -160,6 +160,71 @@ fn inode_changes(a: &Inode, b: &Inode, la: u32, lb: u32) -> Vec<String> {
     d
 }
 
+/// Everything that differs from image `a` to image `b`.
+#[derive(Debug, serde::Serialize)]
+pub struct ImageDiff {
+    /// Whether each image is sparse (no filter).
+    pub sparse: (bool, bool),
+    pub filter_removed: Vec<String>,
+    pub filter_added: Vec<String>,
+    pub triggers_removed: Vec<model::Trigger>,
+    pub triggers_added: Vec<model::Trigger>,
+    pub changes: Vec<Change>,
+}
+
+impl ImageDiff {
+    pub fn of(a: &model::Image, b: &model::Image) -> ImageDiff {
+        let lines = |i: &model::Image| -> Vec<String> {
+            i.filter
+                .as_ref()
+                .map(|f| f.lines().to_vec())
+                .unwrap_or_default()
+        };
+        let (fa, fb) = (lines(a), lines(b));
+        let (ta, tb) = (a.triggers.list(), b.triggers.list());
+        ImageDiff {
+            sparse: (a.filter.is_none(), b.filter.is_none()),
+            filter_removed: fa.iter().filter(|l| !fb.contains(l)).cloned().collect(),
+            filter_added: fb.iter().filter(|l| !fa.contains(l)).cloned().collect(),
+            triggers_removed: ta.iter().filter(|t| !tb.contains(t)).cloned().collect(),
+            triggers_added: tb.iter().filter(|t| !ta.contains(t)).cloned().collect(),
+            changes: diff(&a.tree, &b.tree),
+        }
+    }
+
+    /// The text form: `#` lines for the image-level differences, then one line per path.
+    pub fn lines(&self) -> Vec<String> {
+        let kind = |sparse: bool| if sparse { "sparse" } else { "full" };
+        let mut out = Vec::new();
+        if self.sparse.0 != self.sparse.1 {
+            out.push(format!(
+                "# {} -> {}",
+                kind(self.sparse.0),
+                kind(self.sparse.1)
+            ));
+        }
+        out.extend(
+            self.filter_removed
+                .iter()
+                .map(|l| format!("# filter - {l}")),
+        );
+        out.extend(self.filter_added.iter().map(|l| format!("# filter + {l}")));
+        let json = |t: &model::Trigger| serde_json::to_string(t).unwrap_or_default();
+        out.extend(
+            self.triggers_removed
+                .iter()
+                .map(|t| format!("# trigger - {}", json(t))),
+        );
+        out.extend(
+            self.triggers_added
+                .iter()
+                .map(|t| format!("# trigger + {}", json(t))),
+        );
+        out.extend(self.changes.iter().map(diff_line));
+        out
+    }
+}
+
 /// Paths added, removed and changed from `a` to `b`, in path order.
 pub fn diff(a: &FileTree, b: &FileTree) -> Vec<Change> {
     let (ca, cb) = (a.link_counts(), b.link_counts());

@@ -254,8 +254,8 @@ fn dedup_second_image_stores_exactly_one_new_object() {
     );
     let j: serde_json::Value =
         serde_json::from_str(&ok(s.tool(&["--json", "diff", "a/1", "a/2"]))).unwrap();
-    assert_eq!(j[0]["path"], "/etc/hostname");
-    assert_eq!(j[0]["what"], "changed");
+    assert_eq!(j["changes"][0]["path"], "/etc/hostname");
+    assert_eq!(j["changes"][0]["what"], "changed");
 }
 
 #[test]
@@ -304,6 +304,26 @@ fn tarballs_full_image_filter_triggers_and_get_round_trip() {
         &trig,
     ]));
     assert_eq!(ok(s.tool(&["diff", "t/normal", "t/plain"])), "");
+    // the same tree, sparse and without triggers: the image-level differences are named
+    ok(s.tool(&["add", "t/sparse", &testdata("tarballs/normal.tar"), "", ""]));
+    let d = ok(s.tool(&["diff", "t/normal", "t/sparse"]));
+    let first_filter_line = std::fs::read_to_string(&filter)
+        .unwrap()
+        .lines()
+        .find(|l| !l.starts_with('#') && !l.is_empty())
+        .unwrap()
+        .to_string();
+    assert!(d.starts_with("# full -> sparse\n"), "{d}");
+    assert!(
+        d.contains(&format!("# filter - {first_filter_line}\n")),
+        "{d}"
+    );
+    assert!(d.contains("# trigger - {\"MatchLines\""), "{d}");
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(s.tool(&["--json", "diff", "t/normal", "t/sparse"]))).unwrap();
+    assert_eq!(j["sparse"], serde_json::json!([false, true]), "{j}");
+    assert_eq!(j["triggers_removed"][0]["Service"], "sshd", "{j}");
+    assert!(!j["filter_removed"].as_array().unwrap().is_empty(), "{j}");
     // kinds: setuid, setgid, hardlinks, symlinks, devices, FIFO, owners
     ok(s.tool(&["add", "t/kinds", &testdata("tarballs/kinds.tar"), "", ""]));
     let show = ok(s.tool(&["show", "t/kinds"]));
