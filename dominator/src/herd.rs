@@ -44,6 +44,8 @@ pub struct HerdConfig {
     pub poll_interval: Duration,
     /// First retry delay after a failure; doubles up to `backoff_cap`.
     pub backoff_base: Duration,
+    /// Longest retry delay (10 s: a machine back up is seen within seconds, and a dead one
+    /// costs one connection attempt per 10 s).
     pub backoff_cap: Duration,
     /// How often the MDB file is checked for changes.
     pub mdb_check_interval: Duration,
@@ -62,7 +64,7 @@ impl HerdConfig {
             full_poll_concurrency: 16,
             poll_interval: Duration::from_secs(1),
             backoff_base: Duration::from_secs(1),
-            backoff_cap: Duration::from_secs(60),
+            backoff_cap: Duration::from_secs(10),
             mdb_check_interval: Duration::from_millis(250),
             rpc_timeout: Duration::from_secs(300),
         }
