@@ -156,6 +156,19 @@ impl Fleet {
         c
     }
 
+    /// Machines whose last update reported trigger (service command) failures.
+    pub fn with_trigger_failures(&self) -> usize {
+        let machines = self.machines.lock().expect("fleet lock");
+        machines
+            .values()
+            .filter(|r| {
+                r.last_update
+                    .as_ref()
+                    .is_some_and(|u| !u.trigger_failures.is_empty())
+            })
+            .count()
+    }
+
     pub fn global_disable(&self) -> Option<GlobalDisable> {
         self.disabled.lock().expect("fleet lock").clone()
     }

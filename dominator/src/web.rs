@@ -127,6 +127,11 @@ async fn metrics(State(fleet): State<Arc<Fleet>>) -> Response {
     for (status, n) in fleet.counts() {
         let _ = writeln!(s, "dominator_machines{{status=\"{status}\"}} {n}");
     }
+    let _ = writeln!(
+        s,
+        "# HELP dominator_machines_with_trigger_failures Machines whose last update had a failing service command.\n# TYPE dominator_machines_with_trigger_failures gauge\ndominator_machines_with_trigger_failures {}",
+        fleet.with_trigger_failures()
+    );
     let c = &fleet.counters;
     for (name, help, v) in [
         ("dominator_polls_total", "Polls sent.", &c.polls),
@@ -309,12 +314,29 @@ async fn index(State(fleet): State<Arc<Fleet>>) -> Html<String> {
             esc(if m.required_image.is_empty() { "-" } else { &m.required_image }),
             status_class(m.status),
             m.status_name,
-            esc(m.last_error.as_deref().unwrap_or("")),
+            esc(&error_cell(m)),
             ago(m.last_synced, now)
         );
     }
     b.push_str("</table>\n<p><a href=\"/api/fleet\">JSON</a> &middot; <a href=\"/metrics\">metrics</a></p>\n");
     page(&fleet, "Dominator", &b)
+}
+
+/// The overview's "last error" cell: the last error, then any failed trigger commands of
+/// the last update (a machine can be `synced` while its services failed to restart).
+fn error_cell(m: &crate::fleet::MachineReport) -> String {
+    let mut parts: Vec<String> = m.last_error.iter().cloned().collect();
+    if let Some(u) = m
+        .last_update
+        .as_ref()
+        .filter(|u| !u.trigger_failures.is_empty())
+    {
+        parts.push(format!(
+            "triggers failed: {}",
+            u.trigger_failures.join("; ")
+        ));
+    }
+    parts.join(" — ")
 }
 
 async fn machine_page(

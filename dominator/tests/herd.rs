@@ -28,6 +28,8 @@ struct FakeMachine {
     last_update: Option<UpdateResult>,
     updates: u64,
     next_ino: u64,
+    /// Reported by every update, as a subd whose service command fails would.
+    trigger_failures: Vec<String>,
 }
 
 type Sub = Arc<Mutex<FakeMachine>>;
@@ -133,6 +135,7 @@ async fn update(
     m.updates += 1;
     m.last_update = Some(UpdateResult {
         image_name: p.image_name.clone(),
+        trigger_failures: m.trigger_failures.clone(),
         ..UpdateResult::default()
     });
     Ok(axum::Json(api::UpdateResponse::default()))
@@ -799,4 +802,31 @@ async fn a_missing_mdb_is_reported_until_it_appears() {
         })
         .await;
     assert_eq!(v["machines"][0]["host"], "m", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_service_commands_show_on_the_overview_and_in_metrics() {
+    let sub = FakeMachine::new(tree(&[]));
+    sub.lock().unwrap().trigger_failures =
+        vec!["app start: exit status: 1 (app: unrecognized service)".into()];
+    let addr = start_subd(sub).await;
+    let f = Fixture::start(
+        &mdb_json(&[
+            serde_json::json!({"Hostname": "t", "IpAddress": addr, "RequiredImage": "app/1"}),
+        ]),
+        None,
+    )
+    .await;
+    f.add_image("app/1", sparse(&[("/x", b"x")]));
+    f.wait_status("t", "synced").await;
+    let (_, html) = f.get("/").await;
+    assert!(
+        html.contains("triggers failed: app start: exit status: 1 (app: unrecognized service)"),
+        "a synced machine whose services failed says so: {html}"
+    );
+    let (_, metrics) = f.get("/metrics").await;
+    assert!(
+        metrics.contains("dominator_machines_with_trigger_failures 1\n"),
+        "{metrics}"
+    );
 }
