@@ -272,6 +272,16 @@ pub async fn run(args: LocalFleetArgs) -> anyhow::Result<()> {
     let images = dir.join("images");
     write_fleet_files(&images)?;
     let mut children: Vec<(String, Child)> = Vec::new();
+    if args.port != 0 {
+        // Fail before starting anything: a fleet already on this port would otherwise
+        // answer our readiness check and be mistaken for ours.
+        if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", args.port)) {
+            bail!(
+                "port {} is not free ({e}): is another local fleet running? Pass --port 0 for any free port",
+                args.port
+            );
+        }
+    }
 
     let result = async {
         // The imageserver.
@@ -429,7 +439,11 @@ pub async fn run(args: LocalFleetArgs) -> anyhow::Result<()> {
             let _ = c.kill().await;
         }
     }
-    drop(tmp);
+    match (&result, tmp) {
+        // A failed run keeps its directory: the logs are what explains it.
+        (Err(_), Some(t)) => eprintln!("logs kept in {}", t.keep().join("logs").display()),
+        (_, t) => drop(t),
+    }
     result
 }
 
