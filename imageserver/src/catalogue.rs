@@ -28,7 +28,7 @@ use model::fsutil::{fsync_dir, write_atomic, TEMP_SUFFIX};
 use model::http::ApiError;
 use model::objectstore::{ObjectStore, PendingObject, StoreError};
 use model::{Image, ImageName, ObjectId};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -94,6 +94,10 @@ struct Index {
     names: BTreeMap<String, NameState>,
     objects: HashMap<ObjectId, ObjectMeta>,
     object_bytes: u64,
+    /// Images found at start-up referring to objects not stored (a disk lost files, or
+    /// someone removed them), with those objects; an entry shrinks as they are uploaded
+    /// again. Empty on a healthy server: nothing here ever deletes a referenced object.
+    incomplete: BTreeMap<String, BTreeSet<ObjectId>>,
 }
 
 /// Figures for the status page and metrics.
@@ -107,6 +111,8 @@ pub struct Counts {
     pub unreferenced_bytes: u64,
     /// Unreferenced objects that deletion skips for now (held or pinned).
     pub pinned_objects: u64,
+    /// Images referring to objects that are not stored.
+    pub incomplete_images: u64,
 }
 
 /// Images and objects of one data directory.
@@ -196,15 +202,18 @@ impl Catalogue {
                 path: path.clone(),
                 message: e.to_string(),
             })?;
-            let mut missing = 0;
+            let mut missing = BTreeSet::new();
             for id in image.tree.objects().keys() {
                 match index.objects.get_mut(id) {
                     Some(m) => m.refs += 1,
-                    None => missing += 1,
+                    None => {
+                        missing.insert(*id);
+                    }
                 }
             }
-            if missing > 0 {
-                tracing::warn!(image = %name, missing, "image refers to objects that are not stored");
+            if let Some(first) = missing.first() {
+                tracing::error!(image = %name, missing = missing.len(), %first, "image refers to objects that are not stored; upload them again (imagetool add of the same tree) or delete the image");
+                index.incomplete.insert(name.clone(), missing);
             }
             index.names.insert(name, NameState::Live);
         }
@@ -292,11 +301,19 @@ impl Catalogue {
                 m.holds += 1;
                 continue;
             }
+            // An object an incomplete image was missing: referenced from now on.
+            let mut refs = 0;
+            for missing in idx.incomplete.values_mut() {
+                refs += u32::from(missing.remove(&id));
+            }
+            if refs > 0 {
+                idx.incomplete.retain(|_, m| !m.is_empty());
+            }
             idx.objects.insert(
                 id,
                 ObjectMeta {
                     size,
-                    refs: 0,
+                    refs,
                     unref_since: now,
                     holds: 1,
                     pinned_until: None,
@@ -456,6 +473,7 @@ impl Catalogue {
         {
             let mut idx = self.lock();
             idx.names.insert(name.to_string(), NameState::Deleted);
+            idx.incomplete.remove(name.as_str());
             for id in image.tree.objects().keys() {
                 if let Some(m) = idx.objects.get_mut(id) {
                     m.refs = m.refs.saturating_sub(1);
@@ -538,11 +556,21 @@ impl Catalogue {
         Ok((n, b))
     }
 
+    /// Images referring to objects that are not stored, with how many are missing.
+    pub fn incomplete_images(&self) -> Vec<(String, usize)> {
+        let idx = self.lock();
+        idx.incomplete
+            .iter()
+            .map(|(n, m)| (n.clone(), m.len()))
+            .collect()
+    }
+
     pub fn counts(&self) -> Counts {
         let idx = self.lock();
         let mut c = Counts {
             objects: idx.objects.len() as u64,
             object_bytes: idx.object_bytes,
+            incomplete_images: idx.incomplete.len() as u64,
             ..Default::default()
         };
         for s in idx.names.values() {
@@ -637,6 +665,38 @@ mod tests {
         assert_eq!(cat.delete_unreferenced(100, 0).unwrap(), (1, 3));
         assert!(!cat.has_object(&a));
         assert!(!cat.hold_if_present(&a));
+    }
+
+    #[test]
+    fn an_image_whose_objects_vanished_is_reported_until_they_are_uploaded_again() {
+        use model::{FileTree, Inode, Mtime};
+        let d = tempfile::tempdir().unwrap();
+        let name = ImageName::parse("app/1").unwrap();
+        let (a, b) = (ObjectId::of(b"kept"), ObjectId::of(b"lost"));
+        {
+            let cat = Catalogue::open(d.path()).unwrap();
+            put(&cat, b"kept");
+            put(&cat, b"lost");
+            let mut t = FileTree::with_root(Inode::dir(0o755, 0, 0));
+            for (n, (p, id)) in [("/a", a), ("/b", b)].into_iter().enumerate() {
+                let m = Mtime { sec: 1, nsec: 0 };
+                t.inodes
+                    .insert(n as u64 + 1, Inode::file(0o644, 0, 0, m, 4, Some(id)));
+                t.entries.insert(p.parse().unwrap(), n as u64 + 1);
+            }
+            cat.add_image(&name, &Image::new(t, None, Default::default()))
+                .unwrap();
+            assert_eq!(cat.counts().incomplete_images, 0);
+        }
+        std::fs::remove_file(Catalogue::open(d.path()).unwrap().store().path_of(&b)).unwrap();
+        let cat = Catalogue::open_with_grace(d.path(), Duration::ZERO).unwrap();
+        assert_eq!(cat.incomplete_images(), [("app/1".to_string(), 1)]);
+        // Uploaded again: complete, and referenced (delunrefobj must not take it).
+        put(&cat, b"lost");
+        cat.release(&[b]);
+        assert_eq!(cat.counts().incomplete_images, 0);
+        assert_eq!(cat.delete_unreferenced(100, 0).unwrap(), (0, 0));
+        assert!(cat.has_object(&b));
     }
 
     #[test]

@@ -30,6 +30,20 @@ pub async fn status(AxState(st): AxState<State>) -> Html<String> {
         "<h1>imageserver</h1>\n<p>images: {}<br>deleted names (never reused): {}<br>objects: {}<br>bytes: {}<br>unreferenced objects: {} ({} bytes)</p>\n<h2>Images</h2>\n<ul>\n",
         c.images, c.deleted_names, c.objects, c.object_bytes, c.unreferenced_objects, c.unreferenced_bytes
     );
+    let incomplete = st.catalogue.incomplete_images();
+    if !incomplete.is_empty() {
+        s.insert_str(
+            s.rfind("<h2>Images</h2>").unwrap_or(s.len()),
+            &format!(
+                "<h2 id=\"incomplete\" style=\"color:#b00\">Images with missing objects: {}</h2>\n<p>Machines cannot fetch these. Upload the objects again (<code>imagetool add</code> of the same tree under a new name sends them) or delete the image.</p>\n<ul>\n{}</ul>\n",
+                incomplete.len(),
+                incomplete
+                    .iter()
+                    .map(|(n, k)| format!("<li>{}: {k} objects missing</li>\n", html_escape(n)))
+                    .collect::<String>()
+            ),
+        );
+    }
     for n in names.iter().take(PAGE_IMAGES) {
         let _ = writeln!(s, "<li>{}</li>", html_escape(n));
     }
@@ -58,6 +72,12 @@ pub async fn metrics(AxState(st): AxState<State>) -> Response {
         c.deleted_names,
     );
     put("imageserver_objects", "gauge", "Objects stored.", c.objects);
+    put(
+        "imageserver_images_missing_objects",
+        "gauge",
+        "Images referring to objects that are not stored (found at start-up).",
+        c.incomplete_images,
+    );
     put(
         "imageserver_object_bytes",
         "gauge",
