@@ -6,8 +6,33 @@ use clap::Parser;
 use dominator::commands::{self, Cli, Command};
 use std::process::ExitCode;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    limit_malloc_arenas();
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(async_main()),
+        Err(e) => {
+            eprintln!("dominator: starting the runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// At most two glibc malloc arenas instead of one per thread: with a task per machine
+/// moving across worker threads, per-thread arenas fragment. Measured with
+/// `bench/fleet.sh 1000`: peak RSS 289 → 232–242 MiB, rollout 6.4 → 7.6–7.9 s. Must run before
+/// any thread starts.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any other thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+async fn async_main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         None | Some(Command::LocalFleet(_)) => "info",
