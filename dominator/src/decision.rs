@@ -18,6 +18,7 @@ pub enum Status {
     DnsError,
     ConnectTimeout,
     PollDenied,
+    NotASubd,
     SubNotReady,
     ImageUndefined,
     ImageNotReady,
@@ -32,7 +33,7 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 17] = [
+    pub const ALL: [Status; 18] = [
         Status::Synced,
         Status::Fetching,
         Status::Updating,
@@ -44,6 +45,7 @@ impl Status {
         Status::DnsError,
         Status::ConnectTimeout,
         Status::PollDenied,
+        Status::NotASubd,
         Status::ImageNotReady,
         Status::ImageUndefined,
         Status::UpdatesDisabled,
@@ -61,6 +63,7 @@ impl Status {
             Status::DnsError => "DNS error",
             Status::ConnectTimeout => "connect timeout",
             Status::PollDenied => "poll denied",
+            Status::NotASubd => "not a subd",
             Status::SubNotReady => "sub not ready",
             Status::ImageUndefined => "image undefined",
             Status::ImageNotReady => "image not ready",
@@ -84,6 +87,7 @@ impl Status {
                 | Status::DnsError
                 | Status::ConnectTimeout
                 | Status::PollDenied
+                | Status::NotASubd
                 | Status::FetchFailed
                 | Status::UpdateFailed
         )

@@ -137,12 +137,15 @@ fn unreachable(message: String) -> PollFailure {
 }
 
 /// Names why a poll failed, as far as the client error tells: `poll denied` (HTTP 403:
-/// the subd does not grant our certificate `Subd.Poll`), `connection refused`,
+/// the subd does not grant our certificate `Subd.Poll`), `not a subd` (404: the address
+/// answers but has no `Subd.Poll`), `connection refused`,
 /// `DNS error`, `connect timeout`, else `unreachable`.
 pub fn classify_poll_error(e: &ClientError) -> PollFailure {
     let message = e.to_string();
     let status = match e {
         ClientError::Status { status: 403, .. } => Status::PollDenied,
+        // Reached, but it has no Subd.Poll: the MDB's address is some other server.
+        ClientError::Status { status: 404, .. } => Status::NotASubd,
         ClientError::Connect { message: m, .. } => {
             let m = m.to_ascii_lowercase();
             if m.contains("connection refused") {
@@ -750,6 +753,14 @@ mod tests {
                     message: "access to method denied".into(),
                 },
                 Status::PollDenied,
+            ),
+            (
+                ClientError::Status {
+                    method: "Subd.Poll".into(),
+                    status: 404,
+                    message: "this server has no method Subd.Poll".into(),
+                },
+                Status::NotASubd,
             ),
             (
                 ClientError::Status {
