@@ -33,6 +33,10 @@ use std::time::{Duration, Instant};
 
 /// File in the state directory holding the triggers of the last applied image.
 pub const PREVIOUS_TRIGGERS: &str = "triggers.previous";
+/// The `[service, action]` pairs an update owes after its change window, written before
+/// its first `stop` and removed once they have run: if subd dies in between, they are
+/// run when it starts again (`resume_pending_starts`), so no service stays stopped.
+pub const PENDING_STARTS: &str = "pending-starts";
 /// Where (relative to the root) the name of the last full image applied is written.
 pub const PATCHED_IMAGE: &str = "/var/lib/patched-image";
 
@@ -406,6 +410,10 @@ pub fn apply(
             ..UpdateResult::default()
         },
     };
+    // Starts a previous, interrupted update still owes come first.
+    let (owed, failed) = resume_pending_starts(state_dir, opts);
+    run.result.trigger_actions.extend(owed);
+    run.result.trigger_failures.extend(failed);
     if let Some(r) = &plan.unsafe_reason {
         run.error(format!("refused: unsafe update: {r}"));
         return finish(run);
@@ -516,17 +524,33 @@ pub fn apply(
     }
 
     let t_staged = Instant::now();
-    // 2. Stop phase (skipped entirely when a reboot is due).
+    // 2. Stop phase (skipped entirely when a reboot is due), after recording the starts
+    // owed, so a crash in between cannot leave a service stopped.
     let reboot = matched_old.iter().chain(&matched_new).any(|t| t.do_reboot);
     let mut stopped: BTreeSet<String> = BTreeSet::new();
+    let mut to_stop: Vec<String> = Vec::new();
     if !reboot {
         for t in &matched_old {
             if t.do_reload || t.service == "subd" || stopped.contains(&t.service) {
                 continue;
             }
             stopped.insert(t.service.clone());
-            run.service(&t.service, "stop");
+            to_stop.push(t.service.clone());
         }
+    }
+    let (starts, restart_subd) = if reboot {
+        (Vec::new(), false)
+    } else {
+        start_actions(&matched_new, &stopped)
+    };
+    if !starts.is_empty() {
+        let json = serde_json::to_vec(&starts).expect("pairs serialize");
+        if let Err(e) = crate::fsutil::write_atomic(&state_dir.join(PENDING_STARTS), &json) {
+            run.error(format!("saving {PENDING_STARTS}: {e}"));
+        }
+    }
+    for svc in &to_stop {
+        run.service(svc, "stop");
     }
 
     // 3. The change window, at raised priority so a busy machine does not stretch it.
@@ -679,34 +703,10 @@ pub fn apply(
                 .push("reboot skipped: a start failed".into());
         }
     } else {
-        let mut done: BTreeSet<String> = BTreeSet::new();
-        let mut restart_subd = false;
-        for t in &matched_new {
-            if t.service == "subd" {
-                restart_subd = true;
-                continue;
-            }
-            if done.contains(&t.service) {
-                continue;
-            }
-            let action = if t.do_reload {
-                let plain = matched_new
-                    .iter()
-                    .any(|u| u.service == t.service && !u.do_reload);
-                if plain {
-                    continue; // the stop/start trigger of the same service handles it
-                }
-                if stopped.contains(&t.service) {
-                    "start"
-                } else {
-                    "reload"
-                }
-            } else {
-                "start"
-            };
-            done.insert(t.service.clone());
-            run.service(&t.service, action);
+        for [svc, action] in &starts {
+            run.service(svc, action);
         }
+        forget_pending_starts(state_dir);
         if restart_subd {
             run.service("subd", "restart");
         }
@@ -723,6 +723,72 @@ pub fn apply(
         write_patched_image(&mut fs, &plan.image_name);
     }
     finish(run)
+}
+
+/// The `[service, action]` pairs to run after the change window (`start` for a stopped or
+/// plain trigger, `reload` for a reload-only one), each service once; and whether subd
+/// itself is to be restarted (kept apart: never recorded as owed, or it would loop).
+fn start_actions(matched_new: &[Trigger], stopped: &BTreeSet<String>) -> (Vec<[String; 2]>, bool) {
+    let mut done: BTreeSet<&str> = BTreeSet::new();
+    let mut out = Vec::new();
+    let mut restart_subd = false;
+    for t in matched_new {
+        if t.service == "subd" {
+            restart_subd = true;
+            continue;
+        }
+        if done.contains(t.service.as_str()) {
+            continue;
+        }
+        let action = if t.do_reload {
+            let plain = matched_new
+                .iter()
+                .any(|u| u.service == t.service && !u.do_reload);
+            if plain {
+                continue; // the stop/start trigger of the same service handles it
+            }
+            if stopped.contains(&t.service) {
+                "start"
+            } else {
+                "reload"
+            }
+        } else {
+            "start"
+        };
+        done.insert(&t.service);
+        out.push([t.service.clone(), action.to_string()]);
+    }
+    (out, restart_subd)
+}
+
+fn forget_pending_starts(state_dir: &Path) {
+    let p = state_dir.join(PENDING_STARTS);
+    if std::fs::remove_file(&p).is_ok() {
+        let _ = crate::fsutil::fsync_dir(state_dir);
+    }
+}
+
+/// Runs the starts an interrupted update recorded but never ran (subd was killed between
+/// stopping services and starting them), then forgets them. Returns what was run, as
+/// `service action` lines, and the failures.
+pub fn resume_pending_starts(state_dir: &Path, opts: &ApplyOptions) -> (Vec<String>, Vec<String>) {
+    let Ok(bytes) = std::fs::read(state_dir.join(PENDING_STARTS)) else {
+        return (Vec::new(), Vec::new());
+    };
+    let pairs: Vec<[String; 2]> = serde_json::from_slice(&bytes).unwrap_or_default();
+    let mut run = Run {
+        opts,
+        result: UpdateResult::default(),
+    };
+    for [svc, action] in &pairs {
+        if crate::triggers::valid_service_name(svc) && matches!(action.as_str(), "start" | "reload")
+        {
+            tracing::warn!("an interrupted update left {svc} to {action}: running it now");
+            run.service(svc, action);
+        }
+    }
+    forget_pending_starts(state_dir);
+    (run.result.trigger_actions, run.result.trigger_failures)
 }
 
 fn finish(mut run: Run) -> UpdateResult {

@@ -259,6 +259,16 @@ impl Subd {
             start_time: now_secs(),
             _lock: lock,
         });
+        // An update killed between stopping services and starting them left them stopped.
+        let (owed, failed) =
+            model::apply::resume_pending_starts(&subd.state_dir, &subd.apply_options());
+        if !owed.is_empty() {
+            tracing::warn!(
+                ?owed,
+                ?failed,
+                "ran the service starts an interrupted update still owed"
+            );
+        }
         let s = subd.clone();
         std::thread::Builder::new()
             .name("scanner".into())

@@ -562,6 +562,51 @@ fn filetime_set(path: &Path) -> i64 {
 }
 
 #[test]
+fn starts_owed_by_an_interrupted_update_are_run_later() {
+    let f = fixture();
+    // The service command records whether the owed starts were on disk when it stopped.
+    let (cmd, log) = recorder(
+        &f,
+        &format!(
+            "[ \"$2\" = stop ] && cat {}/pending-starts >> {}/owed",
+            f.state.display(),
+            f._d.path().display()
+        ),
+    );
+    let opts = ApplyOptions {
+        service_command: Some(cmd),
+        ..Default::default()
+    };
+    let b = B::new()
+        .dir("/etc", 0o755)
+        .file("/etc/app.conf", b"v1", 0o644, 0);
+    let mut img = b.image(None);
+    img.triggers = triggers(r#"[{"MatchLines":["/etc/app[.]conf"],"Service":"app"}]"#);
+    converge(&f, &img, &b.contents, &opts);
+    let _ = std::fs::remove_file(f._d.path().join("owed"));
+    let b2 = B::new()
+        .dir("/etc", 0o755)
+        .file("/etc/app.conf", b"v2", 0o644, 0);
+    let mut img2 = b2.image(None);
+    img2.triggers = img.triggers.clone();
+    let (_, r) = converge(&f, &img2, &b2.contents, &opts);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let owed = std::fs::read_to_string(f._d.path().join("owed")).unwrap();
+    assert_eq!(owed, r#"[["app","start"]]"#, "recorded before the stop");
+    assert!(!f.state.join(PENDING_STARTS).exists(), "forgotten once run");
+    // A crash between stop and start leaves them on disk: they are run when subd starts.
+    std::fs::write(f.state.join(PENDING_STARTS), r#"[["app","start"]]"#).unwrap();
+    std::fs::write(&log, "").unwrap();
+    let (done, failed) = resume_pending_starts(&f.state, &opts);
+    assert_eq!((done, failed), (vec!["app start".to_string()], vec![]));
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .starts_with("app start"));
+    assert!(!f.state.join(PENDING_STARTS).exists());
+    assert_eq!(resume_pending_starts(&f.state, &opts), (vec![], vec![]));
+}
+
+#[test]
 fn failing_and_hanging_service_commands_are_reported() {
     let f = fixture();
     let (cmd, _) = recorder(
