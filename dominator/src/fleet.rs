@@ -5,7 +5,7 @@
 use crate::decision::Status;
 use model::api::UpdateResult;
 use model::UpdatePlan;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -67,7 +67,7 @@ impl MachineReport {
 }
 
 /// Why updates are stopped fleet-wide.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GlobalDisable {
     pub reason: String,
     /// Who disabled them (certificate name, `startup`, or empty when insecure).
@@ -108,6 +108,8 @@ pub struct Fleet {
     pub insecure: bool,
     pub started: u64,
     pub counters: Counters,
+    /// Where the fleet-wide brake is kept across restarts (`None`: not kept).
+    pub brake_file: Option<std::path::PathBuf>,
 }
 
 impl Fleet {
@@ -121,7 +123,22 @@ impl Fleet {
             insecure,
             started: unix_now(),
             counters: Counters::default(),
+            brake_file: None,
         }
+    }
+
+    /// Keeps the fleet-wide brake in `path` (written when set, removed when released), and
+    /// takes it from there now if a previous run left it set.
+    pub fn with_brake_file(mut self, path: std::path::PathBuf) -> Fleet {
+        if let Some(d) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<GlobalDisable>(&b).ok())
+        {
+            tracing::warn!(reason = %d.reason, by = %d.by, file = %path.display(), "updates stay disabled fleet-wide, as before the restart");
+            *self.disabled.get_mut().expect("fleet lock") = Some(d);
+        }
+        self.brake_file = Some(path);
+        self
     }
 
     /// Every machine, host-sorted, without plans.
@@ -180,6 +197,21 @@ impl Fleet {
             }
             None => tracing::warn!("updates enabled fleet-wide"),
         }
+        if let Some(path) = &self.brake_file {
+            let kept = match &d {
+                Some(d) => model::fsutil::write_atomic(
+                    path,
+                    &serde_json::to_vec(d).expect("brake serializes"),
+                ),
+                None => match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                },
+            };
+            if let Err(e) = kept {
+                tracing::error!(file = %path.display(), "the fleet-wide brake will not survive a restart: {e}");
+            }
+        }
         *self.disabled.lock().expect("fleet lock") = d;
     }
 
@@ -194,4 +226,36 @@ pub fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fleet_wide_brake_survives_a_restart_until_released() {
+        let d = tempfile::tempdir().unwrap();
+        let mdb = d.path().join("mdb.json");
+        let file = crate::brake_file(&mdb);
+        assert_eq!(file, d.path().join("mdb.json.updates-disabled"));
+        let start = || Fleet::new("mdb.json", "is:6971", true).with_brake_file(file.clone());
+        let f = start();
+        assert!(f.global_disable().is_none());
+        f.set_global_disable(Some(GlobalDisable {
+            reason: "maintenance window".into(),
+            by: "admin".into(),
+            since: 7,
+        }));
+        drop(f);
+        let again = start()
+            .global_disable()
+            .expect("still disabled after a restart");
+        assert_eq!(
+            (again.reason.as_str(), again.by.as_str()),
+            ("maintenance window", "admin")
+        );
+        start().set_global_disable(None);
+        assert!(!file.exists());
+        assert!(start().global_disable().is_none());
+    }
 }

@@ -36,17 +36,28 @@ pub struct Config {
     pub disable_updates_at_startup: Option<String>,
 }
 
+/// Where the fleet-wide brake (`disable-updates`) is kept, beside the MDB, so a restarted
+/// dominator keeps it: `<mdb>.updates-disabled`.
+pub fn brake_file(mdb: &std::path::Path) -> std::path::PathBuf {
+    let mut name = mdb.file_name().unwrap_or_default().to_os_string();
+    name.push(".updates-disabled");
+    mdb.with_file_name(name)
+}
+
 /// Runs the dominator (herd + HTTP surface) on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let fleet = Arc::new(Fleet::new(
-        &config.herd.mdb_path.display().to_string(),
-        &config.herd.image_server,
-        config.security.is_insecure(),
-    ));
+    let fleet = Arc::new(
+        Fleet::new(
+            &config.herd.mdb_path.display().to_string(),
+            &config.herd.image_server,
+            config.security.is_insecure(),
+        )
+        .with_brake_file(brake_file(&config.herd.mdb_path)),
+    );
     if let Some(reason) = config.disable_updates_at_startup {
         fleet.set_global_disable(Some(GlobalDisable {
             reason,
