@@ -193,6 +193,9 @@ fn wait(status: Status, error: Option<String>) -> Step {
 /// Scans after an update that must complete before its result is believed: the scan in
 /// flight when the update started may have seen the tree half-way.
 pub const SCANS_AFTER_UPDATE: u64 = 2;
+/// Free space a fetch must leave on the machine's file-system.
+pub const FETCH_HEADROOM: u64 = 64 << 20;
+
 /// Scans after a fetch before the object cache is believed to list the fetched objects.
 pub const SCANS_AFTER_FETCH: u64 = 1;
 
@@ -269,6 +272,24 @@ pub fn next_step(f: &Facts<'_>) -> Step {
         return wait(Status::WaitingToPoll, None);
     };
     if !plan.objects_to_fetch.is_empty() {
+        // A fetch that cannot fit is not started: it would fail anyway, after filling the
+        // machine's disk for every other program on it.
+        if let Some(free) = poll.free_space {
+            let need = plan.fetch_bytes.saturating_add(FETCH_HEADROOM);
+            if need > free {
+                return Step::Wait {
+                    status: Status::FetchFailed,
+                    error: Some(format!(
+                        "not enough disk space: the {} objects to fetch need {} MiB and {} MiB to spare; {} MiB free on the machine",
+                        plan.objects_to_fetch.len(),
+                        plan.fetch_bytes.div_ceil(1 << 20),
+                        FETCH_HEADROOM >> 20,
+                        free >> 20
+                    )),
+                    settled: true,
+                };
+            }
+        }
         // Objects are fetched even when updates are off, so enabling them is quick.
         return Step::Fetch {
             hashes: plan.objects_to_fetch.clone(),
@@ -414,6 +435,18 @@ mod tests {
         };
         let empty = plan_with(|_| {});
         let needs_objects = plan_with(|p| p.objects_to_fetch = vec![id(1), id(2)]);
+        let big_fetch = plan_with(|p| {
+            p.objects_to_fetch = vec![id(1), id(2)];
+            p.fetch_bytes = 100 << 20;
+        });
+        let roomy = PollResponse {
+            free_space: Some(200 << 20),
+            ..poll(3, 10)
+        };
+        let cramped = PollResponse {
+            free_space: Some(80 << 20),
+            ..poll(3, 10)
+        };
         let changes = plan_with(|p| p.paths_to_delete = vec!["/x".parse().unwrap()]);
         let unsafe_plan = plan_with(|p| {
             p.paths_to_delete = vec!["/usr".parse().unwrap()];
@@ -496,6 +529,22 @@ mod tests {
                 want: Step::Fetch {
                     hashes: vec![id(1), id(2)],
                 },
+            },
+            Case {
+                name: "a fetch that fits with room to spare",
+                facts: base(&roomy, Some(&big_fetch)),
+                want: Step::Fetch {
+                    hashes: vec![id(1), id(2)],
+                },
+            },
+            Case {
+                name: "a fetch that would fill the disk is not started",
+                facts: base(&cramped, Some(&big_fetch)),
+                want: w(
+                    Status::FetchFailed,
+                    Some("not enough disk space: the 2 objects to fetch need 100 MiB and 64 MiB to spare; 80 MiB free on the machine"),
+                    true,
+                ),
             },
             Case {
                 name: "missing objects are fetched even with updates disabled",

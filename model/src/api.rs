@@ -167,8 +167,9 @@ pub struct PollResponse {
     pub update_in_progress: bool,
     pub last_fetch_error: Option<String>,
     pub last_update: Option<UpdateResult>,
-    /// Free bytes on the root's file-system.
-    pub free_space: u64,
+    /// Free bytes on the root's file-system (`None`: not reported).
+    #[serde(default)]
+    pub free_space: Option<u64>,
     /// Last image applied by an update (full or sparse).
     pub last_image: Option<String>,
     /// The scan exclusion regexes in force (the diff must not touch them).
