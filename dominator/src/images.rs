@@ -1,6 +1,8 @@
 //! The fleet-wide image cache: each wanted image is fetched from the imageserver once,
 //! however many machines want it; a missing one is retried at most once per `retry`.
-//! Images are immutable, so a cached image is kept until the MDB no longer names it.
+//! Images are immutable, so a cached image is kept until the MDB no longer names it or
+//! the imageserver says it was deleted (asked with `CheckImage` at most once per
+//! `RECHECK`; an unreachable imageserver leaves the cached copy in use).
 
 use model::client::ImageServerClient;
 use model::Image;
@@ -13,7 +15,12 @@ struct Slot {
     image: Option<Arc<Image>>,
     error: String,
     tried: Option<Instant>,
+    /// When the cached image was last confirmed to still exist.
+    confirmed: Option<Instant>,
 }
+
+/// How often a cached image is confirmed to still exist on the imageserver.
+pub const RECHECK: Duration = Duration::from_secs(10);
 
 /// Images by name, shared by every machine task.
 pub struct ImageCache {
@@ -43,8 +50,22 @@ impl ImageCache {
             .or_default()
             .clone();
         let mut s = slot.lock().await;
-        if let Some(img) = &s.image {
-            return Ok(img.clone());
+        if let Some(img) = s.image.clone() {
+            if s.confirmed.is_some_and(|t| t.elapsed() < RECHECK) {
+                return Ok(img);
+            }
+            s.confirmed = Some(Instant::now());
+            match self.client.check_image(name).await {
+                Ok(false) => {
+                    tracing::warn!(image = name, "image deleted from the imageserver");
+                    s.image = None;
+                    s.tried = Some(Instant::now());
+                    s.error = format!("image {name} was deleted from the imageserver");
+                    return Err(s.error.clone());
+                }
+                // Present, or the imageserver cannot say: the cached copy is still the image.
+                Ok(true) | Err(_) => return Ok(img),
+            }
         }
         if s.tried.is_some_and(|t| t.elapsed() < self.retry) {
             return Err(s.error.clone());
@@ -63,6 +84,7 @@ impl ImageCache {
                         tracing::info!(image = name, "image loaded");
                         let img = Arc::new(img);
                         s.image = Some(img.clone());
+                        s.confirmed = Some(Instant::now());
                         Ok(img)
                     }
                     Err(e) => {
@@ -73,6 +95,9 @@ impl ImageCache {
             }
             Err(e) => {
                 s.error = match e.status() {
+                    Some(404) if s.error.ends_with("was deleted from the imageserver") => {
+                        s.error.clone()
+                    }
                     Some(404) => format!("image {name} is not on the imageserver (yet)"),
                     _ => format!("getting image {name}: {e}"),
                 };

@@ -174,9 +174,20 @@ async fn get_image(
         .ok_or_else(|| ApiError::NotFound(format!("no image {}", req.name)))
 }
 
+async fn check_image(
+    State(s): State<Images>,
+    Json(req): Json<api::ImageNameRequest>,
+) -> axum::Json<api::CheckImageResponse> {
+    axum::Json(api::CheckImageResponse {
+        exists: s.lock().unwrap().contains_key(&req.name),
+        deleted: false,
+    })
+}
+
 async fn start_imageserver(images: Images) -> String {
     let app = Router::new()
         .route("/rpc/ImageServer.GetImage", post(get_image))
+        .route("/rpc/ImageServer.CheckImage", post(check_image))
         .with_state(images);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
@@ -829,4 +840,29 @@ async fn failed_service_commands_show_on_the_overview_and_in_metrics() {
         metrics.contains("dominator_machines_with_trigger_failures 1\n"),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_deleted_from_the_imageserver_is_reported_not_enforced_from_memory() {
+    let sub = FakeMachine::new(tree(&[]));
+    let addr = start_subd(sub.clone()).await;
+    let f = Fixture::start(
+        &mdb_json(&[
+            serde_json::json!({"Hostname": "d", "IpAddress": addr, "RequiredImage": "app/1"}),
+        ]),
+        None,
+    )
+    .await;
+    f.add_image("app/1", sparse(&[("/x", b"x")]));
+    f.wait_status("d", "synced").await;
+    f.images.lock().unwrap().remove("app/1");
+    // Within RECHECK (10 s) of the deletion the cache lets go and says why.
+    let r = f
+        .wait_error(
+            "d",
+            "image not ready",
+            "image app/1 was deleted from the imageserver",
+        )
+        .await;
+    assert_eq!(r["required_image"], "app/1");
 }
