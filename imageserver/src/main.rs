@@ -25,13 +25,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("imageserver: {}", model::report::error_line(e.as_ref()));
-            std::process::ExitCode::from(1)
-        }
-    }
+    model::report::exit_code("imageserver", run().await)
 }
 
 async fn run() -> anyhow::Result<()> {

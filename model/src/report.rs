@@ -18,6 +18,17 @@ pub fn error_line(e: &(dyn Error + 'static)) -> String {
     line.replace('\n', " ")
 }
 
+/// The exit code for a program's outcome, printing a failure as `PROGRAM: one line`.
+pub fn exit_code(program: &str, outcome: anyhow::Result<()>) -> std::process::ExitCode {
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: {}", error_line(e.as_ref()));
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,13 +5,7 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("subd: {}", model::report::error_line(e.as_ref()));
-            std::process::ExitCode::from(1)
-        }
-    }
+    model::report::exit_code("subd", run().await)
 }
 
 async fn run() -> anyhow::Result<()> {

@@ -34,6 +34,21 @@ fn user_flags(certs: &Path, user: &str) -> Vec<String> {
     ]
 }
 
+/// A real subd over TLS with the subd role's pair, its root under `work`; and its address.
+fn tls_subd(work: &Path, certs: &Path) -> (Daemon, String) {
+    let root = work.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "--root".to_string(),
+        root.display().to_string(),
+        "--listen".into(),
+        addr.clone(),
+    ];
+    args.extend(daemon_flags(certs, "subd"));
+    (Daemon::start(&bin("subd"), &args, &addr), addr)
+}
+
 fn imagetool(addr: &str, tls: &[String], args: &[&str]) -> Output {
     Command::new(bin("imagetool"))
         .args(["--image-server", addr])
@@ -148,17 +163,7 @@ async fn roles_over_mutual_tls_with_the_real_binaries() {
         .success());
 
     // subd over TLS: the dominator's certificate may poll and update; a builder's may not
-    let root = work.path().join("root");
-    std::fs::create_dir_all(&root).unwrap();
-    let saddr = format!("127.0.0.1:{}", free_port());
-    let mut sargs = vec![
-        "--root".to_string(),
-        root.display().to_string(),
-        "--listen".into(),
-        saddr.clone(),
-    ];
-    sargs.extend(daemon_flags(&certs, "subd"));
-    let _subd = Daemon::start(&bin("subd"), &sargs, &saddr);
+    let (_subd, saddr) = tls_subd(work.path(), &certs);
     let files = |cert: &str, key: &str| TlsFiles {
         ca: certs.join("CA.pem"),
         cert: certs.join(cert),
@@ -197,17 +202,7 @@ async fn the_dominator_names_a_denied_poll_and_a_name_that_does_not_resolve() {
     let work = tempfile::tempdir().unwrap();
     let certs = work.path().join("certs");
     model::certs::make_all(&certs, &[]).unwrap();
-    let root = work.path().join("root");
-    std::fs::create_dir_all(&root).unwrap();
-    let saddr = format!("127.0.0.1:{}", free_port());
-    let mut sargs = vec![
-        "--root".to_string(),
-        root.display().to_string(),
-        "--listen".into(),
-        saddr.clone(),
-    ];
-    sargs.extend(daemon_flags(&certs, "subd"));
-    let _subd = Daemon::start(&bin("subd"), &sargs, &saddr);
+    let (_subd, saddr) = tls_subd(work.path(), &certs);
     let mdb = work.path().join("mdb.json");
     let machines = serde_json::json!([
         {"Hostname": "denied", "IpAddress": saddr, "RequiredImage": "app/1"},
