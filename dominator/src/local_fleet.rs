@@ -297,35 +297,23 @@ pub async fn run(args: LocalFleetArgs) -> anyhow::Result<()> {
         wait_listening(&is_addr, &mut c, "imageserver").await?;
         children.push(("imageserver".into(), c));
 
-        // The images, with the seed's commands.
+        // The images, with the seed's commands: (name, filter file, triggers file).
         let s = |p: &str| images.join(p).display().to_string();
-        imagetool_add(
-            &security,
-            &is_addr,
-            "app.0",
-            &images.join("app.0"),
-            "",
-            &s("app.triggers.json"),
-        )
-        .await?;
-        imagetool_add(
-            &security,
-            &is_addr,
-            "app.1",
-            &images.join("app.1"),
-            "",
-            &s("app.triggers.json"),
-        )
-        .await?;
-        imagetool_add(
-            &security,
-            &is_addr,
-            "base.0",
-            &images.join("base.0"),
-            &s("base.filter"),
-            "",
-        )
-        .await?;
+        for (name, filter, triggers) in [
+            ("app.0", String::new(), s("app.triggers.json")),
+            ("app.1", String::new(), s("app.triggers.json")),
+            ("base.0", s("base.filter"), String::new()),
+        ] {
+            imagetool_add(
+                &security,
+                &is_addr,
+                name,
+                &images.join(name),
+                &filter,
+                &triggers,
+            )
+            .await?;
+        }
 
         // Three subds, each with a root folder.
         let mut machines = Vec::new();
