@@ -613,8 +613,9 @@ fn walk_images(
             let Some(name) = rel.to_str() else {
                 continue;
             };
-            if ImageName::parse(name).is_err() {
-                tracing::warn!(path = %path.display(), "ignoring an image file with an invalid name");
+            if let Err(e) = ImageName::parse(name) {
+                // Debug formatting: the name is shown escaped, never raw into a terminal.
+                tracing::warn!("ignoring the image file {path:?}: {e}");
                 continue;
             }
             let len = e.metadata().map_err(io_at(&path))?.len();

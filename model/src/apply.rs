@@ -418,6 +418,10 @@ pub fn apply(
         run.error(format!("refused: unsafe update: {r}"));
         return finish(run);
     }
+    if let Err(e) = plan.validate() {
+        run.error(format!("refused: invalid plan: {e}"));
+        return finish(run);
+    }
     let mut fs = match Root::open(root) {
         Ok(r) => r,
         Err(e) => {

@@ -222,6 +222,13 @@ impl Inode {
         )
     }
 
+    /// Checks that `chown` can give this inode its uid and gid.
+    pub fn check_owner(&self) -> Result<(), BadId> {
+        check_id("uid", self.uid.into())?;
+        check_id("gid", self.gid.into())?;
+        Ok(())
+    }
+
     /// `ls -l` style mode string, e.g. `-rwsr-xr-x`.
     pub fn mode_string(&self) -> String {
         let m = self.mode;
@@ -281,6 +288,30 @@ pub enum TreeError {
     HardlinkedDir(String),
     #[error("{0}: {1}")]
     BadInode(String, &'static str),
+    #[error("{0}: {1}")]
+    BadOwner(String, BadId),
+}
+
+/// `(uid_t)-1`: `chown` reads this uid or gid as "leave unchanged", so no inode may have it.
+pub const UNCHANGED_ID: u32 = u32::MAX;
+
+/// A uid or gid that `chown` cannot set: `(uid_t)-1` or wider than 32 bits.
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone, Copy)]
+pub enum BadId {
+    #[error("{which} {id} is (uid_t)-1, which chown reads as \"leave unchanged\"")]
+    Unchanged { which: &'static str, id: u64 },
+    #[error("{which} {id} does not fit in 32 bits")]
+    TooWide { which: &'static str, id: u64 },
+}
+
+/// Checks that `id` (a uid when `which` is `"uid"`, a gid for `"gid"`) can be set by
+/// `chown`; returns it as a `u32`.
+pub fn check_id(which: &'static str, id: u64) -> Result<u32, BadId> {
+    if id == UNCHANGED_ID as u64 {
+        Err(BadId::Unchanged { which, id })
+    } else {
+        u32::try_from(id).map_err(|_| BadId::TooWide { which, id })
+    }
 }
 
 impl FileTree {
@@ -394,7 +425,8 @@ impl FileTree {
     }
 
     /// Checks the invariants: a root directory, every parent present and a directory,
-    /// every inode known and consistent for its kind, no hardlinked directories.
+    /// every inode known and consistent for its kind, every owner settable by `chown`, no
+    /// hardlinked directories.
     pub fn validate(&self) -> Result<(), TreeError> {
         match self.get(&FsPath::root()) {
             Some(i) if i.kind == Kind::Dir => {}
@@ -412,6 +444,9 @@ impl FileTree {
                     _ => return Err(TreeError::Orphan(p.display())),
                 }
             }
+            inode
+                .check_owner()
+                .map_err(|e| TreeError::BadOwner(p.display(), e))?;
             if inode.kind == Kind::Dir && counts[ino] > 1 {
                 return Err(TreeError::HardlinkedDir(p.display()));
             }
@@ -504,10 +539,18 @@ impl ImageName {
         if s.contains('\0') || s.contains('\n') || s.contains('\r') {
             return Err(bad("contains NUL or a line break"));
         }
+        if s.chars().any(is_hidden_char) {
+            return Err(bad(
+                "contains a control or format character (tab, escape, bidi override, zero-width, …)",
+            ));
+        }
         if s.len() > 1024 {
             return Err(bad("longer than 1024 bytes"));
         }
         for c in s.split('/') {
+            if c.len() > 255 {
+                return Err(bad("a component longer than 255 bytes"));
+            }
             if c.is_empty() {
                 return Err(bad("empty component (or a trailing or doubled `/`)"));
             }
@@ -524,6 +567,17 @@ impl ImageName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// True for characters a terminal does not show as themselves: controls (C0, DEL, C1),
+/// format characters (bidi overrides and isolates, zero-width characters, soft hyphen)
+/// and the line and paragraph separators.
+pub fn is_hidden_char(c: char) -> bool {
+    use unicode_properties::{GeneralCategory as G, UnicodeGeneralCategory};
+    matches!(
+        c.general_category(),
+        G::Control | G::Format | G::LineSeparator | G::ParagraphSeparator
+    )
 }
 
 impl TryFrom<String> for ImageName {
@@ -619,6 +673,61 @@ mod tests {
         ] {
             assert!(ImageName::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn image_names_with_hidden_characters_are_refused() {
+        for bad in [
+            "a\tb",
+            "a\x7fb",
+            "a\x1b[2Jb",
+            "a\u{202e}b",
+            "a\u{2066}b",
+            "a\u{200b}b",
+            "a\u{feff}b",
+            "a\u{85}b",
+            "a\u{2028}b",
+            "a\u{ad}b",
+        ] {
+            let e = ImageName::parse(bad).expect_err(bad).to_string();
+            assert!(e.contains("control or format character"), "{bad:?}: {e}");
+            assert!(
+                !e.chars().any(is_hidden_char),
+                "the message shows the name escaped: {e:?}"
+            );
+        }
+        // Ordinary non-ASCII text stays allowed.
+        ImageName::parse("web/café/日本/1").unwrap();
+    }
+
+    #[test]
+    fn image_name_component_over_255_bytes_is_refused() {
+        let long = format!("web/{}", "x".repeat(256));
+        let e = ImageName::parse(&long).unwrap_err();
+        assert_eq!(e.reason, "a component longer than 255 bytes");
+        ImageName::parse(&format!("web/{}", "x".repeat(255))).unwrap();
+    }
+
+    #[test]
+    fn unchanged_or_wide_owner_ids_are_refused() {
+        assert_eq!(check_id("uid", 0), Ok(0));
+        assert_eq!(check_id("gid", 4294967294), Ok(4294967294));
+        let e = check_id("uid", 4294967295).unwrap_err().to_string();
+        assert!(e.contains("uid 4294967295 is (uid_t)-1"), "{e}");
+        let e = check_id("gid", 1 << 32).unwrap_err().to_string();
+        assert!(e.contains("gid 4294967296 does not fit in 32 bits"), "{e}");
+        let mut t = FileTree::with_root(Inode::dir(0o755, 0, 0));
+        t.inodes.insert(
+            1,
+            Inode::file(0o4755, u32::MAX, 0, Mtime::default(), 0, None),
+        );
+        t.entries.insert("/tool".parse().unwrap(), 1);
+        let e = t.validate().unwrap_err().to_string();
+        assert!(e.starts_with("/tool: uid 4294967295 is (uid_t)-1"), "{e}");
+        t.inodes.get_mut(&1).unwrap().uid = 0;
+        t.inodes.get_mut(&1).unwrap().gid = u32::MAX;
+        let e = t.validate().unwrap_err().to_string();
+        assert!(e.starts_with("/tool: gid 4294967295"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! Computed by `diff`, carried over the wire, executed by `apply`.
 
 use crate::hash::ObjectId;
-use crate::image::Inode;
+use crate::image::{BadId, Inode, Kind};
 use crate::path::FsPath;
 use crate::triggers::Triggers;
 use serde::{Deserialize, Serialize};
@@ -75,7 +75,47 @@ pub struct UpdatePlan {
     pub unsafe_reason: Option<String>,
 }
 
+/// Why a plan is refused before anything of it is done.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("{0}: {1}")]
+    BadOwner(String, BadId),
+    #[error("{0}: a directory in inodes_to_make (directories are made by dirs_to_make)")]
+    DirInInodesToMake(String),
+    #[error("{0}: dirs_to_make holds a non-directory ({1:?})")]
+    NotADirInDirsToMake(String, Kind),
+}
+
 impl UpdatePlan {
+    /// Checks what `diff` always produces and `apply` relies on: directories only in
+    /// `dirs_to_make`, no directory in `inodes_to_make`, and every uid and gid settable by
+    /// `chown` (never `(uid_t)-1`). The first defect found is returned.
+    pub fn validate(&self) -> Result<(), PlanError> {
+        let owner = |pi: &Inode, path: &FsPath| {
+            pi.check_owner()
+                .map_err(|e| PlanError::BadOwner(path.display(), e))
+        };
+        for d in &self.dirs_to_make {
+            if d.inode.kind != Kind::Dir {
+                return Err(PlanError::NotADirInDirsToMake(
+                    d.path.display(),
+                    d.inode.kind,
+                ));
+            }
+            owner(&d.inode, &d.path)?;
+        }
+        for i in &self.inodes_to_make {
+            if i.inode.kind == Kind::Dir {
+                return Err(PlanError::DirInInodesToMake(i.path.display()));
+            }
+            owner(&i.inode, &i.path)?;
+        }
+        for c in &self.inodes_to_change {
+            owner(&c.inode, &c.path)?;
+        }
+        Ok(())
+    }
+
     /// True when the machine already matches (nothing to fetch or change).
     pub fn is_empty(&self) -> bool {
         self.objects_to_fetch.is_empty()
@@ -214,5 +254,65 @@ impl std::fmt::Display for UpdatePlan {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(path: &str, inode: Inode) -> PathInode {
+        PathInode {
+            path: path.parse().unwrap(),
+            inode,
+        }
+    }
+
+    #[test]
+    fn validate_refuses_directories_out_of_place_and_unsettable_owners() {
+        let ok = UpdatePlan {
+            dirs_to_make: vec![at("/d", Inode::dir(0o755, 0, 0))],
+            inodes_to_make: vec![at("/d/l", Inode::symlink(0, 0, "x"))],
+            ..UpdatePlan::default()
+        };
+        ok.validate().unwrap();
+
+        let mut p = ok.clone();
+        p.inodes_to_make.push(at("/e", Inode::dir(0o755, 0, 0)));
+        assert_eq!(
+            p.validate().unwrap_err().to_string(),
+            "/e: a directory in inodes_to_make (directories are made by dirs_to_make)"
+        );
+
+        let mut p = ok.clone();
+        p.dirs_to_make.push(at("/f", Inode::symlink(0, 0, "x")));
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("/f: dirs_to_make"));
+
+        let mut p = ok.clone();
+        p.inodes_to_make[0].inode.uid = u32::MAX;
+        assert_eq!(
+            p.validate().unwrap_err().to_string(),
+            "/d/l: uid 4294967295 is (uid_t)-1, which chown reads as \"leave unchanged\""
+        );
+
+        let mut p = ok.clone();
+        p.inodes_to_change.push(MetadataChange {
+            path: "/d".parse().unwrap(),
+            inode: Inode::dir(0o755, 0, u32::MAX),
+            mtime_only: false,
+        });
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("/d: gid 4294967295"));
+
+        let mut p = ok;
+        p.dirs_to_make[0].inode.gid = u32::MAX;
+        assert!(p.validate().is_err());
     }
 }

@@ -17,6 +17,8 @@
 //! - An entry below a symlink stored earlier (written *through* it) is an error; so is an
 //!   entry below a file.
 //! - `/.subd` and everything below it are dropped (subd's private directory).
+//! - A uid or gid of 4294967295 (`(uid_t)-1`, which `chown` reads as "leave unchanged")
+//!   or wider than 32 bits is an error.
 //! - Sparse files, sockets and other exotic entry types are an error; PAX global headers
 //!   are ignored. PAX `mtime` fractions give nanoseconds.
 //! - A truncated archive (an entry shorter than its header says, a partial header, or a
@@ -25,7 +27,7 @@
 //!   at all is an error too.
 
 use crate::hash::{ObjectHasher, ObjectId};
-use crate::image::{FileTree, Inode, Kind, Mtime};
+use crate::image::{check_id, FileTree, Inode, Kind, Mtime};
 use crate::path::{escape, FsPath};
 use crate::scan::SUBD_DIR;
 use std::collections::BTreeSet;
@@ -412,13 +414,58 @@ fn classify_io(e: io::Error) -> TarError {
     }
 }
 
+/// Other formats' magic numbers, refused by name rather than as a broken tar.
+const OTHER_FORMATS: &[(&[u8], &str)] = &[
+    (b"PK\x03\x04", "a zip archive"),
+    (b"PK\x05\x06", "an empty zip archive"),
+    (b"BZh", "bzip2-compressed"),
+    (b"\xfd7zXZ\x00", "xz-compressed"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-zip archive"),
+];
+
+/// Refuses a stream whose first block cannot begin a tar archive: another format's magic
+/// number, or (when shorter than a block) numeric header fields that are not octal. A full
+/// block is checked by the tar reader (its checksum).
+fn check_first_block(head: &[u8]) -> Result<(), TarError> {
+    if let Some((_, what)) = OTHER_FORMATS.iter().find(|(m, _)| head.starts_with(m)) {
+        return Err(TarError::NotTar(format!("it is {what}")));
+    }
+    if head.is_empty() || head.len() >= 512 {
+        return Ok(());
+    }
+    // mode, uid, gid, size, mtime: octal digits padded with spaces or NULs (or a GNU
+    // base-256 number, first byte 0x80 or 0xff).
+    for (start, end) in [(100, 108), (108, 116), (116, 124), (124, 136), (136, 148)] {
+        let Some(field) = head.get(start..end.min(head.len())) else {
+            break;
+        };
+        let octal = field.iter().all(|&b| matches!(b, b'0'..=b'7' | b' ' | 0));
+        let base256 = matches!(field.first(), Some(0x80 | 0xff));
+        if !octal && !base256 {
+            return Err(TarError::NotTar(format!(
+                "its first {} bytes are not a tar header",
+                head.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Imports an uncompressed tar stream.
 pub fn import_plain<R: Read>(
     r: R,
     sink: &mut dyn ContentSink,
 ) -> Result<(FileTree, ImportStats), TarError> {
+    let mut r = r;
+    let mut head = Vec::with_capacity(512);
+    (&mut r)
+        .take(512)
+        .read_to_end(&mut head)
+        .map_err(classify_io)?;
+    check_first_block(&head)?;
     let mut tracker = EofTracker {
-        inner: r,
+        inner: io::Cursor::new(head).chain(r),
         eof: false,
     };
     let mut b = Builder::new();
@@ -444,8 +491,10 @@ pub fn import_plain<R: Read>(
             }
             let h = entry.header();
             let mode = h.mode().map_err(|e| entry_err(&raw_path, e.to_string()))?;
-            let uid = h.uid().map_err(|e| entry_err(&raw_path, e.to_string()))? as u32;
-            let gid = h.gid().map_err(|e| entry_err(&raw_path, e.to_string()))? as u32;
+            let uid = h.uid().map_err(|e| entry_err(&raw_path, e.to_string()))?;
+            let uid = check_id("uid", uid).map_err(|e| entry_err(&raw_path, e.to_string()))?;
+            let gid = h.gid().map_err(|e| entry_err(&raw_path, e.to_string()))?;
+            let gid = check_id("gid", gid).map_err(|e| entry_err(&raw_path, e.to_string()))?;
             let mut mtime = Mtime {
                 sec: h.mtime().map_err(|e| entry_err(&raw_path, e.to_string()))? as i64,
                 nsec: 0,
@@ -712,9 +761,48 @@ mod tests {
             b"hello, I am not a tar archive at all".repeat(40),
             "not a tar",
         );
+        for (uid, gid, want) in [
+            (
+                4294967295u64,
+                0u64,
+                "tar entry opt/tool: uid 4294967295 is (uid_t)-1",
+            ),
+            (
+                0,
+                4294967295,
+                "tar entry opt/tool: gid 4294967295 is (uid_t)-1",
+            ),
+            (
+                1 << 32,
+                0,
+                "tar entry opt/tool: uid 4294967296 does not fit in 32 bits",
+            ),
+        ] {
+            expect_err(
+                tar_with(|b| {
+                    let mut h = hdr(EntryType::Regular, 0o4755, 1);
+                    h.set_uid(uid);
+                    h.set_gid(gid);
+                    b.append_data(&mut h, "opt/tool", &b"x"[..]).unwrap();
+                }),
+                want,
+            );
+        }
+        // A tiny zip (one stored file "a" holding "x"), shorter than one tar block.
+        expect_err(TINY_ZIP.to_vec(), "not a tar archive: it is a zip archive");
+        expect_err(b"BZh91AY&SY".to_vec(), "it is bzip2-compressed");
+        expect_err(
+            b"just some text, not an archive, but longer than a name: 0123456789 abcdefghijklmnopqrstuvwxyz 0123456789 abcdefghijklmnopqrstuvwxyz".to_vec(),
+            "not a tar archive: its first 131 bytes are not a tar header",
+        );
         expect_err(Vec::new(), "no entries");
         expect_err(vec![0u8; 10240], "no entries");
     }
+
+    /// A zip archive holding one stored file `a` with the content `x`.
+    pub(crate) const TINY_ZIP: &[u8] = b"PK\x03\x04\x14\x00\x00\x00\x00\x00\x00\x00\x21\x00\x83\x16\xdc\x8c\x01\x00\x00\x00\x01\x00\x00\x00\x01\x00\x00\x00ax\
+PK\x01\x02\x14\x03\x14\x00\x00\x00\x00\x00\x00\x00\x21\x00\x83\x16\xdc\x8c\x01\x00\x00\x00\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x80\x01\x00\x00\x00\x00a\
+PK\x05\x06\x00\x00\x00\x00\x01\x00\x01\x00\x2f\x00\x00\x00\x20\x00\x00\x00\x00\x00";
 
     #[test]
     fn truncations() {

@@ -169,6 +169,9 @@ async fn update(
     if let Some(r) = &req.plan.unsafe_reason {
         return Err(ApiError::BadRequest(format!("refusing unsafe update: {r}")));
     }
+    if let Err(e) = req.plan.validate() {
+        return Err(ApiError::BadRequest(format!("refusing invalid plan: {e}")));
+    }
     claim(&s, false)?;
     s.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let s2 = s.clone();
