@@ -208,6 +208,9 @@ async fn add_directory(
         .await
         .context("scan thread")?
         .with_context(|| format!("scanning {}", path.display()))?;
+    // Refuse what the imageserver would (an owner chown cannot set, …) before sending.
+    tree.validate()
+        .with_context(|| format!("{}", path.display()))?;
     pb.set_message("sending");
     pb.set_position(0);
     // One path per object to read it from.
@@ -371,7 +374,13 @@ async fn add_tarball(
     if let Some(e) = upload_err {
         return Err(e);
     }
-    let (mut tree, _stats) = imported.with_context(|| format!("{}", path.display()))?;
+    let (mut tree, _stats) = imported.map_err(|e| match e {
+        tarball::TarError::NotTar(why) => anyhow::anyhow!(
+            "{} is not a tar archive, a gzip-compressed tar or a directory ({why})",
+            path.display()
+        ),
+        e => anyhow::Error::new(e).context(path.display().to_string()),
+    })?;
     if let Some(f) = &filter {
         tree.apply_filter(f);
     }

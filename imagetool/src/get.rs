@@ -63,8 +63,60 @@ pub async fn get(client: &ImageServerClient, name: &str, dir: &Path) -> anyhow::
         tokio::task::spawn_blocking(move || receive(&mut r, want)).await??;
     }
     let d = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || finish(&d, &tree)).await??;
+    let n = name.to_string();
+    tokio::task::spawn_blocking(move || {
+        write_initial_image(&d, &n)?;
+        finish(&d, &tree)
+    })
+    .await??;
     Ok(image)
+}
+
+/// Where `get` records the image a directory was unpacked from, as Dominator's does.
+pub const INITIAL_IMAGE: &str = "var/lib/initial-image";
+
+/// Writes `DIR/var/lib/initial-image` (the image name and a newline, mode 0644; temp +
+/// fsync + rename), creating `var/lib` if the image lacks it. Skipped with a warning when
+/// the image has `/var` or `/var/lib` as something other than a directory (a symlink must
+/// not lead the write out of `DIR`).
+fn write_initial_image(dir: &Path, name: &str) -> anyhow::Result<()> {
+    let mut d = dir.to_path_buf();
+    for part in ["var", "lib"] {
+        d.push(part);
+        match std::fs::symlink_metadata(&d) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                eprintln!(
+                    "imagetool: warning: {} is not a directory: {INITIAL_IMAGE} not written",
+                    d.display()
+                );
+                return Ok(());
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir(&d).with_context(|| format!("creating {}", d.display()))?;
+            }
+            Err(e) => return Err(e).with_context(|| format!("{}", d.display())),
+        }
+    }
+    let path = dir.join(INITIAL_IMAGE);
+    let ctx = || format!("writing {}", path.display());
+    let tmp = model::fsutil::temp_path(&path);
+    let written = (|| -> io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        f.write_all(format!("{name}\n").as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        model::fsutil::fsync_dir(&d)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(ctx)
 }
 
 fn prepare_dir(dir: &Path) -> anyhow::Result<()> {

@@ -748,3 +748,219 @@ fn half_a_tls_configuration_is_an_error_not_plain_http() {
     std::fs::remove_dir_all(home.path().join(".ssl")).unwrap();
     ok(run(&["list"]));
 }
+
+/// A tar of one 4755 file `opt/tool` owned by `uid:gid`.
+fn setuid_tar(uid: u64, gid: u64) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o4755);
+    h.set_size(3);
+    h.set_uid(uid);
+    h.set_gid(gid);
+    h.set_mtime(1_700_000_000);
+    b.append_data(&mut h, "opt/tool", &b"#!\n"[..]).unwrap();
+    b.into_inner().unwrap()
+}
+
+/// Posts `body` to the real server's `method`; returns the status and the body text.
+fn post_raw(addr: &str, method: &str, body: String) -> (u16, String) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let r = reqwest::Client::new()
+            .post(format!("http://{addr}/rpc/{method}"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    })
+}
+
+/// An AddImage body for `name`: a root and `/opt/tool` (4755, empty) owned by `uid:gid`.
+fn add_image_body(name: &str, uid: u32, gid: u32) -> String {
+    use model::image::{Inode, Mtime};
+    let mut t = model::FileTree::with_root(Inode::dir(0o755, 0, 0));
+    t.inodes.insert(1, Inode::dir(0o755, 0, 0));
+    t.entries.insert("/opt".parse().unwrap(), 1);
+    t.inodes
+        .insert(2, Inode::file(0o4755, uid, gid, Mtime::default(), 0, None));
+    t.entries.insert("/opt/tool".parse().unwrap(), 2);
+    let image = model::Image::new(t, None, Default::default());
+    serde_json::to_string(&model::api::AddImageRequest {
+        name: name.into(),
+        image,
+    })
+    .unwrap()
+}
+
+/// uid or gid 4294967295 is `(uid_t)-1`, which chown reads as "leave unchanged": such an
+/// owner is refused in a tar given to `add` and in an AddImage sent to the server.
+#[test]
+fn owner_4294967295_is_refused_in_tars_and_add_image() {
+    let s = Server::start();
+    let d = tempfile::tempdir().unwrap();
+    for (uid, gid, want) in [
+        (
+            4294967295u64,
+            4294967295u64,
+            "tar entry opt/tool: uid 4294967295 is (uid_t)-1, which chown reads as \"leave unchanged\"",
+        ),
+        (0, 4294967295, "tar entry opt/tool: gid 4294967295 is (uid_t)-1"),
+        (4294967296, 0, "tar entry opt/tool: uid 4294967296 does not fit in 32 bits"),
+    ] {
+        let tar = d.path().join("setuid.tar");
+        std::fs::write(&tar, setuid_tar(uid, gid)).unwrap();
+        fails(
+            s.tool(&["add", "evil/1", tar.to_str().unwrap(), "", ""]),
+            want,
+        );
+        assert_eq!(ok(s.tool(&["list"])), "");
+    }
+    let fine = d.path().join("fine.tar");
+    std::fs::write(&fine, setuid_tar(4294967294, 0)).unwrap();
+    ok(s.tool(&["add", "fine/1", fine.to_str().unwrap(), "", ""]));
+
+    for (uid, gid, want) in [
+        (u32::MAX, 0, "/opt/tool: uid 4294967295 is (uid_t)-1"),
+        (0, u32::MAX, "/opt/tool: gid 4294967295 is (uid_t)-1"),
+    ] {
+        let (status, body) = post_raw(
+            &s.addr,
+            model::api::methods::ADD_IMAGE,
+            add_image_body("evil/2", uid, gid),
+        );
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains(want), "{body}");
+        assert!(!body.trim().contains('\n'), "one line: {body}");
+    }
+    assert_eq!(ok(s.tool(&["list"])), "fine/1\n");
+}
+
+/// Names with control or format characters never reach a listing, and a component over
+/// 255 bytes is a 400 naming the problem (it was a 500).
+#[test]
+fn image_names_with_control_characters_or_long_components_are_refused() {
+    let s = Server::start();
+    let tree = make_tree();
+    let src = tree.path().to_str().unwrap();
+    for name in [
+        "web/\t1",
+        "web/\u{7f}1",
+        "web/\u{1b}[2J1",
+        "web/\u{202e}1",
+        "web/\u{200b}1",
+    ] {
+        let o = s.tool(&["add", name, src, "", ""]);
+        let err = stderr(&o);
+        fails(o, "contains a control or format character");
+        assert!(!err.contains(name), "name escaped: {err:?}");
+        let (status, body) = post_raw(
+            &s.addr,
+            model::api::methods::ADD_IMAGE,
+            add_image_body(name, 0, 0),
+        );
+        assert_eq!(status, 400, "{name:?}: {body}");
+        assert!(
+            body.contains("contains a control or format character"),
+            "{body}"
+        );
+        let (status, _) = post_raw(
+            &s.addr,
+            model::api::methods::GET_IMAGE,
+            serde_json::to_string(&serde_json::json!({ "name": name })).unwrap(),
+        );
+        assert_eq!(status, 400, "GetImage {name:?}");
+    }
+    let long = format!("web/{}/1", "x".repeat(300));
+    let (status, body) = post_raw(
+        &s.addr,
+        model::api::methods::ADD_IMAGE,
+        add_image_body(&long, 0, 0),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("a component longer than 255 bytes"), "{body}");
+    fails(
+        s.tool(&["add", &long, src, "", ""]),
+        "a component longer than 255 bytes",
+    );
+    assert_eq!(ok(s.tool(&["list"])), "");
+    assert_eq!(s.object_files(), 0);
+}
+
+/// A zip (or anything whose first block is not a tar header) is named as such, not as a
+/// truncated archive.
+#[test]
+fn a_zip_given_to_add_is_not_a_tar() {
+    // One stored file `a` holding `x`, as `zip` writes it.
+    const TINY_ZIP: &[u8] = b"PK\x03\x04\x14\x00\x00\x00\x00\x00\x00\x00\x21\x00\x83\x16\xdc\x8c\x01\x00\x00\x00\x01\x00\x00\x00\x01\x00\x00\x00ax\
+PK\x01\x02\x14\x03\x14\x00\x00\x00\x00\x00\x00\x00\x21\x00\x83\x16\xdc\x8c\x01\x00\x00\x00\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x80\x01\x00\x00\x00\x00a\
+PK\x05\x06\x00\x00\x00\x00\x01\x00\x01\x00\x2f\x00\x00\x00\x20\x00\x00\x00\x00\x00";
+    let s = Server::start();
+    let d = tempfile::tempdir().unwrap();
+    let zip = d.path().join("image.zip");
+    std::fs::write(&zip, TINY_ZIP).unwrap();
+    let z = zip.to_str().unwrap();
+    fails(
+        s.tool(&["add", "z/1", z, "", ""]),
+        &format!(
+            "{z} is not a tar archive, a gzip-compressed tar or a directory (it is a zip archive)"
+        ),
+    );
+    // A larger zip-like file (past one tar block) and plain text too.
+    let mut big = TINY_ZIP.to_vec();
+    big.resize(4096, 0);
+    std::fs::write(&zip, &big).unwrap();
+    fails(
+        s.tool(&["add", "z/1", z, "", ""]),
+        "is not a tar archive, a gzip-compressed tar or a directory",
+    );
+    let txt = d.path().join("notes.txt");
+    std::fs::write(&txt, "these are notes, not an archive; ".repeat(4)).unwrap();
+    fails(
+        s.tool(&["add", "z/1", txt.to_str().unwrap(), "", ""]),
+        "is not a tar archive, a gzip-compressed tar or a directory",
+    );
+    assert_eq!(ok(s.tool(&["list"])), "");
+    assert_eq!(s.object_files(), 0);
+}
+
+/// `get` records the image name in `DIR/var/lib/initial-image`, as Dominator's does.
+#[test]
+fn get_writes_var_lib_initial_image() {
+    let s = Server::start();
+    let tree = make_tree();
+    ok(s.tool(&["add", "web/2026.1", tree.path().to_str().unwrap(), "", ""]));
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("unpacked");
+    ok(s.tool(&["get", "web/2026.1", dir.to_str().unwrap()]));
+    let f = dir.join("var/lib/initial-image");
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), "web/2026.1\n");
+    let meta = std::fs::symlink_metadata(&f).unwrap();
+    assert!(meta.is_file());
+    assert_eq!(meta.mode() & 0o7777, 0o644);
+    let names: Vec<_> = std::fs::read_dir(dir.join("var/lib"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["initial-image"], "no temp file left");
+    // The image's own files are all there too.
+    assert_eq!(
+        std::fs::read_to_string(dir.join("etc/hostname")).unwrap(),
+        "web1\n"
+    );
+
+    // An image whose /var is a symlink: nothing is written through it.
+    let t2 = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::create_dir(outside.path().join("lib")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), t2.path().join("var")).unwrap();
+    std::fs::set_permissions(t2.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    ok(s.tool(&["add", "link/1", t2.path().to_str().unwrap(), "", ""]));
+    let dir2 = out.path().join("unpacked2");
+    let o = s.tool(&["get", "link/1", dir2.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is not a directory"), "{}", stderr(&o));
+    assert!(!outside.path().join("lib/initial-image").exists());
+}
