@@ -272,7 +272,7 @@ async fn plan_one(
     if m.required_image.is_empty() {
         return Err("no RequiredImage in the MDB (image undefined)".into());
     }
-    let address = herd::dial_address(m, port);
+    let address = herd::dial_address(m, port).map_err(|e| e.to_string())?;
     let client = herd::subd_client(&address, security, Duration::from_secs(300))
         .map_err(|e| e.to_string())?;
     let (poll, _) = herd::poll_counted(&client, &PollRequest::default())

@@ -82,11 +82,10 @@ struct Ctx {
     full_permits: Semaphore,
 }
 
-/// The address to dial for `m`, always with a port.
-pub fn dial_address(m: &Machine, default_port: u16) -> String {
-    model::client::base_url(m.address(), default_port, false)
-        .trim_start_matches("http://")
-        .to_string()
+/// The address to dial for `m`, always with a port: `HOST:PORT` or `[V6]:PORT`, rebuilt
+/// from the parsed MDB address, so an MDB string is never passed on as a URL.
+pub fn dial_address(m: &Machine, default_port: u16) -> Result<String, mdb::BadAddress> {
+    Ok(mdb::Address::parse(m.address())?.dial(default_port))
 }
 
 /// A subd client for `address`.
@@ -429,7 +428,18 @@ async fn refresh_from_tree(
 /// One poll-decide-act round for one machine; returns how long to wait before the next.
 async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
     let cfg = &ctx.cfg;
-    let address = dial_address(m, cfg.subd_port);
+    let address = match dial_address(m, cfg.subd_port) {
+        Ok(a) => a,
+        Err(e) => {
+            // `mdb::load` refuses such a record; this guards every other way in.
+            tracing::error!("not dialling an invalid address: {e}");
+            let mut machines = ctx.fleet.machines.lock().expect("fleet lock");
+            if let Some(r) = machines.get_mut(&m.hostname) {
+                r.last_error = Some(format!("invalid address: {e}"));
+            }
+            return cfg.backoff_cap;
+        }
+    };
     if st.client.as_ref().map(|(a, _)| a) != Some(&address) {
         let rpc = ctx.subd_rpc.for_address(&address, cfg.subd_port);
         st.client = Some((address.clone(), SubdClient { rpc }));
@@ -720,6 +730,21 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dial_address_never_passes_a_url_on() {
+        let mut m = Machine::new("web1");
+        assert_eq!(dial_address(&m, 6969).unwrap(), "web1:6969");
+        m.ip_address = Some("::1".into());
+        assert_eq!(dial_address(&m, 6969).unwrap(), "[::1]:6969");
+        for bad in ["https://h:1/rpc/X?", "http://h", "../etc", "a:b:c"] {
+            m.ip_address = Some(bad.into());
+            assert!(dial_address(&m, 6969).is_err(), "{bad}");
+            m.ip_address = None;
+            m.hostname = bad.into();
+            assert!(dial_address(&m, 6969).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn poll_errors_are_named() {

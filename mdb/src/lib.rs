@@ -10,7 +10,7 @@ pub mod cli;
 pub mod machine;
 pub mod store;
 
-pub use machine::{Machine, Mdb, MdbError, TAG_DISABLE_SAFETY_CHECK};
+pub use machine::{Address, BadAddress, Machine, Mdb, MdbError, TAG_DISABLE_SAFETY_CHECK};
 pub use store::{load, StoreError};
 
 /// Where the MDB lives unless told otherwise (the dominator and mdbd use the same path).

@@ -12,6 +12,7 @@ use serde::{Serialize, Serializer};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// Why an MDB document is not acceptable. Every message is one line naming the entry.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -89,6 +90,10 @@ impl Machine {
                 check_address(ip).map_err(|e| format!("IpAddress: {e}"))?;
             }
         }
+        for (k, v) in &self.tags {
+            check_text("tag", k)?;
+            check_text(&format!("tag {k:?} value"), v)?;
+        }
         for (key, v) in [
             ("RequiredImage", &self.required_image),
             ("PlannedImage", &self.planned_image),
@@ -101,38 +106,151 @@ impl Machine {
     }
 }
 
-/// Checks `HOST`, `HOST:PORT`, `[V6]`, `[V6]:PORT` or a bare IPv6 address.
-pub fn check_address(addr: &str) -> Result<(), String> {
-    if addr.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("{addr:?} contains whitespace"));
-    }
-    let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
-        let (h, after) = rest
-            .split_once(']')
-            .ok_or_else(|| format!("{addr:?}: `[` without `]`"))?;
-        match after {
-            "" => (h, None),
-            p if p.starts_with(':') => (h, Some(&p[1..])),
-            _ => return Err(format!("{addr:?}: junk after `]`")),
+/// Why a `Hostname` or `IpAddress` is refused (the message names the value, escaped).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{addr:?}: {reason}")]
+pub struct BadAddress {
+    pub addr: String,
+    pub reason: String,
+}
+
+/// The host part of an address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Host {
+    /// An RFC 1123 host name: dot-separated labels of letters, digits and inner `-`.
+    Name(String),
+    V4(Ipv4Addr),
+    V6(Ipv6Addr),
+}
+
+/// A machine's address as the MDB may give it: a host name or an IP address with an
+/// optional port — never a URL, a path or anything else a client would read as one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Address {
+    pub host: Host,
+    pub port: Option<u16>,
+}
+
+impl Address {
+    /// Parses `HOST`, `HOST:PORT`, `IPV4`, `IPV4:PORT`, `[IPV6]`, `[IPV6]:PORT` or a bare
+    /// IPv6 address.
+    pub fn parse(addr: &str) -> Result<Address, BadAddress> {
+        let bad = |reason: &str| BadAddress {
+            addr: addr.to_string(),
+            reason: reason.to_string(),
+        };
+        if addr.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad("contains whitespace or a control character"));
         }
-    } else if addr.matches(':').count() == 1 {
-        let (h, p) = addr.split_once(':').unwrap();
-        (h, Some(p))
-    } else {
-        (addr, None)
-    };
-    if host.is_empty() {
-        return Err(format!("{addr:?}: empty host"));
-    }
-    if let Some(p) = port {
-        match p.parse::<u16>() {
-            Ok(n) if n > 0 => {}
-            _ => {
-                return Err(format!(
-                    "{addr:?}: port {p:?} is not a number from 1 to 65535"
+        if addr.contains('/') {
+            return Err(bad(
+                "not a host name or IP address (it has a `/`: URLs and paths are not addresses)",
+            ));
+        }
+        if let Some(rest) = addr.strip_prefix('[') {
+            let (h, after) = rest.split_once(']').ok_or_else(|| bad("`[` without `]`"))?;
+            let ip: Ipv6Addr = h
+                .parse()
+                .map_err(|_| bad("the part in `[…]` is not an IPv6 address"))?;
+            let port = match after {
+                "" => None,
+                p if p.starts_with(':') => Some(parse_port(&p[1..]).map_err(|r| bad(&r))?),
+                _ => return Err(bad("junk after `]`")),
+            };
+            return Ok(Address {
+                host: Host::V6(ip),
+                port,
+            });
+        }
+        if let Ok(ip) = addr.parse::<Ipv6Addr>() {
+            return Ok(Address {
+                host: Host::V6(ip),
+                port: None,
+            });
+        }
+        let (host, port) = match addr.split_once(':') {
+            Some((_, p)) if p.contains(':') => {
+                return Err(bad(
+                    "not a host name or IP address with an optional :PORT (a bare IPv6 address, or [IPV6]:PORT)",
                 ))
             }
+            Some((h, p)) => (h, Some(p)),
+            None => (addr, None),
+        };
+        if host.is_empty() {
+            return Err(bad("empty host"));
         }
+        let host = match host.parse::<Ipv4Addr>() {
+            Ok(ip) => Host::V4(ip),
+            Err(_) => Host::Name(check_host_name(host).map_err(bad)?.to_string()),
+        };
+        let port = port
+            .map(|p| parse_port(p).map_err(|r| bad(&r)))
+            .transpose()?;
+        Ok(Address { host, port })
+    }
+
+    /// `HOST:PORT` (`[V6]:PORT`) to dial, with `default_port` when none was given.
+    pub fn dial(&self, default_port: u16) -> String {
+        let port = self.port.unwrap_or(default_port);
+        match &self.host {
+            Host::Name(n) => format!("{n}:{port}"),
+            Host::V4(ip) => format!("{ip}:{port}"),
+            Host::V6(ip) => format!("[{ip}]:{port}"),
+        }
+    }
+}
+
+fn parse_port(p: &str) -> Result<u16, String> {
+    match p.parse::<u16>() {
+        Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
+        _ => Err(format!("port {p:?} is not a number from 1 to 65535")),
+    }
+}
+
+/// Checks an RFC 1123 host name: at most 253 bytes of dot-separated labels, each 1 to 63
+/// letters, digits or inner hyphens; the last label not all digits (that would be a
+/// malformed IPv4 address).
+fn check_host_name(h: &str) -> Result<&str, &'static str> {
+    if h.len() > 253 {
+        return Err("host name longer than 253 bytes");
+    }
+    let mut last = "";
+    for label in h.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("not a host name (each dot-separated label must have 1 to 63 characters)");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(
+                "not a host name or IP address (a host name has only letters, digits, `-` and `.`)",
+            );
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err("not a host name (a label starts or ends with `-`)");
+        }
+        last = label;
+    }
+    if last.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("not a valid IPv4 address or host name");
+    }
+    Ok(h)
+}
+
+/// Checks `HOST`, `HOST:PORT`, `[V6]`, `[V6]:PORT` or a bare IPv6 address.
+pub fn check_address(addr: &str) -> Result<(), BadAddress> {
+    Address::parse(addr).map(|_| ())
+}
+
+/// Refuses control and format characters (escape sequences, bidi overrides) in free text
+/// the dominator and `mdb list` show.
+fn check_text(what: &str, v: &str) -> Result<(), String> {
+    if v.chars().any(model::image::is_hidden_char) {
+        return Err(format!(
+            "{what} {v:?} contains a control or format character"
+        ));
     }
     Ok(())
 }
@@ -466,6 +584,102 @@ mod tests {
             ),
         ];
         for (text, want) in bad {
+            let got = check(text).unwrap_err();
+            assert!(got.contains(want), "{text}: got {got:?}, want {want:?}");
+            assert!(!got.contains('\n'), "one line: {got:?}");
+        }
+    }
+
+    #[test]
+    fn addresses_are_host_names_or_ip_addresses_with_an_optional_port() {
+        for (addr, dial) in [
+            ("web1", "web1:6969"),
+            ("web-1.example.com:7000", "web-1.example.com:7000"),
+            ("WEB1", "WEB1:6969"),
+            ("127.0.0.1", "127.0.0.1:6969"),
+            ("127.0.0.1:7001", "127.0.0.1:7001"),
+            ("::1", "[::1]:6969"),
+            ("[::1]", "[::1]:6969"),
+            ("[2001:db8::5]:7000", "[2001:db8::5]:7000"),
+            ("4chan", "4chan:6969"),
+        ] {
+            let a = Address::parse(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+            assert_eq!(a.dial(6969), dial, "{addr}");
+        }
+        for bad in [
+            "https://h:1/rpc/X?",
+            "http://h",
+            "h/rpc/Subd.Poll",
+            "../etc",
+            "a:b:c",
+            "a:b",
+            "a:+80",
+            "a:0",
+            "a..b",
+            ".a",
+            "a.",
+            "-a",
+            "a-",
+            "a_b",
+            "a@b",
+            "a%2fb",
+            "h?x",
+            "h#x",
+            "[::1",
+            "[::1]x",
+            "[web1]:80",
+            "999.1.1.1",
+            "1.2.3",
+            "a\u{1b}[31m",
+            "a\u{202e}b",
+            "",
+            ":80",
+        ] {
+            let e = Address::parse(bad).expect_err(bad).to_string();
+            assert!(!e.contains('\n'), "{e}");
+            assert!(
+                !e.chars().any(model::image::is_hidden_char),
+                "escaped: {e:?}"
+            );
+        }
+        let long = vec!["a".repeat(63); 4].join(".");
+        assert!(Address::parse(&long).is_err(), "over 253 bytes");
+        assert!(Address::parse(&long[..253]).is_ok());
+        assert!(Address::parse(&"a".repeat(64)).is_err(), "label over 63");
+    }
+
+    #[test]
+    fn hostile_records_are_refused_naming_the_record() {
+        for (text, want) in [
+            (
+                r#"[{"Hostname":"a"},{"Hostname":"https://h:1/rpc/X?"}]"#,
+                r#"entry 2 (Hostname "https://h:1/rpc/X?"): Hostname: "https://h:1/rpc/X?": not a host name"#,
+            ),
+            (
+                r#"[{"Hostname":"../etc"}]"#,
+                r#"entry 1 (Hostname "../etc"): Hostname: "../etc": not a host name"#,
+            ),
+            (
+                r#"[{"Hostname":"a","IpAddress":"http://10.0.0.1/"}]"#,
+                r#"entry 1 (Hostname "a"): IpAddress: "http://10.0.0.1/": not a host name"#,
+            ),
+            (
+                r#"[{"Hostname":"a","RequiredImage":"web/\u001b[2J1"}]"#,
+                "RequiredImage: invalid image name \"web/\\u{1b}[2J1\": contains a control or format character",
+            ),
+            (
+                r#"[{"Hostname":"a","PlannedImage":"web/\u202e1"}]"#,
+                "PlannedImage: invalid image name",
+            ),
+            (
+                r#"[{"Hostname":"a","Tags":{"k\tx":"v"}}]"#,
+                r#"tag "k\tx" contains a control or format character"#,
+            ),
+            (
+                r#"[{"Hostname":"a","Tags":{"k":"v\u001b[31m"}}]"#,
+                r#"tag "k" value "v\u{1b}[31m" contains a control or format character"#,
+            ),
+        ] {
             let got = check(text).unwrap_err();
             assert!(got.contains(want), "{text}: got {got:?}, want {want:?}");
             assert!(!got.contains('\n'), "one line: {got:?}");

@@ -277,3 +277,62 @@ fn a_bare_relative_file_name_works() {
     let o = run(&["show", "m1"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("x.1"));
 }
+
+/// Hostnames and addresses that a client would read as URLs or paths, and control
+/// characters an operator's terminal would act on, are refused by every entry point: the
+/// edit commands change nothing, and a hand-edited file is refused naming the record.
+#[test]
+fn urls_paths_and_control_characters_are_refused() {
+    let (d, p) = scratch();
+    ok(&p, &["add", "web1", "--required", "img/1"]);
+    let before = std::fs::read(&p).unwrap();
+    for host in [
+        "https://h:1/rpc/X?",
+        "../etc",
+        "a:b:c",
+        "h/rpc/Subd.Poll",
+        "a\u{1b}[2J",
+    ] {
+        fails(&p, &["add", host], 1, "Hostname");
+        fails(&p, &["set", "web1", "--ip", host], 1, "IpAddress");
+    }
+    fails(
+        &p,
+        &["set", "web1", "--required", "img/\u{202e}1"],
+        1,
+        "contains a control or format character",
+    );
+    fails(
+        &p,
+        &["set", "web1", "--planned", "img/\t1"],
+        1,
+        "contains a control or format character",
+    );
+    assert_eq!(std::fs::read(&p).unwrap(), before, "nothing written");
+
+    // A hand edit: the whole file is refused, naming the record.
+    let f = d.path().join("hand.json");
+    for (text, want) in [
+        (
+            r#"[{"Hostname":"web1"},{"Hostname":"https://h:1/rpc/X?"}]"#,
+            r#"entry 2 (Hostname "https://h:1/rpc/X?"): Hostname: "https://h:1/rpc/X?": not a host name or IP address"#,
+        ),
+        (
+            r#"[{"Hostname":"web1","IpAddress":"a:b:c"}]"#,
+            r#"entry 1 (Hostname "web1"): IpAddress: "a:b:c": not a host name"#,
+        ),
+        (
+            r#"[{"Hostname":"web1","Tags":{"Rack":"r\u001b]0;owned\u0007"}}]"#,
+            r#"entry 1 (Hostname "web1"): tag "Rack" value "r\u{1b}]0;owned\u{7}" contains a control or format character"#,
+        ),
+    ] {
+        std::fs::write(&f, text).unwrap();
+        let r = mdb(&f, &["check", f.to_str().unwrap()]);
+        assert_eq!(r.code, 1, "{text}: {}", r.stdout);
+        assert!(r.stderr.contains(want), "{text}: {}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
+        assert!(!r.stderr.contains('\u{1b}'), "escaped: {:?}", r.stderr);
+        let r = mdb(&f, &["list"]);
+        assert_eq!(r.code, 1, "list refuses it too: {}", r.stdout);
+    }
+}
