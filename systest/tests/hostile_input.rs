@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{add_image, imageserver, subd};
+use common::{add_image, full_poll, imageserver, subd};
 use model::api::UpdateRequest;
 use model::client::{ClientError, ClientSecurity, RpcClient};
 use model::image::Inode;
@@ -29,6 +29,7 @@ async fn subd_refuses_a_plan_with_an_unsettable_owner_or_a_directory_among_inode
     let root = work.path().join("root");
     std::fs::create_dir(&root).unwrap();
     let (_d, c) = subd(&root, free_port());
+    full_poll(&c, 0).await; // a scan has finished: the plan itself decides
     let bad: Vec<(UpdatePlan, &str)> = vec![
         (
             UpdatePlan {
