@@ -10,7 +10,7 @@ use crate::diff::{diff, DiffOptions, Machine};
 use crate::fetch::{fetch_objects, FetchError, FetchOptions, FetchStats};
 use crate::objectstore::{ObjectStore, StoreError};
 use crate::plan::UpdatePlan;
-use crate::scan::{scan_full, ScanError, ScanOptions};
+use crate::scan::{scan_full, ChangedFiles, ScanError, ScanOptions};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -96,6 +96,7 @@ pub async fn patch_directory(
         let opts = ScanOptions {
             exclude: options.apply.exclusions.clone(),
             threads: options.scan_threads,
+            changed: ChangedFiles::LeaveOut,
             ..Default::default()
         };
         tokio::task::spawn_blocking(move || -> Result<_, PatchError> {
