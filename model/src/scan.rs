@@ -701,4 +701,56 @@ mod tests {
         assert_eq!(i.size, 1 << 20);
         assert_eq!(i.hash, Some(ObjectId::of(&vec![1u8; 1 << 20])));
     }
+
+    #[test]
+    fn scans_racing_names_that_flip_kinds_always_finish_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path().to_path_buf();
+        std::fs::create_dir(r.join("crash")).unwrap();
+        std::fs::write(r.join("keep"), b"kept").unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        // A file, a FIFO, a symlink to /dev/zero, a directory, in turn, as fast as it goes.
+        let flipper = {
+            let (stop, f) = (stop.clone(), r.join("crash/x"));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = std::fs::remove_file(&f);
+                    let _ = std::fs::remove_dir_all(&f);
+                    std::fs::write(&f, vec![3u8; 64 << 10]).unwrap();
+                    std::fs::remove_file(&f).unwrap();
+                    mkfifo(&f);
+                    std::fs::remove_file(&f).unwrap();
+                    symlink("/dev/zero", &f).unwrap();
+                    std::fs::remove_file(&f).unwrap();
+                    std::fs::create_dir(&f).unwrap();
+                    std::fs::write(f.join("in"), b"in").unwrap();
+                }
+            })
+        };
+        for n in 0..200 {
+            let changed = if n % 2 == 0 {
+                ChangedFiles::LeaveOut
+            } else {
+                ChangedFiles::Fail
+            };
+            let opts = ScanOptions {
+                threads: 2,
+                changed,
+                ..Default::default()
+            };
+            match scan_within_10s(&r, opts) {
+                Ok(s) => {
+                    s.tree.validate().unwrap();
+                    let keep = s.tree.get(&"/keep".parse().unwrap()).unwrap();
+                    assert_eq!(keep.hash, Some(ObjectId::of(b"kept")));
+                }
+                Err(ScanError::Changed(p)) if changed == ChangedFiles::Fail => {
+                    assert!(p.starts_with(r.join("crash/x")), "{}", p.display())
+                }
+                Err(e) => panic!("pass {n} ({changed:?}): {e}"),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        flipper.join().unwrap();
+    }
 }
