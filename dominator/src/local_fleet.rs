@@ -320,6 +320,8 @@ pub async fn run(args: LocalFleetArgs) -> anyhow::Result<()> {
         for i in 1..=3 {
             let root = dir.join("roots").join(format!("machine-{i}"));
             std::fs::create_dir_all(root.join("etc"))?;
+            // subd refuses a root others can write: 0755 whatever the umask.
+            std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
             std::fs::write(root.join("etc/hostname"), format!("machine-{i}\n"))?;
             let addr = format!("127.0.0.1:{}", free_port()?);
             let mut c = spawn(

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use model::client::ImageServerClient;
 use model::image::Kind;
-use model::scan::{scan, ScanOptions};
+use model::scan::{scan, ChangedFiles, ScanOptions};
 use model::tarball::{self, ContentSink};
 use model::{FileTree, Filter, FsPath, Image, ImageName, ObjectId, Triggers};
 use std::collections::HashSet;
@@ -202,6 +202,8 @@ async fn add_directory(
         threads: 0,
         throttle: Some(Arc::new(move |n| pbc.inc(n))),
         cancel: None,
+        // A file replaced while `add` reads it is an error, never a silently wrong image.
+        changed: ChangedFiles::Fail,
     };
     pb.set_message("hashing");
     let tree = tokio::task::spawn_blocking(move || scan(&root, &opts))

@@ -21,13 +21,14 @@ use crate::image::{Inode, Kind};
 use crate::objectstore::ObjectStore;
 use crate::path::FsPath;
 use crate::plan::UpdatePlan;
+use crate::statedir::StateDir;
 use crate::triggers::{Trigger, Triggers};
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, CWD};
 use rustix::io::Errno;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -355,8 +356,9 @@ fn last_line(f: &std::fs::File) -> String {
 }
 
 /// The previously applied image's triggers saved in `state_dir` (none if absent or bad).
-pub fn load_previous_triggers(state_dir: &Path) -> Triggers {
-    std::fs::read(state_dir.join(PREVIOUS_TRIGGERS))
+pub fn load_previous_triggers(state_dir: &StateDir) -> Triggers {
+    state_dir
+        .read(PREVIOUS_TRIGGERS)
         .ok()
         .and_then(|b| serde_json::from_slice::<Vec<Trigger>>(&b).ok())
         .and_then(|v| Triggers::new(v).ok())
@@ -394,12 +396,13 @@ impl Run<'_> {
     }
 }
 
-/// Applies `plan` to `root`; `state_dir` holds `objects/` (the cache, same file-system as
-/// the root), `staging/` and `triggers.previous`. Never panics on bad input; every failure
-/// is a line in `UpdateResult::errors` or `trigger_failures`.
+/// Applies `plan` to `root`; `state_dir` (reached only through its handle) holds
+/// `objects/` (the cache, same file-system as the root), `staging/` and
+/// `triggers.previous`. Never panics on bad input; every failure is a line in
+/// `UpdateResult::errors` or `trigger_failures`.
 pub fn apply(
     root: &Path,
-    state_dir: &Path,
+    state_dir: &StateDir,
     plan: &UpdatePlan,
     opts: &ApplyOptions,
 ) -> UpdateResult {
@@ -429,7 +432,7 @@ pub fn apply(
             return finish(run);
         }
     };
-    let store = match ObjectStore::open(&state_dir.join("objects")) {
+    let store = match state_dir.objects() {
         Ok(s) => s,
         Err(e) => {
             run.error(e.to_string());
@@ -503,11 +506,10 @@ pub fn apply(
     // 1. Copy local files into the cache (verified) and stage every new inode.
     let t_start = Instant::now();
     copy_to_cache(&mut fs, &store, plan, &mut run);
-    let staging_dir = state_dir.join("staging");
-    let staged = match prepare_staging(&staging_dir) {
+    let staged = match prepare_staging(state_dir) {
         Ok(fd) => Some(fd),
         Err(e) => {
-            run.error(format!("{}: {e}", staging_dir.display()));
+            run.error(format!("{}/staging: {e}", state_dir.shown().display()));
             None
         }
     };
@@ -549,7 +551,7 @@ pub fn apply(
     };
     if !starts.is_empty() {
         let json = serde_json::to_vec(&starts).expect("pairs serialize");
-        if let Err(e) = crate::fsutil::write_atomic(&state_dir.join(PENDING_STARTS), &json) {
+        if let Err(e) = state_dir.write_atomic(PENDING_STARTS, &json) {
             run.error(format!("saving {PENDING_STARTS}: {e}"));
         }
     }
@@ -719,7 +721,7 @@ pub fn apply(
     // 5. Remember the triggers, and the image for full updates.
     if !plan.triggers.is_empty() {
         let json = serde_json::to_vec_pretty(&plan.triggers).expect("triggers serialize");
-        if let Err(e) = crate::fsutil::write_atomic(&state_dir.join(PREVIOUS_TRIGGERS), &json) {
+        if let Err(e) = state_dir.write_atomic(PREVIOUS_TRIGGERS, &json) {
             run.error(format!("saving {PREVIOUS_TRIGGERS}: {e}"));
         }
     }
@@ -765,18 +767,20 @@ fn start_actions(matched_new: &[Trigger], stopped: &BTreeSet<String>) -> (Vec<[S
     (out, restart_subd)
 }
 
-fn forget_pending_starts(state_dir: &Path) {
-    let p = state_dir.join(PENDING_STARTS);
-    if std::fs::remove_file(&p).is_ok() {
-        let _ = crate::fsutil::fsync_dir(state_dir);
+fn forget_pending_starts(state_dir: &StateDir) {
+    if state_dir.remove(PENDING_STARTS).unwrap_or(false) {
+        let _ = state_dir.sync();
     }
 }
 
 /// Runs the starts an interrupted update recorded but never ran (subd was killed between
 /// stopping services and starting them), then forgets them. Returns what was run, as
 /// `service action` lines, and the failures.
-pub fn resume_pending_starts(state_dir: &Path, opts: &ApplyOptions) -> (Vec<String>, Vec<String>) {
-    let Ok(bytes) = std::fs::read(state_dir.join(PENDING_STARTS)) else {
+pub fn resume_pending_starts(
+    state_dir: &StateDir,
+    opts: &ApplyOptions,
+) -> (Vec<String>, Vec<String>) {
+    let Ok(bytes) = state_dir.read(PENDING_STARTS) else {
         return (Vec::new(), Vec::new());
     };
     let pairs: Vec<[String; 2]> = serde_json::from_slice(&bytes).unwrap_or_default();
@@ -921,23 +925,39 @@ fn return_to_cache(sfd: &OwnedFd, name: &str, store: &ObjectStore, h: &ObjectId)
     }
 }
 
-/// Opens (creating) an empty staging directory; leftovers of a crashed update are removed.
-fn prepare_staging(dir: &Path) -> io::Result<OwnedFd> {
-    std::fs::create_dir_all(dir)?;
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        let p = e.path();
-        if e.file_type()?.is_dir() {
-            std::fs::remove_dir_all(&p)?;
-        } else {
-            std::fs::remove_file(&p)?;
+/// Opens (creating) an empty `staging/` in the state directory; leftovers of a crashed
+/// update are removed.
+fn prepare_staging(state_dir: &StateDir) -> io::Result<OwnedFd> {
+    let fd = state_dir.subdir("staging")?;
+    empty_dir(fd.as_fd())?;
+    Ok(fd)
+}
+
+/// Removes everything in directory `dir`, never following a symlink.
+fn empty_dir(dir: BorrowedFd) -> io::Result<()> {
+    let mut names: Vec<Vec<u8>> = Vec::new();
+    for e in rustix::fs::Dir::read_from(dir)? {
+        let n = e?.file_name().to_bytes().to_vec();
+        if n != b"." && n != b".." {
+            names.push(n);
         }
     }
-    Ok(rustix::fs::open(
-        dir,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?)
+    for n in names {
+        match rustix::fs::unlinkat(dir, n.as_slice(), AtFlags::empty()) {
+            Err(Errno::ISDIR) | Err(Errno::PERM) => {
+                let sub = rustix::fs::openat(
+                    dir,
+                    n.as_slice(),
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )?;
+                empty_dir(sub.as_fd())?;
+                rustix::fs::unlinkat(dir, n.as_slice(), AtFlags::REMOVEDIR)?;
+            }
+            r => r?,
+        }
+    }
+    Ok(())
 }
 
 /// Creates `name` in the staging directory as `want`, with its final metadata. Regular
@@ -1057,11 +1077,6 @@ fn copy_to_cache(fs: &mut Root, store: &ObjectStore, plan: &UpdatePlan, run: &mu
     if let Err(e) = store.commit(pending) {
         run.error(format!("copy to cache: {e}"));
     }
-}
-
-/// The state directory for a root (`ROOT/.subd`).
-pub fn state_dir_of(root: &Path) -> PathBuf {
-    root.join(".subd")
 }
 
 #[cfg(test)]

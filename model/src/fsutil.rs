@@ -69,21 +69,30 @@ pub enum LockError {
 /// Takes the lock file `name` in `dir` without waiting, and records this process's pid in
 /// it; fails with `LockError::Busy` naming the holder's pid if another process has it.
 pub fn lock_dir(dir: &Path, name: &str) -> Result<DirLock, LockError> {
-    use rustix::fs::{flock, FlockOperation};
-    use std::io::{Read, Seek};
     let path = dir.join(name);
-    let io = |source| LockError::Io {
-        path: path.clone(),
-        source,
-    };
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o644)
         .open(&path)
-        .map_err(io)?;
+        .map_err(|source| LockError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    lock_file(file, dir, &path)
+}
+
+/// Takes the lock on an open lock file `file` (of directory `dir`, at `path`: both for
+/// messages), as `lock_dir` does.
+pub fn lock_file(mut file: File, dir: &Path, path: &Path) -> Result<DirLock, LockError> {
+    use rustix::fs::{flock, FlockOperation};
+    use std::io::{Read, Seek};
+    let io = |source| LockError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     match flock(&file, FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => {}
         Err(rustix::io::Errno::WOULDBLOCK) => {

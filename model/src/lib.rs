@@ -16,6 +16,7 @@
 //! - `http`, `client`, `tls`, `security`: the one HTTP server, the one HTTP client, mutual
 //!   TLS, and the TLS flags every program shares.
 //! - `fsutil`: durable writes (temp + fsync + rename).
+//! - `statedir`: `ROOT/.subd`, checked once and then reached only through its handle.
 
 pub mod api;
 pub mod apply;
@@ -36,6 +37,7 @@ pub mod plan;
 pub mod report;
 pub mod scan;
 pub mod security;
+pub mod statedir;
 pub mod tarball;
 pub mod tls;
 pub mod triggers;

@@ -1,16 +1,18 @@
 //! `patch_directory`: make a local directory match an image without a subd — get the image,
 //! scan the directory, diff, fetch the missing objects into `DIR/.subd/objects` (same
-//! file-system, so activation is a rename), apply. The same diff and apply code subd uses;
+//! file-system, so activation is a rename), apply. `DIR/.subd` is checked and reached
+//! through one handle, as subd does (`statedir`). The same diff and apply code subd uses;
 //! `imagetool patch-directory NAME DIR` is a thin wrapper.
 
 use crate::api::UpdateResult;
-use crate::apply::{apply, state_dir_of, ApplyOptions};
+use crate::apply::{apply, ApplyOptions};
 use crate::client::{ClientError, ImageServerClient};
 use crate::diff::{diff, DiffOptions, Machine};
 use crate::fetch::{fetch_objects, FetchError, FetchOptions, FetchStats};
-use crate::objectstore::{ObjectStore, StoreError};
+use crate::objectstore::StoreError;
 use crate::plan::UpdatePlan;
-use crate::scan::{scan_full, ScanError, ScanOptions};
+use crate::scan::{scan_full, ChangedFiles, ScanError, ScanOptions};
+use crate::statedir::{StateDir, StateDirError};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -57,6 +59,8 @@ pub enum PatchError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    State(#[from] StateDirError),
     #[error("scanning: {0}")]
     Scan(#[from] ScanError),
     #[error("object cache: {0}")]
@@ -84,22 +88,24 @@ pub async fn patch_directory(
             source,
         })?;
     let t_scan = std::time::Instant::now();
-    let state = state_dir_of(dir);
-    std::fs::create_dir_all(&state).map_err(|source| PatchError::Dir {
-        path: state.clone(),
+    std::fs::create_dir_all(dir).map_err(|source| PatchError::Dir {
+        path: dir.to_path_buf(),
         source,
     })?;
-    let _lock = crate::fsutil::lock_dir(&state, "lock")?;
-    let objects_dir = state.join("objects");
+    // Checked, and from here on reached only through its handle.
+    let state = StateDir::open(dir)?;
+    let _lock = state.lock("lock")?;
     let (tree, store) = {
+        let state = state.clone();
         let dir = dir.to_path_buf();
         let opts = ScanOptions {
             exclude: options.apply.exclusions.clone(),
             threads: options.scan_threads,
+            changed: ChangedFiles::LeaveOut,
             ..Default::default()
         };
         tokio::task::spawn_blocking(move || -> Result<_, PatchError> {
-            let store = ObjectStore::open(&objects_dir)?;
+            let store = state.objects()?;
             Ok((scan_full(&dir, &opts)?, store))
         })
         .await

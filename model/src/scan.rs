@@ -1,15 +1,25 @@
 //! Scanning a directory into a `FileTree`: walks without following symlinks or crossing
 //! file-systems, skips sockets, `/.subd` and whatever the exclusion filter matches, and
 //! hashes every regular file (each inode once) on a pool of threads.
+//!
+//! The walk holds a handle on each directory it lists and reaches every name from it; a
+//! file is hashed through a handle opened without following symlinks and without blocking
+//! (`O_NOFOLLOW | O_NONBLOCK`), checked to be the very regular file that was listed (same
+//! device and inode), and read for exactly the size that handle reports. So a name that a
+//! local user flips between a file, a FIFO and a symlink (to `/dev/zero`, say) can neither
+//! block the scan nor make it read forever: it is a *changed* name, which
+//! `ChangedFiles` says how to treat (left out of this pass, or an error).
 
 use crate::filter::Filter;
 use crate::hash::{ObjectHasher, ObjectId};
 use crate::image::{FileTree, Inode, Kind, Mtime};
 use crate::path::FsPath;
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Stat};
+use rustix::io::Errno;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +32,19 @@ pub const SUBD_DIR: &str = "/.subd";
 /// rate-limit the scan.
 pub type Throttle = Arc<dyn Fn(u64) + Send + Sync>;
 
+/// What to do with a name that changed kind or inode between being listed and being
+/// opened (a file replaced, swapped for a FIFO or a symlink, a directory swapped for a
+/// file).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ChangedFiles {
+    /// Fail the scan with `ScanError::Changed` (building an image: it must be exact).
+    #[default]
+    Fail,
+    /// Leave the name out of this pass; the next pass lists whatever is there then
+    /// (subd's background scan: one busy name must not stop the others being reported).
+    LeaveOut,
+}
+
 /// How to scan.
 #[derive(Clone, Default)]
 pub struct ScanOptions {
@@ -32,6 +55,8 @@ pub struct ScanOptions {
     pub throttle: Option<Throttle>,
     /// Set to abandon the scan early (it then returns `ScanError::Cancelled`).
     pub cancel: Option<Arc<AtomicBool>>,
+    /// What a name that changes during the scan does.
+    pub changed: ChangedFiles,
 }
 
 /// A scan that could not finish.
@@ -41,6 +66,8 @@ pub enum ScanError {
     Io { path: PathBuf, source: io::Error },
     #[error("{0}: not a directory")]
     NotDir(PathBuf),
+    #[error("{0}: changed while being scanned (replaced, or no longer a regular file or directory); scan again")]
+    Changed(PathBuf),
     #[error("scan cancelled")]
     Cancelled,
 }
@@ -54,22 +81,57 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ScanError + '_ {
 
 /// The inode for a `stat` result (content hash left empty).
 pub fn inode_from_meta(meta: &std::fs::Metadata, link_target: Option<Vec<u8>>) -> Option<Inode> {
-    let kind = Kind::from_mode(meta.mode())?;
-    let mut ino = Inode::new(kind, meta.mode(), meta.uid(), meta.gid());
-    let mtime = Mtime {
-        sec: meta.mtime(),
-        nsec: meta.mtime_nsec() as u32,
-    };
+    inode_from_parts(
+        meta.mode(),
+        meta.uid(),
+        meta.gid(),
+        Mtime {
+            sec: meta.mtime(),
+            nsec: meta.mtime_nsec() as u32,
+        },
+        meta.size(),
+        meta.rdev(),
+        link_target,
+    )
+}
+
+/// The inode for an `fstat`/`fstatat` result (content hash left empty).
+pub fn inode_from_stat(st: &Stat, link_target: Option<Vec<u8>>) -> Option<Inode> {
+    inode_from_parts(
+        st.st_mode,
+        st.st_uid,
+        st.st_gid,
+        Mtime {
+            sec: st.st_mtime,
+            nsec: st.st_mtime_nsec as u32,
+        },
+        st.st_size as u64,
+        st.st_rdev,
+        link_target,
+    )
+}
+
+fn inode_from_parts(
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: Mtime,
+    size: u64,
+    rdev: u64,
+    link_target: Option<Vec<u8>>,
+) -> Option<Inode> {
+    let kind = Kind::from_mode(mode)?;
+    let mut ino = Inode::new(kind, mode, uid, gid);
     match kind {
         Kind::Dir => {}
         Kind::File => {
             ino.mtime = mtime;
-            ino.size = meta.size();
+            ino.size = size;
         }
         Kind::Symlink => ino.target = link_target,
         Kind::Char | Kind::Block => {
             ino.mtime = mtime;
-            ino.rdev = meta.rdev();
+            ino.rdev = rdev;
         }
         Kind::Fifo => ino.mtime = mtime,
     }
@@ -97,28 +159,50 @@ pub fn scan_full(root: &Path, opts: &ScanOptions) -> Result<Scan, ScanError> {
     if !meta.is_dir() {
         return Err(ScanError::NotDir(root.to_path_buf()));
     }
+    let root_fd = rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err(root)(e.into()))?;
+    let st = rustix::fs::fstat(&root_fd).map_err(|e| io_err(root)(e.into()))?;
     let mut tree = FileTree::default();
-    let root_ino = inode_from_meta(&meta, None).expect("a directory");
-    tree.inodes.insert(meta.ino(), root_ino);
-    tree.entries.insert(FsPath::root(), meta.ino());
-    let mut to_hash: Vec<(u64, PathBuf)> = Vec::new();
+    let root_ino = inode_from_stat(&st, None).ok_or_else(|| ScanError::NotDir(root.into()))?;
+    if root_ino.kind != Kind::Dir {
+        return Err(ScanError::NotDir(root.to_path_buf()));
+    }
+    tree.inodes.insert(st.st_ino as u64, root_ino);
+    tree.entries.insert(FsPath::root(), st.st_ino as u64);
+    let mut to_hash: Vec<Listed> = Vec::new();
     let mut hidden_parents = BTreeSet::new();
     walk(
-        root,
+        root_fd.as_fd(),
         &FsPath::root(),
-        meta.dev(),
-        opts,
+        &Walk {
+            root,
+            dev: st.st_dev as u64,
+            opts,
+        },
         &mut Found {
             tree: &mut tree,
             to_hash: &mut to_hash,
             hidden_parents: &mut hidden_parents,
         },
     )?;
-    let hashes = hash_files(&to_hash, opts)?;
-    for (ino, (id, size)) in hashes {
-        if let Some(i) = tree.inodes.get_mut(&ino) {
-            i.size = size;
-            i.hash = if size == 0 { None } else { Some(id) };
+    let hashes = hash_files(root, root_fd.as_fd(), &to_hash, opts)?;
+    for (ino, outcome) in hashes {
+        match outcome {
+            Hashed::Same { id, size, current } => {
+                if let Some(i) = tree.inodes.get_mut(&ino) {
+                    *i = *current;
+                    i.size = size;
+                    i.hash = if size == 0 { None } else { Some(id) };
+                }
+            }
+            Hashed::Changed => {
+                tree.inodes.remove(&ino);
+                tree.entries.retain(|_, i| *i != ino);
+            }
         }
     }
     Ok(Scan {
@@ -127,11 +211,37 @@ pub fn scan_full(root: &Path, opts: &ScanOptions) -> Result<Scan, ScanError> {
     })
 }
 
+/// A regular file listed by the walk, to be hashed.
+struct Listed {
+    path: FsPath,
+    dev: u64,
+    ino: u64,
+}
+
 /// What a walk collects.
 struct Found<'a> {
     tree: &'a mut FileTree,
-    to_hash: &'a mut Vec<(u64, PathBuf)>,
+    to_hash: &'a mut Vec<Listed>,
     hidden_parents: &'a mut BTreeSet<FsPath>,
+}
+
+/// What every level of a walk shares.
+struct Walk<'a> {
+    root: &'a Path,
+    dev: u64,
+    opts: &'a ScanOptions,
+}
+
+impl Walk<'_> {
+    fn shown(&self, path: &FsPath) -> PathBuf {
+        self.root.join(path.relative_os())
+    }
+    fn err(&self, path: &FsPath, e: Errno) -> ScanError {
+        ScanError::Io {
+            path: self.shown(path),
+            source: e.into(),
+        }
+    }
 }
 
 fn cancelled(opts: &ScanOptions) -> bool {
@@ -140,105 +250,174 @@ fn cancelled(opts: &ScanOptions) -> bool {
         .is_some_and(|c| c.load(Ordering::Relaxed))
 }
 
-fn walk(
-    dir: &Path,
-    dir_path: &FsPath,
-    dev: u64,
-    opts: &ScanOptions,
-    found: &mut Found,
-) -> Result<(), ScanError> {
-    if cancelled(opts) {
+/// Flags for opening a directory to list it: never follows a symlink, never blocks.
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::NONBLOCK)
+    .union(OFlags::CLOEXEC);
+
+/// Is `e` what opening a name that changed kind (or vanished) since it was listed gives?
+fn is_change(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::NXIO | Errno::XDEV | Errno::AGAIN
+    )
+}
+
+fn walk(dir: BorrowedFd, dir_path: &FsPath, w: &Walk, found: &mut Found) -> Result<(), ScanError> {
+    if cancelled(w.opts) {
         return Err(ScanError::Cancelled);
     }
-    let mut names: Vec<std::ffi::OsString> = match std::fs::read_dir(dir) {
-        Ok(rd) => rd
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()
-            .map_err(io_err(dir))?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound && !dir_path.is_root() => return Ok(()),
-        Err(e) => return Err(io_err(dir)(e)),
-    };
-    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    let mut names: Vec<Vec<u8>> = Vec::new();
+    let entries = rustix::fs::Dir::read_from(dir).map_err(|e| w.err(dir_path, e))?;
+    for e in entries {
+        let e = e.map_err(|e| w.err(dir_path, e))?;
+        let n = e.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            names.push(n.to_vec());
+        }
+    }
+    names.sort();
     for name in names {
-        let Ok(path) = dir_path.join(name.as_bytes()) else {
+        let Ok(path) = dir_path.join(&name) else {
             continue;
         };
         if path.as_bytes() == SUBD_DIR.as_bytes() {
             continue;
         }
-        if opts.exclude.as_ref().is_some_and(|f| f.matches(&path)) {
+        if w.opts.exclude.as_ref().is_some_and(|f| f.matches(&path)) {
             found.hidden_parents.insert(dir_path.clone());
             continue;
         }
-        let full = dir.join(&name);
-        let meta = match std::fs::symlink_metadata(&full) {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_err(&full)(e)),
+        let st = match rustix::fs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::NOENT) => continue,
+            Err(e) => return Err(w.err(&path, e)),
         };
-        if meta.dev() != dev {
+        if st.st_dev as u64 != w.dev {
             // a mount point: another file-system is never scanned
             found.hidden_parents.insert(dir_path.clone());
             continue;
         }
-        let target = if meta.file_type().is_symlink() {
-            match std::fs::read_link(&full) {
-                Ok(t) => Some(t.into_os_string().into_vec()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err(&full)(e)),
+        let kind = Kind::from_mode(st.st_mode as u32);
+        let target = if kind == Some(Kind::Symlink) {
+            match rustix::fs::readlinkat(dir, name.as_slice(), Vec::new()) {
+                Ok(t) => Some(t.into_bytes()),
+                Err(e) if is_change(e) || e == Errno::INVAL => {
+                    changed(w, path)?;
+                    continue;
+                }
+                Err(e) => return Err(w.err(&path, e)),
             }
         } else {
             None
         };
-        let Some(inode) = inode_from_meta(&meta, target) else {
+        let Some(inode) = inode_from_stat(&st, target) else {
             continue;
         }; // sockets
-        let ino = meta.ino();
+           // A directory is opened before it is recorded: if it is no longer the directory
+           // listed, the name is changed, not a directory to descend into.
+        let sub = if inode.kind == Kind::Dir {
+            match rustix::fs::openat(dir, name.as_slice(), DIR_FLAGS, Mode::empty()) {
+                Ok(fd) => match rustix::fs::fstat(&fd) {
+                    Ok(s) if s.st_ino == st.st_ino && s.st_dev == st.st_dev => Some(fd),
+                    Ok(_) => {
+                        changed(w, path)?;
+                        continue;
+                    }
+                    Err(e) => return Err(w.err(&path, e)),
+                },
+                Err(e) if is_change(e) => {
+                    changed(w, path)?;
+                    continue;
+                }
+                Err(e) => return Err(w.err(&path, e)),
+            }
+        } else {
+            None
+        };
+        let ino = st.st_ino as u64;
         let kind = inode.kind;
         if let std::collections::btree_map::Entry::Vacant(slot) = found.tree.inodes.entry(ino) {
             if kind == Kind::File && inode.size > 0 {
-                found.to_hash.push((ino, full.clone()));
+                found.to_hash.push(Listed {
+                    path: path.clone(),
+                    dev: st.st_dev as u64,
+                    ino,
+                });
             }
             slot.insert(inode);
         }
         found.tree.entries.insert(path.clone(), ino);
-        if kind == Kind::Dir {
-            walk(&full, &path, dev, opts, found)?;
+        if let Some(fd) = sub {
+            walk(fd.as_fd(), &path, w, found)?;
         }
     }
     Ok(())
 }
 
-use std::os::unix::ffi::OsStringExt;
+/// A name changed between being listed and being opened: an error, or left out.
+fn changed(w: &Walk, path: FsPath) -> Result<(), ScanError> {
+    match w.opts.changed {
+        ChangedFiles::Fail => Err(ScanError::Changed(w.shown(&path))),
+        ChangedFiles::LeaveOut => {
+            tracing::debug!(
+                "{}: changed while listed; left out of this pass",
+                path.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// What hashing a listed file found.
+#[derive(Debug)]
+enum Hashed {
+    /// Still the listed regular file: its current metadata and the hash of exactly the
+    /// `size` bytes read (its size when opened, or fewer if it shrank while read).
+    Same {
+        id: ObjectId,
+        size: u64,
+        current: Box<Inode>,
+    },
+    /// Gone, or another inode or kind now has the name.
+    Changed,
+}
 
 fn hash_files(
-    files: &[(u64, PathBuf)],
+    root: &Path,
+    root_fd: BorrowedFd,
+    files: &[Listed],
     opts: &ScanOptions,
-) -> Result<HashMap<u64, (ObjectId, u64)>, ScanError> {
+) -> Result<HashMap<u64, Hashed>, ScanError> {
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
         opts.threads
     };
-    type Hashed = Option<(u64, (ObjectId, u64))>;
-    let one = |(ino, path): &(u64, PathBuf)| -> Result<Hashed, ScanError> {
+    let one = |l: &Listed| -> Result<(u64, Hashed), ScanError> {
         if cancelled(opts) {
             return Err(ScanError::Cancelled);
         }
-        match hash_file(path, opts.throttle.as_ref()) {
-            Ok(r) => Ok(Some((*ino, r))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err(path)(e)),
+        let shown = || root.join(l.path.relative_os());
+        match hash_listed(root_fd, l, opts.throttle.as_ref()) {
+            Ok(Hashed::Changed) if opts.changed == ChangedFiles::Fail => {
+                Err(ScanError::Changed(shown()))
+            }
+            Ok(Hashed::Changed) => {
+                tracing::debug!(
+                    "{}: changed before it was hashed; left out of this pass",
+                    l.path.display()
+                );
+                Ok((l.ino, Hashed::Changed))
+            }
+            Ok(h) => Ok((l.ino, h)),
+            Err(e) => Err(io_err(&shown())(e)),
         }
     };
     if threads <= 1 {
-        let mut out = HashMap::with_capacity(files.len());
-        for f in files {
-            if let Some((k, v)) = one(f)? {
-                out.insert(k, v);
-            }
-        }
-        return Ok(out);
+        return files.iter().map(one).collect();
     }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -248,33 +427,75 @@ fn hash_files(
             source: io::Error::other(e),
         })?;
     use rayon::prelude::*;
-    let results: Vec<_> =
-        pool.install(|| files.par_iter().map(one).collect::<Result<Vec<_>, _>>())?;
-    Ok(results.into_iter().flatten().collect())
+    pool.install(|| files.par_iter().map(one).collect())
 }
 
-/// Hashes one file, returning the id and length of the bytes actually read (so a file that
-/// changes while being read still yields a consistent pair).
-pub fn hash_file(path: &Path, throttle: Option<&Throttle>) -> io::Result<(ObjectId, u64)> {
+/// Opens listed file `l` under the root without following any symlink or crossing a
+/// mount point (`openat2` where the kernel has it; else only the last component is
+/// checked, and the inode check below catches the rest), never blocking.
+fn open_listed(root_fd: BorrowedFd, l: &Listed) -> Result<OwnedFd, Errno> {
+    let rel = l.path.relative_os();
+    let base =
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let open = |flags: OFlags| match rustix::fs::openat2(
+        root_fd,
+        rel,
+        flags,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_XDEV,
+    ) {
+        Err(Errno::NOSYS) => rustix::fs::openat(root_fd, rel, flags, Mode::empty()),
+        r => r,
+    };
+    // O_NOATIME needs ownership of the file (or CAP_FOWNER); without it, open plainly.
+    match open(base | OFlags::NOATIME) {
+        Err(Errno::PERM) => open(base),
+        r => r,
+    }
+}
+
+/// Hashes listed file `l` if it is still that regular file, reading exactly the size its
+/// open handle reports (a file that grows while read cannot make the scan read forever).
+fn hash_listed(root_fd: BorrowedFd, l: &Listed, throttle: Option<&Throttle>) -> io::Result<Hashed> {
+    let fd = match open_listed(root_fd, l) {
+        Ok(fd) => fd,
+        Err(e) if is_change(e) => return Ok(Hashed::Changed),
+        Err(e) => return Err(e.into()),
+    };
+    let st = rustix::fs::fstat(&fd)?;
+    let current = match inode_from_stat(&st, None) {
+        Some(i)
+            if i.kind == Kind::File && st.st_ino as u64 == l.ino && st.st_dev as u64 == l.dev =>
+        {
+            i
+        }
+        _ => return Ok(Hashed::Changed),
+    };
+    let mut f = File::from(fd).take(st.st_size as u64);
     thread_local! {
         /// One read buffer per hashing thread, rather than one zeroed per file.
         static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
     }
-    BUF.with(|b| match b.try_borrow_mut() {
-        Ok(mut buf) => hash_file_with(path, throttle, &mut buf),
-        Err(_) => hash_file_with(path, throttle, &mut vec![0u8; 256 * 1024]),
+    let (id, size) = BUF.with(|b| match b.try_borrow_mut() {
+        Ok(mut buf) => hash_reader_with(&mut f, throttle, &mut buf),
+        Err(_) => hash_reader_with(&mut f, throttle, &mut vec![0u8; 256 * 1024]),
+    })?;
+    Ok(Hashed::Same {
+        id,
+        size,
+        current: Box::new(current),
     })
 }
 
-fn hash_file_with(
-    path: &Path,
+/// Hashes what `r` yields, returning the id and the number of bytes read.
+fn hash_reader_with(
+    r: &mut impl Read,
     throttle: Option<&Throttle>,
     buf: &mut [u8],
 ) -> io::Result<(ObjectId, u64)> {
-    let mut f = File::open(path)?;
     let mut h = ObjectHasher::new();
     loop {
-        let n = match f.read(buf) {
+        let n = match r.read(buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -292,6 +513,7 @@ fn hash_file_with(
 mod tests {
     use super::*;
     use std::os::unix::fs::{symlink, PermissionsExt};
+    use std::path::PathBuf;
 
     #[test]
     fn scans_kinds_hardlinks_and_filters() {
@@ -336,5 +558,199 @@ mod tests {
             ["/tmp".parse::<FsPath>().unwrap()],
             "/tmp holds the excluded /tmp/junk; / holds only /.subd, which does not count"
         );
+    }
+
+    /// Scans `root` on another thread; panics if it has not finished within ten seconds
+    /// (a scan must never block on a FIFO or read a device forever).
+    fn scan_within_10s(root: &Path, opts: ScanOptions) -> Result<Scan, ScanError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let root = root.to_path_buf();
+        std::thread::spawn(move || {
+            let _ = tx.send(scan_full(&root, &opts));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the scan finished within 10 s")
+    }
+
+    /// Options hashing `a` before `b` on one thread, running `swap` once, after the first
+    /// chunk of `a` is hashed (so after both were listed, before `b` is opened).
+    fn swapping(changed: ChangedFiles, swap: impl Fn() + Send + Sync + 'static) -> ScanOptions {
+        let done = AtomicBool::new(false);
+        ScanOptions {
+            threads: 1,
+            changed,
+            throttle: Some(Arc::new(move |_| {
+                if !done.swap(true, Ordering::SeqCst) {
+                    swap();
+                }
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn two_files() -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path().to_path_buf();
+        std::fs::write(r.join("a"), vec![7u8; 1 << 20]).unwrap();
+        std::fs::write(r.join("b"), b"listed content").unwrap();
+        (d, r)
+    }
+
+    fn mkfifo(p: &Path) {
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            p,
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o666),
+            0,
+        )
+        .unwrap();
+    }
+
+    fn assert_b_left_out(s: &Scan) {
+        let a = s.tree.get(&"/a".parse().unwrap()).expect("/a is reported");
+        assert_eq!(a.hash, Some(ObjectId::of(&vec![7u8; 1 << 20])));
+        assert!(
+            s.tree.get(&"/b".parse().unwrap()).is_none(),
+            "the swapped name is left out of this pass"
+        );
+        s.tree.validate().unwrap();
+    }
+
+    #[test]
+    fn a_fifo_swapped_in_after_listing_neither_blocks_nor_aborts_the_pass() {
+        let (_d, r) = two_files();
+        let b = r.join("b");
+        let s = scan_within_10s(
+            &r,
+            swapping(ChangedFiles::LeaveOut, move || {
+                std::fs::remove_file(&b).unwrap();
+                mkfifo(&b);
+            }),
+        )
+        .unwrap();
+        assert_b_left_out(&s);
+        // The next pass lists the FIFO for what it is.
+        let s = scan_within_10s(&r, ScanOptions::default()).unwrap();
+        assert_eq!(s.tree.get(&"/b".parse().unwrap()).unwrap().kind, Kind::Fifo);
+    }
+
+    #[test]
+    fn a_symlink_to_dev_zero_swapped_in_is_not_followed() {
+        let (_d, r) = two_files();
+        let b = r.join("b");
+        let s = scan_within_10s(
+            &r,
+            swapping(ChangedFiles::LeaveOut, move || {
+                std::fs::remove_file(&b).unwrap();
+                symlink("/dev/zero", &b).unwrap();
+            }),
+        )
+        .unwrap();
+        assert_b_left_out(&s);
+    }
+
+    #[test]
+    fn a_file_replaced_between_listing_and_hashing_is_changed_not_misreported() {
+        let (_d, r) = two_files();
+        let b = r.join("b");
+        let swap = move || {
+            std::fs::write(b.with_extension("new"), b"other content, other inode").unwrap();
+            std::fs::rename(b.with_extension("new"), &b).unwrap();
+        };
+        let s = scan_within_10s(&r, swapping(ChangedFiles::LeaveOut, swap)).unwrap();
+        assert_b_left_out(&s);
+        // Building an image, the same race is an error naming the file.
+        let (_d, r) = two_files();
+        let b = r.join("b");
+        let e = scan_within_10s(
+            &r,
+            swapping(ChangedFiles::Fail, move || {
+                std::fs::write(b.with_extension("new"), b"x").unwrap();
+                std::fs::rename(b.with_extension("new"), &b).unwrap();
+            }),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, ScanError::Changed(p) if p.ends_with("b")),
+            "{e}"
+        );
+        assert!(e.to_string().contains("changed while being scanned"), "{e}");
+    }
+
+    #[test]
+    fn a_file_growing_forever_is_hashed_for_the_size_it_had_when_opened() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a");
+        std::fs::write(&a, vec![1u8; 1 << 20]).unwrap();
+        let grow = {
+            let a = a.clone();
+            Arc::new(move |_| {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new().append(true).open(&a).unwrap();
+                f.write_all(&[2u8; 256 * 1024]).unwrap();
+            }) as Throttle
+        };
+        let opts = ScanOptions {
+            threads: 1,
+            throttle: Some(grow),
+            ..Default::default()
+        };
+        let s = scan_within_10s(d.path(), opts).unwrap();
+        let i = s.tree.get(&"/a".parse().unwrap()).unwrap();
+        assert_eq!(i.size, 1 << 20);
+        assert_eq!(i.hash, Some(ObjectId::of(&vec![1u8; 1 << 20])));
+    }
+
+    #[test]
+    fn scans_racing_names_that_flip_kinds_always_finish_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path().to_path_buf();
+        std::fs::create_dir(r.join("crash")).unwrap();
+        std::fs::write(r.join("keep"), b"kept").unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        // A file, a FIFO, a symlink to /dev/zero, a directory, in turn, as fast as it goes.
+        let flipper = {
+            let (stop, f) = (stop.clone(), r.join("crash/x"));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = std::fs::remove_file(&f);
+                    let _ = std::fs::remove_dir_all(&f);
+                    std::fs::write(&f, vec![3u8; 64 << 10]).unwrap();
+                    std::fs::remove_file(&f).unwrap();
+                    mkfifo(&f);
+                    std::fs::remove_file(&f).unwrap();
+                    symlink("/dev/zero", &f).unwrap();
+                    std::fs::remove_file(&f).unwrap();
+                    std::fs::create_dir(&f).unwrap();
+                    std::fs::write(f.join("in"), b"in").unwrap();
+                }
+            })
+        };
+        for n in 0..200 {
+            let changed = if n % 2 == 0 {
+                ChangedFiles::LeaveOut
+            } else {
+                ChangedFiles::Fail
+            };
+            let opts = ScanOptions {
+                threads: 2,
+                changed,
+                ..Default::default()
+            };
+            match scan_within_10s(&r, opts) {
+                Ok(s) => {
+                    s.tree.validate().unwrap();
+                    let keep = s.tree.get(&"/keep".parse().unwrap()).unwrap();
+                    assert_eq!(keep.hash, Some(ObjectId::of(b"kept")));
+                }
+                Err(ScanError::Changed(p)) if changed == ChangedFiles::Fail => {
+                    assert!(p.starts_with(r.join("crash/x")), "{}", p.display())
+                }
+                Err(e) => panic!("pass {n} ({changed:?}): {e}"),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        flipper.join().unwrap();
     }
 }

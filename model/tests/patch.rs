@@ -227,6 +227,34 @@ async fn patch_refuses_mass_deletion_unless_allowed() {
 }
 
 #[tokio::test]
+async fn patch_refuses_a_symlinked_state_dir_and_a_directory_others_can_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let (img, objects) = sample(1, None);
+    let (_fake, client) = start([("tiny/1".to_string(), img)].into(), objects).await;
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("dir");
+    let outside = d.path().join("outside");
+    std::fs::create_dir_all(outside.join("staging")).unwrap();
+    std::fs::write(outside.join("staging/0"), b"victim").unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::symlink(&outside, dir.join(".subd")).unwrap();
+    let e = patch_directory(&client, "tiny/1", &dir, &PatchOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, PatchError::State(_)), "{e}");
+    assert!(e.to_string().contains(".subd is a symlink"), "{e}");
+    assert_eq!(std::fs::read(outside.join("staging/0")).unwrap(), b"victim");
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
+    std::fs::remove_file(dir.join(".subd")).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let e = patch_directory(&client, "tiny/1", &dir, &PatchOptions::default())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("writable by other users"), "{e}");
+    assert!(!dir.join(".subd").exists());
+}
+
+#[tokio::test]
 async fn fetch_verifies_batches_and_reports_lies() {
     let (_, objects) = sample(66, None);
     let hashes: Vec<ObjectId> = objects.keys().copied().collect();

@@ -6,7 +6,9 @@
 //! Layout: `lib.rs` holds the configuration, the shared state and `serve`; `scanner` the
 //! background scan loop; `routes` the RPC handlers, status page and metrics.
 //! Private state lives in `ROOT/.subd`: `objects/` (the cache), `staging/`,
-//! `triggers.previous`, `last-image`, `last-update.json`.
+//! `triggers.previous`, `last-image`, `last-update.json`. It is opened once at start-up
+//! (`model::statedir`: refused if others can write it or the root) and reached only
+//! through that handle afterwards.
 
 pub mod routes;
 pub mod scanner;
@@ -18,9 +20,9 @@ use model::diff::ALWAYS_EXCLUDED;
 use model::fetch::FetchStats;
 use model::http::Security;
 use model::objectstore::ObjectStore;
+use model::statedir::{StateDir, StateDirError};
 use model::{FileTree, Filter, ObjectId};
 use std::future::Future;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -153,8 +155,8 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0} is not on the same file-system as the root (activation must be a rename)")]
-    OtherFileSystem(PathBuf),
+    #[error("{0}")]
+    State(#[from] StateDirError),
     #[error("scan exclusions: {0}")]
     Exclusions(#[from] model::filter::BadRegex),
     #[error("object cache: {0}")]
@@ -189,7 +191,8 @@ pub struct Status {
 /// A running subd's shared state.
 pub struct Subd {
     pub config: Config,
-    pub state_dir: PathBuf,
+    /// `ROOT/.subd`, held open: never reached by path after start-up.
+    pub state_dir: StateDir,
     pub store: ObjectStore,
     pub exclusions: Filter,
     pub status: Mutex<Status>,
@@ -223,25 +226,21 @@ impl Subd {
             let path = path.to_path_buf();
             move |source| StartError::Io { path, source }
         };
-        let root_meta = std::fs::metadata(&config.root).map_err(io(&config.root))?;
-        let state_dir = config.root.join(".subd");
-        std::fs::create_dir_all(&state_dir).map_err(io(&state_dir))?;
-        let state_meta = std::fs::metadata(&state_dir).map_err(io(&state_dir))?;
-        if state_meta.dev() != root_meta.dev() {
-            return Err(StartError::OtherFileSystem(state_dir));
-        }
+        let state_dir = StateDir::open(&config.root)?;
         // Before the object cache and staging are cleaned: they may be another subd's.
-        let lock = model::fsutil::lock_dir(&state_dir, "lock")?;
+        let lock = state_dir.lock("lock")?;
         let mut lines = config.exclusions.clone();
         lines.extend(ALWAYS_EXCLUDED.iter().map(|s| format!("{s}$")));
         let exclusions = Filter::from_lines(lines)?;
-        let store = ObjectStore::open(&state_dir.join("objects"))?;
+        let store = state_dir.objects()?;
         let status = Status {
-            last_image: std::fs::read_to_string(state_dir.join(LAST_IMAGE))
+            last_image: state_dir
+                .read(LAST_IMAGE)
                 .ok()
-                .map(|s| s.trim().to_string())
+                .map(|s| String::from_utf8_lossy(&s).trim().to_string())
                 .filter(|s| !s.is_empty()),
-            last_update: std::fs::read(state_dir.join(LAST_UPDATE))
+            last_update: state_dir
+                .read(LAST_UPDATE)
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok()),
             ..Status::default()
@@ -298,16 +297,16 @@ impl Subd {
     /// Records a finished update durably and lets the scanner resume.
     pub(crate) fn finish_update(&self, result: &UpdateResult, sparse: bool) {
         if let Ok(json) = serde_json::to_vec_pretty(result) {
-            if let Err(e) = model::fsutil::write_atomic(&self.state_dir.join(LAST_UPDATE), &json) {
+            if let Err(e) = self.state_dir.write_atomic(LAST_UPDATE, &json) {
                 tracing::warn!("saving {LAST_UPDATE}: {e}");
             }
         }
         let ok = result.errors.is_empty();
         if ok {
-            if let Err(e) = model::fsutil::write_atomic(
-                &self.state_dir.join(LAST_IMAGE),
-                format!("{}\n", result.image_name).as_bytes(),
-            ) {
+            if let Err(e) = self
+                .state_dir
+                .write_atomic(LAST_IMAGE, format!("{}\n", result.image_name).as_bytes())
+            {
                 tracing::warn!("saving {LAST_IMAGE}: {e}");
             }
         }

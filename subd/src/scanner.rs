@@ -5,11 +5,14 @@
 //! pass (and the pass after a fetch, update or cleanup) runs unthrottled on all CPUs; the
 //! others run on one thread at nice 15, with a tranquilizer that sleeps in proportion to
 //! the work done, so the scan uses at most `min(cpu_percent, scan_speed_percent)` of the
-//! time (`scan_speed_percent` 100 disables throttling). A pass that overlaps an update is
-//! abandoned as soon as the update begins, and a new one starts once it ends.
+//! time (`scan_speed_percent` 100 disables throttling). A name that changes kind or inode
+//! while a pass lists and hashes it (a file flipped to a FIFO or a symlink) is left out of
+//! that pass and listed anew by the next, so it can neither block nor abort a pass. A pass
+//! that overlaps an update is abandoned as soon as the update begins, and a new one starts
+//! once it ends.
 
 use crate::{now_secs, Subd};
-use model::scan::{scan_full, ScanOptions, Throttle};
+use model::scan::{scan_full, ChangedFiles, ScanOptions, Throttle};
 use model::ObjectId;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -64,6 +67,8 @@ pub fn run(subd: &Subd) {
             threads: if throttled { 1 } else { 0 },
             throttle: throttled.then(|| tranquilizer(percent)),
             cancel: Some(subd.scan_abort.clone()),
+            // A name a local user flips mid-pass must not stop the rest being reported.
+            changed: ChangedFiles::LeaveOut,
         };
         let scanned = scan_full(&cfg.root, &opts);
         let cache = subd.store.list();

@@ -1,6 +1,7 @@
 //! The real subd binary: SIGTERM stops it cleanly; kill -9 during an update leaves every
 //! file wholly old or wholly new and the next update converges; kill -9 during a fetch
-//! leaves no partial object behind.
+//! leaves no partial object behind; a root others can write, or a `.subd` that is a
+//! symlink, is refused at start-up.
 
 use model::api::{FetchRequest, PollRequest, PollResponse, UpdateRequest};
 use model::client::{ClientSecurity, SubdClient};
@@ -106,6 +107,58 @@ async fn refuses_to_start_without_certificates_unless_insecure() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--permit-insecure-mode"), "{err}");
+}
+
+/// Runs subd on `root` expecting it to refuse to start within 10 s; returns the last
+/// line of its stderr (the error).
+fn refused(root: &Path) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_subd"))
+        .args(["--root", root.to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0", "--permit-insecure-mode"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("subd started on {}: it should have refused", root.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // The log may say more above; the error itself is the one last line.
+    let err = stderr.lines().last().unwrap_or_default().to_string();
+    assert!(err.starts_with("subd: "), "{stderr}");
+    err
+}
+
+#[test]
+fn refuses_a_root_others_can_write_and_a_state_dir_that_is_a_symlink() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = refused(&root);
+    assert!(
+        err.contains("writable by other users (mode 0777)") && err.contains("root"),
+        "{err}"
+    );
+    assert!(!root.join(".subd").exists(), "nothing made: {err}");
+
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let outside = d.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join(".subd")).unwrap();
+    let err = refused(&root);
+    assert!(
+        err.contains(".subd is a symlink or not a directory"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "{err}");
 }
 
 const N: usize = 150;

@@ -9,6 +9,7 @@ use crate::scan::{scan_full, ScanOptions};
 use proptest::prelude::*;
 use std::collections::HashMap;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::PathBuf;
 
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()
@@ -78,7 +79,10 @@ use std::os::unix::ffi::OsStrExt;
 struct Fixture {
     _d: tempfile::TempDir,
     root: PathBuf,
+    /// `ROOT/.subd`, for looking at what apply left there.
     state: PathBuf,
+    /// The same, opened as subd opens it.
+    sd: StateDir,
 }
 
 fn fixture() -> Fixture {
@@ -86,8 +90,13 @@ fn fixture() -> Fixture {
     let root = d.path().join("root");
     std::fs::create_dir(&root).unwrap();
     let state = root.join(".subd");
-    std::fs::create_dir(&state).unwrap();
-    Fixture { _d: d, root, state }
+    let sd = StateDir::open(&root).unwrap();
+    Fixture {
+        _d: d,
+        root,
+        state,
+        sd,
+    }
 }
 
 /// scan → diff → put fetched objects in the cache → apply.
@@ -106,7 +115,7 @@ fn converge(
     )
     .unwrap();
     let (have, hidden): (_, Vec<_>) = (scanned.tree, scanned.hidden_parents.into_iter().collect());
-    let store = ObjectStore::open(&f.state.join("objects")).unwrap();
+    let store = f.sd.objects().unwrap();
     let cache: BTreeSet<ObjectId> = store.list().unwrap().into_iter().map(|(h, _)| h).collect();
     let plan = diff(
         "test/1",
@@ -122,7 +131,7 @@ fn converge(
     for h in &plan.objects_to_fetch {
         store.put(&contents[h]).unwrap();
     }
-    let result = apply(&f.root, &f.state, &plan, opts);
+    let result = apply(&f.root, &f.sd, &plan, opts);
     (plan, result)
 }
 
@@ -398,7 +407,7 @@ fn bad_paths_are_refused_and_symlinks_never_followed() {
         }],
         ..UpdatePlan::default()
     };
-    let r = apply(&f.root, &f.state, &plan, &ApplyOptions::default());
+    let r = apply(&f.root, &f.sd, &plan, &ApplyOptions::default());
     let all = r.errors.join("\n");
     for want in [
         "refused: /.subd/objects/x",
@@ -436,7 +445,7 @@ fn bad_paths_are_refused_and_symlinks_never_followed() {
         exclusions: Some(Filter::parse("/tmp/.*", "e").unwrap()),
         ..Default::default()
     };
-    let r = apply(&f.root, &f.state, &plan, &opts);
+    let r = apply(&f.root, &f.sd, &plan, &opts);
     assert_eq!(r.errors.len(), 2, "{:?}", r.errors);
 }
 
@@ -447,7 +456,7 @@ fn unsafe_plans_and_missing_objects_are_reported() {
         unsafe_reason: Some("too much".into()),
         ..UpdatePlan::default()
     };
-    let r = apply(&f.root, &f.state, &plan, &ApplyOptions::default());
+    let r = apply(&f.root, &f.sd, &plan, &ApplyOptions::default());
     assert!(r.errors[0].contains("unsafe"), "{:?}", r.errors);
     let h = ObjectId::of(b"absent");
     let plan = UpdatePlan {
@@ -458,7 +467,7 @@ fn unsafe_plans_and_missing_objects_are_reported() {
         }],
         ..UpdatePlan::default()
     };
-    let r = apply(&f.root, &f.state, &plan, &ApplyOptions::default());
+    let r = apply(&f.root, &f.sd, &plan, &ApplyOptions::default());
     assert!(
         r.errors[0].contains("is not in the cache"),
         "{:?}",
@@ -597,13 +606,13 @@ fn starts_owed_by_an_interrupted_update_are_run_later() {
     // A crash between stop and start leaves them on disk: they are run when subd starts.
     std::fs::write(f.state.join(PENDING_STARTS), r#"[["app","start"]]"#).unwrap();
     std::fs::write(&log, "").unwrap();
-    let (done, failed) = resume_pending_starts(&f.state, &opts);
+    let (done, failed) = resume_pending_starts(&f.sd, &opts);
     assert_eq!((done, failed), (vec!["app start".to_string()], vec![]));
     assert!(std::fs::read_to_string(&log)
         .unwrap()
         .starts_with("app start"));
     assert!(!f.state.join(PENDING_STARTS).exists());
-    assert_eq!(resume_pending_starts(&f.state, &opts), (vec![], vec![]));
+    assert_eq!(resume_pending_starts(&f.sd, &opts), (vec![], vec![]));
 }
 
 #[test]
@@ -679,6 +688,65 @@ fn an_object_several_inodes_need_is_duplicated() {
     for n in ["a", "b", "c"] {
         assert_eq!(std::fs::read(f.root.join(n)).unwrap(), b"same");
     }
+}
+
+/// Everything under `dir`, as (relative path, content or "<dir>"), sorted.
+fn listing(dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().to_string();
+        if e.file_type().unwrap().is_dir() {
+            out.push((name.clone(), "<dir>".to_string()));
+            for (n, c) in listing(&e.path()) {
+                out.push((format!("{name}/{n}"), c));
+            }
+        } else {
+            let c = std::fs::read(e.path()).unwrap_or_default();
+            out.push((name, String::from_utf8_lossy(&c).to_string()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_state_dir_swapped_for_a_symlink_while_open_is_never_followed() {
+    let f = fixture();
+    // What a local user who can write the root prepares: a directory outside the root
+    // holding files subd would overwrite or delete, and `.subd` swapped for a link to it.
+    let outside = f._d.path().join("outside");
+    std::fs::create_dir_all(outside.join("staging")).unwrap();
+    std::fs::write(outside.join("staging/0"), "victim").unwrap();
+    std::fs::write(outside.join(PREVIOUS_TRIGGERS), "planted").unwrap();
+    std::fs::write(outside.join(PENDING_STARTS), r#"[["evil","start"]]"#).unwrap();
+    let before = listing(&outside);
+    std::fs::rename(&f.state, f.root.join("moved")).unwrap();
+    symlink(&outside, &f.state).unwrap();
+    let (cmd, log) = recorder(&f, "");
+    let opts = ApplyOptions {
+        service_command: Some(cmd),
+        ..Default::default()
+    };
+    let b = B::new()
+        .dir("/etc", 0o755)
+        .file("/etc/app.conf", b"v1", 0o644, 0);
+    let mut img = b.image(None);
+    img.triggers = triggers(r#"[{"MatchLines":["/etc/app[.]conf"],"Service":"app"}]"#);
+    let (_, r) = converge(&f, &img, &b.contents, &opts);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(std::fs::read(f.root.join("etc/app.conf")).unwrap(), b"v1");
+    assert_eq!(
+        listing(&outside),
+        before,
+        "nothing outside the root changed"
+    );
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(!log.contains("evil"), "no planted start ran: {log}");
+    assert!(
+        f.root.join("moved").join(PREVIOUS_TRIGGERS).exists(),
+        "the state went to the directory opened at start"
+    );
 }
 
 fn contents_for(t: &FileTree) -> HashMap<ObjectId, Vec<u8>> {
