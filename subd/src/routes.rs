@@ -91,8 +91,50 @@ async fn poll(
     Ok(([("content-type", "application/json")], body).into_response())
 }
 
+/// A running fetch or update: clears its `*_in_progress` flag when dropped, on every path
+/// (a panic or a dropped task included), recording the failure unless `finished`.
+struct Claim {
+    subd: Arc<Subd>,
+    fetching: bool,
+    finished: bool,
+}
+
+impl Claim {
+    /// The work ended normally and recorded its own outcome.
+    fn finished(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let what = if self.fetching { "fetch" } else { "update" };
+        let msg = format!("{what} aborted by an internal error (see subd's log)");
+        tracing::error!("{msg}");
+        {
+            // Not `unwrap`: a panic while holding the lock must not keep the flag set.
+            let mut st = self.subd.status.lock().unwrap_or_else(|e| e.into_inner());
+            if self.fetching {
+                st.fetch_in_progress = false;
+                st.last_fetch_error = Some(msg);
+            } else {
+                st.update_in_progress = false;
+            }
+        }
+        if !self.fetching {
+            self.subd
+                .epoch
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.subd.boost_scan();
+    }
+}
+
 /// Marks a fetch or update as running, or refuses.
-fn claim(s: &Subd, fetching: bool) -> Result<(), ApiError> {
+fn claim(s: &Arc<Subd>, fetching: bool) -> Result<Claim, ApiError> {
     let mut st = s.status.lock().unwrap();
     if st.fetch_in_progress || st.update_in_progress {
         return Err(ApiError::Conflict(
@@ -113,7 +155,45 @@ fn claim(s: &Subd, fetching: bool) -> Result<(), ApiError> {
         s.scan_abort
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
-    Ok(())
+    Ok(Claim {
+        subd: s.clone(),
+        fetching,
+        finished: false,
+    })
+}
+
+/// Runs `apply` for `plan`, records its result and releases `claim`. A panic inside
+/// `apply` is caught and becomes the update's error (the services it stopped are started).
+fn run_update(
+    s: &Subd,
+    plan: &model::UpdatePlan,
+    claim: Claim,
+    apply: impl FnOnce() -> UpdateResult,
+) -> UpdateResult {
+    let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(apply)) {
+        Ok(r) => r,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|m| m.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            let line = why.lines().next().unwrap_or("");
+            let (trigger_actions, trigger_failures) =
+                model::apply::resume_pending_starts(&s.state_dir, &s.apply_options());
+            UpdateResult {
+                image_name: plan.image_name.clone(),
+                finished_at: crate::now_secs(),
+                errors: vec![format!("update failed: internal error: {line}")],
+                trigger_actions,
+                trigger_failures,
+                ..UpdateResult::default()
+            }
+        }
+    };
+    s.finish_update(&result, plan.sparse);
+    claim.finished();
+    result
 }
 
 async fn fetch(
@@ -127,7 +207,7 @@ async fn fetch(
     }
     let client = ImageServerClient::new(&req.server, &s.config.client_security)
         .map_err(|e| ApiError::BadRequest(format!("fetch: {e}")))?;
-    claim(&s, true)?;
+    let claim = claim(&s, true)?;
     let s2 = s.clone();
     let task = tokio::spawn(async move {
         let opts = FetchOptions {
@@ -150,6 +230,7 @@ async fn fetch(
             }
         }
         s2.boost_scan();
+        claim.finished();
         r
     });
     if !req.wait {
@@ -169,7 +250,7 @@ async fn update(
     if let Some(r) = &req.plan.unsafe_reason {
         return Err(ApiError::BadRequest(format!("refusing unsafe update: {r}")));
     }
-    claim(&s, false)?;
+    let claim = claim(&s, false)?;
     s.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let s2 = s.clone();
     let task = tokio::task::spawn_blocking(move || {
@@ -179,10 +260,9 @@ async fn update(
             plan.image_name,
             plan.to_string().trim_end().replace('\n', ";")
         );
-        let result =
-            model::apply::apply(&s2.config.root, &s2.state_dir, &plan, &s2.apply_options());
-        s2.finish_update(&result, plan.sparse);
-        result
+        run_update(&s2, &plan, claim, || {
+            model::apply::apply(&s2.config.root, &s2.state_dir, &plan, &s2.apply_options())
+        })
     });
     if !req.wait {
         return Ok(axum::Json(UpdateResponse { result: None }));
@@ -316,4 +396,69 @@ async fn metrics(State(s): State<Arc<Subd>>) -> impl IntoResponse {
         [("content-type", "text/plain; version=0.0.4")],
         lines.join("\n") + "\n",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subd() -> (tempfile::TempDir, Arc<Subd>) {
+        let d = tempfile::tempdir().unwrap();
+        let s = Subd::start(crate::Config::new(d.path())).unwrap();
+        (d, s)
+    }
+
+    fn claimed(s: &Arc<Subd>, fetching: bool) -> Claim {
+        let mut st = s.status.lock().unwrap();
+        st.fetch_in_progress = fetching;
+        st.update_in_progress = !fetching;
+        Claim {
+            subd: s.clone(),
+            fetching,
+            finished: false,
+        }
+    }
+
+    /// Issue 9 #2: a panic inside apply must not leave `update_in_progress` set.
+    #[test]
+    fn a_panic_inside_apply_is_the_update_error_and_clears_the_flag() {
+        let (_d, s) = subd();
+        let claim = claimed(&s, false);
+        let plan = model::UpdatePlan {
+            image_name: "app/1".into(),
+            ..Default::default()
+        };
+        let r = run_update(&s, &plan, claim, || panic!("boom\nsecond line"));
+        assert_eq!(r.errors, ["update failed: internal error: boom"]);
+        let st = s.status.lock().unwrap();
+        assert!(!st.update_in_progress);
+        assert_eq!(st.last_update.as_ref().unwrap().errors, r.errors);
+        assert_ne!(st.last_image.as_deref(), Some("app/1"));
+        drop(st);
+        s.shutdown();
+    }
+
+    /// A fetch task that panics drops its claim: the flag is cleared, the failure recorded.
+    #[test]
+    fn a_fetch_that_panics_clears_its_flag() {
+        let (_d, s) = subd();
+        let claim = claimed(&s, true);
+        let t = std::thread::spawn(move || {
+            let _claim = claim;
+            panic!("fetch broke");
+        });
+        assert!(t.join().is_err());
+        let st = s.status.lock().unwrap();
+        assert!(!st.fetch_in_progress);
+        assert!(
+            st.last_fetch_error
+                .as_deref()
+                .unwrap()
+                .contains("internal error"),
+            "{:?}",
+            st.last_fetch_error
+        );
+        drop(st);
+        s.shutdown();
+    }
 }

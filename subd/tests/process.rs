@@ -307,3 +307,107 @@ fn walk(dir: &Path) -> Vec<String> {
     }
     v
 }
+
+/// A sparse image holding `/etc/app.conf` = `conf`, with `triggers` (JSON).
+fn conf_image(conf: &[u8], triggers: &str) -> Image {
+    let mut t = FileTree::with_root(Inode::dir(0o755, 0, 0));
+    t.inodes.insert(1, Inode::dir(0o755, 0, 0));
+    t.entries.insert("/etc".parse().unwrap(), 1);
+    let mtime = Mtime {
+        sec: 1_600_000_000,
+        nsec: 0,
+    };
+    let id = ObjectId::of(conf);
+    t.inodes.insert(
+        2,
+        Inode::file(0o644, 0, 0, mtime, conf.len() as u64, Some(id)),
+    );
+    t.entries.insert("/etc/app.conf".parse().unwrap(), 2);
+    Image::new(t, None, Triggers::parse(triggers, "t").unwrap())
+}
+
+/// Puts `conf` into the cache (an update renames an object out of it for its last use),
+/// updates to `img` once a scan lists it, and asserts that the update succeeded and ran
+/// the `app` trigger.
+async fn update_with_trigger(c: &SubdClient, root: &Path, conf: &[u8], name: &str, img: &Image) {
+    let mut poll = poll_tree(c, 0).await; // subd has set its cache up
+    ObjectStore::open(&root.join(".subd/objects"))
+        .unwrap()
+        .put(conf)
+        .unwrap();
+    while !poll
+        .object_cache
+        .as_ref()
+        .unwrap()
+        .contains(&ObjectId::of(conf))
+    {
+        poll = poll_tree(c, poll.generation).await;
+    }
+    let pl = testkit::drive::plan_for(name, img, &poll, &DiffOptions::default());
+    assert!(!pl.is_empty(), "{name}: nothing to do?");
+    let r = testkit::drive::update(c, pl).await;
+    assert!(r.errors.is_empty(), "{name}: {r:?}");
+    assert_eq!(
+        r.trigger_actions,
+        ["app stop", "app start"],
+        "{name}: {r:?}"
+    );
+}
+
+/// Issue 9 #2: image A's and image B's triggers each compile, but not as one regex set.
+/// The update from A to B used to panic and leave `update_in_progress` set for good (every
+/// later call 409, and the saved triggers jammed it again after a restart).
+#[tokio::test]
+async fn triggers_too_big_together_do_not_jam_subd() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let script = d.path().join("svc.sh");
+    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let svc = script.display().to_string();
+    let a = conf_image(
+        b"A",
+        r#"[{"MatchLines":["/etc/app[.]conf$","\\w{100}a","\\w{100}b"],"Service":"app"}]"#,
+    );
+    let b = conf_image(
+        b"B",
+        r#"[{"MatchLines":["/etc/app[.]conf$","\\w{100}c"],"Service":"app"}]"#,
+    );
+    let conf = root.join("etc/app.conf");
+
+    let (p, _) = spawn(&root, &["--service-command", &svc]);
+    update_with_trigger(&p.client, &root, b"A", "app/a", &a).await;
+    assert_eq!(std::fs::read(&conf).unwrap(), b"A");
+    update_with_trigger(&p.client, &root, b"B", "app/b", &b).await;
+    assert_eq!(std::fs::read(&conf).unwrap(), b"B");
+
+    // Not jammed: a fetch is accepted, and drift is put back (the trigger runs again).
+    p.client
+        .fetch(&FetchRequest {
+            server: "127.0.0.1:1".into(),
+            hashes: vec![],
+            wait: true,
+        })
+        .await
+        .unwrap();
+    std::fs::write(&conf, b"drift").unwrap();
+    update_with_trigger(&p.client, &root, b"B", "app/b", &b).await;
+    assert_eq!(std::fs::read(&conf).unwrap(), b"B");
+    drop(p);
+
+    // After a restart, B's saved triggers merge with A's again.
+    let (p, _) = spawn(&root, &["--service-command", &svc]);
+    update_with_trigger(&p.client, &root, b"A", "app/a", &a).await;
+    assert_eq!(std::fs::read(&conf).unwrap(), b"A");
+    let short = p
+        .client
+        .poll(&PollRequest {
+            have_generation: 0,
+            short_only: true,
+        })
+        .await
+        .unwrap();
+    assert!(!short.update_in_progress);
+    assert_eq!(short.last_image.as_deref(), Some("app/a"));
+}
