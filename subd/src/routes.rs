@@ -5,6 +5,7 @@ use crate::Subd;
 use axum::extract::State;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::Router;
 use model::api::{
     methods, CleanupRequest, Empty, FetchRequest, PollRequest, UpdateRequest, UpdateResponse,
@@ -12,7 +13,7 @@ use model::api::{
 };
 use model::client::ImageServerClient;
 use model::fetch::{fetch_objects, FetchError, FetchOptions};
-use model::http::{ApiError, Json};
+use model::http::{ApiError, Caller, Json};
 use model::{FileTree, FsPath, ObjectId};
 use serde::Serialize;
 use std::sync::Arc;
@@ -52,8 +53,14 @@ struct PollReply<'a> {
 
 async fn poll(
     State(s): State<Arc<Subd>>,
+    Extension(caller): Extension<Caller>,
     Json(req): Json<PollRequest>,
 ) -> Result<Response, ApiError> {
+    // A short poll is open to any authenticated caller; the tree needs the grant.
+    if !req.short_only && !caller.may(methods::SUBD_POLL) {
+        tracing::warn!(caller = %caller.name, "full poll denied (short polls only)");
+        return Err(ApiError::Forbidden("access to method denied".into()));
+    }
     let s2 = s.clone();
     // Serializing a large tree is CPU work: off the executor. The lock is a std Mutex,
     // taken and released inside this blocking closure.
