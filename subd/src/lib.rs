@@ -8,6 +8,7 @@
 //! Private state lives in `ROOT/.subd`: `objects/` (the cache), `staging/`,
 //! `triggers.previous`, `last-image`, `last-update.json`.
 
+pub mod poll;
 pub mod routes;
 pub mod scanner;
 
@@ -203,6 +204,8 @@ pub struct Subd {
     /// be discarded anyway).
     pub scan_abort: Arc<AtomicBool>,
     pub start_time: u64,
+    /// Full poll replies shared per generation, and the limits on them.
+    pub polls: poll::PollShare,
     /// Held while running: one subd per root.
     _lock: model::fsutil::DirLock,
 }
@@ -257,6 +260,7 @@ impl Subd {
             stop: Arc::new(AtomicBool::new(false)),
             scan_abort: Arc::new(AtomicBool::new(false)),
             start_time: now_secs(),
+            polls: poll::PollShare::default(),
             _lock: lock,
         });
         // An update killed between stopping services and starting them left them stopped.

@@ -7,6 +7,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Extension;
 use axum::Router;
+use bytes::Bytes;
 use model::api::{
     methods, CleanupRequest, Empty, FetchRequest, PollRequest, UpdateRequest, UpdateResponse,
     UpdateResult,
@@ -14,7 +15,6 @@ use model::api::{
 use model::client::ImageServerClient;
 use model::fetch::{fetch_objects, FetchError, FetchOptions};
 use model::http::{ApiError, Caller, Json};
-use model::{FileTree, FsPath, ObjectId};
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -30,9 +30,10 @@ pub fn router(state: Arc<Subd>) -> Router {
         .with_state(state)
 }
 
-/// `PollResponse` with borrowed tree and cache, so a poll serializes without copying them.
+/// `PollResponse` without the tree fields, which a full poll splices in from the shared
+/// serialized tree (`crate::poll`).
 #[derive(Serialize)]
-struct PollReply<'a> {
+struct PollHead<'a> {
     generation: u64,
     scan_count: u64,
     start_time: u64,
@@ -45,10 +46,6 @@ struct PollReply<'a> {
     free_space: u64,
     last_image: Option<&'a str>,
     exclusions: &'a [String],
-    tree: Option<&'a FileTree>,
-    object_cache: Option<&'a [ObjectId]>,
-    #[serde(skip_serializing_if = "<[FsPath]>::is_empty")]
-    hidden_parents: &'a [FsPath],
 }
 
 async fn poll(
@@ -62,14 +59,14 @@ async fn poll(
         return Err(ApiError::Forbidden("access to method denied".into()));
     }
     let s2 = s.clone();
-    // Serializing a large tree is CPU work: off the executor. The lock is a std Mutex,
-    // taken and released inside this blocking closure.
-    let body = tokio::task::spawn_blocking(move || {
+    // statvfs and the status lock (a std Mutex, taken and released inside): off the
+    // executor. The tree is only referenced here, never serialized.
+    let (head, parts) = tokio::task::spawn_blocking(move || {
         let free_space = s2.free_space();
         let st = s2.status.lock().unwrap();
         let send_tree =
             !req.short_only && st.generation != 0 && st.generation != req.have_generation;
-        let reply = PollReply {
+        let head = serde_json::to_vec(&PollHead {
             generation: st.generation,
             scan_count: st.scan_count,
             start_time: s2.start_time,
@@ -82,20 +79,38 @@ async fn poll(
             free_space,
             last_image: st.last_image.as_deref(),
             exclusions: s2.exclusions.lines(),
-            tree: if send_tree { st.tree.as_deref() } else { None },
-            object_cache: if send_tree {
-                st.object_cache.as_deref().map(|v| v.as_slice())
-            } else {
-                None
-            },
-            hidden_parents: if send_tree { &st.hidden_parents } else { &[] },
-        };
-        serde_json::to_vec(&reply)
+        })?;
+        let parts = st.tree.clone().filter(|_| send_tree).map(|tree| {
+            let parts = crate::poll::TreeParts {
+                tree,
+                object_cache: st.object_cache.clone(),
+                hidden_parents: st.hidden_parents.clone(),
+            };
+            (st.generation, parts)
+        });
+        Ok::<_, serde_json::Error>((head, parts))
     })
     .await
     .map_err(ApiError::internal)?
     .map_err(ApiError::internal)?;
-    Ok(([("content-type", "application/json")], body).into_response())
+    let Some((generation, parts)) = parts else {
+        return Ok(([("content-type", "application/json")], head).into_response());
+    };
+    let shared = s.polls.tree_fields(generation, parts).await?;
+    // `{head…` + `,` + the shared tree fields + `}`.
+    let mut open = head;
+    open.pop();
+    open.push(b',');
+    use futures_util::StreamExt;
+    let body = futures_util::stream::iter([Bytes::from(open)])
+        .chain(shared.slices())
+        .chain(futures_util::stream::iter([Bytes::from_static(b"}")]))
+        .map(Ok::<_, std::convert::Infallible>);
+    Ok((
+        [("content-type", "application/json")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
 }
 
 /// A running fetch or update: clears its `*_in_progress` flag when dropped, on every path
