@@ -1,20 +1,20 @@
 //! Full poll replies without one copy of the tree per poller: the tree part of a reply
 //! (`"tree":…,"object_cache":…,"hidden_parents":…`) is serialized once per generation and
-//! shared by every concurrent poller, sent in slices, and at most [`TREES_HELD`] serialized
-//! trees are alive at once (pollers still sending an older generation hold its tree). A
-//! poller that finds no room within [`ROOM_WAIT`] gets 503 "busy, retry". Short polls never
+//! shared by every concurrent poller of it, sent in slices; it lives only while a poller
+//! is still sending it. At most [`TREES_HELD`] serialized trees exist at once; a poller
+//! that finds no room within [`ROOM_WAIT`] gets 503 "busy, retry". Short polls never
 //! touch this.
 
 use bytes::Bytes;
 use model::http::ApiError;
 use model::{FileTree, FsPath, ObjectId};
 use serde::Serialize;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Serialized trees held at once: the current generation's, and older ones still being
-/// sent to slow pollers.
+/// Serialized trees alive at once (the current generation's, and older ones still being
+/// sent to slow pollers).
 pub const TREES_HELD: usize = 3;
 /// How long a full poll waits for room before it is refused with 503.
 pub const ROOM_WAIT: Duration = Duration::from_secs(10);
@@ -60,8 +60,9 @@ impl SharedTree {
 
 /// Shared serialized trees and the limits on them; one per subd.
 pub struct PollShare {
-    /// The newest tree serialized (std Mutex: never held across `.await`).
-    latest: Mutex<Option<Arc<SharedTree>>>,
+    /// The newest tree serialized, while a poller still sends it (std Mutex: never held
+    /// across `.await`).
+    latest: Mutex<Weak<SharedTree>>,
     /// One serialization at a time: concurrent pollers of a new generation wait for it.
     building: tokio::sync::Mutex<()>,
     /// `TREES_HELD` permits, one held by each serialized tree alive.
@@ -73,7 +74,7 @@ pub struct PollShare {
 impl Default for PollShare {
     fn default() -> Self {
         PollShare {
-            latest: Mutex::new(None),
+            latest: Mutex::new(Weak::new()),
             building: tokio::sync::Mutex::new(()),
             room: Arc::new(Semaphore::new(TREES_HELD)),
             room_wait: ROOM_WAIT,
@@ -83,11 +84,8 @@ impl Default for PollShare {
 
 impl PollShare {
     fn latest_of(&self, generation: u64) -> Option<Arc<SharedTree>> {
-        let latest = self.latest.lock().unwrap();
-        latest
-            .as_ref()
-            .filter(|t| t.generation == generation)
-            .cloned()
+        let latest = self.latest.lock().unwrap().upgrade();
+        latest.filter(|t| t.generation == generation)
     }
 
     /// The serialized tree fields of `generation`: the shared copy, or serialized from
@@ -104,13 +102,6 @@ impl PollShare {
         let _building = self.building.lock().await;
         if let Some(t) = self.latest_of(generation) {
             return Ok(t);
-        }
-        {
-            // An older tree stays alive only while pollers still send it.
-            let mut latest = self.latest.lock().unwrap();
-            if latest.as_ref().is_some_and(|t| t.generation < generation) {
-                *latest = None;
-            }
         }
         let room =
             match tokio::time::timeout(self.room_wait, self.room.clone().acquire_owned()).await {
@@ -140,8 +131,8 @@ impl PollShare {
             _room: room,
         });
         let mut latest = self.latest.lock().unwrap();
-        if latest.as_ref().is_none_or(|t| t.generation <= generation) {
-            *latest = Some(shared.clone());
+        if latest.upgrade().is_none_or(|t| t.generation <= generation) {
+            *latest = Arc::downgrade(&shared);
         }
         Ok(shared)
     }
@@ -192,6 +183,12 @@ mod tests {
         assert_eq!(back.tree.len(), 20_001);
         assert_eq!(back.object_cache, [ObjectId::of(b"x")]);
         assert_eq!(back.hidden_parents.len(), 1);
+        drop(b);
+        assert!(
+            share.latest_of(7).is_none(),
+            "freed once no poller sends it"
+        );
+        assert_eq!(share.room.available_permits(), TREES_HELD);
     }
 
     /// Slow pollers of `TREES_HELD` older generations keep their trees; a poll of a newer
