@@ -4,7 +4,8 @@
 //! It never decides what to change.
 //!
 //! Layout: `lib.rs` holds the configuration, the shared state and `serve`; `scanner` the
-//! background scan loop; `routes` the RPC handlers, status page and metrics.
+//! background scan loop; `routes` the RPC handlers, status page and metrics; `poll` the
+//! full-poll trees shared among concurrent pollers.
 //! Private state lives in `ROOT/.subd`: `objects/` (the cache), `staging/`,
 //! `triggers.previous`, `last-image`, `last-update.json`.
 
