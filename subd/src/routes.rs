@@ -118,6 +118,8 @@ async fn poll(
 struct Claim {
     subd: Arc<Subd>,
     fetching: bool,
+    /// The image an update applies (for the failure it records).
+    image: String,
     finished: bool,
 }
 
@@ -144,6 +146,12 @@ impl Drop for Claim {
                 st.last_fetch_error = Some(msg);
             } else {
                 st.update_in_progress = false;
+                st.last_update = Some(UpdateResult {
+                    image_name: self.image.clone(),
+                    finished_at: crate::now_secs(),
+                    errors: vec![msg],
+                    ..UpdateResult::default()
+                });
             }
         }
         if !self.fetching {
@@ -180,6 +188,7 @@ fn claim(s: &Arc<Subd>, fetching: bool) -> Result<Claim, ApiError> {
     Ok(Claim {
         subd: s.clone(),
         fetching,
+        image: String::new(),
         finished: false,
     })
 }
@@ -272,7 +281,8 @@ async fn update(
     if let Some(r) = &req.plan.unsafe_reason {
         return Err(ApiError::BadRequest(format!("refusing unsafe update: {r}")));
     }
-    let claim = claim(&s, false)?;
+    let mut claim = claim(&s, false)?;
+    claim.image = req.plan.image_name.clone();
     s.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let s2 = s.clone();
     let task = tokio::task::spawn_blocking(move || {
@@ -437,6 +447,7 @@ mod tests {
         Claim {
             subd: s.clone(),
             fetching,
+            image: "app/1".into(),
             finished: false,
         }
     }
@@ -456,6 +467,21 @@ mod tests {
         assert!(!st.update_in_progress);
         assert_eq!(st.last_update.as_ref().unwrap().errors, r.errors);
         assert_ne!(st.last_image.as_deref(), Some("app/1"));
+        drop(st);
+        s.shutdown();
+    }
+
+    /// An update whose claim is dropped without finishing (a panic outside apply, a task
+    /// never run) clears the flag and records the failure as the update's error.
+    #[test]
+    fn an_update_claim_dropped_unfinished_records_the_failure() {
+        let (_d, s) = subd();
+        drop(claimed(&s, false));
+        let st = s.status.lock().unwrap();
+        assert!(!st.update_in_progress);
+        let u = st.last_update.as_ref().unwrap();
+        assert_eq!(u.image_name, "app/1");
+        assert!(u.errors[0].contains("internal error"), "{u:?}");
         drop(st);
         s.shutdown();
     }
