@@ -969,4 +969,37 @@ fn get_writes_var_lib_initial_image() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("is not a directory"), "{}", stderr(&o));
     assert!(!outside.path().join("lib/initial-image").exists());
+
+/// Issue 9 #2: regexes that each compile but are over the regex size limit as one set
+/// are accepted (and kept); one regex over the limit alone is refused with one line
+/// naming file, line and regex. Never a panic (exit 101).
+#[test]
+fn regexes_too_big_as_one_set_are_accepted_and_one_too_big_alone_is_refused() {
+    let s = Server::start();
+    let tree = make_tree();
+    let src = tree.path().to_str().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let filter = files.path().join("big.filter");
+    std::fs::write(&filter, "\\w{100}a\n\\w{100}b\n\\w{100}c\n").unwrap();
+    let triggers = files.path().join("big.triggers");
+    std::fs::write(
+        &triggers,
+        r#"[{"MatchLines":["\\w{100}a","\\w{100}b","\\w{100}c"],"Service":"app"}]"#,
+    )
+    .unwrap();
+    let (f, t) = (filter.to_str().unwrap(), triggers.to_str().unwrap());
+    ok(s.tool(&["add", "big/1", src, f, t]));
+    assert_eq!(ok(s.tool(&["show-filter", "big/1"])).lines().count(), 3);
+    assert!(ok(s.tool(&["show-triggers", "big/1"])).contains("\\w{100}c"));
+
+    let too_big = files.path().join("too-big.filter");
+    std::fs::write(&too_big, "/etc\n\\w{100}{100}\n").unwrap();
+    fails(
+        s.tool(&["add", "big/2", src, too_big.to_str().unwrap(), ""]),
+        &format!(
+            "{}:2: invalid regex \"\\\\w{{100}}{{100}}\"",
+            too_big.display()
+        ),
+    );
+    assert_eq!(ok(s.tool(&["list"])), "big/1\n");
 }

@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 #[serde(try_from = "Vec<String>", into = "Vec<String>")]
 pub struct Filter {
     lines: Vec<String>,
-    set: RegexSet,
+    set: Patterns,
     invert: bool,
 }
 
@@ -30,28 +30,71 @@ pub struct BadRegex {
     pub message: String,
 }
 
+/// Start-anchored regexes matched as one: packed into as few `RegexSet`s as fit the regex
+/// size limit, so lines that each compile alone always compile (and match) together.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Patterns {
+    sets: Vec<RegexSet>,
+}
+
+impl Patterns {
+    /// True if any regex matches `path`.
+    pub(crate) fn is_match(&self, path: &[u8]) -> bool {
+        self.sets.iter().any(|s| s.is_match(path))
+    }
+
+    /// Adds `other`'s regexes (already compiled: a merge cannot fail).
+    pub(crate) fn extend(&mut self, other: &Patterns) {
+        self.sets.extend(other.sets.iter().cloned());
+    }
+}
+
 /// Compiles start-anchored regexes; `lines` are `(line number, regex)`.
 pub(crate) fn compile_anchored(
     source_name: &str,
     lines: &[(usize, String)],
-) -> Result<RegexSet, BadRegex> {
+) -> Result<Patterns, BadRegex> {
+    let bad = |n: usize, l: &str, e: regex::Error| BadRegex {
+        source_name: source_name.to_string(),
+        line: n,
+        regex: l.to_string(),
+        message: e
+            .to_string()
+            .lines()
+            .last()
+            .unwrap_or("")
+            .trim()
+            .to_string(),
+    };
     for (n, l) in lines {
-        if let Err(e) = regex::bytes::Regex::new(&format!("^(?:{l})")) {
-            return Err(BadRegex {
-                source_name: source_name.to_string(),
-                line: *n,
-                regex: l.clone(),
-                message: e
-                    .to_string()
-                    .lines()
-                    .last()
-                    .unwrap_or("")
-                    .trim()
-                    .to_string(),
-            });
+        regex::bytes::Regex::new(&format!("^(?:{l})")).map_err(|e| bad(*n, l, e))?;
+    }
+    let mut sets = Vec::new();
+    pack(lines, &mut sets, &bad)?;
+    Ok(Patterns { sets })
+}
+
+/// Compiles `lines` as one set, or, when that is over the size limit, each half apart.
+fn pack(
+    lines: &[(usize, String)],
+    out: &mut Vec<RegexSet>,
+    bad: &dyn Fn(usize, &str, regex::Error) -> BadRegex,
+) -> Result<(), BadRegex> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    match RegexSet::new(lines.iter().map(|(_, l)| format!("^(?:{l})"))) {
+        Ok(set) => {
+            out.push(set);
+            Ok(())
+        }
+        Err(e) if lines.len() == 1 => Err(bad(lines[0].0, &lines[0].1, e)),
+        Err(_) => {
+            let (a, b) = lines.split_at(lines.len() / 2);
+            pack(a, out, bad)?;
+            pack(b, out, bad)
         }
     }
-    Ok(RegexSet::new(lines.iter().map(|(_, l)| format!("^(?:{l})"))).expect("each regex compiled"))
 }
 
 impl Filter {
@@ -204,6 +247,26 @@ mod tests {
         let j = serde_json::to_string(&Filter::parse("/a\n", "x").unwrap()).unwrap();
         assert_eq!(j, r#"["/a"]"#);
         assert!(serde_json::from_str::<Filter>(r#"["("]"#).is_err());
+    }
+
+    /// Lines that each compile but are over the regex size limit as one set (issue 9 #2).
+    #[test]
+    fn lines_too_big_together_still_compile_and_match() {
+        let f = Filter::parse("\\w{100}a\n\\w{100}b\n\\w{100}c\n", "f").unwrap();
+        for end in ["a", "b", "c"] {
+            assert!(m(&f, &format!("{}{end}", "x".repeat(100))), "{end}");
+        }
+        assert!(!m(&f, &format!("{}d", "x".repeat(100))));
+    }
+
+    #[test]
+    fn one_line_over_the_size_limit_names_its_line() {
+        let e = Filter::parse("/ok\n\\w{100}{100}\n", "filter.txt").unwrap_err();
+        assert_eq!((e.line, e.regex.as_str()), (2, "\\w{100}{100}"));
+        assert!(
+            e.to_string().starts_with("filter.txt:2: invalid regex"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -178,7 +178,9 @@ fn service(
         let caller = caller.clone();
         async move {
             if let Some(method) = method_of(req.uri().path()) {
-                if !caller.may(method) {
+                // Any authenticated caller may poll short (Dominator); subd refuses a full
+                // poll to a caller without the `Subd.Poll` grant itself.
+                if !caller.may(method) && method != crate::api::methods::SUBD_POLL {
                     tracing::warn!(caller = %caller.name, method, "access to method denied");
                     return Ok(
                         ApiError::Forbidden("access to method denied".into()).into_response()

@@ -5,9 +5,8 @@
 //! names match without regard to case. Lines whose first non-blank characters are `#`,
 //! `//` or `!` are comments. An empty file is an error; `[]` means no triggers.
 
-use crate::filter::{compile_anchored, BadRegex};
+use crate::filter::{compile_anchored, BadRegex, Patterns};
 use crate::image::version_cmp;
-use regex::bytes::RegexSet;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -32,7 +31,8 @@ pub struct Trigger {
 #[serde(try_from = "Vec<Trigger>", into = "Vec<Trigger>")]
 pub struct Triggers {
     list: Vec<Trigger>,
-    sets: Vec<RegexSet>,
+    /// One compiled set per trigger, in `list` order.
+    sets: Vec<Patterns>,
 }
 
 /// Why a triggers file was refused.
@@ -198,26 +198,37 @@ impl Triggers {
 
     /// Dominator's "old set": the union of `self` and `other`, merged by
     /// (Service, DoReload) with match lines unioned and DoReboot/HighImpact OR-ed.
+    /// The compiled regexes are reused, not recompiled: a merge cannot fail.
     pub fn merged_with(&self, other: &Triggers) -> Triggers {
-        let mut by_key: BTreeMap<(String, bool), Trigger> = BTreeMap::new();
-        for t in self.list.iter().chain(other.list.iter()) {
-            let e = by_key
+        let mut by_key: BTreeMap<(String, bool), (Trigger, Patterns)> = BTreeMap::new();
+        for (t, set) in self
+            .list
+            .iter()
+            .zip(&self.sets)
+            .chain(other.list.iter().zip(&other.sets))
+        {
+            let (e, patterns) = by_key
                 .entry((t.service.clone(), t.do_reload))
-                .or_insert_with(|| Trigger {
-                    service: t.service.clone(),
-                    do_reload: t.do_reload,
-                    sort_name: t.sort_name.clone(),
-                    ..Trigger::default()
+                .or_insert_with(|| {
+                    let e = Trigger {
+                        service: t.service.clone(),
+                        do_reload: t.do_reload,
+                        sort_name: t.sort_name.clone(),
+                        ..Trigger::default()
+                    };
+                    (e, Patterns::default())
                 });
             for l in &t.match_lines {
                 if !e.match_lines.contains(l) {
                     e.match_lines.push(l.clone());
                 }
             }
+            patterns.extend(set);
             e.do_reboot |= t.do_reboot;
             e.high_impact |= t.high_impact;
         }
-        Triggers::new(by_key.into_values().collect()).expect("merging valid triggers stays valid")
+        let (list, sets) = by_key.into_values().unzip();
+        Triggers { list, sets }
     }
 }
 
@@ -331,5 +342,29 @@ mod tests {
             .map(|t| t.service.clone())
             .collect();
         assert_eq!(order, ["b", "a"]);
+    }
+
+    /// Issue 9 #2: each set compiles alone, but one regex set of all three `\w{100}` lines
+    /// is over the regex size limit; the merge must still match every line.
+    #[test]
+    fn merge_of_sets_too_big_together_matches_every_line() {
+        let a = Triggers::parse(
+            r#"[{"MatchLines":["\\w{100}a","\\w{100}b"],"Service":"app"}]"#,
+            "a",
+        )
+        .unwrap();
+        let b = Triggers::parse(r#"[{"MatchLines":["\\w{100}c"],"Service":"app"}]"#, "b").unwrap();
+        let m = a.merged_with(&b);
+        assert_eq!(m.list().len(), 1);
+        assert_eq!(m.list()[0].match_lines.len(), 3);
+        for end in ["a", "b", "c"] {
+            let path = format!("{}{end}", "x".repeat(100));
+            assert_eq!(m.matching(&[path.as_bytes()]).len(), 1, "{end}");
+        }
+        assert!(m.matching(&[format!("{}d", "x".repeat(100))]).is_empty());
+        // The merged list also round-trips through the JSON subd saves.
+        let json = serde_json::to_vec(&m).unwrap();
+        let back: Triggers = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back.matching(&[format!("{}c", "x".repeat(100))]).len(), 1);
     }
 }

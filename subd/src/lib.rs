@@ -4,12 +4,14 @@
 //! It never decides what to change.
 //!
 //! Layout: `lib.rs` holds the configuration, the shared state and `serve`; `scanner` the
-//! background scan loop; `routes` the RPC handlers, status page and metrics.
+//! background scan loop; `routes` the RPC handlers, status page and metrics; `poll` the
+//! full-poll trees shared among concurrent pollers.
 //! Private state lives in `ROOT/.subd`: `objects/` (the cache), `staging/`,
 //! `triggers.previous`, `last-image`, `last-update.json`. It is opened once at start-up
 //! (`model::statedir`: refused if others can write it or the root) and reached only
 //! through that handle afterwards.
 
+pub mod poll;
 pub mod routes;
 pub mod scanner;
 
@@ -206,6 +208,8 @@ pub struct Subd {
     /// be discarded anyway).
     pub scan_abort: Arc<AtomicBool>,
     pub start_time: u64,
+    /// Full poll replies shared per generation, and the limits on them.
+    pub polls: poll::PollShare,
     /// Held while running: one subd per root.
     _lock: model::fsutil::DirLock,
 }
@@ -256,6 +260,7 @@ impl Subd {
             stop: Arc::new(AtomicBool::new(false)),
             scan_abort: Arc::new(AtomicBool::new(false)),
             start_time: now_secs(),
+            polls: poll::PollShare::default(),
             _lock: lock,
         });
         // An update killed between stopping services and starting them left them stopped.

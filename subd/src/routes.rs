@@ -5,15 +5,16 @@ use crate::Subd;
 use axum::extract::State;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::Router;
+use bytes::Bytes;
 use model::api::{
     methods, CleanupRequest, Empty, FetchRequest, PollRequest, UpdateRequest, UpdateResponse,
     UpdateResult,
 };
 use model::client::ImageServerClient;
 use model::fetch::{fetch_objects, FetchError, FetchOptions};
-use model::http::{ApiError, Json};
-use model::{FileTree, FsPath, ObjectId};
+use model::http::{ApiError, Caller, Json};
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -29,9 +30,10 @@ pub fn router(state: Arc<Subd>) -> Router {
         .with_state(state)
 }
 
-/// `PollResponse` with borrowed tree and cache, so a poll serializes without copying them.
+/// `PollResponse` without the tree fields, which a full poll splices in from the shared
+/// serialized tree (`crate::poll`).
 #[derive(Serialize)]
-struct PollReply<'a> {
+struct PollHead<'a> {
     generation: u64,
     scan_count: u64,
     start_time: u64,
@@ -44,25 +46,27 @@ struct PollReply<'a> {
     free_space: u64,
     last_image: Option<&'a str>,
     exclusions: &'a [String],
-    tree: Option<&'a FileTree>,
-    object_cache: Option<&'a [ObjectId]>,
-    #[serde(skip_serializing_if = "<[FsPath]>::is_empty")]
-    hidden_parents: &'a [FsPath],
 }
 
 async fn poll(
     State(s): State<Arc<Subd>>,
+    Extension(caller): Extension<Caller>,
     Json(req): Json<PollRequest>,
 ) -> Result<Response, ApiError> {
+    // A short poll is open to any authenticated caller; the tree needs the grant.
+    if !req.short_only && !caller.may(methods::SUBD_POLL) {
+        tracing::warn!(caller = %caller.name, "full poll denied (short polls only)");
+        return Err(ApiError::Forbidden("access to method denied".into()));
+    }
     let s2 = s.clone();
-    // Serializing a large tree is CPU work: off the executor. The lock is a std Mutex,
-    // taken and released inside this blocking closure.
-    let body = tokio::task::spawn_blocking(move || {
+    // statvfs and the status lock (a std Mutex, taken and released inside): off the
+    // executor. The tree is only referenced here, never serialized.
+    let (head, parts) = tokio::task::spawn_blocking(move || {
         let free_space = s2.free_space();
         let st = s2.status.lock().unwrap();
         let send_tree =
             !req.short_only && st.generation != 0 && st.generation != req.have_generation;
-        let reply = PollReply {
+        let head = serde_json::to_vec(&PollHead {
             generation: st.generation,
             scan_count: st.scan_count,
             start_time: s2.start_time,
@@ -75,24 +79,92 @@ async fn poll(
             free_space,
             last_image: st.last_image.as_deref(),
             exclusions: s2.exclusions.lines(),
-            tree: if send_tree { st.tree.as_deref() } else { None },
-            object_cache: if send_tree {
-                st.object_cache.as_deref().map(|v| v.as_slice())
-            } else {
-                None
-            },
-            hidden_parents: if send_tree { &st.hidden_parents } else { &[] },
-        };
-        serde_json::to_vec(&reply)
+        })?;
+        let parts = st.tree.clone().filter(|_| send_tree).map(|tree| {
+            let parts = crate::poll::TreeParts {
+                tree,
+                object_cache: st.object_cache.clone(),
+                hidden_parents: st.hidden_parents.clone(),
+            };
+            (st.generation, parts)
+        });
+        Ok::<_, serde_json::Error>((head, parts))
     })
     .await
     .map_err(ApiError::internal)?
     .map_err(ApiError::internal)?;
-    Ok(([("content-type", "application/json")], body).into_response())
+    let Some((generation, parts)) = parts else {
+        return Ok(([("content-type", "application/json")], head).into_response());
+    };
+    let shared = s.polls.tree_fields(generation, parts).await?;
+    // `{head…` + `,` + the shared tree fields + `}`.
+    let mut open = head;
+    open.pop();
+    open.push(b',');
+    use futures_util::StreamExt;
+    let body = futures_util::stream::iter([Bytes::from(open)])
+        .chain(shared.slices())
+        .chain(futures_util::stream::iter([Bytes::from_static(b"}")]))
+        .map(Ok::<_, std::convert::Infallible>);
+    Ok((
+        [("content-type", "application/json")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
+}
+
+/// A running fetch or update: clears its `*_in_progress` flag when dropped, on every path
+/// (a panic or a dropped task included), recording the failure unless `finished`.
+struct Claim {
+    subd: Arc<Subd>,
+    fetching: bool,
+    /// The image an update applies (for the failure it records).
+    image: String,
+    finished: bool,
+}
+
+impl Claim {
+    /// The work ended normally and recorded its own outcome.
+    fn finished(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let what = if self.fetching { "fetch" } else { "update" };
+        let msg = format!("{what} aborted by an internal error (see subd's log)");
+        tracing::error!("{msg}");
+        {
+            // Not `unwrap`: a panic while holding the lock must not keep the flag set.
+            let mut st = self.subd.status.lock().unwrap_or_else(|e| e.into_inner());
+            if self.fetching {
+                st.fetch_in_progress = false;
+                st.last_fetch_error = Some(msg);
+            } else {
+                st.update_in_progress = false;
+                st.last_update = Some(UpdateResult {
+                    image_name: self.image.clone(),
+                    finished_at: crate::now_secs(),
+                    errors: vec![msg],
+                    ..UpdateResult::default()
+                });
+            }
+        }
+        if !self.fetching {
+            self.subd
+                .epoch
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.subd.boost_scan();
+    }
 }
 
 /// Marks a fetch or update as running, or refuses.
-fn claim(s: &Subd, fetching: bool) -> Result<(), ApiError> {
+fn claim(s: &Arc<Subd>, fetching: bool) -> Result<Claim, ApiError> {
     let mut st = s.status.lock().unwrap();
     if st.fetch_in_progress || st.update_in_progress {
         return Err(ApiError::Conflict(
@@ -113,7 +185,46 @@ fn claim(s: &Subd, fetching: bool) -> Result<(), ApiError> {
         s.scan_abort
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
-    Ok(())
+    Ok(Claim {
+        subd: s.clone(),
+        fetching,
+        image: String::new(),
+        finished: false,
+    })
+}
+
+/// Runs `apply` for `plan`, records its result and releases `claim`. A panic inside
+/// `apply` is caught and becomes the update's error (the services it stopped are started).
+fn run_update(
+    s: &Subd,
+    plan: &model::UpdatePlan,
+    claim: Claim,
+    apply: impl FnOnce() -> UpdateResult,
+) -> UpdateResult {
+    let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(apply)) {
+        Ok(r) => r,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|m| m.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            let line = why.lines().next().unwrap_or("");
+            let (trigger_actions, trigger_failures) =
+                model::apply::resume_pending_starts(&s.state_dir, &s.apply_options());
+            UpdateResult {
+                image_name: plan.image_name.clone(),
+                finished_at: crate::now_secs(),
+                errors: vec![format!("update failed: internal error: {line}")],
+                trigger_actions,
+                trigger_failures,
+                ..UpdateResult::default()
+            }
+        }
+    };
+    s.finish_update(&result, plan.sparse);
+    claim.finished();
+    result
 }
 
 async fn fetch(
@@ -127,7 +238,7 @@ async fn fetch(
     }
     let client = ImageServerClient::new(&req.server, &s.config.client_security)
         .map_err(|e| ApiError::BadRequest(format!("fetch: {e}")))?;
-    claim(&s, true)?;
+    let claim = claim(&s, true)?;
     let s2 = s.clone();
     let task = tokio::spawn(async move {
         let opts = FetchOptions {
@@ -150,6 +261,7 @@ async fn fetch(
             }
         }
         s2.boost_scan();
+        claim.finished();
         r
     });
     if !req.wait {
@@ -172,7 +284,8 @@ async fn update(
     if let Err(e) = req.plan.validate() {
         return Err(ApiError::BadRequest(format!("refusing invalid plan: {e}")));
     }
-    claim(&s, false)?;
+    let mut claim = claim(&s, false)?;
+    claim.image = req.plan.image_name.clone();
     s.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let s2 = s.clone();
     let task = tokio::task::spawn_blocking(move || {
@@ -182,10 +295,9 @@ async fn update(
             plan.image_name,
             plan.to_string().trim_end().replace('\n', ";")
         );
-        let result =
-            model::apply::apply(&s2.config.root, &s2.state_dir, &plan, &s2.apply_options());
-        s2.finish_update(&result, plan.sparse);
-        result
+        run_update(&s2, &plan, claim, || {
+            model::apply::apply(&s2.config.root, &s2.state_dir, &plan, &s2.apply_options())
+        })
     });
     if !req.wait {
         return Ok(axum::Json(UpdateResponse { result: None }));
@@ -319,4 +431,85 @@ async fn metrics(State(s): State<Arc<Subd>>) -> impl IntoResponse {
         [("content-type", "text/plain; version=0.0.4")],
         lines.join("\n") + "\n",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subd() -> (tempfile::TempDir, Arc<Subd>) {
+        let d = tempfile::tempdir().unwrap();
+        let s = Subd::start(crate::Config::new(d.path())).unwrap();
+        (d, s)
+    }
+
+    fn claimed(s: &Arc<Subd>, fetching: bool) -> Claim {
+        let mut st = s.status.lock().unwrap();
+        st.fetch_in_progress = fetching;
+        st.update_in_progress = !fetching;
+        Claim {
+            subd: s.clone(),
+            fetching,
+            image: "app/1".into(),
+            finished: false,
+        }
+    }
+
+    /// Issue 9 #2: a panic inside apply must not leave `update_in_progress` set.
+    #[test]
+    fn a_panic_inside_apply_is_the_update_error_and_clears_the_flag() {
+        let (_d, s) = subd();
+        let claim = claimed(&s, false);
+        let plan = model::UpdatePlan {
+            image_name: "app/1".into(),
+            ..Default::default()
+        };
+        let r = run_update(&s, &plan, claim, || panic!("boom\nsecond line"));
+        assert_eq!(r.errors, ["update failed: internal error: boom"]);
+        let st = s.status.lock().unwrap();
+        assert!(!st.update_in_progress);
+        assert_eq!(st.last_update.as_ref().unwrap().errors, r.errors);
+        assert_ne!(st.last_image.as_deref(), Some("app/1"));
+        drop(st);
+        s.shutdown();
+    }
+
+    /// An update whose claim is dropped without finishing (a panic outside apply, a task
+    /// never run) clears the flag and records the failure as the update's error.
+    #[test]
+    fn an_update_claim_dropped_unfinished_records_the_failure() {
+        let (_d, s) = subd();
+        drop(claimed(&s, false));
+        let st = s.status.lock().unwrap();
+        assert!(!st.update_in_progress);
+        let u = st.last_update.as_ref().unwrap();
+        assert_eq!(u.image_name, "app/1");
+        assert!(u.errors[0].contains("internal error"), "{u:?}");
+        drop(st);
+        s.shutdown();
+    }
+
+    /// A fetch task that panics drops its claim: the flag is cleared, the failure recorded.
+    #[test]
+    fn a_fetch_that_panics_clears_its_flag() {
+        let (_d, s) = subd();
+        let claim = claimed(&s, true);
+        let t = std::thread::spawn(move || {
+            let _claim = claim;
+            panic!("fetch broke");
+        });
+        assert!(t.join().is_err());
+        let st = s.status.lock().unwrap();
+        assert!(!st.fetch_in_progress);
+        assert!(
+            st.last_fetch_error
+                .as_deref()
+                .unwrap()
+                .contains("internal error"),
+            "{:?}",
+            st.last_fetch_error
+        );
+        drop(st);
+        s.shutdown();
+    }
 }

@@ -193,8 +193,58 @@ async fn roles_over_mutual_tls_with_the_real_binaries() {
     assert!(e.to_string().contains("access to method denied"));
 }
 
+/// Dominator's rule: any authenticated caller may poll short; the tree needs `Subd.Poll`.
+/// A builder's certificate (no `Subd.*` grant) gets a short poll from a real subd and a
+/// 403 for a full one, never a short reply in its place.
+#[tokio::test]
+async fn a_builder_certificate_gets_a_short_poll_and_is_refused_a_full_one() {
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs");
+    model::certs::make_all(&certs, &[]).unwrap();
+    let (_subd, saddr) = tls_subd(work.path(), &certs);
+    let client = |cert: &str, key: &str| {
+        let files = TlsFiles {
+            ca: certs.join("CA.pem"),
+            cert: certs.join(cert),
+            key: certs.join(key),
+        };
+        SubdClient::new(
+            &saddr,
+            &ClientSecurity::Tls(files),
+            Some(Duration::from_secs(10)),
+        )
+        .unwrap()
+    };
+    let dom = client("dominator/cert.pem", "dominator/key.pem");
+    let bld = client("builder.cert", "builder.key");
+    // Wait for a first scan, so a full poll would carry a tree.
+    let full = testkit::drive::poll_after(&dom, 0).await;
+    assert!(full.tree.is_some());
+    let short = bld
+        .poll(&PollRequest {
+            have_generation: 0,
+            short_only: true,
+        })
+        .await
+        .expect("any authenticated caller may poll short");
+    assert_eq!(short.generation, full.generation);
+    assert!(short.tree.is_none() && short.object_cache.is_none());
+    for have_generation in [0, full.generation] {
+        let e = bld
+            .poll(&PollRequest {
+                have_generation,
+                short_only: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), Some(403), "{e}");
+        assert!(e.to_string().contains("access to method denied"), "{e}");
+    }
+}
+
 /// The dominator names why it cannot poll a machine: a real dominator started with the
-/// builder's pair (no `Subd.*` grant) is refused by a real subd (`poll denied`), and a
+/// builder's pair (no `Subd.*` grant) is refused a full poll by a real subd (`poll
+/// denied`; the short poll is open to any authenticated caller), and a
 /// machine whose name does not resolve is a `DNS error`; both read over the dominator's
 /// own TLS API with the admin's pair.
 #[tokio::test]
@@ -203,6 +253,30 @@ async fn the_dominator_names_a_denied_poll_and_a_name_that_does_not_resolve() {
     let certs = work.path().join("certs");
     model::certs::make_all(&certs, &[]).unwrap();
     let (_subd, saddr) = tls_subd(work.path(), &certs);
+    // The image exists: the dominator's short poll is allowed, so it is the full poll
+    // (taken once it has the image) that is denied.
+    let iaddr = format!("127.0.0.1:{}", free_port());
+    let mut iargs = vec![
+        "--data-dir".to_string(),
+        work.path().join("data").display().to_string(),
+        "--listen".into(),
+        iaddr.clone(),
+    ];
+    iargs.extend(daemon_flags(&certs, "imageserver"));
+    let _is = Daemon::start(&bin("imageserver"), &iargs, &iaddr);
+    let tree = work.path().join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/motd"), "hello\n").unwrap();
+    let add = imagetool(
+        &iaddr,
+        &user_flags(&certs, "builder"),
+        &["add", "app/1", tree.to_str().unwrap(), "", ""],
+    );
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
     let mdb = work.path().join("mdb.json");
     let machines = serde_json::json!([
         {"Hostname": "denied", "IpAddress": saddr, "RequiredImage": "app/1"},
@@ -214,7 +288,7 @@ async fn the_dominator_names_a_denied_poll_and_a_name_that_does_not_resolve() {
         "--mdb".to_string(),
         mdb.display().to_string(),
         "--image-server".into(),
-        format!("127.0.0.1:{}", free_port()),
+        iaddr,
         "--listen".into(),
         daddr.clone(),
         "--poll-interval-ms".into(),
