@@ -969,6 +969,7 @@ fn get_writes_var_lib_initial_image() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("is not a directory"), "{}", stderr(&o));
     assert!(!outside.path().join("lib/initial-image").exists());
+}
 
 /// Issue 9 #2: regexes that each compile but are over the regex size limit as one set
 /// are accepted (and kept); one regex over the limit alone is refused with one line
