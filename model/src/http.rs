@@ -66,6 +66,13 @@ pub fn method_of(path: &str) -> Option<&str> {
     path.strip_prefix("/rpc/")
 }
 
+/// Whether `method` is exactly `Service.Method`, each part one or more of `[A-Za-z0-9_]`:
+/// nothing a glob grant could match beyond the method it names (`/`, `..`, `%`).
+pub fn is_method_name(method: &str) -> bool {
+    let part = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    matches!(method.split_once('.'), Some((service, name)) if part(service) && part(name))
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, then waits (up to 10 s) for
 /// requests in flight.
 /// A path this server does not serve: says so, and what the caller may have meant, rather
@@ -177,6 +184,16 @@ fn service(
         let router = router.clone();
         let caller = caller.clone();
         async move {
+            // A malformed method name is refused before any grant is matched against it.
+            if let Some(method) = method_of(req.uri().path()) {
+                if !is_method_name(method) {
+                    tracing::warn!(caller = %caller.name, method, "malformed method name refused");
+                    return Ok(ApiError::BadRequest(format!(
+                        "invalid method name {method:?}: must be Service.Method (letters, digits, _)"
+                    ))
+                    .into_response());
+                }
+            }
             if let Some(method) = method_of(req.uri().path()) {
                 if !caller.may(method) {
                     tracing::warn!(caller = %caller.name, method, "access to method denied");
@@ -291,3 +308,30 @@ pub async fn read_body_limited(
 
 /// The red banner status pages show when serving without TLS.
 pub const INSECURE_BANNER: &str = r#"<p style="background:#c00;color:#fff;padding:6px;font-weight:bold">INSECURE MODE: no TLS, every caller may call every method.</p>"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_names_are_exactly_service_dot_method() {
+        for ok in ["Subd.Poll", "ImageServer.GetImage", "A_1.b_2"] {
+            assert!(is_method_name(ok), "{ok}");
+        }
+        for bad in [
+            "Subd.Poll/../Subd.Update",
+            "Subd.Poll%2F..%2FX",
+            "Subd.%2e%2e",
+            "Subd.Poll/",
+            "Subd.Poll.X",
+            ".Poll",
+            "Subd.",
+            "Subd",
+            "",
+            "/Subd.Poll",
+            "Sübd.Poll",
+        ] {
+            assert!(!is_method_name(bad), "{bad}");
+        }
+    }
+}
