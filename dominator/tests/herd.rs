@@ -620,6 +620,8 @@ async fn plan_previews_exactly_what_the_update_then_does() {
         mdb: mdb.clone(),
         image_server: Some(is),
         subd_port: 6969,
+        image_server_name: model::client::IMAGESERVER_NAME.into(),
+        subd_name: model::client::SUBD_NAME.into(),
         tls: model::security::DaemonTlsArgs {
             permit_insecure_mode: true,
             ca: Some(dir.path().join("none")),

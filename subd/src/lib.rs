@@ -74,6 +74,9 @@ pub struct Args {
     /// Cap on fetch bandwidth in bytes per second (0 = unlimited)
     #[arg(long, default_value_t = 0)]
     pub fetch_bytes_per_second: u64,
+    /// Common name the imageserver's certificate must carry (its role) when fetching
+    #[arg(long, value_name = "NAME", default_value = model::client::IMAGESERVER_NAME)]
+    pub image_server_name: String,
     #[command(flatten)]
     pub tls: model::security::DaemonTlsArgs,
 }
@@ -94,6 +97,8 @@ pub struct Config {
     pub security: Security,
     /// How the fetcher talks to imageservers.
     pub client_security: ClientSecurity,
+    /// Common name the imageserver's certificate must carry.
+    pub image_server_name: String,
 }
 
 impl Config {
@@ -111,6 +116,7 @@ impl Config {
             min_scan_interval: Duration::from_secs(1),
             security: Security::Insecure,
             client_security: ClientSecurity::Insecure,
+            image_server_name: model::client::IMAGESERVER_NAME.into(),
         }
     }
 
@@ -141,6 +147,7 @@ impl Config {
             min_scan_interval: Duration::from_secs(1),
             security: args.tls.server_security("subd").context("TLS")?,
             client_security: args.tls.client_security("subd").context("TLS")?,
+            image_server_name: args.image_server_name.clone(),
         })
     }
 }
