@@ -73,6 +73,8 @@ impl FleetArgs {
 pub struct DaemonArgs {
     #[command(flatten)]
     pub fleet: FleetArgs,
+    #[command(flatten)]
+    pub connections: model::connection::ConnectionArgs,
     /// Address of the status page and RPCs
     #[arg(long, default_value = "0.0.0.0:6970")]
     pub listen: String,

@@ -235,6 +235,7 @@ impl Fixture {
             herd,
             security: Security::Insecure,
             disable_updates_at_startup: disable_at_startup.map(str::to_string),
+            connection_limits: Default::default(),
         };
         tokio::spawn(dominator::serve(l, config, std::future::pending()));
         Fixture {

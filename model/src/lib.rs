@@ -21,6 +21,7 @@ pub mod api;
 pub mod apply;
 pub mod certs;
 pub mod client;
+pub mod connection;
 pub mod diff;
 pub mod fetch;
 pub mod filter;

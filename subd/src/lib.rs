@@ -79,6 +79,8 @@ pub struct Args {
     pub image_server_name: String,
     #[command(flatten)]
     pub tls: model::security::DaemonTlsArgs,
+    #[command(flatten)]
+    pub connections: model::connection::ConnectionArgs,
 }
 
 /// What a subd needs to run.
@@ -99,6 +101,8 @@ pub struct Config {
     pub client_security: ClientSecurity,
     /// Common name the imageserver's certificate must carry.
     pub image_server_name: String,
+    /// Timeouts and connection limits of the server.
+    pub connection_limits: model::connection::ConnectionLimits,
 }
 
 impl Config {
@@ -117,6 +121,7 @@ impl Config {
             security: Security::Insecure,
             client_security: ClientSecurity::Insecure,
             image_server_name: model::client::IMAGESERVER_NAME.into(),
+            connection_limits: Default::default(),
         }
     }
 
@@ -148,6 +153,7 @@ impl Config {
             security: args.tls.server_security("subd").context("TLS")?,
             client_security: args.tls.client_security("subd").context("TLS")?,
             image_server_name: args.image_server_name.clone(),
+            connection_limits: args.connections.limits(),
         })
     }
 }
@@ -355,7 +361,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let security = state.config.security.clone();
-    let r = model::http::serve(listener, routes::router(state.clone()), security, shutdown).await;
+    let limits = state.config.connection_limits.clone();
+    let r = model::http::serve_with_limits(
+        listener,
+        routes::router(state.clone()),
+        security,
+        limits,
+        shutdown,
+    )
+    .await;
     state.shutdown();
     r
 }
