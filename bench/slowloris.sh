@@ -7,6 +7,7 @@
 #   bench/slowloris.sh                 # builds and measures target/release
 #   BIN=/path/to/bin bench/slowloris.sh   # measures already-built binaries (e.g. an older build)
 #   NOFILE=256 bench/slowloris.sh         # daemons started under a 256-descriptor limit
+#   DAEMONS=subd bench/slowloris.sh       # only some of the daemons
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-1000}
@@ -42,7 +43,7 @@ start() { # name port -> starts the daemon in insecure mode
 
 printf '%-12s %8s %8s %8s   %s\n' daemon "held@1s" "held@10s" "held@30s" "normal request at 1 s / 10 s / 30 s"
 port=17800
-for name in imageserver subd dominator; do
+for name in ${DAEMONS:-imageserver subd dominator}; do
   port=$((port + 1))
   start "$name" "$port"
   python3 - "$port" "$N" <<'PY' &

@@ -130,7 +130,9 @@ impl RpcClient {
         let mut b = reqwest::Client::builder()
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(15))
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Well before servers close an idle keep-alive (their header timeout), so a
+            // pooled connection is never reused just as the server closes it.
+            .pool_idle_timeout(crate::connection::DEFAULT_HEADER_TIMEOUT / 2)
             // A peer that goes silent mid-reply is given up on, even for long streams.
             .read_timeout(READ_TIMEOUT)
             .no_proxy();
