@@ -39,6 +39,13 @@ pub struct FleetArgs {
     /// Port of subds whose MDB Hostname/IpAddress carries none
     #[arg(long, default_value_t = model::client::SUBD_PORT)]
     pub subd_port: u16,
+    /// Common name the imageserver's certificate must carry (its role)
+    #[arg(long, value_name = "NAME", default_value = model::client::IMAGESERVER_NAME)]
+    pub image_server_name: String,
+    /// Common name every subd's certificate must carry (the fleet's shared subd role;
+    /// host names are not checked)
+    #[arg(long, value_name = "NAME", default_value = model::client::SUBD_NAME)]
+    pub subd_name: String,
     #[command(flatten)]
     pub tls: DaemonTlsArgs,
 }
@@ -55,6 +62,8 @@ impl FleetArgs {
             security,
         );
         cfg.subd_port = self.subd_port;
+        cfg.image_server_name = self.image_server_name.clone();
+        cfg.subd_name = self.subd_name.clone();
         Ok(cfg)
     }
 }
@@ -64,6 +73,8 @@ impl FleetArgs {
 pub struct DaemonArgs {
     #[command(flatten)]
     pub fleet: FleetArgs,
+    #[command(flatten)]
+    pub connections: model::connection::ConnectionArgs,
     /// Address of the status page and RPCs
     #[arg(long, default_value = "0.0.0.0:6970")]
     pub listen: String,
@@ -189,6 +200,7 @@ pub async fn control(target: &ControlArgs, disable: Option<&str>) -> anyhow::Res
         &target.dominator,
         model::client::DOMINATOR_PORT,
         &target.tls.security()?,
+        model::client::DOMINATOR_NAME,
         Some(Duration::from_secs(30)),
     )?;
     match disable {
@@ -231,21 +243,26 @@ pub async fn plan(fleet: &FleetArgs, host: Option<&str>) -> anyhow::Result<Vec<M
         None => mdb.machines().cloned().collect(),
     };
     let images = Arc::new(crate::images::ImageCache::new(
-        model::client::ImageServerClient::new(&cfg.image_server, &cfg.security)?,
+        model::client::ImageServerClient::with_server_name(
+            &cfg.image_server,
+            &cfg.security,
+            &cfg.image_server_name,
+        )?,
         Duration::ZERO,
     ));
     let permits = Arc::new(tokio::sync::Semaphore::new(cfg.concurrency));
     let mut set = tokio::task::JoinSet::new();
     for (i, m) in machines.into_iter().enumerate() {
-        let (images, permits, security, port) = (
+        let (images, permits, security, port, subd_name) = (
             images.clone(),
             permits.clone(),
             cfg.security.clone(),
             cfg.subd_port,
+            cfg.subd_name.clone(),
         );
         set.spawn(async move {
             let _p = permits.acquire().await;
-            let result = plan_one(&m, &images, &security, port).await;
+            let result = plan_one(&m, &images, &security, &subd_name, port).await;
             (
                 i,
                 MachinePlan {
@@ -267,13 +284,14 @@ async fn plan_one(
     m: &mdb::Machine,
     images: &crate::images::ImageCache,
     security: &ClientSecurity,
+    subd_name: &str,
     port: u16,
 ) -> Result<String, String> {
     if m.required_image.is_empty() {
         return Err("no RequiredImage in the MDB (image undefined)".into());
     }
     let address = herd::dial_address(m, port).map_err(|e| e.to_string())?;
-    let client = herd::subd_client(&address, security, Duration::from_secs(300))
+    let client = herd::subd_client(&address, security, subd_name, Duration::from_secs(300))
         .map_err(|e| e.to_string())?;
     let (poll, _) = herd::poll_counted(&client, &PollRequest::default())
         .await

@@ -35,6 +35,10 @@ pub struct HerdConfig {
     /// Port of machines whose MDB address carries none.
     pub subd_port: u16,
     pub security: ClientSecurity,
+    /// Common name the imageserver's certificate must carry.
+    pub image_server_name: String,
+    /// Common name every subd's certificate must carry (one shared subd certificate).
+    pub subd_name: String,
     /// Machines worked on at once.
     pub concurrency: usize,
     /// Machines whose tree is fetched, decoded and diffed at once (the memory bound:
@@ -60,6 +64,8 @@ impl HerdConfig {
             image_server,
             subd_port: model::client::SUBD_PORT,
             security,
+            image_server_name: model::client::IMAGESERVER_NAME.into(),
+            subd_name: model::client::SUBD_NAME.into(),
             concurrency: 200,
             full_poll_concurrency: 16,
             poll_interval: Duration::from_secs(1),
@@ -92,10 +98,17 @@ pub fn dial_address(m: &Machine, default_port: u16) -> Result<String, mdb::BadAd
 pub fn subd_client(
     address: &str,
     security: &ClientSecurity,
+    subd_name: &str,
     timeout: Duration,
 ) -> Result<SubdClient, model::client::ClientError> {
     Ok(SubdClient {
-        rpc: RpcClient::new(address, model::client::SUBD_PORT, security, Some(timeout))?,
+        rpc: RpcClient::new(
+            address,
+            model::client::SUBD_PORT,
+            security,
+            subd_name,
+            Some(timeout),
+        )?,
     })
 }
 
@@ -194,7 +207,11 @@ struct Task {
 
 /// Runs the herd until `shutdown` becomes true.
 pub async fn run(cfg: HerdConfig, fleet: Arc<Fleet>, mut shutdown: watch::Receiver<bool>) {
-    let images = match model::client::ImageServerClient::new(&cfg.image_server, &cfg.security) {
+    let images = match model::client::ImageServerClient::with_server_name(
+        &cfg.image_server,
+        &cfg.security,
+        &cfg.image_server_name,
+    ) {
         Ok(c) => ImageCache::new(c, Duration::from_secs(1)),
         Err(e) => {
             tracing::error!("imageserver client: {e}");
@@ -205,6 +222,7 @@ pub async fn run(cfg: HerdConfig, fleet: Arc<Fleet>, mut shutdown: watch::Receiv
         "localhost",
         model::client::SUBD_PORT,
         &cfg.security,
+        &cfg.subd_name,
         Some(cfg.rpc_timeout),
     ) {
         Ok(c) => c,

@@ -34,6 +34,8 @@ pub struct Config {
     pub security: Security,
     /// Start with updates disabled fleet-wide, for this reason.
     pub disable_updates_at_startup: Option<String>,
+    /// Timeouts and connection limits of the status page and RPCs.
+    pub connection_limits: model::connection::ConnectionLimits,
 }
 
 /// Where the fleet-wide brake (`disable-updates`) is kept, beside the MDB, so a restarted
@@ -71,7 +73,14 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    let r = model::http::serve(listener, web::router(fleet), config.security, shutdown).await;
+    let r = model::http::serve_with_limits(
+        listener,
+        web::router(fleet),
+        config.security,
+        config.connection_limits,
+        shutdown,
+    )
+    .await;
     let _ = herd.await;
     r
 }

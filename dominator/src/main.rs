@@ -71,6 +71,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 herd,
                 security,
                 disable_updates_at_startup: d.disable_updates_at_startup,
+                connection_limits: d.connections.limits(),
             };
             dominator::serve(listener, config, shutdown_signal()).await?;
         }

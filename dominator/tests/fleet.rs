@@ -268,6 +268,7 @@ async fn start_fleet(tmp: &Path) -> Fleet {
         &dom_addr,
         6970,
         &ClientSecurity::Tls(user_tls(&certs, "admin")),
+        model::client::DOMINATOR_NAME,
         Some(Duration::from_secs(30)),
     )
     .unwrap();

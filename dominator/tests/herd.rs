@@ -235,6 +235,7 @@ impl Fixture {
             herd,
             security: Security::Insecure,
             disable_updates_at_startup: disable_at_startup.map(str::to_string),
+            connection_limits: Default::default(),
         };
         tokio::spawn(dominator::serve(l, config, std::future::pending()));
         Fixture {
@@ -620,6 +621,8 @@ async fn plan_previews_exactly_what_the_update_then_does() {
         mdb: mdb.clone(),
         image_server: Some(is),
         subd_port: 6969,
+        image_server_name: model::client::IMAGESERVER_NAME.into(),
+        subd_name: model::client::SUBD_NAME.into(),
         tls: model::security::DaemonTlsArgs {
             permit_insecure_mode: true,
             ca: Some(dir.path().join("none")),

@@ -47,6 +47,8 @@ pub struct Metrics {
 pub struct State {
     pub catalogue: Arc<Catalogue>,
     pub security: Security,
+    /// Timeouts and connection limits of the server.
+    pub connection_limits: model::connection::ConnectionLimits,
     pub metrics: Arc<Metrics>,
 }
 
@@ -67,6 +69,7 @@ impl State {
         Ok(State {
             catalogue: Arc::new(Catalogue::open_with_grace(data_dir, pin_grace)?),
             security,
+            connection_limits: Default::default(),
             metrics: Arc::new(Metrics::default()),
         })
     }
@@ -108,5 +111,6 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let security = state.security.clone();
-    model::http::serve(listener, router(state), security, shutdown).await
+    let limits = state.connection_limits.clone();
+    model::http::serve_with_limits(listener, router(state), security, limits, shutdown).await
 }

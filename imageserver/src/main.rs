@@ -21,6 +21,8 @@ struct Args {
     object_pin_seconds: u64,
     #[command(flatten)]
     tls: model::security::DaemonTlsArgs,
+    #[command(flatten)]
+    connections: model::connection::ConnectionArgs,
 }
 
 #[tokio::main]
@@ -40,11 +42,12 @@ async fn run() -> anyhow::Result<()> {
     let security = args.tls.server_security("imageserver")?;
     let data_dir = args.data_dir.clone();
     let grace = std::time::Duration::from_secs(args.object_pin_seconds);
-    let state = tokio::task::spawn_blocking(move || {
+    let mut state = tokio::task::spawn_blocking(move || {
         imageserver::State::open_with_grace(&data_dir, security, grace)
     })
     .await?
     .with_context(|| format!("opening data directory {}", args.data_dir.display()))?;
+    state.connection_limits = args.connections.limits();
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;

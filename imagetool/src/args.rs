@@ -19,6 +19,9 @@ pub struct Cli {
         value_name = "HOST[:PORT]"
     )]
     pub image_server: String,
+    /// Common name the imageserver's certificate must carry (its role)
+    #[arg(long, global = true, value_name = "NAME", default_value = model::client::IMAGESERVER_NAME)]
+    pub image_server_name: String,
     /// Print machine-readable JSON (list, show, diff, listunrefobj, add's summary, …)
     #[arg(long, global = true)]
     pub json: bool,

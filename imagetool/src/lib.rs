@@ -27,7 +27,8 @@ fn mib(b: u64) -> String {
 /// Runs one command; returns the exit code (errors are exit 1, reported by the caller).
 pub async fn run(cli: Cli) -> anyhow::Result<u8> {
     let security = cli.tls.security()?;
-    let client = ImageServerClient::new(&cli.image_server, &security)?;
+    let client =
+        ImageServerClient::with_server_name(&cli.image_server, &security, &cli.image_server_name)?;
     let mut out = std::io::stdout().lock();
     match cli.command {
         Command::Add {

@@ -24,17 +24,17 @@ pub struct Role {
 /// The roles of the reference, with our method names.
 pub const ROLES: &[Role] = &[
     Role {
-        name: "imageserver",
+        name: crate::client::IMAGESERVER_NAME,
         daemon: true,
         methods: &[],
     },
     Role {
-        name: "subd",
+        name: crate::client::SUBD_NAME,
         daemon: true,
         methods: &["ObjectServer.GetObjects"],
     },
     Role {
-        name: "dominator",
+        name: crate::client::DOMINATOR_NAME,
         daemon: true,
         methods: &[
             "Subd.*",

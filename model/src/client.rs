@@ -85,6 +85,10 @@ fn connect_message(e: &reqwest::Error) -> String {
     let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
     while let Some(s) = src {
         msg = s.to_string();
+        if let Some(reason) = certificate_refusal(s) {
+            msg = reason;
+            break;
+        }
         src = s.source();
     }
     if msg.contains("invalid HTTP version parsed") {
@@ -96,18 +100,39 @@ fn connect_message(e: &reqwest::Error) -> String {
     msg
 }
 
+/// What our certificate verifier said when it refused the server's certificate (e.g.
+/// `tls::WrongRole`), rather than rustls's debug rendering of it.
+fn certificate_refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut inner = e.downcast_ref::<std::io::Error>()?.get_ref()?;
+    // The TLS layer's io::Error may itself be wrapped in another io::Error.
+    while let Some(io) = inner.downcast_ref::<std::io::Error>() {
+        inner = io.get_ref()?;
+    }
+    match inner.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => {
+            Some(format!("server certificate refused: {o}"))
+        }
+        _ => None,
+    }
+}
+
 impl RpcClient {
-    /// A client for `addr`; `timeout` bounds each whole call (`None` for long streams).
+    /// A client for `addr`; over TLS the server's certificate must carry the common name
+    /// `server_name` (its role, e.g. `IMAGESERVER_NAME`); `timeout` bounds each whole call
+    /// (`None` for long streams).
     pub fn new(
         addr: &str,
         default_port: u16,
         security: &ClientSecurity,
+        server_name: &str,
         timeout: Option<Duration>,
     ) -> Result<RpcClient, ClientError> {
         let mut b = reqwest::Client::builder()
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(15))
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Well before servers close an idle keep-alive (their header timeout), so a
+            // pooled connection is never reused just as the server closes it.
+            .pool_idle_timeout(crate::connection::DEFAULT_HEADER_TIMEOUT / 2)
             // A peer that goes silent mid-reply is given up on, even for long streams.
             .read_timeout(READ_TIMEOUT)
             .no_proxy();
@@ -116,7 +141,8 @@ impl RpcClient {
         }
         let tls = matches!(security, ClientSecurity::Tls(_));
         if let ClientSecurity::Tls(files) = security {
-            let cfg = client_config(files).map_err(|e| ClientError::Setup(e.to_string()))?;
+            let cfg =
+                client_config(files, server_name).map_err(|e| ClientError::Setup(e.to_string()))?;
             b = b.use_preconfigured_tls(cfg);
         }
         Ok(RpcClient {
@@ -127,7 +153,8 @@ impl RpcClient {
     }
 
     /// A client for another server sharing this one's connection pool, TLS configuration
-    /// and timeouts (one `reqwest::Client` for a whole fleet instead of one per machine).
+    /// (so the same expected server name) and timeouts (one `reqwest::Client` for a whole
+    /// fleet instead of one per machine).
     pub fn for_address(&self, addr: &str, default_port: u16) -> RpcClient {
         RpcClient {
             http: self.http.clone(),
@@ -246,6 +273,13 @@ pub const SUBD_PORT: u16 = 6969;
 /// Default dominator port.
 pub const DOMINATOR_PORT: u16 = 6970;
 
+/// The common name an imageserver's certificate carries (`make-certs` role name).
+pub const IMAGESERVER_NAME: &str = "imageserver";
+/// The common name every subd's certificate carries (one shared certificate per fleet).
+pub const SUBD_NAME: &str = "subd";
+/// The common name a dominator's certificate carries.
+pub const DOMINATOR_NAME: &str = "dominator";
+
 /// Typed client for the imageserver's `ImageServer.*` and `ObjectServer.*` methods.
 #[derive(Clone, Debug)]
 pub struct ImageServerClient {
@@ -253,9 +287,19 @@ pub struct ImageServerClient {
 }
 
 impl ImageServerClient {
+    /// A client for the imageserver at `addr`, whose certificate must name `IMAGESERVER_NAME`.
     pub fn new(addr: &str, security: &ClientSecurity) -> Result<Self, ClientError> {
+        Self::with_server_name(addr, security, IMAGESERVER_NAME)
+    }
+
+    /// A client for the imageserver at `addr`, whose certificate must name `server_name`.
+    pub fn with_server_name(
+        addr: &str,
+        security: &ClientSecurity,
+        server_name: &str,
+    ) -> Result<Self, ClientError> {
         Ok(ImageServerClient {
-            rpc: RpcClient::new(addr, IMAGESERVER_PORT, security, None)?,
+            rpc: RpcClient::new(addr, IMAGESERVER_PORT, security, server_name, None)?,
         })
     }
 
@@ -407,13 +451,14 @@ pub struct SubdClient {
 }
 
 impl SubdClient {
+    /// A client for the subd at `addr`, whose certificate must name `SUBD_NAME`.
     pub fn new(
         addr: &str,
         security: &ClientSecurity,
         timeout: Option<Duration>,
     ) -> Result<Self, ClientError> {
         Ok(SubdClient {
-            rpc: RpcClient::new(addr, SUBD_PORT, security, timeout)?,
+            rpc: RpcClient::new(addr, SUBD_PORT, security, SUBD_NAME, timeout)?,
         })
     }
 

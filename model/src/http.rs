@@ -4,6 +4,9 @@
 //! mapping from errors to HTTP statuses.
 
 use crate::api::ErrorBody;
+use crate::connection::{
+    Admitted, ConnectionLimits, IdleBody, StallIo, Tracker, SHED_LOG_INTERVAL,
+};
 use crate::tls::{glob_match, identity_of};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -66,8 +69,13 @@ pub fn method_of(path: &str) -> Option<&str> {
     path.strip_prefix("/rpc/")
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then waits (up to 10 s) for
-/// requests in flight.
+/// Whether `method` is exactly `Service.Method`, each part one or more of `[A-Za-z0-9_]`:
+/// nothing a glob grant could match beyond the method it names (`/`, `..`, `%`).
+pub fn is_method_name(method: &str) -> bool {
+    let part = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    matches!(method.split_once('.'), Some((service, name)) if part(service) && part(name))
+}
+
 /// A path this server does not serve: says so, and what the caller may have meant, rather
 /// than an empty 404 (the usual cause is a client pointed at the wrong daemon).
 async fn no_such_route(uri: axum::http::Uri) -> ApiError {
@@ -80,10 +88,32 @@ async fn no_such_route(uri: axum::http::Uri) -> ApiError {
     })
 }
 
+/// Serves `router` on `listener` with the default `ConnectionLimits` until `shutdown`
+/// resolves, then waits (up to 10 s) for requests in flight.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     security: Security,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with_limits(
+        listener,
+        router,
+        security,
+        ConnectionLimits::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then waits (up to 10 s) for
+/// requests in flight. Each connection is bounded by `limits` (see `model::connection`
+/// for the timeouts and which connection is shed over a limit).
+pub async fn serve_with_limits(
+    listener: TcpListener,
+    router: Router,
+    security: Security,
+    limits: ConnectionLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let acceptor = match &security {
@@ -95,6 +125,25 @@ pub async fn serve(
     let router = router
         .fallback(no_such_route)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY));
+    let tracker = Tracker::new(limits);
+    tracing::debug!(
+        max_connections = tracker.limits().total(),
+        "connection limits: {:?}",
+        tracker.limits()
+    );
+    let summaries = tokio::spawn({
+        let tracker = tracker.clone();
+        async move {
+            let mut every = tokio::time::interval(SHED_LOG_INTERVAL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                if let Some(line) = tracker.take_summary() {
+                    tracing::warn!("{line}");
+                }
+            }
+        }
+    });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -109,62 +158,94 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        let Some(admitted) = tracker.admit(peer.ip()) else {
+            continue; // dropped: refused, counted in the next summary
+        };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let acceptor = acceptor.clone();
         let watcher = graceful.watcher();
+        let tracker = tracker.clone();
         tokio::spawn(async move {
-            match acceptor {
-                None => {
-                    let svc = service(router, Caller::insecure());
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc);
-                    let _ = watcher.watch(conn).await;
-                }
-                Some(acc) => {
-                    let tls =
-                        match tokio::time::timeout(Duration::from_secs(15), acc.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                tracing::warn!(%peer, "TLS handshake refused: {e}");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::warn!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
-                    let caller = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-                        Some(cert) => {
-                            let (name, grants) = identity_of(cert);
-                            Caller {
-                                name,
-                                grants: Some(grants),
-                            }
-                        }
-                        None => Caller {
-                            name: String::new(),
-                            grants: Some(Vec::new()),
-                        },
-                    };
-                    let svc = service(router, caller);
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), svc);
-                    let _ = watcher.watch(conn).await;
-                }
+            let evicted = admitted.evicted.clone();
+            tokio::select! {
+                _ = evicted.notified() => {}
+                _ = connection(stream, peer, acceptor, router, watcher, &tracker, Arc::new(admitted)) => {}
             }
         });
     }
     drop(listener);
+    summaries.abort();
     let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
     Ok(())
+}
+
+/// Serves one accepted connection: the TLS handshake (bounded by the header timeout),
+/// then HTTP/1.1 with the header and transfer timeouts.
+async fn connection(
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    router: Router,
+    watcher: hyper_util::server::graceful::Watcher,
+    tracker: &Tracker,
+    admitted: Arc<Admitted>,
+) {
+    let limits = tracker.limits();
+    let stream = StallIo::new(stream, limits.transfer_timeout);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let body_timeout = limits.transfer_timeout;
+    let result = match acceptor {
+        None => {
+            let svc = service(router, Caller::insecure(), admitted.clone(), body_timeout);
+            let conn = http.serve_connection(TokioIo::new(stream), svc);
+            watcher.watch(conn).await
+        }
+        Some(acc) => {
+            let tls = match tokio::time::timeout(limits.header_timeout, acc.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, "TLS handshake refused: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracker.slow_head(peer.ip());
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let caller = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                Some(cert) => {
+                    let (name, grants) = identity_of(cert);
+                    Caller {
+                        name,
+                        grants: Some(grants),
+                    }
+                }
+                None => Caller {
+                    name: String::new(),
+                    grants: Some(Vec::new()),
+                },
+            };
+            let svc = service(router, caller, admitted.clone(), body_timeout);
+            let conn = http.serve_connection(TokioIo::new(tls), svc);
+            watcher.watch(conn).await
+        }
+    };
+    if let Err(e) = result {
+        if e.is_timeout() && admitted.requests() == 0 {
+            tracker.slow_head(peer.ip());
+        }
+    }
 }
 
 fn service(
     router: Router,
     caller: Caller,
+    admitted: Arc<Admitted>,
+    body_timeout: Duration,
 ) -> TowerToHyperService<
     impl tower::Service<
             hyper::Request<Incoming>,
@@ -176,7 +257,19 @@ fn service(
     let svc = tower::service_fn(move |mut req: hyper::Request<Incoming>| {
         let router = router.clone();
         let caller = caller.clone();
+        // Not shed while a request is in progress: until its reply is fully written.
+        let busy = admitted.busy();
         async move {
+            // A malformed method name is refused before any grant is matched against it.
+            if let Some(method) = method_of(req.uri().path()) {
+                if !is_method_name(method) {
+                    tracing::warn!(caller = %caller.name, method, "malformed method name refused");
+                    return Ok(ApiError::BadRequest(format!(
+                        "invalid method name {method:?}: must be Service.Method (letters, digits, _)"
+                    ))
+                    .into_response());
+                }
+            }
             if let Some(method) = method_of(req.uri().path()) {
                 // Any authenticated caller may poll short (Dominator); subd refuses a full
                 // poll to a caller without the `Subd.Poll` grant itself.
@@ -188,8 +281,14 @@ fn service(
                 }
             }
             req.extensions_mut().insert(caller);
-            let req = req.map(axum::body::Body::new);
-            router.oneshot(req).await
+            let req = req.map(|b| axum::body::Body::new(IdleBody::new(b, body_timeout)));
+            let resp = router.oneshot(req).await?;
+            Ok(resp.map(|b| {
+                axum::body::Body::new(b.map_frame(move |f| {
+                    let _ = &busy;
+                    f
+                }))
+            }))
         }
     });
     TowerToHyperService::new(svc)
@@ -293,3 +392,30 @@ pub async fn read_body_limited(
 
 /// The red banner status pages show when serving without TLS.
 pub const INSECURE_BANNER: &str = r#"<p style="background:#c00;color:#fff;padding:6px;font-weight:bold">INSECURE MODE: no TLS, every caller may call every method.</p>"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_names_are_exactly_service_dot_method() {
+        for ok in ["Subd.Poll", "ImageServer.GetImage", "A_1.b_2"] {
+            assert!(is_method_name(ok), "{ok}");
+        }
+        for bad in [
+            "Subd.Poll/../Subd.Update",
+            "Subd.Poll%2F..%2FX",
+            "Subd.%2e%2e",
+            "Subd.Poll/",
+            "Subd.Poll.X",
+            ".Poll",
+            "Subd.",
+            "Subd",
+            "",
+            "/Subd.Poll",
+            "Sübd.Poll",
+        ] {
+            assert!(!is_method_name(bad), "{bad}");
+        }
+    }
+}

@@ -22,6 +22,7 @@ pub mod api;
 pub mod apply;
 pub mod certs;
 pub mod client;
+pub mod connection;
 pub mod diff;
 pub mod fetch;
 pub mod filter;

@@ -3,8 +3,9 @@
 //! extension OID 1.3.6.1.4.1.9586.100.7.1, a SEQUENCE of UTF8String `Service.Method` globs).
 //!
 //! Servers require a client certificate signed by the CA. Clients verify that the server's
-//! certificate chains to the CA but not its host name: a fleet shares one subd certificate,
-//! as in Dominator, so trust comes from the CA signature alone.
+//! certificate chains to the CA and names the role they expect (its common name, such as
+//! `imageserver` or `subd`), but not its host name: a fleet shares one subd certificate, as
+//! in Dominator, so trust comes from the CA signature and the role.
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use std::path::{Path, PathBuf};
@@ -140,8 +141,13 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
     Ok(Arc::new(cfg))
 }
 
-/// A client configuration presenting `files.cert` and trusting servers signed by `files.ca`.
-pub fn client_config(files: &TlsFiles) -> Result<rustls::ClientConfig, TlsError> {
+/// A client configuration presenting `files.cert` and trusting only servers whose
+/// certificate is signed by `files.ca` and has the common name `server_name` (the server's
+/// role, such as `imageserver`).
+pub fn client_config(
+    files: &TlsFiles,
+    server_name: &str,
+) -> Result<rustls::ClientConfig, TlsError> {
     let roots = Arc::new(roots(&files.ca)?);
     let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
         .build()
@@ -150,17 +156,32 @@ pub fn client_config(files: &TlsFiles) -> Result<rustls::ClientConfig, TlsError>
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(CaOnlyVerifier(inner)))
+        .with_custom_certificate_verifier(Arc::new(RoleVerifier {
+            inner,
+            expected: server_name.to_string(),
+        }))
         .with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?)
         .map_err(|e| TlsError::Config(format!("{}: {e}", files.cert.display())))?;
     Ok(cfg)
 }
 
-/// Verifies the chain to the CA, accepting any host name.
-#[derive(Debug)]
-struct CaOnlyVerifier(Arc<rustls::client::WebPkiServerVerifier>);
+/// A server certificate of the wrong role: signed by the CA, but issued to another role.
+#[derive(Debug, thiserror::Error)]
+#[error("the server's certificate is for {actual:?}, expected {expected:?} (is the server started with another role's key pair, or the address wrong?)")]
+pub struct WrongRole {
+    pub expected: String,
+    pub actual: String,
+}
 
-impl rustls::client::danger::ServerCertVerifier for CaOnlyVerifier {
+/// Verifies the chain to the CA and the end-entity common name (the role), accepting any
+/// host name.
+#[derive(Debug)]
+struct RoleVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    expected: String,
+}
+
+impl rustls::client::danger::ServerCertVerifier for RoleVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -170,15 +191,26 @@ impl rustls::client::danger::ServerCertVerifier for CaOnlyVerifier {
         now: UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         match self
-            .0
+            .inner
             .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
         {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
+            Ok(_)
+            | Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
             | Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::NotValidForNameContext { .. },
-            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
-            other => other,
+            )) => {}
+            Err(e) => return Err(e),
         }
+        let (actual, _) = identity_of(end_entity);
+        if actual != self.expected {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(WrongRole {
+                    expected: self.expected.clone(),
+                    actual,
+                }))),
+            ));
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
         &self,
@@ -186,7 +218,7 @@ impl rustls::client::danger::ServerCertVerifier for CaOnlyVerifier {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.inner.verify_tls12_signature(message, cert, dss)
     }
     fn verify_tls13_signature(
         &self,
@@ -194,10 +226,10 @@ impl rustls::client::danger::ServerCertVerifier for CaOnlyVerifier {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.inner.verify_tls13_signature(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.inner.supported_verify_schemes()
     }
 }
 

@@ -34,6 +34,7 @@ async fn echo(
         &addr.to_string(),
         0,
         &ClientSecurity::Insecure,
+        "test",
         Some(Duration::from_secs(3)),
     )
     .unwrap()

@@ -51,7 +51,14 @@ async fn call(
     files: TlsFiles,
     method: &str,
 ) -> Result<String, model::client::ClientError> {
-    let c = RpcClient::new(addr, 0, &ClientSecurity::Tls(files), None).unwrap();
+    let c = RpcClient::new(
+        addr,
+        0,
+        &ClientSecurity::Tls(files),
+        model::client::SUBD_NAME,
+        None,
+    )
+    .unwrap();
     let v: serde_json::Value = c.call(method, &serde_json::json!({})).await?;
     Ok(v["name"].as_str().unwrap().to_string())
 }
@@ -106,12 +113,41 @@ async fn a_client_from_another_ca_is_refused() {
     assert!(e.status().is_none(), "must fail in the handshake, got {e}");
 }
 
+/// Issue 9 #8: a server holding another role's CA-signed pair is refused in the handshake,
+/// with an error naming the expected and the actual role, before any request is sent.
+#[tokio::test]
+async fn a_server_with_another_roles_certificate_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    model::certs::make_all(d.path(), &[]).unwrap();
+    let (addr, _stop) = start(&daemon(d.path(), "subd")).await;
+    let c =
+        model::client::ImageServerClient::new(&addr, &ClientSecurity::Tls(user(d.path(), "admin")))
+            .unwrap();
+    let e = c.list_images(None).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        e.status().is_none(),
+        "must fail in the handshake, got {msg}"
+    );
+    assert!(
+        msg.contains(r#"for "subd", expected "imageserver""#),
+        "names both roles: {msg}"
+    );
+    // The same server is trusted by a client expecting the subd role.
+    assert_eq!(
+        call(&addr, user(d.path(), "admin"), "Subd.Update")
+            .await
+            .unwrap(),
+        "admin"
+    );
+}
+
 #[tokio::test]
 async fn a_plain_http_client_gets_nothing_from_a_tls_server() {
     let d = tempfile::tempdir().unwrap();
     model::certs::make_all(d.path(), &[]).unwrap();
     let (addr, _stop) = start(&daemon(d.path(), "subd")).await;
-    let c = RpcClient::new(&addr, 0, &ClientSecurity::Insecure, None).unwrap();
+    let c = RpcClient::new(&addr, 0, &ClientSecurity::Insecure, "subd", None).unwrap();
     let r: Result<serde_json::Value, _> = c.call("Subd.Update", &serde_json::json!({})).await;
     assert!(r.is_err());
 }

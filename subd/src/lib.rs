@@ -78,8 +78,13 @@ pub struct Args {
     /// Cap on fetch bandwidth in bytes per second (0 = unlimited)
     #[arg(long, default_value_t = 0)]
     pub fetch_bytes_per_second: u64,
+    /// Common name the imageserver's certificate must carry (its role) when fetching
+    #[arg(long, value_name = "NAME", default_value = model::client::IMAGESERVER_NAME)]
+    pub image_server_name: String,
     #[command(flatten)]
     pub tls: model::security::DaemonTlsArgs,
+    #[command(flatten)]
+    pub connections: model::connection::ConnectionArgs,
 }
 
 /// What a subd needs to run.
@@ -98,6 +103,10 @@ pub struct Config {
     pub security: Security,
     /// How the fetcher talks to imageservers.
     pub client_security: ClientSecurity,
+    /// Common name the imageserver's certificate must carry.
+    pub image_server_name: String,
+    /// Timeouts and connection limits of the server.
+    pub connection_limits: model::connection::ConnectionLimits,
 }
 
 impl Config {
@@ -115,6 +124,8 @@ impl Config {
             min_scan_interval: Duration::from_secs(1),
             security: Security::Insecure,
             client_security: ClientSecurity::Insecure,
+            image_server_name: model::client::IMAGESERVER_NAME.into(),
+            connection_limits: Default::default(),
         }
     }
 
@@ -145,6 +156,8 @@ impl Config {
             min_scan_interval: Duration::from_secs(1),
             security: args.tls.server_security("subd").context("TLS")?,
             client_security: args.tls.client_security("subd").context("TLS")?,
+            image_server_name: args.image_server_name.clone(),
+            connection_limits: args.connections.limits(),
         })
     }
 }
@@ -352,7 +365,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let security = state.config.security.clone();
-    let r = model::http::serve(listener, routes::router(state.clone()), security, shutdown).await;
+    let limits = state.config.connection_limits.clone();
+    let r = model::http::serve_with_limits(
+        listener,
+        routes::router(state.clone()),
+        security,
+        limits,
+        shutdown,
+    )
+    .await;
     state.shutdown();
     r
 }

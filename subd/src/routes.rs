@@ -236,8 +236,12 @@ async fn fetch(
             "fetch: empty imageserver address".into(),
         ));
     }
-    let client = ImageServerClient::new(&req.server, &s.config.client_security)
-        .map_err(|e| ApiError::BadRequest(format!("fetch: {e}")))?;
+    let client = ImageServerClient::with_server_name(
+        &req.server,
+        &s.config.client_security,
+        &s.config.image_server_name,
+    )
+    .map_err(|e| ApiError::BadRequest(format!("fetch: {e}")))?;
     let claim = claim(&s, true)?;
     let s2 = s.clone();
     let task = tokio::spawn(async move {

@@ -155,3 +155,60 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap()
 }
+
+/// Sends one raw HTTP/1.1 request line (and an empty JSON body) and returns the status
+/// code and the body of the reply, so nothing between the test and the server normalises
+/// the path.
+fn raw_post(addr: &str, target: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST {target} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    let status = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{target}: no HTTP reply: {reply:?}"));
+    let body = reply.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+/// Issue 9 #12: a method name that is not exactly `Service.Method` (dot-dot segments,
+/// percent-encoded slashes and dots, empty parts, trailing slashes) is refused with a 400
+/// naming it, before any grant is matched against it, by a real subd; well-formed names
+/// still route (200) or say there is no such method (404).
+#[test]
+fn malformed_method_names_are_refused_before_the_grant_check() {
+    let work = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (_subd, _) = common::subd(work.path(), port);
+    let addr = format!("127.0.0.1:{port}");
+    for target in [
+        "/rpc/Subd.Poll/../Subd.Update",
+        "/rpc/Subd.Poll/..%2FSubd.Update",
+        "/rpc/Subd.Poll%2F..%2FSubd.Update",
+        "/rpc/Subd.%2e%2e",
+        "/rpc/Subd.Poll/",
+        "/rpc/Subd.Poll.Extra",
+        "/rpc/.Poll",
+        "/rpc/Subd.",
+        "/rpc/Subd",
+        "/rpc//Subd.Poll",
+        "/rpc/Subd.Po%6Cl",
+    ] {
+        let (status, body) = raw_post(&addr, target);
+        assert_eq!(status, 400, "{target}: {body}");
+        assert!(
+            body.contains("invalid method name") && body.lines().count() == 1,
+            "{target}: one line naming the problem: {body}"
+        );
+    }
+    assert_eq!(raw_post(&addr, "/rpc/Subd.Poll").0, 200);
+    assert_eq!(raw_post(&addr, "/rpc/Subd.No_Such_Method").0, 404);
+}

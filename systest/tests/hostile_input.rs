@@ -140,6 +140,7 @@ async fn the_dominator_refuses_a_hand_edited_mdb_naming_the_bad_record() {
         &daddr,
         model::client::DOMINATOR_PORT,
         &ClientSecurity::Insecure,
+        model::client::DOMINATOR_NAME,
         Some(Duration::from_secs(10)),
     )
     .unwrap();

@@ -304,6 +304,7 @@ async fn the_dominator_names_a_denied_poll_and_a_name_that_does_not_resolve() {
             cert: certs.join("admin.cert"),
             key: certs.join("admin.key"),
         }),
+        "builder", // the role whose pair this dominator serves with
         Some(Duration::from_secs(10)),
     )
     .unwrap();
@@ -329,4 +330,66 @@ async fn the_dominator_names_a_denied_poll_and_a_name_that_does_not_resolve() {
             "{host}: the error is shown: {last:#}"
         );
     }
+}
+
+/// Issue 9 #8: an imageserver started with the subd role's pair (signed by the right CA) is
+/// refused by imagetool and by `dominator plan`, each with one line naming the expected
+/// and the actual role; `--image-server-name subd` says whom to expect instead.
+#[test]
+fn an_imageserver_with_another_roles_certificate_is_refused_by_its_clients() {
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs");
+    model::certs::make_all(&certs, &[]).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "--data-dir".to_string(),
+        work.path().join("data").display().to_string(),
+        "--listen".into(),
+        addr.clone(),
+    ];
+    args.extend(daemon_flags(&certs, "subd")); // the wrong role's pair
+    let _is = Daemon::start(&bin("imageserver"), &args, &addr);
+    let want = r#"certificate is for "subd", expected "imageserver""#;
+
+    let out = imagetool(&addr, &user_flags(&certs, "admin"), &["list"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "imagetool: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(want), "imagetool names both roles: {err}");
+
+    let (_subd, saddr) = tls_subd(work.path(), &certs);
+    let mdb = work.path().join("mdb.json");
+    let machines = serde_json::json!([
+        {"Hostname": "m1", "IpAddress": saddr, "RequiredImage": "app/1"},
+    ]);
+    std::fs::write(&mdb, machines.to_string()).unwrap();
+    let mut plan = vec![
+        "plan".to_string(),
+        "--mdb".into(),
+        mdb.display().to_string(),
+        "--image-server".into(),
+        addr.clone(),
+    ];
+    plan.extend(daemon_flags(&certs, "dominator"));
+    let out = Command::new(bin("dominator")).args(&plan).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "dominator plan: {text}");
+    assert!(
+        text.contains(want),
+        "dominator plan names both roles: {text}"
+    );
+
+    // Told to expect that name, imagetool trusts the server again.
+    let mut named = user_flags(&certs, "admin");
+    named.extend(["--image-server-name".to_string(), "subd".into()]);
+    let out = imagetool(&addr, &named, &["list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
