@@ -1004,3 +1004,35 @@ fn regexes_too_big_as_one_set_are_accepted_and_one_too_big_alone_is_refused() {
     );
     assert_eq!(ok(s.tool(&["list"])), "big/1\n");
 }
+
+/// A root other users can write (a tar's `./` or a directory of mode 0777) is refused at
+/// `add`: subd refuses to start on such a root, so the image would wedge every machine.
+#[test]
+fn a_root_other_users_can_write_is_refused() {
+    let s = Server::start();
+    let d = tempfile::tempdir().unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o777);
+    h.set_size(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    b.append_data(&mut h, "./", &b""[..]).unwrap();
+    let tar = d.path().join("open.tar");
+    std::fs::write(&tar, b.into_inner().unwrap()).unwrap();
+    fails(
+        s.tool(&["add", "open/1", tar.to_str().unwrap(), "", ""]),
+        "/: mode 0777 lets other users write the root",
+    );
+    let tree = make_tree();
+    std::fs::set_permissions(tree.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    fails(
+        s.tool(&["add", "open/2", tree.path().to_str().unwrap(), "", ""]),
+        "/: mode 0777 lets other users write the root",
+    );
+    std::fs::set_permissions(tree.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    ok(s.tool(&["add", "sticky/1", tree.path().to_str().unwrap(), "", ""]));
+    assert_eq!(ok(s.tool(&["list"])), "sticky/1\n");
+}

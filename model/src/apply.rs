@@ -421,7 +421,10 @@ pub fn apply(
         run.error(format!("refused: unsafe update: {r}"));
         return finish(run);
     }
-    if let Err(e) = plan.validate() {
+    if let Err(e) = plan
+        .validate()
+        .and_then(|()| plan.check_root(rustix::process::geteuid().as_raw()))
+    {
         run.error(format!("refused: invalid plan: {e}"));
         return finish(run);
     }

@@ -280,6 +280,8 @@ mod entries_serde {
 pub enum TreeError {
     #[error("tree has no root directory")]
     NoRoot,
+    #[error("/: mode {0:04o} lets other users write the root (and replace /.subd); subd refuses such a root: make it 0755 or add the sticky bit")]
+    RootWritableByOthers(u32),
     #[error("{0}: parent is missing or not a directory")]
     Orphan(String),
     #[error("{0}: refers to unknown inode {1}")]
@@ -429,7 +431,11 @@ impl FileTree {
     /// hardlinked directories.
     pub fn validate(&self) -> Result<(), TreeError> {
         match self.get(&FsPath::root()) {
-            Some(i) if i.kind == Kind::Dir => {}
+            Some(i) if i.kind == Kind::Dir => {
+                if crate::plan::writable_by_others(i.mode) {
+                    return Err(TreeError::RootWritableByOthers(i.mode & 0o7777));
+                }
+            }
             _ => return Err(TreeError::NoRoot),
         }
         let counts = self.link_counts();
@@ -728,6 +734,34 @@ mod tests {
         t.inodes.get_mut(&1).unwrap().gid = u32::MAX;
         let e = t.validate().unwrap_err().to_string();
         assert!(e.starts_with("/tool: gid 4294967295"), "{e}");
+    }
+
+    /// A root others can write would let a local user replace `/.subd`; subd refuses to
+    /// start on such a root, so an image holding one is refused up front.
+    #[test]
+    fn a_root_other_users_can_write_is_refused_unless_sticky() {
+        for (mode, ok) in [
+            (0o755, true),
+            (0o1777, true),
+            (0o700, true),
+            (0o777, false),
+            (0o775, false),
+            (0o757, false),
+        ] {
+            let t = FileTree::with_root(Inode::dir(mode, 0, 0));
+            match t.validate() {
+                Ok(()) => assert!(ok, "{mode:o} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{mode:o} refused: {e}");
+                    assert!(
+                        e.to_string().starts_with(&format!(
+                            "/: mode {mode:04o} lets other users write the root"
+                        )),
+                        "{e}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -84,9 +84,36 @@ pub enum PlanError {
     DirInInodesToMake(String),
     #[error("{0}: dirs_to_make holds a non-directory ({1:?})")]
     NotADirInDirsToMake(String, Kind),
+    #[error("/: mode {0:04o} would let other users write the root (and replace /.subd); subd would refuse to start on it")]
+    RootWritableByOthers(u32),
+    #[error("/: owner uid {0} is neither root nor this process (uid {1}); subd would refuse to start on it")]
+    RootOwnedByOther(u32, u32),
+}
+
+/// Whether a directory of this mode lets users other than its owner rename or remove its
+/// entries (group or
+/// other write, unless the sticky bit restricts that to each entry's owner).
+pub fn writable_by_others(mode: u32) -> bool {
+    mode & 0o022 != 0 && mode & 0o1000 == 0
 }
 
 impl UpdatePlan {
+    /// Checks that the plan leaves the root a directory subd still trusts when run as
+    /// `euid`: owned by root or `euid`, and not writable by other users. A plan that broke
+    /// this would stop subd at its next start, wedging the machine.
+    pub fn check_root(&self, euid: u32) -> Result<(), PlanError> {
+        let root = FsPath::root();
+        for c in self.inodes_to_change.iter().filter(|c| c.path == root) {
+            if writable_by_others(c.inode.mode) {
+                return Err(PlanError::RootWritableByOthers(c.inode.mode & 0o7777));
+            }
+            if c.inode.uid != 0 && c.inode.uid != euid {
+                return Err(PlanError::RootOwnedByOther(c.inode.uid, euid));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks what `diff` always produces and `apply` relies on: directories only in
     /// `dirs_to_make`, no directory in `inodes_to_make`, and every uid and gid settable by
     /// `chown` (never `(uid_t)-1`). The first defect found is returned.
@@ -266,6 +293,35 @@ mod tests {
             path: path.parse().unwrap(),
             inode,
         }
+    }
+
+    /// A plan may not leave the root one subd would refuse at its next start.
+    #[test]
+    fn check_root_refuses_a_root_others_could_write_or_own() {
+        let change = |mode, uid| UpdatePlan {
+            inodes_to_change: vec![MetadataChange {
+                path: FsPath::root(),
+                inode: Inode::dir(mode, uid, 0),
+                mtime_only: false,
+            }],
+            ..UpdatePlan::default()
+        };
+        change(0o755, 0).check_root(0).unwrap();
+        change(0o1777, 0).check_root(0).unwrap();
+        change(0o755, 1000).check_root(1000).unwrap();
+        assert_eq!(
+            change(0o777, 0).check_root(0).unwrap_err(),
+            PlanError::RootWritableByOthers(0o777)
+        );
+        assert_eq!(
+            change(0o755, 1000).check_root(0).unwrap_err(),
+            PlanError::RootOwnedByOther(1000, 0)
+        );
+        // Only the root matters: other directories may be anything.
+        let mut p = change(0o755, 0);
+        p.inodes_to_change[0].path = "/srv".parse().unwrap();
+        p.inodes_to_change[0].inode.mode = 0o777;
+        p.check_root(0).unwrap();
     }
 
     #[test]

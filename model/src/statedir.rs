@@ -248,11 +248,7 @@ impl StateDir {
     }
 }
 
-/// Can users other than the owner rename or remove entries of a directory of this mode?
-/// (Group or other write, unless the sticky bit restricts that to each entry's owner.)
-fn others_can_replace_entries(mode: u32) -> bool {
-    mode & 0o022 != 0 && mode & 0o1000 == 0
-}
+use crate::plan::writable_by_others as others_can_replace_entries;
 
 #[cfg(test)]
 mod tests {

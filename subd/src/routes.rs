@@ -285,7 +285,11 @@ async fn update(
     if let Some(r) = &req.plan.unsafe_reason {
         return Err(ApiError::BadRequest(format!("refusing unsafe update: {r}")));
     }
-    if let Err(e) = req.plan.validate() {
+    if let Err(e) = req
+        .plan
+        .validate()
+        .and_then(|()| req.plan.check_root(rustix::process::geteuid().as_raw()))
+    {
         return Err(ApiError::BadRequest(format!("refusing invalid plan: {e}")));
     }
     let mut claim = claim(&s, false)?;

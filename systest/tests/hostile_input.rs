@@ -56,6 +56,18 @@ async fn subd_refuses_a_plan_with_an_unsettable_owner_or_a_directory_among_inode
             },
             "refusing invalid plan: /opt: gid 4294967295 is (uid_t)-1",
         ),
+        (
+            // subd would refuse to start on such a root: the machine would be wedged.
+            UpdatePlan {
+                inodes_to_change: vec![model::plan::MetadataChange {
+                    path: model::FsPath::root(),
+                    inode: Inode::dir(0o777, 0, 0),
+                    mtime_only: false,
+                }],
+                ..UpdatePlan::default()
+            },
+            "refusing invalid plan: /: mode 0777 would let other users write the root",
+        ),
     ];
     for (plan, want) in bad {
         let err = c
@@ -73,6 +85,9 @@ async fn subd_refuses_a_plan_with_an_unsettable_owner_or_a_directory_among_inode
             other => panic!("want a 400, got {other}"),
         }
         assert!(!root.join("newdir").exists() && !root.join("opt").exists());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&root).unwrap().permissions().mode();
+        assert_eq!(mode & 0o022, 0, "root left writable by others: {mode:o}");
     }
     // Nothing was left claimed: a valid plan runs at once.
     let plan = UpdatePlan {
