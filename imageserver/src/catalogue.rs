@@ -21,16 +21,33 @@
 //! after a restart an object stored less than the grace period ago is pinned for the rest
 //! of it (by its mtime).
 //!
+//! Who may touch an object file when. The index decides, under its lock:
+//! - An upload renames a verified temp file into place (or finds the object already
+//!   there) only while the object is marked *committing* (`commit_objects`). It marks it
+//!   only once no deletion of that object is under way, waiting for one to finish.
+//! - Unreferenced-object deletion removes a file only while the object is marked
+//!   *deleting*: taken out of the index (so every RPC sees it absent) and put in the
+//!   deleting set, which it chooses only among collectable objects no upload is committing.
+//!   It unmarks each batch of objects once their files are gone, and wakes the waiting
+//!   uploads, which then store the object afresh.
+//! - Readers (`GetObjects`) open files without marks: an object deleted under them is
+//!   missing or short, which `GetObjects` reports as an error, never as a short success.
+//!
+//! So a deletion and an upload of the same object never overlap: an upload that arrives
+//! during the deletion writes the object again after it, and the index never lists an
+//! object whose file is gone.
+//!
 //! The catalogue is guarded by a std `Mutex` whose critical sections are short and never
-//! span an `.await` or a file write; callers run it on blocking threads.
+//! span an `.await` or a file write; callers run it on blocking threads. Waiting for a
+//! deletion uses a `Condvar` on that mutex.
 
 use model::fsutil::{fsync_dir, write_atomic, TEMP_SUFFIX};
 use model::http::ApiError;
 use model::objectstore::{ObjectStore, PendingObject, StoreError};
 use model::{Image, ImageName, ObjectId};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How long objects stay pinned after their upload stream ends or `CheckObjects` reports
@@ -98,7 +115,16 @@ struct Index {
     /// someone removed them), with those objects; an entry shrinks as they are uploaded
     /// again. Empty on a healthy server: nothing here ever deletes a referenced object.
     incomplete: BTreeMap<String, BTreeSet<ObjectId>>,
+    /// Objects whose files unreferenced-object deletion is removing (no longer in
+    /// `objects`); uploads of them wait until they are gone.
+    deleting: HashSet<ObjectId>,
+    /// Objects uploads are renaming into place, with how many uploads; deletion skips them.
+    committing: HashMap<ObjectId, u32>,
 }
+
+/// Objects removed per critical section by unreferenced-object deletion; uploads waiting
+/// for one of them wait at most for one batch.
+const DELETE_BATCH: usize = 256;
 
 /// Figures for the status page and metrics.
 #[derive(Clone, Debug, Default)]
@@ -122,6 +148,8 @@ pub struct Catalogue {
     store: ObjectStore,
     images_dir: PathBuf,
     index: Mutex<Index>,
+    /// Signalled when objects leave `Index::deleting`.
+    deleted: Condvar,
     pin_grace: Duration,
 }
 
@@ -222,6 +250,7 @@ impl Catalogue {
             store,
             images_dir,
             index: Mutex::new(index),
+            deleted: Condvar::new(),
             pin_grace,
         })
     }
@@ -286,15 +315,33 @@ impl Catalogue {
     /// new bytes).
     pub fn commit_objects(&self, pending: Vec<PendingObject>) -> Result<(u64, u64), ApiError> {
         let ids: Vec<(ObjectId, u64)> = pending.iter().map(|p| (p.id, p.len)).collect();
+        {
+            let mut idx = self.lock();
+            while ids.iter().any(|(id, _)| idx.deleting.contains(id)) {
+                idx = self.deleted.wait(idx).unwrap_or_else(|p| p.into_inner());
+            }
+            for (id, _) in &ids {
+                *idx.committing.entry(*id).or_default() += 1;
+            }
+        }
         let t = std::time::Instant::now();
-        self.store.commit(pending).map_err(store_api_error)?;
+        let committed = self.store.commit(pending);
+        let mut idx = self.lock();
+        for (id, _) in &ids {
+            if let Some(c) = idx.committing.get_mut(id) {
+                *c -= 1;
+                if *c == 0 {
+                    idx.committing.remove(id);
+                }
+            }
+        }
+        committed.map_err(store_api_error)?;
         tracing::debug!(
             objects = ids.len(),
             ms = t.elapsed().as_millis() as u64,
             "objects committed"
         );
         let now = now_secs();
-        let mut idx = self.lock();
         let (mut n, mut bytes) = (0, 0);
         for (id, size) in ids {
             if let Some(m) = idx.objects.get_mut(&id) {
@@ -526,7 +573,7 @@ impl Catalogue {
             let mut v: Vec<(i64, ObjectId, u64)> = idx
                 .objects
                 .iter()
-                .filter(|(_, m)| m.collectable(now))
+                .filter(|(id, m)| m.collectable(now) && !idx.committing.contains_key(id))
                 .map(|(id, m)| (m.unref_since, *id, m.size))
                 .collect();
             v.sort();
@@ -542,16 +589,55 @@ impl Catalogue {
                 doomed.push((id, size));
             }
             for (id, size) in &doomed {
-                idx.objects.remove(id);
+                let meta = idx.objects.remove(id).expect("listed above");
                 idx.object_bytes -= size;
+                idx.deleting.insert(*id);
+                debug_assert_eq!(meta.refs, 0);
             }
             doomed
         };
         let (mut n, mut b) = (0, 0);
-        for (id, size) in doomed {
-            self.store.remove(&id).map_err(store_api_error)?;
-            n += 1;
-            b += size;
+        let mut batches = doomed.chunks(DELETE_BATCH);
+        while let Some(batch) = batches.next() {
+            let mut failed = None;
+            let mut gone = 0;
+            for (id, _) in batch {
+                if let Err(e) = self.store.remove(id) {
+                    failed = Some(e);
+                    break;
+                }
+                gone += 1;
+            }
+            let mut idx = self.lock();
+            for (id, size) in &batch[..gone] {
+                idx.deleting.remove(id);
+                n += 1;
+                b += size;
+            }
+            if let Some(e) = failed {
+                // The rest keep their files: back into the index, unreferenced as before.
+                let now = now_secs();
+                let rest = batch[gone..].iter().chain(batches.flatten());
+                for (id, size) in rest {
+                    idx.deleting.remove(id);
+                    idx.object_bytes += size;
+                    idx.objects.insert(
+                        *id,
+                        ObjectMeta {
+                            size: *size,
+                            refs: 0,
+                            unref_since: now,
+                            holds: 0,
+                            pinned_until: None,
+                        },
+                    );
+                }
+                drop(idx);
+                self.deleted.notify_all();
+                return Err(store_api_error(e));
+            }
+            drop(idx);
+            self.deleted.notify_all();
         }
         Ok((n, b))
     }
@@ -726,5 +812,62 @@ mod tests {
         assert!(e.contains("in use by another process"), "{e}");
         drop(cat);
         Catalogue::open(d.path()).unwrap();
+    }
+    /// Deletion of unreferenced objects racing uploads of the same objects: whenever an
+    /// upload holds an object, the index has it and its file is whole on disk.
+    #[test]
+    fn an_upload_racing_unreferenced_deletion_never_loses_its_objects() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let d = tempfile::tempdir().unwrap();
+        let cat = Catalogue::open_with_grace(d.path(), Duration::ZERO).unwrap();
+        let data: Vec<Vec<u8>> = (0..200u32)
+            .map(|i| format!("object {i} ").repeat(40).into_bytes())
+            .collect();
+        /// Stops the deleting thread however the rounds end (a failed assertion included).
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    cat.delete_unreferenced(100, 0).unwrap();
+                }
+            });
+            let _stop = StopOnDrop(&stop);
+            for round in 0..100 {
+                // as `objects::receive` does: hold what is present, write the rest
+                let mut ids = Vec::new();
+                let mut pending = Vec::new();
+                for o in &data {
+                    let id = ObjectId::of(o);
+                    if cat.hold_if_present(&id) {
+                        ids.push(id);
+                        continue;
+                    }
+                    let mut w = cat.store().writer(id, o.len() as u64).unwrap();
+                    w.write_all(o).unwrap();
+                    pending.push(w.finish().unwrap());
+                }
+                ids.extend(pending.iter().map(|p| p.id));
+                cat.commit_objects(pending).unwrap();
+                for id in &ids {
+                    assert!(cat.has_object(id), "round {round}: {id} not indexed");
+                }
+                for o in &data {
+                    let id = ObjectId::of(o);
+                    let len = std::fs::metadata(cat.store().path_of(&id)).map(|m| m.len());
+                    assert_eq!(
+                        len.ok(),
+                        Some(o.len() as u64),
+                        "round {round}: {id} held by an upload but its file is gone"
+                    );
+                }
+                cat.release(&ids);
+            }
+        });
     }
 }
