@@ -383,6 +383,43 @@ impl Catalogue {
         missing.first().map(|f| (**f, missing.len()))
     }
 
+    /// The recorded sizes of `ids`, in order, once each is checked to be stored whole: an
+    /// unknown object is `NotFound` (as Dominator words it); a file missing or shorter
+    /// than recorded is an internal error naming the object.
+    pub fn object_files(&self, ids: &[ObjectId]) -> Result<Vec<(ObjectId, u64)>, ApiError> {
+        if let Some((first, n)) = self.first_missing(ids) {
+            return Err(ApiError::NotFound(if n == 1 {
+                format!("unknown object: {first}")
+            } else {
+                format!("first of {n} unknown objects: {first}")
+            }));
+        }
+        let sizes: Vec<u64> = {
+            let idx = self.lock();
+            ids.iter()
+                .map(|id| idx.objects.get(id).map_or(0, |m| m.size))
+                .collect()
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, size) in ids.iter().zip(sizes) {
+            let on_disk = std::fs::metadata(self.store.path_of(id)).map(|m| m.len());
+            match on_disk {
+                Ok(len) if len >= size => out.push((*id, size)),
+                Ok(len) => {
+                    return Err(ApiError::internal(format!(
+                        "object {id} is damaged: its file has {len} of {size} bytes"
+                    )))
+                }
+                Err(e) => {
+                    return Err(ApiError::internal(format!(
+                        "object {id} cannot be read: {e}"
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Adds an image under a fresh name: the name must never have been used, the tree must
     /// be valid and every object it needs present with the right size.
     pub fn add_image(&self, name: &ImageName, image: &Image) -> Result<(), ApiError> {

@@ -48,6 +48,8 @@ pub struct State {
     pub catalogue: Arc<Catalogue>,
     pub security: Security,
     pub metrics: Arc<Metrics>,
+    /// Bounds on concurrent `GetObjects` streams.
+    pub streams: Arc<objects::StreamLimits>,
 }
 
 impl State {
@@ -68,7 +70,14 @@ impl State {
             catalogue: Arc::new(Catalogue::open_with_grace(data_dir, pin_grace)?),
             security,
             metrics: Arc::new(Metrics::default()),
+            streams: Arc::new(objects::StreamLimits::default()),
         })
+    }
+
+    /// Bounds `GetObjects` streams to `max` open at once, `per_caller` per certificate name.
+    pub fn with_stream_limits(mut self, max: usize, per_caller: usize) -> State {
+        self.streams = Arc::new(objects::StreamLimits::new(max, per_caller));
+        self
     }
 }
 
