@@ -6,6 +6,11 @@
 //!   component starting with `.`, so `.image` never collides with a name, and an image
 //!   `a/b` can coexist with `a/b/c`. A zero-length `.image` is a tombstone: the name was
 //!   deleted and is never reused.
+//! - `images/<name>/.image.sha512`: the SHA-512 (hex) of the `.image` bytes. Written before
+//!   the `.image` is renamed into place, so an image is never visible without it; a
+//!   `.image` without one was stored by an earlier version and is served unverified. An
+//!   image whose bytes do not match is *corrupt*: listed on the status page and in
+//!   metrics, and `GetImage` of it is an error, never the damaged tree.
 //!
 //! Every write is temp + fsync + rename (+ fsync of the directories), so after a crash a
 //! restart sees each image either whole or not at all. In memory the catalogue keeps the
@@ -46,6 +51,7 @@ use model::http::ApiError;
 use model::objectstore::{ObjectStore, PendingObject, StoreError};
 use model::{Image, ImageName, ObjectId};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -57,6 +63,9 @@ pub const DEFAULT_PIN_GRACE: Duration = Duration::from_secs(60);
 
 /// File name of an image inside its name's directory.
 pub const IMAGE_FILE: &str = ".image";
+
+/// File name of an image's checksum (hex SHA-512 of the image file) beside it.
+pub const CHECKSUM_FILE: &str = ".image.sha512";
 
 /// A problem opening the data directory.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +129,10 @@ struct Index {
     deleting: HashSet<ObjectId>,
     /// Objects uploads are renaming into place, with how many uploads; deletion skips them.
     committing: HashMap<ObjectId, u32>,
+    /// The SHA-512 of each live image's file (images stored by earlier versions have none).
+    checksums: HashMap<String, ObjectId>,
+    /// Live images whose file is damaged, with what is wrong; never served.
+    corrupt: BTreeMap<String, String>,
 }
 
 /// Objects removed per critical section by unreferenced-object deletion; uploads waiting
@@ -139,6 +152,8 @@ pub struct Counts {
     pub pinned_objects: u64,
     /// Images referring to objects that are not stored.
     pub incomplete_images: u64,
+    /// Images whose file does not match its checksum.
+    pub corrupt_images: u64,
 }
 
 /// Images and objects of one data directory.
@@ -226,10 +241,37 @@ impl Catalogue {
                 continue;
             }
             let bytes = std::fs::read(&path).map_err(io_at(&path))?;
-            let image: Image = serde_json::from_slice(&bytes).map_err(|e| OpenError::Corrupt {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+            let recorded = read_checksum(&path.with_file_name(CHECKSUM_FILE));
+            let damage = match &recorded {
+                Ok(Some(sum)) => mismatch(sum, &bytes),
+                Ok(None) => {
+                    tracing::info!(image = %name, "image has no checksum (stored by an earlier version); served unverified");
+                    None
+                }
+                Err(e) => Some(e.clone()),
+            };
+            if let Ok(Some(sum)) = recorded {
+                index.checksums.insert(name.clone(), sum);
+            }
+            let parsed = serde_json::from_slice::<Image>(&bytes);
+            if let Some(damage) = damage {
+                tracing::error!(image = %name, "image is corrupt, not served: {damage}");
+                index.corrupt.insert(name.clone(), damage);
+            }
+            let image = match parsed {
+                Ok(image) => image,
+                // Damaged beyond parsing: refers to nothing we can tell.
+                Err(_) if index.corrupt.contains_key(&name) => {
+                    index.names.insert(name, NameState::Live);
+                    continue;
+                }
+                Err(e) => {
+                    return Err(OpenError::Corrupt {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })
+                }
+            };
             let mut missing = BTreeSet::new();
             for id in image.tree.objects().keys() {
                 match index.objects.get_mut(id) {
@@ -469,8 +511,9 @@ impl Catalogue {
         let written = self.write_image(name, image);
         let mut idx = self.lock();
         match written {
-            Ok(()) => {
+            Ok(sum) => {
                 idx.names.insert(name.to_string(), NameState::Live);
+                idx.checksums.insert(name.to_string(), sum);
                 Ok(())
             }
             Err(e) => {
@@ -489,12 +532,34 @@ impl Catalogue {
         }
     }
 
-    fn write_image(&self, name: &ImageName, image: &Image) -> std::io::Result<()> {
+    /// Writes an image file and, before it appears, its checksum; returns the checksum.
+    /// The JSON is streamed to the file (never a second copy of it in memory).
+    fn write_image(&self, name: &ImageName, image: &Image) -> std::io::Result<ObjectId> {
         let path = self.image_path(name);
         let dir = path.parent().expect("has a parent");
         std::fs::create_dir_all(dir)?;
-        let bytes = serde_json::to_vec(image).map_err(std::io::Error::other)?;
-        write_atomic(&path, &bytes)?;
+        let tmp = model::fsutil::temp_path(&path);
+        let guard = model::fsutil::DeleteOnDrop::new(tmp.clone());
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        let mut w = HashingWriter {
+            inner: std::io::BufWriter::with_capacity(1 << 20, file),
+            hasher: model::hash::ObjectHasher::new(),
+        };
+        serde_json::to_writer(&mut w, image).map_err(std::io::Error::other)?;
+        let file = w.inner.into_inner().map_err(|e| e.into_error())?;
+        let (sum, _) = w.hasher.finish();
+        file.sync_all()?;
+        drop(file);
+        write_atomic(
+            &path.with_file_name(CHECKSUM_FILE),
+            format!("{sum}\n").as_bytes(),
+        )?;
+        std::fs::rename(&tmp, &path)?;
+        guard.disarm();
         // Make every directory on the way durable too.
         let mut d = dir.to_path_buf();
         while d != self.images_dir {
@@ -502,16 +567,44 @@ impl Catalogue {
             fsync_dir(&parent)?;
             d = parent;
         }
-        Ok(())
+        Ok(sum)
     }
 
-    /// The stored JSON of a live image.
+    /// The stored JSON of a live image, checked against its checksum (a mismatch marks the
+    /// image corrupt and is an error).
     pub fn image_json(&self, name: &ImageName) -> Result<Vec<u8>, ApiError> {
-        if self.lock().names.get(name.as_str()) != Some(&NameState::Live) {
-            return Err(ApiError::NotFound(format!("image {name} does not exist")));
+        let sum = {
+            let idx = self.lock();
+            if idx.names.get(name.as_str()) != Some(&NameState::Live) {
+                return Err(ApiError::NotFound(format!("image {name} does not exist")));
+            }
+            if let Some(damage) = idx.corrupt.get(name.as_str()) {
+                return Err(corrupt_error(name, damage));
+            }
+            idx.checksums.get(name.as_str()).copied()
+        };
+        let bytes = self.read_image_file(name)?;
+        if let Some(damage) = sum.and_then(|sum| mismatch(&sum, &bytes)) {
+            tracing::error!(image = %name, "image is corrupt, not served: {damage}");
+            let e = corrupt_error(name, &damage);
+            self.lock().corrupt.insert(name.to_string(), damage);
+            return Err(e);
         }
+        Ok(bytes)
+    }
+
+    fn read_image_file(&self, name: &ImageName) -> Result<Vec<u8>, ApiError> {
         std::fs::read(self.image_path(name))
             .map_err(|e| ApiError::internal(format!("reading image {name}: {e}")))
+    }
+
+    /// Live images whose file does not match its checksum, with what is wrong.
+    pub fn corrupt_images(&self) -> Vec<(String, String)> {
+        let idx = self.lock();
+        idx.corrupt
+            .iter()
+            .map(|(n, d)| (n.clone(), d.clone()))
+            .collect()
     }
 
     pub fn image_exists(&self, name: &ImageName) -> bool {
@@ -537,10 +630,22 @@ impl Catalogue {
     }
 
     /// Deletes an image, leaving a tombstone so the name is never reused.
+    /// A corrupt image may be deleted too (its references are dropped as far as its file
+    /// can still be read).
     pub fn delete_image(&self, name: &ImageName) -> Result<(), ApiError> {
-        let bytes = self.image_json(name)?;
-        let image: Image = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::internal(format!("image {name} is corrupt: {e}")))?;
+        let (bytes, corrupt) = match self.image_json(name) {
+            Ok(b) => (b, false),
+            Err(e) if self.lock().corrupt.contains_key(name.as_str()) => {
+                tracing::warn!(image = %name, "deleting a corrupt image: {e}");
+                (self.read_image_file(name)?, true)
+            }
+            Err(e) => return Err(e),
+        };
+        let image: Option<Image> = match serde_json::from_slice(&bytes) {
+            Ok(i) => Some(i),
+            Err(_) if corrupt => None,
+            Err(e) => return Err(ApiError::internal(format!("image {name} is corrupt: {e}"))),
+        };
         {
             let mut idx = self.lock();
             if idx.names.get(name.as_str()) != Some(&NameState::Live) {
@@ -558,7 +663,10 @@ impl Catalogue {
             let mut idx = self.lock();
             idx.names.insert(name.to_string(), NameState::Deleted);
             idx.incomplete.remove(name.as_str());
-            for id in image.tree.objects().keys() {
+            idx.corrupt.remove(name.as_str());
+            idx.checksums.remove(name.as_str());
+            let ids = image.map(|i| i.tree.objects().into_keys().collect::<Vec<_>>());
+            for id in ids.iter().flatten() {
                 if let Some(m) = idx.objects.get_mut(id) {
                     m.refs = m.refs.saturating_sub(1);
                     if m.refs == 0 {
@@ -568,6 +676,8 @@ impl Catalogue {
                 }
             }
         }
+        // The tombstone needs no checksum. Best effort: a stale one beside it is ignored.
+        let _ = std::fs::remove_file(self.image_path(name).with_file_name(CHECKSUM_FILE));
         // Record when each object became unreferenced in its mtime, for the order after a
         // restart. Best effort: the order is advisory.
         let t = SystemTime::now();
@@ -694,6 +804,7 @@ impl Catalogue {
             objects: idx.objects.len() as u64,
             object_bytes: idx.object_bytes,
             incomplete_images: idx.incomplete.len() as u64,
+            corrupt_images: idx.corrupt.len() as u64,
             ..Default::default()
         };
         for s in idx.names.values() {
@@ -713,6 +824,54 @@ impl Catalogue {
         }
         c
     }
+}
+
+/// A writer that hashes (SHA-512) what passes through it.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: model::hash::ObjectHasher,
+}
+
+impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The checksum recorded at `path`: `None` if there is none (an image stored by an earlier
+/// version), an error message if it cannot be read or is malformed.
+fn read_checksum(path: &Path) -> Result<Option<ObjectId>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => ObjectId::from_hex(s.trim())
+            .map(Some)
+            .map_err(|e| format!("its checksum file {} is malformed: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!(
+            "its checksum file {} cannot be read: {e}",
+            path.display()
+        )),
+    }
+}
+
+/// What is wrong if `bytes` do not hash to `sum`.
+fn mismatch(sum: &ObjectId, bytes: &[u8]) -> Option<String> {
+    let got = ObjectId::of(bytes);
+    (got != *sum).then(|| {
+        format!(
+            "its file does not match its SHA-512 checksum (recorded {}…, file has {}…)",
+            &sum.to_hex()[..16],
+            &got.to_hex()[..16]
+        )
+    })
+}
+
+fn corrupt_error(name: &ImageName, damage: &str) -> ApiError {
+    ApiError::internal(format!("image {name} is corrupt: {damage}"))
 }
 
 /// Collects `(name, path, length)` of every `.image` below `dir`; removes temp files.

@@ -380,6 +380,14 @@ struct Proc {
     addr: String,
 }
 
+/// A failed test leaves no server behind (holding the test's output open).
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn spawn_server(dir: &Path) -> Proc {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -638,4 +646,52 @@ async fn object_streams_beyond_the_bounds_get_a_503() {
         drop(conns);
         s.stop().await;
     }
+}
+
+/// An image file flipped on disk so that it stays valid JSON is refused after a restart:
+/// `GetImage` names the problem, the status page and metrics show it; an image stored
+/// without a checksum (by an earlier version) is still served; a corrupt image can be
+/// deleted.
+#[tokio::test]
+async fn an_image_flipped_on_disk_is_refused_after_a_restart() {
+    let d = tempfile::tempdir().unwrap();
+    let mut p = spawn_server(d.path());
+    let c = ImageServerClient::new(&p.addr, &ClientSecurity::Insecure).unwrap();
+    c.add_objects(frames(&[b"motd"]).into()).await.unwrap();
+    c.add_image("etc/1", &image_with(&[b"motd"])).await.unwrap();
+    c.add_image("old/1", &image_with(&[b"motd"])).await.unwrap();
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+    let file = d.path().join("images/etc/1/.image");
+    let json = std::fs::read_to_string(&file).unwrap();
+    assert!(json.contains("\"/f0\""), "{json}");
+    std::fs::write(&file, json.replace("\"/f0\"", "\"/g0\"")).unwrap();
+    // as an earlier version left it: no checksum
+    let _ = std::fs::remove_file(d.path().join("images/old/1/.image.sha512"));
+    let mut p = spawn_server(d.path());
+    let c = ImageServerClient::new(&p.addr, &ClientSecurity::Insecure).unwrap();
+    let e = c.get_image("etc/1").await.unwrap_err();
+    assert_eq!(e.status(), Some(500), "{e}");
+    assert!(
+        e.to_string()
+            .contains("image etc/1 is corrupt: its file does not match its SHA-512 checksum"),
+        "{e}"
+    );
+    assert_eq!(
+        c.get_image("old/1").await.unwrap().tree,
+        image_with(&[b"motd"]).tree
+    );
+    let page = c.rpc.get_text("/").await.unwrap();
+    assert!(page.contains("Corrupt images: 1"), "{page}");
+    assert!(
+        page.contains("<li>etc/1: its file does not match"),
+        "{page}"
+    );
+    let m = c.rpc.get_text("/metrics").await.unwrap();
+    assert!(m.contains("imageserver_images_corrupt 1\n"), "{m}");
+    c.delete_image("etc/1").await.unwrap();
+    let m = c.rpc.get_text("/metrics").await.unwrap();
+    assert!(m.contains("imageserver_images_corrupt 0\n"), "{m}");
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
 }
