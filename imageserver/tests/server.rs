@@ -695,3 +695,50 @@ async fn an_image_flipped_on_disk_is_refused_after_a_restart() {
     p.child.kill().unwrap();
     p.child.wait().unwrap();
 }
+
+/// Starts an `AddImage` announcing a `len`-byte body and sends only its first bytes.
+async fn partial_add_image(addr: &str, len: usize) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /rpc/{} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n{{\"name\": \"big/1\", ",
+        model::api::methods::ADD_IMAGE,
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn
+}
+
+/// Large `AddImage` bodies are admitted a few at a time: beyond the slots, one waits its
+/// bounded time and gets a 503 saying why; small ones are not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_add_image_bodies_beyond_the_slots_get_a_503() {
+    use tokio::io::AsyncReadExt;
+    let d = tempfile::tempdir().unwrap();
+    let state = imageserver::State::open(d.path(), model::http::Security::Insecure)
+        .unwrap()
+        .with_large_image_bodies(1, Duration::from_millis(300));
+    let s = InProcess::start_with_state(state).await;
+    let _first = partial_add_image(&s.addr, 20 << 20).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut second = partial_add_image(&s.addr, 20 << 20).await;
+    let mut reply = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut reply))
+        .await
+        .expect("the second large AddImage is answered, not left waiting")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    assert!(
+        reply.contains("too many large AddImage requests"),
+        "{reply}"
+    );
+    s.client
+        .add_objects(frames(&[b"small"]).into())
+        .await
+        .unwrap();
+    s.client
+        .add_image("small/1", &image_with(&[b"small"]))
+        .await
+        .unwrap();
+    s.stop().await;
+}
