@@ -6,6 +6,11 @@
 //!   component starting with `.`, so `.image` never collides with a name, and an image
 //!   `a/b` can coexist with `a/b/c`. A zero-length `.image` is a tombstone: the name was
 //!   deleted and is never reused.
+//! - `images/<name>/.image.sha512`: the SHA-512 (hex) of the `.image` bytes. Written before
+//!   the `.image` is renamed into place, so an image is never visible without it; a
+//!   `.image` without one was stored by an earlier version and is served unverified. An
+//!   image whose bytes do not match is *corrupt*: listed on the status page and in
+//!   metrics, and `GetImage` of it is an error, never the damaged tree.
 //!
 //! Every write is temp + fsync + rename (+ fsync of the directories), so after a crash a
 //! restart sees each image either whole or not at all. In memory the catalogue keeps the
@@ -21,16 +26,34 @@
 //! after a restart an object stored less than the grace period ago is pinned for the rest
 //! of it (by its mtime).
 //!
+//! Who may touch an object file when. The index decides, under its lock:
+//! - An upload renames a verified temp file into place (or finds the object already
+//!   there) only while the object is marked *committing* (`commit_objects`). It marks it
+//!   only once no deletion of that object is under way, waiting for one to finish.
+//! - Unreferenced-object deletion removes a file only while the object is marked
+//!   *deleting*: taken out of the index (so every RPC sees it absent) and put in the
+//!   deleting set, which it chooses only among collectable objects no upload is committing.
+//!   It unmarks each batch of objects once their files are gone, and wakes the waiting
+//!   uploads, which then store the object afresh.
+//! - Readers (`GetObjects`) open files without marks: an object deleted under them is
+//!   missing or short, which `GetObjects` reports as an error, never as a short success.
+//!
+//! So a deletion and an upload of the same object never overlap: an upload that arrives
+//! during the deletion writes the object again after it, and the index never lists an
+//! object whose file is gone.
+//!
 //! The catalogue is guarded by a std `Mutex` whose critical sections are short and never
-//! span an `.await` or a file write; callers run it on blocking threads.
+//! span an `.await` or a file write; callers run it on blocking threads. Waiting for a
+//! deletion uses a `Condvar` on that mutex.
 
 use model::fsutil::{fsync_dir, write_atomic, TEMP_SUFFIX};
 use model::http::ApiError;
 use model::objectstore::{ObjectStore, PendingObject, StoreError};
 use model::{Image, ImageName, ObjectId};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How long objects stay pinned after their upload stream ends or `CheckObjects` reports
@@ -40,6 +63,9 @@ pub const DEFAULT_PIN_GRACE: Duration = Duration::from_secs(60);
 
 /// File name of an image inside its name's directory.
 pub const IMAGE_FILE: &str = ".image";
+
+/// File name of an image's checksum (hex SHA-512 of the image file) beside it.
+pub const CHECKSUM_FILE: &str = ".image.sha512";
 
 /// A problem opening the data directory.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +124,20 @@ struct Index {
     /// someone removed them), with those objects; an entry shrinks as they are uploaded
     /// again. Empty on a healthy server: nothing here ever deletes a referenced object.
     incomplete: BTreeMap<String, BTreeSet<ObjectId>>,
+    /// Objects whose files unreferenced-object deletion is removing (no longer in
+    /// `objects`); uploads of them wait until they are gone.
+    deleting: HashSet<ObjectId>,
+    /// Objects uploads are renaming into place, with how many uploads; deletion skips them.
+    committing: HashMap<ObjectId, u32>,
+    /// The SHA-512 of each live image's file (images stored by earlier versions have none).
+    checksums: HashMap<String, ObjectId>,
+    /// Live images whose file is damaged, with what is wrong; never served.
+    corrupt: BTreeMap<String, String>,
 }
+
+/// Objects removed per critical section by unreferenced-object deletion; uploads waiting
+/// for one of them wait at most for one batch.
+const DELETE_BATCH: usize = 256;
 
 /// Figures for the status page and metrics.
 #[derive(Clone, Debug, Default)]
@@ -113,6 +152,8 @@ pub struct Counts {
     pub pinned_objects: u64,
     /// Images referring to objects that are not stored.
     pub incomplete_images: u64,
+    /// Images whose file does not match its checksum.
+    pub corrupt_images: u64,
 }
 
 /// Images and objects of one data directory.
@@ -122,6 +163,8 @@ pub struct Catalogue {
     store: ObjectStore,
     images_dir: PathBuf,
     index: Mutex<Index>,
+    /// Signalled when objects leave `Index::deleting`.
+    deleted: Condvar,
     pin_grace: Duration,
 }
 
@@ -198,10 +241,37 @@ impl Catalogue {
                 continue;
             }
             let bytes = std::fs::read(&path).map_err(io_at(&path))?;
-            let image: Image = serde_json::from_slice(&bytes).map_err(|e| OpenError::Corrupt {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+            let recorded = read_checksum(&path.with_file_name(CHECKSUM_FILE));
+            let damage = match &recorded {
+                Ok(Some(sum)) => mismatch(sum, &bytes),
+                Ok(None) => {
+                    tracing::info!(image = %name, "image has no checksum (stored by an earlier version); served unverified");
+                    None
+                }
+                Err(e) => Some(e.clone()),
+            };
+            if let Ok(Some(sum)) = recorded {
+                index.checksums.insert(name.clone(), sum);
+            }
+            let parsed = serde_json::from_slice::<Image>(&bytes);
+            if let Some(damage) = damage {
+                tracing::error!(image = %name, "image is corrupt, not served: {damage}");
+                index.corrupt.insert(name.clone(), damage);
+            }
+            let image = match parsed {
+                Ok(image) => image,
+                // Damaged beyond parsing: refers to nothing we can tell.
+                Err(_) if index.corrupt.contains_key(&name) => {
+                    index.names.insert(name, NameState::Live);
+                    continue;
+                }
+                Err(e) => {
+                    return Err(OpenError::Corrupt {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })
+                }
+            };
             let mut missing = BTreeSet::new();
             for id in image.tree.objects().keys() {
                 match index.objects.get_mut(id) {
@@ -222,6 +292,7 @@ impl Catalogue {
             store,
             images_dir,
             index: Mutex::new(index),
+            deleted: Condvar::new(),
             pin_grace,
         })
     }
@@ -286,15 +357,33 @@ impl Catalogue {
     /// new bytes).
     pub fn commit_objects(&self, pending: Vec<PendingObject>) -> Result<(u64, u64), ApiError> {
         let ids: Vec<(ObjectId, u64)> = pending.iter().map(|p| (p.id, p.len)).collect();
+        {
+            let mut idx = self.lock();
+            while ids.iter().any(|(id, _)| idx.deleting.contains(id)) {
+                idx = self.deleted.wait(idx).unwrap_or_else(|p| p.into_inner());
+            }
+            for (id, _) in &ids {
+                *idx.committing.entry(*id).or_default() += 1;
+            }
+        }
         let t = std::time::Instant::now();
-        self.store.commit(pending).map_err(store_api_error)?;
+        let committed = self.store.commit(pending);
+        let mut idx = self.lock();
+        for (id, _) in &ids {
+            if let Some(c) = idx.committing.get_mut(id) {
+                *c -= 1;
+                if *c == 0 {
+                    idx.committing.remove(id);
+                }
+            }
+        }
+        committed.map_err(store_api_error)?;
         tracing::debug!(
             objects = ids.len(),
             ms = t.elapsed().as_millis() as u64,
             "objects committed"
         );
         let now = now_secs();
-        let mut idx = self.lock();
         let (mut n, mut bytes) = (0, 0);
         for (id, size) in ids {
             if let Some(m) = idx.objects.get_mut(&id) {
@@ -334,6 +423,43 @@ impl Catalogue {
             .filter(|i| !idx.objects.contains_key(i))
             .collect();
         missing.first().map(|f| (**f, missing.len()))
+    }
+
+    /// The recorded sizes of `ids`, in order, once each is checked to be stored whole: an
+    /// unknown object is `NotFound` (as Dominator words it); a file missing or shorter
+    /// than recorded is an internal error naming the object.
+    pub fn object_files(&self, ids: &[ObjectId]) -> Result<Vec<(ObjectId, u64)>, ApiError> {
+        if let Some((first, n)) = self.first_missing(ids) {
+            return Err(ApiError::NotFound(if n == 1 {
+                format!("unknown object: {first}")
+            } else {
+                format!("first of {n} unknown objects: {first}")
+            }));
+        }
+        let sizes: Vec<u64> = {
+            let idx = self.lock();
+            ids.iter()
+                .map(|id| idx.objects.get(id).map_or(0, |m| m.size))
+                .collect()
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, size) in ids.iter().zip(sizes) {
+            let on_disk = std::fs::metadata(self.store.path_of(id)).map(|m| m.len());
+            match on_disk {
+                Ok(len) if len >= size => out.push((*id, size)),
+                Ok(len) => {
+                    return Err(ApiError::internal(format!(
+                        "object {id} is damaged: its file has {len} of {size} bytes"
+                    )))
+                }
+                Err(e) => {
+                    return Err(ApiError::internal(format!(
+                        "object {id} cannot be read: {e}"
+                    )))
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Adds an image under a fresh name: the name must never have been used, the tree must
@@ -385,8 +511,9 @@ impl Catalogue {
         let written = self.write_image(name, image);
         let mut idx = self.lock();
         match written {
-            Ok(()) => {
+            Ok(sum) => {
                 idx.names.insert(name.to_string(), NameState::Live);
+                idx.checksums.insert(name.to_string(), sum);
                 Ok(())
             }
             Err(e) => {
@@ -405,12 +532,34 @@ impl Catalogue {
         }
     }
 
-    fn write_image(&self, name: &ImageName, image: &Image) -> std::io::Result<()> {
+    /// Writes an image file and, before it appears, its checksum; returns the checksum.
+    /// The JSON is streamed to the file (never a second copy of it in memory).
+    fn write_image(&self, name: &ImageName, image: &Image) -> std::io::Result<ObjectId> {
         let path = self.image_path(name);
         let dir = path.parent().expect("has a parent");
         std::fs::create_dir_all(dir)?;
-        let bytes = serde_json::to_vec(image).map_err(std::io::Error::other)?;
-        write_atomic(&path, &bytes)?;
+        let tmp = model::fsutil::temp_path(&path);
+        let guard = model::fsutil::DeleteOnDrop::new(tmp.clone());
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        let mut w = HashingWriter {
+            inner: std::io::BufWriter::with_capacity(1 << 20, file),
+            hasher: model::hash::ObjectHasher::new(),
+        };
+        serde_json::to_writer(&mut w, image).map_err(std::io::Error::other)?;
+        let file = w.inner.into_inner().map_err(|e| e.into_error())?;
+        let (sum, _) = w.hasher.finish();
+        file.sync_all()?;
+        drop(file);
+        write_atomic(
+            &path.with_file_name(CHECKSUM_FILE),
+            format!("{sum}\n").as_bytes(),
+        )?;
+        std::fs::rename(&tmp, &path)?;
+        guard.disarm();
         // Make every directory on the way durable too.
         let mut d = dir.to_path_buf();
         while d != self.images_dir {
@@ -418,16 +567,44 @@ impl Catalogue {
             fsync_dir(&parent)?;
             d = parent;
         }
-        Ok(())
+        Ok(sum)
     }
 
-    /// The stored JSON of a live image.
+    /// The stored JSON of a live image, checked against its checksum (a mismatch marks the
+    /// image corrupt and is an error).
     pub fn image_json(&self, name: &ImageName) -> Result<Vec<u8>, ApiError> {
-        if self.lock().names.get(name.as_str()) != Some(&NameState::Live) {
-            return Err(ApiError::NotFound(format!("image {name} does not exist")));
+        let sum = {
+            let idx = self.lock();
+            if idx.names.get(name.as_str()) != Some(&NameState::Live) {
+                return Err(ApiError::NotFound(format!("image {name} does not exist")));
+            }
+            if let Some(damage) = idx.corrupt.get(name.as_str()) {
+                return Err(corrupt_error(name, damage));
+            }
+            idx.checksums.get(name.as_str()).copied()
+        };
+        let bytes = self.read_image_file(name)?;
+        if let Some(damage) = sum.and_then(|sum| mismatch(&sum, &bytes)) {
+            tracing::error!(image = %name, "image is corrupt, not served: {damage}");
+            let e = corrupt_error(name, &damage);
+            self.lock().corrupt.insert(name.to_string(), damage);
+            return Err(e);
         }
+        Ok(bytes)
+    }
+
+    fn read_image_file(&self, name: &ImageName) -> Result<Vec<u8>, ApiError> {
         std::fs::read(self.image_path(name))
             .map_err(|e| ApiError::internal(format!("reading image {name}: {e}")))
+    }
+
+    /// Live images whose file does not match its checksum, with what is wrong.
+    pub fn corrupt_images(&self) -> Vec<(String, String)> {
+        let idx = self.lock();
+        idx.corrupt
+            .iter()
+            .map(|(n, d)| (n.clone(), d.clone()))
+            .collect()
     }
 
     pub fn image_exists(&self, name: &ImageName) -> bool {
@@ -453,10 +630,22 @@ impl Catalogue {
     }
 
     /// Deletes an image, leaving a tombstone so the name is never reused.
+    /// A corrupt image may be deleted too (its references are dropped as far as its file
+    /// can still be read).
     pub fn delete_image(&self, name: &ImageName) -> Result<(), ApiError> {
-        let bytes = self.image_json(name)?;
-        let image: Image = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::internal(format!("image {name} is corrupt: {e}")))?;
+        let (bytes, corrupt) = match self.image_json(name) {
+            Ok(b) => (b, false),
+            Err(e) if self.lock().corrupt.contains_key(name.as_str()) => {
+                tracing::warn!(image = %name, "deleting a corrupt image: {e}");
+                (self.read_image_file(name)?, true)
+            }
+            Err(e) => return Err(e),
+        };
+        let image: Option<Image> = match serde_json::from_slice(&bytes) {
+            Ok(i) => Some(i),
+            Err(_) if corrupt => None,
+            Err(e) => return Err(ApiError::internal(format!("image {name} is corrupt: {e}"))),
+        };
         {
             let mut idx = self.lock();
             if idx.names.get(name.as_str()) != Some(&NameState::Live) {
@@ -474,7 +663,10 @@ impl Catalogue {
             let mut idx = self.lock();
             idx.names.insert(name.to_string(), NameState::Deleted);
             idx.incomplete.remove(name.as_str());
-            for id in image.tree.objects().keys() {
+            idx.corrupt.remove(name.as_str());
+            idx.checksums.remove(name.as_str());
+            let ids = image.map(|i| i.tree.objects().into_keys().collect::<Vec<_>>());
+            for id in ids.iter().flatten() {
                 if let Some(m) = idx.objects.get_mut(id) {
                     m.refs = m.refs.saturating_sub(1);
                     if m.refs == 0 {
@@ -484,6 +676,8 @@ impl Catalogue {
                 }
             }
         }
+        // The tombstone needs no checksum. Best effort: a stale one beside it is ignored.
+        let _ = std::fs::remove_file(self.image_path(name).with_file_name(CHECKSUM_FILE));
         // Record when each object became unreferenced in its mtime, for the order after a
         // restart. Best effort: the order is advisory.
         let t = SystemTime::now();
@@ -526,7 +720,7 @@ impl Catalogue {
             let mut v: Vec<(i64, ObjectId, u64)> = idx
                 .objects
                 .iter()
-                .filter(|(_, m)| m.collectable(now))
+                .filter(|(id, m)| m.collectable(now) && !idx.committing.contains_key(id))
                 .map(|(id, m)| (m.unref_since, *id, m.size))
                 .collect();
             v.sort();
@@ -542,16 +736,55 @@ impl Catalogue {
                 doomed.push((id, size));
             }
             for (id, size) in &doomed {
-                idx.objects.remove(id);
+                let meta = idx.objects.remove(id).expect("listed above");
                 idx.object_bytes -= size;
+                idx.deleting.insert(*id);
+                debug_assert_eq!(meta.refs, 0);
             }
             doomed
         };
         let (mut n, mut b) = (0, 0);
-        for (id, size) in doomed {
-            self.store.remove(&id).map_err(store_api_error)?;
-            n += 1;
-            b += size;
+        let mut batches = doomed.chunks(DELETE_BATCH);
+        while let Some(batch) = batches.next() {
+            let mut failed = None;
+            let mut gone = 0;
+            for (id, _) in batch {
+                if let Err(e) = self.store.remove(id) {
+                    failed = Some(e);
+                    break;
+                }
+                gone += 1;
+            }
+            let mut idx = self.lock();
+            for (id, size) in &batch[..gone] {
+                idx.deleting.remove(id);
+                n += 1;
+                b += size;
+            }
+            if let Some(e) = failed {
+                // The rest keep their files: back into the index, unreferenced as before.
+                let now = now_secs();
+                let rest = batch[gone..].iter().chain(batches.flatten());
+                for (id, size) in rest {
+                    idx.deleting.remove(id);
+                    idx.object_bytes += size;
+                    idx.objects.insert(
+                        *id,
+                        ObjectMeta {
+                            size: *size,
+                            refs: 0,
+                            unref_since: now,
+                            holds: 0,
+                            pinned_until: None,
+                        },
+                    );
+                }
+                drop(idx);
+                self.deleted.notify_all();
+                return Err(store_api_error(e));
+            }
+            drop(idx);
+            self.deleted.notify_all();
         }
         Ok((n, b))
     }
@@ -571,6 +804,7 @@ impl Catalogue {
             objects: idx.objects.len() as u64,
             object_bytes: idx.object_bytes,
             incomplete_images: idx.incomplete.len() as u64,
+            corrupt_images: idx.corrupt.len() as u64,
             ..Default::default()
         };
         for s in idx.names.values() {
@@ -590,6 +824,54 @@ impl Catalogue {
         }
         c
     }
+}
+
+/// A writer that hashes (SHA-512) what passes through it.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: model::hash::ObjectHasher,
+}
+
+impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The checksum recorded at `path`: `None` if there is none (an image stored by an earlier
+/// version), an error message if it cannot be read or is malformed.
+fn read_checksum(path: &Path) -> Result<Option<ObjectId>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => ObjectId::from_hex(s.trim())
+            .map(Some)
+            .map_err(|e| format!("its checksum file {} is malformed: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!(
+            "its checksum file {} cannot be read: {e}",
+            path.display()
+        )),
+    }
+}
+
+/// What is wrong if `bytes` do not hash to `sum`.
+fn mismatch(sum: &ObjectId, bytes: &[u8]) -> Option<String> {
+    let got = ObjectId::of(bytes);
+    (got != *sum).then(|| {
+        format!(
+            "its file does not match its SHA-512 checksum (recorded {}…, file has {}…)",
+            &sum.to_hex()[..16],
+            &got.to_hex()[..16]
+        )
+    })
+}
+
+fn corrupt_error(name: &ImageName, damage: &str) -> ApiError {
+    ApiError::internal(format!("image {name} is corrupt: {damage}"))
 }
 
 /// Collects `(name, path, length)` of every `.image` below `dir`; removes temp files.
@@ -727,5 +1009,62 @@ mod tests {
         assert!(e.contains("in use by another process"), "{e}");
         drop(cat);
         Catalogue::open(d.path()).unwrap();
+    }
+    /// Deletion of unreferenced objects racing uploads of the same objects: whenever an
+    /// upload holds an object, the index has it and its file is whole on disk.
+    #[test]
+    fn an_upload_racing_unreferenced_deletion_never_loses_its_objects() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let d = tempfile::tempdir().unwrap();
+        let cat = Catalogue::open_with_grace(d.path(), Duration::ZERO).unwrap();
+        let data: Vec<Vec<u8>> = (0..200u32)
+            .map(|i| format!("object {i} ").repeat(40).into_bytes())
+            .collect();
+        /// Stops the deleting thread however the rounds end (a failed assertion included).
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    cat.delete_unreferenced(100, 0).unwrap();
+                }
+            });
+            let _stop = StopOnDrop(&stop);
+            for round in 0..100 {
+                // as `objects::receive` does: hold what is present, write the rest
+                let mut ids = Vec::new();
+                let mut pending = Vec::new();
+                for o in &data {
+                    let id = ObjectId::of(o);
+                    if cat.hold_if_present(&id) {
+                        ids.push(id);
+                        continue;
+                    }
+                    let mut w = cat.store().writer(id, o.len() as u64).unwrap();
+                    w.write_all(o).unwrap();
+                    pending.push(w.finish().unwrap());
+                }
+                ids.extend(pending.iter().map(|p| p.id));
+                cat.commit_objects(pending).unwrap();
+                for id in &ids {
+                    assert!(cat.has_object(id), "round {round}: {id} not indexed");
+                }
+                for o in &data {
+                    let id = ObjectId::of(o);
+                    let len = std::fs::metadata(cat.store().path_of(&id)).map(|m| m.len());
+                    assert_eq!(
+                        len.ok(),
+                        Some(o.len() as u64),
+                        "round {round}: {id} held by an upload but its file is gone"
+                    );
+                }
+                cat.release(&ids);
+            }
+        });
     }
 }

@@ -50,6 +50,12 @@ pub struct State {
     /// Timeouts and connection limits of the server.
     pub connection_limits: model::connection::ConnectionLimits,
     pub metrics: Arc<Metrics>,
+    /// Bounds on concurrent `GetObjects` streams.
+    pub streams: Arc<objects::StreamLimits>,
+    /// Slots for large `AddImage` bodies in memory at once.
+    pub image_bodies: Arc<tokio::sync::Semaphore>,
+    /// How long a large `AddImage` waits for a slot before a 503.
+    pub image_body_wait: Duration,
 }
 
 impl State {
@@ -71,7 +77,23 @@ impl State {
             security,
             connection_limits: Default::default(),
             metrics: Arc::new(Metrics::default()),
+            streams: Arc::new(objects::StreamLimits::default()),
+            image_bodies: Arc::new(tokio::sync::Semaphore::new(rpc::DEFAULT_LARGE_BODIES)),
+            image_body_wait: rpc::DEFAULT_LARGE_BODY_WAIT,
         })
+    }
+
+    /// Admits at most `max` large `AddImage` bodies at once; others wait up to `wait`.
+    pub fn with_large_image_bodies(mut self, max: usize, wait: Duration) -> State {
+        self.image_bodies = Arc::new(tokio::sync::Semaphore::new(max));
+        self.image_body_wait = wait;
+        self
+    }
+
+    /// Bounds `GetObjects` streams to `max` open at once, `per_caller` per certificate name.
+    pub fn with_stream_limits(mut self, max: usize, per_caller: usize) -> State {
+        self.streams = Arc::new(objects::StreamLimits::new(max, per_caller));
+        self
     }
 }
 

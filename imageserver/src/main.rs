@@ -19,6 +19,13 @@ struct Args {
     /// unreferenced-object deletion, so the `AddImage` that follows finds it
     #[arg(long, value_name = "SECONDS", default_value_t = imageserver::catalogue::DEFAULT_PIN_GRACE.as_secs())]
     object_pin_seconds: u64,
+    /// Most `GetObjects` streams open at once; more get 503
+    #[arg(long, value_name = "N", default_value_t = imageserver::objects::DEFAULT_MAX_STREAMS)]
+    max_object_streams: usize,
+    /// Most `GetObjects` streams one certificate name may have open at once (all subds
+    /// share one); more get 503
+    #[arg(long, value_name = "N", default_value_t = imageserver::objects::DEFAULT_MAX_STREAMS_PER_CALLER)]
+    max_object_streams_per_caller: usize,
     #[command(flatten)]
     tls: model::security::DaemonTlsArgs,
     #[command(flatten)]
@@ -46,7 +53,8 @@ async fn run() -> anyhow::Result<()> {
         imageserver::State::open_with_grace(&data_dir, security, grace)
     })
     .await?
-    .with_context(|| format!("opening data directory {}", args.data_dir.display()))?;
+    .with_context(|| format!("opening data directory {}", args.data_dir.display()))?
+    .with_stream_limits(args.max_object_streams, args.max_object_streams_per_caller);
     state.connection_limits = args.connections.limits();
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

@@ -1,7 +1,9 @@
 //! The streaming object batches. `ObjectServer.AddObjects` reads a `frame` stream and
 //! writes each object straight to a temp file while hashing it (never holding a whole
 //! object in memory), verifies it, and commits verified objects in durable batches.
-//! `ObjectServer.GetObjects` streams the requested objects back as frames.
+//! `ObjectServer.GetObjects` streams the requested objects back as frames, from an async
+//! task through a small bounded queue, so a client that does not read holds a task and a
+//! few chunks, never a thread; streams are bounded overall and per caller (503 beyond).
 //!
 //! Every object an upload stream stores or offers (already present) is held until the
 //! stream ends, then pinned for the catalogue's grace period, so unreferenced-object
@@ -12,14 +14,21 @@ use crate::State;
 use axum::body::Body;
 use axum::extract::State as AxState;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use bytes::{Bytes, BytesMut};
 use futures_util::TryStreamExt;
 use model::api;
 use model::frame;
-use model::http::{ApiError, Json};
+use model::http::{ApiError, Caller, Json};
 use model::ObjectId;
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::sync::atomic::Ordering;
-use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::io::{StreamReader, SyncIoBridge};
 
 /// Verified objects are committed (one syncfs) at least this often, by bytes…
 pub const COMMIT_BYTES: u64 = 64 << 20;
@@ -169,55 +178,168 @@ pub async fn add_objects(
     }
 }
 
+/// Most `GetObjects` streams open at once, by default.
+pub const DEFAULT_MAX_STREAMS: usize = 512;
+/// Most `GetObjects` streams one caller (certificate name) may have open at once, by
+/// default. A fleet shares one subd certificate, so this bounds all subds together and
+/// leaves the rest of `DEFAULT_MAX_STREAMS` to other callers (dominator, imagetool).
+pub const DEFAULT_MAX_STREAMS_PER_CALLER: usize = 256;
+/// Bytes read from an object file per chunk sent.
+const CHUNK: usize = 64 * 1024;
+/// Chunks queued per stream for a client that reads slowly.
+const QUEUED_CHUNKS: usize = 4;
+/// A stream whose client accepts nothing for this long is aborted, freeing its slot.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Bounds on concurrent `GetObjects` streams: overall and per caller. Callers are told
+/// apart by certificate name only (the peer address is not passed to handlers).
+pub struct StreamLimits {
+    all: Arc<Semaphore>,
+    per_caller_max: usize,
+    per_caller: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// The slots one stream holds until it ends.
+pub struct StreamPermit {
+    _all: OwnedSemaphorePermit,
+    _caller: OwnedSemaphorePermit,
+}
+
+impl StreamLimits {
+    pub fn new(max: usize, per_caller: usize) -> StreamLimits {
+        StreamLimits {
+            all: Arc::new(Semaphore::new(max)),
+            per_caller_max: per_caller,
+            per_caller: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A slot for one stream of `caller`, or `Busy` (503) naming the bound reached.
+    pub fn acquire(&self, caller: &str) -> Result<StreamPermit, ApiError> {
+        let sem = self
+            .per_caller
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(caller.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_caller_max)))
+            .clone();
+        let caller_permit = sem.try_acquire_owned().map_err(|_| {
+            ApiError::Busy(format!(
+                "too many object streams open for caller {caller:?} (at most {}); retry later",
+                self.per_caller_max
+            ))
+        })?;
+        let all = self.all.clone().try_acquire_owned().map_err(|_| {
+            ApiError::Busy(
+                "too many object streams open on this imageserver; retry later".to_string(),
+            )
+        })?;
+        Ok(StreamPermit {
+            _all: all,
+            _caller: caller_permit,
+        })
+    }
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits::new(DEFAULT_MAX_STREAMS, DEFAULT_MAX_STREAMS_PER_CALLER)
+    }
+}
+
+/// Why a stream stopped before its end.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("object {id}: {source}")]
+    Read { id: ObjectId, source: io::Error },
+    #[error("object {id} is shorter than its recorded {size} bytes")]
+    Short { id: ObjectId, size: u64 },
+    #[error("the client read nothing for {} s", STALL_TIMEOUT.as_secs())]
+    Stalled,
+    #[error("the client went away")]
+    Gone,
+}
+
+/// Sends the frames of `objects` (id, recorded size) into `tx`, reading each file in
+/// chunks; a stalled client holds only this task.
+async fn send_objects(
+    st: &State,
+    objects: &[(ObjectId, u64)],
+    tx: &mpsc::Sender<Bytes>,
+) -> Result<(), SendError> {
+    let send = |b: Bytes| async move {
+        match tokio::time::timeout(STALL_TIMEOUT, tx.send(b)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(SendError::Gone),
+            Err(_) => Err(SendError::Stalled),
+        }
+    };
+    for (id, size) in objects {
+        let (id, size) = (*id, *size);
+        let read_err = |source| SendError::Read { id, source };
+        let mut f = tokio::fs::File::open(st.catalogue.store().path_of(&id))
+            .await
+            .map_err(read_err)?;
+        send(Bytes::copy_from_slice(&frame::header(&id, size))).await?;
+        let mut left = size;
+        while left > 0 {
+            let mut buf = BytesMut::with_capacity(CHUNK.min(left as usize));
+            let n = f.read_buf(&mut buf).await.map_err(read_err)?;
+            if n == 0 {
+                return Err(SendError::Short { id, size });
+            }
+            buf.truncate(buf.len().min(left as usize));
+            left -= buf.len() as u64;
+            send(buf.freeze()).await?;
+        }
+        st.metrics.objects_served.fetch_add(1, Ordering::Relaxed);
+        st.metrics
+            .object_bytes_served
+            .fetch_add(size, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Streams the requested objects as frames. Every object must be indexed and its file as
+/// long as recorded before the 200 is sent; a file that goes missing or short after that
+/// aborts the response, so the client sees a broken body, never a short success.
 pub async fn get_objects(
     AxState(st): AxState<State>,
+    Extension(caller): Extension<Caller>,
     Json(req): Json<api::GetObjectsRequest>,
 ) -> Result<Response, ApiError> {
-    if let Some((first, n)) = st.catalogue.first_missing(&req.hashes) {
-        return Err(ApiError::NotFound(if n == 1 {
-            format!("unknown object: {first}")
-        } else {
-            format!("first of {n} unknown objects: {first}")
-        }));
-    }
-    let (rd, wr) = tokio::io::duplex(256 * 1024);
-    let st2 = st.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut out = SyncIoBridge::new(wr);
-        for id in &req.hashes {
-            let sent = (|| -> io::Result<u64> {
-                let mut f = st2.catalogue.store().open_object(id)?;
-                let len = f.metadata()?.len();
-                out.write_all(&frame::header(id, len))?;
-                let n = io::copy(&mut (&mut f).take(len), &mut out)?;
-                if n != len {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "object shrank",
-                    ));
-                }
-                Ok(len)
-            })();
-            match sent {
-                Ok(len) => {
-                    st2.metrics.objects_served.fetch_add(1, Ordering::Relaxed);
-                    st2.metrics
-                        .object_bytes_served
-                        .fetch_add(len, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    // The client sees a truncated frame stream and reports it.
-                    tracing::warn!(object = %id, "GetObjects aborted: {e}");
-                    return;
-                }
+    let permit = st.streams.acquire(&caller.name)?;
+    let cat = st.catalogue.clone();
+    let objects = tokio::task::spawn_blocking(move || cat.object_files(&req.hashes))
+        .await
+        .map_err(ApiError::internal)??;
+    let (tx, rx) = mpsc::channel::<Bytes>(QUEUED_CHUNKS);
+    let complete = Arc::new(AtomicBool::new(false));
+    let done = complete.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        match send_objects(&st, &objects, &tx).await {
+            Ok(()) => done.store(true, Ordering::Release),
+            Err(SendError::Gone) => {}
+            Err(e) => tracing::warn!(caller = %caller.name, "GetObjects aborted: {e}"),
+        }
+    });
+    // The body ends cleanly only if the sender finished; otherwise it ends in an error,
+    // which aborts the response.
+    let body = futures_util::stream::unfold(Some(rx), move |rx| {
+        let complete = complete.clone();
+        async move {
+            let mut rx = rx?;
+            match rx.recv().await {
+                Some(b) => Some((Ok(b), Some(rx))),
+                None if complete.load(Ordering::Acquire) => None,
+                None => Some((Err(io::Error::other("object stream aborted")), None)),
             }
         }
-        let _ = out.flush();
-        let _ = out.shutdown();
     });
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
-        Body::from_stream(ReaderStream::with_capacity(rd, 256 * 1024)),
+        Body::from_stream(body),
     )
         .into_response())
 }

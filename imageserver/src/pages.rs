@@ -44,6 +44,20 @@ pub async fn status(AxState(st): AxState<State>) -> Html<String> {
             ),
         );
     }
+    let corrupt = st.catalogue.corrupt_images();
+    if !corrupt.is_empty() {
+        s.insert_str(
+            s.rfind("<h2>Images</h2>").unwrap_or(s.len()),
+            &format!(
+                "<h2 id=\"corrupt\" style=\"color:#b00\">Corrupt images: {}</h2>\n<p>Their files on disk do not match their checksums; they are not served. Delete them and add them again.</p>\n<ul>\n{}</ul>\n",
+                corrupt.len(),
+                corrupt
+                    .iter()
+                    .map(|(n, d)| format!("<li>{}: {}</li>\n", html_escape(n), html_escape(d)))
+                    .collect::<String>()
+            ),
+        );
+    }
     for n in names.iter().take(PAGE_IMAGES) {
         let _ = writeln!(s, "<li>{}</li>", html_escape(n));
     }
@@ -77,6 +91,12 @@ pub async fn metrics(AxState(st): AxState<State>) -> Response {
         "gauge",
         "Images referring to objects that are not stored (found at start-up).",
         c.incomplete_images,
+    );
+    put(
+        "imageserver_images_corrupt",
+        "gauge",
+        "Images whose file does not match its checksum (not served).",
+        c.corrupt_images,
     );
     put(
         "imageserver_object_bytes",

@@ -2,14 +2,20 @@
 //! `ObjectServer.CheckObjects`. Catalogue work that touches files runs on blocking threads.
 
 use crate::State;
+use crate::JSON_BODY_LIMIT;
+use axum::body::Body;
 use axum::extract::State as AxState;
+use axum::http::header::CONTENT_LENGTH;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
+use futures_util::TryStreamExt;
 use model::api::{self, Empty};
 use model::http::{ApiError, Caller, Json};
 use model::ImageName;
 use std::sync::atomic::Ordering;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_util::io::{StreamReader, SyncIoBridge};
 
 fn name_of(raw: &str) -> Result<ImageName, ApiError> {
     ImageName::parse(raw).map_err(|e| ApiError::BadRequest(e.to_string()))
@@ -24,11 +30,87 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::internal)?
 }
 
+/// `AddImage` bodies above this size (by `Content-Length`; a body without one counts as
+/// large) wait for one of the server's few large-body slots.
+pub const LARGE_BODY: usize = 8 << 20;
+/// Large `AddImage` bodies held in memory at once, by default.
+pub const DEFAULT_LARGE_BODIES: usize = 2;
+/// How long a large `AddImage` waits for a slot before it is refused with 503.
+pub const DEFAULT_LARGE_BODY_WAIT: Duration = Duration::from_secs(30);
+
+/// Counts what is read through it and fails past `JSON_BODY_LIMIT` bytes.
+struct Bounded<R> {
+    inner: R,
+    read: usize,
+}
+
+impl<R: std::io::Read> std::io::Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n;
+        if self.read > JSON_BODY_LIMIT {
+            return Err(std::io::Error::other("over the limit"));
+        }
+        Ok(n)
+    }
+}
+
+/// Parses a JSON body as it arrives, on a blocking thread: the body is never held whole
+/// in memory, only the parsed value. More than `JSON_BODY_LIMIT` bytes is `TooLarge`.
+async fn parse_json_body<T: serde::de::DeserializeOwned + Send + 'static>(
+    body: Body,
+    len: Option<usize>,
+) -> Result<T, ApiError> {
+    let too_large =
+        || ApiError::TooLarge(format!("request body larger than {JSON_BODY_LIMIT} bytes"));
+    if len.is_some_and(|l| l > JSON_BODY_LIMIT) {
+        return Err(too_large());
+    }
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let reader = SyncIoBridge::new(StreamReader::new(stream));
+    blocking(move || {
+        let mut r = Bounded {
+            inner: std::io::BufReader::with_capacity(256 * 1024, reader),
+            read: 0,
+        };
+        serde_json::from_reader(&mut r).map_err(|e| {
+            if r.read > JSON_BODY_LIMIT {
+                too_large()
+            } else {
+                ApiError::BadRequest(format!("invalid JSON request: {e}"))
+            }
+        })
+    })
+    .await
+}
+
+/// Adds an image. Large bodies are admitted a few at a time (`State::image_bodies`); the
+/// body is parsed as it arrives, never held whole.
 pub async fn add_image(
     AxState(st): AxState<State>,
     Extension(caller): Extension<Caller>,
-    Json(req): Json<api::AddImageRequest>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<axum::Json<Empty>, ApiError> {
+    let len = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let _slot = if len.is_none_or(|l| l > LARGE_BODY) {
+        let (sem, wait) = (st.image_bodies.clone(), st.image_body_wait);
+        match tokio::time::timeout(wait, sem.acquire_owned()).await {
+            Ok(Ok(permit)) => Some(permit),
+            _ => {
+                return Err(ApiError::Busy(format!(
+                    "too many large AddImage requests in progress (waited {} s for one of the slots); retry later",
+                    wait.as_secs_f32()
+                )))
+            }
+        }
+    } else {
+        None
+    };
+    let req: api::AddImageRequest = parse_json_body(body, len).await?;
     let name = name_of(&req.name)?;
     let mut image = req.image;
     image.format = 1;

@@ -24,11 +24,15 @@ impl InProcess {
     }
 
     async fn start_with_grace(dir: &Path, grace: Duration) -> InProcess {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
         let state =
             imageserver::State::open_with_grace(dir, model::http::Security::Insecure, grace)
                 .unwrap();
+        InProcess::start_with_state(state).await
+    }
+
+    async fn start_with_state(state: imageserver::State) -> InProcess {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             imageserver::serve(listener, state, async {
@@ -376,6 +380,14 @@ struct Proc {
     addr: String,
 }
 
+/// A failed test leaves no server behind (holding the test's output open).
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn spawn_server(dir: &Path) -> Proc {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -492,4 +504,241 @@ async fn kill_9_during_a_large_upload_leaves_nothing_partial() {
     );
     p.child.kill().unwrap();
     p.child.wait().unwrap();
+}
+
+// ---- GetObjects: damaged objects and readers that never read ----
+
+/// An object whose file is gone or shorter than recorded is an error, never a short 200.
+#[tokio::test]
+async fn get_objects_of_a_missing_or_short_file_is_an_error_never_a_short_200() {
+    let d = tempfile::tempdir().unwrap();
+    let s = InProcess::start(d.path()).await;
+    let c = &s.client;
+    let (a, b) = (b"first object".as_slice(), b"second object".as_slice());
+    c.add_objects(frames(&[a, b]).into()).await.unwrap();
+    let store = model::objectstore::ObjectStore::open(&d.path().join("objects")).unwrap();
+    let fetch = |ids: Vec<ObjectId>| async move {
+        match c.get_objects(&ids).await {
+            Err(e) => Err(e.to_string()),
+            Ok(resp) => resp
+                .bytes()
+                .await
+                .map(|b| b.len())
+                .map_err(|e| e.to_string()),
+        }
+    };
+    assert_eq!(
+        fetch(vec![ObjectId::of(a), ObjectId::of(b)]).await,
+        Ok(frames(&[a, b]).len())
+    );
+    // shorter than recorded
+    std::fs::write(store.path_of(&ObjectId::of(b)), b"second").unwrap();
+    let e = fetch(vec![ObjectId::of(a), ObjectId::of(b)])
+        .await
+        .expect_err("a short object is an error");
+    assert!(e.contains(&ObjectId::of(b).to_string()), "{e}");
+    // gone
+    std::fs::remove_file(store.path_of(&ObjectId::of(a))).unwrap();
+    let e = fetch(vec![ObjectId::of(a)])
+        .await
+        .expect_err("a missing object is an error");
+    assert!(e.contains(&ObjectId::of(a).to_string()), "{e}");
+    s.stop().await;
+}
+
+/// Opens a `GetObjects` of `id` on a raw connection and never reads the reply.
+async fn unread_get_objects(addr: &str, id: ObjectId) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let body = serde_json::to_vec(&model::api::GetObjectsRequest { hashes: vec![id] }).unwrap();
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /rpc/{} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        model::api::methods::GET_OBJECTS,
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&body).await.unwrap();
+    conn
+}
+
+fn big_object() -> Vec<u8> {
+    let mut v = Vec::new();
+    Noise {
+        state: 11,
+        left: 8 << 20,
+    }
+    .read_to_end(&mut v)
+    .unwrap();
+    v
+}
+
+/// Hundreds of `GetObjects` streams whose clients never read hold no thread the other
+/// RPCs need: `GetImage` still answers within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_object_streams_do_not_stall_get_image() {
+    let d = tempfile::tempdir().unwrap();
+    let s = InProcess::start(d.path()).await;
+    let obj = big_object();
+    s.client.add_objects(frames(&[&obj]).into()).await.unwrap();
+    s.client
+        .add_image("slow/1", &image_with(&[&obj]))
+        .await
+        .unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..600 {
+        conns.push(unread_get_objects(&s.addr, ObjectId::of(&obj)).await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = std::time::Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(1), s.client.get_image("slow/1")).await;
+    assert!(
+        matches!(got, Ok(Ok(_))),
+        "GetImage with 600 unread streams open: {:?} after {:?}",
+        got.map(|r| r.map(|_| ())),
+        t.elapsed()
+    );
+    drop(conns);
+    s.stop().await;
+}
+
+/// Streams beyond the bounds (per caller, then overall) are refused with a 503 saying
+/// which; a slot frees when its stream's client goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_streams_beyond_the_bounds_get_a_503() {
+    let obj = big_object();
+    let id = ObjectId::of(&obj);
+    for (max, per_caller, want) in [
+        (
+            10,
+            2,
+            "too many object streams open for caller \"\" (at most 2)",
+        ),
+        (2, 10, "too many object streams open on this imageserver"),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let state = imageserver::State::open(d.path(), model::http::Security::Insecure)
+            .unwrap()
+            .with_stream_limits(max, per_caller);
+        let s = InProcess::start_with_state(state).await;
+        s.client.add_objects(frames(&[&obj]).into()).await.unwrap();
+        let mut conns = vec![
+            unread_get_objects(&s.addr, id).await,
+            unread_get_objects(&s.addr, id).await,
+        ];
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let e = s.client.get_objects(&[id]).await.unwrap_err();
+        assert_eq!(e.status(), Some(503), "{e}");
+        assert!(e.to_string().contains(want), "{e}");
+        conns.pop();
+        let mut freed = false;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Ok(r) = s.client.get_objects(&[id]).await {
+                assert_eq!(
+                    r.bytes().await.unwrap().len(),
+                    obj.len() + frame::HEADER_LEN
+                );
+                freed = true;
+                break;
+            }
+        }
+        assert!(freed, "the slot of a closed stream was never freed");
+        drop(conns);
+        s.stop().await;
+    }
+}
+
+/// An image file flipped on disk so that it stays valid JSON is refused after a restart:
+/// `GetImage` names the problem, the status page and metrics show it; an image stored
+/// without a checksum (by an earlier version) is still served; a corrupt image can be
+/// deleted.
+#[tokio::test]
+async fn an_image_flipped_on_disk_is_refused_after_a_restart() {
+    let d = tempfile::tempdir().unwrap();
+    let mut p = spawn_server(d.path());
+    let c = ImageServerClient::new(&p.addr, &ClientSecurity::Insecure).unwrap();
+    c.add_objects(frames(&[b"motd"]).into()).await.unwrap();
+    c.add_image("etc/1", &image_with(&[b"motd"])).await.unwrap();
+    c.add_image("old/1", &image_with(&[b"motd"])).await.unwrap();
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+    let file = d.path().join("images/etc/1/.image");
+    let json = std::fs::read_to_string(&file).unwrap();
+    assert!(json.contains("\"/f0\""), "{json}");
+    std::fs::write(&file, json.replace("\"/f0\"", "\"/g0\"")).unwrap();
+    // as an earlier version left it: no checksum
+    let _ = std::fs::remove_file(d.path().join("images/old/1/.image.sha512"));
+    let mut p = spawn_server(d.path());
+    let c = ImageServerClient::new(&p.addr, &ClientSecurity::Insecure).unwrap();
+    let e = c.get_image("etc/1").await.unwrap_err();
+    assert_eq!(e.status(), Some(500), "{e}");
+    assert!(
+        e.to_string()
+            .contains("image etc/1 is corrupt: its file does not match its SHA-512 checksum"),
+        "{e}"
+    );
+    assert_eq!(
+        c.get_image("old/1").await.unwrap().tree,
+        image_with(&[b"motd"]).tree
+    );
+    let page = c.rpc.get_text("/").await.unwrap();
+    assert!(page.contains("Corrupt images: 1"), "{page}");
+    assert!(
+        page.contains("<li>etc/1: its file does not match"),
+        "{page}"
+    );
+    let m = c.rpc.get_text("/metrics").await.unwrap();
+    assert!(m.contains("imageserver_images_corrupt 1\n"), "{m}");
+    c.delete_image("etc/1").await.unwrap();
+    let m = c.rpc.get_text("/metrics").await.unwrap();
+    assert!(m.contains("imageserver_images_corrupt 0\n"), "{m}");
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+}
+
+/// Starts an `AddImage` announcing a `len`-byte body and sends only its first bytes.
+async fn partial_add_image(addr: &str, len: usize) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /rpc/{} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n{{\"name\": \"big/1\", ",
+        model::api::methods::ADD_IMAGE,
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn
+}
+
+/// Large `AddImage` bodies are admitted a few at a time: beyond the slots, one waits its
+/// bounded time and gets a 503 saying why; small ones are not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_add_image_bodies_beyond_the_slots_get_a_503() {
+    use tokio::io::AsyncReadExt;
+    let d = tempfile::tempdir().unwrap();
+    let state = imageserver::State::open(d.path(), model::http::Security::Insecure)
+        .unwrap()
+        .with_large_image_bodies(1, Duration::from_millis(300));
+    let s = InProcess::start_with_state(state).await;
+    let _first = partial_add_image(&s.addr, 20 << 20).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut second = partial_add_image(&s.addr, 20 << 20).await;
+    let mut reply = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut reply))
+        .await
+        .expect("the second large AddImage is answered, not left waiting")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    assert!(
+        reply.contains("too many large AddImage requests"),
+        "{reply}"
+    );
+    s.client
+        .add_objects(frames(&[b"small"]).into())
+        .await
+        .unwrap();
+    s.client
+        .add_image("small/1", &image_with(&[b"small"]))
+        .await
+        .unwrap();
+    s.stop().await;
 }

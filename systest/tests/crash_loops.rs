@@ -36,17 +36,20 @@ fn rng() -> fastrand::Rng {
     fastrand::Rng::with_seed(seed)
 }
 
-/// Every stored image is whole JSON (or a zero-length tombstone).
+/// Every stored image is whole JSON (or a zero-length tombstone) matching its checksum.
 fn check_images(images: &Path) {
     for f in files_under(images) {
         let name = f.file_name().unwrap().to_string_lossy().into_owned();
-        if name.ends_with(TEMP_SUFFIX) {
+        if name.ends_with(TEMP_SUFFIX) || name == ".image.sha512" {
             continue;
         }
         let data = std::fs::read(&f).unwrap();
         if !data.is_empty() {
             serde_json::from_slice::<Image>(&data)
                 .unwrap_or_else(|e| panic!("partial image {}: {e}", f.display()));
+            let sum = std::fs::read_to_string(f.with_file_name(".image.sha512"))
+                .unwrap_or_else(|e| panic!("image {} without its checksum: {e}", f.display()));
+            assert_eq!(sum.trim(), ObjectId::of(&data).to_hex(), "{}", f.display());
         }
     }
 }
