@@ -22,8 +22,8 @@ struct Args {
     /// Most `GetObjects` streams open at once; more get 503
     #[arg(long, value_name = "N", default_value_t = imageserver::objects::DEFAULT_MAX_STREAMS)]
     max_object_streams: usize,
-    /// Most `GetObjects` streams one certificate name may have open at once (all subds
-    /// share one); more get 503
+    /// Most `GetObjects` streams one caller (certificate name and address) may have open
+    /// at once; more get 503
     #[arg(long, value_name = "N", default_value_t = imageserver::objects::DEFAULT_MAX_STREAMS_PER_CALLER)]
     max_object_streams_per_caller: usize,
     #[command(flatten)]

@@ -180,10 +180,12 @@ pub async fn add_objects(
 
 /// Most `GetObjects` streams open at once, by default.
 pub const DEFAULT_MAX_STREAMS: usize = 512;
-/// Most `GetObjects` streams one caller (certificate name) may have open at once, by
-/// default. A fleet shares one subd certificate, so this bounds all subds together and
-/// leaves the rest of `DEFAULT_MAX_STREAMS` to other callers (dominator, imagetool).
-pub const DEFAULT_MAX_STREAMS_PER_CALLER: usize = 256;
+/// Most `GetObjects` streams one caller (certificate name and address) may have open at
+/// once, by default: a fleet shares one subd certificate, so machines are told apart by
+/// address, and one machine cannot take the whole of `DEFAULT_MAX_STREAMS`.
+pub const DEFAULT_MAX_STREAMS_PER_CALLER: usize = 32;
+/// Callers remembered before those with no stream open are forgotten.
+const FORGET_IDLE_CALLERS_ABOVE: usize = 4096;
 /// Bytes read from an object file per chunk sent.
 const CHUNK: usize = 64 * 1024;
 /// Chunks queued per stream for a client that reads slowly.
@@ -191,8 +193,8 @@ const QUEUED_CHUNKS: usize = 4;
 /// A stream whose client accepts nothing for this long is aborted, freeing its slot.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Bounds on concurrent `GetObjects` streams: overall and per caller. Callers are told
-/// apart by certificate name only (the peer address is not passed to handlers).
+/// Bounds on concurrent `GetObjects` streams: overall and per caller (certificate name and
+/// peer address, `Caller::key`).
 pub struct StreamLimits {
     all: Arc<Semaphore>,
     per_caller_max: usize,
@@ -216,13 +218,16 @@ impl StreamLimits {
 
     /// A slot for one stream of `caller`, or `Busy` (503) naming the bound reached.
     pub fn acquire(&self, caller: &str) -> Result<StreamPermit, ApiError> {
-        let sem = self
-            .per_caller
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(caller.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.per_caller_max)))
-            .clone();
+        let sem = {
+            let mut map = self.per_caller.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() >= FORGET_IDLE_CALLERS_ABOVE {
+                // Callers with no stream open hold nothing worth remembering.
+                map.retain(|_, s| s.available_permits() < self.per_caller_max);
+            }
+            map.entry(caller.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_caller_max)))
+                .clone()
+        };
         let caller_permit = sem.try_acquire_owned().map_err(|_| {
             ApiError::Busy(format!(
                 "too many object streams open for caller {caller:?} (at most {}); retry later",
@@ -308,7 +313,7 @@ pub async fn get_objects(
     Extension(caller): Extension<Caller>,
     Json(req): Json<api::GetObjectsRequest>,
 ) -> Result<Response, ApiError> {
-    let permit = st.streams.acquire(&caller.name)?;
+    let permit = st.streams.acquire(&caller.key())?;
     let cat = st.catalogue.clone();
     let objects = tokio::task::spawn_blocking(move || cat.object_files(&req.hashes))
         .await

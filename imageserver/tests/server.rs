@@ -548,9 +548,16 @@ async fn get_objects_of_a_missing_or_short_file_is_an_error_never_a_short_200() 
 
 /// Opens a `GetObjects` of `id` on a raw connection and never reads the reply.
 async fn unread_get_objects(addr: &str, id: ObjectId) -> tokio::net::TcpStream {
+    unread_get_objects_from("127.0.0.1", addr, id).await
+}
+
+/// `unread_get_objects` from the loopback address `from` (another machine, to the server).
+async fn unread_get_objects_from(from: &str, addr: &str, id: ObjectId) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
     let body = serde_json::to_vec(&model::api::GetObjectsRequest { hashes: vec![id] }).unwrap();
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut conn = sock.connect(addr.parse().unwrap()).await.unwrap();
     let head = format!(
         "POST /rpc/{} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         model::api::methods::GET_OBJECTS,
@@ -611,7 +618,7 @@ async fn object_streams_beyond_the_bounds_get_a_503() {
         (
             10,
             2,
-            "too many object streams open for caller \"\" (at most 2)",
+            "too many object streams open for caller \"127.0.0.1\" (at most 2)",
         ),
         (2, 10, "too many object streams open on this imageserver"),
     ] {
@@ -646,6 +653,35 @@ async fn object_streams_beyond_the_bounds_get_a_503() {
         drop(conns);
         s.stop().await;
     }
+}
+
+/// Machines sharing one certificate are told apart by address: one machine at its
+/// per-caller bound leaves another its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_caller_stream_bound_is_per_address() {
+    let obj = big_object();
+    let id = ObjectId::of(&obj);
+    let d = tempfile::tempdir().unwrap();
+    let state = imageserver::State::open(d.path(), model::http::Security::Insecure)
+        .unwrap()
+        .with_stream_limits(10, 2);
+    let s = InProcess::start_with_state(state).await;
+    s.client.add_objects(frames(&[&obj]).into()).await.unwrap();
+    let busy = vec![
+        unread_get_objects(&s.addr, id).await,
+        unread_get_objects(&s.addr, id).await,
+    ];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let e = s.client.get_objects(&[id]).await.unwrap_err();
+    assert_eq!(e.status(), Some(503), "{e}");
+    // Another machine (127.0.0.2) still gets its streams, up to its own bound.
+    use tokio::io::AsyncReadExt;
+    let mut other = unread_get_objects_from("127.0.0.2", &s.addr, id).await;
+    let mut head = [0u8; 12];
+    other.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200", "{}", String::from_utf8_lossy(&head));
+    drop((busy, other));
+    s.stop().await;
 }
 
 /// An image file flipped on disk so that it stays valid JSON is refused after a restart:

@@ -45,6 +45,8 @@ pub struct Caller {
     pub name: String,
     /// Method globs from the certificate; `None` = everything (insecure mode).
     pub grants: Option<Vec<String>>,
+    /// The address the connection came from (`None` outside a served connection).
+    pub peer: Option<std::net::IpAddr>,
 }
 
 impl Caller {
@@ -52,6 +54,17 @@ impl Caller {
         Caller {
             name: String::new(),
             grants: None,
+            peer: None,
+        }
+    }
+
+    /// Who this caller is, for per-caller bounds and logs: the certificate name and the
+    /// address (machines sharing one certificate are told apart by address).
+    pub fn key(&self) -> String {
+        match self.peer {
+            Some(ip) if self.name.is_empty() => ip.to_string(),
+            Some(ip) => format!("{} at {ip}", self.name),
+            None => self.name.clone(),
         }
     }
 
@@ -199,7 +212,11 @@ async fn connection(
     let body_timeout = limits.transfer_timeout;
     let result = match acceptor {
         None => {
-            let svc = service(router, Caller::insecure(), admitted.clone(), body_timeout);
+            let caller = Caller {
+                peer: Some(peer.ip()),
+                ..Caller::insecure()
+            };
+            let svc = service(router, caller, admitted.clone(), body_timeout);
             let conn = http.serve_connection(TokioIo::new(stream), svc);
             watcher.watch(conn).await
         }
@@ -222,11 +239,13 @@ async fn connection(
                     Caller {
                         name,
                         grants: Some(grants),
+                        peer: Some(peer.ip()),
                     }
                 }
                 None => Caller {
                     name: String::new(),
                     grants: Some(Vec::new()),
+                    peer: Some(peer.ip()),
                 },
             };
             let svc = service(router, caller, admitted.clone(), body_timeout);
