@@ -19,6 +19,7 @@ pub enum Status {
     ConnectTimeout,
     PollDenied,
     NotASubd,
+    SubdBusy,
     SubNotReady,
     ImageUndefined,
     ImageNotReady,
@@ -33,7 +34,7 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 18] = [
+    pub const ALL: [Status; 19] = [
         Status::Synced,
         Status::Fetching,
         Status::Updating,
@@ -46,6 +47,7 @@ impl Status {
         Status::ConnectTimeout,
         Status::PollDenied,
         Status::NotASubd,
+        Status::SubdBusy,
         Status::ImageNotReady,
         Status::ImageUndefined,
         Status::UpdatesDisabled,
@@ -64,6 +66,7 @@ impl Status {
             Status::ConnectTimeout => "connect timeout",
             Status::PollDenied => "poll denied",
             Status::NotASubd => "not a subd",
+            Status::SubdBusy => "subd busy",
             Status::SubNotReady => "sub not ready",
             Status::ImageUndefined => "image undefined",
             Status::ImageNotReady => "image not ready",
@@ -88,6 +91,7 @@ impl Status {
                 | Status::ConnectTimeout
                 | Status::PollDenied
                 | Status::NotASubd
+                | Status::SubdBusy
                 | Status::FetchFailed
                 | Status::UpdateFailed
         )

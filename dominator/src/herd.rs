@@ -150,7 +150,8 @@ fn unreachable(message: String) -> PollFailure {
 
 /// Names why a poll failed, as far as the client error tells: `poll denied` (HTTP 403:
 /// the subd does not grant our certificate `Subd.Poll`), `not a subd` (404: the address
-/// answers but has no `Subd.Poll`), `connection refused`,
+/// answers but has no `Subd.Poll`), `subd busy` (503: it is serving as many full polls as
+/// it allows; retried), `connection refused`,
 /// `DNS error`, `connect timeout`, else `unreachable`.
 pub fn classify_poll_error(e: &ClientError) -> PollFailure {
     let message = e.to_string();
@@ -158,6 +159,7 @@ pub fn classify_poll_error(e: &ClientError) -> PollFailure {
         ClientError::Status { status: 403, .. } => Status::PollDenied,
         // Reached, but it has no Subd.Poll: the MDB's address is some other server.
         ClientError::Status { status: 404, .. } => Status::NotASubd,
+        ClientError::Status { status: 503, .. } => Status::SubdBusy,
         ClientError::Connect { message: m, .. } => {
             let m = m.to_ascii_lowercase();
             if m.contains("connection refused") {
@@ -796,6 +798,14 @@ mod tests {
                     message: "access to method denied".into(),
                 },
                 Status::PollDenied,
+            ),
+            (
+                ClientError::Status {
+                    method: "Subd.Poll".into(),
+                    status: 503,
+                    message: "busy: 3 full-poll trees in memory; retry".into(),
+                },
+                Status::SubdBusy,
             ),
             (
                 ClientError::Status {
