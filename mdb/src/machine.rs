@@ -665,7 +665,7 @@ mod tests {
             ),
             (
                 r#"[{"Hostname":"a","RequiredImage":"web/\u001b[2J1"}]"#,
-                "RequiredImage: invalid image name \"web/\\u{1b}[2J1\": contains a control or format character",
+                "RequiredImage: invalid image name \"web/\\x1b[2J1\": contains a control or format character",
             ),
             (
                 r#"[{"Hostname":"a","PlannedImage":"web/\u202e1"}]"#,

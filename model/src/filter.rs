@@ -7,7 +7,7 @@
 //! `.` matches one UTF-8 character, `(?-u:.)` any single byte of a non-UTF-8 name.
 
 use crate::path::FsPath;
-use regex::bytes::RegexSet;
+use regex::bytes::{RegexSet, RegexSetBuilder};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -49,52 +49,110 @@ impl Patterns {
     }
 }
 
-/// Compiles start-anchored regexes; `lines` are `(line number, regex)`.
+/// Compiled-size limits a set is tried with, smallest first; the one it fits is what it is
+/// charged against the budget (an upper bound of its size, at most twice too high).
+const SET_SIZE_TIERS: [usize; 4] = [64 << 10, 512 << 10, 4 << 20, 10 << 20];
+
+/// Compiled regex one filter or one triggers file may hold in all (every set's tier).
+/// Bounds the memory (and compile time) of every program that loads an image: the
+/// imageserver, the dominator and every subd, which also keeps the previous image's.
+pub const REGEX_BUDGET: usize = 40 << 20;
+
+/// Lazy-DFA cache per set: path matching needs little, and sets may be many.
+const DFA_CACHE: usize = 256 << 10;
+
+/// What is left of `REGEX_BUDGET` while one filter or triggers file is compiled.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    left: usize,
+}
+
+impl Budget {
+    pub(crate) fn new() -> Budget {
+        Budget { left: REGEX_BUDGET }
+    }
+}
+
+/// Compiles start-anchored regexes; `lines` are `(line number, regex)`, charged to `budget`.
 pub(crate) fn compile_anchored(
     source_name: &str,
     lines: &[(usize, String)],
+    budget: &mut Budget,
 ) -> Result<Patterns, BadRegex> {
-    let bad = |n: usize, l: &str, e: regex::Error| BadRegex {
+    let bad = |n: usize, l: &str, message: String| BadRegex {
         source_name: source_name.to_string(),
         line: n,
         regex: l.to_string(),
-        message: e
-            .to_string()
-            .lines()
-            .last()
-            .unwrap_or("")
-            .trim()
-            .to_string(),
+        message,
     };
-    for (n, l) in lines {
-        regex::bytes::Regex::new(&format!("^(?:{l})")).map_err(|e| bad(*n, l, e))?;
-    }
     let mut sets = Vec::new();
-    pack(lines, &mut sets, &bad)?;
+    pack(lines, &mut sets, budget, &bad)?;
     Ok(Patterns { sets })
 }
 
-/// Compiles `lines` as one set, or, when that is over the size limit, each half apart.
+/// The last line of a regex error (the crate's message spans several).
+fn last_line(e: &regex::Error) -> String {
+    e.to_string()
+        .lines()
+        .last()
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+/// Compiles `lines` as one set at the smallest tier it fits, or, when it fits none, each
+/// half apart. A syntax error is narrowed down to its line the same way (parsing is cheap).
 fn pack(
     lines: &[(usize, String)],
     out: &mut Vec<RegexSet>,
-    bad: &dyn Fn(usize, &str, regex::Error) -> BadRegex,
+    budget: &mut Budget,
+    bad: &dyn Fn(usize, &str, String) -> BadRegex,
 ) -> Result<(), BadRegex> {
-    if lines.is_empty() {
+    let Some((first, first_line)) = lines.first() else {
         return Ok(());
-    }
-    match RegexSet::new(lines.iter().map(|(_, l)| format!("^(?:{l})"))) {
-        Ok(set) => {
-            out.push(set);
-            Ok(())
+    };
+    let mut last_error = None;
+    for tier in SET_SIZE_TIERS {
+        if tier > budget.left {
+            break;
         }
-        Err(e) if lines.len() == 1 => Err(bad(lines[0].0, &lines[0].1, e)),
-        Err(_) => {
-            let (a, b) = lines.split_at(lines.len() / 2);
-            pack(a, out, bad)?;
-            pack(b, out, bad)
+        let built = RegexSetBuilder::new(lines.iter().map(|(_, l)| format!("^(?:{l})")))
+            .size_limit(tier)
+            .dfa_size_limit(DFA_CACHE)
+            .build();
+        match built {
+            Ok(set) => {
+                budget.left -= tier;
+                out.push(set);
+                return Ok(());
+            }
+            Err(e @ regex::Error::CompiledTooBig(_)) => last_error = Some(e),
+            Err(e) => {
+                if lines.len() == 1 {
+                    return Err(bad(*first, first_line, last_line(&e)));
+                }
+                last_error = Some(e);
+                break;
+            }
         }
     }
+    if lines.len() > 1 {
+        let (a, b) = lines.split_at(lines.len() / 2);
+        pack(a, out, budget, bad)?;
+        return pack(b, out, budget, bad);
+    }
+    Err(bad(
+        *first,
+        first_line,
+        match last_error {
+            // Every tier was tried: the line is too big on its own.
+            Some(e) if budget.left >= SET_SIZE_TIERS[SET_SIZE_TIERS.len() - 1] => last_line(&e),
+            _ => format!(
+                "with the lines before it, over the {} MiB of compiled regex one filter or triggers file may hold; use fewer or simpler regexes ([0-9A-Za-z_] rather than \\w, which is every letter of Unicode)",
+                REGEX_BUDGET >> 20
+            ),
+        },
+    ))
 }
 
 impl Filter {
@@ -128,7 +186,7 @@ impl Filter {
         let invert = numbered.iter().any(|(_, l)| l == "!");
         let regexes: Vec<(usize, String)> =
             numbered.iter().filter(|(_, l)| l != "!").cloned().collect();
-        let set = compile_anchored(source_name, &regexes)?;
+        let set = compile_anchored(source_name, &regexes, &mut Budget::new())?;
         Ok(Filter {
             lines: numbered.into_iter().map(|(_, l)| l).collect(),
             set,
@@ -247,6 +305,43 @@ mod tests {
         let j = serde_json::to_string(&Filter::parse("/a\n", "x").unwrap()).unwrap();
         assert_eq!(j, r#"["/a"]"#);
         assert!(serde_json::from_str::<Filter>(r#"["("]"#).is_err());
+    }
+
+    /// Many lines that are each fine but together need more compiled regex than one
+    /// filter or triggers file may hold are refused, naming the line where the budget ran
+    /// out, rather than costing every program that loads the image gigabytes.
+    #[test]
+    fn lines_over_the_budget_together_are_refused_naming_where_it_ran_out() {
+        let text: String = (0..300).map(|i| format!("/etc/x\\w{{30}}{i}\n")).collect();
+        let t = std::time::Instant::now();
+        let e = Filter::parse(&text, "big.filter").unwrap_err();
+        assert!(
+            e.message
+                .contains("MiB of compiled regex one filter or triggers file may hold"),
+            "{e}"
+        );
+        assert!(e.line > 1 && e.line < 300, "{e}");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "{:?}",
+            t.elapsed()
+        );
+        // The same lines as many triggers share one budget.
+        let triggers: Vec<serde_json::Value> = (0..300)
+            .map(|i| serde_json::json!({"MatchLines": [format!("/etc/x\\w{{30}}{i}")], "Service": format!("s{i}")}))
+            .collect();
+        let e = crate::triggers::Triggers::parse(
+            &serde_json::to_string(&triggers).unwrap(),
+            "big.triggers",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("MiB of compiled regex"), "{e}");
+        // A few of them are fine.
+        let few: String = (0..3).map(|i| format!("/etc/x\\w{{30}}{i}\n")).collect();
+        assert!(Filter::parse(&few, "few.filter")
+            .unwrap()
+            .matches(&"/etc/xabcdefghijabcdefghijabcdefghij1".parse().unwrap()));
     }
 
     /// Lines that each compile but are over the regex size limit as one set (issue 9 #2).

@@ -526,7 +526,7 @@ pub struct ImageName(String);
 
 /// Why a string is not an acceptable image name.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid image name {name:?}: {reason}")]
+#[error("invalid image name \"{}\": {reason}", crate::path::escape(name.as_bytes()))]
 pub struct BadImageName {
     pub name: String,
     pub reason: &'static str,
@@ -549,6 +549,10 @@ impl ImageName {
             return Err(bad(
                 "contains a control or format character (tab, escape, bidi override, zero-width, …)",
             ));
+        }
+        if s.contains(' ') {
+            // "v.0" and "v.0 " would list alike.
+            return Err(bad("contains a space"));
         }
         if s.len() > 1024 {
             return Err(bad("longer than 1024 bytes"));
@@ -576,14 +580,30 @@ impl ImageName {
 }
 
 /// True for characters a terminal does not show as themselves: controls (C0, DEL, C1),
-/// format characters (bidi overrides and isolates, zero-width characters, soft hyphen)
-/// and the line and paragraph separators.
+/// format characters (bidi overrides and isolates, zero-width characters, soft hyphen),
+/// the line and paragraph separators, spaces other than ASCII's (no-break, ideographic,
+/// …), and the other default-ignorable or blank-looking characters (combining grapheme
+/// joiner, variation selectors, Hangul fillers, the braille blank).
 pub fn is_hidden_char(c: char) -> bool {
     use unicode_properties::{GeneralCategory as G, UnicodeGeneralCategory};
     matches!(
         c.general_category(),
         G::Control | G::Format | G::LineSeparator | G::ParagraphSeparator
-    )
+    ) || (c.general_category() == G::SpaceSeparator && c != ' ')
+        || matches!(
+            c,
+            // Default_Ignorable_Code_Point (Unicode DerivedCoreProperties) outside Cf,
+            // and U+2800, which renders blank.
+            '\u{034F}'
+                | '\u{115F}'..='\u{1160}'
+                | '\u{17B4}'..='\u{17B5}'
+                | '\u{180B}'..='\u{180F}'
+                | '\u{2800}'
+                | '\u{3164}'
+                | '\u{FE00}'..='\u{FE0F}'
+                | '\u{FFA0}'
+                | '\u{E0100}'..='\u{E01EF}'
+        )
 }
 
 impl TryFrom<String> for ImageName {
@@ -694,6 +714,14 @@ mod tests {
             "a\u{85}b",
             "a\u{2028}b",
             "a\u{ad}b",
+            // Blank or invisible but not Cf: found by the red team (issue 9 #11).
+            "y.0\u{34f}",
+            "y.0\u{fe0f}",
+            "y.0\u{3164}",
+            "y.0\u{115f}",
+            "y.0\u{2800}",
+            "y.0\u{a0}",
+            "y.0\u{3000}",
         ] {
             let e = ImageName::parse(bad).expect_err(bad).to_string();
             assert!(e.contains("control or format character"), "{bad:?}: {e}");
@@ -702,6 +730,9 @@ mod tests {
                 "the message shows the name escaped: {e:?}"
             );
         }
+        // "y.0 " would list like "y.0".
+        let e = ImageName::parse("y.0 ").unwrap_err().to_string();
+        assert!(e.contains("contains a space"), "{e}");
         // Ordinary non-ASCII text stays allowed.
         ImageName::parse("web/café/日本/1").unwrap();
     }

@@ -157,15 +157,16 @@ impl FsPath {
     }
 }
 
-/// Escapes bytes for one-line human output: invalid UTF-8 and control characters as `\xNN`,
-/// backslash as `\\`.
+/// Escapes bytes for one-line human output: invalid UTF-8 and characters a terminal does
+/// not show as themselves (controls, bidi overrides, zero-width and blank-looking ones:
+/// `image::is_hidden_char`) as `\xNN`, backslash as `\\`.
 pub fn escape(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len());
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
             match c {
                 '\\' => out.push_str("\\\\"),
-                c if c.is_control() => {
+                c if crate::image::is_hidden_char(c) => {
                     let mut buf = [0u8; 4];
                     for b in c.encode_utf8(&mut buf).bytes() {
                         out.push_str(&format!("\\x{b:02x}"));
@@ -285,6 +286,18 @@ impl<'de> Deserialize<'de> for FsPath {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Paths shown to an operator (`imagetool show`, `diff`) never carry a bidi override
+    /// or other hidden character raw.
+    #[test]
+    fn escape_shows_hidden_characters_as_bytes() {
+        assert_eq!(
+            escape("/bidi\u{202e}gnp.exe".as_bytes()),
+            "/bidi\\xe2\\x80\\xaegnp.exe"
+        );
+        assert_eq!(escape("/a\u{a0}b".as_bytes()), "/a\\xc2\\xa0b");
+        assert_eq!(escape("/café/日本 x".as_bytes()), "/café/日本 x");
+    }
     use proptest::prelude::*;
 
     fn p(s: &str) -> FsPath {

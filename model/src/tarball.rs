@@ -404,7 +404,9 @@ fn pax_mtime(entry: &mut tar::Entry<'_, impl Read>) -> io::Result<Option<Mtime>>
 }
 
 fn classify_io(e: io::Error) -> TarError {
-    let msg = e.to_string();
+    // The tar crate quotes header bytes in its messages: escaped, so that a hostile file
+    // cannot put an escape sequence on the operator's terminal.
+    let msg = crate::path::escape(e.to_string().as_bytes());
     if msg.contains("checksum mismatch") || msg.contains("numeric field") {
         TarError::NotTar(msg)
     } else if e.kind() == io::ErrorKind::UnexpectedEof || msg.contains("entire block") {
@@ -694,6 +696,20 @@ mod tests {
     fn expect_err(data: Vec<u8>, want: &str) {
         let e = run(data).expect_err("must fail").to_string();
         assert!(e.contains(want), "{e:?} lacks {want:?}");
+    }
+
+    /// A file that is not a tar and begins with terminal escape sequences: the error
+    /// names it without passing the sequences to the operator's terminal.
+    #[test]
+    fn a_non_tar_error_never_carries_raw_control_characters() {
+        let mut data = b"\x1b]0;PWNED\x07\x1b[31mRED\xe2\x80\xae".to_vec();
+        data.resize(2048, b'A');
+        let e = run(data).expect_err("must fail").to_string();
+        assert!(e.contains("not a tar"), "{e:?}");
+        assert!(
+            !e.chars().any(crate::image::is_hidden_char),
+            "raw control character in {e:?}"
+        );
     }
 
     /// Writes a raw header with an arbitrary path (the builder refuses `..`).

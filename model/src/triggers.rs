@@ -5,7 +5,7 @@
 //! names match without regard to case. Lines whose first non-blank characters are `#`,
 //! `//` or `!` are comments. An empty file is an error; `[]` means no triggers.
 
-use crate::filter::{compile_anchored, BadRegex, Patterns};
+use crate::filter::{compile_anchored, BadRegex, Budget, Patterns};
 use crate::image::version_cmp;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -154,6 +154,7 @@ impl Triggers {
         text: Option<&str>,
     ) -> Result<Triggers, TriggersError> {
         let mut sets = Vec::with_capacity(list.len());
+        let mut budget = Budget::new();
         for (i, t) in list.iter().enumerate() {
             if !valid_service_name(&t.service) {
                 return Err(TriggersError::BadService {
@@ -167,7 +168,7 @@ impl Triggers {
                 .iter()
                 .map(|l| (text.map_or(i + 1, |txt| line_of(txt, l)), l.clone()))
                 .collect();
-            sets.push(compile_anchored(source_name, &numbered)?);
+            sets.push(compile_anchored(source_name, &numbered, &mut budget)?);
         }
         Ok(Triggers { list, sets })
     }
