@@ -5,7 +5,7 @@
 
 use crate::api::ErrorBody;
 use crate::connection::{
-    Admitted, ConnectionLimits, IdleBody, StallIo, Tracker, SHED_LOG_INTERVAL,
+    Admitted, BodyPace, ConnectionLimits, PacedBody, StallIo, Tracker, SHED_LOG_INTERVAL,
 };
 use crate::tls::{glob_match, identity_of};
 use axum::response::{IntoResponse, Response};
@@ -209,14 +209,14 @@ async fn connection(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
-    let body_timeout = limits.transfer_timeout;
+    let pace = limits.body_pace();
     let result = match acceptor {
         None => {
             let caller = Caller {
                 peer: Some(peer.ip()),
                 ..Caller::insecure()
             };
-            let svc = service(router, caller, admitted.clone(), body_timeout);
+            let svc = service(router, caller, admitted.clone(), pace);
             let conn = http.serve_connection(TokioIo::new(stream), svc);
             watcher.watch(conn).await
         }
@@ -248,7 +248,7 @@ async fn connection(
                     peer: Some(peer.ip()),
                 },
             };
-            let svc = service(router, caller, admitted.clone(), body_timeout);
+            let svc = service(router, caller, admitted.clone(), pace);
             let conn = http.serve_connection(TokioIo::new(tls), svc);
             watcher.watch(conn).await
         }
@@ -264,7 +264,7 @@ fn service(
     router: Router,
     caller: Caller,
     admitted: Arc<Admitted>,
-    body_timeout: Duration,
+    pace: BodyPace,
 ) -> TowerToHyperService<
     impl tower::Service<
             hyper::Request<Incoming>,
@@ -278,6 +278,7 @@ fn service(
         let caller = caller.clone();
         // Not shed while a request is in progress: until its reply is fully written.
         let busy = admitted.busy();
+        let report = caller.peer.map(|p| admitted.pace_report(p));
         async move {
             // A malformed method name is refused before any grant is matched against it.
             if let Some(method) = method_of(req.uri().path()) {
@@ -300,7 +301,13 @@ fn service(
                 }
             }
             req.extensions_mut().insert(caller);
-            let req = req.map(|b| axum::body::Body::new(IdleBody::new(b, body_timeout)));
+            let req = req.map(|b| {
+                let body = PacedBody::new(b, pace);
+                axum::body::Body::new(match report {
+                    Some(r) => body.reporting_to(r),
+                    None => body,
+                })
+            });
             let resp = router.oneshot(req).await?;
             Ok(resp.map(|b| {
                 axum::body::Body::new(b.map_frame(move |f| {

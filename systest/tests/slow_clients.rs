@@ -420,3 +420,159 @@ fn a_reply_the_client_stops_reading_is_cut_off() {
     );
     drop(s);
 }
+
+/// Sends `head` and the first body byte on a fresh connection, then one more body byte
+/// every second (under the 2 s transfer timeout, so never a stall); returns how long until
+/// the server cut the request off, and its reply. Gives up after 12 s.
+fn trickle_body(addr: &str, head: &str) -> (Duration, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let t0 = Instant::now();
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    while t0.elapsed() < Duration::from_secs(12) {
+        if s.write_all(b"{").is_err() {
+            break;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => reply.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    (t0.elapsed(), String::from_utf8_lossy(&reply).into_owned())
+}
+
+/// A request body trickled a byte a second (never silent for the transfer timeout) is cut
+/// off within one pace window (the 2 s header timeout), whether it is a small JSON body
+/// (subd's `Poll`) or declares 100,000 bytes (the imageserver's `AddObjects`).
+#[test]
+fn a_request_body_trickled_below_the_minimum_pace_is_cut_off_within_one_window() {
+    for (daemon, head) in [
+        (
+            "subd",
+            "POST /rpc/Subd.Poll HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n",
+        ),
+        (
+            "imageserver",
+            "POST /rpc/ObjectServer.AddObjects HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n",
+        ),
+    ] {
+        let work = tempfile::tempdir().unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut args = daemon_args(daemon, work.path(), &addr, HEADER_TIMEOUT_SECS);
+        args.push("--permit-insecure-mode".into());
+        let _d = Daemon::start(&bin(daemon), &args, &addr);
+        let (took, reply) = trickle_body(&addr, head);
+        assert!(
+            took < Duration::from_secs(HEADER_TIMEOUT_SECS + 3),
+            "{daemon}: a trickled body held its connection for {took:?}"
+        );
+        assert!(
+            reply.is_empty() || reply.starts_with("HTTP/1.1 4"),
+            "{daemon}: a trickled body is refused: {reply}"
+        );
+    }
+}
+
+/// An upload at a modest pace (40 KiB/s, five times the 8 KiB/s minimum, in 16 KiB bursts
+/// 0.4 s apart) is stored whole.
+#[test]
+fn a_large_upload_at_a_modest_pace_succeeds() {
+    let work = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = daemon_args("imageserver", work.path(), &addr, HEADER_TIMEOUT_SECS);
+    args.push("--permit-insecure-mode".into());
+    let _d = Daemon::start(&bin("imageserver"), &args, &addr);
+    let data: Vec<u8> = (0..192u32 << 10)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let id = model::ObjectId::of(&data);
+    let mut body = model::frame::header(&id, data.len() as u64).to_vec();
+    body.extend_from_slice(&data);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "POST /rpc/ObjectServer.AddObjects HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    for chunk in body.chunks(16 << 10) {
+        s.write_all(chunk).expect("the upload is not cut off");
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.starts_with("HTTP/1.1 200") && reply.contains("\"added\":1"),
+        "an upload taking {:?} was not stored: {reply}",
+        t0.elapsed()
+    );
+}
+
+/// With the connection limit (20) full of requests whose bodies are trickled (each
+/// mid-request, so never idle), a normal request is still answered within a second: the
+/// body furthest below its pace is closed to make room.
+#[test]
+fn with_the_connection_limit_full_of_trickled_bodies_a_normal_request_answers() {
+    let work = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    // a 10 s pace window: the trickled bodies are not yet cut off while we measure
+    let mut args = daemon_args("subd", work.path(), &addr, 10);
+    args.extend([
+        "--permit-insecure-mode".to_string(),
+        "--max-connections".into(),
+        "20".into(),
+    ]);
+    let d = Daemon::start(&bin("subd"), &args, &addr);
+    let head = "POST /rpc/Subd.Poll HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{";
+    let mut slow: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.write_all(head.as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trickler = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for s in &mut slow {
+                    let _ = s.write_all(b" ");
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    });
+    let t0 = Instant::now();
+    while sockets_of(d.child.id()) < 21 && t0.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        sockets_of(d.child.id()) >= 21,
+        "the trickled requests are held"
+    );
+    for _ in 0..5 {
+        let (status, took) = plain_get(&addr);
+        assert_eq!(
+            status, 200,
+            "a normal request with the limit full of trickled bodies"
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "a normal request took {took:?}"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    trickler.join().unwrap();
+}
