@@ -372,35 +372,71 @@ fn is_subd(p: &FsPath) -> bool {
     p.starts_with(&subd)
 }
 
-fn pax_mtime(entry: &mut tar::Entry<'_, impl Read>) -> io::Result<Option<Mtime>> {
-    let Some(exts) = entry.pax_extensions()? else {
-        return Ok(None);
+/// What an entry's pax extended header says of its metadata.
+#[derive(Default)]
+struct PaxOverrides {
+    mtime: Option<Mtime>,
+    uid: Option<u64>,
+    gid: Option<u64>,
+}
+
+/// A pax `uid`/`gid` value: decimal digits only, as POSIX says (no sign, space or dot).
+fn pax_id(which: &str, v: &[u8]) -> Result<u64, String> {
+    let s = std::str::from_utf8(v).unwrap_or("");
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "pax {which} {:?} is not a decimal number",
+            crate::path::escape(v)
+        ));
+    }
+    s.parse::<u64>()
+        .map_err(|_| format!("pax {which} {s} does not fit in 32 bits"))
+}
+
+/// Reads the entry's pax `mtime`, `uid` and `gid`; a malformed `uid` or `gid` is refused.
+fn pax_overrides(
+    entry: &mut tar::Entry<'_, impl Read>,
+    raw_path: &[u8],
+) -> Result<PaxOverrides, TarError> {
+    let mut out = PaxOverrides::default();
+    let Some(exts) = entry.pax_extensions().map_err(classify_io)? else {
+        return Ok(out);
     };
     for e in exts {
-        let e = e?;
-        if e.key_bytes() == b"mtime" {
-            let v = std::str::from_utf8(e.value_bytes()).unwrap_or("");
-            let (s, frac) = v.split_once('.').unwrap_or((v, ""));
-            let Ok(sec) = s.parse::<i64>() else {
-                return Ok(None);
-            };
-            let digits: String = frac.chars().take(9).collect();
-            let nsec = if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-                0
-            } else {
-                format!("{digits:0<9}").parse::<u32>().unwrap_or(0)
-            };
-            // A negative fractional time counts down from the whole second.
-            if sec < 0 && nsec > 0 {
-                return Ok(Some(Mtime {
-                    sec: sec - 1,
-                    nsec: 1_000_000_000 - nsec,
-                }));
+        let e = e.map_err(classify_io)?;
+        match e.key_bytes() {
+            b"mtime" => out.mtime = pax_mtime(e.value_bytes()),
+            b"uid" => {
+                out.uid = Some(pax_id("uid", e.value_bytes()).map_err(|m| entry_err(raw_path, m))?)
             }
-            return Ok(Some(Mtime { sec, nsec }));
+            b"gid" => {
+                out.gid = Some(pax_id("gid", e.value_bytes()).map_err(|m| entry_err(raw_path, m))?)
+            }
+            _ => {}
         }
     }
-    Ok(None)
+    Ok(out)
+}
+
+/// A pax `mtime` (seconds, optionally with a fraction); `None` if it does not parse.
+fn pax_mtime(value: &[u8]) -> Option<Mtime> {
+    let v = std::str::from_utf8(value).unwrap_or("");
+    let (s, frac) = v.split_once('.').unwrap_or((v, ""));
+    let sec = s.parse::<i64>().ok()?;
+    let digits: String = frac.chars().take(9).collect();
+    let nsec = if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        0
+    } else {
+        format!("{digits:0<9}").parse::<u32>().unwrap_or(0)
+    };
+    // A negative fractional time counts down from the whole second.
+    if sec < 0 && nsec > 0 {
+        return Some(Mtime {
+            sec: sec - 1,
+            nsec: 1_000_000_000 - nsec,
+        });
+    }
+    Some(Mtime { sec, nsec })
 }
 
 fn classify_io(e: io::Error) -> TarError {
@@ -493,10 +529,8 @@ pub fn import_plain<R: Read>(
             }
             let h = entry.header();
             let mode = h.mode().map_err(|e| entry_err(&raw_path, e.to_string()))?;
-            let uid = h.uid().map_err(|e| entry_err(&raw_path, e.to_string()))?;
-            let uid = check_id("uid", uid).map_err(|e| entry_err(&raw_path, e.to_string()))?;
-            let gid = h.gid().map_err(|e| entry_err(&raw_path, e.to_string()))?;
-            let gid = check_id("gid", gid).map_err(|e| entry_err(&raw_path, e.to_string()))?;
+            let header_uid = h.uid().map_err(|e| entry_err(&raw_path, e.to_string()))?;
+            let header_gid = h.gid().map_err(|e| entry_err(&raw_path, e.to_string()))?;
             let mut mtime = Mtime {
                 sec: h.mtime().map_err(|e| entry_err(&raw_path, e.to_string()))? as i64,
                 nsec: 0,
@@ -506,9 +540,14 @@ pub fn import_plain<R: Read>(
                 h.device_major().ok().flatten().unwrap_or(0),
                 h.device_minor().ok().flatten().unwrap_or(0),
             );
-            if let Some(m) = pax_mtime(&mut entry).map_err(classify_io)? {
+            let pax = pax_overrides(&mut entry, &raw_path)?;
+            if let Some(m) = pax.mtime {
                 mtime = m;
             }
+            let uid = check_id("uid", pax.uid.unwrap_or(header_uid))
+                .map_err(|e| entry_err(&raw_path, e.to_string()))?;
+            let gid = check_id("gid", pax.gid.unwrap_or(header_gid))
+                .map_err(|e| entry_err(&raw_path, e.to_string()))?;
             let size = entry.size();
             match etype {
                 EntryType::Directory => b.add(path, Inode::dir(mode, uid, gid))?,
@@ -696,6 +735,53 @@ mod tests {
     fn expect_err(data: Vec<u8>, want: &str) {
         let e = run(data).expect_err("must fail").to_string();
         assert!(e.contains(want), "{e:?} lacks {want:?}");
+    }
+
+    /// A pax `uid`/`gid` overrides the header's, and a malformed one (a sign, a fraction,
+    /// a space) is refused rather than ignored in favour of the header's 0 (issue 9 #4).
+    #[test]
+    fn pax_owner_ids_are_applied_and_malformed_ones_refused() {
+        let tar_with = |key: &str, value: &str| {
+            let mut b = tar::Builder::new(Vec::new());
+            b.append_pax_extensions([(key, value.as_bytes())]).unwrap();
+            b.append_data(&mut hdr(EntryType::Regular, 0o4755, 1), "tool", &b"x"[..])
+                .unwrap();
+            b.into_inner().unwrap()
+        };
+        for (key, value, want) in [
+            (
+                "uid",
+                "-1",
+                "tar entry tool: pax uid \"-1\" is not a decimal number",
+            ),
+            (
+                "uid",
+                "4294967295.0",
+                "pax uid \"4294967295.0\" is not a decimal number",
+            ),
+            (
+                "gid",
+                " 4294967295",
+                "pax gid \" 4294967295\" is not a decimal number",
+            ),
+            ("uid", "4294967295", "uid 4294967295 is (uid_t)-1"),
+            (
+                "uid",
+                "18446744073709551616",
+                "pax uid 18446744073709551616 does not fit in 32 bits",
+            ),
+            (
+                "gid",
+                "4294967296",
+                "gid 4294967296 does not fit in 32 bits",
+            ),
+        ] {
+            expect_err(tar_with(key, value), want);
+        }
+        let t = run(tar_with("uid", "5000")).unwrap();
+        assert_eq!(t.get(&p("/tool")).unwrap().uid, 5000);
+        let t = run(tar_with("gid", "77")).unwrap();
+        assert_eq!(t.get(&p("/tool")).unwrap().gid, 77);
     }
 
     /// A file that is not a tar and begins with terminal escape sequences: the error
