@@ -54,13 +54,13 @@ impl FleetArgs {
     /// The herd configuration these flags describe (client side: `client_security`).
     pub fn herd_config(&self) -> anyhow::Result<HerdConfig> {
         let security = self.tls.client_security("dominator")?;
-        let mut cfg = HerdConfig::new(
-            self.mdb.clone(),
-            self.image_server
-                .clone()
-                .context("--image-server is required")?,
-            security,
-        );
+        let image_server = self
+            .image_server
+            .clone()
+            .context("--image-server is required")?;
+        // Subds are told this address and accept only HOST[:PORT].
+        model::client::check_host_port(&image_server).context("--image-server")?;
+        let mut cfg = HerdConfig::new(self.mdb.clone(), image_server, security);
         cfg.subd_port = self.subd_port;
         cfg.image_server_name = self.image_server_name.clone();
         cfg.subd_name = self.subd_name.clone();

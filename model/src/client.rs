@@ -46,6 +46,38 @@ impl ClientError {
     }
 }
 
+/// An address that must be `HOST[:PORT]` but is a URL, a path or something else.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{} is not HOST[:PORT]: {reason}", crate::path::escape(addr.as_bytes()))]
+pub struct BadHostPort {
+    pub addr: String,
+    pub reason: &'static str,
+}
+
+/// Checks that `addr` is a bare `HOST`, `HOST:PORT` or `[V6]:PORT`: no scheme, path, query,
+/// fragment, user or blank, so a request built on it reaches that server's `/rpc/` only.
+pub fn check_host_port(addr: &str) -> Result<(), BadHostPort> {
+    let bad = |reason| {
+        Err(BadHostPort {
+            addr: addr.to_string(),
+            reason,
+        })
+    };
+    if addr.is_empty() {
+        return bad("empty");
+    }
+    if addr.contains("://") {
+        return bad("a URL");
+    }
+    if addr.contains(['/', '?', '#', '@', '\\', '%']) {
+        return bad("holds a path, query, fragment, user or escape");
+    }
+    if addr.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return bad("holds a blank or control character");
+    }
+    Ok(())
+}
+
 /// Turns `HOST`, `HOST:PORT`, `[V6]:PORT` or a URL into a base URL.
 pub fn base_url(addr: &str, default_port: u16, tls: bool) -> String {
     if addr.starts_with("http://") || addr.starts_with("https://") {
@@ -496,6 +528,32 @@ impl SubdClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_port_refuses_urls_paths_and_queries() {
+        for ok in [
+            "imageserver",
+            "is.example:6971",
+            "10.0.0.1:6971",
+            "[::1]:6971",
+            "::1",
+        ] {
+            check_host_port(ok).unwrap();
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("https://h:1", "a URL"),
+            ("127.0.0.1:7200/../x", "holds a path"),
+            ("127.0.0.1:7201/rpc/X?", "holds a path"),
+            ("h:1#x", "holds a path"),
+            ("u@h:1", "holds a path"),
+            ("h:1%2F", "holds a path"),
+            ("h :1", "blank"),
+        ] {
+            let e = check_host_port(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
 
     #[test]
     fn base_urls() {

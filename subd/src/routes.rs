@@ -231,10 +231,10 @@ async fn fetch(
     State(s): State<Arc<Subd>>,
     Json(req): Json<FetchRequest>,
 ) -> Result<axum::Json<Empty>, ApiError> {
-    if req.server.trim().is_empty() {
-        return Err(ApiError::BadRequest(
-            "fetch: empty imageserver address".into(),
-        ));
+    if let Err(e) = model::client::check_host_port(&req.server) {
+        return Err(ApiError::BadRequest(format!(
+            "fetch: imageserver address {e}"
+        )));
     }
     let client = ImageServerClient::with_server_name(
         &req.server,

@@ -89,6 +89,25 @@ async fn subd_refuses_a_plan_with_an_unsettable_owner_or_a_directory_among_inode
         let mode = std::fs::metadata(&root).unwrap().permissions().mode();
         assert_eq!(mode & 0o022, 0, "root left writable by others: {mode:o}");
     }
+    // A Fetch whose imageserver is a URL or carries a path would send GetObjects to some
+    // other method of some other server: refused, and nothing claimed.
+    for server in [
+        "127.0.0.1:7200/../x",
+        "127.0.0.1:7201/rpc/X?",
+        "http://127.0.0.1:1",
+        "h:1#x",
+    ] {
+        let err = c
+            .fetch(&model::api::FetchRequest {
+                server: server.into(),
+                hashes: vec![model::ObjectId::of(b"x")],
+                wait: true,
+            })
+            .await
+            .expect_err(server);
+        assert_eq!(err.status(), Some(400), "{server}: {err}");
+        assert!(err.to_string().contains("is not HOST[:PORT]"), "{err}");
+    }
     // Nothing was left claimed: a valid plan runs at once.
     let plan = UpdatePlan {
         dirs_to_make: vec![at("/opt", Inode::dir(0o755, 0, 0))],
