@@ -487,6 +487,13 @@ fn check_first_block(head: &[u8]) -> Result<(), TarError> {
             )));
         }
     }
+    if !head.contains(&0) {
+        // Every tar header pads its fields with NULs; a short text file has none.
+        return Err(TarError::NotTar(format!(
+            "it is {} bytes without the NUL padding every tar header has",
+            head.len()
+        )));
+    }
     Ok(())
 }
 
@@ -905,6 +912,15 @@ mod tests {
     pub(crate) const TINY_ZIP: &[u8] = b"PK\x03\x04\x14\x00\x00\x00\x00\x00\x00\x00\x21\x00\x83\x16\xdc\x8c\x01\x00\x00\x00\x01\x00\x00\x00\x01\x00\x00\x00ax\
 PK\x01\x02\x14\x03\x14\x00\x00\x00\x00\x00\x00\x00\x21\x00\x83\x16\xdc\x8c\x01\x00\x00\x00\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x80\x01\x00\x00\x00\x00a\
 PK\x05\x06\x00\x00\x00\x00\x01\x00\x01\x00\x2f\x00\x00\x00\x20\x00\x00\x00\x00\x00";
+
+    /// A short text file is named as not a tar, not as a truncated one (issue 9).
+    #[test]
+    fn a_short_text_file_is_not_a_tar() {
+        expect_err(
+            b"hello\n".to_vec(),
+            "not a tar archive: it is 6 bytes without the NUL padding every tar header has",
+        );
+    }
 
     #[test]
     fn truncations() {
