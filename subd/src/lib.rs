@@ -237,6 +237,15 @@ const LAST_IMAGE: &str = "last-image";
 const LAST_UPDATE: &str = "last-update.json";
 
 impl Subd {
+    /// The status, locked. A panic elsewhere while it was held (none is expected: its
+    /// critical sections only copy fields) must not wedge every later poll, so a poisoned
+    /// lock is taken as it stands.
+    pub fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Opens the state directory and starts the background scanner.
     pub fn start(config: Config) -> Result<Arc<Subd>, StartError> {
         let io = |path: &Path| {
@@ -306,7 +315,7 @@ impl Subd {
 
     /// Asks the scanner to start its next pass soon, unthrottled.
     pub fn boost_scan(&self) {
-        self.status.lock().unwrap().boost = true;
+        self.status().boost = true;
         let (m, c) = &self.wake;
         *m.lock().unwrap() = true;
         c.notify_all();
@@ -329,7 +338,7 @@ impl Subd {
             }
         }
         {
-            let mut st = self.status.lock().unwrap();
+            let mut st = self.status();
             st.last_update = Some(result.clone());
             if ok {
                 st.last_image = Some(result.image_name.clone());

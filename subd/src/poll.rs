@@ -84,7 +84,11 @@ impl Default for PollShare {
 
 impl PollShare {
     fn latest_of(&self, generation: u64) -> Option<Arc<SharedTree>> {
-        let latest = self.latest.lock().unwrap().upgrade();
+        let latest = self
+            .latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .upgrade();
         latest.filter(|t| t.generation == generation)
     }
 
@@ -130,7 +134,10 @@ impl PollShare {
             bytes,
             _room: room,
         });
-        let mut latest = self.latest.lock().unwrap();
+        let mut latest = self
+            .latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if latest.upgrade().is_none_or(|t| t.generation <= generation) {
             *latest = Arc::downgrade(&shared);
         }

@@ -63,7 +63,7 @@ async fn poll(
     // executor. The tree is only referenced here, never serialized.
     let (head, parts) = tokio::task::spawn_blocking(move || {
         let free_space = s2.free_space();
-        let st = s2.status.lock().unwrap();
+        let st = s2.status();
         let send_tree =
             !req.short_only && st.generation != 0 && st.generation != req.have_generation;
         let head = serde_json::to_vec(&PollHead {
@@ -140,7 +140,7 @@ impl Drop for Claim {
         tracing::error!("{msg}");
         {
             // Not `unwrap`: a panic while holding the lock must not keep the flag set.
-            let mut st = self.subd.status.lock().unwrap_or_else(|e| e.into_inner());
+            let mut st = self.subd.status();
             if self.fetching {
                 st.fetch_in_progress = false;
                 st.last_fetch_error = Some(msg);
@@ -165,7 +165,7 @@ impl Drop for Claim {
 
 /// Marks a fetch or update as running, or refuses.
 fn claim(s: &Arc<Subd>, fetching: bool) -> Result<Claim, ApiError> {
-    let mut st = s.status.lock().unwrap();
+    let mut st = s.status();
     if st.fetch_in_progress || st.update_in_progress {
         return Err(ApiError::Conflict(
             "a fetch or update is already in progress".into(),
@@ -251,7 +251,7 @@ async fn fetch(
         };
         let r = fetch_objects(&client, &s2.store, &req.hashes, &opts).await;
         {
-            let mut st = s2.status.lock().unwrap();
+            let mut st = s2.status();
             st.fetch_in_progress = false;
             match &r {
                 Ok(stats) => {
@@ -321,7 +321,7 @@ async fn cleanup(
     Json(req): Json<CleanupRequest>,
 ) -> Result<axum::Json<Empty>, ApiError> {
     {
-        let st = s.status.lock().unwrap();
+        let st = s.status();
         if st.fetch_in_progress || st.update_in_progress {
             return Err(ApiError::Conflict(
                 "a fetch or update is in progress".into(),
@@ -350,7 +350,7 @@ fn escape_html(s: &str) -> String {
 
 async fn status_page(State(s): State<Arc<Subd>>) -> Html<String> {
     let free = s.free_space();
-    let st = s.status.lock().unwrap();
+    let st = s.status();
     let mut h = String::from("<!doctype html><title>subd</title><h1>subd</h1>");
     if s.config.security.is_insecure() {
         h.push_str(model::http::INSECURE_BANNER);
@@ -400,7 +400,7 @@ async fn status_page(State(s): State<Arc<Subd>>) -> Html<String> {
 
 async fn metrics(State(s): State<Arc<Subd>>) -> impl IntoResponse {
     let free = s.free_space();
-    let st = s.status.lock().unwrap();
+    let st = s.status();
     let last = st.last_update.as_ref();
     let lines = [
         format!("subd_generation {}", st.generation),
@@ -452,7 +452,7 @@ mod tests {
     }
 
     fn claimed(s: &Arc<Subd>, fetching: bool) -> Claim {
-        let mut st = s.status.lock().unwrap();
+        let mut st = s.status();
         st.fetch_in_progress = fetching;
         st.update_in_progress = !fetching;
         Claim {
@@ -474,7 +474,7 @@ mod tests {
         };
         let r = run_update(&s, &plan, claim, || panic!("boom\nsecond line"));
         assert_eq!(r.errors, ["update failed: internal error: boom"]);
-        let st = s.status.lock().unwrap();
+        let st = s.status();
         assert!(!st.update_in_progress);
         assert_eq!(st.last_update.as_ref().unwrap().errors, r.errors);
         assert_ne!(st.last_image.as_deref(), Some("app/1"));
@@ -488,12 +488,29 @@ mod tests {
     fn an_update_claim_dropped_unfinished_records_the_failure() {
         let (_d, s) = subd();
         drop(claimed(&s, false));
-        let st = s.status.lock().unwrap();
+        let st = s.status();
         assert!(!st.update_in_progress);
         let u = st.last_update.as_ref().unwrap();
         assert_eq!(u.image_name, "app/1");
         assert!(u.errors[0].contains("internal error"), "{u:?}");
         drop(st);
+        s.shutdown();
+    }
+
+    /// A panic while the status lock is held poisons it; later claims and polls still
+    /// work rather than panicking on every call (a wedged subd).
+    #[test]
+    fn a_poisoned_status_lock_does_not_wedge_later_calls() {
+        let (_d, s) = subd();
+        let s2 = s.clone();
+        let t = std::thread::spawn(move || {
+            let _st = s2.status();
+            panic!("broke while holding the status");
+        });
+        assert!(t.join().is_err());
+        assert!(s.status.is_poisoned());
+        drop(claimed(&s, true));
+        assert!(!s.status().fetch_in_progress);
         s.shutdown();
     }
 
@@ -507,7 +524,7 @@ mod tests {
             panic!("fetch broke");
         });
         assert!(t.join().is_err());
-        let st = s.status.lock().unwrap();
+        let st = s.status();
         assert!(!st.fetch_in_progress);
         assert!(
             st.last_fetch_error

@@ -52,7 +52,7 @@ pub fn run(subd: &Subd) {
             subd.scan_abort.store(false, Ordering::SeqCst);
         }
         let (first, boost, updating) = {
-            let mut st = subd.status.lock().unwrap();
+            let mut st = subd.status();
             let b = st.boost;
             st.boost = false;
             (st.generation == 0, b, st.update_in_progress)
@@ -79,7 +79,7 @@ pub fn run(subd: &Subd) {
             }
             (Err(model::scan::ScanError::Cancelled), _) => {
                 tracing::debug!("scan pass abandoned: an update began");
-                subd.status.lock().unwrap().scans_aborted += 1;
+                subd.status().scans_aborted += 1;
                 continue;
             }
             (Err(e), _) => {
@@ -96,7 +96,7 @@ pub fn run(subd: &Subd) {
         let mut ids: Vec<ObjectId> = cache.into_iter().map(|(h, _)| h).collect();
         ids.sort();
         {
-            let mut st = subd.status.lock().unwrap();
+            let mut st = subd.status();
             if st.update_in_progress || subd.epoch.load(Ordering::SeqCst) != epoch {
                 continue; // the tree changed under us: scan again
             }
