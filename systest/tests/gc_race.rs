@@ -56,16 +56,7 @@ fn unreferenced_deletion_racing_uploads_never_breaks_an_accepted_image() {
     let data = work.path().join("data");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let args = [
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--listen",
-        &addr,
-        "--permit-insecure-mode",
-        "--object-pin-seconds",
-        "2",
-    ];
-    let _server = testkit::Daemon::start(&bin("imageserver"), &args.map(String::from), &addr);
+    let _server = common::imageserver_with(&data, port, &["--object-pin-seconds", "2"]);
     let stop = AtomicBool::new(false);
     let deleted = AtomicUsize::new(0);
     let mut accepted = Vec::new();

@@ -37,15 +37,23 @@ pub fn check_objects(objects: &Path, allow_temp: bool) -> usize {
 }
 
 pub fn imageserver(data: &Path, port: u16) -> Daemon {
+    imageserver_with(data, port, &[])
+}
+
+/// An insecure imageserver on `port` with `extra` flags.
+pub fn imageserver_with(data: &Path, port: u16, extra: &[&str]) -> Daemon {
     let addr = format!("127.0.0.1:{port}");
-    let args = [
+    let mut args: Vec<String> = [
         "--data-dir",
         data.to_str().unwrap(),
         "--listen",
         &addr,
         "--permit-insecure-mode",
-    ];
-    Daemon::start(&bin("imageserver"), &args.map(String::from), &addr)
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Daemon::start(&bin("imageserver"), &args, &addr)
 }
 
 pub fn subd(root: &Path, port: u16) -> (Daemon, SubdClient) {
