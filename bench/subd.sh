@@ -18,7 +18,7 @@ PORT=${PORT:-17969}
 [[ -d $CORPUS/rootfs && -d $CORPUS/rootfs2 ]] || { echo "corpus missing at $CORPUS" >&2; exit 2; }
 command -v rsync >/dev/null || apt-get install -y -q rsync >/dev/null
 cargo build --release -q -p subd
-cargo build --release -q -p model --example converge
+cargo build --release -q -p wire --example converge
 BIN=$PWD/target/release
 HAVE_IMAGES=1
 cargo build --release -q -p imageserver -p imagetool 2>/dev/null || HAVE_IMAGES=0

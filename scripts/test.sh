@@ -2,7 +2,7 @@
 # Runs every test of the workspace on a fresh machine: installs what the tests need
 # (headless Chromium for the status-page screenshot test), builds all binaries (the
 # end-to-end tests start the real imageserver, subd, dominator, imagetool and mdb), then
-# runs the whole suite.
+# runs the whole suite, after `cargo fmt --check` and clippy with warnings as errors.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,5 +18,8 @@ if [ ${#need[@]} -gt 0 ]; then
     fi
 fi
 
+# Style and lints are part of the tests: CI fails on either.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 cargo test --workspace "$@"

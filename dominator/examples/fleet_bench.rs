@@ -10,11 +10,11 @@ use axum::extract::State;
 use axum::routing::post;
 use axum::Router;
 use model::api::{self, PollRequest, PollResponse, UpdateResult};
-use model::http::{ApiError, Json, Security};
 use model::{FileTree, FsPath, Image, Inode, Mtime, ObjectId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use wire::http::{ApiError, Json, Security};
 
 #[derive(Default)]
 struct Sim {
@@ -126,7 +126,7 @@ async fn get_image(
 async fn listen(app: Router) -> String {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = l.local_addr().unwrap().to_string();
-    tokio::spawn(model::http::serve(
+    tokio::spawn(wire::http::serve(
         l,
         app,
         Security::Insecure,
@@ -214,7 +214,7 @@ async fn main() {
         let v: Vec<serde_json::Value> = subs.iter().enumerate()
             .map(|(i, (a, _))| serde_json::json!({"Hostname": format!("m{i:04}"), "IpAddress": a, "RequiredImage": img}))
             .collect();
-        model::fsutil::write_atomic(&mdb_path, serde_json::to_string(&v).unwrap().as_bytes())
+        disk::fsutil::write_atomic(&mdb_path, serde_json::to_string(&v).unwrap().as_bytes())
             .unwrap();
     };
     write_mdb("app.1");

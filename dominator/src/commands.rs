@@ -6,11 +6,11 @@ use crate::{local_fleet, planner, preview, web};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use model::api::PollRequest;
-use model::client::{ClientSecurity, RpcClient};
-use model::security::{ClientTlsArgs, DaemonTlsArgs};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use wire::client::{ClientSecurity, RpcClient};
+use wire::security::{ClientTlsArgs, DaemonTlsArgs};
 
 /// Drive every machine of the MDB to its required image.
 #[derive(Parser, Debug)]
@@ -37,14 +37,14 @@ pub struct FleetArgs {
     #[arg(long, value_name = "HOST:PORT", required = true)]
     pub image_server: Option<String>,
     /// Port of subds whose MDB Hostname/IpAddress carries none
-    #[arg(long, default_value_t = model::client::SUBD_PORT)]
+    #[arg(long, default_value_t = wire::client::SUBD_PORT)]
     pub subd_port: u16,
     /// Common name the imageserver's certificate must carry (its role)
-    #[arg(long, value_name = "NAME", default_value = model::client::IMAGESERVER_NAME)]
+    #[arg(long, value_name = "NAME", default_value = wire::client::IMAGESERVER_NAME)]
     pub image_server_name: String,
     /// Common name every subd's certificate must carry (the fleet's shared subd role;
     /// host names are not checked)
-    #[arg(long, value_name = "NAME", default_value = model::client::SUBD_NAME)]
+    #[arg(long, value_name = "NAME", default_value = wire::client::SUBD_NAME)]
     pub subd_name: String,
     #[command(flatten)]
     pub tls: DaemonTlsArgs,
@@ -59,7 +59,7 @@ impl FleetArgs {
             .clone()
             .context("--image-server is required")?;
         // Subds are told this address and accept only HOST[:PORT].
-        model::client::check_host_port(&image_server).context("--image-server")?;
+        wire::client::check_host_port(&image_server).context("--image-server")?;
         let mut cfg = HerdConfig::new(self.mdb.clone(), image_server, security);
         cfg.subd_port = self.subd_port;
         cfg.image_server_name = self.image_server_name.clone();
@@ -74,7 +74,7 @@ pub struct DaemonArgs {
     #[command(flatten)]
     pub fleet: FleetArgs,
     #[command(flatten)]
-    pub connections: model::connection::ConnectionArgs,
+    pub connections: wire::connection::ConnectionArgs,
     /// Address of the status page and RPCs
     #[arg(long, default_value = "0.0.0.0:6970")]
     pub listen: String,
@@ -127,19 +127,16 @@ pub enum Command {
     },
 }
 
-/// Where each file `model::certs::make_all` writes is to be installed, and what it grants.
+/// Where each file `wire::certs::make_all` writes is to be installed, and what it grants.
 pub fn install_hint(rel: &str) -> String {
     let role = rel.split(['/', '.']).next().unwrap_or(rel);
-    let grants = model::certs::ROLES
-        .iter()
-        .find(|r| r.name == role)
-        .map(|r| {
-            if r.methods.is_empty() {
-                "serves only; calls nothing".to_string()
-            } else {
-                format!("may call {}", r.methods.join(", "))
-            }
-        });
+    let grants = wire::certs::ROLES.iter().find(|r| r.name == role).map(|r| {
+        if r.methods.is_empty() {
+            "serves only; calls nothing".to_string()
+        } else {
+            format!("may call {}", r.methods.join(", "))
+        }
+    });
     match (rel, grants) {
         ("CA.pem", _) => "every machine: /etc/ssl/CA.pem (the trust anchor)".into(),
         ("CA.key", _) => "keep OFFLINE: it signs new certificates; no program needs it".into(),
@@ -163,7 +160,7 @@ pub fn make_certs(dir: &std::path::Path, hosts: &[String]) -> anyhow::Result<Vec
             dir.display()
         );
     }
-    let written = model::certs::make_all(dir, hosts)
+    let written = wire::certs::make_all(dir, hosts)
         .with_context(|| format!("making certificates in {}", dir.display()))?;
     let mut lines = vec![format!(
         "Wrote {} files into {}:",
@@ -198,9 +195,9 @@ pub struct ControlArgs {
 pub async fn control(target: &ControlArgs, disable: Option<&str>) -> anyhow::Result<()> {
     let client = RpcClient::new(
         &target.dominator,
-        model::client::DOMINATOR_PORT,
+        wire::client::DOMINATOR_PORT,
         &target.tls.security()?,
-        model::client::DOMINATOR_NAME,
+        wire::client::DOMINATOR_NAME,
         Some(Duration::from_secs(30)),
     )?;
     match disable {
@@ -243,7 +240,7 @@ pub async fn plan(fleet: &FleetArgs, host: Option<&str>) -> anyhow::Result<Vec<M
         None => mdb.machines().cloned().collect(),
     };
     let images = Arc::new(crate::images::ImageCache::new(
-        model::client::ImageServerClient::with_server_name(
+        wire::client::ImageServerClient::with_server_name(
             &cfg.image_server,
             &cfg.security,
             &cfg.image_server_name,

@@ -199,7 +199,7 @@ impl Fleet {
         }
         if let Some(path) = &self.brake_file {
             let kept = match &d {
-                Some(d) => model::fsutil::write_atomic(
+                Some(d) => disk::fsutil::write_atomic(
                     path,
                     &serde_json::to_vec(d).expect("brake serializes"),
                 ),

@@ -17,7 +17,6 @@ use crate::images::ImageCache;
 use crate::planner;
 use mdb::{Machine, Mdb};
 use model::api::{self, methods, PollRequest, PollResponse};
-use model::client::{ClientError, ClientSecurity, RpcClient, SubdClient};
 use model::{Image, ObjectId, UpdatePlan};
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -25,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 use tracing::Instrument;
+use wire::client::{ClientError, ClientSecurity, RpcClient, SubdClient};
 
 /// How the herd runs.
 #[derive(Clone, Debug)]
@@ -62,10 +62,10 @@ impl HerdConfig {
         HerdConfig {
             mdb_path,
             image_server,
-            subd_port: model::client::SUBD_PORT,
+            subd_port: wire::client::SUBD_PORT,
             security,
-            image_server_name: model::client::IMAGESERVER_NAME.into(),
-            subd_name: model::client::SUBD_NAME.into(),
+            image_server_name: wire::client::IMAGESERVER_NAME.into(),
+            subd_name: wire::client::SUBD_NAME.into(),
             concurrency: 200,
             full_poll_concurrency: 16,
             poll_interval: Duration::from_secs(1),
@@ -100,11 +100,11 @@ pub fn subd_client(
     security: &ClientSecurity,
     subd_name: &str,
     timeout: Duration,
-) -> Result<SubdClient, model::client::ClientError> {
+) -> Result<SubdClient, wire::client::ClientError> {
     Ok(SubdClient {
         rpc: RpcClient::new(
             address,
-            model::client::SUBD_PORT,
+            wire::client::SUBD_PORT,
             security,
             subd_name,
             Some(timeout),
@@ -209,7 +209,7 @@ struct Task {
 
 /// Runs the herd until `shutdown` becomes true.
 pub async fn run(cfg: HerdConfig, fleet: Arc<Fleet>, mut shutdown: watch::Receiver<bool>) {
-    let images = match model::client::ImageServerClient::with_server_name(
+    let images = match wire::client::ImageServerClient::with_server_name(
         &cfg.image_server,
         &cfg.security,
         &cfg.image_server_name,
@@ -222,7 +222,7 @@ pub async fn run(cfg: HerdConfig, fleet: Arc<Fleet>, mut shutdown: watch::Receiv
     };
     let subd_rpc = match RpcClient::new(
         "localhost",
-        model::client::SUBD_PORT,
+        wire::client::SUBD_PORT,
         &cfg.security,
         &cfg.subd_name,
         Some(cfg.rpc_timeout),

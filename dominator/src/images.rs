@@ -4,11 +4,11 @@
 //! the imageserver says it was deleted (asked with `CheckImage` at most once per
 //! `RECHECK`; an unreachable imageserver leaves the cached copy in use).
 
-use model::client::ImageServerClient;
 use model::Image;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use wire::client::ImageServerClient;
 
 #[derive(Default)]
 struct Slot {

@@ -22,10 +22,10 @@ pub mod web;
 
 use fleet::{unix_now, Fleet, GlobalDisable};
 use herd::HerdConfig;
-use model::http::Security;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use wire::http::Security;
 
 /// Everything `serve` needs besides the listener.
 pub struct Config {
@@ -35,7 +35,7 @@ pub struct Config {
     /// Start with updates disabled fleet-wide, for this reason.
     pub disable_updates_at_startup: Option<String>,
     /// Timeouts and connection limits of the status page and RPCs.
-    pub connection_limits: model::connection::ConnectionLimits,
+    pub connection_limits: wire::connection::ConnectionLimits,
 }
 
 /// Where the fleet-wide brake (`disable-updates`) is kept, beside the MDB, so a restarted
@@ -73,7 +73,7 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    let r = model::http::serve_with_limits(
+    let r = wire::http::serve_with_limits(
         listener,
         web::router(fleet),
         config.security,

@@ -92,7 +92,7 @@ pub const FLEET_FILES: &[(&str, &[u8], u32)] = &[
 pub enum Security {
     /// Plain HTTP on loopback (`--permit-insecure-mode`).
     Insecure,
-    /// Mutual TLS with the certificates `model::certs::make_all` wrote into this directory.
+    /// Mutual TLS with the certificates `wire::certs::make_all` wrote into this directory.
     Tls(PathBuf),
 }
 
@@ -100,7 +100,7 @@ impl Security {
     /// Makes a CA and every role's key pair in `dir/certs`.
     pub fn make(dir: &Path) -> anyhow::Result<Security> {
         let certs = dir.join("certs");
-        model::certs::make_all(&certs, &[])
+        wire::certs::make_all(&certs, &[])
             .with_context(|| format!("making certificates in {}", certs.display()))?;
         Ok(Security::Tls(certs))
     }
@@ -346,7 +346,7 @@ pub async fn run(args: LocalFleetArgs) -> anyhow::Result<()> {
             }
             mdb.add(m)?;
         }
-        model::fsutil::write_atomic(&mdb_path, mdb.to_json().as_bytes())?;
+        disk::fsutil::write_atomic(&mdb_path, mdb.to_json().as_bytes())?;
 
         // The dominator.
         let port = if args.port == 0 {

@@ -48,7 +48,7 @@ async fn async_main() -> ExitCode {
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("dominator: {}", model::report::error_line(e.as_ref()));
+            eprintln!("dominator: {}", disk::report::error_line(e.as_ref()));
             ExitCode::from(1)
         }
     }

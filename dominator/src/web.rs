@@ -1,6 +1,6 @@
 //! The dominator's HTTP surface: the status page (`/`, `/machine/<host>`), the JSON API
 //! under `/api/`, `/metrics`, and the control RPCs `Dominator.DisableUpdates` and
-//! `Dominator.EnableUpdates` (authorized per method by `model::http::serve`).
+//! `Dominator.EnableUpdates` (authorized per method by `wire::http::serve`).
 
 use crate::decision::Status;
 use crate::fleet::{unix_now, Fleet, GlobalDisable, MachineReport};
@@ -10,12 +10,12 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use model::api::Empty;
-use model::http::{ApiError, Caller, Json, INSECURE_BANNER};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use wire::http::{ApiError, Caller, Json, INSECURE_BANNER};
 
 pub const DISABLE_UPDATES: &str = "Dominator.DisableUpdates";
 pub const ENABLE_UPDATES: &str = "Dominator.EnableUpdates";

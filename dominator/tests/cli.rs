@@ -89,7 +89,7 @@ fn make_certs_writes_every_role_and_says_where_each_goes() {
         .next()
         .unwrap()
         .unwrap();
-    let (cn, methods) = model::tls::identity_of(&der);
+    let (cn, methods) = wire::tls::identity_of(&der);
     assert_eq!(cn, "dominator");
     assert!(methods.iter().any(|m| m == "Subd.*"), "{methods:?}");
     assert!(String::from_utf8_lossy(&der).contains("dom.example"));

@@ -1,5 +1,5 @@
 //! The whole system as real processes over mutual TLS: an imageserver, a dominator and three
-//! subds (`testkit::bin`), certificates from `model::certs::make_all`, images added with
+//! subds (`testkit::bin`), certificates from `wire::certs::make_all`, images added with
 //! `imagetool` (the builder's certificate), the MDB edited with `mdb`, statuses read from
 //! the dominator's `/api/machines` (the admin's certificate) and results checked on disk.
 //!
@@ -13,8 +13,6 @@
 //!
 //! Needs the workspace binaries: `cargo build --workspace --bins`.
 
-use model::client::{ClientSecurity, RpcClient};
-use model::tls::TlsFiles;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -22,6 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use testkit::{bin, free_port, Daemon};
+use wire::client::{ClientSecurity, RpcClient};
+use wire::tls::TlsFiles;
 
 /// Generous: CI is a 2-core machine shared with compilers.
 const WAIT: Duration = Duration::from_secs(120);
@@ -237,7 +237,7 @@ fn copy_tree(from: &Path, to: &Path) {
 
 async fn start_fleet(tmp: &Path) -> Fleet {
     let certs = tmp.join("certs");
-    model::certs::make_all(&certs, &[]).unwrap();
+    wire::certs::make_all(&certs, &[]).unwrap();
 
     let is_addr = format!("127.0.0.1:{}", free_port());
     let mut a = vec![
@@ -268,7 +268,7 @@ async fn start_fleet(tmp: &Path) -> Fleet {
         &dom_addr,
         6970,
         &ClientSecurity::Tls(user_tls(&certs, "admin")),
-        model::client::DOMINATOR_NAME,
+        wire::client::DOMINATOR_NAME,
         Some(Duration::from_secs(30)),
     )
     .unwrap();
@@ -611,7 +611,7 @@ fn cached_objects(dir: &Path) -> usize {
                         count(&e.path())
                     } else {
                         let name = e.file_name().to_string_lossy().into_owned();
-                        usize::from(!name.ends_with(model::fsutil::TEMP_SUFFIX))
+                        usize::from(!name.ends_with(disk::fsutil::TEMP_SUFFIX))
                     }
                 })
                 .sum()

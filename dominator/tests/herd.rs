@@ -8,14 +8,14 @@ use axum::routing::post;
 use axum::Router;
 use dominator::herd::HerdConfig;
 use model::api::{self, PollRequest, PollResponse, UpdateResult};
-use model::client::ClientSecurity;
-use model::http::{ApiError, Json, Security};
 use model::{FileTree, FsPath, Image, Inode, Mtime, ObjectId};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use wire::client::ClientSecurity;
+use wire::http::{ApiError, Json, Security};
 
 // ---- an in-test subd: applies plans to an in-memory tree ----
 
@@ -149,7 +149,7 @@ async fn start_subd(sub: Sub) -> String {
         .with_state(sub);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(model::http::serve(
+    tokio::spawn(wire::http::serve(
         l,
         app,
         Security::Insecure,
@@ -191,7 +191,7 @@ async fn start_imageserver(images: Images) -> String {
         .with_state(images);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(model::http::serve(
+    tokio::spawn(wire::http::serve(
         l,
         app,
         Security::Insecure,
@@ -572,7 +572,7 @@ async fn unreachable_machines_back_off_and_converge_when_they_return() {
         .route("/rpc/Subd.Update", post(update))
         .with_state(sub.clone());
     let l = tokio::net::TcpListener::bind(&addr).await.unwrap();
-    tokio::spawn(model::http::serve(
+    tokio::spawn(wire::http::serve(
         l,
         app,
         Security::Insecure,
@@ -621,9 +621,9 @@ async fn plan_previews_exactly_what_the_update_then_does() {
         mdb: mdb.clone(),
         image_server: Some(is),
         subd_port: 6969,
-        image_server_name: model::client::IMAGESERVER_NAME.into(),
-        subd_name: model::client::SUBD_NAME.into(),
-        tls: model::security::DaemonTlsArgs {
+        image_server_name: wire::client::IMAGESERVER_NAME.into(),
+        subd_name: wire::client::SUBD_NAME.into(),
+        tls: wire::security::DaemonTlsArgs {
             permit_insecure_mode: true,
             ca: Some(dir.path().join("none")),
             ..Default::default()

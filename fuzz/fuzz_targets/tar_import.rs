@@ -2,7 +2,7 @@
 //! must be a valid tree.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use model::tarball::{import, HashOnly};
+use disk::tarball::{import, HashOnly};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok((tree, _)) = import(std::io::Cursor::new(data.to_vec()), &mut HashOnly) {

@@ -3,11 +3,11 @@
 //! `cargo run --release -p imageserver --example addimage_rss -- [IMAGESERVER] [FILES]`
 //! (defaults: `target/release/imageserver`, 400000 files, about 90 MiB of JSON).
 
-use model::client::{ClientSecurity, ImageServerClient};
 use model::image::{FileTree, Inode, Mtime};
 use model::Image;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use wire::client::{ClientSecurity, ImageServerClient};
 
 fn vm_hwm_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

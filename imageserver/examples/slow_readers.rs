@@ -3,12 +3,12 @@
 //!
 //! `cargo run --release -p imageserver --example slow_readers -- IMAGESERVER STREAMS [SERVER ARGS...]`
 
-use model::client::{ClientSecurity, ImageServerClient};
 use model::image::{FileTree, Inode, Mtime};
 use model::{frame, Image, ObjectId};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
+use wire::client::{ClientSecurity, ImageServerClient};
 
 /// Median `GetImage` time over `n` calls (a call over 10 s counts as 10 s).
 async fn median_get_image(c: &ImageServerClient, n: usize) -> Duration {

@@ -46,15 +46,15 @@
 //! span an `.await` or a file write; callers run it on blocking threads. Waiting for a
 //! deletion uses a `Condvar` on that mutex.
 
-use model::fsutil::{fsync_dir, write_atomic, TEMP_SUFFIX};
-use model::http::ApiError;
-use model::objectstore::{ObjectStore, PendingObject, StoreError};
+use disk::fsutil::{fsync_dir, write_atomic, TEMP_SUFFIX};
+use disk::objectstore::{ObjectStore, PendingObject, StoreError};
 use model::{Image, ImageName, ObjectId};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use wire::http::ApiError;
 
 /// How long objects stay pinned after their upload stream ends or `CheckObjects` reports
 /// them, unless configured otherwise. Dominator uses ~11 s; ours is longer because a large
@@ -80,7 +80,7 @@ pub enum OpenError {
     #[error("{path}: corrupt image file: {message}")]
     Corrupt { path: PathBuf, message: String },
     #[error(transparent)]
-    Locked(#[from] model::fsutil::LockError),
+    Locked(#[from] disk::fsutil::LockError),
 }
 
 /// The state of a name.
@@ -159,7 +159,7 @@ pub struct Counts {
 /// Images and objects of one data directory.
 pub struct Catalogue {
     /// Held while open: one imageserver per data directory.
-    _lock: model::fsutil::DirLock,
+    _lock: disk::fsutil::DirLock,
     store: ObjectStore,
     images_dir: PathBuf,
     index: Mutex<Index>,
@@ -203,7 +203,7 @@ impl Catalogue {
     pub fn open_with_grace(data_dir: &Path, pin_grace: Duration) -> Result<Catalogue, OpenError> {
         std::fs::create_dir_all(data_dir).map_err(io_at(data_dir))?;
         // Before anything is cleaned up: debris may be another live server's uploads.
-        let lock = model::fsutil::lock_dir(data_dir, ".lock")?;
+        let lock = disk::fsutil::lock_dir(data_dir, ".lock")?;
         let store = ObjectStore::open(&data_dir.join("objects"))?;
         let images_dir = data_dir.join("images");
         std::fs::create_dir_all(&images_dir).map_err(io_at(&images_dir))?;
@@ -538,8 +538,8 @@ impl Catalogue {
         let path = self.image_path(name);
         let dir = path.parent().expect("has a parent");
         std::fs::create_dir_all(dir)?;
-        let tmp = model::fsutil::temp_path(&path);
-        let guard = model::fsutil::DeleteOnDrop::new(tmp.clone());
+        let tmp = disk::fsutil::temp_path(&path);
+        let guard = disk::fsutil::DeleteOnDrop::new(tmp.clone());
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)

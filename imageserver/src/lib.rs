@@ -18,17 +18,17 @@ use axum::routing::{get, post};
 use axum::Router;
 use catalogue::Catalogue;
 use model::api::methods;
-use model::http::Security;
 use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use wire::http::Security;
 
 /// Largest JSON request (an `AddImage` of about half a million files); bounded so a hostile
 /// client cannot make the server buffer without limit.
-pub const JSON_BODY_LIMIT: usize = model::http::MAX_JSON_BODY;
+pub const JSON_BODY_LIMIT: usize = wire::http::MAX_JSON_BODY;
 
 /// Counters exported on `/metrics`.
 #[derive(Default)]
@@ -48,7 +48,7 @@ pub struct State {
     pub catalogue: Arc<Catalogue>,
     pub security: Security,
     /// Timeouts and connection limits of the server.
-    pub connection_limits: model::connection::ConnectionLimits,
+    pub connection_limits: wire::connection::ConnectionLimits,
     pub metrics: Arc<Metrics>,
     /// Bounds on concurrent `GetObjects` streams.
     pub streams: Arc<objects::StreamLimits>,
@@ -134,5 +134,5 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let security = state.security.clone();
     let limits = state.connection_limits.clone();
-    model::http::serve_with_limits(listener, router(state), security, limits, shutdown).await
+    wire::http::serve_with_limits(listener, router(state), security, limits, shutdown).await
 }

@@ -27,14 +27,14 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = imageserver::objects::DEFAULT_MAX_STREAMS_PER_CALLER)]
     max_object_streams_per_caller: usize,
     #[command(flatten)]
-    tls: model::security::DaemonTlsArgs,
+    tls: wire::security::DaemonTlsArgs,
     #[command(flatten)]
-    connections: model::connection::ConnectionArgs,
+    connections: wire::connection::ConnectionArgs,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    model::report::exit_code("imageserver", run().await)
+    disk::report::exit_code("imageserver", run().await)
 }
 
 async fn run() -> anyhow::Result<()> {

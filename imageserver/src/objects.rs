@@ -19,7 +19,6 @@ use bytes::{Bytes, BytesMut};
 use futures_util::TryStreamExt;
 use model::api;
 use model::frame;
-use model::http::{ApiError, Caller, Json};
 use model::ObjectId;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -29,6 +28,7 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::io::{StreamReader, SyncIoBridge};
+use wire::http::{ApiError, Caller, Json};
 
 /// Verified objects are committed (one syncfs) at least this often, by bytes…
 pub const COMMIT_BYTES: u64 = 64 << 20;

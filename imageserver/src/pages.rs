@@ -22,7 +22,7 @@ pub async fn status(AxState(st): AxState<State>) -> Html<String> {
     let mut s =
         String::from("<!DOCTYPE html><html><head><title>imageserver</title></head><body>\n");
     if st.security.is_insecure() {
-        s.push_str(model::http::INSECURE_BANNER);
+        s.push_str(wire::http::INSECURE_BANNER);
         s.push('\n');
     }
     let _ = write!(

@@ -11,11 +11,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use futures_util::TryStreamExt;
 use model::api::{self, Empty};
-use model::http::{ApiError, Caller, Json};
 use model::ImageName;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_util::io::{StreamReader, SyncIoBridge};
+use wire::http::{ApiError, Caller, Json};
 
 fn name_of(raw: &str) -> Result<ImageName, ApiError> {
     ImageName::parse(raw).map_err(|e| ApiError::BadRequest(e.to_string()))

@@ -2,7 +2,6 @@
 //! and as a real process for restart and kill -9 tests. (The server's memory while
 //! receiving a 2 GiB object is measured by `bench/images.sh`.)
 
-use model::client::{ClientSecurity, ImageServerClient};
 use model::frame;
 use model::image::{FileTree, Inode, Mtime};
 use model::{Image, ObjectId};
@@ -10,6 +9,7 @@ use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use wire::client::{ClientSecurity, ImageServerClient};
 
 struct InProcess {
     client: ImageServerClient,
@@ -24,9 +24,8 @@ impl InProcess {
     }
 
     async fn start_with_grace(dir: &Path, grace: Duration) -> InProcess {
-        let state =
-            imageserver::State::open_with_grace(dir, model::http::Security::Insecure, grace)
-                .unwrap();
+        let state = imageserver::State::open_with_grace(dir, wire::http::Security::Insecure, grace)
+            .unwrap();
         InProcess::start_with_state(state).await
     }
 
@@ -264,9 +263,9 @@ async fn check_image_reports_tombstones() {
 async fn a_method_of_another_daemon_gets_a_404_that_says_so() {
     let d = tempfile::tempdir().unwrap();
     let s = InProcess::start(d.path()).await;
-    let subd = model::client::SubdClient::new(
+    let subd = wire::client::SubdClient::new(
         &s.addr,
-        &model::client::ClientSecurity::Insecure,
+        &wire::client::ClientSecurity::Insecure,
         Some(Duration::from_secs(10)),
     )
     .unwrap();
@@ -516,7 +515,7 @@ async fn get_objects_of_a_missing_or_short_file_is_an_error_never_a_short_200() 
     let c = &s.client;
     let (a, b) = (b"first object".as_slice(), b"second object".as_slice());
     c.add_objects(frames(&[a, b]).into()).await.unwrap();
-    let store = model::objectstore::ObjectStore::open(&d.path().join("objects")).unwrap();
+    let store = disk::objectstore::ObjectStore::open(&d.path().join("objects")).unwrap();
     let fetch = |ids: Vec<ObjectId>| async move {
         match c.get_objects(&ids).await {
             Err(e) => Err(e.to_string()),
@@ -623,7 +622,7 @@ async fn object_streams_beyond_the_bounds_get_a_503() {
         (2, 10, "too many object streams open on this imageserver"),
     ] {
         let d = tempfile::tempdir().unwrap();
-        let state = imageserver::State::open(d.path(), model::http::Security::Insecure)
+        let state = imageserver::State::open(d.path(), wire::http::Security::Insecure)
             .unwrap()
             .with_stream_limits(max, per_caller);
         let s = InProcess::start_with_state(state).await;
@@ -662,7 +661,7 @@ async fn the_per_caller_stream_bound_is_per_address() {
     let obj = big_object();
     let id = ObjectId::of(&obj);
     let d = tempfile::tempdir().unwrap();
-    let state = imageserver::State::open(d.path(), model::http::Security::Insecure)
+    let state = imageserver::State::open(d.path(), wire::http::Security::Insecure)
         .unwrap()
         .with_stream_limits(10, 2);
     let s = InProcess::start_with_state(state).await;
@@ -750,7 +749,7 @@ async fn partial_add_image(addr: &str, len: usize) -> tokio::net::TcpStream {
 async fn large_add_image_bodies_beyond_the_slots_get_a_503() {
     use tokio::io::AsyncReadExt;
     let d = tempfile::tempdir().unwrap();
-    let state = imageserver::State::open(d.path(), model::http::Security::Insecure)
+    let state = imageserver::State::open(d.path(), wire::http::Security::Insecure)
         .unwrap()
         .with_large_image_bodies(1, Duration::from_millis(300));
     let s = InProcess::start_with_state(state).await;

@@ -8,17 +8,17 @@
 
 use crate::upload::{Item, Source, Uploader};
 use anyhow::{bail, Context};
+use disk::scan::{scan, ChangedFiles, ScanOptions};
+use disk::tarball::{self, ContentSink};
 use indicatif::{ProgressBar, ProgressStyle};
-use model::client::ImageServerClient;
 use model::image::Kind;
-use model::scan::{scan, ChangedFiles, ScanOptions};
-use model::tarball::{self, ContentSink};
 use model::{FileTree, Filter, FsPath, Image, ImageName, ObjectId, Triggers};
 use std::collections::HashSet;
 use std::io::{self, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
+use wire::client::ImageServerClient;
 
 /// What `add` did.
 #[derive(Debug, serde::Serialize)]

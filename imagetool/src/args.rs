@@ -2,9 +2,9 @@
 //! spellings (`-imageServerHostname=HOST`, `-imageServerPortNum N`) work unchanged.
 
 use clap::{Parser, Subcommand};
-use model::security::ClientTlsArgs;
 use std::ffi::OsString;
 use std::path::PathBuf;
+use wire::security::ClientTlsArgs;
 
 /// Packages directories and tarballs into images on an imageserver, and inspects them.
 #[derive(Parser, Debug)]
@@ -20,7 +20,7 @@ pub struct Cli {
     )]
     pub image_server: String,
     /// Common name the imageserver's certificate must carry (its role)
-    #[arg(long, global = true, value_name = "NAME", default_value = model::client::IMAGESERVER_NAME)]
+    #[arg(long, global = true, value_name = "NAME", default_value = wire::client::IMAGESERVER_NAME)]
     pub image_server_name: String,
     /// Print machine-readable JSON (list, show, diff, listunrefobj, add's summary, …)
     #[arg(long, global = true)]
@@ -119,7 +119,7 @@ pub fn rewrite_dominator_flags(args: Vec<OsString>) -> Vec<OsString> {
     }
     if host.is_some() || port.is_some() {
         let host = host.unwrap_or_else(|| "localhost".into());
-        let port = port.unwrap_or_else(|| model::client::IMAGESERVER_PORT.to_string());
+        let port = port.unwrap_or_else(|| wire::client::IMAGESERVER_PORT.to_string());
         let host = if host.contains(':') && !host.starts_with('[') {
             format!("[{host}]")
         } else {

@@ -4,7 +4,6 @@
 
 use anyhow::{bail, Context};
 use futures_util::TryStreamExt;
-use model::client::ImageServerClient;
 use model::frame;
 use model::image::Kind;
 use model::{FileTree, FsPath, Image, ObjectId};
@@ -15,6 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use tokio_util::io::{StreamReader, SyncIoBridge};
+use wire::client::ImageServerClient;
 
 /// Most objects per `GetObjects` request.
 pub const GET_BATCH: usize = 4096;
@@ -100,7 +100,7 @@ fn write_initial_image(dir: &Path, name: &str) -> anyhow::Result<()> {
     }
     let path = dir.join(INITIAL_IMAGE);
     let ctx = || format!("writing {}", path.display());
-    let tmp = model::fsutil::temp_path(&path);
+    let tmp = disk::fsutil::temp_path(&path);
     let written = (|| -> io::Result<()> {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -111,7 +111,7 @@ fn write_initial_image(dir: &Path, name: &str) -> anyhow::Result<()> {
         f.write_all(format!("{name}\n").as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)?;
-        model::fsutil::fsync_dir(&d)
+        disk::fsutil::fsync_dir(&d)
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -7,7 +7,7 @@
 //! - `upload`: batched existence checks and streamed object uploads.
 //! - `listing`: `show` lines (Dominator's format) and `diff`.
 //! - `get`: unpacking an image into a directory.
-//! - `patch-directory` is a thin wrapper over `model::patch::patch_directory`.
+//! - `patch-directory` is a thin wrapper over `wire::patch::patch_directory`.
 
 pub mod add;
 pub mod args;
@@ -17,8 +17,8 @@ pub mod upload;
 
 use anyhow::Context;
 use args::{Cli, Command};
-use model::client::ImageServerClient;
 use std::io::Write;
+use wire::client::ImageServerClient;
 
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
@@ -173,16 +173,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             allow_unsafe,
             service_command,
         } => {
-            let options = model::patch::PatchOptions {
+            let options = wire::patch::PatchOptions {
                 allow_unsafe,
-                apply: model::apply::ApplyOptions {
+                apply: disk::apply::ApplyOptions {
                     service_command: service_command
                         .map(|c| c.split_whitespace().map(str::to_string).collect()),
                     ..Default::default()
                 },
                 ..Default::default()
             };
-            let report = model::patch::patch_directory(&client, &name, &dir, &options)
+            let report = wire::patch::patch_directory(&client, &name, &dir, &options)
                 .await
                 .with_context(|| format!("patching {} to {name}", dir.display()))?;
             if cli.json {

@@ -3,7 +3,6 @@
 //! blocking thread so file reading overlaps the network.
 
 use anyhow::{bail, Context};
-use model::client::ImageServerClient;
 use model::frame;
 use model::ObjectId;
 use std::collections::HashSet;
@@ -11,6 +10,7 @@ use std::io::{Read, Seek, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_util::io::{ReaderStream, SyncIoBridge};
+use wire::client::ImageServerClient;
 
 /// Where an object's bytes come from.
 pub enum Source {

@@ -32,7 +32,7 @@ impl Server {
                     .unwrap();
                 let state = imageserver::State::open_with_grace(
                     &dir,
-                    model::http::Security::Insecure,
+                    wire::http::Security::Insecure,
                     grace,
                 )
                 .unwrap();

@@ -155,7 +155,7 @@ pub fn edit<T>(
     Mdb::parse(&text).map_err(|e| StoreError::Edit(e.to_string()))?;
     if after != before {
         append_history(path, action, &before, &after)?;
-        model::fsutil::write_atomic(path, text.as_bytes()).map_err(io_err(path))?;
+        disk::fsutil::write_atomic(path, text.as_bytes()).map_err(io_err(path))?;
     }
     drop(lock);
     Ok(out)
@@ -219,7 +219,7 @@ mod tests {
     #[test]
     fn previous_image_table() {
         type Change<'a> = (Option<&'a str>, Option<&'a str>);
-        let cases: &[(&[Change], &str, Option<&str>)] = &[
+        let cases: &[(&[Change<'_>], &str, Option<&str>)] = &[
             (&[], "a", None),
             (&[(None, Some("a"))], "a", None),
             (&[(None, Some("a")), (Some("a"), Some("b"))], "b", Some("a")),

@@ -17,8 +17,8 @@ use crate::filter::Filter;
 use crate::hash::ObjectId;
 use crate::image::{FileTree, Image, Inode, Kind};
 use crate::path::FsPath;
+use crate::path::SUBD_DIR;
 use crate::plan::{CopyToCache, Hardlink, MetadataChange, PathInode, UpdatePlan};
-use crate::scan::SUBD_DIR;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// Paths subd always treats as excluded: they record which image a machine was installed
@@ -88,7 +88,12 @@ fn mtime_only(have: &Inode, want: &Inode) -> bool {
 }
 
 /// Computes the plan that makes `machine` match `image`.
-pub fn diff(image_name: &str, image: &Image, machine: &Machine, opts: &DiffOptions) -> UpdatePlan {
+pub fn diff(
+    image_name: &str,
+    image: &Image,
+    machine: &Machine<'_>,
+    opts: &DiffOptions,
+) -> UpdatePlan {
     let filter = image.filter.as_ref();
     let full = filter.is_some();
     let hidden =
@@ -327,4 +332,4 @@ pub fn object_uses(plan: &UpdatePlan) -> BTreeMap<ObjectId, usize> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;

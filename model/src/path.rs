@@ -18,6 +18,9 @@ use std::os::unix::ffi::OsStrExt;
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct FsPath(Vec<u8>);
 
+/// subd's private directory under a machine's root: never scanned, never part of an image.
+pub const SUBD_DIR: &str = "/.subd";
+
 /// Why a byte string is not an acceptable `FsPath`.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid path {path}: {reason}")]

@@ -1,6 +1,6 @@
 //! subd: the agent on every managed machine. It scans its root in the background, reports
 //! the tree over `Subd.Poll`, fetches the objects it is told to (`Subd.Fetch`, verified)
-//! and applies the update plans it is given (`Subd.Update`) with the shared `model::apply`.
+//! and applies the update plans it is given (`Subd.Update`) with the shared `disk::apply`.
 //! It never decides what to change.
 //!
 //! Layout: `lib.rs` holds the configuration, the shared state and `serve`; `scanner` the
@@ -8,27 +8,27 @@
 //! full-poll trees shared among concurrent pollers.
 //! Private state lives in `ROOT/.subd`: `objects/` (the cache), `staging/`,
 //! `triggers.previous`, `last-image`, `last-update.json`. It is opened once at start-up
-//! (`model::statedir`: refused if others can write it or the root) and reached only
+//! (`disk::statedir`: refused if others can write it or the root) and reached only
 //! through that handle afterwards.
 
 pub mod poll;
 pub mod routes;
 pub mod scanner;
 
+use disk::apply::ApplyOptions;
+use disk::objectstore::ObjectStore;
+use disk::statedir::{StateDir, StateDirError};
 use model::api::UpdateResult;
-use model::apply::ApplyOptions;
-use model::client::ClientSecurity;
 use model::diff::ALWAYS_EXCLUDED;
-use model::fetch::FetchStats;
-use model::http::Security;
-use model::objectstore::ObjectStore;
-use model::statedir::{StateDir, StateDirError};
 use model::{FileTree, Filter, ObjectId};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
+use wire::client::ClientSecurity;
+use wire::fetch::FetchStats;
+use wire::http::Security;
 
 /// The default scan exclusions (Dominator's list).
 pub const DEFAULT_EXCLUSIONS: [&str; 7] = [
@@ -79,12 +79,12 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub fetch_bytes_per_second: u64,
     /// Common name the imageserver's certificate must carry (its role) when fetching
-    #[arg(long, value_name = "NAME", default_value = model::client::IMAGESERVER_NAME)]
+    #[arg(long, value_name = "NAME", default_value = wire::client::IMAGESERVER_NAME)]
     pub image_server_name: String,
     #[command(flatten)]
-    pub tls: model::security::DaemonTlsArgs,
+    pub tls: wire::security::DaemonTlsArgs,
     #[command(flatten)]
-    pub connections: model::connection::ConnectionArgs,
+    pub connections: wire::connection::ConnectionArgs,
 }
 
 /// What a subd needs to run.
@@ -106,7 +106,7 @@ pub struct Config {
     /// Common name the imageserver's certificate must carry.
     pub image_server_name: String,
     /// Timeouts and connection limits of the server.
-    pub connection_limits: model::connection::ConnectionLimits,
+    pub connection_limits: wire::connection::ConnectionLimits,
 }
 
 impl Config {
@@ -124,7 +124,7 @@ impl Config {
             min_scan_interval: Duration::from_secs(1),
             security: Security::Insecure,
             client_security: ClientSecurity::Insecure,
-            image_server_name: model::client::IMAGESERVER_NAME.into(),
+            image_server_name: wire::client::IMAGESERVER_NAME.into(),
             connection_limits: Default::default(),
         }
     }
@@ -175,9 +175,9 @@ pub enum StartError {
     #[error("scan exclusions: {0}")]
     Exclusions(#[from] model::filter::BadRegex),
     #[error("object cache: {0}")]
-    Store(#[from] model::objectstore::StoreError),
+    Store(#[from] disk::objectstore::StoreError),
     #[error("{0} (another subd, or imagetool patch-directory, on this root?)")]
-    Locked(#[from] model::fsutil::LockError),
+    Locked(#[from] disk::fsutil::LockError),
 }
 
 /// What Poll reports; guarded by `Subd::status` (a std Mutex never held across `.await`).
@@ -191,7 +191,7 @@ pub struct Status {
     pub scans_aborted: u64,
     pub tree: Option<Arc<FileTree>>,
     pub object_cache: Option<Arc<Vec<ObjectId>>>,
-    /// Directories holding entries the last scan left out (see `model::scan::Scan`).
+    /// Directories holding entries the last scan left out (see `disk::scan::Scan`).
     pub hidden_parents: Vec<model::FsPath>,
     pub fetch_in_progress: bool,
     pub update_in_progress: bool,
@@ -224,7 +224,7 @@ pub struct Subd {
     /// Full poll replies shared per generation, and the limits on them.
     pub polls: poll::PollShare,
     /// Held while running: one subd per root.
-    _lock: model::fsutil::DirLock,
+    _lock: disk::fsutil::DirLock,
 }
 
 pub(crate) fn now_secs() -> u64 {
@@ -287,7 +287,7 @@ impl Subd {
         });
         // An update killed between stopping services and starting them left them stopped.
         let (owed, failed) =
-            model::apply::resume_pending_starts(&subd.state_dir, &subd.apply_options());
+            disk::apply::resume_pending_starts(&subd.state_dir, &subd.apply_options());
         if !owed.is_empty() {
             tracing::warn!(
                 ?owed,
@@ -303,7 +303,7 @@ impl Subd {
         Ok(subd)
     }
 
-    /// Options for `model::apply`.
+    /// Options for `disk::apply`.
     pub fn apply_options(&self) -> ApplyOptions {
         ApplyOptions {
             exclusions: Some(self.exclusions.clone()),
@@ -375,7 +375,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let security = state.config.security.clone();
     let limits = state.config.connection_limits.clone();
-    let r = model::http::serve_with_limits(
+    let r = wire::http::serve_with_limits(
         listener,
         routes::router(state.clone()),
         security,

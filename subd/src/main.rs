@@ -5,7 +5,7 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    model::report::exit_code("subd", run().await)
+    disk::report::exit_code("subd", run().await)
 }
 
 async fn run() -> anyhow::Result<()> {

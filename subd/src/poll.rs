@@ -6,12 +6,12 @@
 //! touch this.
 
 use bytes::Bytes;
-use model::http::ApiError;
 use model::{FileTree, FsPath, ObjectId};
 use serde::Serialize;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wire::http::ApiError;
 
 /// Serialized trees alive at once (the current generation's, and older ones still being
 /// sent to slow pollers).

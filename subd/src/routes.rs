@@ -12,11 +12,11 @@ use model::api::{
     methods, CleanupRequest, Empty, FetchRequest, PollRequest, UpdateRequest, UpdateResponse,
     UpdateResult,
 };
-use model::client::ImageServerClient;
-use model::fetch::{fetch_objects, FetchError, FetchOptions};
-use model::http::{ApiError, Caller, Json};
 use serde::Serialize;
 use std::sync::Arc;
+use wire::client::ImageServerClient;
+use wire::fetch::{fetch_objects, FetchError, FetchOptions};
+use wire::http::{ApiError, Caller, Json};
 
 /// The router of a subd.
 pub fn router(state: Arc<Subd>) -> Router {
@@ -211,7 +211,7 @@ fn run_update(
                 .unwrap_or_else(|| "unknown panic".into());
             let line = why.lines().next().unwrap_or("");
             let (trigger_actions, trigger_failures) =
-                model::apply::resume_pending_starts(&s.state_dir, &s.apply_options());
+                disk::apply::resume_pending_starts(&s.state_dir, &s.apply_options());
             UpdateResult {
                 image_name: plan.image_name.clone(),
                 finished_at: crate::now_secs(),
@@ -231,7 +231,7 @@ async fn fetch(
     State(s): State<Arc<Subd>>,
     Json(req): Json<FetchRequest>,
 ) -> Result<axum::Json<Empty>, ApiError> {
-    if let Err(e) = model::client::check_host_port(&req.server) {
+    if let Err(e) = wire::client::check_host_port(&req.server) {
         return Err(ApiError::BadRequest(format!(
             "fetch: imageserver address {e}"
         )));
@@ -304,7 +304,7 @@ async fn update(
             plan.to_string().trim_end().replace('\n', ";")
         );
         run_update(&s2, &plan, claim, || {
-            model::apply::apply(&s2.config.root, &s2.state_dir, &plan, &s2.apply_options())
+            disk::apply::apply(&s2.config.root, &s2.state_dir, &plan, &s2.apply_options())
         })
     });
     if !req.wait {
@@ -333,7 +333,7 @@ async fn cleanup(
         for h in &req.hashes {
             s2.store.remove(h)?;
         }
-        Ok::<_, model::objectstore::StoreError>(())
+        Ok::<_, disk::objectstore::StoreError>(())
     })
     .await
     .map_err(ApiError::internal)?
@@ -353,7 +353,7 @@ async fn status_page(State(s): State<Arc<Subd>>) -> Html<String> {
     let st = s.status();
     let mut h = String::from("<!doctype html><title>subd</title><h1>subd</h1>");
     if s.config.security.is_insecure() {
-        h.push_str(model::http::INSECURE_BANNER);
+        h.push_str(wire::http::INSECURE_BANNER);
     }
     let last = st.last_update.as_ref();
     let rows = [

@@ -12,7 +12,7 @@
 //! once it ends.
 
 use crate::{now_secs, Subd};
-use model::scan::{scan_full, ChangedFiles, ScanOptions, Throttle};
+use disk::scan::{scan_full, ChangedFiles, ScanOptions, Throttle};
 use model::ObjectId;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -74,10 +74,8 @@ pub fn run(subd: &Subd) {
         let cache = subd.store.list();
         let (tree, hidden_parents, cache) = match (scanned, cache) {
             (Ok(s), Ok(c)) => (s.tree, s.hidden_parents.into_iter().collect::<Vec<_>>(), c),
-            (Err(model::scan::ScanError::Cancelled), _) if subd.stop.load(Ordering::SeqCst) => {
-                break
-            }
-            (Err(model::scan::ScanError::Cancelled), _) => {
+            (Err(disk::scan::ScanError::Cancelled), _) if subd.stop.load(Ordering::SeqCst) => break,
+            (Err(disk::scan::ScanError::Cancelled), _) => {
                 tracing::debug!("scan pass abandoned: an update began");
                 subd.status().scans_aborted += 1;
                 continue;

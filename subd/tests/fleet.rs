@@ -1,12 +1,11 @@
 //! A real imageserver and a real subd, both on 127.0.0.1:0, with a temp directory as root:
-//! images are built from directories with `model::scan` and uploaded (objects + image)
+//! images are built from directories with `disk::scan` and uploaded (objects + image)
 //! the way imagetool does; plans come from the shared diff; subd fetches from the
 //! imageserver. Faults: imageserver down, answering 500, truncating, serving bad bytes.
 
+use disk::scan::{scan, ScanOptions};
 use model::api::{FetchRequest, PollRequest, PollResponse, UpdateRequest};
-use model::client::{ClientSecurity, ImageServerClient, SubdClient};
 use model::diff::DiffOptions;
-use model::scan::{scan, ScanOptions};
 use model::{Filter, Image, ObjectId, Triggers};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -14,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use subd::{Config, Subd};
 use testkit::{Fault, FaultProxy};
+use wire::client::{ClientSecurity, ImageServerClient, SubdClient};
 
 struct Fleet {
     _dir: tempfile::TempDir,
@@ -36,7 +36,7 @@ async fn fleet() -> Fleet {
     let root = dir.path().join("root");
     let data = dir.path().join("imageserver");
     std::fs::create_dir_all(&root).unwrap();
-    let st = imageserver::State::open(&data, model::http::Security::Insecure).unwrap();
+    let st = imageserver::State::open(&data, wire::http::Security::Insecure).unwrap();
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = l.local_addr().unwrap().to_string();
     tokio::spawn(imageserver::serve(l, st, std::future::pending()));
@@ -247,7 +247,7 @@ async fn fetch_faults_are_reported_and_nothing_bad_is_kept() {
         e.to_string().contains("truncated") || e.to_string().contains("connection"),
         "{e}"
     );
-    let store = model::objectstore::ObjectStore::open(&f.root.join(".subd/objects")).unwrap();
+    let store = disk::objectstore::ObjectStore::open(&f.root.join(".subd/objects")).unwrap();
     for (h, _) in store.list().unwrap() {
         assert_eq!(
             ObjectId::of(&std::fs::read(store.path_of(&h)).unwrap()),
@@ -257,7 +257,7 @@ async fn fetch_faults_are_reported_and_nothing_bad_is_kept() {
     }
     // bytes that do not match their name on the imageserver's disk
     let big = ObjectId::of(&vec![7u8; 300_000]);
-    let on_server = model::objectstore::ObjectStore::open(&f.data.join("objects"))
+    let on_server = disk::objectstore::ObjectStore::open(&f.data.join("objects"))
         .unwrap()
         .path_of(&big);
     let mut bytes = std::fs::read(&on_server).unwrap();

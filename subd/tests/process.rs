@@ -3,16 +3,16 @@
 //! leaves no partial object behind; a root others can write, or a `.subd` that is a
 //! symlink, is refused at start-up.
 
+use disk::objectstore::ObjectStore;
 use model::api::{FetchRequest, PollRequest, PollResponse, UpdateRequest};
-use model::client::{ClientSecurity, SubdClient};
 use model::diff::DiffOptions;
 use model::image::{FileTree, Image, Inode, Mtime};
-use model::objectstore::ObjectStore;
 use model::{Filter, FsPath, ObjectId, Triggers};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
+use wire::client::{ClientSecurity, SubdClient};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

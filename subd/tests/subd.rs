@@ -2,11 +2,10 @@
 //! plans computed with the shared diff from what Poll returns. Objects are put straight
 //! into the subd's cache here (fetching from a real imageserver is in `fleet.rs`).
 
+use disk::objectstore::ObjectStore;
 use model::api::{PollRequest, PollResponse, UpdateRequest, UpdateResult};
-use model::client::{ClientSecurity, SubdClient};
 use model::diff::DiffOptions;
 use model::image::{FileTree, Image, Inode, Mtime};
-use model::objectstore::ObjectStore;
 use model::plan::{PathInode, UpdatePlan};
 use model::{FsPath, ObjectId, Triggers};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -14,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use subd::{Config, Subd};
+use wire::client::{ClientSecurity, SubdClient};
 
 struct Running {
     _dir: tempfile::TempDir,

@@ -11,14 +11,14 @@ mod common;
 use common::{
     check_objects, converge, fetch_then_replan, files_under, full_poll, imageserver, plan_for, subd,
 };
+use disk::fsutil::TEMP_SUFFIX;
 use model::api::{FetchRequest, UpdateRequest};
-use model::client::{ClientSecurity, ImageServerClient};
-use model::fsutil::TEMP_SUFFIX;
 use model::{Image, ObjectId};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use testkit::{bin, free_port};
+use wire::client::{ClientSecurity, ImageServerClient};
 
 fn iterations() -> usize {
     std::env::var("CRASH_ITERATIONS")

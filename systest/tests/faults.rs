@@ -100,9 +100,9 @@ async fn oversized_image_metadata_is_refused_with_413_and_bounded_memory() {
         rss < 200 * 1024,
         "imageserver peak RSS {rss} KiB while refusing a 160 MiB body"
     );
-    let names = model::client::ImageServerClient::new(
+    let names = wire::client::ImageServerClient::new(
         &format!("127.0.0.1:{port}"),
-        &model::client::ClientSecurity::Insecure,
+        &wire::client::ClientSecurity::Insecure,
     )
     .unwrap()
     .list_images(None)

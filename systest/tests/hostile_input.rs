@@ -8,13 +8,13 @@ mod common;
 
 use common::{add_image, full_poll, imageserver, subd};
 use model::api::UpdateRequest;
-use model::client::{ClientError, ClientSecurity, RpcClient};
 use model::image::Inode;
 use model::plan::PathInode;
 use model::UpdatePlan;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use testkit::{bin, free_port, Daemon};
+use wire::client::{ClientError, ClientSecurity, RpcClient};
 
 fn at(path: &str, inode: Inode) -> PathInode {
     PathInode {
@@ -172,9 +172,9 @@ async fn the_dominator_refuses_a_hand_edited_mdb_naming_the_bad_record() {
     let _dom = Daemon::start(&bin("dominator"), &args.map(String::from), &daddr);
     let api = RpcClient::new(
         &daddr,
-        model::client::DOMINATOR_PORT,
+        wire::client::DOMINATOR_PORT,
         &ClientSecurity::Insecure,
-        model::client::DOMINATOR_NAME,
+        wire::client::DOMINATOR_NAME,
         Some(Duration::from_secs(10)),
     )
     .unwrap();

@@ -4,13 +4,13 @@
 //! idle kept-alive connection is closed; an upload that stops mid-body is cut off; and with
 //! a 256-descriptor limit, 1,000 slow sockets do not stop normal requests.
 
-use model::tls::TlsFiles;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use testkit::{bin, free_port, Daemon};
+use wire::tls::TlsFiles;
 
 const HEADER_TIMEOUT_SECS: u64 = 2;
 const PARTIAL_HEAD: &[u8] = b"POST /rpc/Subd.Poll HTTP/1.1\r\nHost: x\r\nX-Slow: ";
@@ -139,10 +139,10 @@ fn plain_get(addr: &str) -> (u16, Duration) {
 /// Status of `GET /metrics` over mutual TLS with the admin pair, and how long it took.
 async fn tls_get(addr: &str, certs: &Path, role: &str) -> (u16, Duration) {
     let t0 = Instant::now();
-    let c = model::client::RpcClient::new(
+    let c = wire::client::RpcClient::new(
         addr,
         0,
-        &model::client::ClientSecurity::Tls(admin(certs)),
+        &wire::client::ClientSecurity::Tls(admin(certs)),
         role,
         Some(Duration::from_secs(10)),
     )
@@ -168,7 +168,7 @@ fn sockets_of(pid: u32) -> usize {
 async fn slowloris_is_closed_and_normal_requests_answer(daemon: &str, tls: bool) {
     let work = tempfile::tempdir().unwrap();
     let certs = work.path().join("certs");
-    model::certs::make_all(&certs, &[]).unwrap();
+    wire::certs::make_all(&certs, &[]).unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let mut args = daemon_args(daemon, work.path(), &addr, HEADER_TIMEOUT_SECS);
     if tls {
@@ -177,7 +177,7 @@ async fn slowloris_is_closed_and_normal_requests_answer(daemon: &str, tls: bool)
         args.push("--permit-insecure-mode".into());
     }
     let d = Daemon::start(&bin(daemon), &args, &addr);
-    let cfg = tls.then(|| Arc::new(model::tls::client_config(&admin(&certs), daemon).unwrap()));
+    let cfg = tls.then(|| Arc::new(wire::tls::client_config(&admin(&certs), daemon).unwrap()));
     let t0 = Instant::now();
     let mut slow: Vec<Slow> = (0..100)
         .map(|_| Slow::open(&addr, cfg.as_ref()).unwrap())

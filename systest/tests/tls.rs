@@ -5,12 +5,12 @@
 //! the wrong role's pair shows its machines as `poll denied`.
 
 use model::api::{PollRequest, UpdateRequest};
-use model::client::{ClientSecurity, SubdClient};
-use model::tls::TlsFiles;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 use testkit::{bin, free_port, Daemon};
+use wire::client::{ClientSecurity, SubdClient};
+use wire::tls::TlsFiles;
 
 fn daemon_flags(certs: &Path, role: &str) -> Vec<String> {
     vec![
@@ -102,9 +102,9 @@ fn each_daemon_refuses_to_start_without_certificates() {
 async fn roles_over_mutual_tls_with_the_real_binaries() {
     let work = tempfile::tempdir().unwrap();
     let certs = work.path().join("certs");
-    model::certs::make_all(&certs, &[]).unwrap();
+    wire::certs::make_all(&certs, &[]).unwrap();
     let other = work.path().join("other-ca");
-    model::certs::make_all(&other, &[]).unwrap();
+    wire::certs::make_all(&other, &[]).unwrap();
 
     // imageserver over TLS
     let addr = format!("127.0.0.1:{}", free_port());
@@ -200,7 +200,7 @@ async fn roles_over_mutual_tls_with_the_real_binaries() {
 async fn a_builder_certificate_gets_a_short_poll_and_is_refused_a_full_one() {
     let work = tempfile::tempdir().unwrap();
     let certs = work.path().join("certs");
-    model::certs::make_all(&certs, &[]).unwrap();
+    wire::certs::make_all(&certs, &[]).unwrap();
     let (_subd, saddr) = tls_subd(work.path(), &certs);
     let client = |cert: &str, key: &str| {
         let files = TlsFiles {
@@ -251,7 +251,7 @@ async fn a_builder_certificate_gets_a_short_poll_and_is_refused_a_full_one() {
 async fn the_dominator_names_a_denied_poll_and_a_name_that_does_not_resolve() {
     let work = tempfile::tempdir().unwrap();
     let certs = work.path().join("certs");
-    model::certs::make_all(&certs, &[]).unwrap();
+    wire::certs::make_all(&certs, &[]).unwrap();
     let (_subd, saddr) = tls_subd(work.path(), &certs);
     // The image exists: the dominator's short poll is allowed, so it is the full poll
     // (taken once it has the image) that is denied.
@@ -296,9 +296,9 @@ async fn the_dominator_names_a_denied_poll_and_a_name_that_does_not_resolve() {
     ];
     dargs.extend(user_flags(&certs, "builder")); // the wrong role's pair
     let _dom = Daemon::start(&bin("dominator"), &dargs, &daddr);
-    let admin = model::client::RpcClient::new(
+    let admin = wire::client::RpcClient::new(
         &daddr,
-        model::client::DOMINATOR_PORT,
+        wire::client::DOMINATOR_PORT,
         &ClientSecurity::Tls(TlsFiles {
             ca: certs.join("CA.pem"),
             cert: certs.join("admin.cert"),
@@ -339,7 +339,7 @@ async fn the_dominator_names_a_denied_poll_and_a_name_that_does_not_resolve() {
 fn an_imageserver_with_another_roles_certificate_is_refused_by_its_clients() {
     let work = tempfile::tempdir().unwrap();
     let certs = work.path().join("certs");
-    model::certs::make_all(&certs, &[]).unwrap();
+    wire::certs::make_all(&certs, &[]).unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let mut args = vec![
         "--data-dir".to_string(),

@@ -2,11 +2,11 @@
 //! newer than one already seen, plan with the shared diff, update and wait.
 
 use model::api::{PollRequest, PollResponse, UpdateRequest, UpdateResult};
-use model::client::SubdClient;
 use model::diff::{diff, DiffOptions, Machine};
 use model::{Filter, Image, ObjectId, UpdatePlan};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
+use wire::client::SubdClient;
 
 /// Polls until a scan newer than generation `after` is reported with its tree, and no
 /// fetch or update is running; errors (a subd still starting) are retried. Panics after

@@ -2,15 +2,15 @@
 //! to an image the way the dominator does, and checking an object store.
 #![allow(dead_code)]
 
+use disk::fsutil::TEMP_SUFFIX;
 use model::api::{FetchRequest, PollResponse, UpdateRequest};
-use model::client::{ClientSecurity, SubdClient};
 use model::diff::DiffOptions;
-use model::fsutil::TEMP_SUFFIX;
 use model::{Image, ObjectId};
 use std::path::Path;
 use std::time::{Duration, Instant};
 pub use testkit::files_under;
 use testkit::{bin, Daemon};
+use wire::client::{ClientSecurity, SubdClient};
 
 /// Every object file's bytes hash to its name; temp files are tolerated only when
 /// `allow_temp` (before a restart cleans them). Returns the number of objects.
@@ -141,7 +141,7 @@ pub async fn add_image(server: &str, name: &str, dir: &Path, filter: &str) -> Im
         "imagetool add {name}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    model::client::ImageServerClient::new(server, &ClientSecurity::Insecure)
+    wire::client::ImageServerClient::new(server, &ClientSecurity::Insecure)
         .unwrap()
         .get_image(name)
         .await

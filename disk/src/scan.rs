@@ -10,10 +10,10 @@
 //! block the scan nor make it read forever: it is a *changed* name, which
 //! `ChangedFiles` says how to treat (left out of this pass, or an error).
 
-use crate::filter::Filter;
-use crate::hash::{ObjectHasher, ObjectId};
-use crate::image::{FileTree, Inode, Kind, Mtime};
-use crate::path::FsPath;
+use model::filter::Filter;
+use model::hash::{ObjectHasher, ObjectId};
+use model::image::{FileTree, Inode, Kind, Mtime};
+use model::path::FsPath;
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Stat};
 use rustix::io::Errno;
@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Paths never scanned: subd's private directory.
-pub const SUBD_DIR: &str = "/.subd";
+pub use model::path::SUBD_DIR;
 
 /// Called after each chunk of file content is hashed, with the byte count; may sleep to
 /// rate-limit the scan.
@@ -265,7 +265,12 @@ fn is_change(e: Errno) -> bool {
     )
 }
 
-fn walk(dir: BorrowedFd, dir_path: &FsPath, w: &Walk, found: &mut Found) -> Result<(), ScanError> {
+fn walk(
+    dir: BorrowedFd<'_>,
+    dir_path: &FsPath,
+    w: &Walk<'_>,
+    found: &mut Found<'_>,
+) -> Result<(), ScanError> {
     if cancelled(w.opts) {
         return Err(ScanError::Cancelled);
     }
@@ -358,7 +363,7 @@ fn walk(dir: BorrowedFd, dir_path: &FsPath, w: &Walk, found: &mut Found) -> Resu
 }
 
 /// A name changed between being listed and being opened: an error, or left out.
-fn changed(w: &Walk, path: FsPath) -> Result<(), ScanError> {
+fn changed(w: &Walk<'_>, path: FsPath) -> Result<(), ScanError> {
     match w.opts.changed {
         ChangedFiles::Fail => Err(ScanError::Changed(w.shown(&path))),
         ChangedFiles::LeaveOut => {
@@ -387,7 +392,7 @@ enum Hashed {
 
 fn hash_files(
     root: &Path,
-    root_fd: BorrowedFd,
+    root_fd: BorrowedFd<'_>,
     files: &[Listed],
     opts: &ScanOptions,
 ) -> Result<HashMap<u64, Hashed>, ScanError> {
@@ -433,7 +438,7 @@ fn hash_files(
 /// Opens listed file `l` under the root without following any symlink or crossing a
 /// mount point (`openat2` where the kernel has it; else only the last component is
 /// checked, and the inode check below catches the rest), never blocking.
-fn open_listed(root_fd: BorrowedFd, l: &Listed) -> Result<OwnedFd, Errno> {
+fn open_listed(root_fd: BorrowedFd<'_>, l: &Listed) -> Result<OwnedFd, Errno> {
     let rel = l.path.relative_os();
     let base =
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
@@ -456,7 +461,11 @@ fn open_listed(root_fd: BorrowedFd, l: &Listed) -> Result<OwnedFd, Errno> {
 
 /// Hashes listed file `l` if it is still that regular file, reading exactly the size its
 /// open handle reports (a file that grows while read cannot make the scan read forever).
-fn hash_listed(root_fd: BorrowedFd, l: &Listed, throttle: Option<&Throttle>) -> io::Result<Hashed> {
+fn hash_listed(
+    root_fd: BorrowedFd<'_>,
+    l: &Listed,
+    throttle: Option<&Throttle>,
+) -> io::Result<Hashed> {
     let fd = match open_listed(root_fd, l) {
         Ok(fd) => fd,
         Err(e) if is_change(e) => return Ok(Hashed::Changed),

@@ -26,10 +26,10 @@
 //!   its CRC trailer) and a file that is not a tar are errors. An archive with no entries
 //!   at all is an error too.
 
-use crate::hash::{ObjectHasher, ObjectId};
-use crate::image::{check_id, FileTree, Inode, Kind, Mtime};
-use crate::path::{escape, FsPath};
-use crate::scan::SUBD_DIR;
+use model::hash::{ObjectHasher, ObjectId};
+use model::image::{check_id, FileTree, Inode, Kind, Mtime};
+use model::path::SUBD_DIR;
+use model::path::{escape, FsPath};
 use std::collections::BTreeSet;
 use std::io::{self, BufRead, BufReader, Read};
 use tar::EntryType;
@@ -71,7 +71,7 @@ pub struct HashOnly;
 
 impl ContentSink for HashOnly {
     fn file(&mut self, _: &FsPath, _: u64, content: &mut dyn Read) -> io::Result<ObjectId> {
-        Ok(crate::hash::hash_reader(content)?.0)
+        Ok(model::hash::hash_reader(content)?.0)
     }
 }
 
@@ -386,7 +386,7 @@ fn pax_id(which: &str, v: &[u8]) -> Result<u64, String> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!(
             "pax {which} {:?} is not a decimal number",
-            crate::path::escape(v)
+            model::path::escape(v)
         ));
     }
     s.parse::<u64>()
@@ -442,7 +442,7 @@ fn pax_mtime(value: &[u8]) -> Option<Mtime> {
 fn classify_io(e: io::Error) -> TarError {
     // The tar crate quotes header bytes in its messages: escaped, so that a hostile file
     // cannot put an escape sequence on the operator's terminal.
-    let msg = crate::path::escape(e.to_string().as_bytes());
+    let msg = model::path::escape(e.to_string().as_bytes());
     if msg.contains("checksum mismatch") || msg.contains("numeric field") {
         TarError::NotTar(msg)
     } else if e.kind() == io::ErrorKind::UnexpectedEof || msg.contains("entire block") {
@@ -800,7 +800,7 @@ mod tests {
         let e = run(data).expect_err("must fail").to_string();
         assert!(e.contains("not a tar"), "{e:?}");
         assert!(
-            !e.chars().any(crate::image::is_hidden_char),
+            !e.chars().any(model::image::is_hidden_char),
             "raw control character in {e:?}"
         );
     }

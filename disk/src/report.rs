@@ -19,7 +19,12 @@ pub fn error_line(e: &(dyn Error + 'static)) -> String {
 }
 
 /// The exit code for a program's outcome, printing a failure as `PROGRAM: one line`.
-pub fn exit_code(program: &str, outcome: anyhow::Result<()>) -> std::process::ExitCode {
+/// Takes any error that can be seen as `dyn Error` (a library error, or `anyhow::Error` in a
+/// `main`), so this library needs no `anyhow`.
+pub fn exit_code<E: AsRef<dyn Error>>(
+    program: &str,
+    outcome: Result<(), E>,
+) -> std::process::ExitCode {
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -10,7 +10,7 @@
 //! temp files that `open` removes. Nothing renames, overwrites or edits an object in place.
 
 use crate::fsutil::{DeleteOnDrop, TEMP_SUFFIX};
-use crate::hash::{ObjectHasher, ObjectId};
+use model::hash::{ObjectHasher, ObjectId};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;

@@ -1,10 +1,10 @@
 //! The one place HTTP clients are built: `RpcClient` (TCP_NODELAY, timeouts, optional mutual
 //! TLS) and the typed clients `ImageServerClient` and `SubdClient` over it.
 
-use crate::api::{self, methods, ErrorBody};
-use crate::hash::ObjectId;
-use crate::image::Image;
 use crate::tls::{client_config, TlsFiles};
+use model::api::{self, methods, ErrorBody};
+use model::hash::ObjectId;
+use model::image::Image;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::time::Duration;
@@ -48,7 +48,7 @@ impl ClientError {
 
 /// An address that must be `HOST[:PORT]` but is a URL, a path or something else.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{} is not HOST[:PORT]: {reason}", crate::path::escape(addr.as_bytes()))]
+#[error("{} is not HOST[:PORT]: {reason}", model::path::escape(addr.as_bytes()))]
 pub struct BadHostPort {
     pub addr: String,
     pub reason: &'static str,

@@ -248,7 +248,7 @@ impl StateDir {
     }
 }
 
-use crate::plan::writable_by_others as others_can_replace_entries;
+use model::plan::writable_by_others as others_can_replace_entries;
 
 #[cfg(test)]
 mod tests {

@@ -2,10 +2,10 @@
 //! trigger order and command timeouts.
 
 use super::*;
-use crate::diff::{diff, DiffOptions, Machine};
-use crate::image::{FileTree, Image, Mtime};
-use crate::plan::{Hardlink, MetadataChange, PathInode};
 use crate::scan::{scan_full, ScanOptions};
+use model::diff::{diff, DiffOptions, Machine};
+use model::image::{FileTree, Image, Mtime};
+use model::plan::{Hardlink, MetadataChange, PathInode};
 use proptest::prelude::*;
 use std::collections::HashMap;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
@@ -762,15 +762,15 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
     #[test]
     fn applying_a_diff_to_a_real_tree_converges(
-        a in crate::diff::tests::arb_tree(),
-        b in crate::diff::tests::arb_tree(),
+        a in model::testing::arb_tree(),
+        b in model::testing::arb_tree(),
         full in any::<bool>(),
     ) {
         let f = fixture();
         let contents = contents_for(&a);
         // fix the generated mtimes into the past so the kernel keeps them exactly
         materialize(&a, &f.root, &contents);
-        let img = crate::diff::tests::image(b, full.then_some(""));
+        let img = model::testing::image(b, full.then_some(""));
         let opts = ApplyOptions::default();
         let (plan, r) = converge(&f, &img, &contents, &opts);
         prop_assert!(r.errors.is_empty(), "{:?}\n{plan:#}", r.errors);

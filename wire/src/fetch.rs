@@ -8,9 +8,9 @@
 //! objects before the cut; a full disk is reported as such.
 
 use crate::client::{ClientError, ImageServerClient};
-use crate::hash::ObjectId;
-use crate::objectstore::{ObjectStore, PendingObject, StoreError};
+use disk::objectstore::{ObjectStore, PendingObject, StoreError};
 use futures_util::StreamExt;
+use model::hash::ObjectId;
 use std::collections::HashSet;
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -175,7 +175,7 @@ fn write_frames(mut r: impl Read, store: &ObjectStore, wanted: &HashSet<ObjectId
     let dir = store.dir().display().to_string();
     let mut buf = vec![0u8; COPY_BUFFER];
     loop {
-        let (id, len) = match crate::frame::read_header(&mut r) {
+        let (id, len) = match model::frame::read_header(&mut r) {
             Ok(None) => break,
             Ok(Some(h)) => h,
             Err(e) => {
@@ -420,7 +420,7 @@ pub async fn fetch_objects(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::header;
+    use model::frame::header;
 
     fn body(objs: &[(&ObjectId, &[u8])]) -> Vec<u8> {
         let mut v = Vec::new();

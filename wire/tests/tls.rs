@@ -1,12 +1,12 @@
-//! Mutual TLS end to end: a real `model::http::serve` on a loopback port, real clients with
-//! certificates from `model::certs`, checking who may call what.
+//! Mutual TLS end to end: a real `wire::http::serve` on a loopback port, real clients with
+//! certificates from `wire::certs`, checking who may call what.
 
 use axum::routing::post;
 use axum::{Extension, Router};
-use model::client::{ClientSecurity, RpcClient};
-use model::http::{serve, Caller, Security};
-use model::tls::{server_config, TlsFiles};
 use std::path::Path;
+use wire::client::{ClientSecurity, RpcClient};
+use wire::http::{serve, Caller, Security};
+use wire::tls::{server_config, TlsFiles};
 
 async fn whoami(Extension(c): Extension<Caller>) -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({ "name": c.name }))
@@ -50,12 +50,12 @@ async fn call(
     addr: &str,
     files: TlsFiles,
     method: &str,
-) -> Result<String, model::client::ClientError> {
+) -> Result<String, wire::client::ClientError> {
     let c = RpcClient::new(
         addr,
         0,
         &ClientSecurity::Tls(files),
-        model::client::SUBD_NAME,
+        wire::client::SUBD_NAME,
         None,
     )
     .unwrap();
@@ -66,7 +66,7 @@ async fn call(
 #[tokio::test]
 async fn grants_from_the_certificate_decide_who_may_call_what() {
     let d = tempfile::tempdir().unwrap();
-    model::certs::make_all(d.path(), &[]).unwrap();
+    wire::certs::make_all(d.path(), &[]).unwrap();
     let (addr, _stop) = start(&daemon(d.path(), "subd")).await;
 
     // The dominator's certificate is accepted for Subd.* and identified by its CN.
@@ -102,8 +102,8 @@ async fn grants_from_the_certificate_decide_who_may_call_what() {
 async fn a_client_from_another_ca_is_refused() {
     let good = tempfile::tempdir().unwrap();
     let evil = tempfile::tempdir().unwrap();
-    model::certs::make_all(good.path(), &[]).unwrap();
-    model::certs::make_all(evil.path(), &[]).unwrap();
+    wire::certs::make_all(good.path(), &[]).unwrap();
+    wire::certs::make_all(evil.path(), &[]).unwrap();
     let (addr, _stop) = start(&daemon(good.path(), "subd")).await;
     // The evil client trusts the good CA (so it would accept the server) but presents a
     // certificate signed by another CA with a "*.*" grant.
@@ -118,10 +118,10 @@ async fn a_client_from_another_ca_is_refused() {
 #[tokio::test]
 async fn a_server_with_another_roles_certificate_is_refused() {
     let d = tempfile::tempdir().unwrap();
-    model::certs::make_all(d.path(), &[]).unwrap();
+    wire::certs::make_all(d.path(), &[]).unwrap();
     let (addr, _stop) = start(&daemon(d.path(), "subd")).await;
     let c =
-        model::client::ImageServerClient::new(&addr, &ClientSecurity::Tls(user(d.path(), "admin")))
+        wire::client::ImageServerClient::new(&addr, &ClientSecurity::Tls(user(d.path(), "admin")))
             .unwrap();
     let e = c.list_images(None).await.unwrap_err();
     let msg = e.to_string();
@@ -145,7 +145,7 @@ async fn a_server_with_another_roles_certificate_is_refused() {
 #[tokio::test]
 async fn a_plain_http_client_gets_nothing_from_a_tls_server() {
     let d = tempfile::tempdir().unwrap();
-    model::certs::make_all(d.path(), &[]).unwrap();
+    wire::certs::make_all(d.path(), &[]).unwrap();
     let (addr, _stop) = start(&daemon(d.path(), "subd")).await;
     let c = RpcClient::new(&addr, 0, &ClientSecurity::Insecure, "subd", None).unwrap();
     let r: Result<serde_json::Value, _> = c.call("Subd.Update", &serde_json::json!({})).await;
@@ -157,7 +157,7 @@ async fn certificates_with_dominators_extension_are_honoured() {
     // A certificate built independently of make_all, the way Dominator's tools encode the
     // extension (SEQUENCE of UTF8String under OID 1.3.6.1.4.1.9586.100.7.1).
     let d = tempfile::tempdir().unwrap();
-    model::certs::make_all(d.path(), &[]).unwrap();
+    wire::certs::make_all(d.path(), &[]).unwrap();
     let ca_pem = std::fs::read_to_string(d.path().join("CA.pem")).unwrap();
     let ca_key =
         rcgen::KeyPair::from_pem(&std::fs::read_to_string(d.path().join("CA.key")).unwrap())
@@ -195,7 +195,7 @@ async fn certificates_with_dominators_extension_are_honoured() {
 #[test]
 fn a_daemon_without_certificates_refuses_to_start_unless_permitted() {
     let d = tempfile::tempdir().unwrap();
-    let mut args = model::security::DaemonTlsArgs {
+    let mut args = wire::security::DaemonTlsArgs {
         ca: Some(d.path().join("CA.pem")),
         cert: Some(d.path().join("c.pem")),
         key: Some(d.path().join("k.pem")),

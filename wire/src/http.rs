@@ -3,7 +3,6 @@
 //! RPCs the caller is not granted, and shuts down gracefully. Also `ApiError`, the one
 //! mapping from errors to HTTP statuses.
 
-use crate::api::ErrorBody;
 use crate::connection::{
     Admitted, BodyPace, ConnectionLimits, PacedBody, StallIo, Tracker, SHED_LOG_INTERVAL,
 };
@@ -14,6 +13,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
+use model::api::ErrorBody;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -120,7 +120,7 @@ pub async fn serve(
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then waits (up to 10 s) for
-/// requests in flight. Each connection is bounded by `limits` (see `model::connection`
+/// requests in flight. Each connection is bounded by `limits` (see `wire::connection`
 /// for the timeouts and which connection is shed over a limit).
 pub async fn serve_with_limits(
     listener: TcpListener,
@@ -293,7 +293,7 @@ fn service(
             if let Some(method) = method_of(req.uri().path()) {
                 // Any authenticated caller may poll short (Dominator); subd refuses a full
                 // poll to a caller without the `Subd.Poll` grant itself.
-                if !caller.may(method) && method != crate::api::methods::SUBD_POLL {
+                if !caller.may(method) && method != model::api::methods::SUBD_POLL {
                     tracing::warn!(caller = %caller.name, method, "access to method denied");
                     return Ok(
                         ApiError::Forbidden("access to method denied".into()).into_response()

@@ -13,16 +13,16 @@
 //! itself, so no write, chown or chmod can follow a symlink out of the root. A failed step
 //! is recorded and the rest continues.
 
-use crate::api::UpdateResult;
-use crate::diff::{is_protected, object_uses};
-use crate::filter::Filter;
-use crate::hash::ObjectId;
-use crate::image::{Inode, Kind};
 use crate::objectstore::ObjectStore;
-use crate::path::FsPath;
-use crate::plan::UpdatePlan;
 use crate::statedir::StateDir;
-use crate::triggers::{Trigger, Triggers};
+use model::api::UpdateResult;
+use model::diff::{is_protected, object_uses};
+use model::filter::Filter;
+use model::hash::ObjectId;
+use model::image::{Inode, Kind};
+use model::path::FsPath;
+use model::plan::UpdatePlan;
+use model::triggers::{Trigger, Triggers};
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, CWD};
 use rustix::io::Errno;
@@ -150,7 +150,7 @@ fn kind_of(st: &rustix::fs::Stat) -> Option<Kind> {
 /// Opens the inode `name` in `dir` without following a symlink: a normal handle for
 /// directories, files and FIFOs, an `O_PATH` handle for symlinks and devices (opening a
 /// device could have side effects). Returns the handle and whether it is `O_PATH`.
-fn open_inode(dir: BorrowedFd, name: &[u8], kind: Kind) -> Result<(OwnedFd, bool), Errno> {
+fn open_inode(dir: BorrowedFd<'_>, name: &[u8], kind: Kind) -> Result<(OwnedFd, bool), Errno> {
     let base = OFlags::NOFOLLOW | OFlags::CLOEXEC;
     match kind {
         Kind::Dir => rustix::fs::openat(
@@ -227,7 +227,7 @@ fn set_metadata(fd: &OwnedFd, o_path: bool, want: &Inode) -> Result<(), String> 
 /// Removes `name` in `dir` with everything beneath it, never following symlinks, never
 /// crossing mount points, leaving protected paths (and so their ancestors) in place.
 fn remove_tree(
-    dir: BorrowedFd,
+    dir: BorrowedFd<'_>,
     name: &[u8],
     path: &FsPath,
     dev: u64,
@@ -792,7 +792,7 @@ pub fn resume_pending_starts(
         result: UpdateResult::default(),
     };
     for [svc, action] in &pairs {
-        if crate::triggers::valid_service_name(svc) && matches!(action.as_str(), "start" | "reload")
+        if model::triggers::valid_service_name(svc) && matches!(action.as_str(), "start" | "reload")
         {
             tracing::warn!("an interrupted update left {svc} to {action}: running it now");
             run.service(svc, action);
@@ -802,7 +802,7 @@ pub fn resume_pending_starts(
     (run.result.trigger_actions, run.result.trigger_failures)
 }
 
-fn finish(mut run: Run) -> UpdateResult {
+fn finish(mut run: Run<'_>) -> UpdateResult {
     run.result.finished_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -862,7 +862,7 @@ fn write_patched_image(fs: &mut Root, name: &str) {
 /// Removes a directory standing where a non-directory must go.
 fn clear_dir_in_way(
     fs: &mut Root,
-    pfd: BorrowedFd,
+    pfd: BorrowedFd<'_>,
     leaf: &[u8],
     path: &FsPath,
     excl: Option<&Filter>,
@@ -937,7 +937,7 @@ fn prepare_staging(state_dir: &StateDir) -> io::Result<OwnedFd> {
 }
 
 /// Removes everything in directory `dir`, never following a symlink.
-fn empty_dir(dir: BorrowedFd) -> io::Result<()> {
+fn empty_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
     let mut names: Vec<Vec<u8>> = Vec::new();
     for e in rustix::fs::Dir::read_from(dir)? {
         let n = e?.file_name().to_bytes().to_vec();
@@ -1040,7 +1040,7 @@ fn copy_object(src: &Path, sfd: &OwnedFd, name: &str) -> Result<(), String> {
 
 /// Copies files already on the machine into the cache, verifying their content.
 /// (Always a copy: linking would let the cache share an inode with a live file.)
-fn copy_to_cache(fs: &mut Root, store: &ObjectStore, plan: &UpdatePlan, run: &mut Run) {
+fn copy_to_cache(fs: &mut Root, store: &ObjectStore, plan: &UpdatePlan, run: &mut Run<'_>) {
     let mut pending = Vec::new();
     for c in &plan.files_to_copy_to_cache {
         if store.contains(&c.hash) {

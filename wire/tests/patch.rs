@@ -1,21 +1,21 @@
 //! `patch_directory` and `fetch_objects` over real HTTP against a small in-process object
-//! server (built on `model::http::serve`) that can lie: corrupt bytes, cut replies, 500s.
+//! server (built on `wire::http::serve`) that can lie: corrupt bytes, cut replies, 500s.
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::routing::post;
 use axum::Router;
+use disk::objectstore::ObjectStore;
 use model::api::{methods, GetObjectsRequest, ImageNameRequest};
-use model::client::{ClientSecurity, ImageServerClient};
-use model::fetch::{fetch_objects, FetchError, FetchOptions};
-use model::http::{serve, ApiError, Json, Security};
 use model::image::{FileTree, Image, Inode, Mtime};
-use model::objectstore::ObjectStore;
-use model::patch::{patch_directory, PatchError, PatchOptions};
 use model::{Filter, FsPath, ObjectId, Triggers};
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
+use wire::client::{ClientSecurity, ImageServerClient};
+use wire::fetch::{fetch_objects, FetchError, FetchOptions};
+use wire::http::{serve, ApiError, Json, Security};
+use wire::patch::{patch_directory, PatchError, PatchOptions};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Lie {

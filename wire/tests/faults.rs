@@ -3,10 +3,10 @@
 
 use axum::routing::post;
 use axum::Router;
-use model::client::{ClientSecurity, RpcClient};
-use model::http::{serve, Security};
 use std::time::{Duration, Instant};
 use testkit::{Fault, FaultProxy};
+use wire::client::{ClientSecurity, RpcClient};
+use wire::http::{serve, Security};
 
 async fn server() -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -29,7 +29,7 @@ async fn server() -> std::net::SocketAddr {
 async fn echo(
     addr: std::net::SocketAddr,
     limit: usize,
-) -> Result<serde_json::Value, model::client::ClientError> {
+) -> Result<serde_json::Value, wire::client::ClientError> {
     let c = RpcClient::new(
         &addr.to_string(),
         0,

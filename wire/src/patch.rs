@@ -4,15 +4,15 @@
 //! through one handle, as subd does (`statedir`). The same diff and apply code subd uses;
 //! `imagetool patch-directory NAME DIR` is a thin wrapper.
 
-use crate::api::UpdateResult;
-use crate::apply::{apply, ApplyOptions};
 use crate::client::{ClientError, ImageServerClient};
-use crate::diff::{diff, DiffOptions, Machine};
 use crate::fetch::{fetch_objects, FetchError, FetchOptions, FetchStats};
-use crate::objectstore::StoreError;
-use crate::plan::UpdatePlan;
-use crate::scan::{scan_full, ChangedFiles, ScanError, ScanOptions};
-use crate::statedir::{StateDir, StateDirError};
+use disk::apply::{apply, ApplyOptions};
+use disk::objectstore::StoreError;
+use disk::scan::{scan_full, ChangedFiles, ScanError, ScanOptions};
+use disk::statedir::{StateDir, StateDirError};
+use model::api::UpdateResult;
+use model::diff::{diff, DiffOptions, Machine};
+use model::plan::UpdatePlan;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -51,7 +51,7 @@ impl PatchReport {
 #[derive(Debug, thiserror::Error)]
 pub enum PatchError {
     #[error("{0} (is a subd managing this directory?)")]
-    Locked(#[from] crate::fsutil::LockError),
+    Locked(#[from] disk::fsutil::LockError),
     #[error("getting image {name}: {source}")]
     Image { name: String, source: ClientError },
     #[error("{path}: {source}")]

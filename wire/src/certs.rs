@@ -151,7 +151,7 @@ fn write(path: &Path, data: &str, mode: u32) -> Result<(), CertsError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io)?;
     }
-    crate::fsutil::write_atomic(path, data.as_bytes()).map_err(io)?;
+    disk::fsutil::write_atomic(path, data.as_bytes()).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)
 }
 

@@ -3,11 +3,11 @@
 //! (poll → diff → Fetch → Update). Prints one JSON line of figures.
 
 use model::api::{FetchRequest, PollRequest, UpdateRequest};
-use model::client::{ClientSecurity, ImageServerClient, SubdClient};
 use model::diff::{diff, DiffOptions, Machine};
-use model::patch::{patch_directory, PatchOptions};
 use std::collections::BTreeSet;
 use std::time::Instant;
+use wire::client::{ClientSecurity, ImageServerClient, SubdClient};
+use wire::patch::{patch_directory, PatchOptions};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

@@ -1,0 +1,20 @@
+//! The fleet's wire: the one HTTP server, the one HTTP client, mutual TLS and certificates,
+//! and what moves objects between machines (fetching into a local store, patching a
+//! directory from an imageserver). Depends on `model` and `disk`.
+//!
+//! Layout:
+//! - `http`, `connection`: the server (`serve`), its connection limits and timeouts.
+//! - `client`: the RPC client every program uses.
+//! - `tls`, `security`, `certs`: mutual TLS, the TLS flags every program shares, and
+//!   `make-certs`.
+//! - `fetch`: objects from an imageserver into a local store, verified, in batches.
+//! - `patch`: `patch_directory`, an image applied to a local directory (diff + fetch + apply).
+
+pub mod certs;
+pub mod client;
+pub mod connection;
+pub mod fetch;
+pub mod http;
+pub mod patch;
+pub mod security;
+pub mod tls;
