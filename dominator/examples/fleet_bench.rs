@@ -1,31 +1,15 @@
-//! Fleet benchmark (dominator side): N in-process *simulated* subds (real HTTP on their own
-//! loopback ports, trees held in memory, plans applied to the in-memory tree) and the real
+//! Fleet benchmark (dominator side): N in-process *simulated* subds (`testkit::fake`: real
+//! HTTP on their own loopback ports, trees held in memory, plans applied to the in-memory
+//! tree) and the real
 //! `dominator` binary as a separate process. Measures the time from one MDB write that
 //! changes every machine's RequiredImage until all are `synced`, the dominator's peak RSS
 //! (VmHWM), and the bytes of a compliant machine's poll for small and large trees.
 //!
 //! Run: `bench/fleet.sh [MACHINES]` (builds in release and runs this example).
 
-use axum::extract::State;
-use axum::routing::post;
-use axum::Router;
-use model::api::{self, PollRequest, PollResponse, UpdateResult};
 use model::{FileTree, FsPath, Image, Inode, Mtime, ObjectId};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use wire::http::{ApiError, Json, Security};
-
-#[derive(Default)]
-struct Sim {
-    tree: FileTree,
-    cache: Vec<ObjectId>,
-    generation: u64,
-    scans: u64,
-    last_update: Option<UpdateResult>,
-    next_ino: u64,
-}
-type Sub = Arc<Mutex<Sim>>;
+use testkit::fake::{self, FakeImages, FakeSubd};
 
 fn tree(files: usize, salt: &str) -> FileTree {
     let mut t = FileTree::with_root(Inode::dir(0o755, 0, 0));
@@ -50,89 +34,27 @@ fn tree(files: usize, salt: &str) -> FileTree {
     t
 }
 
-async fn poll(State(s): State<Sub>, Json(req): Json<PollRequest>) -> axum::Json<PollResponse> {
-    let mut m = s.lock().unwrap();
-    m.scans += 1;
-    let send = !req.short_only && req.have_generation != m.generation;
-    axum::Json(PollResponse {
-        generation: m.generation,
-        scan_count: m.scans,
-        start_time: 1,
-        last_update: m.last_update.clone(),
-        tree: send.then(|| m.tree.clone()),
-        object_cache: send.then(|| m.cache.clone()),
-        ..PollResponse::default()
-    })
-}
-
-async fn fetch(State(s): State<Sub>, Json(req): Json<api::FetchRequest>) -> axum::Json<api::Empty> {
-    let mut m = s.lock().unwrap();
-    m.cache.extend(req.hashes);
-    m.generation += 1;
-    axum::Json(api::Empty {})
-}
-
-async fn cleanup(
-    State(s): State<Sub>,
-    Json(req): Json<api::CleanupRequest>,
-) -> axum::Json<api::Empty> {
-    let mut m = s.lock().unwrap();
-    let gone: std::collections::HashSet<ObjectId> = req.hashes.into_iter().collect();
-    m.cache.retain(|h| !gone.contains(h));
-    m.generation += 1;
-    axum::Json(api::Empty {})
-}
-
-async fn update(
-    State(s): State<Sub>,
-    Json(req): Json<api::UpdateRequest>,
-) -> Result<axum::Json<api::UpdateResponse>, ApiError> {
-    let mut m = s.lock().unwrap();
-    let p = req.plan;
-    for pi in p.dirs_to_make.iter().chain(&p.inodes_to_make) {
-        // Activation renames the cached object into place, as subd does.
-        if let Some(h) = pi.inode.hash {
-            if let Some(at) = m.cache.iter().position(|c| *c == h) {
-                m.cache.swap_remove(at);
-            }
+/// The address the dominator prints once bound (`wire::listening`); its later stderr is
+/// passed on to ours.
+async fn listening_address(child: &mut tokio::process::Child) -> std::net::SocketAddr {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the dominator exited before listening");
+        if let Some(addr) = wire::listening::parse("dominator", &line) {
+            tokio::spawn(async move {
+                while let Ok(Some(l)) = lines.next_line().await {
+                    eprintln!("{l}");
+                }
+            });
+            return addr;
         }
-        let n = m.next_ino;
-        m.next_ino += 1;
-        m.tree.remove_subtree(&pi.path);
-        m.tree.inodes.insert(n, pi.inode.clone());
-        m.tree.entries.insert(pi.path.clone(), n);
+        eprintln!("{line}");
     }
-    for d in &p.paths_to_delete {
-        m.tree.remove_subtree(d);
-    }
-    m.generation += 1;
-    m.last_update = Some(UpdateResult {
-        image_name: p.image_name,
-        ..UpdateResult::default()
-    });
-    Ok(axum::Json(api::UpdateResponse::default()))
-}
-
-async fn get_image(
-    State(s): State<Arc<HashMap<String, Image>>>,
-    Json(req): Json<api::ImageNameRequest>,
-) -> Result<axum::Json<Image>, ApiError> {
-    s.get(&req.name)
-        .cloned()
-        .map(axum::Json)
-        .ok_or(ApiError::NotFound(req.name))
-}
-
-async fn listen(app: Router) -> String {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap().to_string();
-    tokio::spawn(wire::http::serve(
-        l,
-        app,
-        Security::Insecure,
-        std::future::pending(),
-    ));
-    a
 }
 
 fn vm_hwm_kib(pid: u32) -> u64 {
@@ -161,7 +83,7 @@ async fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1000);
     let (small, large) = (10usize, 2000usize);
-    let mut images = HashMap::new();
+    let images = FakeImages::default();
     for v in ["app.1", "app.2"] {
         let mut t = FileTree::with_root(Inode::dir(0o755, 0, 0));
         t.inodes.insert(1, Inode::dir(0o755, 0, 0));
@@ -179,34 +101,17 @@ async fn main() {
             ),
         );
         t.entries.insert("/etc/app.conf".parse().unwrap(), 2);
-        images.insert(
+        images.lock().unwrap().insert(
             v.to_string(),
             Image::new(t, None, model::Triggers::default()),
         );
     }
-    let is = listen(
-        Router::new()
-            .route("/rpc/ImageServer.GetImage", post(get_image))
-            .with_state(Arc::new(images)),
-    )
-    .await;
+    let is = fake::start_imageserver(images).await;
     let mut subs = Vec::new();
     for i in 0..n {
         let files = if i % 2 == 0 { small } else { large };
-        let sub: Sub = Arc::new(Mutex::new(Sim {
-            tree: tree(files, &format!("m{i}-")),
-            generation: 1,
-            scans: 1,
-            next_ino: 1_000_000,
-            ..Sim::default()
-        }));
-        let app = Router::new()
-            .route("/rpc/Subd.Poll", post(poll))
-            .route("/rpc/Subd.Fetch", post(fetch))
-            .route("/rpc/Subd.Update", post(update))
-            .route("/rpc/Subd.Cleanup", post(cleanup))
-            .with_state(sub.clone());
-        subs.push((listen(app).await, sub));
+        let sub = FakeSubd::new(tree(files, &format!("m{i}-")));
+        subs.push((fake::start_subd(sub.clone()).await, sub));
     }
     let dir = tempfile::tempdir().unwrap();
     let mdb_path = dir.path().join("mdb.json");
@@ -220,12 +125,6 @@ async fn main() {
     write_mdb("app.1");
     let exe = std::env::current_exe().unwrap();
     let dom_bin = exe.parent().unwrap().parent().unwrap().join("dominator");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let base = format!("http://127.0.0.1:{port}");
     let mut child = tokio::process::Command::new(&dom_bin)
         .args([
             "--mdb",
@@ -233,15 +132,17 @@ async fn main() {
             "--image-server",
             &is,
             "--listen",
-            &format!("127.0.0.1:{port}"),
+            "127.0.0.1:0",
             "--permit-insecure-mode",
             "--ca-file",
             "/nonexistent",
         ])
         .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("start dominator (build it first: cargo build --release -p dominator)");
+    let base = format!("http://{}", listening_address(&mut child).await);
     let pid = child.id().unwrap();
     let http = reqwest::Client::new();
     let wait_synced = |label: &'static str| {

@@ -1,16 +1,63 @@
 //! The `dominator` command line: the daemon's flags and the subcommands (`plan`,
 //! `disable-updates`, `enable-updates`, `local-fleet`), and the code of the small ones.
 
+use crate::decision::PollFailure;
 use crate::herd::{self, HerdConfig};
+use crate::images::ImageError;
 use crate::{local_fleet, planner, preview, web};
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use model::api::PollRequest;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use wire::client::{ClientSecurity, RpcClient};
-use wire::security::{ClientTlsArgs, DaemonTlsArgs};
+use wire::client::{BadHostPort, ClientError, RpcClient};
+use wire::security::{ClientTlsArgs, DaemonTlsArgs, SecurityError};
+
+/// Why a command (or the daemon's set-up) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Security(#[from] SecurityError),
+    #[error("--image-server is required")]
+    NoImageServer,
+    #[error("--image-server")]
+    ImageServer(#[source] BadHostPort),
+    #[error("{} already holds a CA.pem; refusing to replace a CA (use a new directory)", .0.display())]
+    CaExists(PathBuf),
+    #[error("making certificates in {}", dir.display())]
+    Certs {
+        dir: PathBuf,
+        #[source]
+        source: wire::certs::CertsError,
+    },
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Mdb(#[from] mdb::StoreError),
+    #[error("no machine {host:?} in {}", mdb.display())]
+    NoMachine { host: String, mdb: PathBuf },
+    #[error(transparent)]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Why `dominator plan` has no preview for a machine.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("no RequiredImage in the MDB (image undefined)")]
+    NoImage,
+    #[error(transparent)]
+    Address(#[from] mdb::BadAddress),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{}: {}", .0.status, .0.message)]
+    Poll(PollFailure),
+    #[error("sub not ready (no scan finished yet)")]
+    NotReady,
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Join(#[from] tokio::task::JoinError),
+}
 
 /// Drive every machine of the MDB to its required image.
 #[derive(Parser, Debug)]
@@ -39,6 +86,10 @@ pub struct FleetArgs {
     /// Port of subds whose MDB Hostname/IpAddress carries none
     #[arg(long, default_value_t = wire::client::SUBD_PORT)]
     pub subd_port: u16,
+    /// Milliseconds opening a connection to a subd (TCP and TLS handshake) may take before
+    /// the machine shows `connect timeout`
+    #[arg(long, value_name = "MS", default_value_t = wire::client::CONNECT_TIMEOUT.as_millis() as u64)]
+    pub subd_connect_timeout_ms: u64,
     /// Common name the imageserver's certificate must carry (its role)
     #[arg(long, value_name = "NAME", default_value = wire::client::IMAGESERVER_NAME)]
     pub image_server_name: String,
@@ -52,16 +103,17 @@ pub struct FleetArgs {
 
 impl FleetArgs {
     /// The herd configuration these flags describe (client side: `client_security`).
-    pub fn herd_config(&self) -> anyhow::Result<HerdConfig> {
+    pub fn herd_config(&self) -> Result<HerdConfig, CommandError> {
         let security = self.tls.client_security("dominator")?;
         let image_server = self
             .image_server
             .clone()
-            .context("--image-server is required")?;
+            .ok_or(CommandError::NoImageServer)?;
         // Subds are told this address and accept only HOST[:PORT].
-        wire::client::check_host_port(&image_server).context("--image-server")?;
+        wire::client::check_host_port(&image_server).map_err(CommandError::ImageServer)?;
         let mut cfg = HerdConfig::new(self.mdb.clone(), image_server, security);
         cfg.subd_port = self.subd_port;
+        cfg.connect_timeout = Duration::from_millis(self.subd_connect_timeout_ms);
         cfg.image_server_name = self.image_server_name.clone();
         cfg.subd_name = self.subd_name.clone();
         Ok(cfg)
@@ -153,15 +205,14 @@ pub fn install_hint(rel: &str) -> String {
 }
 
 /// `dominator make-certs`: writes the certificates and returns the lines to print.
-pub fn make_certs(dir: &std::path::Path, hosts: &[String]) -> anyhow::Result<Vec<String>> {
+pub fn make_certs(dir: &std::path::Path, hosts: &[String]) -> Result<Vec<String>, CommandError> {
     if dir.join("CA.pem").exists() {
-        anyhow::bail!(
-            "{} already holds a CA.pem; refusing to replace a CA (use a new directory)",
-            dir.display()
-        );
+        return Err(CommandError::CaExists(dir.to_path_buf()));
     }
-    let written = wire::certs::make_all(dir, hosts)
-        .with_context(|| format!("making certificates in {}", dir.display()))?;
+    let written = wire::certs::make_all(dir, hosts).map_err(|source| CommandError::Certs {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
     let mut lines = vec![format!(
         "Wrote {} files into {}:",
         written.len(),
@@ -192,7 +243,7 @@ pub struct ControlArgs {
 }
 
 /// Sends `Dominator.DisableUpdates` (with `reason`) or `Dominator.EnableUpdates`.
-pub async fn control(target: &ControlArgs, disable: Option<&str>) -> anyhow::Result<()> {
+pub async fn control(target: &ControlArgs, disable: Option<&str>) -> Result<(), CommandError> {
     let client = RpcClient::new(
         &target.dominator,
         wire::client::DOMINATOR_PORT,
@@ -224,18 +275,21 @@ pub async fn control(target: &ControlArgs, disable: Option<&str>) -> anyhow::Res
 pub struct MachinePlan {
     pub host: String,
     /// The preview text, or why there is none.
-    pub result: Result<String, String>,
+    pub result: Result<String, PlanError>,
 }
 
 /// Computes what an update would do on `host` (or every machine) now: a full poll of each
 /// subd and the same diff the herd uses. Nothing is sent to the machines but the poll.
-pub async fn plan(fleet: &FleetArgs, host: Option<&str>) -> anyhow::Result<Vec<MachinePlan>> {
+pub async fn plan(fleet: &FleetArgs, host: Option<&str>) -> Result<Vec<MachinePlan>, CommandError> {
     let cfg = fleet.herd_config()?;
     let mdb = mdb::load(&cfg.mdb_path)?;
     let machines: Vec<mdb::Machine> = match host {
         Some(h) => vec![mdb
             .get(h)
-            .with_context(|| format!("no machine {h:?} in {}", cfg.mdb_path.display()))?
+            .ok_or_else(|| CommandError::NoMachine {
+                host: h.to_string(),
+                mdb: cfg.mdb_path.clone(),
+            })?
             .clone()],
         None => mdb.machines().cloned().collect(),
     };
@@ -250,16 +304,10 @@ pub async fn plan(fleet: &FleetArgs, host: Option<&str>) -> anyhow::Result<Vec<M
     let permits = Arc::new(tokio::sync::Semaphore::new(cfg.concurrency));
     let mut set = tokio::task::JoinSet::new();
     for (i, m) in machines.into_iter().enumerate() {
-        let (images, permits, security, port, subd_name) = (
-            images.clone(),
-            permits.clone(),
-            cfg.security.clone(),
-            cfg.subd_port,
-            cfg.subd_name.clone(),
-        );
+        let (images, permits, cfg) = (images.clone(), permits.clone(), cfg.clone());
         set.spawn(async move {
             let _p = permits.acquire().await;
-            let result = plan_one(&m, &images, &security, &subd_name, port).await;
+            let result = plan_one(&m, &images, &cfg).await;
             (
                 i,
                 MachinePlan {
@@ -280,22 +328,17 @@ pub async fn plan(fleet: &FleetArgs, host: Option<&str>) -> anyhow::Result<Vec<M
 async fn plan_one(
     m: &mdb::Machine,
     images: &crate::images::ImageCache,
-    security: &ClientSecurity,
-    subd_name: &str,
-    port: u16,
-) -> Result<String, String> {
+    cfg: &HerdConfig,
+) -> Result<String, PlanError> {
     if m.required_image.is_empty() {
-        return Err("no RequiredImage in the MDB (image undefined)".into());
+        return Err(PlanError::NoImage);
     }
-    let address = herd::dial_address(m, port).map_err(|e| e.to_string())?;
-    let client = herd::subd_client(&address, security, subd_name, Duration::from_secs(300))
-        .map_err(|e| e.to_string())?;
+    let address = herd::dial_address(m, cfg.subd_port)?;
+    let client = herd::subd_client(&address, cfg)?;
     let (poll, _) = herd::poll_counted(&client, &PollRequest::default())
         .await
-        .map_err(|e| format!("{}: {}", e.status, e.message))?;
-    let tree = poll
-        .tree
-        .ok_or_else(|| "sub not ready (no scan finished yet)".to_string())?;
+        .map_err(PlanError::Poll)?;
+    let tree = poll.tree.ok_or(PlanError::NotReady)?;
     let cache = poll.object_cache.unwrap_or_default();
     let image = images.get(&m.required_image).await?;
     let (name, excl, hidden) = (
@@ -306,8 +349,7 @@ async fn plan_one(
     let plan = tokio::task::spawn_blocking(move || {
         planner::compute(&name, &image, &tree, &cache, &excl, &hidden)
     })
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     let mut text = preview::describe(&m.hostname, &plan);
     if !plan.is_empty() {
         if m.disable_updates {

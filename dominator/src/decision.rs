@@ -197,6 +197,67 @@ fn wait(status: Status, error: Option<String>) -> Step {
 /// Scans after an update that must complete before its result is believed: the scan in
 /// flight when the update started may have seen the tree half-way.
 pub const SCANS_AFTER_UPDATE: u64 = 2;
+/// What the scans since our last action say, if they settle the step: still waiting for
+/// them, or the action failed.
+fn outcome_of_last_action(poll: &PollResponse, last_action: Option<&Action>) -> Option<Step> {
+    match last_action {
+        Some(Action::Update { image, scan_count }) => {
+            if poll.scan_count < scan_count + SCANS_AFTER_UPDATE {
+                return Some(wait(Status::WaitingForScan, None));
+            }
+            if let Some(r) = poll.last_update.as_ref().filter(|r| &r.image_name == image) {
+                if let Some(e) = r.errors.last() {
+                    return Some(Step::Wait {
+                        status: Status::UpdateFailed,
+                        error: Some(e.clone()),
+                        settled: true,
+                    });
+                }
+            }
+        }
+        Some(Action::Fetch { scan_count, .. }) => {
+            if let Some(e) = &poll.last_fetch_error {
+                return Some(Step::Wait {
+                    status: Status::FetchFailed,
+                    error: Some(e.clone()),
+                    settled: true,
+                });
+            }
+            if poll.scan_count < scan_count + SCANS_AFTER_FETCH {
+                return Some(wait(Status::Fetching, None));
+            }
+        }
+        None => {}
+    }
+    None
+}
+
+/// Fetch the plan's missing objects, unless they cannot fit in `free_space` (bytes free on
+/// the machine, when it says).
+fn fetch_step(plan: &UpdatePlan, free_space: Option<u64>) -> Step {
+    // A fetch that cannot fit is not started: it would fail anyway, after filling the
+    // machine's disk for every other program on it.
+    if let Some(free) = free_space {
+        let need = plan.fetch_bytes.saturating_add(FETCH_HEADROOM);
+        if need > free {
+            return Step::Wait {
+                status: Status::FetchFailed,
+                error: Some(format!(
+                    "not enough disk space: the {} objects to fetch need {} MiB and {} MiB to spare; {} MiB free on the machine",
+                    plan.objects_to_fetch.len(),
+                    plan.fetch_bytes.div_ceil(1 << 20),
+                    FETCH_HEADROOM >> 20,
+                    free >> 20
+                )),
+                settled: true,
+            };
+        }
+    }
+    Step::Fetch {
+        hashes: plan.objects_to_fetch.clone(),
+    }
+}
+
 /// Free space a fetch must leave on the machine's file-system.
 pub const FETCH_HEADROOM: u64 = 64 << 20;
 
@@ -238,34 +299,8 @@ pub fn next_step(f: &Facts<'_>) -> Step {
     if poll.generation == 0 {
         return wait(Status::SubNotReady, None);
     }
-    match f.last_action {
-        Some(Action::Update { image, scan_count }) => {
-            if poll.scan_count < scan_count + SCANS_AFTER_UPDATE {
-                return wait(Status::WaitingForScan, None);
-            }
-            if let Some(r) = poll.last_update.as_ref().filter(|r| &r.image_name == image) {
-                if let Some(e) = r.errors.last() {
-                    return Step::Wait {
-                        status: Status::UpdateFailed,
-                        error: Some(e.clone()),
-                        settled: true,
-                    };
-                }
-            }
-        }
-        Some(Action::Fetch { scan_count, .. }) => {
-            if let Some(e) = &poll.last_fetch_error {
-                return Step::Wait {
-                    status: Status::FetchFailed,
-                    error: Some(e.clone()),
-                    settled: true,
-                };
-            }
-            if poll.scan_count < scan_count + SCANS_AFTER_FETCH {
-                return wait(Status::Fetching, None);
-            }
-        }
-        None => {}
+    if let Some(step) = outcome_of_last_action(poll, f.last_action) {
+        return step;
     }
     match &f.image {
         ImageState::Undefined => return wait(Status::ImageUndefined, None),
@@ -276,28 +311,8 @@ pub fn next_step(f: &Facts<'_>) -> Step {
         return wait(Status::WaitingToPoll, None);
     };
     if !plan.objects_to_fetch.is_empty() {
-        // A fetch that cannot fit is not started: it would fail anyway, after filling the
-        // machine's disk for every other program on it.
-        if let Some(free) = poll.free_space {
-            let need = plan.fetch_bytes.saturating_add(FETCH_HEADROOM);
-            if need > free {
-                return Step::Wait {
-                    status: Status::FetchFailed,
-                    error: Some(format!(
-                        "not enough disk space: the {} objects to fetch need {} MiB and {} MiB to spare; {} MiB free on the machine",
-                        plan.objects_to_fetch.len(),
-                        plan.fetch_bytes.div_ceil(1 << 20),
-                        FETCH_HEADROOM >> 20,
-                        free >> 20
-                    )),
-                    settled: true,
-                };
-            }
-        }
         // Objects are fetched even when updates are off, so enabling them is quick.
-        return Step::Fetch {
-            hashes: plan.objects_to_fetch.clone(),
-        };
+        return fetch_step(plan, poll.free_space);
     }
     if plan.is_empty() {
         return Step::Synced {

@@ -24,7 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 use tracing::Instrument;
-use wire::client::{ClientError, ClientSecurity, RpcClient, SubdClient};
+use wire::client::{
+    ClientError, ClientSecurity, ClientTimeouts, ConnectFailure, RpcClient, SubdClient,
+};
 
 /// How the herd runs.
 #[derive(Clone, Debug)]
@@ -55,6 +57,9 @@ pub struct HerdConfig {
     pub mdb_check_interval: Duration,
     /// Timeout of one RPC to a subd.
     pub rpc_timeout: Duration,
+    /// How long opening a connection to a subd may take before the machine shows
+    /// `connect timeout`.
+    pub connect_timeout: Duration,
 }
 
 impl HerdConfig {
@@ -73,6 +78,7 @@ impl HerdConfig {
             backoff_cap: Duration::from_secs(10),
             mdb_check_interval: Duration::from_millis(250),
             rpc_timeout: Duration::from_secs(300),
+            connect_timeout: wire::client::CONNECT_TIMEOUT,
         }
     }
 }
@@ -94,22 +100,25 @@ pub fn dial_address(m: &Machine, default_port: u16) -> Result<String, mdb::BadAd
     Ok(mdb::Address::parse(m.address())?.dial(default_port))
 }
 
-/// A subd client for `address`.
-pub fn subd_client(
-    address: &str,
-    security: &ClientSecurity,
-    subd_name: &str,
-    timeout: Duration,
-) -> Result<SubdClient, wire::client::ClientError> {
+/// A subd client for `address`, with the herd's TLS settings and timeouts.
+pub fn subd_client(address: &str, cfg: &HerdConfig) -> Result<SubdClient, ClientError> {
     Ok(SubdClient {
-        rpc: RpcClient::new(
+        rpc: RpcClient::with_timeouts(
             address,
-            wire::client::SUBD_PORT,
-            security,
-            subd_name,
-            Some(timeout),
+            cfg.subd_port,
+            &cfg.security,
+            &cfg.subd_name,
+            subd_timeouts(cfg),
         )?,
     })
+}
+
+/// The timeouts of calls to subds.
+fn subd_timeouts(cfg: &HerdConfig) -> ClientTimeouts {
+    ClientTimeouts {
+        connect: cfg.connect_timeout,
+        call: Some(cfg.rpc_timeout),
+    }
 }
 
 /// Polls and also returns the reply's size in bytes (what a poll costs on the wire).
@@ -148,38 +157,41 @@ fn unreachable(message: String) -> PollFailure {
     }
 }
 
-/// Names why a poll failed, as far as the client error tells: `poll denied` (HTTP 403:
-/// the subd does not grant our certificate `Subd.Poll`), `not a subd` (404: the address
+/// Names why a poll failed, from the client error's type: `poll denied` (HTTP 403: the
+/// subd does not grant our certificate `Subd.Poll`), `not a subd` (404: the address
 /// answers but has no `Subd.Poll`), `subd busy` (503: it is serving as many full polls as
-/// it allows; retried), `connection refused`,
-/// `DNS error`, `connect timeout`, else `unreachable`.
+/// it allows; retried), `connection refused`, `DNS error`, `connect timeout`, else
+/// `unreachable`.
 pub fn classify_poll_error(e: &ClientError) -> PollFailure {
-    let message = e.to_string();
     let status = match e {
         ClientError::Status { status: 403, .. } => Status::PollDenied,
         // Reached, but it has no Subd.Poll: the MDB's address is some other server.
         ClientError::Status { status: 404, .. } => Status::NotASubd,
         ClientError::Status { status: 503, .. } => Status::SubdBusy,
-        ClientError::Connect { message: m, .. } => {
-            let m = m.to_ascii_lowercase();
-            if m.contains("connection refused") {
-                Status::ConnectionRefused
-            } else if m.contains("dns error")
-                || m.contains("failed to lookup address")
-                || m.contains("name or service not known")
-                || m.contains("no address associated")
-                || m.contains("temporary failure in name resolution")
-            {
-                Status::DnsError
-            } else if m.contains("timed out") || m.contains("deadline has elapsed") {
-                Status::ConnectTimeout
-            } else {
-                Status::Unreachable
-            }
-        }
+        ClientError::Connect { kind, .. } => match kind {
+            ConnectFailure::Refused => Status::ConnectionRefused,
+            ConnectFailure::Dns => Status::DnsError,
+            ConnectFailure::Timeout => Status::ConnectTimeout,
+            ConnectFailure::Tls
+            | ConnectFailure::Unreachable
+            | ConnectFailure::Denied
+            | ConnectFailure::Other => Status::Unreachable,
+        },
         _ => Status::Unreachable,
     };
-    PollFailure { status, message }
+    PollFailure {
+        status,
+        message: e.to_string(),
+    }
+}
+
+/// Why the MDB was not loaded (the previous list is kept).
+#[derive(Debug, thiserror::Error)]
+pub enum MdbLoadError {
+    #[error(transparent)]
+    Store(#[from] mdb::StoreError),
+    #[error(transparent)]
+    Join(#[from] tokio::task::JoinError),
 }
 
 /// File identity the watcher compares.
@@ -220,12 +232,12 @@ pub async fn run(cfg: HerdConfig, fleet: Arc<Fleet>, mut shutdown: watch::Receiv
             return;
         }
     };
-    let subd_rpc = match RpcClient::new(
+    let subd_rpc = match RpcClient::with_timeouts(
         "localhost",
         wire::client::SUBD_PORT,
         &cfg.security,
         &cfg.subd_name,
-        Some(cfg.rpc_timeout),
+        subd_timeouts(&cfg),
     ) {
         Ok(c) => c,
         Err(e) => {
@@ -259,7 +271,7 @@ pub async fn run(cfg: HerdConfig, fleet: Arc<Fleet>, mut shutdown: watch::Receiv
                 Err(e) => {
                     tracing::error!("MDB not loaded, keeping the previous list: {e}");
                     Counters::add(&ctx.fleet.counters.mdb_errors, 1);
-                    *ctx.fleet.mdb_error.lock().expect("fleet lock") = Some(e);
+                    *ctx.fleet.mdb_error.lock().expect("fleet lock") = Some(e.to_string());
                 }
             }
         }
@@ -276,11 +288,9 @@ pub async fn run(cfg: HerdConfig, fleet: Arc<Fleet>, mut shutdown: watch::Receiv
     }
 }
 
-async fn load_mdb(path: &std::path::Path) -> Result<Mdb, String> {
+async fn load_mdb(path: &std::path::Path) -> Result<Mdb, MdbLoadError> {
     let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || mdb::load(&path).map_err(|e| e.to_string()))
-        .await
-        .map_err(|e| e.to_string())?
+    Ok(tokio::task::spawn_blocking(move || mdb::load(&path)).await??)
 }
 
 /// Starts tasks for new machines, hands changed records to their tasks, stops tasks of
@@ -445,8 +455,44 @@ async fn refresh_from_tree(
     Ok((p, n))
 }
 
-/// One poll-decide-act round for one machine; returns how long to wait before the next.
+/// What one cycle observed of a machine.
+struct Observation {
+    /// The poll: the short one, or the full one when the plan was refreshed.
+    poll: Result<PollResponse, PollFailure>,
+    /// Bytes the cycle's polls cost on the wire.
+    poll_bytes: u64,
+    /// The required image, when it is loaded.
+    image: Option<Arc<Image>>,
+    image_state: ImageState,
+}
+
+/// What acting on a step came to.
+struct Outcome {
+    status: Status,
+    error: Option<String>,
+    /// In sync now.
+    synced: bool,
+}
+
+/// One round for one machine, observe → decide → act → publish; returns how long to wait
+/// before the next.
 async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
+    let Some((address, client)) = machine_client(ctx, m, st) else {
+        return ctx.cfg.backoff_cap;
+    };
+    let seen = observe(ctx, m, st, &client).await;
+    let step = decide(ctx, m, st, &seen);
+    let scan_count = seen.poll.as_ref().map_or(0, |p| p.scan_count);
+    let outcome = act(ctx, m, st, &client, step, scan_count).await;
+    count_failures(st, &outcome);
+    let status = outcome.status;
+    publish(ctx, m, st, address, &seen, outcome);
+    next_delay(&ctx.cfg, st, status)
+}
+
+/// The machine's address and client (a new address starts over: no tree, no plan);
+/// `None`, with the error published, when its MDB address is invalid.
+fn machine_client(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Option<(String, SubdClient)> {
     let cfg = &ctx.cfg;
     let address = match dial_address(m, cfg.subd_port) {
         Ok(a) => a,
@@ -457,7 +503,7 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
             if let Some(r) = machines.get_mut(&m.hostname) {
                 r.last_error = Some(format!("invalid address: {e}"));
             }
-            return cfg.backoff_cap;
+            return None;
         }
     };
     if st.client.as_ref().map(|(a, _)| a) != Some(&address) {
@@ -468,23 +514,47 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
         st.plan_key = None;
     }
     let client = st.client.as_ref().expect("client set").1.clone();
-    let counters = &ctx.fleet.counters;
+    Some((address, client))
+}
 
-    // A cheap poll first: status and generation, never the tree.
+/// Observe: a cheap poll, the required image, a full poll and a new plan only when they
+/// are stale, then the cache objects no wanted image needs.
+async fn observe(
+    ctx: &Ctx,
+    m: &Machine,
+    st: &mut MachineState,
+    client: &SubdClient,
+) -> Observation {
+    let (poll, poll_bytes) = poll_short(ctx, st, client).await;
+    let (image, image_state) = required_image(ctx, m, poll.is_ok()).await;
+    let mut seen = Observation {
+        poll,
+        poll_bytes,
+        image,
+        image_state,
+    };
+    refresh_stale_plan(ctx, m, st, client, &mut seen).await;
+    forget_stale_plans(m, st, seen.image.is_some());
+    find_unneeded_cache(ctx, m, st, seen.image.as_ref()).await;
+    seen
+}
+
+/// The cheap poll (status and generation, never the tree) and its size; a changed start
+/// time means the subd restarted, so what was sent to it is forgotten.
+async fn poll_short(
+    ctx: &Ctx,
+    st: &mut MachineState,
+    client: &SubdClient,
+) -> (Result<PollResponse, PollFailure>, u64) {
+    let counters = &ctx.fleet.counters;
     Counters::add(&counters.polls, 1);
-    let mut poll_bytes = 0;
-    let mut poll: Result<PollResponse, PollFailure> = match poll_counted(
-        &client,
-        &PollRequest {
-            have_generation: st.generation,
-            short_only: true,
-        },
-    )
-    .await
-    {
+    let req = PollRequest {
+        have_generation: st.generation,
+        short_only: true,
+    };
+    match poll_counted(client, &req).await {
         Ok((mut p, n)) => {
             Counters::add(&counters.poll_bytes, n);
-            poll_bytes += n;
             p.tree = None; // asked short_only; never keep a tree here
             p.object_cache = None;
             if st.start_time != 0 && p.start_time != st.start_time {
@@ -495,59 +565,73 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
                 st.planned_key = None;
             }
             st.start_time = p.start_time;
-            Ok(p)
+            (Ok(p), n)
         }
         Err(e) => {
             Counters::add(&counters.poll_failures, 1);
-            Err(e)
-        }
-    };
-
-    // The required image, from the fleet-wide cache.
-    let mut image: Option<Arc<Image>> = None;
-    let image_state = if m.required_image.is_empty() {
-        ImageState::Undefined
-    } else if poll.is_err() {
-        // Do not hammer the imageserver for machines that are down.
-        match ctx.images.cached(&m.required_image) {
-            Some(i) => {
-                image = Some(i);
-                ImageState::Ready
-            }
-            None => ImageState::NotReady(String::new()),
-        }
-    } else {
-        match ctx.images.get(&m.required_image).await {
-            Ok(i) => {
-                image = Some(i);
-                ImageState::Ready
-            }
-            Err(e) => ImageState::NotReady(e),
-        }
-    };
-
-    // A full poll and a new plan only when the tree or the wanted images changed (or the
-    // plan was dropped after acting on it), and the decision will look at it.
-    if let (Some(img), Ok(p)) = (&image, &poll) {
-        let gen = p.generation;
-        let stale =
-            st.plan.is_none() || st.plan_key.as_ref() != Some(&(m.required_image.clone(), gen));
-        let wanted = decision::needs_plan(p, st.last_action.as_ref());
-        if wanted && (stale || planned_wanted(m, st, gen)) {
-            match refresh_from_tree(ctx, &client, m, img, st).await {
-                Ok((full, n)) => {
-                    Counters::add(&counters.poll_bytes, n);
-                    poll_bytes += n;
-                    poll = Ok(full);
-                }
-                Err(e) => {
-                    Counters::add(&counters.poll_failures, 1);
-                    poll = Err(e);
-                }
-            }
+            (Err(e), 0)
         }
     }
-    if image.is_none() || st.plan_key.as_ref().map(|k| &k.0) != Some(&m.required_image) {
+}
+
+/// The required image from the fleet-wide cache; fetched only when the machine answered
+/// (machines that are down do not hammer the imageserver).
+async fn required_image(
+    ctx: &Ctx,
+    m: &Machine,
+    reachable: bool,
+) -> (Option<Arc<Image>>, ImageState) {
+    if m.required_image.is_empty() {
+        return (None, ImageState::Undefined);
+    }
+    if !reachable {
+        return match ctx.images.cached(&m.required_image) {
+            Some(i) => (Some(i), ImageState::Ready),
+            None => (None, ImageState::NotReady(String::new())),
+        };
+    }
+    match ctx.images.get(&m.required_image).await {
+        Ok(i) => (Some(i), ImageState::Ready),
+        Err(e) => (None, ImageState::NotReady(e.to_string())),
+    }
+}
+
+/// A full poll and a new plan, only when the tree or the wanted images changed (or the
+/// plan was dropped after acting on it) and the decision will look at it.
+async fn refresh_stale_plan(
+    ctx: &Ctx,
+    m: &Machine,
+    st: &mut MachineState,
+    client: &SubdClient,
+    seen: &mut Observation,
+) {
+    let (Some(img), Ok(p)) = (seen.image.clone(), &seen.poll) else {
+        return;
+    };
+    let gen = p.generation;
+    let stale = st.plan.is_none() || st.plan_key.as_ref() != Some(&(m.required_image.clone(), gen));
+    let wanted = decision::needs_plan(p, st.last_action.as_ref());
+    if !(wanted && (stale || planned_wanted(m, st, gen))) {
+        return;
+    }
+    let counters = &ctx.fleet.counters;
+    match refresh_from_tree(ctx, client, m, &img, st).await {
+        Ok((full, n)) => {
+            Counters::add(&counters.poll_bytes, n);
+            seen.poll_bytes += n;
+            seen.poll = Ok(full);
+        }
+        Err(e) => {
+            Counters::add(&counters.poll_failures, 1);
+            seen.poll = Err(e);
+        }
+    }
+}
+
+/// Drops a plan that is not for the required image (or has no image to be for), and the
+/// planned image's missing objects when there is no other planned image.
+fn forget_stale_plans(m: &Machine, st: &mut MachineState, have_image: bool) {
+    if !have_image || st.plan_key.as_ref().map(|k| &k.0) != Some(&m.required_image) {
         st.plan = None;
         st.plan_key = None;
     }
@@ -555,60 +639,81 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
         st.planned_missing.clear();
         st.planned_key = None;
     }
+}
 
-    // Cache objects neither wanted image needs (worth knowing only when in sync).
+/// Cache objects neither wanted image needs (worth knowing only when in sync), computed
+/// once per (required, planned, generation).
+async fn find_unneeded_cache(
+    ctx: &Ctx,
+    m: &Machine,
+    st: &mut MachineState,
+    image: Option<&Arc<Image>>,
+) {
     let synced_now = st.plan.as_ref().is_some_and(|p| p.is_empty());
-    if synced_now && !st.cache.is_empty() {
-        let key = (
-            m.required_image.clone(),
-            m.planned_image.clone(),
-            st.generation,
-        );
-        if st.unneeded_key.as_ref() != Some(&key) {
-            let planned = if m.planned_image.is_empty() {
-                None
-            } else {
-                // Unknown planned image: keep everything rather than delete its objects.
-                ctx.images.cached(&m.planned_image)
-            };
-            if m.planned_image.is_empty() || planned.is_some() {
-                let wanted: Vec<Arc<Image>> = image.iter().cloned().chain(planned).collect();
-                let cache = st.cache.clone();
-                if let Ok(u) =
-                    tokio::task::spawn_blocking(move || planner::unneeded_cache(&cache, &wanted))
-                        .await
-                {
-                    st.unneeded = u;
-                    st.unneeded_key = Some(key);
-                }
-            }
-        }
-    } else {
+    if !synced_now || st.cache.is_empty() {
         st.unneeded.clear();
         st.unneeded_key = None;
+        return;
     }
+    let key = (
+        m.required_image.clone(),
+        m.planned_image.clone(),
+        st.generation,
+    );
+    if st.unneeded_key.as_ref() == Some(&key) {
+        return;
+    }
+    let planned = if m.planned_image.is_empty() {
+        None
+    } else {
+        // Unknown planned image: keep everything rather than delete its objects.
+        match ctx.images.cached(&m.planned_image) {
+            Some(p) => Some(p),
+            None => return,
+        }
+    };
+    let wanted: Vec<Arc<Image>> = image.cloned().into_iter().chain(planned).collect();
+    let cache = st.cache.clone();
+    if let Ok(u) =
+        tokio::task::spawn_blocking(move || planner::unneeded_cache(&cache, &wanted)).await
+    {
+        st.unneeded = u;
+        st.unneeded_key = Some(key);
+    }
+}
 
-    let global = ctx.fleet.global_disable();
+/// Decide: the facts of this cycle, handed to the pure `decision::next_step`.
+fn decide(ctx: &Ctx, m: &Machine, st: &MachineState, seen: &Observation) -> Step {
     let disabled_reason = if m.disable_updates {
         Some("DisableUpdates is set in the MDB".to_string())
     } else {
-        global.map(|g| format!("updates disabled fleet-wide: {}", g.reason))
+        ctx.fleet
+            .global_disable()
+            .map(|g| format!("updates disabled fleet-wide: {}", g.reason))
     };
-    let facts = Facts {
-        poll: poll.as_ref(),
+    decision::next_step(&Facts {
+        poll: seen.poll.as_ref(),
         required_image: &m.required_image,
-        image: image_state,
+        image: seen.image_state.clone(),
         plan: st.plan.as_deref(),
         updates_disabled: disabled_reason.as_deref(),
         safety_check_disabled: m.safety_check_disabled(),
         last_action: st.last_action.as_ref(),
         planned_missing: &st.planned_missing,
         unneeded_cache: &st.unneeded,
-    };
-    let step = decision::next_step(&facts);
-    let scan_count = poll.as_ref().map(|p| p.scan_count).unwrap_or(0);
+    })
+}
 
-    let (status, error, synced) = match step {
+/// Act: carries `step` out (fetch, update, or the synced machine's prefetch and cleanup).
+async fn act(
+    ctx: &Ctx,
+    m: &Machine,
+    st: &mut MachineState,
+    client: &SubdClient,
+    step: Step,
+    scan_count: u64,
+) -> Outcome {
+    match step {
         Step::Wait {
             status,
             error,
@@ -617,82 +722,150 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
             if settled {
                 st.last_action = None;
             }
-            (status, error, false)
-        }
-        Step::Fetch { hashes } => {
-            Counters::add(&counters.fetches, 1);
-            let req = api::FetchRequest {
-                server: cfg.image_server.clone(),
-                hashes,
-                wait: false,
-            };
-            match client.fetch(&req).await {
-                Ok(()) => {
-                    tracing::info!(objects = req.hashes.len(), "fetch sent");
-                    // Acted on: the next plan comes from the tree that shows the fetch.
-                    st.plan = None;
-                    st.last_action = Some(Action::Fetch {
-                        image: m.required_image.clone(),
-                        scan_count,
-                    });
-                    (Status::Fetching, None, false)
-                }
-                Err(e) => (Status::FetchFailed, Some(e.to_string()), false),
+            Outcome {
+                status,
+                error,
+                synced: false,
             }
         }
-        Step::Update => {
-            Counters::add(&counters.updates, 1);
-            let mut plan = (**st.plan.as_ref().expect("update needs a plan")).clone();
-            if m.safety_check_disabled() {
-                // The decision sends an unsafe plan only under the MDB tag
-                // DisableSafetyCheck; subd refuses any plan still carrying a reason.
-                plan.unsafe_reason = None;
-            }
-            let req = api::UpdateRequest { plan, wait: false };
-            match client.update(&req).await {
-                Ok(_) => {
-                    tracing::info!(image = %m.required_image, "update sent");
-                    // Acted on: the next plan comes from a scan after the update.
-                    st.plan = None;
-                    st.last_action = Some(Action::Update {
-                        image: m.required_image.clone(),
-                        scan_count,
-                    });
-                    (Status::Updating, None, false)
-                }
-                Err(e) => (Status::UpdateFailed, Some(e.to_string()), false),
-            }
-        }
+        Step::Fetch { hashes } => send_fetch(ctx, m, st, client, hashes, scan_count).await,
+        Step::Update => send_update(ctx, m, st, client, scan_count).await,
         Step::Synced { prefetch, cleanup } => {
             st.last_action = None;
-            let key = (m.planned_image.clone(), st.generation);
-            if !prefetch.is_empty() && st.prefetched.as_ref() != Some(&key) {
-                let req = api::FetchRequest {
-                    server: cfg.image_server.clone(),
-                    hashes: prefetch,
-                    wait: false,
-                };
-                match client.fetch(&req).await {
-                    Ok(()) => {
-                        tracing::info!(image = %m.planned_image, objects = req.hashes.len(), "prefetch sent");
-                        st.prefetched = Some(key);
-                    }
-                    Err(e) => tracing::warn!("prefetch of {}: {e}", m.planned_image),
-                }
+            send_prefetch(ctx, m, st, client, prefetch).await;
+            send_cleanup(ctx, st, client, cleanup).await;
+            Outcome {
+                status: Status::Synced,
+                error: None,
+                synced: true,
             }
-            if !cleanup.is_empty() && st.cleaned != Some(st.generation) {
-                // Once per generation, whatever the outcome: a subd that refuses it is
-                // not asked again every poll.
-                st.cleaned = Some(st.generation);
-                Counters::add(&counters.cleanups, 1);
-                match client.cleanup(&cleanup).await {
-                    Ok(()) => tracing::info!(objects = cleanup.len(), "cleanup sent"),
-                    Err(e) => tracing::warn!("cleanup: {e}"),
-                }
-            }
-            (Status::Synced, None, true)
         }
+    }
+}
+
+/// Asks the subd to fetch the required image's missing objects.
+async fn send_fetch(
+    ctx: &Ctx,
+    m: &Machine,
+    st: &mut MachineState,
+    client: &SubdClient,
+    hashes: Vec<ObjectId>,
+    scan_count: u64,
+) -> Outcome {
+    Counters::add(&ctx.fleet.counters.fetches, 1);
+    let req = api::FetchRequest {
+        server: ctx.cfg.image_server.clone(),
+        hashes,
+        wait: false,
     };
+    let (status, error) = match client.fetch(&req).await {
+        Ok(()) => {
+            tracing::info!(objects = req.hashes.len(), "fetch sent");
+            // Acted on: the next plan comes from the tree that shows the fetch.
+            st.plan = None;
+            st.last_action = Some(Action::Fetch {
+                image: m.required_image.clone(),
+                scan_count,
+            });
+            (Status::Fetching, None)
+        }
+        Err(e) => (Status::FetchFailed, Some(e.to_string())),
+    };
+    Outcome {
+        status,
+        error,
+        synced: false,
+    }
+}
+
+/// Sends the plan (without its unsafe reason when the MDB tag `DisableSafetyCheck` lifts
+/// the safety check).
+async fn send_update(
+    ctx: &Ctx,
+    m: &Machine,
+    st: &mut MachineState,
+    client: &SubdClient,
+    scan_count: u64,
+) -> Outcome {
+    Counters::add(&ctx.fleet.counters.updates, 1);
+    let mut plan = (**st.plan.as_ref().expect("update needs a plan")).clone();
+    if m.safety_check_disabled() {
+        // The decision sends an unsafe plan only under the MDB tag
+        // DisableSafetyCheck; subd refuses any plan still carrying a reason.
+        plan.unsafe_reason = None;
+    }
+    let req = api::UpdateRequest { plan, wait: false };
+    let (status, error) = match client.update(&req).await {
+        Ok(_) => {
+            tracing::info!(image = %m.required_image, "update sent");
+            // Acted on: the next plan comes from a scan after the update.
+            st.plan = None;
+            st.last_action = Some(Action::Update {
+                image: m.required_image.clone(),
+                scan_count,
+            });
+            (Status::Updating, None)
+        }
+        Err(e) => (Status::UpdateFailed, Some(e.to_string())),
+    };
+    Outcome {
+        status,
+        error,
+        synced: false,
+    }
+}
+
+/// Asks a synced machine to fetch the planned image's objects, once per (planned image,
+/// generation).
+async fn send_prefetch(
+    ctx: &Ctx,
+    m: &Machine,
+    st: &mut MachineState,
+    client: &SubdClient,
+    prefetch: Vec<ObjectId>,
+) {
+    let key = (m.planned_image.clone(), st.generation);
+    if prefetch.is_empty() || st.prefetched.as_ref() == Some(&key) {
+        return;
+    }
+    let req = api::FetchRequest {
+        server: ctx.cfg.image_server.clone(),
+        hashes: prefetch,
+        wait: false,
+    };
+    match client.fetch(&req).await {
+        Ok(()) => {
+            tracing::info!(image = %m.planned_image, objects = req.hashes.len(), "prefetch sent");
+            st.prefetched = Some(key);
+        }
+        Err(e) => tracing::warn!("prefetch of {}: {e}", m.planned_image),
+    }
+}
+
+/// Asks a synced machine to remove cache objects no wanted image needs.
+async fn send_cleanup(
+    ctx: &Ctx,
+    st: &mut MachineState,
+    client: &SubdClient,
+    cleanup: Vec<ObjectId>,
+) {
+    if cleanup.is_empty() || st.cleaned == Some(st.generation) {
+        return;
+    }
+    // Once per generation, whatever the outcome: a subd that refuses it is not asked
+    // again every poll.
+    st.cleaned = Some(st.generation);
+    Counters::add(&ctx.fleet.counters.cleanups, 1);
+    match client.cleanup(&cleanup).await {
+        Ok(()) => tracing::info!(objects = cleanup.len(), "cleanup sent"),
+        Err(e) => tracing::warn!("cleanup: {e}"),
+    }
+}
+
+/// Counts consecutive failures of one kind (a new kind starts over; a success that is not
+/// work in progress resets the count) and logs a failure's error.
+fn count_failures(st: &mut MachineState, outcome: &Outcome) {
+    let status = outcome.status;
     if status.backs_off() {
         if st.failure_status != Some(status) {
             st.failures = 0;
@@ -703,43 +876,54 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
         st.failures = 0;
         st.failure_status = None;
     }
-    if let Some(e) = &error {
+    if let Some(e) = &outcome.error {
         if status.backs_off() {
             tracing::warn!(status = status.name(), "{e}");
         }
     }
+}
 
-    // Publish.
+/// Publish: the machine's report, as the status pages and API show it.
+fn publish(
+    ctx: &Ctx,
+    m: &Machine,
+    st: &MachineState,
+    address: String,
+    seen: &Observation,
+    outcome: Outcome,
+) {
     let now = unix_now();
-    {
-        let mut machines = ctx.fleet.machines.lock().expect("fleet lock");
-        if let Some(r) = machines.get_mut(&m.hostname) {
-            r.address = address;
-            r.required_image = m.required_image.clone();
-            r.planned_image = m.planned_image.clone();
-            r.status = status;
-            r.status_name = status.name();
-            if error.is_some() || status == Status::Synced {
-                r.last_error = error;
-            }
-            if synced {
-                r.last_synced = Some(now);
-            }
-            r.consecutive_failures = st.failures;
-            r.last_plan = st.plan.clone();
-            r.last_poll_bytes = poll_bytes;
-            if let Ok(p) = &poll {
-                r.last_poll = Some(now);
-                r.polls += 1;
-                r.generation = p.generation;
-                r.scan_count = p.scan_count;
-                if p.last_update.is_some() {
-                    r.last_update = p.last_update.clone();
-                }
-            }
+    let mut machines = ctx.fleet.machines.lock().expect("fleet lock");
+    let Some(r) = machines.get_mut(&m.hostname) else {
+        return;
+    };
+    r.address = address;
+    r.required_image = m.required_image.clone();
+    r.planned_image = m.planned_image.clone();
+    r.status = outcome.status;
+    r.status_name = outcome.status.name();
+    if outcome.error.is_some() || outcome.status == Status::Synced {
+        r.last_error = outcome.error;
+    }
+    if outcome.synced {
+        r.last_synced = Some(now);
+    }
+    r.consecutive_failures = st.failures;
+    r.last_plan = st.plan.clone();
+    r.last_poll_bytes = seen.poll_bytes;
+    if let Ok(p) = &seen.poll {
+        r.last_poll = Some(now);
+        r.polls += 1;
+        r.generation = p.generation;
+        r.scan_count = p.scan_count;
+        if p.last_update.is_some() {
+            r.last_update = p.last_update.clone();
         }
     }
+}
 
+/// The pause before the next cycle: the back-off after a failure, else the poll interval.
+fn next_delay(cfg: &HerdConfig, st: &MachineState, status: Status) -> Duration {
     if status.backs_off() {
         decision::backoff(st.failures, cfg.backoff_base, cfg.backoff_cap)
     } else {
@@ -768,29 +952,19 @@ mod tests {
 
     #[test]
     fn poll_errors_are_named() {
-        let connect = |m: &str| ClientError::Connect {
+        let connect = |kind| ClientError::Connect {
             addr: "https://h:1".into(),
-            message: m.into(),
+            kind,
+            message: "why".into(),
         };
         let cases = [
-            (
-                connect("Connection refused (os error 111)"),
-                Status::ConnectionRefused,
-            ),
-            (
-                connect("failed to lookup address information: Name or service not known"),
-                Status::DnsError,
-            ),
-            (connect("dns error: no record found"), Status::DnsError),
-            (connect("operation timed out"), Status::ConnectTimeout),
-            (
-                connect("Connection timed out (os error 110)"),
-                Status::ConnectTimeout,
-            ),
-            (
-                connect("No route to host (os error 113)"),
-                Status::Unreachable,
-            ),
+            (connect(ConnectFailure::Refused), Status::ConnectionRefused),
+            (connect(ConnectFailure::Dns), Status::DnsError),
+            (connect(ConnectFailure::Timeout), Status::ConnectTimeout),
+            (connect(ConnectFailure::Unreachable), Status::Unreachable),
+            (connect(ConnectFailure::Tls), Status::Unreachable),
+            (connect(ConnectFailure::Denied), Status::Unreachable),
+            (connect(ConnectFailure::Other), Status::Unreachable),
             (
                 ClientError::Status {
                     method: "Subd.Poll".into(),

@@ -10,13 +10,36 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wire::client::ImageServerClient;
 
+/// Why an image is not ready (kept with its slot, so every machine sees the same reason
+/// until the next try).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ImageError {
+    #[error("image {0} was deleted from the imageserver")]
+    Deleted(String),
+    #[error("image {0} is not on the imageserver (yet)")]
+    Missing(String),
+    #[error("image {name} is malformed: {reason}")]
+    Malformed { name: String, reason: String },
+    /// The imageserver could not be asked (the client error's line).
+    #[error("getting image {name}: {reason}")]
+    Unavailable { name: String, reason: String },
+}
+
 #[derive(Default)]
 struct Slot {
     image: Option<Arc<Image>>,
-    error: String,
+    error: Option<ImageError>,
     tried: Option<Instant>,
     /// When the cached image was last confirmed to still exist.
     confirmed: Option<Instant>,
+}
+
+impl Slot {
+    /// Remembers `e` as why the image is not ready; returns it.
+    fn fail(&mut self, e: ImageError) -> ImageError {
+        self.error = Some(e.clone());
+        e
+    }
 }
 
 /// How often a cached image is confirmed to still exist on the imageserver.
@@ -41,7 +64,7 @@ impl ImageCache {
 
     /// The image `name`, fetching it if needed; the error says why it is not ready.
     /// Concurrent callers for one name wait for a single fetch.
-    pub async fn get(&self, name: &str) -> Result<Arc<Image>, String> {
+    pub async fn get(&self, name: &str) -> Result<Arc<Image>, ImageError> {
         let slot = self
             .slots
             .lock()
@@ -60,15 +83,18 @@ impl ImageCache {
                     tracing::warn!(image = name, "image deleted from the imageserver");
                     s.image = None;
                     s.tried = Some(Instant::now());
-                    s.error = format!("image {name} was deleted from the imageserver");
-                    return Err(s.error.clone());
+                    return Err(s.fail(ImageError::Deleted(name.to_string())));
                 }
                 // Present, or the imageserver cannot say: the cached copy is still the image.
                 Ok(true) | Err(_) => return Ok(img),
             }
         }
-        if s.tried.is_some_and(|t| t.elapsed() < self.retry) {
-            return Err(s.error.clone());
+        if let Some(e) = s
+            .error
+            .clone()
+            .filter(|_| s.tried.is_some_and(|t| t.elapsed() < self.retry))
+        {
+            return Err(e);
         }
         s.tried = Some(Instant::now());
         match self.client.get_image(name).await {
@@ -87,21 +113,22 @@ impl ImageCache {
                         s.confirmed = Some(Instant::now());
                         Ok(img)
                     }
-                    Err(e) => {
-                        s.error = format!("image {name} is malformed: {e}");
-                        Err(s.error.clone())
-                    }
+                    Err(reason) => Err(s.fail(ImageError::Malformed {
+                        name: name.to_string(),
+                        reason,
+                    })),
                 }
             }
             Err(e) => {
-                s.error = match e.status() {
-                    Some(404) if s.error.ends_with("was deleted from the imageserver") => {
-                        s.error.clone()
-                    }
-                    Some(404) => format!("image {name} is not on the imageserver (yet)"),
-                    _ => format!("getting image {name}: {e}"),
+                let error = match (e.status(), &s.error) {
+                    (Some(404), Some(deleted @ ImageError::Deleted(_))) => deleted.clone(),
+                    (Some(404), _) => ImageError::Missing(name.to_string()),
+                    _ => ImageError::Unavailable {
+                        name: name.to_string(),
+                        reason: e.to_string(),
+                    },
                 };
-                Err(s.error.clone())
+                Err(s.fail(error))
             }
         }
     }

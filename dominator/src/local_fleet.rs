@@ -1,19 +1,23 @@
 //! `dominator local-fleet`: a complete fleet on this machine for trying the system out —
 //! an imageserver, a dominator and three subds (the sibling binaries of the running
-//! `dominator`), each on its own loopback port, subd roots as folders under a temporary
-//! directory, the images of `testdata/fleet` (embedded) added with `imagetool`, and an MDB.
-//! Ctrl-C (or SIGTERM) stops the children and removes the directory.
+//! `dominator`), each on a loopback port of its own choosing (started on `127.0.0.1:0`,
+//! the port read from the line it prints once bound, `wire::listening`), subd roots as
+//! folders under a temporary directory, the images of `testdata/fleet` (embedded) added
+//! with `imagetool`, and an MDB. Ctrl-C (or SIGTERM) stops the children and removes the
+//! directory.
 //!
 //! The security flags of every child are built in one place, `Security::daemon_flags` and
 //! `Security::client_flags`.
 
-use anyhow::{bail, Context};
 use clap::Args;
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStderr, Command};
+use tokio::sync::oneshot;
 
 /// Flags of `dominator local-fleet`.
 #[derive(Args, Debug, Clone)]
@@ -32,6 +36,58 @@ pub struct LocalFleetArgs {
     #[arg(long)]
     pub permit_insecure_mode: bool,
 }
+
+/// Why the local fleet could not start or stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalFleetError {
+    #[error("making certificates in {}", dir.display())]
+    Certs {
+        dir: PathBuf,
+        #[source]
+        source: wire::certs::CertsError,
+    },
+    #[error("locating the dominator executable")]
+    CurrentExe(#[source] std::io::Error),
+    #[error("{} not found beside {} (build the whole workspace: cargo build --workspace --bins)", program.display(), exe.display())]
+    NotBuilt { program: PathBuf, exe: PathBuf },
+    #[error("creating {}", path.display())]
+    CreateLog {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting {}", program.display())]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} exited during start-up ({status}); see its log")]
+    ExitedAtStart { what: String, status: ExitStatus },
+    #[error("{what} did not say it was listening within {} s", START_TIMEOUT.as_secs())]
+    NotListening { what: String },
+    #[error("port {port} is not free ({source}): is another local fleet running? Pass --port 0 for any free port")]
+    PortTaken { port: u16, source: std::io::Error },
+    #[error("running imagetool")]
+    RunImagetool(#[source] std::io::Error),
+    #[error("imagetool add {name}: {stderr}")]
+    ImagetoolAdd { name: String, stderr: String },
+    #[error(transparent)]
+    Mdb(#[from] mdb::MdbError),
+    #[error("{name} exited ({status}); see {}", logs.display())]
+    ChildExited {
+        name: String,
+        status: ExitStatus,
+        logs: PathBuf,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+type Result<T, E = LocalFleetError> = std::result::Result<T, E>;
+
+/// How long a child may take to print its listening line.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The embedded `testdata/fleet`: (path, content, mode).
 pub const FLEET_FILES: &[(&str, &[u8], u32)] = &[
@@ -98,10 +154,12 @@ pub enum Security {
 
 impl Security {
     /// Makes a CA and every role's key pair in `dir/certs`.
-    pub fn make(dir: &Path) -> anyhow::Result<Security> {
+    pub fn make(dir: &Path) -> Result<Security> {
         let certs = dir.join("certs");
-        wire::certs::make_all(&certs, &[])
-            .with_context(|| format!("making certificates in {}", certs.display()))?;
+        wire::certs::make_all(&certs, &[]).map_err(|source| LocalFleetError::Certs {
+            dir: certs.clone(),
+            source,
+        })?;
         Ok(Security::Tls(certs))
     }
 
@@ -159,53 +217,98 @@ pub fn write_fleet_files(dir: &Path) -> std::io::Result<()> {
 }
 
 /// A program beside the running executable (`imageserver`, `subd`, `imagetool`, `mdb`).
-pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the dominator executable")?;
+pub fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().map_err(LocalFleetError::CurrentExe)?;
     let p = exe.with_file_name(name);
     if !p.exists() {
-        bail!(
-            "{} not found beside {} (build the whole workspace: cargo build --workspace --bins)",
-            p.display(),
-            exe.display()
-        );
+        return Err(LocalFleetError::NotBuilt { program: p, exe });
     }
     Ok(p)
 }
 
-/// A free loopback port (bound then released).
-pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Waits until something accepts connections on `addr`.
-pub async fn wait_listening(addr: &str, child: &mut Child, what: &str) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("{what} exited during start-up ({status}); see its log");
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("{what} did not start listening on {addr} within 20 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn spawn(program: &Path, args: &[OsString], log: &Path) -> anyhow::Result<Child> {
-    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    Command::new(program)
+/// Starts `program` (which prints `wire::listening::line(listens_as, …)` once bound),
+/// its stdout and stderr into `log`; returns it and the address it printed. `what` names
+/// it in errors.
+pub async fn start_daemon(
+    program: &Path,
+    listens_as: &str,
+    args: &[OsString],
+    log: &Path,
+    what: &str,
+) -> Result<(Child, SocketAddr)> {
+    let out = std::fs::File::create(log).map_err(|source| LocalFleetError::CreateLog {
+        path: log.to_path_buf(),
+        source,
+    })?;
+    let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
-        .stderr(out)
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("starting {}", program.display()))
+        .map_err(|source| LocalFleetError::Spawn {
+            program: program.to_path_buf(),
+            source,
+        })?;
+    let (tx, rx) = oneshot::channel();
+    let stderr = child.stderr.take().expect("stderr piped");
+    tokio::spawn(copy_stderr(
+        stderr,
+        tokio::fs::File::from_std(out),
+        listens_as.to_string(),
+        tx,
+    ));
+    let said = tokio::time::timeout(START_TIMEOUT, async {
+        tokio::select! {
+            addr = rx => addr.ok(),
+            _ = child.wait() => None,
+        }
+    })
+    .await;
+    match said {
+        Ok(Some(addr)) => Ok((child, addr)),
+        // Its stderr closed or it exited without saying where it listens.
+        Ok(None) => match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+            Ok(status) => Err(LocalFleetError::ExitedAtStart {
+                what: what.to_string(),
+                status: status?,
+            }),
+            Err(_) => Err(LocalFleetError::NotListening {
+                what: what.to_string(),
+            }),
+        },
+        Err(_) => Err(LocalFleetError::NotListening {
+            what: what.to_string(),
+        }),
+    }
+}
+
+/// Copies a child's stderr into its log line by line, and sends the address of its
+/// listening line (`wire::listening`) when that appears.
+async fn copy_stderr(
+    stderr: ChildStderr,
+    mut log: tokio::fs::File,
+    listens_as: String,
+    tx: oneshot::Sender<SocketAddr>,
+) {
+    let mut reader = tokio::io::BufReader::new(stderr);
+    let mut tx = Some(tx);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if let Some(addr) = wire::listening::parse(&listens_as, &String::from_utf8_lossy(&line)) {
+            if let Some(tx) = tx.take() {
+                let _ = tx.send(addr);
+            }
+        }
+        // A log that cannot be written must not stop the child: keep draining its stderr.
+        let _ = log.write_all(&line).await;
+    }
 }
 
 /// Runs `imagetool add NAME PATH FILTER TRIGGERS` against `server`.
@@ -216,7 +319,7 @@ pub async fn imagetool_add(
     path: &Path,
     filter: &str,
     triggers: &str,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let out = Command::new(sibling("imagetool")?)
         .args(security.client_flags("builder"))
         .arg("--image-server")
@@ -228,12 +331,12 @@ pub async fn imagetool_add(
         .arg(triggers)
         .output()
         .await
-        .context("running imagetool")?;
+        .map_err(LocalFleetError::RunImagetool)?;
     if !out.status.success() {
-        bail!(
-            "imagetool add {name}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        return Err(LocalFleetError::ImagetoolAdd {
+            name: name.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }
@@ -247,9 +350,39 @@ pub fn subd_args(security: &Security, root: &Path, addr: &str) -> Vec<OsString> 
     a
 }
 
-/// Runs the local fleet until Ctrl-C or SIGTERM.
-pub async fn run(args: LocalFleetArgs) -> anyhow::Result<()> {
-    let (tmp, dir) = match &args.dir {
+/// Where a local fleet keeps its files, and how its members authenticate.
+struct Site {
+    dir: PathBuf,
+    logs: PathBuf,
+    images: PathBuf,
+    security: Security,
+    /// The directory is removed on exit (a temporary one).
+    removes_dir: bool,
+}
+
+/// A started child, by name, for stopping it.
+type Children = Vec<(String, Child)>;
+
+/// Runs the local fleet until Ctrl-C or SIGTERM: prepare → start the imageserver → add
+/// the images → start the subds → write the MDB → start the dominator → watch → stop.
+pub async fn run(args: LocalFleetArgs) -> Result<()> {
+    let (tmp, dir) = fleet_dir(&args)?;
+    let site = prepare(&args, dir, tmp.is_some())?;
+    check_port_free(args.port)?;
+    let mut children = Children::new();
+    let result = start_and_watch(&args, &site, &mut children).await;
+    stop(&mut children).await;
+    match (&result, tmp) {
+        // A failed run keeps its directory: the logs are what explains it.
+        (Err(_), Some(t)) => eprintln!("logs kept in {}", t.keep().join("logs").display()),
+        (_, t) => drop(t),
+    }
+    result
+}
+
+/// The fleet's directory: `--dir` (created, kept) or a new temporary one.
+fn fleet_dir(args: &LocalFleetArgs) -> Result<(Option<tempfile::TempDir>, PathBuf)> {
+    Ok(match &args.dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
             (None, d.canonicalize()?)
@@ -259,7 +392,12 @@ pub async fn run(args: LocalFleetArgs) -> anyhow::Result<()> {
             let p = t.path().to_path_buf();
             (Some(t), p)
         }
-    };
+    })
+}
+
+/// Prepare: certificates (made once, reused from `DIR/certs`), the log directory and the
+/// embedded images.
+fn prepare(args: &LocalFleetArgs, dir: PathBuf, removes_dir: bool) -> Result<Site> {
     let security = if args.permit_insecure_mode {
         Security::Insecure
     } else if dir.join("certs/CA.pem").exists() {
@@ -271,146 +409,185 @@ pub async fn run(args: LocalFleetArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&logs)?;
     let images = dir.join("images");
     write_fleet_files(&images)?;
-    let mut children: Vec<(String, Child)> = Vec::new();
-    if args.port != 0 {
-        // Fail before starting anything: a fleet already on this port would otherwise
-        // answer our readiness check and be mistaken for ours.
-        if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", args.port)) {
-            bail!(
-                "port {} is not free ({e}): is another local fleet running? Pass --port 0 for any free port",
-                args.port
-            );
-        }
+    Ok(Site {
+        dir,
+        logs,
+        images,
+        security,
+        removes_dir,
+    })
+}
+
+/// Fails before starting anything when the dominator's port is taken: a fleet already
+/// on it would otherwise be mistaken for ours.
+fn check_port_free(port: u16) -> Result<()> {
+    if port == 0 {
+        return Ok(());
     }
+    match std::net::TcpListener::bind(("127.0.0.1", port)) {
+        Ok(_) => Ok(()),
+        Err(source) => Err(LocalFleetError::PortTaken { port, source }),
+    }
+}
 
-    let result = async {
-        // The imageserver.
-        let is_addr = format!("127.0.0.1:{}", free_port()?);
-        let mut a: Vec<OsString> = vec![
-            "--data-dir".into(),
-            dir.join("imageserver").into(),
-            "--listen".into(),
-            is_addr.clone().into(),
-        ];
-        a.extend(security.daemon_flags("imageserver"));
-        let mut c = spawn(&sibling("imageserver")?, &a, &logs.join("imageserver.log"))?;
-        wait_listening(&is_addr, &mut c, "imageserver").await?;
-        children.push(("imageserver".into(), c));
+/// Starts every member, prints what to try, and watches until asked to stop or a member
+/// dies.
+async fn start_and_watch(
+    args: &LocalFleetArgs,
+    site: &Site,
+    children: &mut Children,
+) -> Result<()> {
+    let is_addr = start_imageserver(site, children).await?;
+    add_images(site, &is_addr).await?;
+    let machines = start_subds(site, children).await?;
+    let mdb_path = write_mdb(site, &machines)?;
+    let dom_addr = start_dominator(args, site, &mdb_path, &is_addr, children).await?;
+    println!(
+        "{}",
+        instructions(&Instructions {
+            security: &site.security,
+            dir: &site.dir,
+            dom_addr: &dom_addr,
+            is_addr: &is_addr,
+            root1: &machines[0].2,
+            logs: &site.logs,
+            mdb_bin: &sibling("mdb")?,
+            mdb: &mdb_path,
+            dominator: &std::env::current_exe()?,
+            imagetool: &sibling("imagetool")?,
+            images: &site.images,
+            removes_dir: site.removes_dir,
+        })
+    );
+    watch(site, children).await
+}
 
-        // The images, with the seed's commands: (name, filter file, triggers file).
-        let s = |p: &str| images.join(p).display().to_string();
-        for (name, filter, triggers) in [
-            ("app.0", String::new(), s("app.triggers.json")),
-            ("app.1", String::new(), s("app.triggers.json")),
-            ("base.0", s("base.filter"), String::new()),
-        ] {
-            imagetool_add(
-                &security,
-                &is_addr,
-                name,
-                &images.join(name),
-                &filter,
-                &triggers,
-            )
-            .await?;
+/// Starts the imageserver; returns its address.
+async fn start_imageserver(site: &Site, children: &mut Children) -> Result<String> {
+    let mut a: Vec<OsString> = vec![
+        "--data-dir".into(),
+        site.dir.join("imageserver").into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    a.extend(site.security.daemon_flags("imageserver"));
+    let log = site.logs.join("imageserver.log");
+    let (c, addr) = start_daemon(
+        &sibling("imageserver")?,
+        "imageserver",
+        &a,
+        &log,
+        "imageserver",
+    )
+    .await?;
+    children.push(("imageserver".into(), c));
+    Ok(addr.to_string())
+}
+
+/// Adds the embedded images, with the seed's filter and triggers.
+async fn add_images(site: &Site, is_addr: &str) -> Result<()> {
+    let s = |p: &str| site.images.join(p).display().to_string();
+    // (name, filter file, triggers file)
+    for (name, filter, triggers) in [
+        ("app.0", String::new(), s("app.triggers.json")),
+        ("app.1", String::new(), s("app.triggers.json")),
+        ("base.0", s("base.filter"), String::new()),
+    ] {
+        let path = site.images.join(name);
+        imagetool_add(&site.security, is_addr, name, &path, &filter, &triggers).await?;
+    }
+    Ok(())
+}
+
+/// Starts three subds, each with a root folder; returns (host name, address, root) of each.
+async fn start_subds(
+    site: &Site,
+    children: &mut Children,
+) -> Result<Vec<(String, String, PathBuf)>> {
+    let mut machines = Vec::new();
+    for i in 1..=3 {
+        let root = site.dir.join("roots").join(format!("machine-{i}"));
+        std::fs::create_dir_all(root.join("etc"))?;
+        // subd refuses a root others can write: 0755 whatever the umask.
+        std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        std::fs::write(root.join("etc/hostname"), format!("machine-{i}\n"))?;
+        let args = subd_args(&site.security, &root, "127.0.0.1:0");
+        let log = site.logs.join(format!("subd-{i}.log"));
+        let (c, addr) = start_daemon(&sibling("subd")?, "subd", &args, &log, "subd").await?;
+        children.push((format!("subd-{i}"), c));
+        machines.push((format!("machine-{i}"), addr.to_string(), root));
+    }
+    Ok(machines)
+}
+
+/// Writes the MDB: machines 1 and 2 on app.0 (2 planning app.1), machine 3 on base.0.
+fn write_mdb(site: &Site, machines: &[(String, String, PathBuf)]) -> Result<PathBuf> {
+    let mdb_path = site.dir.join("mdb.json");
+    let mut mdb = mdb::Mdb::default();
+    for (i, (host, addr, _)) in machines.iter().enumerate() {
+        let mut m = mdb::Machine::new(host);
+        m.ip_address = Some(addr.clone());
+        m.required_image = if i < 2 { "app.0" } else { "base.0" }.to_string();
+        if i == 1 {
+            m.planned_image = "app.1".into();
         }
+        mdb.add(m)?;
+    }
+    disk::fsutil::write_atomic(&mdb_path, mdb.to_json().as_bytes())?;
+    Ok(mdb_path)
+}
 
-        // Three subds, each with a root folder.
-        let mut machines = Vec::new();
-        for i in 1..=3 {
-            let root = dir.join("roots").join(format!("machine-{i}"));
-            std::fs::create_dir_all(root.join("etc"))?;
-            // subd refuses a root others can write: 0755 whatever the umask.
-            std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-            std::fs::write(root.join("etc/hostname"), format!("machine-{i}\n"))?;
-            let addr = format!("127.0.0.1:{}", free_port()?);
-            let mut c = spawn(
-                &sibling("subd")?,
-                &subd_args(&security, &root, &addr),
-                &logs.join(format!("subd-{i}.log")),
-            )?;
-            wait_listening(&addr, &mut c, "subd").await?;
-            children.push((format!("subd-{i}"), c));
-            machines.push((format!("machine-{i}"), addr, root));
-        }
+/// Starts the dominator (this executable) on `--port`; returns its address.
+async fn start_dominator(
+    args: &LocalFleetArgs,
+    site: &Site,
+    mdb_path: &Path,
+    is_addr: &str,
+    children: &mut Children,
+) -> Result<String> {
+    let mut a: Vec<OsString> = vec![
+        "--mdb".into(),
+        mdb_path.into(),
+        "--image-server".into(),
+        is_addr.into(),
+        "--listen".into(),
+        format!("127.0.0.1:{}", args.port).into(),
+    ];
+    if args.disable_updates_at_startup {
+        a.push("--disable-updates-at-startup".into());
+    }
+    a.extend(site.security.daemon_flags("dominator"));
+    let exe = std::env::current_exe().map_err(LocalFleetError::CurrentExe)?;
+    let log = site.logs.join("dominator.log");
+    let (c, addr) = start_daemon(&exe, "dominator", &a, &log, "dominator").await?;
+    children.push(("dominator".into(), c));
+    Ok(addr.to_string())
+}
 
-        // The MDB.
-        let mdb_path = dir.join("mdb.json");
-        let mut mdb = mdb::Mdb::default();
-        for (i, (host, addr, _)) in machines.iter().enumerate() {
-            let mut m = mdb::Machine::new(host);
-            m.ip_address = Some(addr.clone());
-            m.required_image = if i < 2 { "app.0" } else { "base.0" }.to_string();
-            if i == 1 {
-                m.planned_image = "app.1".into();
-            }
-            mdb.add(m)?;
-        }
-        disk::fsutil::write_atomic(&mdb_path, mdb.to_json().as_bytes())?;
-
-        // The dominator.
-        let port = if args.port == 0 {
-            free_port()?
-        } else {
-            args.port
-        };
-        let dom_addr = format!("127.0.0.1:{port}");
-        let mut a: Vec<OsString> = vec![
-            "--mdb".into(),
-            mdb_path.clone().into(),
-            "--image-server".into(),
-            is_addr.clone().into(),
-            "--listen".into(),
-            dom_addr.clone().into(),
-        ];
-        if args.disable_updates_at_startup {
-            a.push("--disable-updates-at-startup".into());
-        }
-        a.extend(security.daemon_flags("dominator"));
-        let exe = std::env::current_exe()?;
-        let mut c = spawn(&exe, &a, &logs.join("dominator.log"))?;
-        wait_listening(&dom_addr, &mut c, "dominator").await?;
-        children.push(("dominator".into(), c));
-
-        let mdb_bin = sibling("mdb")?;
-        let r1 = &machines[0].2;
-        println!(
-            "{}",
-            instructions(&Instructions {
-                security: &security,
-                dir: &dir,
-                dom_addr: &dom_addr,
-                is_addr: &is_addr,
-                root1: r1,
-                logs: &logs,
-                mdb_bin: &mdb_bin,
-                mdb: &mdb_path,
-                dominator: &exe,
-                imagetool: &sibling("imagetool")?,
-                images: &images,
-                removes_dir: tmp.is_some(),
-            })
-        );
-
-        // Wait for Ctrl-C, SIGTERM, or a child dying.
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
-                _ = term.recv() => break,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                    for (name, c) in children.iter_mut() {
-                        if let Some(status) = c.try_wait()? {
-                            bail!("{name} exited ({status}); see {}", logs.display());
-                        }
+/// Watch: waits for Ctrl-C, SIGTERM, or a child dying (an error naming it).
+async fn watch(site: &Site, children: &mut Children) -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                for (name, c) in children.iter_mut() {
+                    if let Some(status) = c.try_wait()? {
+                        return Err(LocalFleetError::ChildExited {
+                            name: name.clone(),
+                            status,
+                            logs: site.logs.clone(),
+                        });
                     }
                 }
             }
         }
-        Ok(())
     }
-    .await;
+}
 
+/// Stop: SIGTERM to every child, newest first; SIGKILL to one still running after 5 s.
+async fn stop(children: &mut Children) {
     eprintln!("stopping the local fleet");
     for (_, c) in children.iter_mut().rev() {
         if let Some(pid) = c.id() {
@@ -429,12 +606,6 @@ pub async fn run(args: LocalFleetArgs) -> anyhow::Result<()> {
             let _ = c.kill().await;
         }
     }
-    match (&result, tmp) {
-        // A failed run keeps its directory: the logs are what explains it.
-        (Err(_), Some(t)) => eprintln!("logs kept in {}", t.keep().join("logs").display()),
-        (_, t) => drop(t),
-    }
-    result
 }
 
 /// What `instructions` prints about.

@@ -67,6 +67,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("listening on {}", d.listen))?;
             tracing::info!(addr = %listener.local_addr()?, mdb = %herd.mdb_path.display(), "dominator listening");
+            eprintln!(
+                "{}",
+                wire::listening::line("dominator", listener.local_addr()?)
+            );
             let config = dominator::Config {
                 herd,
                 security,

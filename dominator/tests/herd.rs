@@ -3,36 +3,16 @@
 //! added later, DisableUpdates, the global switch, the safety stop, unreachable machines (named: `connection refused`),
 //! the status page, JSON API and metrics. (`tests/fleet.rs` runs the real binaries.)
 
-use axum::extract::State;
-use axum::routing::post;
-use axum::Router;
 use dominator::herd::HerdConfig;
-use model::api::{self, PollRequest, PollResponse, UpdateResult};
 use model::{FileTree, FsPath, Image, Inode, Mtime, ObjectId};
 use serde_json::Value;
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use testkit::fake::{self, start_imageserver, start_subd, FakeImages as Images, FakeSubd};
 use wire::client::ClientSecurity;
-use wire::http::{ApiError, Json, Security};
+use wire::http::Security;
 
-// ---- an in-test subd: applies plans to an in-memory tree ----
-
-#[derive(Default)]
-struct FakeMachine {
-    tree: FileTree,
-    cache: Vec<ObjectId>,
-    generation: u64,
-    scans: u64,
-    last_update: Option<UpdateResult>,
-    updates: u64,
-    next_ino: u64,
-    /// Reported by every update, as a subd whose service command fails would.
-    trigger_failures: Vec<String>,
-}
-
-type Sub = Arc<Mutex<FakeMachine>>;
+// ---- trees for the in-memory subds (`testkit::fake`) ----
 
 fn file(content: &[u8]) -> Inode {
     Inode::file(
@@ -66,140 +46,6 @@ fn tree(files: &[(&str, &[u8])]) -> FileTree {
     t
 }
 
-impl FakeMachine {
-    fn new(t: FileTree) -> Sub {
-        Arc::new(Mutex::new(FakeMachine {
-            next_ino: 1000,
-            tree: t,
-            generation: 1,
-            scans: 1,
-            ..FakeMachine::default()
-        }))
-    }
-    fn content(&self, path: &str) -> Option<ObjectId> {
-        self.tree.get(&path.parse().unwrap()).and_then(|i| i.hash)
-    }
-}
-
-async fn poll(State(s): State<Sub>, Json(req): Json<PollRequest>) -> axum::Json<PollResponse> {
-    let mut m = s.lock().unwrap();
-    m.scans += 1;
-    let send = !req.short_only && req.have_generation != m.generation;
-    axum::Json(PollResponse {
-        generation: m.generation,
-        scan_count: m.scans,
-        start_time: 1,
-        last_update: m.last_update.clone(),
-        tree: send.then(|| m.tree.clone()),
-        object_cache: send.then(|| m.cache.clone()),
-        ..PollResponse::default()
-    })
-}
-
-async fn fetch(State(s): State<Sub>, Json(req): Json<api::FetchRequest>) -> axum::Json<api::Empty> {
-    let mut m = s.lock().unwrap();
-    m.cache.extend(req.hashes);
-    m.generation += 1;
-    axum::Json(api::Empty {})
-}
-
-async fn update(
-    State(s): State<Sub>,
-    Json(req): Json<api::UpdateRequest>,
-) -> Result<axum::Json<api::UpdateResponse>, ApiError> {
-    let mut m = s.lock().unwrap();
-    let p = req.plan;
-    for pi in p.dirs_to_make.iter().chain(&p.inodes_to_make) {
-        if let Some(h) = pi.inode.hash {
-            if !m.cache.contains(&h) {
-                return Err(ApiError::BadRequest(format!("object {h} not in cache")));
-            }
-        }
-        let n = m.next_ino;
-        m.next_ino += 1;
-        m.tree.remove_subtree(&pi.path);
-        m.tree.inodes.insert(n, pi.inode.clone());
-        m.tree.entries.insert(pi.path.clone(), n);
-    }
-    for d in &p.paths_to_delete {
-        m.tree.remove_subtree(d);
-    }
-    for c in &p.inodes_to_change {
-        let n = m.next_ino;
-        m.next_ino += 1;
-        m.tree.inodes.insert(n, c.inode.clone());
-        m.tree.entries.insert(c.path.clone(), n);
-    }
-    m.tree.gc_inodes();
-    m.generation += 1;
-    m.updates += 1;
-    m.last_update = Some(UpdateResult {
-        image_name: p.image_name.clone(),
-        trigger_failures: m.trigger_failures.clone(),
-        ..UpdateResult::default()
-    });
-    Ok(axum::Json(api::UpdateResponse::default()))
-}
-
-async fn start_subd(sub: Sub) -> String {
-    let app = Router::new()
-        .route("/rpc/Subd.Poll", post(poll))
-        .route("/rpc/Subd.Fetch", post(fetch))
-        .route("/rpc/Subd.Update", post(update))
-        .with_state(sub);
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(wire::http::serve(
-        l,
-        app,
-        Security::Insecure,
-        std::future::pending(),
-    ));
-    addr
-}
-
-// ---- an in-test imageserver: GetImage only ----
-
-type Images = Arc<Mutex<HashMap<String, Image>>>;
-
-async fn get_image(
-    State(s): State<Images>,
-    Json(req): Json<api::ImageNameRequest>,
-) -> Result<axum::Json<Image>, ApiError> {
-    s.lock()
-        .unwrap()
-        .get(&req.name)
-        .cloned()
-        .map(axum::Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no image {}", req.name)))
-}
-
-async fn check_image(
-    State(s): State<Images>,
-    Json(req): Json<api::ImageNameRequest>,
-) -> axum::Json<api::CheckImageResponse> {
-    axum::Json(api::CheckImageResponse {
-        exists: s.lock().unwrap().contains_key(&req.name),
-        deleted: false,
-    })
-}
-
-async fn start_imageserver(images: Images) -> String {
-    let app = Router::new()
-        .route("/rpc/ImageServer.GetImage", post(get_image))
-        .route("/rpc/ImageServer.CheckImage", post(check_image))
-        .with_state(images);
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(wire::http::serve(
-        l,
-        app,
-        Security::Insecure,
-        std::future::pending(),
-    ));
-    addr
-}
-
 // ---- the fixture ----
 
 struct Fixture {
@@ -222,7 +68,7 @@ impl Fixture {
         if let Some(text) = mdb_text {
             std::fs::write(&mdb, text).unwrap();
         }
-        let images: Images = Arc::default();
+        let images = Images::default();
         let is = start_imageserver(images.clone()).await;
         let mut herd = HerdConfig::new(mdb.clone(), is, ClientSecurity::Insecure);
         herd.poll_interval = Duration::from_millis(50);
@@ -328,8 +174,8 @@ fn sparse(files: &[(&str, &[u8])]) -> Image {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converges_and_follows_mdb_edits() {
-    let a = FakeMachine::new(tree(&[("/etc/keep", b"mine")]));
-    let b = FakeMachine::new(tree(&[]));
+    let a = FakeSubd::new(tree(&[("/etc/keep", b"mine")]));
+    let b = FakeSubd::new(tree(&[]));
     let (aa, ba) = (start_subd(a.clone()).await, start_subd(b.clone()).await);
     let mdb = |img_a: &str| {
         mdb_json(&[
@@ -431,7 +277,7 @@ async fn converges_and_follows_mdb_edits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waits_for_images_and_honours_every_stop() {
-    let m = FakeMachine::new(tree(&[
+    let m = FakeSubd::new(tree(&[
         ("/a", b"1"),
         ("/b", b"2"),
         ("/c", b"3"),
@@ -565,19 +411,9 @@ async fn unreachable_machines_back_off_and_converge_when_they_return() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // It comes back (updates disabled at startup), then updates are enabled.
-    let sub = FakeMachine::new(tree(&[]));
-    let app = Router::new()
-        .route("/rpc/Subd.Poll", post(poll))
-        .route("/rpc/Subd.Fetch", post(fetch))
-        .route("/rpc/Subd.Update", post(update))
-        .with_state(sub.clone());
+    let sub = FakeSubd::new(tree(&[]));
     let l = tokio::net::TcpListener::bind(&addr).await.unwrap();
-    tokio::spawn(wire::http::serve(
-        l,
-        app,
-        Security::Insecure,
-        std::future::pending(),
-    ));
+    fake::serve_on(l, fake::subd_router(sub.clone()));
     let r = f
         .wait_error("gone", "updates disabled", "testing startup")
         .await;
@@ -590,7 +426,7 @@ async fn unreachable_machines_back_off_and_converge_when_they_return() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_previews_exactly_what_the_update_then_does() {
-    let m = FakeMachine::new(tree(&[("/etc/app.conf", b"old"), ("/junk", b"j")]));
+    let m = FakeSubd::new(tree(&[("/etc/app.conf", b"old"), ("/junk", b"j")]));
     let addr = start_subd(m.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let mdb = dir.path().join("mdb.json");
@@ -602,7 +438,7 @@ async fn plan_previews_exactly_what_the_update_then_does() {
         ]),
     )
     .unwrap();
-    let images: Images = Arc::default();
+    let images = Images::default();
     let triggers = model::Triggers::parse(
         r#"[{"MatchLines":["/etc/app[.]conf"],"Service":"app"}]"#,
         "t",
@@ -621,6 +457,7 @@ async fn plan_previews_exactly_what_the_update_then_does() {
         mdb: mdb.clone(),
         image_server: Some(is),
         subd_port: 6969,
+        subd_connect_timeout_ms: 15_000,
         image_server_name: wire::client::IMAGESERVER_NAME.into(),
         subd_name: wire::client::SUBD_NAME.into(),
         tls: wire::security::DaemonTlsArgs {
@@ -641,6 +478,7 @@ async fn plan_previews_exactly_what_the_update_then_does() {
             .result
             .as_ref()
             .unwrap_err()
+            .to_string()
             .starts_with("connection refused"),
         "{:?}",
         plans[1].result
@@ -706,7 +544,7 @@ async fn status_page_renders_in_a_real_browser() {
         eprintln!("\n!!!!!!!! SKIPPED status_page_renders_in_a_real_browser: chromium is not installed (apt-get install -y chromium) !!!!!!!!\n");
         return;
     };
-    let a = FakeMachine::new(tree(&[]));
+    let a = FakeSubd::new(tree(&[]));
     let addr = start_subd(a).await;
     let f = Fixture::start(
         &mdb_json(&[
@@ -803,7 +641,7 @@ async fn a_missing_mdb_is_reported_until_it_appears() {
         metrics.contains("dominator_mdb_errors_total 1\n"),
         "{metrics}"
     );
-    let sub = FakeMachine::new(tree(&[]));
+    let sub = FakeSubd::new(tree(&[]));
     let addr = start_subd(sub).await;
     std::fs::write(
         &f.mdb,
@@ -820,7 +658,7 @@ async fn a_missing_mdb_is_reported_until_it_appears() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_service_commands_show_on_the_overview_and_in_metrics() {
-    let sub = FakeMachine::new(tree(&[]));
+    let sub = FakeSubd::new(tree(&[]));
     sub.lock().unwrap().trigger_failures =
         vec!["app start: exit status: 1 (app: unrecognized service)".into()];
     let addr = start_subd(sub).await;
@@ -847,7 +685,7 @@ async fn failed_service_commands_show_on_the_overview_and_in_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_deleted_from_the_imageserver_is_reported_not_enforced_from_memory() {
-    let sub = FakeMachine::new(tree(&[]));
+    let sub = FakeSubd::new(tree(&[]));
     let addr = start_subd(sub.clone()).await;
     let f = Fixture::start(
         &mdb_json(&[

@@ -60,6 +60,10 @@ async fn run() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(addr = %listener.local_addr()?, data_dir = %args.data_dir.display(), "imageserver listening");
+    eprintln!(
+        "{}",
+        wire::listening::line("imageserver", listener.local_addr()?)
+    );
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");

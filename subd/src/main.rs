@@ -27,6 +27,7 @@ async fn run() -> anyhow::Result<()> {
         args.root.display(),
         listener.local_addr()?
     );
+    eprintln!("{}", wire::listening::line("subd", listener.local_addr()?));
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");

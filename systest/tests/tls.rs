@@ -2,7 +2,8 @@
 //! certificates; an image builder's certificate adds images (recorded as `created_by`) but
 //! cannot delete them or update machines; the dominator's certificate is accepted by subd;
 //! a client without a certificate, or from another CA, gets nothing; a dominator holding
-//! the wrong role's pair shows its machines as `poll denied`.
+//! the wrong role's pair shows its machines as `poll denied`, and names every other reason
+//! it cannot poll (`DNS error`, `connection refused`, `connect timeout`).
 
 use model::api::{PollRequest, UpdateRequest};
 use std::path::Path;
@@ -244,11 +245,13 @@ async fn a_builder_certificate_gets_a_short_poll_and_is_refused_a_full_one() {
 
 /// The dominator names why it cannot poll a machine: a real dominator started with the
 /// builder's pair (no `Subd.*` grant) is refused a full poll by a real subd (`poll
-/// denied`; the short poll is open to any authenticated caller), and a
-/// machine whose name does not resolve is a `DNS error`; both read over the dominator's
-/// own TLS API with the admin's pair.
+/// denied`; the short poll is open to any authenticated caller); a machine whose name
+/// does not resolve is a `DNS error`, one whose port nothing listens on `connection
+/// refused`, and one that never answers (a full accept queue drops its SYNs) a `connect
+/// timeout` after `--subd-connect-timeout-ms`; all read over the dominator's own TLS API
+/// with the admin's pair.
 #[tokio::test]
-async fn the_dominator_names_a_denied_poll_and_a_name_that_does_not_resolve() {
+async fn the_dominator_names_why_it_cannot_poll_a_machine() {
     let work = tempfile::tempdir().unwrap();
     let certs = work.path().join("certs");
     wire::certs::make_all(&certs, &[]).unwrap();
@@ -278,9 +281,13 @@ async fn the_dominator_names_a_denied_poll_and_a_name_that_does_not_resolve() {
         String::from_utf8_lossy(&add.stderr)
     );
     let mdb = work.path().join("mdb.json");
+    let closed = testkit::net::ClosedPort::new();
+    let blackhole = testkit::net::Blackhole::new();
     let machines = serde_json::json!([
         {"Hostname": "denied", "IpAddress": saddr, "RequiredImage": "app/1"},
         {"Hostname": "no-such-machine.invalid", "RequiredImage": "app/1"},
+        {"Hostname": "refused", "IpAddress": closed.addr.to_string(), "RequiredImage": "app/1"},
+        {"Hostname": "blackholed", "IpAddress": blackhole.addr.to_string(), "RequiredImage": "app/1"},
     ]);
     std::fs::write(&mdb, machines.to_string()).unwrap();
     let daddr = format!("127.0.0.1:{}", free_port());
@@ -293,6 +300,8 @@ async fn the_dominator_names_a_denied_poll_and_a_name_that_does_not_resolve() {
         daddr.clone(),
         "--poll-interval-ms".into(),
         "100".into(),
+        "--subd-connect-timeout-ms".into(),
+        "1000".into(),
     ];
     dargs.extend(user_flags(&certs, "builder")); // the wrong role's pair
     let _dom = Daemon::start(&bin("dominator"), &dargs, &daddr);
@@ -311,6 +320,8 @@ async fn the_dominator_names_a_denied_poll_and_a_name_that_does_not_resolve() {
     for (host, want) in [
         ("denied", "poll denied"),
         ("no-such-machine.invalid", "DNS error"),
+        ("refused", "connection refused"),
+        ("blackholed", "connect timeout"),
     ] {
         let t0 = std::time::Instant::now();
         let last = loop {

@@ -3,9 +3,13 @@
 //! resets, truncated or 1-byte-per-second replies, oversized bodies), so tests can show
 //! that retries are bounded, memory stays bounded and nothing half-written is stored.
 //! Also: the real binaries (`bin`, `Daemon`), a small tmpfs (`Tmpfs`), `files_under`, and
-//! `drive`, which polls, plans and updates a subd the way the dominator does.
+//! `drive`, which polls, plans and updates a subd the way the dominator does; `fake`, an
+//! in-memory subd and imageserver over real sockets; `net`, loopback addresses that refuse
+//! or never answer.
 
 pub mod drive;
+pub mod fake;
+pub mod net;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

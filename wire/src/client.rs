@@ -19,11 +19,111 @@ pub enum ClientSecurity {
     Tls(TlsFiles),
 }
 
+/// Why a request got no answer: read once from the error's types where the client makes
+/// it (reqwest's flags, the `io::ErrorKind` and rustls error in its sources, our resolver's
+/// `DnsFailure`), never from its text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// Nothing listens on the port (`ECONNREFUSED`).
+    Refused,
+    /// The host name did not resolve.
+    Dns,
+    /// No answer in time: the connect timeout, the call's timeout, or `ETIMEDOUT`.
+    Timeout,
+    /// The TLS handshake failed (a certificate refused either way, a protocol error).
+    Tls,
+    /// No route to the host or its network.
+    Unreachable,
+    /// The local system forbade the connection (`EACCES`/`EPERM`, e.g. a firewall rule).
+    Denied,
+    /// Anything else: reset or closed mid-request, not HTTP, a body that failed.
+    Other,
+}
+
+impl ConnectFailure {
+    /// Classifies a reqwest error by its flags and the types of its sources.
+    pub fn of(e: &reqwest::Error) -> ConnectFailure {
+        let sources = || std::iter::successors(std::error::Error::source(e), |s| s.source());
+        if sources().any(|s| s.is::<DnsFailure>()) {
+            return ConnectFailure::Dns;
+        }
+        if e.is_timeout() {
+            return ConnectFailure::Timeout;
+        }
+        for s in sources() {
+            if s.is::<rustls::Error>() {
+                return ConnectFailure::Tls;
+            }
+            // An io::Error's `source()` skips the error it wraps: look inside it too.
+            let mut inner: Option<&(dyn std::error::Error + 'static)> = Some(s);
+            while let Some(io) = inner.and_then(|i| i.downcast_ref::<std::io::Error>()) {
+                if let Some(kind) = Self::of_io(io) {
+                    return kind;
+                }
+                inner = io
+                    .get_ref()
+                    .map(|i| i as &(dyn std::error::Error + 'static));
+                if inner.is_some_and(|i| i.is::<rustls::Error>()) {
+                    return ConnectFailure::Tls;
+                }
+            }
+        }
+        ConnectFailure::Other
+    }
+
+    /// The failure an `io::ErrorKind` names, if it names one.
+    fn of_io(io: &std::io::Error) -> Option<ConnectFailure> {
+        use std::io::ErrorKind as K;
+        match io.kind() {
+            K::ConnectionRefused => Some(ConnectFailure::Refused),
+            K::TimedOut => Some(ConnectFailure::Timeout),
+            K::HostUnreachable | K::NetworkUnreachable => Some(ConnectFailure::Unreachable),
+            K::PermissionDenied => Some(ConnectFailure::Denied),
+            _ => None,
+        }
+    }
+}
+
+/// A host name that did not resolve: the error our resolver (`SystemResolver`) gives
+/// reqwest, so a DNS failure is known by its type.
+#[derive(Debug, thiserror::Error)]
+#[error("resolving {host}")]
+pub struct DnsFailure {
+    pub host: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// The system resolver (`getaddrinfo`, off the executor, as reqwest's default), failing
+/// with a `DnsFailure`.
+#[derive(Debug, Default)]
+struct SystemResolver;
+
+impl reqwest::dns::Resolve for SystemResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let found = tokio::net::lookup_host((host.as_str(), 0))
+                .await
+                .map(|addrs| addrs.collect::<Vec<_>>());
+            match found {
+                Ok(addrs) => Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs),
+                Err(source) => Err(Box::new(DnsFailure { host, source }) as _),
+            }
+        })
+    }
+}
+
 /// A failed call.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// No answer from the server: `kind` says why, `message` the innermost cause's text.
     #[error("{addr}: {message}")]
-    Connect { addr: String, message: String },
+    Connect {
+        addr: String,
+        kind: ConnectFailure,
+        message: String,
+    },
     #[error("{method}: {message} (HTTP {status})")]
     Status {
         method: String,
@@ -42,6 +142,23 @@ impl ClientError {
         match self {
             ClientError::Status { status, .. } => Some(*status),
             _ => None,
+        }
+    }
+
+    /// Why there was no answer, if there was none.
+    pub fn connect_failure(&self) -> Option<ConnectFailure> {
+        match self {
+            ClientError::Connect { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+
+    /// A `Connect` error for a request to `addr` that failed with `e`.
+    fn connect(addr: &str, e: &reqwest::Error) -> ClientError {
+        ClientError::Connect {
+            addr: addr.to_string(),
+            kind: ConnectFailure::of(e),
+            message: connect_message(e),
         }
     }
 }
@@ -109,6 +226,18 @@ pub struct RpcClient {
 /// How long a call waits for the next bytes of a reply before failing.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long opening a connection (TCP and TLS handshake) may take by default.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a client waits.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientTimeouts {
+    /// Opening a connection, TCP and TLS handshake (`CONNECT_TIMEOUT` by default).
+    pub connect: Duration,
+    /// A whole call (`None` for long streams).
+    pub call: Option<Duration>,
+}
+
 /// Default cap on a JSON reply's size: a hostile or broken server cannot exhaust memory.
 pub const DEFAULT_REPLY_LIMIT: usize = 256 << 20;
 
@@ -159,16 +288,32 @@ impl RpcClient {
         server_name: &str,
         timeout: Option<Duration>,
     ) -> Result<RpcClient, ClientError> {
+        let timeouts = ClientTimeouts {
+            connect: CONNECT_TIMEOUT,
+            call: timeout,
+        };
+        Self::with_timeouts(addr, default_port, security, server_name, timeouts)
+    }
+
+    /// As `new`, with the connect timeout chosen too.
+    pub fn with_timeouts(
+        addr: &str,
+        default_port: u16,
+        security: &ClientSecurity,
+        server_name: &str,
+        timeouts: ClientTimeouts,
+    ) -> Result<RpcClient, ClientError> {
         let mut b = reqwest::Client::builder()
             .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(15))
+            .dns_resolver(std::sync::Arc::new(SystemResolver))
+            .connect_timeout(timeouts.connect)
             // Well before servers close an idle keep-alive (their header timeout), so a
             // pooled connection is never reused just as the server closes it.
             .pool_idle_timeout(crate::connection::DEFAULT_HEADER_TIMEOUT / 2)
             // A peer that goes silent mid-reply is given up on, even for long streams.
             .read_timeout(READ_TIMEOUT)
             .no_proxy();
-        if let Some(t) = timeout {
+        if let Some(t) = timeouts.call {
             b = b.timeout(t);
         }
         let tls = matches!(security, ClientSecurity::Tls(_));
@@ -251,10 +396,7 @@ impl RpcClient {
             .body(body)
             .send()
             .await
-            .map_err(|e| ClientError::Connect {
-                addr: self.base.clone(),
-                message: connect_message(&e),
-            })?;
+            .map_err(|e| ClientError::connect(&self.base, &e))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -278,15 +420,12 @@ impl RpcClient {
             .get(&url)
             .send()
             .await
-            .map_err(|e| ClientError::Connect {
-                addr: self.base.clone(),
-                message: connect_message(&e),
-            })?;
+            .map_err(|e| ClientError::connect(&self.base, &e))?;
         let status = resp.status().as_u16();
-        let text = resp.text().await.map_err(|e| ClientError::Connect {
-            addr: self.base.clone(),
-            message: connect_message(&e),
-        })?;
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| ClientError::connect(&self.base, &e))?;
         if !(200..300).contains(&status) {
             return Err(ClientError::Status {
                 method: path.to_string(),
@@ -553,6 +692,62 @@ mod tests {
             let e = check_host_port(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad:?}: {e}");
         }
+    }
+
+    /// The kind of `call`'s failure against `addr` (connect timeout 300 ms).
+    async fn failure(addr: &str, security: &ClientSecurity) -> (ConnectFailure, String) {
+        let timeouts = ClientTimeouts {
+            connect: Duration::from_millis(300),
+            call: Some(Duration::from_secs(20)),
+        };
+        let c = RpcClient::with_timeouts(addr, 1, security, SUBD_NAME, timeouts).unwrap();
+        let e = c
+            .call::<_, api::Empty>(methods::SUBD_POLL, &api::Empty {})
+            .await
+            .unwrap_err();
+        (
+            e.connect_failure().expect("a connect failure"),
+            e.to_string(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_failed_connection_is_classified_by_type_not_text() {
+        let closed = testkit::net::ClosedPort::new();
+        let (kind, _) = failure(&closed.addr.to_string(), &ClientSecurity::Insecure).await;
+        assert_eq!(kind, ConnectFailure::Refused);
+
+        let (kind, msg) = failure("no-such-machine.invalid:1", &ClientSecurity::Insecure).await;
+        assert_eq!(kind, ConnectFailure::Dns, "{msg}");
+        assert!(
+            msg.contains("failed to lookup address information"),
+            "the message is the resolver's, as before: {msg}"
+        );
+
+        let hole = testkit::net::Blackhole::new();
+        let (kind, _) = failure(&hole.addr.to_string(), &ClientSecurity::Insecure).await;
+        assert_eq!(kind, ConnectFailure::Timeout);
+
+        // TLS to something that answers in plain text.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let plain = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Ok((mut s, _)) = l.accept().await {
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        let certs = tempfile::tempdir().unwrap();
+        crate::certs::make_all(certs.path(), &[]).unwrap();
+        let tls = ClientSecurity::Tls(TlsFiles {
+            ca: certs.path().join("CA.pem"),
+            cert: certs.path().join("dominator/cert.pem"),
+            key: certs.path().join("dominator/key.pem"),
+        });
+        let (kind, msg) = failure(&plain.to_string(), &tls).await;
+        assert_eq!(kind, ConnectFailure::Tls, "{msg}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! Layout:
 //! - `http`, `connection`: the server (`serve`), its connection limits and timeouts.
 //! - `client`: the RPC client every program uses.
+//! - `listening`: the line a daemon prints once bound, and its reader.
 //! - `tls`, `security`, `certs`: mutual TLS, the TLS flags every program shares, and
 //!   `make-certs`.
 //! - `fetch`: objects from an imageserver into a local store, verified, in batches.
@@ -15,6 +16,7 @@ pub mod client;
 pub mod connection;
 pub mod fetch;
 pub mod http;
+pub mod listening;
 pub mod patch;
 pub mod security;
 pub mod tls;
