@@ -1,7 +1,11 @@
 //! The catalogue: which images and objects the server holds, on disk and in memory.
 //!
 //! Layout under the data directory:
-//! - `objects/<hh>/<hh>/<124 hex>`: the content-addressed `ObjectStore`.
+//! - `.lock`: held (`flock`) while a server has the directory open; one server per
+//!   directory.
+//! - `objects/<hh>/<126 hex>`: the content-addressed `disk::objectstore::ObjectStore`
+//!   (`<hh>` is the first byte of the SHA-512; stores made by earlier versions keep their
+//!   `<hh>/<hh>/<124 hex>` layout).
 //! - `images/<name>/.image`: one JSON `Image` per image name. Image names never have a
 //!   component starting with `.`, so `.image` never collides with a name, and an image
 //!   `a/b` can coexist with `a/b/c`. A zero-length `.image` is a tombstone: the name was
@@ -10,10 +14,16 @@
 //!   the `.image` is renamed into place, so an image is never visible without it; a
 //!   `.image` without one was stored by an earlier version and is served unverified. An
 //!   image whose bytes do not match is *corrupt*: listed on the status page and in
-//!   metrics, and `GetImage` of it is an error, never the damaged tree.
+//!   metrics, and `GetImage` of it is an error, never the damaged tree. A tombstone has
+//!   none (it is removed when the image is deleted).
 //!
-//! Every write is temp + fsync + rename (+ fsync of the directories), so after a crash a
-//! restart sees each image either whole or not at all. In memory the catalogue keeps the
+//! Errors are `CatalogueError`s, classified where they are made (not found, already
+//! exists, invalid request, corrupt, storage); `rpc` turns them into HTTP statuses.
+//!
+//! An image file is written temp + fsync + rename (+ fsync of the directories up to
+//! `images/`); objects are written to temp files while hashed and renamed into place in
+//! batches between two `syncfs` (`ObjectStore::commit`). So after a crash a restart sees
+//! each image and object either whole or not at all, and removes the temp files left. In memory the catalogue keeps the
 //! names (live, deleted or being written), every object's size and reference count, and
 //! when each unreferenced object became unreferenced (persisted as the object file's mtime,
 //! so the oldest-first order survives restarts). Image bodies stay on disk.
@@ -54,7 +64,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use wire::http::ApiError;
 
 /// How long objects stay pinned after their upload stream ends or `CheckObjects` reports
 /// them, unless configured otherwise. Dominator uses ~11 s; ours is longer because a large
@@ -81,6 +90,102 @@ pub enum OpenError {
     Corrupt { path: PathBuf, message: String },
     #[error(transparent)]
     Locked(#[from] disk::fsutil::LockError),
+}
+
+/// Why a catalogue operation failed, classified where it is made. Each variant's text is
+/// the one line a client sees; `rpc` maps each variant to its HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogueError {
+    /// Not found: no live image has this name.
+    #[error("image {0} does not exist")]
+    ImageNotFound(ImageName),
+    /// Not found: objects asked for are not stored (`first`, and how many are missing).
+    #[error("{}", unknown_objects(.first, *.count))]
+    ObjectsNotFound { first: ObjectId, count: usize },
+    /// Already exists: the name holds an image (or one is being added under it).
+    #[error("image {0} already exists")]
+    AlreadyExists(ImageName),
+    /// Already exists: the name was deleted, and names are never reused.
+    #[error("image {0} was deleted; image names are never reused")]
+    NameDeleted(ImageName),
+    /// Invalid request: the image's tree is not one a machine could hold.
+    #[error("image {name}: invalid tree: {source}")]
+    InvalidTree {
+        name: ImageName,
+        source: model::image::TreeError,
+    },
+    /// Invalid request: the image refers to objects not stored (`first`, and how many).
+    #[error("object {first} is not available{}", how_many_missing(*.count))]
+    InvalidMissingObjects { first: ObjectId, count: usize },
+    /// Invalid request: the image gives an object a size other than its stored one.
+    #[error("object {id} has {stored} bytes but the image says {claimed}")]
+    InvalidObjectSize {
+        id: ObjectId,
+        stored: u64,
+        claimed: u64,
+    },
+    /// Invalid request: a share of unreferenced objects over 100 %.
+    #[error("percentage {0} is over 100")]
+    InvalidPercentage(u8),
+    /// Corrupt: the image's file is damaged (`damage` says how); it is never served.
+    #[error("image {name} is corrupt: {damage}")]
+    CorruptImage { name: ImageName, damage: String },
+    /// Corrupt: an indexed object's file is shorter than recorded.
+    #[error("object {id} is damaged: its file has {len} of {size} bytes")]
+    CorruptObject { id: ObjectId, len: u64, size: u64 },
+    /// Storage: an indexed object's file cannot be looked at.
+    #[error("object {id} cannot be read: {source}")]
+    ObjectUnreadable {
+        id: ObjectId,
+        source: std::io::Error,
+    },
+    /// Storage: an image file could not be written, read or replaced by a tombstone.
+    #[error("{action} image {name}: {source}")]
+    ImageIo {
+        action: ImageAction,
+        name: ImageName,
+        source: std::io::Error,
+    },
+    /// The object store refused: bad data sent, a full disk, or another I/O failure
+    /// (`StoreError::is_bad_data`, `is_no_space`).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// `unknown object: ID`, or `first of N unknown objects: ID`.
+fn unknown_objects(first: &ObjectId, count: usize) -> String {
+    if count == 1 {
+        format!("unknown object: {first}")
+    } else {
+        format!("first of {count} unknown objects: {first}")
+    }
+}
+
+/// Nothing for one missing object, ` (N objects are missing)` for more.
+fn how_many_missing(count: usize) -> String {
+    if count == 1 {
+        String::new()
+    } else {
+        format!(" ({count} objects are missing)")
+    }
+}
+
+/// What was being done to an image file when it failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageAction {
+    Writing,
+    Reading,
+    Deleting,
+}
+
+impl std::fmt::Display for ImageAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ImageAction::Writing => "writing",
+            ImageAction::Reading => "reading",
+            ImageAction::Deleting => "deleting",
+        })
+    }
 }
 
 /// The state of a name.
@@ -181,16 +286,6 @@ fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError + '_ {
     }
 }
 
-fn store_api_error(e: StoreError) -> ApiError {
-    if e.is_bad_data() {
-        ApiError::BadRequest(e.to_string())
-    } else if e.is_no_space() {
-        ApiError::InsufficientStorage(e.to_string())
-    } else {
-        ApiError::internal(e)
-    }
-}
-
 impl Catalogue {
     /// Opens (creating if needed) a data directory with the default pin grace period.
     pub fn open(data_dir: &Path) -> Result<Catalogue, OpenError> {
@@ -208,85 +303,8 @@ impl Catalogue {
         let images_dir = data_dir.join("images");
         std::fs::create_dir_all(&images_dir).map_err(io_at(&images_dir))?;
         let mut index = Index::default();
-        let (wall, mono) = (SystemTime::now(), Instant::now());
-        for (id, size) in store.list()? {
-            let modified = std::fs::metadata(store.path_of(&id))
-                .and_then(|m| m.modified())
-                .ok();
-            let mtime = modified
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_secs() as i64);
-            // Stored (or unreferenced) less than the grace period ago: pinned for the rest.
-            let age = modified.and_then(|t| wall.duration_since(t).ok());
-            let pinned_until = age
-                .filter(|a| *a < pin_grace)
-                .map(|a| mono + (pin_grace - a));
-            index.object_bytes += size;
-            index.objects.insert(
-                id,
-                ObjectMeta {
-                    size,
-                    refs: 0,
-                    unref_since: mtime,
-                    holds: 0,
-                    pinned_until,
-                },
-            );
-        }
-        let mut found = Vec::new();
-        walk_images(&images_dir, &images_dir, &mut found)?;
-        for (name, path, len) in found {
-            if len == 0 {
-                index.names.insert(name, NameState::Deleted);
-                continue;
-            }
-            let bytes = std::fs::read(&path).map_err(io_at(&path))?;
-            let recorded = read_checksum(&path.with_file_name(CHECKSUM_FILE));
-            let damage = match &recorded {
-                Ok(Some(sum)) => mismatch(sum, &bytes),
-                Ok(None) => {
-                    tracing::info!(image = %name, "image has no checksum (stored by an earlier version); served unverified");
-                    None
-                }
-                Err(e) => Some(e.clone()),
-            };
-            if let Ok(Some(sum)) = recorded {
-                index.checksums.insert(name.clone(), sum);
-            }
-            let parsed = serde_json::from_slice::<Image>(&bytes);
-            if let Some(damage) = damage {
-                tracing::error!(image = %name, "image is corrupt, not served: {damage}");
-                index.corrupt.insert(name.clone(), damage);
-            }
-            let image = match parsed {
-                Ok(image) => image,
-                // Damaged beyond parsing: refers to nothing we can tell.
-                Err(_) if index.corrupt.contains_key(&name) => {
-                    index.names.insert(name, NameState::Live);
-                    continue;
-                }
-                Err(e) => {
-                    return Err(OpenError::Corrupt {
-                        path: path.clone(),
-                        message: e.to_string(),
-                    })
-                }
-            };
-            let mut missing = BTreeSet::new();
-            for id in image.tree.objects().keys() {
-                match index.objects.get_mut(id) {
-                    Some(m) => m.refs += 1,
-                    None => {
-                        missing.insert(*id);
-                    }
-                }
-            }
-            if let Some(first) = missing.first() {
-                tracing::error!(image = %name, missing = missing.len(), %first, "image refers to objects that are not stored; upload them again (imagetool add of the same tree) or delete the image");
-                index.incomplete.insert(name.clone(), missing);
-            }
-            index.names.insert(name, NameState::Live);
-        }
+        index_objects(&mut index, &store, pin_grace)?;
+        index_images(&mut index, &images_dir)?;
         Ok(Catalogue {
             _lock: lock,
             store,
@@ -355,7 +373,10 @@ impl Catalogue {
     /// Makes verified objects durable and visible, each held for the calling upload stream
     /// (which must `release` them, including those already present); returns (new objects,
     /// new bytes).
-    pub fn commit_objects(&self, pending: Vec<PendingObject>) -> Result<(u64, u64), ApiError> {
+    pub fn commit_objects(
+        &self,
+        pending: Vec<PendingObject>,
+    ) -> Result<(u64, u64), CatalogueError> {
         let ids: Vec<(ObjectId, u64)> = pending.iter().map(|p| (p.id, p.len)).collect();
         {
             let mut idx = self.lock();
@@ -377,7 +398,7 @@ impl Catalogue {
                 }
             }
         }
-        committed.map_err(store_api_error)?;
+        committed?;
         tracing::debug!(
             objects = ids.len(),
             ms = t.elapsed().as_millis() as u64,
@@ -426,15 +447,11 @@ impl Catalogue {
     }
 
     /// The recorded sizes of `ids`, in order, once each is checked to be stored whole: an
-    /// unknown object is `NotFound` (as Dominator words it); a file missing or shorter
-    /// than recorded is an internal error naming the object.
-    pub fn object_files(&self, ids: &[ObjectId]) -> Result<Vec<(ObjectId, u64)>, ApiError> {
-        if let Some((first, n)) = self.first_missing(ids) {
-            return Err(ApiError::NotFound(if n == 1 {
-                format!("unknown object: {first}")
-            } else {
-                format!("first of {n} unknown objects: {first}")
-            }));
+    /// unknown object is `ObjectsNotFound` (worded as Dominator does); a file shorter than
+    /// recorded is `CorruptObject`, one that cannot be looked at `ObjectUnreadable`.
+    pub fn object_files(&self, ids: &[ObjectId]) -> Result<Vec<(ObjectId, u64)>, CatalogueError> {
+        if let Some((first, count)) = self.first_missing(ids) {
+            return Err(CatalogueError::ObjectsNotFound { first, count });
         }
         let sizes: Vec<u64> = {
             let idx = self.lock();
@@ -447,16 +464,8 @@ impl Catalogue {
             let on_disk = std::fs::metadata(self.store.path_of(id)).map(|m| m.len());
             match on_disk {
                 Ok(len) if len >= size => out.push((*id, size)),
-                Ok(len) => {
-                    return Err(ApiError::internal(format!(
-                        "object {id} is damaged: its file has {len} of {size} bytes"
-                    )))
-                }
-                Err(e) => {
-                    return Err(ApiError::internal(format!(
-                        "object {id} cannot be read: {e}"
-                    )))
-                }
+                Ok(len) => return Err(CatalogueError::CorruptObject { id: *id, len, size }),
+                Err(source) => return Err(CatalogueError::ObjectUnreadable { id: *id, source }),
             }
         }
         Ok(out)
@@ -464,43 +473,39 @@ impl Catalogue {
 
     /// Adds an image under a fresh name: the name must never have been used, the tree must
     /// be valid and every object it needs present with the right size.
-    pub fn add_image(&self, name: &ImageName, image: &Image) -> Result<(), ApiError> {
+    pub fn add_image(&self, name: &ImageName, image: &Image) -> Result<(), CatalogueError> {
         image
             .tree
             .validate()
-            .map_err(|e| ApiError::BadRequest(format!("image {name}: invalid tree: {e}")))?;
+            .map_err(|source| CatalogueError::InvalidTree {
+                name: name.clone(),
+                source,
+            })?;
         let objects = image.tree.objects();
         {
             let mut idx = self.lock();
             match idx.names.get(name.as_str()) {
-                Some(NameState::Deleted) => {
-                    return Err(ApiError::Conflict(format!(
-                        "image {name} was deleted; image names are never reused"
-                    )))
-                }
-                Some(_) => return Err(ApiError::Conflict(format!("image {name} already exists"))),
+                Some(NameState::Deleted) => return Err(CatalogueError::NameDeleted(name.clone())),
+                Some(_) => return Err(CatalogueError::AlreadyExists(name.clone())),
                 None => {}
             }
             let mut missing = objects
                 .iter()
                 .filter(|(id, _)| !idx.objects.contains_key(id));
             if let Some((first, _)) = missing.next() {
-                let more = missing.count();
-                return Err(ApiError::BadRequest(if more == 0 {
-                    format!("object {first} is not available")
-                } else {
-                    format!(
-                        "object {first} is not available ({} objects are missing)",
-                        more + 1
-                    )
-                }));
+                return Err(CatalogueError::InvalidMissingObjects {
+                    first: *first,
+                    count: missing.count() + 1,
+                });
             }
             for (id, size) in &objects {
-                let have = idx.objects[id].size;
-                if have != *size {
-                    return Err(ApiError::BadRequest(format!(
-                        "object {id} has {have} bytes but the image says {size}"
-                    )));
+                let stored = idx.objects[id].size;
+                if stored != *size {
+                    return Err(CatalogueError::InvalidObjectSize {
+                        id: *id,
+                        stored,
+                        claimed: *size,
+                    });
                 }
             }
             for id in objects.keys() {
@@ -516,7 +521,7 @@ impl Catalogue {
                 idx.checksums.insert(name.to_string(), sum);
                 Ok(())
             }
-            Err(e) => {
+            Err(source) => {
                 idx.names.remove(name.as_str());
                 let now = now_secs();
                 for id in objects.keys() {
@@ -527,7 +532,11 @@ impl Catalogue {
                         }
                     }
                 }
-                Err(ApiError::internal(format!("writing image {name}: {e}")))
+                Err(CatalogueError::ImageIo {
+                    action: ImageAction::Writing,
+                    name: name.clone(),
+                    source,
+                })
             }
         }
     }
@@ -572,11 +581,11 @@ impl Catalogue {
 
     /// The stored JSON of a live image, checked against its checksum (a mismatch marks the
     /// image corrupt and is an error).
-    pub fn image_json(&self, name: &ImageName) -> Result<Vec<u8>, ApiError> {
+    pub fn image_json(&self, name: &ImageName) -> Result<Vec<u8>, CatalogueError> {
         let sum = {
             let idx = self.lock();
             if idx.names.get(name.as_str()) != Some(&NameState::Live) {
-                return Err(ApiError::NotFound(format!("image {name} does not exist")));
+                return Err(CatalogueError::ImageNotFound(name.clone()));
             }
             if let Some(damage) = idx.corrupt.get(name.as_str()) {
                 return Err(corrupt_error(name, damage));
@@ -593,9 +602,12 @@ impl Catalogue {
         Ok(bytes)
     }
 
-    fn read_image_file(&self, name: &ImageName) -> Result<Vec<u8>, ApiError> {
-        std::fs::read(self.image_path(name))
-            .map_err(|e| ApiError::internal(format!("reading image {name}: {e}")))
+    fn read_image_file(&self, name: &ImageName) -> Result<Vec<u8>, CatalogueError> {
+        std::fs::read(self.image_path(name)).map_err(|source| CatalogueError::ImageIo {
+            action: ImageAction::Reading,
+            name: name.clone(),
+            source,
+        })
     }
 
     /// Live images whose file does not match its checksum, with what is wrong.
@@ -632,7 +644,7 @@ impl Catalogue {
     /// Deletes an image, leaving a tombstone so the name is never reused.
     /// A corrupt image may be deleted too (its references are dropped as far as its file
     /// can still be read).
-    pub fn delete_image(&self, name: &ImageName) -> Result<(), ApiError> {
+    pub fn delete_image(&self, name: &ImageName) -> Result<(), CatalogueError> {
         let (bytes, corrupt) = match self.image_json(name) {
             Ok(b) => (b, false),
             Err(e) if self.lock().corrupt.contains_key(name.as_str()) => {
@@ -644,18 +656,22 @@ impl Catalogue {
         let image: Option<Image> = match serde_json::from_slice(&bytes) {
             Ok(i) => Some(i),
             Err(_) if corrupt => None,
-            Err(e) => return Err(ApiError::internal(format!("image {name} is corrupt: {e}"))),
+            Err(e) => return Err(corrupt_error(name, &e.to_string())),
         };
         {
             let mut idx = self.lock();
             if idx.names.get(name.as_str()) != Some(&NameState::Live) {
-                return Err(ApiError::NotFound(format!("image {name} does not exist")));
+                return Err(CatalogueError::ImageNotFound(name.clone()));
             }
             idx.names.insert(name.to_string(), NameState::Adding);
         }
-        if let Err(e) = write_atomic(&self.image_path(name), b"") {
+        if let Err(source) = write_atomic(&self.image_path(name), b"") {
             self.lock().names.insert(name.to_string(), NameState::Live);
-            return Err(ApiError::internal(format!("deleting image {name}: {e}")));
+            return Err(CatalogueError::ImageIo {
+                action: ImageAction::Deleting,
+                name: name.clone(),
+                source,
+            });
         }
         let now = now_secs();
         let mut freed = Vec::new();
@@ -708,11 +724,13 @@ impl Catalogue {
     /// Deletes unreferenced objects, oldest first, until at least `percentage` % of them
     /// and at least `bytes` bytes are gone (`100 0` = all, `0 0` = none). Held and pinned
     /// objects are skipped (and not counted).
-    pub fn delete_unreferenced(&self, percentage: u8, bytes: u64) -> Result<(u64, u64), ApiError> {
+    pub fn delete_unreferenced(
+        &self,
+        percentage: u8,
+        bytes: u64,
+    ) -> Result<(u64, u64), CatalogueError> {
         if percentage > 100 {
-            return Err(ApiError::BadRequest(format!(
-                "percentage {percentage} is over 100"
-            )));
+            return Err(CatalogueError::InvalidPercentage(percentage));
         }
         let doomed = {
             let now = Instant::now();
@@ -781,7 +799,7 @@ impl Catalogue {
                 }
                 drop(idx);
                 self.deleted.notify_all();
-                return Err(store_api_error(e));
+                return Err(e.into());
             }
             drop(idx);
             self.deleted.notify_all();
@@ -826,6 +844,103 @@ impl Catalogue {
     }
 }
 
+/// Registers every stored object: its size, when it became unreferenced (its file's
+/// mtime), and a pin for the rest of the grace period if that was less than `pin_grace` ago.
+fn index_objects(
+    index: &mut Index,
+    store: &ObjectStore,
+    pin_grace: Duration,
+) -> Result<(), OpenError> {
+    let (wall, mono) = (SystemTime::now(), Instant::now());
+    for (id, size) in store.list()? {
+        let modified = std::fs::metadata(store.path_of(&id))
+            .and_then(|m| m.modified())
+            .ok();
+        let mtime = modified
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs() as i64);
+        // Stored (or unreferenced) less than the grace period ago: pinned for the rest.
+        let age = modified.and_then(|t| wall.duration_since(t).ok());
+        let pinned_until = age
+            .filter(|a| *a < pin_grace)
+            .map(|a| mono + (pin_grace - a));
+        index.object_bytes += size;
+        index.objects.insert(
+            id,
+            ObjectMeta {
+                size,
+                refs: 0,
+                unref_since: mtime,
+                holds: 0,
+                pinned_until,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// Registers every image and tombstone below `images_dir` (removing temp files): counts
+/// each live image's references, records its checksum, and notes images that are corrupt
+/// or refer to objects not stored. An image that cannot be parsed is an error unless it is
+/// already known to be corrupt.
+fn index_images(index: &mut Index, images_dir: &Path) -> Result<(), OpenError> {
+    let mut found = Vec::new();
+    walk_images(images_dir, images_dir, &mut found)?;
+    for (name, path, len) in found {
+        if len == 0 {
+            index.names.insert(name, NameState::Deleted);
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(io_at(&path))?;
+        let recorded = read_checksum(&path.with_file_name(CHECKSUM_FILE));
+        let damage = match &recorded {
+            Ok(Some(sum)) => mismatch(sum, &bytes),
+            Ok(None) => {
+                tracing::info!(image = %name, "image has no checksum (stored by an earlier version); served unverified");
+                None
+            }
+            Err(e) => Some(e.to_string()),
+        };
+        if let Ok(Some(sum)) = recorded {
+            index.checksums.insert(name.clone(), sum);
+        }
+        let parsed = serde_json::from_slice::<Image>(&bytes);
+        if let Some(damage) = damage {
+            tracing::error!(image = %name, "image is corrupt, not served: {damage}");
+            index.corrupt.insert(name.clone(), damage);
+        }
+        let image = match parsed {
+            Ok(image) => image,
+            // Damaged beyond parsing: refers to nothing we can tell.
+            Err(_) if index.corrupt.contains_key(&name) => {
+                index.names.insert(name, NameState::Live);
+                continue;
+            }
+            Err(e) => {
+                return Err(OpenError::Corrupt {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })
+            }
+        };
+        let mut missing = BTreeSet::new();
+        for id in image.tree.objects().keys() {
+            match index.objects.get_mut(id) {
+                Some(m) => m.refs += 1,
+                None => {
+                    missing.insert(*id);
+                }
+            }
+        }
+        if let Some(first) = missing.first() {
+            tracing::error!(image = %name, missing = missing.len(), %first, "image refers to objects that are not stored; upload them again (imagetool add of the same tree) or delete the image");
+            index.incomplete.insert(name.clone(), missing);
+        }
+        index.names.insert(name, NameState::Live);
+    }
+    Ok(())
+}
+
 /// A writer that hashes (SHA-512) what passes through it.
 struct HashingWriter<W> {
     inner: W,
@@ -843,18 +958,38 @@ impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
     }
 }
 
+/// Why an image's recorded checksum cannot be used (the image is then corrupt).
+#[derive(Debug, thiserror::Error)]
+enum ChecksumError {
+    #[error("its checksum file {} is malformed: {source}", .path.display())]
+    Malformed {
+        path: PathBuf,
+        source: model::hash::BadObjectId,
+    },
+    #[error("its checksum file {} cannot be read: {source}", .path.display())]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// The checksum recorded at `path`: `None` if there is none (an image stored by an earlier
-/// version), an error message if it cannot be read or is malformed.
-fn read_checksum(path: &Path) -> Result<Option<ObjectId>, String> {
+/// version).
+fn read_checksum(path: &Path) -> Result<Option<ObjectId>, ChecksumError> {
     match std::fs::read_to_string(path) {
-        Ok(s) => ObjectId::from_hex(s.trim())
-            .map(Some)
-            .map_err(|e| format!("its checksum file {} is malformed: {e}", path.display())),
+        Ok(s) => {
+            ObjectId::from_hex(s.trim())
+                .map(Some)
+                .map_err(|source| ChecksumError::Malformed {
+                    path: path.to_path_buf(),
+                    source,
+                })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!(
-            "its checksum file {} cannot be read: {e}",
-            path.display()
-        )),
+        Err(source) => Err(ChecksumError::Unreadable {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -870,8 +1005,11 @@ fn mismatch(sum: &ObjectId, bytes: &[u8]) -> Option<String> {
     })
 }
 
-fn corrupt_error(name: &ImageName, damage: &str) -> ApiError {
-    ApiError::internal(format!("image {name} is corrupt: {damage}"))
+fn corrupt_error(name: &ImageName, damage: &str) -> CatalogueError {
+    CatalogueError::CorruptImage {
+        name: name.clone(),
+        damage: damage.to_string(),
+    }
 }
 
 /// Collects `(name, path, length)` of every `.image` below `dir`; removes temp files.
@@ -996,6 +1134,54 @@ mod tests {
         drop(cat);
         let cat = Catalogue::open_with_grace(d.path(), Duration::ZERO).unwrap();
         assert_eq!(cat.delete_unreferenced(100, 0).unwrap(), (1, 6));
+    }
+
+    #[test]
+    fn errors_are_classified_where_they_are_made() {
+        use model::{FileTree, Inode};
+        let d = tempfile::tempdir().unwrap();
+        let cat = Catalogue::open(d.path()).unwrap();
+        let name = ImageName::parse("app/1").unwrap();
+        let absent = ObjectId::of(b"absent");
+        assert!(matches!(
+            cat.image_json(&name),
+            Err(CatalogueError::ImageNotFound(n)) if n == name
+        ));
+        assert!(matches!(
+            cat.object_files(&[absent, ObjectId::of(b"other")]),
+            Err(CatalogueError::ObjectsNotFound { count: 2, .. })
+        ));
+        let empty = Image::new(
+            FileTree::with_root(Inode::dir(0o755, 0, 0)),
+            None,
+            Default::default(),
+        );
+        cat.add_image(&name, &empty).unwrap();
+        assert!(matches!(
+            cat.add_image(&name, &empty),
+            Err(CatalogueError::AlreadyExists(_))
+        ));
+        cat.delete_image(&name).unwrap();
+        let e = cat.add_image(&name, &empty).unwrap_err();
+        assert!(matches!(e, CatalogueError::NameDeleted(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "image app/1 was deleted; image names are never reused"
+        );
+        let writable = Image::new(
+            FileTree::with_root(Inode::dir(0o777, 0, 0)),
+            None,
+            Default::default(),
+        );
+        let fresh = ImageName::parse("app/2").unwrap();
+        assert!(matches!(
+            cat.add_image(&fresh, &writable),
+            Err(CatalogueError::InvalidTree { .. })
+        ));
+        assert!(matches!(
+            cat.delete_unreferenced(101, 0),
+            Err(CatalogueError::InvalidPercentage(101))
+        ));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!
 //! Layout:
 //! - `catalogue`: the on-disk layout and the in-memory index (names, objects, references).
-//! - `rpc`: the JSON RPC handlers (`ImageServer.*`, `ObjectServer.CheckObjects`).
+//! - `rpc`: the JSON RPC handlers (`ImageServer.*`, `ObjectServer.CheckObjects`), and the
+//!   one mapping of the catalogue's errors to HTTP statuses (`ApiError`).
 //! - `objects`: the streaming object batches (`ObjectServer.AddObjects` / `GetObjects`).
 //! - `pages`: the status page at `/` and `/metrics`.
 

@@ -9,7 +9,7 @@
 //! stream ends, then pinned for the catalogue's grace period, so unreferenced-object
 //! deletion cannot race the `AddImage` that follows.
 
-use crate::catalogue::Catalogue;
+use crate::catalogue::{Catalogue, CatalogueError};
 use crate::State;
 use axum::body::Body;
 use axum::extract::State as AxState;
@@ -93,13 +93,7 @@ pub fn receive(st: &State, mut r: impl Read) -> Result<api::AddObjectsResponse, 
             resp.existing += 1;
             continue;
         }
-        let mut w = cat.store().writer(id, len).map_err(|e| {
-            if e.is_no_space() {
-                ApiError::InsufficientStorage(e.to_string())
-            } else {
-                ApiError::internal(e)
-            }
-        })?;
+        let mut w = cat.store().writer(id, len).map_err(CatalogueError::from)?;
         let mut left = len;
         while left > 0 {
             let want = (left as usize).min(buf.len());
@@ -315,9 +309,7 @@ pub async fn get_objects(
 ) -> Result<Response, ApiError> {
     let permit = st.streams.acquire(&caller.key())?;
     let cat = st.catalogue.clone();
-    let objects = tokio::task::spawn_blocking(move || cat.object_files(&req.hashes))
-        .await
-        .map_err(ApiError::internal)??;
+    let objects = crate::rpc::blocking(move || cat.object_files(&req.hashes)).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUED_CHUNKS);
     let complete = Arc::new(AtomicBool::new(false));
     let done = complete.clone();

@@ -1,6 +1,9 @@
 //! JSON RPC handlers: images (add, get, check, list, delete), unreferenced objects, and
 //! `ObjectServer.CheckObjects`. Catalogue work that touches files runs on blocking threads.
+//! Also the one translation of catalogue errors into `ApiError` (and so HTTP statuses),
+//! which every route, the object streams included, goes through.
 
+use crate::catalogue::CatalogueError;
 use crate::State;
 use crate::JSON_BODY_LIMIT;
 use axum::body::Body;
@@ -17,17 +20,43 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_util::io::{StreamReader, SyncIoBridge};
 use wire::http::{ApiError, Caller, Json};
 
+impl From<CatalogueError> for ApiError {
+    /// Not found → 404, already exists → 409, invalid request → 400, corrupt or
+    /// unreadable → 500; a store error by its cause (bad data 400, no space 507, else 500).
+    /// The catalogue's one line is the message.
+    fn from(e: CatalogueError) -> ApiError {
+        use CatalogueError as E;
+        let line = e.to_string();
+        match e {
+            E::ImageNotFound(_) | E::ObjectsNotFound { .. } => ApiError::NotFound(line),
+            E::AlreadyExists(_) | E::NameDeleted(_) => ApiError::Conflict(line),
+            E::InvalidTree { .. }
+            | E::InvalidMissingObjects { .. }
+            | E::InvalidObjectSize { .. }
+            | E::InvalidPercentage(_) => ApiError::BadRequest(line),
+            E::CorruptImage { .. }
+            | E::CorruptObject { .. }
+            | E::ObjectUnreadable { .. }
+            | E::ImageIo { .. } => ApiError::Internal(line),
+            E::Store(s) if s.is_bad_data() => ApiError::BadRequest(line),
+            E::Store(s) if s.is_no_space() => ApiError::InsufficientStorage(line),
+            E::Store(_) => ApiError::Internal(line),
+        }
+    }
+}
+
 fn name_of(raw: &str) -> Result<ImageName, ApiError> {
     ImageName::parse(raw).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
-/// Runs catalogue work off the executor.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+/// Runs catalogue work off the executor; its error becomes an `ApiError`.
+pub(crate) async fn blocking<T: Send + 'static, E: Into<ApiError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(ApiError::internal)?
+        .map_err(Into::into)
 }
 
 /// `AddImage` bodies above this size (by `Content-Length`; a body without one counts as
@@ -218,4 +247,54 @@ pub async fn check_objects(
     Ok(axum::Json(api::CheckObjectsResponse {
         sizes: st.catalogue.check_objects(&req.hashes),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use disk::objectstore::StoreError;
+    use model::ObjectId;
+
+    #[test]
+    fn catalogue_errors_keep_their_line_and_get_their_status() {
+        let name = ImageName::parse("app/1").unwrap();
+        let id = ObjectId::of(b"x");
+        let io = |errno| StoreError::Io {
+            path: "/data/objects".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        let cases: [(CatalogueError, u16); 8] = [
+            (CatalogueError::ImageNotFound(name.clone()), 404),
+            (
+                CatalogueError::ObjectsNotFound {
+                    first: id,
+                    count: 1,
+                },
+                404,
+            ),
+            (CatalogueError::AlreadyExists(name.clone()), 409),
+            (CatalogueError::NameDeleted(name.clone()), 409),
+            (CatalogueError::InvalidPercentage(101), 400),
+            (
+                CatalogueError::CorruptImage {
+                    name: name.clone(),
+                    damage: "its file does not match".into(),
+                },
+                500,
+            ),
+            (CatalogueError::Store(io(libc::ENOSPC)), 507),
+            (CatalogueError::Store(io(libc::EIO)), 500),
+        ];
+        for (e, status) in cases {
+            let line = e.to_string();
+            let api = ApiError::from(e);
+            assert_eq!(api.status().as_u16(), status, "{line}");
+            assert_eq!(api.to_string(), line);
+        }
+        let mismatch = CatalogueError::Store(StoreError::HashMismatch {
+            expected: Box::new(id),
+            computed: Box::new(ObjectId::of(b"y")),
+        });
+        assert_eq!(ApiError::from(mismatch).status().as_u16(), 400);
+    }
 }

@@ -6,9 +6,8 @@
 //! (in memory when small, spooled to an unlinked temp file when large) in bounded batches
 //! that an async task checks and uploads while the next batch is read.
 
-use crate::upload::{Item, Source, Uploader};
-use anyhow::{bail, Context};
-use disk::scan::{scan, ChangedFiles, ScanOptions};
+use crate::upload::{Item, Source, UploadError, Uploader};
+use disk::scan::{scan, ChangedFiles, ScanError, ScanOptions};
 use disk::tarball::{self, ContentSink};
 use indicatif::{ProgressBar, ProgressStyle};
 use model::image::Kind;
@@ -18,7 +17,83 @@ use std::io::{self, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-use wire::client::ImageServerClient;
+use wire::client::{ClientError, ImageServerClient};
+
+/// Why an image could not be added.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    #[error(transparent)]
+    Name(#[from] model::image::BadImageName),
+    /// The filter file could not be read.
+    #[error("filter file {path}")]
+    FilterFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Filter(#[from] model::filter::BadRegex),
+    /// The triggers file could not be read.
+    #[error("triggers file {path}")]
+    TriggersFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Triggers(#[from] model::triggers::TriggersError),
+    /// The directory or tarball could not be looked at or opened.
+    #[error("{}", .path.display())]
+    Source {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Neither a directory nor a regular file.
+    #[error("{}: neither a directory nor a file", .0.display())]
+    NotFileOrDir(PathBuf),
+    /// Asking the imageserver whether the name is taken failed.
+    #[error("asking the imageserver")]
+    Ask { source: ClientError },
+    /// The name holds an image.
+    #[error("image {0} already exists")]
+    Exists(ImageName),
+    /// The name was deleted, and names are never reused.
+    #[error("image {0} was deleted; image names are never reused")]
+    Deleted(ImageName),
+    /// The scanning thread panicked.
+    #[error("scan thread")]
+    ScanThread(#[source] tokio::task::JoinError),
+    /// The directory could not be scanned.
+    #[error("scanning {}", .path.display())]
+    Scan { path: PathBuf, source: ScanError },
+    /// The scanned tree is one the imageserver would refuse.
+    #[error("{}", .path.display())]
+    InvalidTree {
+        path: PathBuf,
+        source: model::image::TreeError,
+    },
+    /// The tar reading thread panicked.
+    #[error("tar thread")]
+    TarThread(#[source] tokio::task::JoinError),
+    /// The file is not a tar archive.
+    #[error("{} is not a tar archive, a gzip-compressed tar or a directory ({why})", .path.display())]
+    NotTar { path: PathBuf, why: String },
+    /// The tar archive could not be read.
+    #[error("{}", .path.display())]
+    Tar {
+        path: PathBuf,
+        source: tarball::TarError,
+    },
+    #[error(transparent)]
+    Upload(#[from] UploadError),
+    /// Objects sent from a tarball were deleted as unreferenced before `AddImage`.
+    #[error("{0} objects sent earlier were deleted from the server (as unreferenced) during the add; run it again")]
+    ObjectsDeleted(usize),
+    /// `AddImage` failed.
+    #[error("adding image {name}")]
+    AddImage {
+        name: ImageName,
+        source: ClientError,
+    },
+}
 
 /// What `add` did.
 #[derive(Debug, serde::Serialize)]
@@ -47,11 +122,14 @@ pub const UPLOAD_STREAMS: usize = 2;
 pub const SPOOL_OVER: u64 = 1 << 20;
 
 /// Reads and compiles the filter file (`""` = sparse image).
-pub fn load_filter(arg: &str) -> anyhow::Result<Option<Filter>> {
+pub fn load_filter(arg: &str) -> Result<Option<Filter>, AddError> {
     if arg.is_empty() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(arg).with_context(|| format!("filter file {arg}"))?;
+    let text = std::fs::read_to_string(arg).map_err(|source| AddError::FilterFile {
+        path: arg.to_string(),
+        source,
+    })?;
     let f = Filter::parse(&text, arg)?;
     for l in f.lines_with_trailing_blanks() {
         eprintln!("imagetool: warning: {arg}: filter line {l:?} ends in blanks, which are part of the regex");
@@ -60,11 +138,14 @@ pub fn load_filter(arg: &str) -> anyhow::Result<Option<Filter>> {
 }
 
 /// Reads and compiles the triggers file (`""` = none).
-pub fn load_triggers(arg: &str) -> anyhow::Result<Triggers> {
+pub fn load_triggers(arg: &str) -> Result<Triggers, AddError> {
     if arg.is_empty() {
         return Ok(Triggers::default());
     }
-    let text = std::fs::read_to_string(arg).with_context(|| format!("triggers file {arg}"))?;
+    let text = std::fs::read_to_string(arg).map_err(|source| AddError::TriggersFile {
+        path: arg.to_string(),
+        source,
+    })?;
     Ok(Triggers::parse(&text, arg)?)
 }
 
@@ -80,6 +161,14 @@ fn progress_bar(label: &str) -> ProgressBar {
     pb.set_message(label.to_string());
     pb.enable_steady_tick(std::time::Duration::from_millis(200));
     pb
+}
+
+/// An I/O error on the directory or tarball being added.
+fn source_error(path: &Path) -> impl FnOnce(io::Error) -> AddError + '_ {
+    move |source| AddError::Source {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// True if `filter` leaves `path` out (it or an ancestor matches).
@@ -104,22 +193,22 @@ pub async fn add(
     path: &Path,
     filter_arg: &str,
     triggers_arg: &str,
-) -> anyhow::Result<Summary> {
+) -> Result<Summary, AddError> {
     let start = Instant::now();
     let name = ImageName::parse(name)?;
     let filter = load_filter(filter_arg)?;
     let triggers = load_triggers(triggers_arg)?;
-    let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    let meta = std::fs::metadata(path).map_err(source_error(path))?;
     // Refuse a taken name before sending anything (AddImage checks again, atomically).
     let state = client
         .check_image_name(name.as_str())
         .await
-        .context("asking the imageserver")?;
+        .map_err(|source| AddError::Ask { source })?;
     if state.exists {
-        bail!("image {name} already exists");
+        return Err(AddError::Exists(name));
     }
     if state.deleted {
-        bail!("image {name} was deleted; image names are never reused");
+        return Err(AddError::Deleted(name));
     }
     let mut up = Uploader::new(client.clone());
     let pb = progress_bar("adding");
@@ -139,7 +228,7 @@ pub async fn add(
         }
         tree?
     } else {
-        bail!("{}: neither a directory nor a file", path.display());
+        return Err(AddError::NotFileOrDir(path.to_path_buf()));
     };
     // Confirm (and so pin) every object right before AddImage: one sent or found early
     // in a long add may have been deleted as unreferenced since its pin ran out.
@@ -149,10 +238,7 @@ pub async fn add(
         if meta.is_dir() {
             resend_from_directory(&mut up, path, &tree, &gone).await?;
         } else {
-            bail!(
-                "{} objects sent earlier were deleted from the server (as unreferenced) during the add; run it again",
-                gone.len()
-            );
+            return Err(AddError::ObjectsDeleted(gone.len()));
         }
     }
     pb.finish_and_clear();
@@ -174,10 +260,9 @@ pub async fn add(
     let bytes = tree.total_bytes();
     let sparse = filter.is_none();
     let image = Image::new(tree, filter, triggers);
-    client
-        .add_image(name.as_str(), &image)
-        .await
-        .with_context(|| format!("adding image {name}"))?;
+    if let Err(source) = client.add_image(name.as_str(), &image).await {
+        return Err(AddError::AddImage { name, source });
+    }
     Ok(Summary {
         name: name.to_string(),
         sparse,
@@ -194,7 +279,7 @@ async fn add_directory(
     path: &Path,
     filter: Option<Filter>,
     pb: &ProgressBar,
-) -> anyhow::Result<FileTree> {
+) -> Result<FileTree, AddError> {
     let root = path.to_path_buf();
     let pbc = pb.clone();
     let opts = ScanOptions {
@@ -208,11 +293,16 @@ async fn add_directory(
     pb.set_message("hashing");
     let tree = tokio::task::spawn_blocking(move || scan(&root, &opts))
         .await
-        .context("scan thread")?
-        .with_context(|| format!("scanning {}", path.display()))?;
+        .map_err(AddError::ScanThread)?
+        .map_err(|source| AddError::Scan {
+            path: path.to_path_buf(),
+            source,
+        })?;
     // Refuse what the imageserver would (an owner chown cannot set, …) before sending.
-    tree.validate()
-        .with_context(|| format!("{}", path.display()))?;
+    tree.validate().map_err(|source| AddError::InvalidTree {
+        path: path.to_path_buf(),
+        source,
+    })?;
     pb.set_message("sending");
     pb.set_position(0);
     // One path per object to read it from.
@@ -252,7 +342,7 @@ async fn resend_from_directory(
     root: &Path,
     tree: &FileTree,
     gone: &HashSet<ObjectId>,
-) -> anyhow::Result<()> {
+) -> Result<(), UploadError> {
     let mut items: std::collections::HashMap<ObjectId, Item> = Default::default();
     for (p, ino) in &tree.entries {
         let i = &tree.inodes[ino];
@@ -335,8 +425,8 @@ async fn add_tarball(
     up: &mut Uploader,
     path: &Path,
     filter: Option<Filter>,
-) -> anyhow::Result<FileTree> {
-    let file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+) -> Result<FileTree, AddError> {
+    let file = std::fs::File::open(path).map_err(source_error(path))?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Item>>(1);
     let f2 = filter.clone();
     let reader = tokio::task::spawn_blocking(move || {
@@ -372,16 +462,14 @@ async fn add_tarball(
         }
     }
     drop(rx);
-    let imported = reader.await.context("tar thread")?;
+    let imported = reader.await.map_err(AddError::TarThread)?;
     if let Some(e) = upload_err {
-        return Err(e);
+        return Err(e.into());
     }
+    let path = path.to_path_buf();
     let (mut tree, _stats) = imported.map_err(|e| match e {
-        tarball::TarError::NotTar(why) => anyhow::anyhow!(
-            "{} is not a tar archive, a gzip-compressed tar or a directory ({why})",
-            path.display()
-        ),
-        e => anyhow::Error::new(e).context(path.display().to_string()),
+        tarball::TarError::NotTar(why) => AddError::NotTar { path, why },
+        source => AddError::Tar { path, source },
     })?;
     if let Some(f) = &filter {
         tree.apply_filter(f);

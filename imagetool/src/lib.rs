@@ -8,6 +8,9 @@
 //! - `listing`: `show` lines (Dominator's format) and `diff`.
 //! - `get`: unpacking an image into a directory.
 //! - `patch-directory` is a thin wrapper over `wire::patch::patch_directory`.
+//!
+//! `run` hands each command to its own `Session` method; a failure is an `Error` whose
+//! text and causes make the one line `imagetool:` prints.
 
 pub mod add;
 pub mod args;
@@ -15,157 +18,93 @@ pub mod get;
 pub mod listing;
 pub mod upload;
 
-use anyhow::Context;
 use args::{Cli, Command};
 use std::io::Write;
-use wire::client::ImageServerClient;
+use std::path::Path;
+use wire::client::{ClientError, ImageServerClient};
+
+/// Why a command failed; its text (with its causes) is the one line imagetool prints.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Security(#[from] wire::security::SecurityError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Name(#[from] model::image::BadImageName),
+    #[error(transparent)]
+    Add(#[from] add::AddError),
+    #[error(transparent)]
+    Get(#[from] get::GetError),
+    /// Asking the imageserver about a name failed.
+    #[error("asking the imageserver")]
+    Ask { source: ClientError },
+    /// `mkdir` of a name that holds (or held) an image.
+    #[error("{0} is the name of an image, not a directory")]
+    NotADirectory(model::ImageName),
+    /// `DeleteImage` failed.
+    #[error("deleting image {name}")]
+    Delete { name: String, source: ClientError },
+    /// `delunrefobj` with a percentage over 100.
+    #[error("percentage {0} is over 100")]
+    PercentageOver100(u8),
+    /// `patch-directory` failed.
+    #[error("patching {} to {name}", .dir.display())]
+    Patch {
+        dir: std::path::PathBuf,
+        name: String,
+        source: wire::patch::PatchError,
+    },
+    /// Writing the output failed.
+    #[error(transparent)]
+    Output(#[from] std::io::Error),
+    /// Writing JSON output failed.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
 
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
 }
 
+/// What every command works with: the imageserver, standard output and its format.
+struct Session<'a> {
+    client: ImageServerClient,
+    /// `--json`: machine-readable output.
+    json: bool,
+    out: &'a mut dyn Write,
+}
+
 /// Runs one command; returns the exit code (errors are exit 1, reported by the caller).
-pub async fn run(cli: Cli) -> anyhow::Result<u8> {
+pub async fn run(cli: Cli) -> Result<u8, Error> {
     let security = cli.tls.security()?;
     let client =
         ImageServerClient::with_server_name(&cli.image_server, &security, &cli.image_server_name)?;
-    let mut out = std::io::stdout().lock();
+    let mut stdout = std::io::stdout().lock();
+    let s = &mut Session {
+        client,
+        json: cli.json,
+        out: &mut stdout,
+    };
     match cli.command {
         Command::Add {
             name,
             path,
             filter_file,
             triggers_file,
-        } => {
-            let s = add::add(&client, &name, &path, &filter_file, &triggers_file).await?;
-            if cli.json {
-                writeln!(out, "{}", serde_json::to_string(&s)?)?;
-            } else {
-                writeln!(
-                    out,
-                    "added {} image {}: {} files, {}, {} new objects, {} sent in {:.1}s",
-                    if s.sparse { "sparse" } else { "full" },
-                    s.name,
-                    s.files,
-                    mib(s.bytes),
-                    s.new_objects,
-                    mib(s.bytes_sent),
-                    s.seconds
-                )?;
-            }
-        }
-        Command::List { prefix } => {
-            let names = client.list_images(prefix.as_deref()).await?;
-            if cli.json {
-                writeln!(out, "{}", serde_json::to_string(&names)?)?;
-            } else {
-                for n in names {
-                    writeln!(out, "{n}")?;
-                }
-            }
-        }
-        Command::Show { name } => {
-            let image = client.get_image(&name).await?;
-            if cli.json {
-                serde_json::to_writer(&mut out, &image)?;
-                writeln!(out)?;
-            } else {
-                writeln!(out, "{}", listing::header(&name, &image))?;
-                for l in listing::show_lines(&image.tree) {
-                    writeln!(out, "{l}")?;
-                }
-            }
-        }
-        Command::ShowFilter { name } => {
-            let image = client.get_image(&name).await?;
-            match &image.filter {
-                None if cli.json => writeln!(out, "null")?,
-                None => eprintln!("imagetool: {name} is a sparse image: it has no filter"),
-                Some(f) if cli.json => writeln!(out, "{}", serde_json::to_string(f.lines())?)?,
-                Some(f) => {
-                    for l in f.lines() {
-                        writeln!(out, "{l}")?;
-                    }
-                }
-            }
-        }
-        Command::ShowTriggers { name } => {
-            let image = client.get_image(&name).await?;
-            if cli.json {
-                writeln!(out, "{}", serde_json::to_string(&image.triggers)?)?;
-            } else {
-                writeln!(out, "{}", serde_json::to_string_pretty(&image.triggers)?)?;
-            }
-        }
-        Command::Check { name } => {
-            return Ok(if client.check_image(&name).await? {
-                0
-            } else {
-                1
-            });
-        }
-        Command::Mkdir { name } => {
-            let dir = model::ImageName::parse(&name)?;
-            let state = client
-                .check_image_name(dir.as_str())
-                .await
-                .context("asking the imageserver")?;
-            if state.exists || state.deleted {
-                anyhow::bail!("{dir} is the name of an image, not a directory");
-            }
-        }
-        Command::Delete { name } => {
-            client
-                .delete_image(&name)
-                .await
-                .with_context(|| format!("deleting image {name}"))?;
-        }
-        Command::Diff { a, b } => {
-            let ia = client.get_image(&a).await?;
-            let ib = client.get_image(&b).await?;
-            let d = listing::ImageDiff::of(&ia, &ib);
-            if cli.json {
-                writeln!(out, "{}", serde_json::to_string(&d)?)?;
-            } else {
-                for l in d.lines() {
-                    writeln!(out, "{l}")?;
-                }
-            }
-        }
-        Command::Get { name, dir } => {
-            let image = get::get(&client, &name, &dir).await?;
-            if !cli.json {
-                writeln!(
-                    out,
-                    "unpacked {name} into {}: {} paths, {}",
-                    dir.display(),
-                    image.tree.len(),
-                    mib(image.tree.total_bytes())
-                )?;
-            }
-        }
-        Command::Listunrefobj => {
-            let objs = client.list_unreferenced_objects().await?;
-            if cli.json {
-                writeln!(out, "{}", serde_json::to_string(&objs)?)?;
-            } else {
-                for o in objs {
-                    writeln!(out, "{} {}", o.hash, o.size)?;
-                }
-            }
-        }
+        } => s.add(&name, &path, &filter_file, &triggers_file).await,
+        Command::List { prefix } => s.list(prefix.as_deref()).await,
+        Command::Show { name } => s.show(&name).await,
+        Command::ShowFilter { name } => s.show_filter(&name).await,
+        Command::ShowTriggers { name } => s.show_triggers(&name).await,
+        Command::Check { name } => s.check(&name).await,
+        Command::Mkdir { name } => s.mkdir(&name).await,
+        Command::Delete { name } => s.delete(&name).await,
+        Command::Diff { a, b } => s.diff(&a, &b).await,
+        Command::Get { name, dir } => s.get(&name, &dir).await,
+        Command::Listunrefobj => s.list_unreferenced().await,
         Command::Delunrefobj { percentage, bytes } => {
-            if percentage > 100 {
-                anyhow::bail!("percentage {percentage} is over 100");
-            }
-            let r = client
-                .delete_unreferenced_objects(percentage, bytes)
-                .await?;
-            if cli.json {
-                writeln!(out, "{}", serde_json::to_string(&r)?)?;
-            } else {
-                writeln!(out, "deleted {} objects, {} bytes", r.deleted, r.bytes)?;
-            }
+            s.delete_unreferenced(percentage, bytes).await
         }
         Command::PatchDirectory {
             name,
@@ -173,44 +112,268 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             allow_unsafe,
             service_command,
         } => {
-            let options = wire::patch::PatchOptions {
-                allow_unsafe,
-                apply: disk::apply::ApplyOptions {
-                    service_command: service_command
-                        .map(|c| c.split_whitespace().map(str::to_string).collect()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            let report = wire::patch::patch_directory(&client, &name, &dir, &options)
+            s.patch_directory(&name, &dir, allow_unsafe, service_command)
                 .await
-                .with_context(|| format!("patching {} to {name}", dir.display()))?;
-            if cli.json {
-                writeln!(out, "{}", serde_json::to_string(&report.result)?)?;
-            } else {
-                write!(out, "{}", report.plan)?;
-                writeln!(
-                    out,
-                    "patched {} to {name}: fetched {} objects ({}) in {} requests, activation {:.1} ms",
-                    dir.display(),
-                    report.fetch.objects,
-                    mib(report.fetch.bytes),
-                    report.fetch.requests,
-                    report.result.activation_ms
-                )?;
-            }
-            for e in report
-                .result
-                .errors
-                .iter()
-                .chain(&report.result.trigger_failures)
-            {
-                eprintln!("imagetool: {e}");
-            }
-            if !report.succeeded() {
-                return Ok(1);
-            }
         }
     }
-    Ok(0)
+}
+
+impl Session<'_> {
+    /// `add`: builds the image from a directory or tarball and adds it; prints a summary.
+    async fn add(
+        &mut self,
+        name: &str,
+        path: &Path,
+        filter_file: &str,
+        triggers_file: &str,
+    ) -> Result<u8, Error> {
+        let s = add::add(&self.client, name, path, filter_file, triggers_file).await?;
+        if self.json {
+            writeln!(self.out, "{}", serde_json::to_string(&s)?)?;
+        } else {
+            writeln!(
+                self.out,
+                "added {} image {}: {} files, {}, {} new objects, {} sent in {:.1}s",
+                if s.sparse { "sparse" } else { "full" },
+                s.name,
+                s.files,
+                mib(s.bytes),
+                s.new_objects,
+                mib(s.bytes_sent),
+                s.seconds
+            )?;
+        }
+        Ok(0)
+    }
+
+    /// `list`: the image names starting with `prefix`, version-sorted.
+    async fn list(&mut self, prefix: Option<&str>) -> Result<u8, Error> {
+        let names = self.client.list_images(prefix).await?;
+        if self.json {
+            writeln!(self.out, "{}", serde_json::to_string(&names)?)?;
+        } else {
+            for n in names {
+                writeln!(self.out, "{n}")?;
+            }
+        }
+        Ok(0)
+    }
+
+    /// `show`: an image's header and one line per path (or the image as JSON).
+    async fn show(&mut self, name: &str) -> Result<u8, Error> {
+        let image = self.client.get_image(name).await?;
+        if self.json {
+            serde_json::to_writer(&mut self.out, &image)?;
+            writeln!(self.out)?;
+        } else {
+            writeln!(self.out, "{}", listing::header(name, &image))?;
+            for l in listing::show_lines(&image.tree) {
+                writeln!(self.out, "{l}")?;
+            }
+        }
+        Ok(0)
+    }
+
+    /// `show-filter`: an image's filter lines (a sparse image has none: said on stderr).
+    async fn show_filter(&mut self, name: &str) -> Result<u8, Error> {
+        let image = self.client.get_image(name).await?;
+        match &image.filter {
+            None if self.json => writeln!(self.out, "null")?,
+            None => eprintln!("imagetool: {name} is a sparse image: it has no filter"),
+            Some(f) if self.json => writeln!(self.out, "{}", serde_json::to_string(f.lines())?)?,
+            Some(f) => {
+                for l in f.lines() {
+                    writeln!(self.out, "{l}")?;
+                }
+            }
+        }
+        Ok(0)
+    }
+
+    /// `show-triggers`: an image's triggers as JSON (pretty unless `--json`).
+    async fn show_triggers(&mut self, name: &str) -> Result<u8, Error> {
+        let image = self.client.get_image(name).await?;
+        if self.json {
+            writeln!(self.out, "{}", serde_json::to_string(&image.triggers)?)?;
+        } else {
+            writeln!(
+                self.out,
+                "{}",
+                serde_json::to_string_pretty(&image.triggers)?
+            )?;
+        }
+        Ok(0)
+    }
+
+    /// `check`: exit 0 if the image exists, 1 if not.
+    async fn check(&mut self, name: &str) -> Result<u8, Error> {
+        Ok(if self.client.check_image(name).await? {
+            0
+        } else {
+            1
+        })
+    }
+
+    /// `mkdir`: accepted for Dominator's scripts; checks that `name` is a valid name no
+    /// image holds or held.
+    async fn mkdir(&mut self, name: &str) -> Result<u8, Error> {
+        let dir = model::ImageName::parse(name)?;
+        let state = self
+            .client
+            .check_image_name(dir.as_str())
+            .await
+            .map_err(|source| Error::Ask { source })?;
+        if state.exists || state.deleted {
+            return Err(Error::NotADirectory(dir));
+        }
+        Ok(0)
+    }
+
+    /// `delete`: deletes an image (its name is never reused).
+    async fn delete(&mut self, name: &str) -> Result<u8, Error> {
+        self.client
+            .delete_image(name)
+            .await
+            .map_err(|source| Error::Delete {
+                name: name.to_string(),
+                source,
+            })?;
+        Ok(0)
+    }
+
+    /// `diff`: the paths added, removed and changed from image `a` to image `b`.
+    async fn diff(&mut self, a: &str, b: &str) -> Result<u8, Error> {
+        let ia = self.client.get_image(a).await?;
+        let ib = self.client.get_image(b).await?;
+        let d = listing::ImageDiff::of(&ia, &ib);
+        if self.json {
+            writeln!(self.out, "{}", serde_json::to_string(&d)?)?;
+        } else {
+            for l in d.lines() {
+                writeln!(self.out, "{l}")?;
+            }
+        }
+        Ok(0)
+    }
+
+    /// `get`: unpacks an image into a new or empty directory.
+    async fn get(&mut self, name: &str, dir: &Path) -> Result<u8, Error> {
+        let image = get::get(&self.client, name, dir).await?;
+        if !self.json {
+            writeln!(
+                self.out,
+                "unpacked {name} into {}: {} paths, {}",
+                dir.display(),
+                image.tree.len(),
+                mib(image.tree.total_bytes())
+            )?;
+        }
+        Ok(0)
+    }
+
+    /// `listunrefobj`: the objects no image refers to, oldest-unreferenced first.
+    async fn list_unreferenced(&mut self) -> Result<u8, Error> {
+        let objs = self.client.list_unreferenced_objects().await?;
+        if self.json {
+            writeln!(self.out, "{}", serde_json::to_string(&objs)?)?;
+        } else {
+            for o in objs {
+                writeln!(self.out, "{} {}", o.hash, o.size)?;
+            }
+        }
+        Ok(0)
+    }
+
+    /// `delunrefobj`: deletes unreferenced objects, oldest first, until `percentage` % of
+    /// them and `bytes` bytes are gone.
+    async fn delete_unreferenced(&mut self, percentage: u8, bytes: u64) -> Result<u8, Error> {
+        if percentage > 100 {
+            return Err(Error::PercentageOver100(percentage));
+        }
+        let r = self
+            .client
+            .delete_unreferenced_objects(percentage, bytes)
+            .await?;
+        if self.json {
+            writeln!(self.out, "{}", serde_json::to_string(&r)?)?;
+        } else {
+            writeln!(self.out, "deleted {} objects, {} bytes", r.deleted, r.bytes)?;
+        }
+        Ok(0)
+    }
+
+    /// `patch-directory`: makes `dir` match the image; prints the plan and what was done,
+    /// each apply error and trigger failure on stderr; exit 1 unless it all succeeded.
+    async fn patch_directory(
+        &mut self,
+        name: &str,
+        dir: &Path,
+        allow_unsafe: bool,
+        service_command: Option<String>,
+    ) -> Result<u8, Error> {
+        let options = wire::patch::PatchOptions {
+            allow_unsafe,
+            apply: disk::apply::ApplyOptions {
+                service_command: service_command
+                    .map(|c| c.split_whitespace().map(str::to_string).collect()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let report = wire::patch::patch_directory(&self.client, name, dir, &options)
+            .await
+            .map_err(|source| Error::Patch {
+                dir: dir.to_path_buf(),
+                name: name.to_string(),
+                source,
+            })?;
+        if self.json {
+            writeln!(self.out, "{}", serde_json::to_string(&report.result)?)?;
+        } else {
+            write!(self.out, "{}", report.plan)?;
+            writeln!(
+                self.out,
+                "patched {} to {name}: fetched {} objects ({}) in {} requests, activation {:.1} ms",
+                dir.display(),
+                report.fetch.objects,
+                mib(report.fetch.bytes),
+                report.fetch.requests,
+                report.result.activation_ms
+            )?;
+        }
+        for e in report
+            .result
+            .errors
+            .iter()
+            .chain(&report.result.trigger_failures)
+        {
+            eprintln!("imagetool: {e}");
+        }
+        Ok(if report.succeeded() { 0 } else { 1 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use disk::report::error_line;
+
+    #[test]
+    fn a_failed_command_is_one_line_naming_what_failed_and_why() {
+        let name = model::ImageName::parse("a/1").unwrap();
+        let e = Error::from(add::AddError::Exists(name));
+        assert_eq!(error_line(&e), "image a/1 already exists");
+        let e = Error::Delete {
+            name: "a/1".into(),
+            source: ClientError::Status {
+                method: "ImageServer.DeleteImage".into(),
+                status: 404,
+                message: "image a/1 does not exist".into(),
+            },
+        };
+        assert_eq!(
+            error_line(&e),
+            "deleting image a/1: ImageServer.DeleteImage: image a/1 does not exist (HTTP 404)"
+        );
+    }
 }

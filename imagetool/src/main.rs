@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     match rt.block_on(imagetool::run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("imagetool: {}", disk::report::error_line(e.as_ref()));
+            eprintln!("imagetool: {}", disk::report::error_line(&e));
             ExitCode::from(1)
         }
     }

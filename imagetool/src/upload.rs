@@ -2,7 +2,6 @@
 //! `CheckObjects`), then stream only those as one `AddObjects` frame stream, produced on a
 //! blocking thread so file reading overlaps the network.
 
-use anyhow::{bail, Context};
 use model::frame;
 use model::ObjectId;
 use std::collections::HashSet;
@@ -10,7 +9,40 @@ use std::io::{Read, Seek, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_util::io::{ReaderStream, SyncIoBridge};
-use wire::client::ImageServerClient;
+use wire::client::{ClientError, ImageServerClient};
+
+/// Why objects could not be checked or sent.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    /// `CheckObjects` failed.
+    #[error("asking the imageserver which objects it has")]
+    Check { source: ClientError },
+    /// `CheckObjects` answered a different number of sizes than hashes asked about.
+    #[error("CheckObjects answered {got} sizes for {asked} hashes")]
+    CheckAnswer { got: usize, asked: usize },
+    /// A file to send could not be opened.
+    #[error("{}", .path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A file held fewer bytes than when it was hashed.
+    #[error("a file shrank while being added (object {0})")]
+    Shrank(ObjectId),
+    /// Reading a file or feeding the request body failed.
+    #[error(transparent)]
+    Stream(#[from] std::io::Error),
+    /// The thread producing the request body panicked or was cancelled.
+    #[error("upload thread")]
+    Thread(#[source] tokio::task::JoinError),
+    /// The server refused the batch, because a file changed after it was hashed (the
+    /// server's hash check failed).
+    #[error("uploading objects (a file changed while being added)")]
+    Changed { source: ClientError },
+    /// The server refused the batch, or could not be reached.
+    #[error("uploading objects")]
+    Send { source: ClientError },
+}
 
 /// Where an object's bytes come from.
 pub enum Source {
@@ -59,7 +91,7 @@ impl Uploader {
     }
 
     /// Of `ids`, those the server lacks (asked in batches), never asking twice.
-    pub async fn missing(&mut self, ids: &[ObjectId]) -> anyhow::Result<HashSet<ObjectId>> {
+    pub async fn missing(&mut self, ids: &[ObjectId]) -> Result<HashSet<ObjectId>, UploadError> {
         let ask: Vec<ObjectId> = ids
             .iter()
             .filter(|i| !self.known.contains(i))
@@ -73,13 +105,12 @@ impl Uploader {
                 .client
                 .check_objects(chunk)
                 .await
-                .context("asking the imageserver which objects it has")?;
+                .map_err(|source| UploadError::Check { source })?;
             if sizes.len() != chunk.len() {
-                bail!(
-                    "CheckObjects answered {} sizes for {} hashes",
-                    sizes.len(),
-                    chunk.len()
-                );
+                return Err(UploadError::CheckAnswer {
+                    got: sizes.len(),
+                    asked: chunk.len(),
+                });
             }
             for (id, size) in chunk.iter().zip(sizes) {
                 if size == 0 {
@@ -94,13 +125,13 @@ impl Uploader {
 
     /// Asks the server again about every one of `ids`, whatever it was told before, which
     /// also pins them on the server for its grace period; returns those it lacks.
-    pub async fn recheck(&mut self, ids: &[ObjectId]) -> anyhow::Result<HashSet<ObjectId>> {
+    pub async fn recheck(&mut self, ids: &[ObjectId]) -> Result<HashSet<ObjectId>, UploadError> {
         self.known.clear();
         self.missing(ids).await
     }
 
     /// Sends `items` (already known to be missing) in one streamed request.
-    pub async fn send(&mut self, items: Vec<Item>) -> anyhow::Result<()> {
+    pub async fn send(&mut self, items: Vec<Item>) -> Result<(), UploadError> {
         let ids: Vec<ObjectId> = items.iter().map(|i| i.id).collect();
         let sent = send_batch(&self.client, items, self.on_bytes.clone()).await?;
         self.sent.objects += sent.objects;
@@ -115,7 +146,7 @@ impl Uploader {
         &mut self,
         batches: Vec<Vec<Item>>,
         streams: usize,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), UploadError> {
         use futures_util::StreamExt;
         let client = self.client.clone();
         let on_bytes = self.on_bytes.clone();
@@ -140,22 +171,23 @@ async fn send_batch(
     client: &ImageServerClient,
     items: Vec<Item>,
     on_bytes: Arc<dyn Fn(u64) + Send + Sync>,
-) -> anyhow::Result<Sent> {
+) -> Result<Sent, UploadError> {
     if items.is_empty() {
         return Ok(Sent::default());
     }
     let count = items.len() as u64;
     let total: u64 = items.iter().map(|i| i.size).sum();
     let (rd, wr) = tokio::io::duplex(256 * 1024);
-    let producer = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+    let producer = tokio::task::spawn_blocking(move || -> Result<(), UploadError> {
         let mut out = SyncIoBridge::new(wr);
         let mut buf = vec![0u8; 256 * 1024];
         for item in items {
             out.write_all(&frame::header(&item.id, item.size))?;
             let mut reader: Box<dyn Read> = match item.source {
-                Source::Path(p) => {
-                    Box::new(std::fs::File::open(&p).with_context(|| format!("{}", p.display()))?)
-                }
+                Source::Path(path) => match std::fs::File::open(&path) {
+                    Ok(f) => Box::new(f),
+                    Err(source) => return Err(UploadError::Open { path, source }),
+                },
                 Source::Memory(v) => Box::new(std::io::Cursor::new(v)),
                 Source::Spool(mut f) => {
                     f.rewind()?;
@@ -167,7 +199,7 @@ async fn send_batch(
                 let want = (left as usize).min(buf.len());
                 let n = reader.read(&mut buf[..want])?;
                 if n == 0 {
-                    bail!("a file shrank while being added (object {})", item.id);
+                    return Err(UploadError::Shrank(item.id));
                 }
                 out.write_all(&buf[..n])?;
                 on_bytes(n as u64);
@@ -180,19 +212,60 @@ async fn send_batch(
     });
     let body = reqwest::Body::wrap_stream(ReaderStream::with_capacity(rd, 256 * 1024));
     let result = client.add_objects(body).await;
-    let produced = producer.await.context("upload thread")?;
+    let produced = producer.await.map_err(UploadError::Thread)?;
     // A local problem (a file changed) explains a server-side refusal better.
     produced?;
     // The server verifies every hash; a mismatch here means a file changed after it
     // was hashed.
-    if let Err(e) = result {
-        if e.to_string().contains("hash mismatch") {
-            return Err(e).context("uploading objects (a file changed while being added)");
-        }
-        return Err(e).context("uploading objects");
-    }
+    result.map_err(refused)?;
     Ok(Sent {
         objects: count,
         bytes: total,
     })
+}
+
+/// Classifies the server's refusal of a batch: a failed hash check (the server names it
+/// only in its 400's message) means a file changed after it was hashed.
+fn refused(source: ClientError) -> UploadError {
+    match &source {
+        ClientError::Status {
+            status: 400,
+            message,
+            ..
+        } if message.contains("hash mismatch") => UploadError::Changed { source },
+        _ => UploadError::Send { source },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(status: u16, message: &str) -> ClientError {
+        ClientError::Status {
+            method: "ObjectServer.AddObjects".into(),
+            status,
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn a_refused_batch_says_whether_a_file_changed() {
+        let changed = refused(status(
+            400,
+            "upload refused: hash mismatch: expected a, computed b",
+        ));
+        assert!(
+            matches!(changed, UploadError::Changed { .. }),
+            "{changed:?}"
+        );
+        assert_eq!(
+            disk::report::error_line(&changed),
+            "uploading objects (a file changed while being added): ObjectServer.AddObjects: upload refused: hash mismatch: expected a, computed b (HTTP 400)"
+        );
+        for other in [status(400, "upload truncated"), status(507, "no space")] {
+            let e = refused(other);
+            assert!(matches!(e, UploadError::Send { .. }), "{e:?}");
+        }
+    }
 }

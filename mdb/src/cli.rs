@@ -3,10 +3,29 @@
 
 use crate::machine::{Machine, Mdb};
 use crate::store::{self, StoreError};
-use anyhow::{bail, Context};
 use clap::{ArgAction, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
+
+/// Why an `mdb` command failed; its text is the one line `mdb` prints.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Reading or editing the MDB failed (an edit's own refusal included).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// `show` of a host the MDB does not hold.
+    #[error("no machine {host:?} in {}", .path.display())]
+    NoMachine { host: String, path: PathBuf },
+    /// `set` without a field to change.
+    #[error("nothing to change: give --required, --planned, --disable-updates, --ip or --tag")]
+    NothingToChange,
+    /// Writing the output failed.
+    #[error(transparent)]
+    Output(#[from] std::io::Error),
+    /// Writing a history entry as JSON failed.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
 
 /// Inspect and edit the machine database (MDB) the dominator enforces.
 #[derive(Parser, Debug)]
@@ -80,7 +99,7 @@ pub enum Command {
 }
 
 /// Runs one command, writing human output to `out`.
-pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
+pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     let path = &cli.mdb;
     match cli.command {
         Command::List { json } => {
@@ -93,14 +112,15 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         }
         Command::Show { host } => {
             let mdb = store::load(path)?;
-            let m = mdb
-                .get(&host)
-                .with_context(|| format!("no machine {host:?} in {}", path.display()))?;
+            let m = mdb.get(&host).ok_or_else(|| CliError::NoMachine {
+                host: host.clone(),
+                path: path.clone(),
+            })?;
             writeln!(out, "{m}")?;
         }
         Command::Set { host, fields } => {
             if fields.is_empty() {
-                bail!("nothing to change: give --required, --planned, --disable-updates, --ip or --tag");
+                return Err(CliError::NothingToChange);
             }
             let m = store::edit(path, false, |mdb| {
                 let m = mdb.get_mut(&host).ok_or_else(|| not_found(&host, path))?;

@@ -12,7 +12,7 @@ fn main() -> std::process::ExitCode {
     match mdb::cli::run(cli, &mut out) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mdb: {}", disk::report::error_line(e.as_ref()));
+            eprintln!("mdb: {}", disk::report::error_line(&e));
             std::process::ExitCode::from(1)
         }
     }

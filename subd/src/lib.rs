@@ -130,11 +130,12 @@ impl Config {
     }
 
     /// From the command line.
-    pub fn from_args(args: &Args) -> anyhow::Result<Config> {
-        use anyhow::Context;
+    pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         let split = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
         let service_command = split(&args.service_command);
-        anyhow::ensure!(!service_command.is_empty(), "--service-command is empty");
+        if service_command.is_empty() {
+            return Err(ConfigError::EmptyServiceCommand);
+        }
         Ok(Config {
             root: args.root.clone(),
             exclusions: if args.scan_exclude.is_empty() {
@@ -154,12 +155,22 @@ impl Config {
             fetch_bytes_per_second: (args.fetch_bytes_per_second > 0)
                 .then_some(args.fetch_bytes_per_second),
             min_scan_interval: Duration::from_secs(1),
-            security: args.tls.server_security("subd").context("TLS")?,
-            client_security: args.tls.client_security("subd").context("TLS")?,
+            security: args.tls.server_security("subd").map_err(ConfigError::Tls)?,
+            client_security: args.tls.client_security("subd").map_err(ConfigError::Tls)?,
             image_server_name: args.image_server_name.clone(),
             connection_limits: args.connections.limits(),
         })
     }
+}
+
+/// Why the command line does not make a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--service-command is empty")]
+    EmptyServiceCommand,
+    /// The TLS flags or files do not make a usable setting.
+    #[error("TLS")]
+    Tls(#[source] wire::security::SecurityError),
 }
 
 /// Why a subd cannot start.
@@ -385,4 +396,18 @@ pub async fn serve(
     .await;
     state.shutdown();
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn an_empty_service_command_is_refused_by_name() {
+        let args = Args::parse_from(["subd", "--service-command", " ", "--permit-insecure-mode"]);
+        let e = Config::from_args(&args).err().expect("refused");
+        assert!(matches!(e, ConfigError::EmptyServiceCommand), "{e:?}");
+        assert_eq!(e.to_string(), "--service-command is empty");
+    }
 }

@@ -260,6 +260,9 @@ async fn connection(
     }
 }
 
+/// The service of one connection: refuses a malformed method name or a method the caller
+/// is not granted, attaches the caller and paces the request body, and keeps the
+/// connection busy (never shed) until the reply is written.
 fn service(
     router: Router,
     caller: Caller,
