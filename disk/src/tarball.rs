@@ -533,11 +533,12 @@ pub fn import_plain<R: Read>(
     finish(b, tracker)
 }
 
+/// A stream with its first block read ahead (and put back in front).
+type Headed<R> = io::Chain<io::Cursor<Vec<u8>>, R>;
+
 /// Reads and checks the first block, then hands it back in front of the rest of the
 /// stream, which is watched for reaching its end.
-fn open_stream<R: Read>(
-    mut r: R,
-) -> Result<EofTracker<io::Chain<io::Cursor<Vec<u8>>, R>>, TarError> {
+fn open_stream<R: Read>(mut r: R) -> Result<EofTracker<Headed<R>>, TarError> {
     let mut head = Vec::with_capacity(512);
     (&mut r)
         .take(512)
@@ -745,7 +746,10 @@ mod tests {
         assert_eq!(pax_id("uid", b"1000"), Ok(1000));
         for bad in [&b""[..], b"-1", b" 7", b"1.0", b"\xff"] {
             assert!(
-                matches!(pax_id("uid", bad), Err(PaxIdError::NotDecimal { which: "uid", .. })),
+                matches!(
+                    pax_id("uid", bad),
+                    Err(PaxIdError::NotDecimal { which: "uid", .. })
+                ),
                 "{bad:?}"
             );
         }
@@ -758,7 +762,10 @@ mod tests {
         );
         // The value is shown escaped: a hostile header cannot reach the terminal.
         let e = pax_id("uid", b"\x1b[2J").unwrap_err();
-        assert_eq!(e.to_string(), r#"pax uid "\\x1b[2J" is not a decimal number"#);
+        assert_eq!(
+            e.to_string(),
+            r#"pax uid "\\x1b[2J" is not a decimal number"#
+        );
     }
 
     /// Builds a tar in memory; `f` adds entries.
