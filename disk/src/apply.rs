@@ -11,7 +11,8 @@
 //! the root one component at a time with `O_NOFOLLOW`, never crossing a mount point; all
 //! changes go through `*at` calls on directory handles or through handles on the inode
 //! itself, so no write, chown or chmod can follow a symlink out of the root. A failed step
-//! is recorded and the rest continues.
+//! is recorded (an [`ApplyError`]: step, path, the call and its errno) and the rest
+//! continues.
 
 mod error;
 
