@@ -11,7 +11,12 @@
 //! the root one component at a time with `O_NOFOLLOW`, never crossing a mount point; all
 //! changes go through `*at` calls on directory handles or through handles on the inode
 //! itself, so no write, chown or chmod can follow a symlink out of the root. A failed step
-//! is recorded and the rest continues.
+//! is recorded (an [`ApplyError`]: step, path, the call and its errno) and the rest
+//! continues.
+
+mod error;
+
+pub use error::{ApplyError, Cause, CommandError, Op, Step};
 
 use crate::objectstore::ObjectStore;
 use crate::statedir::StateDir;
@@ -21,7 +26,7 @@ use model::filter::Filter;
 use model::hash::ObjectId;
 use model::image::{Inode, Kind};
 use model::path::FsPath;
-use model::plan::UpdatePlan;
+use model::plan::{Hardlink, MetadataChange, PathInode, UpdatePlan};
 use model::triggers::{Trigger, Triggers};
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, CWD};
@@ -66,10 +71,6 @@ impl Default for ApplyOptions {
     }
 }
 
-fn errno_msg(e: Errno) -> String {
-    io::Error::from(e).to_string()
-}
-
 /// Handles on the root and the last directory resolved under it.
 struct Root {
     fd: Arc<OwnedFd>,
@@ -94,7 +95,7 @@ impl Root {
 
     /// A handle on directory `dir`, walked from the root without following symlinks or
     /// crossing mount points.
-    fn dir(&mut self, dir: &FsPath) -> Result<Arc<OwnedFd>, String> {
+    fn dir(&mut self, dir: &FsPath) -> Result<Arc<OwnedFd>, Cause> {
         if dir.is_root() {
             return Ok(self.fd.clone());
         }
@@ -112,17 +113,12 @@ impl Root {
                 Mode::empty(),
             )
             .map_err(|e| match e {
-                Errno::LOOP | Errno::NOTDIR => {
-                    format!(
-                        "{}: a component is a symlink or not a directory",
-                        dir.display()
-                    )
-                }
-                e => format!("{}: {}", dir.display(), errno_msg(e)),
+                Errno::LOOP | Errno::NOTDIR => Cause::NotADirectory(dir.clone()),
+                e => Cause::sys_at(Op::Open, dir)(e),
             })?;
-            let st = rustix::fs::fstat(&next).map_err(errno_msg)?;
+            let st = rustix::fs::fstat(&next).map_err(Cause::sys(Op::Stat))?;
             if st.st_dev != self.dev {
-                return Err(format!("{}: crosses a mount point", dir.display()));
+                return Err(Cause::CrossesMount(dir.clone()));
             }
             cur = Arc::new(next);
         }
@@ -131,10 +127,8 @@ impl Root {
     }
 
     /// The parent directory handle and file name of `path` (not the root).
-    fn parent(&mut self, path: &FsPath) -> Result<(Arc<OwnedFd>, Vec<u8>), String> {
-        let parent = path
-            .parent()
-            .ok_or_else(|| "the root has no parent".to_string())?;
+    fn parent(&mut self, path: &FsPath) -> Result<(Arc<OwnedFd>, Vec<u8>), Cause> {
+        let parent = path.parent().ok_or(Cause::RootHasNoParent)?;
         Ok((self.dir(&parent)?, path.name().to_vec()))
     }
 
@@ -179,14 +173,13 @@ fn proc_path(fd: &OwnedFd) -> String {
 
 /// Sets owner, then mode (so setuid survives the chown), then mtime, on an open inode
 /// whose kind is first checked against `want`.
-fn set_metadata(fd: &OwnedFd, o_path: bool, want: &Inode) -> Result<(), String> {
-    let st = rustix::fs::fstat(fd).map_err(errno_msg)?;
+fn set_metadata(fd: &OwnedFd, o_path: bool, want: &Inode) -> Result<(), Cause> {
+    let st = rustix::fs::fstat(fd).map_err(Cause::sys(Op::Stat))?;
     if kind_of(&st) != Some(want.kind) {
-        return Err(format!(
-            "is a {:?}, expected a {:?}",
-            kind_of(&st),
-            want.kind
-        ));
+        return Err(Cause::WrongKind {
+            found: kind_of(&st),
+            want: want.kind,
+        });
     }
     let (uid, gid) = (
         rustix::fs::Uid::from_raw(want.uid),
@@ -194,7 +187,7 @@ fn set_metadata(fd: &OwnedFd, o_path: bool, want: &Inode) -> Result<(), String> 
     );
     if st.st_uid != want.uid || st.st_gid != want.gid {
         rustix::fs::chownat(fd, "", Some(uid), Some(gid), AtFlags::EMPTY_PATH)
-            .map_err(|e| format!("chown: {}", errno_msg(e)))?;
+            .map_err(Cause::sys(Op::Chown))?;
     }
     if want.kind != Kind::Symlink {
         let mode = Mode::from_raw_mode(want.mode & 0o7777);
@@ -203,7 +196,7 @@ fn set_metadata(fd: &OwnedFd, o_path: bool, want: &Inode) -> Result<(), String> 
         } else {
             rustix::fs::fchmod(fd, mode)
         }
-        .map_err(|e| format!("chmod: {}", errno_msg(e)))?;
+        .map_err(Cause::sys(Op::Chmod))?;
     }
     if want.keeps_mtime() {
         let t = Timespec {
@@ -219,7 +212,7 @@ fn set_metadata(fd: &OwnedFd, o_path: bool, want: &Inode) -> Result<(), String> 
         } else {
             rustix::fs::futimens(fd, &times)
         }
-        .map_err(|e| format!("set mtime: {}", errno_msg(e)))?;
+        .map_err(Cause::sys(Op::Utimes))?;
     }
     Ok(())
 }
@@ -232,18 +225,18 @@ fn remove_tree(
     path: &FsPath,
     dev: u64,
     exclusions: Option<&Filter>,
-) -> Result<(), String> {
+) -> Result<(), Cause> {
     let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) => st,
         Err(Errno::NOENT) => return Ok(()),
-        Err(e) => return Err(format!("{}: {}", path.display(), errno_msg(e))),
+        Err(e) => return Err(Cause::sys_at(Op::Stat, path)(e)),
     };
     if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
         return rustix::fs::unlinkat(dir, name, AtFlags::empty())
-            .map_err(|e| format!("{}: {}", path.display(), errno_msg(e)));
+            .map_err(Cause::sys_at(Op::Unlink, path));
     }
     if st.st_dev != dev {
-        return Err(format!("{}: a mount point, not removed", path.display()));
+        return Err(Cause::MountPoint(path.clone()));
     }
     let fd = rustix::fs::openat(
         dir,
@@ -251,26 +244,24 @@ fn remove_tree(
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| format!("{}: {}", path.display(), errno_msg(e)))?;
+    .map_err(Cause::sys_at(Op::Open, path))?;
     let mut names: Vec<Vec<u8>> = Vec::new();
-    let entries = rustix::fs::Dir::read_from(&fd)
-        .map_err(|e| format!("{}: {}", path.display(), errno_msg(e)))?;
+    let entries = rustix::fs::Dir::read_from(&fd).map_err(Cause::sys_at(Op::ReadDir, path))?;
     for e in entries {
-        let e = e.map_err(|e| format!("{}: {}", path.display(), errno_msg(e)))?;
+        let e = e.map_err(Cause::sys_at(Op::ReadDir, path))?;
         let n = e.file_name().to_bytes();
         if n != b"." && n != b".." {
             names.push(n.to_vec());
         }
     }
-    let mut first_err: Option<String> = None;
+    let mut first_err: Option<Cause> = None;
     for n in names {
         let Ok(child) = path.join(&n) else { continue };
         if is_protected(&child, exclusions) {
-            first_err.get_or_insert(format!(
-                "{}: holds protected {}",
-                path.display(),
-                child.display()
-            ));
+            first_err.get_or_insert(Cause::HoldsProtected {
+                dir: path.clone(),
+                child,
+            });
             continue;
         }
         if let Err(e) = remove_tree(fd.as_fd(), &n, &child, dev, exclusions) {
@@ -280,19 +271,18 @@ fn remove_tree(
     if let Some(e) = first_err {
         return Err(e);
     }
-    rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
-        .map_err(|e| format!("{}: {}", path.display(), errno_msg(e)))
+    rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR).map_err(Cause::sys_at(Op::Rmdir, path))
 }
 
 /// Runs `argv + args` with stdin detached and stdout/stderr captured (into an unlinked temp
 /// file, so a chatty command never blocks on a full pipe), in its own process group,
 /// killed (group and all) after `timeout`. The output's last line is logged, and on failure
 /// ends the error (`exit status: 1 (app: unrecognized service)`).
-pub fn run_command(argv: &[String], args: &[&str], timeout: Duration) -> Result<(), String> {
+pub fn run_command(argv: &[String], args: &[&str], timeout: Duration) -> Result<(), CommandError> {
     use std::os::unix::process::CommandExt;
     use std::process::Stdio;
     let Some((prog, rest)) = argv.split_first() else {
-        return Err("empty command".into());
+        return Err(CommandError::Empty);
     };
     let out = tempfile::tempfile().ok();
     let sink = || {
@@ -308,13 +298,12 @@ pub fn run_command(argv: &[String], args: &[&str], timeout: Duration) -> Result<
         .stderr(sink())
         .process_group(0)
         .spawn()
-        .map_err(|e| format!("cannot run {prog}: {e}"))?;
+        .map_err(|source| CommandError::Spawn {
+            prog: prog.clone(),
+            source,
+        })?;
     let deadline = Instant::now() + timeout;
     let said = || out.as_ref().map(last_line).unwrap_or_default();
-    let with_output = |e: String| match said() {
-        l if l.is_empty() => e,
-        l => format!("{e} ({l})"),
-    };
     loop {
         match child.try_wait() {
             Ok(Some(status)) if status.success() => {
@@ -324,17 +313,25 @@ pub fn run_command(argv: &[String], args: &[&str], timeout: Duration) -> Result<
                 }
                 return Ok(());
             }
-            Ok(Some(status)) => return Err(with_output(status.to_string())),
+            Ok(Some(status)) => {
+                return Err(CommandError::Failed {
+                    status,
+                    output: said(),
+                })
+            }
             Ok(None) if Instant::now() >= deadline => {
                 if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
                     let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
                 }
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(with_output(format!("timed out after {timeout:?}, killed")));
+                return Err(CommandError::TimedOut {
+                    timeout,
+                    output: said(),
+                });
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(CommandError::Wait(e)),
         }
     }
 }
@@ -365,15 +362,29 @@ pub fn load_previous_triggers(state_dir: &StateDir) -> Triggers {
         .unwrap_or_default()
 }
 
+/// What an update has done and what failed, as it goes.
 struct Run<'a> {
     opts: &'a ApplyOptions,
     result: UpdateResult,
+    /// Every failed step, in order (`result.errors` renders them at the end).
+    failures: Vec<ApplyError>,
 }
 
-impl Run<'_> {
-    fn error(&mut self, msg: String) {
-        tracing::warn!("update: {msg}");
-        self.result.errors.push(msg);
+impl<'a> Run<'a> {
+    fn new(opts: &'a ApplyOptions, image_name: &str) -> Run<'a> {
+        Run {
+            opts,
+            result: UpdateResult {
+                image_name: image_name.to_string(),
+                ..UpdateResult::default()
+            },
+            failures: Vec::new(),
+        }
+    }
+
+    fn error(&mut self, e: ApplyError) {
+        tracing::warn!("update: {e}");
+        self.failures.push(e);
     }
 
     fn service(&mut self, service: &str, action: &str) -> bool {
@@ -394,295 +405,451 @@ impl Run<'_> {
             }
         }
     }
+
+    /// The result, stamped and with every failure rendered as a line; and the failures.
+    fn finish(mut self) -> (UpdateResult, Vec<ApplyError>) {
+        self.result.finished_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.result.errors = self.failures.iter().map(ToString::to_string).collect();
+        (self.result, self.failures)
+    }
 }
 
 /// Applies `plan` to `root`; `state_dir` (reached only through its handle) holds
 /// `objects/` (the cache, same file-system as the root), `staging/` and
 /// `triggers.previous`. Never panics on bad input; every failure is a line in
-/// `UpdateResult::errors` or `trigger_failures`.
+/// `UpdateResult::errors` (an [`ApplyError`] rendered) or `trigger_failures`.
 pub fn apply(
     root: &Path,
     state_dir: &StateDir,
     plan: &UpdatePlan,
     opts: &ApplyOptions,
 ) -> UpdateResult {
-    let mut run = Run {
-        opts,
-        result: UpdateResult {
-            image_name: plan.image_name.clone(),
-            ..UpdateResult::default()
-        },
-    };
-    // Starts a previous, interrupted update still owes come first.
-    let (owed, failed) = resume_pending_starts(state_dir, opts);
-    run.result.trigger_actions.extend(owed);
-    run.result.trigger_failures.extend(failed);
-    if let Some(r) = &plan.unsafe_reason {
-        run.error(format!("refused: unsafe update: {r}"));
-        return finish(run);
-    }
-    if let Err(e) = plan
-        .validate()
-        .and_then(|()| plan.check_root(rustix::process::geteuid().as_raw()))
-    {
-        run.error(format!("refused: invalid plan: {e}"));
-        return finish(run);
-    }
-    let mut fs = match Root::open(root) {
-        Ok(r) => r,
-        Err(e) => {
-            run.error(format!("{}: {e}", root.display()));
-            return finish(run);
-        }
-    };
-    let store = match state_dir.objects() {
-        Ok(s) => s,
-        Err(e) => {
-            run.error(e.to_string());
-            return finish(run);
-        }
-    };
-    let excl = opts.exclusions.as_ref();
-    let ok = |p: &FsPath| !is_protected(p, excl);
-    let mut refused: Vec<String> = Vec::new();
-    let mut check = |p: &FsPath, root_ok: bool| -> bool {
-        let good = ok(p) && (root_ok || !p.is_root());
-        if !good {
-            refused.push(format!(
-                "refused: {}: the root, under /.subd, or excluded",
-                p.display()
-            ));
-        }
-        good
-    };
-    let dirs: Vec<_> = plan
-        .dirs_to_make
-        .iter()
-        .filter(|d| check(&d.path, true))
-        .collect();
-    let inodes: Vec<_> = plan
-        .inodes_to_make
-        .iter()
-        .filter(|i| check(&i.path, false) && i.inode.kind != Kind::Dir)
-        .collect();
-    let links: Vec<_> = plan
-        .hardlinks_to_make
-        .iter()
-        .filter(|h| check(&h.path, false) && check(&h.target, false))
-        .collect();
-    let deletes: Vec<_> = plan
-        .paths_to_delete
-        .iter()
-        .filter(|p| check(p, false))
-        .collect();
-    let changes: Vec<_> = plan
-        .inodes_to_change
-        .iter()
-        .filter(|c| check(&c.path, true))
-        .collect();
-    for r in refused {
-        run.error(r);
-    }
+    update(root, state_dir, plan, opts).finish().0
+}
 
-    // Trigger matching over what will really be touched.
-    let mut touched: Vec<&[u8]> = Vec::new();
-    touched.extend(dirs.iter().map(|d| d.path.as_bytes()));
-    touched.extend(inodes.iter().map(|i| i.path.as_bytes()));
-    touched.extend(links.iter().map(|h| h.path.as_bytes()));
-    touched.extend(deletes.iter().map(|p| p.as_bytes()));
-    touched.extend(
-        changes
-            .iter()
-            .filter(|c| !c.mtime_only)
-            .map(|c| c.path.as_bytes()),
-    );
-    let previous = load_previous_triggers(state_dir);
-    let old_set = previous.merged_with(&plan.triggers);
-    let matched_old: Vec<Trigger> = old_set.matching(&touched).into_iter().cloned().collect();
-    let matched_new: Vec<Trigger> = plan
-        .triggers
-        .matching(&touched)
-        .into_iter()
-        .cloned()
-        .collect();
-
-    // 1. Copy local files into the cache (verified) and stage every new inode.
+/// The phases of an update: owed starts, admission, select → stage → stop → activate
+/// (the change window) → sync → start → remember.
+fn update<'a>(
+    root: &Path,
+    state_dir: &'a StateDir,
+    plan: &UpdatePlan,
+    opts: &'a ApplyOptions,
+) -> Run<'a> {
+    let mut run = Run::new(opts, &plan.image_name);
+    resume_into(state_dir, &mut run);
+    let Some((fs, store)) = admit(root, state_dir, plan, &mut run) else {
+        return run;
+    };
+    let mut u = Update {
+        fs,
+        store,
+        state_dir,
+        excl: opts.exclusions.as_ref(),
+        run,
+    };
+    let sel = u.select(plan);
+    let matched = u.match_triggers(plan, &sel);
     let t_start = Instant::now();
-    copy_to_cache(&mut fs, &store, plan, &mut run);
-    let staged = match prepare_staging(state_dir) {
-        Ok(fd) => Some(fd),
-        Err(e) => {
-            run.error(format!("{}/staging: {e}", state_dir.shown().display()));
-            None
-        }
-    };
-    let mut staged_names: Vec<Option<String>> = vec![None; inodes.len()];
-    if let Some(sfd) = &staged {
-        let mut uses = object_uses(plan);
-        for (n, pi) in inodes.iter().enumerate() {
-            let name = format!("{n}");
-            match stage(sfd, &name, &pi.inode, &store, &mut uses) {
-                Ok(()) => staged_names[n] = Some(name),
-                Err(e) => run.error(format!("stage {}: {e}", pi.path.display())),
-            }
-        }
-        // Content durable before any rename makes it visible.
-        if let Err(e) = rustix::fs::syncfs(sfd) {
-            run.error(format!("sync: {}", errno_msg(e)));
-        }
-    }
-
+    let staged = u.stage(plan, &sel);
     let t_staged = Instant::now();
-    // 2. Stop phase (skipped entirely when a reboot is due), after recording the starts
-    // owed, so a crash in between cannot leave a service stopped.
-    let reboot = matched_old.iter().chain(&matched_new).any(|t| t.do_reboot);
-    let mut stopped: BTreeSet<String> = BTreeSet::new();
-    let mut to_stop: Vec<String> = Vec::new();
-    if !reboot {
-        for t in &matched_old {
-            if t.do_reload || t.service == "subd" || stopped.contains(&t.service) {
-                continue;
-            }
-            stopped.insert(t.service.clone());
-            to_stop.push(t.service.clone());
-        }
-    }
-    let (starts, restart_subd) = if reboot {
-        (Vec::new(), false)
-    } else {
-        start_actions(&matched_new, &stopped)
-    };
-    if !starts.is_empty() {
-        let json = serde_json::to_vec(&starts).expect("pairs serialize");
-        if let Err(e) = state_dir.write_atomic(PENDING_STARTS, &json) {
-            run.error(format!("saving {PENDING_STARTS}: {e}"));
-        }
-    }
-    for svc in &to_stop {
-        run.service(svc, "stop");
-    }
-
-    // 3. The change window, at raised priority so a busy machine does not stretch it.
-    let boost = PriorityBoost::raise();
-    let mut window: Option<Instant> = None;
-    let mut last_change = Instant::now();
-    let mut mark = |w: &mut Option<Instant>| {
-        let now = Instant::now();
-        w.get_or_insert(now);
-        last_change = now;
-    };
-    for d in &dirs {
-        match make_dir(&mut fs, &d.path, &d.inode) {
-            Ok(()) => {
-                mark(&mut window);
-            }
-            Err(e) => run.error(format!("mkdir {}: {e}", d.path.display())),
-        }
-    }
-    if let Some(sfd) = &staged {
-        for (pi, name) in inodes.iter().zip(&staged_names) {
-            let Some(name) = name else { continue };
-            let r = fs.parent(&pi.path).and_then(|(pfd, leaf)| {
-                clear_dir_in_way(&mut fs, pfd.as_fd(), &leaf, &pi.path, excl)?;
-                rustix::fs::renameat(sfd, name.as_str(), &*pfd, leaf.as_slice()).map_err(errno_msg)
-            });
-            match r {
-                Ok(()) => {
-                    mark(&mut window);
-                }
-                Err(e) => {
-                    run.error(format!("install {}: {e}", pi.path.display()));
-                    // Keep the content: a staged object goes back to the cache, so the
-                    // next update need not fetch it again.
-                    if let (Kind::File, Some(h)) = (pi.inode.kind, pi.inode.hash) {
-                        return_to_cache(sfd, name, &store, &h);
-                    }
-                }
-            }
-        }
-        for (n, h) in links.iter().enumerate() {
-            let tmp = format!("link.{n}");
-            let r = fs.parent(&h.target).and_then(|(tfd, tleaf)| {
-                rustix::fs::linkat(&*tfd, tleaf.as_slice(), sfd, tmp.as_str(), AtFlags::empty())
-                    .map_err(|e| format!("link from {}: {}", h.target.display(), errno_msg(e)))?;
-                let (pfd, leaf) = fs.parent(&h.path)?;
-                clear_dir_in_way(&mut fs, pfd.as_fd(), &leaf, &h.path, excl)?;
-                let r = rustix::fs::renameat(sfd, tmp.as_str(), &*pfd, leaf.as_slice())
-                    .map_err(errno_msg);
-                // Renaming onto another name of the same inode leaves the temp name.
-                let _ = rustix::fs::unlinkat(sfd, tmp.as_str(), AtFlags::empty());
-                r
-            });
-            match r {
-                Ok(()) => {
-                    mark(&mut window);
-                }
-                Err(e) => run.error(format!("hardlink {}: {e}", h.path.display())),
-            }
-        }
-    }
-    for p in &deletes {
-        let r = fs.parent(p).and_then(|(pfd, leaf)| {
-            fs.forget();
-            remove_tree(pfd.as_fd(), &leaf, p, fs.dev, excl)
-        });
-        match r {
-            Ok(()) => {
-                mark(&mut window);
-            }
-            Err(e) => run.error(format!("delete {e}")),
-        }
-    }
-    for c in &changes {
-        let r = if c.path.is_root() {
-            let fd = fs.fd.clone();
-            rustix::fs::fstat(&*fd).map_err(errno_msg).and_then(|_| {
-                let dup = rustix::fs::openat(
-                    &*fd,
-                    ".",
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(errno_msg)?;
-                set_metadata(&dup, false, &c.inode)
-            })
-        } else {
-            fs.parent(&c.path).and_then(|(pfd, leaf)| {
-                let (fd, o_path) =
-                    open_inode(pfd.as_fd(), &leaf, c.inode.kind).map_err(|e| match e {
-                        Errno::LOOP => "is a symlink".to_string(),
-                        e => errno_msg(e),
-                    })?;
-                set_metadata(&fd, o_path, &c.inode)
-            })
-        };
-        match r {
-            Ok(()) => {
-                mark(&mut window);
-            }
-            Err(e) => run.error(format!("change {}: {e}", c.path.display())),
-        }
-    }
-    if let Some(start) = window {
-        run.result.activation_ms = last_change.duration_since(start).as_secs_f64() * 1000.0;
-    }
-    drop(boost);
+    let owed = u.stop(&matched);
+    u.activate(&sel, &staged);
     let t_changed = Instant::now();
     // One syncfs: fsyncing each changed directory instead costs a journal commit each here.
-    if let Err(e) = rustix::fs::syncfs(&*fs.fd) {
-        run.error(format!("sync: {}", errno_msg(e)));
+    if let Err(e) = rustix::fs::syncfs(&*u.fs.fd) {
+        u.run.error(ApplyError::Sync(e));
     }
     let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1000.0;
     tracing::info!(
         "update phases: stage+sync {:.1} ms, stop+changes {:.1} ms (window {:.1} ms), final sync {:.1} ms",
         ms(t_start, t_staged),
         ms(t_staged, t_changed),
-        run.result.activation_ms,
+        u.run.result.activation_ms,
         ms(t_changed, Instant::now())
     );
+    u.start(&owed, &matched);
+    u.remember(plan);
+    u.run
+}
 
-    // 4. Start phase.
-    if reboot {
+/// Starts a previous, interrupted update still owes come first.
+fn resume_into(state_dir: &StateDir, run: &mut Run<'_>) {
+    let (owed, failed) = resume_pending_starts(state_dir, run.opts);
+    run.result.trigger_actions.extend(owed);
+    run.result.trigger_failures.extend(failed);
+}
+
+/// Refuses an unsafe or invalid plan; opens the root and the object cache.
+fn admit(
+    root: &Path,
+    state_dir: &StateDir,
+    plan: &UpdatePlan,
+    run: &mut Run<'_>,
+) -> Option<(Root, ObjectStore)> {
+    if let Some(r) = &plan.unsafe_reason {
+        run.error(ApplyError::Unsafe(r.clone()));
+        return None;
+    }
+    if let Err(e) = plan
+        .validate()
+        .and_then(|()| plan.check_root(rustix::process::geteuid().as_raw()))
+    {
+        run.error(ApplyError::InvalidPlan(e));
+        return None;
+    }
+    let fs = match Root::open(root) {
+        Ok(r) => r,
+        Err(source) => {
+            run.error(ApplyError::Root {
+                root: root.to_path_buf(),
+                source,
+            });
+            return None;
+        }
+    };
+    match state_dir.objects() {
+        Ok(store) => Some((fs, store)),
+        Err(e) => {
+            run.error(ApplyError::ObjectCache(e));
+            None
+        }
+    }
+}
+
+/// The plan's entries an update acts on: those on paths it may touch.
+struct Selection<'p> {
+    dirs: Vec<&'p PathInode>,
+    inodes: Vec<&'p PathInode>,
+    links: Vec<&'p Hardlink>,
+    deletes: Vec<&'p FsPath>,
+    changes: Vec<&'p MetadataChange>,
+}
+
+impl Selection<'_> {
+    /// Every path the update really touches (an mtime-only change does not count).
+    fn touched(&self) -> Vec<&[u8]> {
+        let mut touched: Vec<&[u8]> = Vec::new();
+        touched.extend(self.dirs.iter().map(|d| d.path.as_bytes()));
+        touched.extend(self.inodes.iter().map(|i| i.path.as_bytes()));
+        touched.extend(self.links.iter().map(|h| h.path.as_bytes()));
+        touched.extend(self.deletes.iter().map(|p| p.as_bytes()));
+        touched.extend(
+            self.changes
+                .iter()
+                .filter(|c| !c.mtime_only)
+                .map(|c| c.path.as_bytes()),
+        );
+        touched
+    }
+}
+
+/// The triggers the touched paths match: of the previous and new sets merged (for stops),
+/// and of the new set (for starts).
+struct Matched {
+    old: Vec<Trigger>,
+    new: Vec<Trigger>,
+}
+
+/// What the start phase owes: a reboot, or the starts and whether subd restarts.
+struct Owed {
+    reboot: bool,
+    starts: Vec<[String; 2]>,
+    restart_subd: bool,
+}
+
+/// The staging directory (if it could be prepared) and each selected inode's staged name.
+struct Staged {
+    fd: Option<OwnedFd>,
+    names: Vec<Option<String>>,
+}
+
+/// Times the change window: from the first change to the last.
+struct Window {
+    first: Option<Instant>,
+    last: Instant,
+}
+
+impl Window {
+    fn mark(&mut self) {
+        let now = Instant::now();
+        self.first.get_or_insert(now);
+        self.last = now;
+    }
+}
+
+/// An admitted update: the root and cache it works on, and what it has recorded.
+struct Update<'a> {
+    fs: Root,
+    store: ObjectStore,
+    state_dir: &'a StateDir,
+    excl: Option<&'a Filter>,
+    run: Run<'a>,
+}
+
+impl Update<'_> {
+    /// Select: the plan's entries on paths the update may touch; the others are refused.
+    fn select<'p>(&mut self, plan: &'p UpdatePlan) -> Selection<'p> {
+        let excl = self.excl;
+        let mut refused: Vec<FsPath> = Vec::new();
+        let mut check = |p: &FsPath, root_ok: bool| -> bool {
+            let good = !is_protected(p, excl) && (root_ok || !p.is_root());
+            if !good {
+                refused.push(p.clone());
+            }
+            good
+        };
+        let sel = Selection {
+            dirs: plan
+                .dirs_to_make
+                .iter()
+                .filter(|d| check(&d.path, true))
+                .collect(),
+            inodes: plan
+                .inodes_to_make
+                .iter()
+                .filter(|i| check(&i.path, false) && i.inode.kind != Kind::Dir)
+                .collect(),
+            links: plan
+                .hardlinks_to_make
+                .iter()
+                .filter(|h| check(&h.path, false) && check(&h.target, false))
+                .collect(),
+            deletes: plan
+                .paths_to_delete
+                .iter()
+                .filter(|p| check(p, false))
+                .collect(),
+            changes: plan
+                .inodes_to_change
+                .iter()
+                .filter(|c| check(&c.path, true))
+                .collect(),
+        };
+        for p in refused {
+            self.run.error(ApplyError::Refused(p));
+        }
+        sel
+    }
+
+    /// Trigger matching over what will really be touched.
+    fn match_triggers(&self, plan: &UpdatePlan, sel: &Selection<'_>) -> Matched {
+        let touched = sel.touched();
+        let previous = load_previous_triggers(self.state_dir);
+        let old_set = previous.merged_with(&plan.triggers);
+        Matched {
+            old: old_set.matching(&touched).into_iter().cloned().collect(),
+            new: plan
+                .triggers
+                .matching(&touched)
+                .into_iter()
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Stage: copy local files into the cache (verified) and stage every new inode with
+    /// its final metadata; then make the staged content durable.
+    fn stage(&mut self, plan: &UpdatePlan, sel: &Selection<'_>) -> Staged {
+        copy_to_cache(&mut self.fs, &self.store, plan, &mut self.run);
+        let fd = match prepare_staging(self.state_dir) {
+            Ok(fd) => Some(fd),
+            Err(source) => {
+                self.run.error(ApplyError::Staging {
+                    state: self.state_dir.shown().to_path_buf(),
+                    source,
+                });
+                None
+            }
+        };
+        let mut names: Vec<Option<String>> = vec![None; sel.inodes.len()];
+        if let Some(sfd) = &fd {
+            let mut uses = object_uses(plan);
+            for (n, pi) in sel.inodes.iter().enumerate() {
+                let name = format!("{n}");
+                match stage(sfd, &name, &pi.inode, &self.store, &mut uses) {
+                    Ok(()) => names[n] = Some(name),
+                    Err(e) => self.run.error(ApplyError::step(Step::Stage, &pi.path)(e)),
+                }
+            }
+            // Content durable before any rename makes it visible.
+            if let Err(e) = rustix::fs::syncfs(sfd) {
+                self.run.error(ApplyError::Sync(e));
+            }
+        }
+        Staged { fd, names }
+    }
+
+    /// Stop: skipped entirely when a reboot is due; otherwise the starts owed are recorded
+    /// first, so a crash in between cannot leave a service stopped.
+    fn stop(&mut self, matched: &Matched) -> Owed {
+        let reboot = matched.old.iter().chain(&matched.new).any(|t| t.do_reboot);
+        let mut stopped: BTreeSet<String> = BTreeSet::new();
+        let mut to_stop: Vec<String> = Vec::new();
+        if !reboot {
+            for t in &matched.old {
+                if t.do_reload || t.service == "subd" || stopped.contains(&t.service) {
+                    continue;
+                }
+                stopped.insert(t.service.clone());
+                to_stop.push(t.service.clone());
+            }
+        }
+        let (starts, restart_subd) = if reboot {
+            (Vec::new(), false)
+        } else {
+            start_actions(&matched.new, &stopped)
+        };
+        if !starts.is_empty() {
+            let json = serde_json::to_vec(&starts).expect("pairs serialize");
+            if let Err(source) = self.state_dir.write_atomic(PENDING_STARTS, &json) {
+                self.run.error(ApplyError::Save {
+                    name: PENDING_STARTS,
+                    source,
+                });
+            }
+        }
+        for svc in &to_stop {
+            self.run.service(svc, "stop");
+        }
+        Owed {
+            reboot,
+            starts,
+            restart_subd,
+        }
+    }
+
+    /// Activate: the change window, at raised priority so a busy machine does not stretch
+    /// it: directories, staged inodes renamed into place, hardlinks, deletions, metadata.
+    fn activate(&mut self, sel: &Selection<'_>, staged: &Staged) {
+        let boost = PriorityBoost::raise();
+        let mut window = Window {
+            first: None,
+            last: Instant::now(),
+        };
+        self.make_dirs(&sel.dirs, &mut window);
+        if let Some(sfd) = &staged.fd {
+            self.install(sfd, &sel.inodes, &staged.names, &mut window);
+            self.make_links(sfd, &sel.links, &mut window);
+        }
+        self.delete(&sel.deletes, &mut window);
+        self.change(&sel.changes, &mut window);
+        if let Some(start) = window.first {
+            self.run.result.activation_ms =
+                window.last.duration_since(start).as_secs_f64() * 1000.0;
+        }
+        drop(boost);
+    }
+
+    /// Makes (or fixes the metadata of) each directory.
+    fn make_dirs(&mut self, dirs: &[&PathInode], window: &mut Window) {
+        for d in dirs {
+            match make_dir(&mut self.fs, &d.path, &d.inode) {
+                Ok(()) => window.mark(),
+                Err(e) => self.run.error(ApplyError::step(Step::Mkdir, &d.path)(e)),
+            }
+        }
+    }
+
+    /// Renames each staged inode into place; one that cannot go returns to the cache.
+    fn install(
+        &mut self,
+        sfd: &OwnedFd,
+        inodes: &[&PathInode],
+        names: &[Option<String>],
+        window: &mut Window,
+    ) {
+        let (fs, excl) = (&mut self.fs, self.excl);
+        for (pi, name) in inodes.iter().zip(names) {
+            let Some(name) = name else { continue };
+            let r = fs.parent(&pi.path).and_then(|(pfd, leaf)| {
+                clear_dir_in_way(fs, pfd.as_fd(), &leaf, &pi.path, excl)?;
+                rustix::fs::renameat(sfd, name.as_str(), &*pfd, leaf.as_slice())
+                    .map_err(Cause::sys(Op::Rename))
+            });
+            match r {
+                Ok(()) => window.mark(),
+                Err(e) => {
+                    self.run.error(ApplyError::step(Step::Install, &pi.path)(e));
+                    // Keep the content: a staged object goes back to the cache, so the
+                    // next update need not fetch it again.
+                    if let (Kind::File, Some(h)) = (pi.inode.kind, pi.inode.hash) {
+                        return_to_cache(sfd, name, &self.store, &h);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes each hardlink: linked under a temporary name in staging, renamed into place.
+    fn make_links(&mut self, sfd: &OwnedFd, links: &[&Hardlink], window: &mut Window) {
+        let (fs, excl) = (&mut self.fs, self.excl);
+        for (n, h) in links.iter().enumerate() {
+            let tmp = format!("link.{n}");
+            let r = fs.parent(&h.target).and_then(|(tfd, tleaf)| {
+                rustix::fs::linkat(&*tfd, tleaf.as_slice(), sfd, tmp.as_str(), AtFlags::empty())
+                    .map_err(Cause::sys_at(Op::Link, &h.target))?;
+                let (pfd, leaf) = fs.parent(&h.path)?;
+                clear_dir_in_way(fs, pfd.as_fd(), &leaf, &h.path, excl)?;
+                let r = rustix::fs::renameat(sfd, tmp.as_str(), &*pfd, leaf.as_slice())
+                    .map_err(Cause::sys(Op::Rename));
+                // Renaming onto another name of the same inode leaves the temp name.
+                let _ = rustix::fs::unlinkat(sfd, tmp.as_str(), AtFlags::empty());
+                r
+            });
+            match r {
+                Ok(()) => window.mark(),
+                Err(e) => self.run.error(ApplyError::step(Step::Hardlink, &h.path)(e)),
+            }
+        }
+    }
+
+    /// Removes each deleted path with its subtree, protected paths excepted.
+    fn delete(&mut self, deletes: &[&FsPath], window: &mut Window) {
+        let (fs, excl) = (&mut self.fs, self.excl);
+        for p in deletes {
+            let r = fs.parent(p).and_then(|(pfd, leaf)| {
+                fs.forget();
+                remove_tree(pfd.as_fd(), &leaf, p, fs.dev, excl)
+            });
+            match r {
+                Ok(()) => window.mark(),
+                Err(e) => self.run.error(ApplyError::step(Step::Delete, p)(e)),
+            }
+        }
+    }
+
+    /// Sets owner, mode and mtime of each changed inode.
+    fn change(&mut self, changes: &[&MetadataChange], window: &mut Window) {
+        for c in changes {
+            match change_metadata(&mut self.fs, c) {
+                Ok(()) => window.mark(),
+                Err(e) => self.run.error(ApplyError::step(Step::Change, &c.path)(e)),
+            }
+        }
+    }
+
+    /// Start: the services the new trigger set matches (or the reboot), then the owed
+    /// starts are forgotten.
+    fn start(&mut self, owed: &Owed, matched: &Matched) {
+        if owed.reboot {
+            self.start_and_reboot(&matched.new);
+            return;
+        }
+        for [svc, action] in &owed.starts {
+            self.run.service(svc, action);
+        }
+        forget_pending_starts(self.state_dir);
+        if owed.restart_subd {
+            self.run.service("subd", "restart");
+        }
+    }
+
+    /// Starts the services of reboot triggers, then reboots if every start succeeded.
+    fn start_and_reboot(&mut self, matched_new: &[Trigger]) {
+        let opts = self.run.opts;
+        let run = &mut self.run;
         let mut all_ok = true;
         let mut done: BTreeSet<String> = BTreeSet::new();
         for t in matched_new.iter().filter(|t| t.do_reboot) {
@@ -711,27 +878,46 @@ pub fn apply(
                 .trigger_actions
                 .push("reboot skipped: a start failed".into());
         }
-    } else {
-        for [svc, action] in &starts {
-            run.service(svc, action);
-        }
-        forget_pending_starts(state_dir);
-        if restart_subd {
-            run.service("subd", "restart");
-        }
     }
 
-    // 5. Remember the triggers, and the image for full updates.
-    if !plan.triggers.is_empty() {
-        let json = serde_json::to_vec_pretty(&plan.triggers).expect("triggers serialize");
-        if let Err(e) = state_dir.write_atomic(PREVIOUS_TRIGGERS, &json) {
-            run.error(format!("saving {PREVIOUS_TRIGGERS}: {e}"));
+    /// Remember the triggers, and the image for full updates that went without a failure.
+    fn remember(&mut self, plan: &UpdatePlan) {
+        if !plan.triggers.is_empty() {
+            let json = serde_json::to_vec_pretty(&plan.triggers).expect("triggers serialize");
+            if let Err(source) = self.state_dir.write_atomic(PREVIOUS_TRIGGERS, &json) {
+                self.run.error(ApplyError::Save {
+                    name: PREVIOUS_TRIGGERS,
+                    source,
+                });
+            }
+        }
+        if !plan.sparse && self.run.failures.is_empty() {
+            write_patched_image(&mut self.fs, &plan.image_name);
         }
     }
-    if !plan.sparse && run.result.errors.is_empty() {
-        write_patched_image(&mut fs, &plan.image_name);
+}
+
+/// Sets the metadata of one inode: the root through a fresh handle, others opened without
+/// following a symlink.
+fn change_metadata(fs: &mut Root, c: &MetadataChange) -> Result<(), Cause> {
+    if c.path.is_root() {
+        let fd = fs.fd.clone();
+        rustix::fs::fstat(&*fd).map_err(Cause::sys(Op::Stat))?;
+        let dup = rustix::fs::openat(
+            &*fd,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(Cause::sys(Op::Open))?;
+        return set_metadata(&dup, false, &c.inode);
     }
-    finish(run)
+    let (pfd, leaf) = fs.parent(&c.path)?;
+    let (fd, o_path) = open_inode(pfd.as_fd(), &leaf, c.inode.kind).map_err(|e| match e {
+        Errno::LOOP => Cause::IsSymlink,
+        e => Cause::sys(Op::Open)(e),
+    })?;
+    set_metadata(&fd, o_path, &c.inode)
 }
 
 /// The `[service, action]` pairs to run after the change window (`start` for a stopped or
@@ -787,10 +973,7 @@ pub fn resume_pending_starts(
         return (Vec::new(), Vec::new());
     };
     let pairs: Vec<[String; 2]> = serde_json::from_slice(&bytes).unwrap_or_default();
-    let mut run = Run {
-        opts,
-        result: UpdateResult::default(),
-    };
+    let mut run = Run::new(opts, "");
     for [svc, action] in &pairs {
         if model::triggers::valid_service_name(svc) && matches!(action.as_str(), "start" | "reload")
         {
@@ -800,13 +983,6 @@ pub fn resume_pending_starts(
     }
     forget_pending_starts(state_dir);
     (run.result.trigger_actions, run.result.trigger_failures)
-}
-
-fn finish(mut run: Run<'_>) -> UpdateResult {
-    run.result.finished_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    run.result
 }
 
 /// Raises the calling thread's priority (nice -20) until dropped, then restores it. Linux
@@ -855,7 +1031,7 @@ fn write_patched_image(fs: &mut Root, name: &str) {
         rustix::fs::renameat(&*dfd, tmp.as_slice(), &*dfd, leaf.as_slice())
     })();
     if let Err(e) = r {
-        tracing::warn!("writing {PATCHED_IMAGE}: {}", errno_msg(e));
+        tracing::warn!("writing {PATCHED_IMAGE}: {}", io::Error::from(e));
     }
 }
 
@@ -866,7 +1042,7 @@ fn clear_dir_in_way(
     leaf: &[u8],
     path: &FsPath,
     excl: Option<&Filter>,
-) -> Result<(), String> {
+) -> Result<(), Cause> {
     match rustix::fs::statat(pfd, leaf, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
             fs.forget();
@@ -876,7 +1052,7 @@ fn clear_dir_in_way(
     }
 }
 
-fn make_dir(fs: &mut Root, path: &FsPath, want: &Inode) -> Result<(), String> {
+fn make_dir(fs: &mut Root, path: &FsPath, want: &Inode) -> Result<(), Cause> {
     if path.is_root() {
         let dup = rustix::fs::openat(
             &*fs.fd,
@@ -884,7 +1060,7 @@ fn make_dir(fs: &mut Root, path: &FsPath, want: &Inode) -> Result<(), String> {
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(errno_msg)?;
+        .map_err(Cause::sys(Op::Open))?;
         return set_metadata(&dup, false, want);
     }
     let (pfd, leaf) = fs.parent(path)?;
@@ -895,20 +1071,21 @@ fn make_dir(fs: &mut Root, path: &FsPath, want: &Inode) -> Result<(), String> {
             }
         }
         Ok(_) => {
-            rustix::fs::unlinkat(&*pfd, leaf.as_slice(), AtFlags::empty()).map_err(errno_msg)?;
+            rustix::fs::unlinkat(&*pfd, leaf.as_slice(), AtFlags::empty())
+                .map_err(Cause::sys(Op::Unlink))?;
             mkdir(&pfd, &leaf)?;
         }
         Err(Errno::NOENT) => mkdir(&pfd, &leaf)?,
-        Err(e) => return Err(errno_msg(e)),
+        Err(e) => return Err(Cause::sys(Op::Stat)(e)),
     }
-    let (fd, _) = open_inode(pfd.as_fd(), &leaf, Kind::Dir).map_err(errno_msg)?;
+    let (fd, _) = open_inode(pfd.as_fd(), &leaf, Kind::Dir).map_err(Cause::sys(Op::Open))?;
     set_metadata(&fd, false, want)
 }
 
-fn mkdir(pfd: &OwnedFd, leaf: &[u8]) -> Result<(), String> {
+fn mkdir(pfd: &OwnedFd, leaf: &[u8]) -> Result<(), Cause> {
     match rustix::fs::mkdirat(pfd, leaf, Mode::from_raw_mode(0o700)) {
         Ok(()) | Err(Errno::EXIST) => Ok(()),
-        Err(e) => Err(errno_msg(e)),
+        Err(e) => Err(Cause::sys(Op::Mkdir)(e)),
     }
 }
 
@@ -971,7 +1148,7 @@ fn stage(
     want: &Inode,
     store: &ObjectStore,
     uses: &mut BTreeMap<ObjectId, usize>,
-) -> Result<(), String> {
+) -> Result<(), Cause> {
     let cache_path = |h: &ObjectId| store.path_of(h);
     match want.kind {
         Kind::File => match want.hash {
@@ -986,7 +1163,7 @@ fn stage(
                         | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )
-                .map_err(errno_msg)?;
+                .map_err(Cause::sys(Op::Create))?;
                 drop(fd);
             }
             Some(h) => {
@@ -999,15 +1176,15 @@ fn stage(
                     copy_object(&src, sfd, name)?;
                 } else {
                     rustix::fs::renameat(CWD, src.as_path(), sfd, name).map_err(|e| match e {
-                        Errno::NOENT => format!("object {h} is not in the cache"),
-                        e => errno_msg(e),
+                        Errno::NOENT => Cause::NotInCache(h),
+                        e => Cause::sys(Op::Rename)(e),
                     })?;
                 }
             }
         },
         Kind::Symlink => {
             let target = want.target.as_deref().unwrap_or_default();
-            rustix::fs::symlinkat(target, sfd, name).map_err(errno_msg)?;
+            rustix::fs::symlinkat(target, sfd, name).map_err(Cause::sys(Op::Symlink))?;
         }
         Kind::Char | Kind::Block | Kind::Fifo => {
             let ft = match want.kind {
@@ -1016,25 +1193,29 @@ fn stage(
                 _ => FileType::Fifo,
             };
             rustix::fs::mknodat(sfd, name, ft, Mode::from_raw_mode(0o600), want.rdev)
-                .map_err(errno_msg)?;
+                .map_err(Cause::sys(Op::Mknod))?;
         }
-        Kind::Dir => return Err("a directory is not an inode to make".into()),
+        Kind::Dir => return Err(Cause::DirIsNotAnInode),
     }
-    let (fd, o_path) = open_inode(sfd.as_fd(), name.as_bytes(), want.kind).map_err(errno_msg)?;
+    let (fd, o_path) =
+        open_inode(sfd.as_fd(), name.as_bytes(), want.kind).map_err(Cause::sys(Op::Open))?;
     set_metadata(&fd, o_path, want)
 }
 
-fn copy_object(src: &Path, sfd: &OwnedFd, name: &str) -> Result<(), String> {
-    let mut from = std::fs::File::open(src).map_err(|e| format!("{}: {e}", src.display()))?;
+fn copy_object(src: &Path, sfd: &OwnedFd, name: &str) -> Result<(), Cause> {
+    let mut from = std::fs::File::open(src).map_err(|source| Cause::CacheObject {
+        path: src.to_path_buf(),
+        source,
+    })?;
     let fd = rustix::fs::openat(
         sfd,
         name,
         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::from_raw_mode(0o600),
     )
-    .map_err(errno_msg)?;
+    .map_err(Cause::sys(Op::Create))?;
     let mut to = std::fs::File::from(fd);
-    io::copy(&mut from, &mut to).map_err(|e| format!("copy: {e}"))?;
+    io::copy(&mut from, &mut to).map_err(Cause::io(Op::Copy))?;
     Ok(())
 }
 
@@ -1053,32 +1234,30 @@ fn copy_to_cache(fs: &mut Root, store: &ObjectStore, plan: &UpdatePlan, run: &mu
                 OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
                 Mode::empty(),
             )
-            .map_err(errno_msg)?;
-            let st = rustix::fs::fstat(&fd).map_err(errno_msg)?;
+            .map_err(Cause::sys(Op::Open))?;
+            let st = rustix::fs::fstat(&fd).map_err(Cause::sys(Op::Stat))?;
             if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-                return Err("not a regular file".into());
+                return Err(Cause::NotRegularFile);
             }
             let mut f = std::fs::File::from(fd);
-            let mut w = store
-                .writer(c.hash, st.st_size as u64)
-                .map_err(|e| e.to_string())?;
+            let mut w = store.writer(c.hash, st.st_size as u64)?;
             let mut buf = vec![0u8; 256 * 1024];
             loop {
-                let n = f.read(&mut buf).map_err(|e| e.to_string())?;
+                let n = f.read(&mut buf).map_err(Cause::io(Op::Read))?;
                 if n == 0 {
                     break;
                 }
-                w.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+                w.write_all(&buf[..n]).map_err(Cause::io(Op::Write))?;
             }
-            w.finish().map_err(|e| e.to_string())
+            Ok(w.finish()?)
         });
         match r {
             Ok(p) => pending.push(p),
-            Err(e) => run.error(format!("copy {} to cache: {e}", c.path.display())),
+            Err(e) => run.error(ApplyError::step(Step::CopyToCache, &c.path)(e)),
         }
     }
     if let Err(e) = store.commit(pending) {
-        run.error(format!("copy to cache: {e}"));
+        run.error(ApplyError::CacheCommit(e));
     }
 }
 

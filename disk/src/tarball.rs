@@ -380,17 +380,29 @@ struct PaxOverrides {
     gid: Option<u64>,
 }
 
+/// Why a pax `uid` or `gid` value was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PaxIdError {
+    /// Empty, or not only decimal digits (the value escaped).
+    #[error("pax {which} {value:?} is not a decimal number")]
+    NotDecimal { which: &'static str, value: String },
+    #[error("pax {which} {value} does not fit in 32 bits")]
+    TooWide { which: &'static str, value: String },
+}
+
 /// A pax `uid`/`gid` value: decimal digits only, as POSIX says (no sign, space or dot).
-fn pax_id(which: &str, v: &[u8]) -> Result<u64, String> {
+fn pax_id(which: &'static str, v: &[u8]) -> Result<u64, PaxIdError> {
     let s = std::str::from_utf8(v).unwrap_or("");
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!(
-            "pax {which} {:?} is not a decimal number",
-            model::path::escape(v)
-        ));
+        return Err(PaxIdError::NotDecimal {
+            which,
+            value: model::path::escape(v),
+        });
     }
-    s.parse::<u64>()
-        .map_err(|_| format!("pax {which} {s} does not fit in 32 bits"))
+    s.parse::<u64>().map_err(|_| PaxIdError::TooWide {
+        which,
+        value: s.to_string(),
+    })
 }
 
 /// Reads the entry's pax `mtime`, `uid` and `gid`; a malformed `uid` or `gid` is refused.
@@ -407,10 +419,16 @@ fn pax_overrides(
         match e.key_bytes() {
             b"mtime" => out.mtime = pax_mtime(e.value_bytes()),
             b"uid" => {
-                out.uid = Some(pax_id("uid", e.value_bytes()).map_err(|m| entry_err(raw_path, m))?)
+                out.uid = Some(
+                    pax_id("uid", e.value_bytes())
+                        .map_err(|m| entry_err(raw_path, m.to_string()))?,
+                )
             }
             b"gid" => {
-                out.gid = Some(pax_id("gid", e.value_bytes()).map_err(|m| entry_err(raw_path, m))?)
+                out.gid = Some(
+                    pax_id("gid", e.value_bytes())
+                        .map_err(|m| entry_err(raw_path, m.to_string()))?,
+                )
             }
             _ => {}
         }
@@ -497,137 +515,48 @@ fn check_first_block(head: &[u8]) -> Result<(), TarError> {
     Ok(())
 }
 
-/// Imports an uncompressed tar stream.
+/// Imports an uncompressed tar stream: the first block checked, then each entry added to
+/// the tree, then the end of the stream checked and the tree validated.
 pub fn import_plain<R: Read>(
     r: R,
     sink: &mut dyn ContentSink,
 ) -> Result<(FileTree, ImportStats), TarError> {
-    let mut r = r;
+    let mut tracker = open_stream(r)?;
+    let mut b = Builder::new();
+    {
+        let mut archive = tar::Archive::new(&mut tracker);
+        let entries = archive.entries().map_err(classify_io)?;
+        for entry in entries {
+            b.entry(entry.map_err(classify_io)?, sink)?;
+        }
+    }
+    finish(b, tracker)
+}
+
+/// A stream with its first block read ahead (and put back in front).
+type Headed<R> = io::Chain<io::Cursor<Vec<u8>>, R>;
+
+/// Reads and checks the first block, then hands it back in front of the rest of the
+/// stream, which is watched for reaching its end.
+fn open_stream<R: Read>(mut r: R) -> Result<EofTracker<Headed<R>>, TarError> {
     let mut head = Vec::with_capacity(512);
     (&mut r)
         .take(512)
         .read_to_end(&mut head)
         .map_err(classify_io)?;
     check_first_block(&head)?;
-    let mut tracker = EofTracker {
+    Ok(EofTracker {
         inner: io::Cursor::new(head).chain(r),
         eof: false,
-    };
-    let mut b = Builder::new();
-    {
-        let mut archive = tar::Archive::new(&mut tracker);
-        let entries = archive.entries().map_err(classify_io)?;
-        for entry in entries {
-            let mut entry = entry.map_err(classify_io)?;
-            b.stats.entries += 1;
-            let raw_path = entry.path_bytes().into_owned();
-            let path = FsPath::from_relative(&raw_path)
-                .map_err(|e| entry_err(&raw_path, e.reason.to_string()))?;
-            let etype = entry.header().entry_type();
-            if matches!(
-                etype,
-                EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName
-            ) {
-                continue;
-            }
-            if is_subd(&path) {
-                b.stats.dropped += 1;
-                continue;
-            }
-            let h = entry.header();
-            let mode = h.mode().map_err(|e| entry_err(&raw_path, e.to_string()))?;
-            let header_uid = h.uid().map_err(|e| entry_err(&raw_path, e.to_string()))?;
-            let header_gid = h.gid().map_err(|e| entry_err(&raw_path, e.to_string()))?;
-            let mut mtime = Mtime {
-                sec: h.mtime().map_err(|e| entry_err(&raw_path, e.to_string()))? as i64,
-                nsec: 0,
-            };
-            let link = entry.link_name_bytes().map(|c| c.into_owned());
-            let (major, minor) = (
-                h.device_major().ok().flatten().unwrap_or(0),
-                h.device_minor().ok().flatten().unwrap_or(0),
-            );
-            let pax = pax_overrides(&mut entry, &raw_path)?;
-            if let Some(m) = pax.mtime {
-                mtime = m;
-            }
-            let uid = check_id("uid", pax.uid.unwrap_or(header_uid))
-                .map_err(|e| entry_err(&raw_path, e.to_string()))?;
-            let gid = check_id("gid", pax.gid.unwrap_or(header_gid))
-                .map_err(|e| entry_err(&raw_path, e.to_string()))?;
-            let size = entry.size();
-            match etype {
-                EntryType::Directory => b.add(path, Inode::dir(mode, uid, gid))?,
-                EntryType::Regular | EntryType::Continuous => {
-                    let hash = if size > 0 {
-                        let mut counting = Counting {
-                            inner: &mut entry,
-                            n: 0,
-                        };
-                        let id = sink.file(&path, size, &mut counting).map_err(|e| {
-                            if counting.n < size {
-                                classify_io(e)
-                            } else {
-                                TarError::Sink(e)
-                            }
-                        })?;
-                        if counting.n != size {
-                            return Err(TarError::Truncated(format!(
-                                "{}: {} of {size} bytes present",
-                                path.display(),
-                                counting.n
-                            )));
-                        }
-                        b.stats.files += 1;
-                        b.stats.bytes += size;
-                        Some(id)
-                    } else {
-                        None
-                    };
-                    b.add(path, Inode::file(mode, uid, gid, mtime, size, hash))?;
-                }
-                EntryType::Symlink => {
-                    let target = link.filter(|t| !t.is_empty()).ok_or_else(|| {
-                        entry_err(&raw_path, "symlink without a target".to_string())
-                    })?;
-                    b.add(path, Inode::symlink(uid, gid, target))?;
-                }
-                EntryType::Link => {
-                    let target =
-                        link.ok_or_else(|| entry_err(&raw_path, "hardlink without a target"))?;
-                    let target = FsPath::from_relative(&target).map_err(|e| {
-                        entry_err(&raw_path, format!("hardlink target: {}", e.reason))
-                    })?;
-                    if is_subd(&target) {
-                        return Err(entry_err(
-                            &raw_path,
-                            "hardlink into /.subd, which is never part of an image",
-                        ));
-                    }
-                    b.hardlink(path, target)?;
-                }
-                EntryType::Char | EntryType::Block | EntryType::Fifo => {
-                    let kind = match etype {
-                        EntryType::Char => Kind::Char,
-                        EntryType::Block => Kind::Block,
-                        _ => Kind::Fifo,
-                    };
-                    let mut ino = Inode::new(kind, mode, uid, gid);
-                    ino.mtime = mtime;
-                    if kind != Kind::Fifo {
-                        ino.rdev = libc::makedev(major, minor);
-                    }
-                    b.add(path, ino.normalized())?;
-                }
-                other => {
-                    return Err(entry_err(
-                        &raw_path,
-                        format!("unsupported entry type {:?}", other.as_byte() as char),
-                    ))
-                }
-            }
-        }
-    }
+    })
+}
+
+/// Refuses an empty or unterminated archive, drains the padding (which also checks a gzip
+/// stream's CRC trailer) and validates the tree.
+fn finish<R: Read>(
+    b: Builder,
+    mut tracker: EofTracker<R>,
+) -> Result<(FileTree, ImportStats), TarError> {
     if b.stats.entries == 0 {
         return Err(TarError::Empty);
     }
@@ -636,7 +565,6 @@ pub fn import_plain<R: Read>(
             "the stream ends without the end-of-archive marker".into(),
         ));
     }
-    // Drain the rest (padding), which also checks a gzip stream's CRC trailer.
     io::copy(&mut tracker.inner, &mut io::sink()).map_err(classify_io)?;
     b.tree.validate().map_err(|e| TarError::Entry {
         path: String::new(),
@@ -645,10 +573,200 @@ pub fn import_plain<R: Read>(
     Ok((b.tree, b.stats))
 }
 
+/// An entry's metadata: its header's, with the pax extended header's `mtime`, `uid` and
+/// `gid` taking precedence.
+struct EntryMeta {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: Mtime,
+    size: u64,
+    link: Option<Vec<u8>>,
+    major: u32,
+    minor: u32,
+}
+
+impl EntryMeta {
+    fn read(entry: &mut tar::Entry<'_, impl Read>, raw_path: &[u8]) -> Result<EntryMeta, TarError> {
+        let h = entry.header();
+        let mode = h.mode().map_err(|e| entry_err(raw_path, e.to_string()))?;
+        let header_uid = h.uid().map_err(|e| entry_err(raw_path, e.to_string()))?;
+        let header_gid = h.gid().map_err(|e| entry_err(raw_path, e.to_string()))?;
+        let mut mtime = Mtime {
+            sec: h.mtime().map_err(|e| entry_err(raw_path, e.to_string()))? as i64,
+            nsec: 0,
+        };
+        let link = entry.link_name_bytes().map(|c| c.into_owned());
+        let (major, minor) = (
+            h.device_major().ok().flatten().unwrap_or(0),
+            h.device_minor().ok().flatten().unwrap_or(0),
+        );
+        let pax = pax_overrides(entry, raw_path)?;
+        if let Some(m) = pax.mtime {
+            mtime = m;
+        }
+        let uid = check_id("uid", pax.uid.unwrap_or(header_uid))
+            .map_err(|e| entry_err(raw_path, e.to_string()))?;
+        let gid = check_id("gid", pax.gid.unwrap_or(header_gid))
+            .map_err(|e| entry_err(raw_path, e.to_string()))?;
+        Ok(EntryMeta {
+            mode,
+            uid,
+            gid,
+            mtime,
+            size: entry.size(),
+            link,
+            major,
+            minor,
+        })
+    }
+}
+
+impl Builder {
+    /// Adds one archive entry: skips pax and long-name headers, drops `/.subd`, and adds
+    /// the rest by type.
+    fn entry(
+        &mut self,
+        mut entry: tar::Entry<'_, impl Read>,
+        sink: &mut dyn ContentSink,
+    ) -> Result<(), TarError> {
+        self.stats.entries += 1;
+        let raw_path = entry.path_bytes().into_owned();
+        let path = FsPath::from_relative(&raw_path)
+            .map_err(|e| entry_err(&raw_path, e.reason.to_string()))?;
+        let etype = entry.header().entry_type();
+        if matches!(
+            etype,
+            EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName
+        ) {
+            return Ok(());
+        }
+        if is_subd(&path) {
+            self.stats.dropped += 1;
+            return Ok(());
+        }
+        let m = EntryMeta::read(&mut entry, &raw_path)?;
+        match etype {
+            EntryType::Directory => self.add(path, Inode::dir(m.mode, m.uid, m.gid)),
+            EntryType::Regular | EntryType::Continuous => {
+                let hash = self.content(&mut entry, &path, m.size, sink)?;
+                self.add(
+                    path,
+                    Inode::file(m.mode, m.uid, m.gid, m.mtime, m.size, hash),
+                )
+            }
+            EntryType::Symlink => {
+                let target = m
+                    .link
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| entry_err(&raw_path, "symlink without a target".to_string()))?;
+                self.add(path, Inode::symlink(m.uid, m.gid, target))
+            }
+            EntryType::Link => self.link_entry(path, &raw_path, m.link),
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                let kind = match etype {
+                    EntryType::Char => Kind::Char,
+                    EntryType::Block => Kind::Block,
+                    _ => Kind::Fifo,
+                };
+                let mut ino = Inode::new(kind, m.mode, m.uid, m.gid);
+                ino.mtime = m.mtime;
+                if kind != Kind::Fifo {
+                    ino.rdev = libc::makedev(m.major, m.minor);
+                }
+                self.add(path, ino.normalized())
+            }
+            other => Err(entry_err(
+                &raw_path,
+                format!("unsupported entry type {:?}", other.as_byte() as char),
+            )),
+        }
+    }
+
+    /// Hands a regular file's content to `sink` (none for an empty file); content shorter
+    /// than the header says is a truncated archive.
+    fn content(
+        &mut self,
+        entry: &mut dyn Read,
+        path: &FsPath,
+        size: u64,
+        sink: &mut dyn ContentSink,
+    ) -> Result<Option<ObjectId>, TarError> {
+        if size == 0 {
+            return Ok(None);
+        }
+        let mut counting = Counting { inner: entry, n: 0 };
+        let id = sink.file(path, size, &mut counting).map_err(|e| {
+            if counting.n < size {
+                classify_io(e)
+            } else {
+                TarError::Sink(e)
+            }
+        })?;
+        if counting.n != size {
+            return Err(TarError::Truncated(format!(
+                "{}: {} of {size} bytes present",
+                path.display(),
+                counting.n
+            )));
+        }
+        self.stats.files += 1;
+        self.stats.bytes += size;
+        Ok(Some(id))
+    }
+
+    /// Adds a hardlink entry: its target must be a path earlier in the archive, outside
+    /// `/.subd`.
+    fn link_entry(
+        &mut self,
+        path: FsPath,
+        raw_path: &[u8],
+        link: Option<Vec<u8>>,
+    ) -> Result<(), TarError> {
+        let target = link.ok_or_else(|| entry_err(raw_path, "hardlink without a target"))?;
+        let target = FsPath::from_relative(&target)
+            .map_err(|e| entry_err(raw_path, format!("hardlink target: {}", e.reason)))?;
+        if is_subd(&target) {
+            return Err(entry_err(
+                raw_path,
+                "hardlink into /.subd, which is never part of an image",
+            ));
+        }
+        self.hardlink(path, target)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn pax_ids_are_classified() {
+        assert_eq!(pax_id("uid", b"1000"), Ok(1000));
+        for bad in [&b""[..], b"-1", b" 7", b"1.0", b"\xff"] {
+            assert!(
+                matches!(
+                    pax_id("uid", bad),
+                    Err(PaxIdError::NotDecimal { which: "uid", .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            pax_id("gid", b"18446744073709551616"),
+            Err(PaxIdError::TooWide {
+                which: "gid",
+                value: "18446744073709551616".into()
+            })
+        );
+        // The value is shown escaped: a hostile header cannot reach the terminal.
+        let e = pax_id("uid", b"\x1b[2J").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"pax uid "\\x1b[2J" is not a decimal number"#
+        );
+    }
 
     /// Builds a tar in memory; `f` adds entries.
     fn tar_with(f: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {

@@ -21,8 +21,11 @@ pub enum MdbError {
     Json(String),
     #[error("the MDB must be a JSON array of machines, found {0}")]
     NotArray(&'static str),
-    #[error("{entry}: {message}")]
-    Entry { entry: String, message: String },
+    #[error("{entry}: {problem}")]
+    Entry {
+        entry: String,
+        problem: MachineError,
+    },
     #[error("duplicate Hostname {host:?}: {first} and {second}")]
     Duplicate {
         host: String,
@@ -30,6 +33,42 @@ pub enum MdbError {
         second: String,
     },
 }
+
+/// Why one machine record is refused (the message names the field).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MachineError {
+    #[error("must be an object, found {0}")]
+    NotAnObject(&'static str),
+    #[error("{key} must be a string, found {found}")]
+    NotAString { key: String, found: &'static str },
+    #[error("DisableUpdates must be true or false, found {0}")]
+    NotABoolean(&'static str),
+    #[error("Tags must be an object, found {0}")]
+    TagsNotAnObject(&'static str),
+    #[error("Hostname is empty")]
+    EmptyHostname,
+    /// `Hostname` or `IpAddress` is not an address.
+    #[error("{field}: {source}")]
+    Address {
+        field: &'static str,
+        source: BadAddress,
+    },
+    /// `RequiredImage` or `PlannedImage` is not an image name.
+    #[error("{field}: {source}")]
+    ImageName {
+        field: &'static str,
+        source: model::image::BadImageName,
+    },
+    /// A tag name or value `mdb list` and the dominator would show with a control or
+    /// format character in it.
+    #[error("{what} {value:?} contains a control or format character")]
+    HiddenCharacter { what: String, value: String },
+}
+
+/// A port that is not a number from 1 to 65535.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("port {0:?} is not a number from 1 to 65535")]
+pub struct BadPort(pub String);
 
 /// One machine record.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -81,25 +120,26 @@ impl Machine {
     }
 
     /// Checks the fields that must be well formed (host names, ports, image names).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), MachineError> {
+        let address = |field| move |source| MachineError::Address { field, source };
         if !self.hostname.is_empty() {
-            check_address(&self.hostname).map_err(|e| format!("Hostname: {e}"))?;
+            check_address(&self.hostname).map_err(address("Hostname"))?;
         }
         if let Some(ip) = &self.ip_address {
             if !ip.is_empty() {
-                check_address(ip).map_err(|e| format!("IpAddress: {e}"))?;
+                check_address(ip).map_err(address("IpAddress"))?;
             }
         }
         for (k, v) in &self.tags {
             check_text("tag", k)?;
             check_text(&format!("tag {k:?} value"), v)?;
         }
-        for (key, v) in [
+        for (field, v) in [
             ("RequiredImage", &self.required_image),
             ("PlannedImage", &self.planned_image),
         ] {
             if !v.is_empty() {
-                ImageName::parse(v).map_err(|e| format!("{key}: {e}"))?;
+                ImageName::parse(v).map_err(|source| MachineError::ImageName { field, source })?;
             }
         }
         Ok(())
@@ -154,7 +194,9 @@ impl Address {
                 .map_err(|_| bad("the part in `[…]` is not an IPv6 address"))?;
             let port = match after {
                 "" => None,
-                p if p.starts_with(':') => Some(parse_port(&p[1..]).map_err(|r| bad(&r))?),
+                p if p.starts_with(':') => {
+                    Some(parse_port(&p[1..]).map_err(|r| bad(&r.to_string()))?)
+                }
                 _ => return Err(bad("junk after `]`")),
             };
             return Ok(Address {
@@ -185,7 +227,7 @@ impl Address {
             Err(_) => Host::Name(check_host_name(host).map_err(bad)?.to_string()),
         };
         let port = port
-            .map(|p| parse_port(p).map_err(|r| bad(&r)))
+            .map(|p| parse_port(p).map_err(|r| bad(&r.to_string())))
             .transpose()?;
         Ok(Address { host, port })
     }
@@ -201,10 +243,10 @@ impl Address {
     }
 }
 
-fn parse_port(p: &str) -> Result<u16, String> {
+fn parse_port(p: &str) -> Result<u16, BadPort> {
     match p.parse::<u16>() {
         Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
-        _ => Err(format!("port {p:?} is not a number from 1 to 65535")),
+        _ => Err(BadPort(p.to_string())),
     }
 }
 
@@ -246,11 +288,12 @@ pub fn check_address(addr: &str) -> Result<(), BadAddress> {
 
 /// Refuses control and format characters (escape sequences, bidi overrides) in free text
 /// the dominator and `mdb list` show.
-fn check_text(what: &str, v: &str) -> Result<(), String> {
+fn check_text(what: &str, v: &str) -> Result<(), MachineError> {
     if v.chars().any(model::image::is_hidden_char) {
-        return Err(format!(
-            "{what} {v:?} contains a control or format character"
-        ));
+        return Err(MachineError::HiddenCharacter {
+            what: what.to_string(),
+            value: v.to_string(),
+        });
     }
     Ok(())
 }
@@ -272,13 +315,13 @@ impl Mdb {
         };
         let mut entries = Vec::with_capacity(items.len());
         for (i, item) in items.into_iter().enumerate() {
-            let m = machine_from_value(item).map_err(|message| MdbError::Entry {
+            let m = machine_from_value(item).map_err(|problem| MdbError::Entry {
                 entry: entry_label(i, None),
-                message,
+                problem,
             })?;
-            m.validate().map_err(|message| MdbError::Entry {
+            m.validate().map_err(|problem| MdbError::Entry {
                 entry: entry_label(i, Some(&m.hostname)),
-                message,
+                problem,
             })?;
             entries.push(m);
         }
@@ -335,12 +378,12 @@ impl Mdb {
         if m.hostname.is_empty() {
             return Err(MdbError::Entry {
                 entry: "new entry".into(),
-                message: "Hostname is empty".into(),
+                problem: MachineError::EmptyHostname,
             });
         }
-        m.validate().map_err(|message| MdbError::Entry {
+        m.validate().map_err(|problem| MdbError::Entry {
             entry: format!("machine {:?}", m.hostname),
-            message,
+            problem,
         })?;
         self.entries.push(m);
         self.check_duplicates().inspect_err(|_| {
@@ -383,18 +426,21 @@ fn kind_of(v: &Value) -> &'static str {
     }
 }
 
-fn want_string(key: &str, v: Value) -> Result<String, String> {
+fn want_string(key: &str, v: Value) -> Result<String, MachineError> {
     match v {
         Value::String(s) => Ok(s),
         Value::Null => Ok(String::new()),
-        other => Err(format!("{key} must be a string, found {}", kind_of(&other))),
+        other => Err(MachineError::NotAString {
+            key: key.to_string(),
+            found: kind_of(&other),
+        }),
     }
 }
 
-fn machine_from_value(v: Value) -> Result<Machine, String> {
+fn machine_from_value(v: Value) -> Result<Machine, MachineError> {
     let obj = match v {
         Value::Object(o) => o,
-        other => return Err(format!("must be an object, found {}", kind_of(&other))),
+        other => return Err(MachineError::NotAnObject(kind_of(&other))),
     };
     let mut m = Machine::default();
     for (key, value) in obj {
@@ -410,12 +456,7 @@ fn machine_from_value(v: Value) -> Result<Machine, String> {
                 m.disable_updates = match value {
                     Value::Bool(b) => b,
                     Value::Null => false,
-                    other => {
-                        return Err(format!(
-                            "DisableUpdates must be true or false, found {}",
-                            kind_of(&other)
-                        ))
-                    }
+                    other => return Err(MachineError::NotABoolean(kind_of(&other))),
                 }
             }
             "tags" => match value {
@@ -426,7 +467,7 @@ fn machine_from_value(v: Value) -> Result<Machine, String> {
                         m.tags.insert(k, s);
                     }
                 }
-                other => return Err(format!("Tags must be an object, found {}", kind_of(&other))),
+                other => return Err(MachineError::TagsNotAnObject(kind_of(&other))),
             },
             _ => {
                 m.extra.insert(key, value);
@@ -493,6 +534,62 @@ mod tests {
         for no in ["false", "False", "0", "no", "OFF", " false "] {
             assert!(!with(Some(no)), "{no:?} keeps the check");
         }
+    }
+
+    #[test]
+    fn machine_errors_are_classified() {
+        let problem = |text: &str| match Mdb::parse(text) {
+            Err(MdbError::Entry { problem, .. }) => problem,
+            other => panic!("{text}: {other:?}"),
+        };
+        assert_eq!(problem("[1]"), MachineError::NotAnObject("a number"));
+        assert_eq!(
+            problem(r#"[{"Hostname": 7}]"#),
+            MachineError::NotAString {
+                key: "Hostname".into(),
+                found: "a number"
+            }
+        );
+        assert_eq!(
+            problem(r#"[{"Hostname": "a", "DisableUpdates": "yes"}]"#),
+            MachineError::NotABoolean("a string")
+        );
+        assert_eq!(
+            problem(r#"[{"Hostname": "a", "Tags": []}]"#),
+            MachineError::TagsNotAnObject("an array")
+        );
+        assert!(matches!(
+            problem(r#"[{"Hostname": "a:0"}]"#),
+            MachineError::Address { field: "Hostname", source } if source.reason == BadPort("0".into()).to_string()
+        ));
+        assert!(matches!(
+            problem(r#"[{"Hostname": "a", "IpAddress": "http://x"}]"#),
+            MachineError::Address {
+                field: "IpAddress",
+                ..
+            }
+        ));
+        assert!(matches!(
+            problem(r#"[{"Hostname": "a", "PlannedImage": "x/../y"}]"#),
+            MachineError::ImageName {
+                field: "PlannedImage",
+                ..
+            }
+        ));
+        assert!(matches!(
+            problem("[{\"Hostname\": \"a\", \"Tags\": {\"k\": \"\\u001b[2J\"}}]"),
+            MachineError::HiddenCharacter { .. }
+        ));
+        let mut mdb = Mdb::default();
+        assert!(matches!(
+            mdb.add(Machine::default()),
+            Err(MdbError::Entry {
+                problem: MachineError::EmptyHostname,
+                ..
+            })
+        ));
+        assert_eq!(parse_port("65536"), Err(BadPort("65536".into())));
+        assert_eq!(parse_port("443"), Ok(443));
     }
 
     /// Parses `text`; returns `Ok(summary)` of the managed machines or the error text.

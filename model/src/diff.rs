@@ -87,35 +87,82 @@ fn mtime_only(have: &Inode, want: &Inode) -> bool {
         && have.mtime != want.mtime
 }
 
-/// Computes the plan that makes `machine` match `image`.
+/// Computes the plan that makes `machine` match `image`: directories, then one keeper or a
+/// new inode per image inode, then where new objects come from, then deletions (full
+/// images), then the safety check.
 pub fn diff(
     image_name: &str,
     image: &Image,
     machine: &Machine<'_>,
     opts: &DiffOptions,
 ) -> UpdatePlan {
-    let filter = image.filter.as_ref();
-    let full = filter.is_some();
-    let hidden =
-        |p: &FsPath| is_protected(p, machine.exclusions) || filter.is_some_and(|f| f.matches(p));
-    let want = prune(&image.tree, hidden);
-    let have = prune(machine.tree, hidden);
-    let all = machine.tree;
-
+    let sides = Sides::new(image, machine);
     let mut plan = UpdatePlan {
         image_name: image_name.to_string(),
-        sparse: !full,
+        sparse: !sides.full,
         triggers: image.triggers.clone(),
         ..UpdatePlan::default()
     };
+    plan_dirs(&sides, &mut plan);
+    let kept = plan_inodes(&sides, &mut plan);
+    plan_objects(&sides, machine.object_cache, &kept, &mut plan);
+    if sides.full {
+        let deleted = plan_deletions(&sides, machine.hidden_parents, &mut plan);
+        if !opts.allow_unsafe {
+            plan.unsafe_reason = safety_check(&sides, deleted);
+        }
+    }
+    plan
+}
 
-    // Directories: compared by metadata; anything else in the way is replaced.
-    for (p, ino) in &want.entries {
-        let wi = &want.inodes[ino];
+/// The two trees a diff compares, without the paths it never touches, and the whole
+/// polled tree (filtered paths included: they count as links that survive the update).
+struct Sides<'a> {
+    want: FileTree,
+    have: FileTree,
+    all: &'a FileTree,
+    /// Every machine inode's names, over the whole polled tree.
+    all_links: BTreeMap<u64, Vec<FsPath>>,
+    /// A full image (it has a filter): deletes what it lacks.
+    full: bool,
+}
+
+impl<'a> Sides<'a> {
+    /// Prunes both trees of what the image's filter and the machine's exclusions hide.
+    fn new(image: &Image, machine: &Machine<'a>) -> Sides<'a> {
+        let filter = image.filter.as_ref();
+        let hidden = |p: &FsPath| {
+            is_protected(p, machine.exclusions) || filter.is_some_and(|f| f.matches(p))
+        };
+        Sides {
+            want: prune(&image.tree, hidden),
+            have: prune(machine.tree, hidden),
+            all: machine.tree,
+            all_links: machine.tree.links(),
+            full: filter.is_some(),
+        }
+    }
+
+    /// True for a managed machine path the (full) image lacks.
+    fn deleted(&self, q: &FsPath) -> bool {
+        self.full && self.have.entries.contains_key(q) && !self.want.entries.contains_key(q)
+    }
+}
+
+/// What the inode phase decided: the machine inodes kept, and the inodes made anew.
+struct Kept {
+    claimed: HashSet<u64>,
+    made: Vec<(FsPath, Inode)>,
+}
+
+/// Directories: compared by metadata; anything else in the way is replaced.
+fn plan_dirs(s: &Sides<'_>, plan: &mut UpdatePlan) {
+    for (p, ino) in &s.want.entries {
+        let wi = &s.want.inodes[ino];
         if wi.kind != Kind::Dir {
             continue;
         }
-        match have.get(p) {
+        match s.have.get(p) {
             Some(hi) if hi.kind == Kind::Dir => {
                 if !hi.same_metadata(wi) {
                     plan.inodes_to_change.push(MetadataChange {
@@ -131,50 +178,30 @@ pub fn diff(
             }),
         }
     }
+}
 
-    // Every machine inode's names, over the whole polled tree (filtered paths included:
-    // they count as links that survive the update).
-    let all_links = all.links();
-    let deleted =
-        |q: &FsPath| full && have.entries.contains_key(q) && !want.entries.contains_key(q);
-
-    // Non-directory inodes: one keeper per image inode, or a new inode.
-    let want_links = want.links();
+/// Non-directory inodes: one keeper per image inode (at most a metadata change), or a new
+/// inode; every other name of the image inode becomes a hardlink to it.
+fn plan_inodes(s: &Sides<'_>, plan: &mut UpdatePlan) -> Kept {
+    let want_links = s.want.links();
     let mut order: Vec<(&FsPath, u64)> = want_links
         .iter()
-        .filter(|(ino, _)| want.inodes[ino].kind != Kind::Dir)
+        .filter(|(ino, _)| s.want.inodes[ino].kind != Kind::Dir)
         .map(|(ino, paths)| (&paths[0], *ino))
         .collect();
     order.sort();
-    let mut claimed: HashSet<u64> = HashSet::new();
-    let mut made: Vec<(FsPath, Inode)> = Vec::new();
+    let mut kept = Kept {
+        claimed: HashSet::new(),
+        made: Vec::new(),
+    };
     for (_, wino) in order {
-        let wi = &want.inodes[&wino];
+        let wi = &s.want.inodes[&wino];
         let paths = &want_links[&wino];
-        let path_set: BTreeSet<&FsPath> = paths.iter().collect();
-        let mut keeper: Option<(&FsPath, u64)> = None;
-        for p in paths {
-            let Some(&hino) = have.entries.get(p) else {
-                continue;
-            };
-            let hi = &have.inodes[&hino];
-            if claimed.contains(&hino) || !hi.same_data(wi) {
-                continue;
-            }
-            // A metadata change must not reach a name that outlives the update.
-            let keepable = hi.same_metadata(wi)
-                || all_links[&hino]
-                    .iter()
-                    .all(|q| path_set.contains(q) || want.entries.contains_key(q) || deleted(q));
-            if keepable {
-                keeper = Some((p, hino));
-                break;
-            }
-        }
+        let keeper = find_keeper(s, wi, paths, &kept.claimed);
         let target = match keeper {
             Some((kp, hino)) => {
-                claimed.insert(hino);
-                let hi = &have.inodes[&hino];
+                kept.claimed.insert(hino);
+                let hi = &s.have.inodes[&hino];
                 if !hi.same_metadata(wi) {
                     plan.inodes_to_change.push(MetadataChange {
                         path: kp.clone(),
@@ -189,7 +216,7 @@ pub fn diff(
                     path: paths[0].clone(),
                     inode: wi.clone(),
                 });
-                made.push((paths[0].clone(), wi.clone()));
+                kept.made.push((paths[0].clone(), wi.clone()));
                 paths[0].clone()
             }
         };
@@ -198,7 +225,7 @@ pub fn diff(
             if *p == target {
                 continue;
             }
-            if keeper_ino.is_some() && have.entries.get(p).copied() == keeper_ino {
+            if keeper_ino.is_some() && s.have.entries.get(p).copied() == keeper_ino {
                 continue;
             }
             plan.hardlinks_to_make.push(Hardlink {
@@ -207,30 +234,67 @@ pub fn diff(
             });
         }
     }
+    kept
+}
 
-    // Objects for new inodes: the cache, else an identical file on the machine, else fetch.
+/// The first unclaimed machine inode at one of `paths` holding `wi`'s data whose metadata
+/// may change without reaching a name that outlives the update.
+fn find_keeper<'p>(
+    s: &Sides<'_>,
+    wi: &Inode,
+    paths: &'p [FsPath],
+    claimed: &HashSet<u64>,
+) -> Option<(&'p FsPath, u64)> {
+    let path_set: BTreeSet<&FsPath> = paths.iter().collect();
+    for p in paths {
+        let Some(&hino) = s.have.entries.get(p) else {
+            continue;
+        };
+        let hi = &s.have.inodes[&hino];
+        if claimed.contains(&hino) || !hi.same_data(wi) {
+            continue;
+        }
+        // A metadata change must not reach a name that outlives the update.
+        let keepable = hi.same_metadata(wi)
+            || s.all_links[&hino]
+                .iter()
+                .all(|q| path_set.contains(q) || s.want.entries.contains_key(q) || s.deleted(q));
+        if keepable {
+            return Some((p, hino));
+        }
+    }
+    None
+}
+
+/// Objects for new inodes: the cache, else an identical file on the machine, else fetch.
+fn plan_objects(
+    s: &Sides<'_>,
+    object_cache: &BTreeSet<ObjectId>,
+    kept: &Kept,
+    plan: &mut UpdatePlan,
+) {
     let mut by_hash: HashMap<ObjectId, u64> = HashMap::new();
-    for (ino, i) in &all.inodes {
+    for (ino, i) in &s.all.inodes {
         if let (Kind::File, Some(h)) = (i.kind, i.hash) {
             by_hash.entry(h).or_insert(*ino);
         }
     }
     let mut arranged: BTreeSet<ObjectId> = BTreeSet::new();
     let mut fetch: BTreeMap<ObjectId, u64> = BTreeMap::new();
-    for (_, i) in &made {
+    for (_, i) in &kept.made {
         let (Kind::File, Some(h)) = (i.kind, i.hash) else {
             continue;
         };
-        if machine.object_cache.contains(&h) || !arranged.insert(h) {
+        if object_cache.contains(&h) || !arranged.insert(h) {
             continue;
         }
         match by_hash.get(&h) {
             Some(hino) => {
-                let names = &all_links[hino];
-                let may_link = !claimed.contains(hino)
+                let names = &s.all_links[hino];
+                let may_link = !kept.claimed.contains(hino)
                     && names
                         .iter()
-                        .all(|q| want.entries.contains_key(q) || deleted(q));
+                        .all(|q| s.want.entries.contains_key(q) || s.deleted(q));
                 plan.files_to_copy_to_cache.push(CopyToCache {
                     path: names[0].clone(),
                     hash: h,
@@ -244,79 +308,87 @@ pub fn diff(
     }
     plan.fetch_bytes = fetch.values().sum();
     plan.objects_to_fetch = fetch.into_keys().collect();
+}
 
-    // Deletions (full images only): the top of each subtree the image lacks. A directory
-    // holding filtered or excluded names is kept and only its managed contents go.
+/// Deletions (full images only): the top of each subtree the image lacks. A directory
+/// holding filtered or excluded names is kept and only its managed contents go. Returns
+/// how many managed machine paths go, subtrees counted whole.
+fn plan_deletions(s: &Sides<'_>, hidden_parents: &[FsPath], plan: &mut UpdatePlan) -> usize {
+    let holds_hidden = dirs_holding_hidden(s, hidden_parents);
     let mut deleted_count = 0usize;
-    if full {
-        // Directories holding names the filter or exclusions hide, here or on the machine
-        // (where the scan never reported them), and their ancestors.
-        let mut holds_hidden: HashSet<FsPath> = HashSet::new();
-        let mut keep = |mut a: Option<FsPath>| {
-            while let Some(d) = a {
-                if !holds_hidden.insert(d.clone()) {
-                    break;
-                }
-                a = d.parent();
-            }
-        };
-        for p in all.entries.keys() {
-            if !have.entries.contains_key(p) {
-                keep(p.parent());
-            }
-        }
-        for d in machine.hidden_parents {
-            keep(Some(d.clone()));
-        }
-        let mut skip: Option<FsPath> = None;
-        for (p, hino) in &have.entries {
-            if let Some(s) = &skip {
-                if p.starts_with(s) {
-                    if !want.entries.contains_key(p) {
-                        deleted_count += 1;
-                    }
-                    continue;
-                }
-            }
-            match want.get(p) {
-                Some(wi) => {
-                    // A directory replaced by a non-directory takes its subtree with it.
-                    if have.inodes[hino].kind == Kind::Dir && wi.kind != Kind::Dir {
-                        skip = Some(p.clone());
-                    }
-                }
-                None => {
-                    if have.inodes[hino].kind == Kind::Dir && holds_hidden.contains(p) {
-                        continue;
-                    }
+    let mut skip: Option<FsPath> = None;
+    for (p, hino) in &s.have.entries {
+        if let Some(sk) = &skip {
+            if p.starts_with(sk) {
+                if !s.want.entries.contains_key(p) {
                     deleted_count += 1;
-                    plan.paths_to_delete.push(p.clone());
+                }
+                continue;
+            }
+        }
+        match s.want.get(p) {
+            Some(wi) => {
+                // A directory replaced by a non-directory takes its subtree with it.
+                if s.have.inodes[hino].kind == Kind::Dir && wi.kind != Kind::Dir {
                     skip = Some(p.clone());
                 }
             }
+            None => {
+                if s.have.inodes[hino].kind == Kind::Dir && holds_hidden.contains(p) {
+                    continue;
+                }
+                deleted_count += 1;
+                plan.paths_to_delete.push(p.clone());
+                skip = Some(p.clone());
+            }
         }
     }
+    deleted_count
+}
 
-    // The safety check.
-    if full && !opts.allow_unsafe {
-        let have_inodes: HashSet<u64> = have.entries.values().copied().collect();
-        let want_inodes: HashSet<u64> = want.entries.values().copied().collect();
-        plan.unsafe_reason = if deleted_count * 2 > have.len() {
-            Some(format!(
-                "would delete {deleted_count} of the machine's {} paths (more than half)",
-                have.len()
-            ))
-        } else if want_inodes.len() * 2 < have_inodes.len() {
-            Some(format!(
-                "image has {} inodes, fewer than half the machine's {}",
-                want_inodes.len(),
-                have_inodes.len()
-            ))
-        } else {
-            None
-        };
+/// Directories holding names the filter or exclusions hide, here or on the machine (where
+/// the scan never reported them), and their ancestors.
+fn dirs_holding_hidden(s: &Sides<'_>, hidden_parents: &[FsPath]) -> HashSet<FsPath> {
+    let mut holds_hidden: HashSet<FsPath> = HashSet::new();
+    let mut keep = |mut a: Option<FsPath>| {
+        while let Some(d) = a {
+            if !holds_hidden.insert(d.clone()) {
+                break;
+            }
+            a = d.parent();
+        }
+    };
+    for p in s.all.entries.keys() {
+        if !s.have.entries.contains_key(p) {
+            keep(p.parent());
+        }
     }
-    plan
+    for d in hidden_parents {
+        keep(Some(d.clone()));
+    }
+    holds_hidden
+}
+
+/// Why a full update is refused as unsafe: it deletes more than half of the machine, or
+/// the image has fewer than half as many inodes.
+fn safety_check(s: &Sides<'_>, deleted_count: usize) -> Option<String> {
+    let (want, have) = (&s.want, &s.have);
+    let have_inodes: HashSet<u64> = have.entries.values().copied().collect();
+    let want_inodes: HashSet<u64> = want.entries.values().copied().collect();
+    if deleted_count * 2 > have.len() {
+        Some(format!(
+            "would delete {deleted_count} of the machine's {} paths (more than half)",
+            have.len()
+        ))
+    } else if want_inodes.len() * 2 < have_inodes.len() {
+        Some(format!(
+            "image has {} inodes, fewer than half the machine's {}",
+            want_inodes.len(),
+            have_inodes.len()
+        ))
+    } else {
+        None
+    }
 }
 
 /// How many new inodes each object of the plan feeds (an object renamed into place is

@@ -77,12 +77,17 @@ impl FetchError {
     }
 }
 
+/// A reply body that broke off while it was being received.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+struct TransferError(#[from] reqwest::Error);
+
 /// Reads the chunks of a reply as they arrive (blocking side of the channel).
 struct ChunkReader {
-    rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, String>>,
+    rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, TransferError>>,
     cur: bytes::Bytes,
     /// A transfer error received while filling a buffer, for the next read.
-    failed: Option<String>,
+    failed: Option<TransferError>,
 }
 
 impl Read for ChunkReader {
@@ -282,7 +287,7 @@ async fn fetch_batch(
     });
     let mut body = resp.bytes_stream();
     while let Some(chunk) = body.next().await {
-        let item = chunk.map_err(|e| e.to_string());
+        let item = chunk.map_err(TransferError::from);
         let failed = item.is_err();
         let len = item.as_ref().map_or(0, |b| b.len() as u64);
         if tx.send(item).await.is_err() || failed {
@@ -429,6 +434,51 @@ mod tests {
             v.extend_from_slice(data);
         }
         v
+    }
+
+    /// A reply cut off mid-body reaches the frame reader as a broken connection carrying
+    /// the client's error, after the bytes that did arrive.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_body_cut_short_is_a_transfer_error() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut req = [0u8; 4096];
+            let _ = s.read(&mut req).await;
+            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789";
+            s.write_all(reply).await.unwrap();
+            // Dropped here: the body ends 90 bytes short.
+        });
+        let resp = reqwest::get(format!("http://{addr}/")).await.unwrap();
+        let mut body = resp.bytes_stream();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        while let Some(chunk) = body.next().await {
+            let item = chunk.map_err(TransferError::from);
+            let failed = item.is_err();
+            tx.send(item).await.unwrap();
+            if failed {
+                break;
+            }
+        }
+        drop(tx);
+        let (got, e) = tokio::task::spawn_blocking(move || {
+            let mut r = ChunkReader {
+                rx,
+                cur: bytes::Bytes::new(),
+                failed: None,
+            };
+            let mut got = Vec::new();
+            let e = r.read_to_end(&mut got).unwrap_err();
+            (got, e)
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, b"0123456789");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted);
+        let t = e.get_ref().and_then(|i| i.downcast_ref::<TransferError>());
+        assert!(t.is_some_and(|t| t.0.is_body() || t.0.is_decode()), "{e:?}");
     }
 
     #[test]

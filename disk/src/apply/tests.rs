@@ -778,3 +778,157 @@ proptest! {
         prop_assert!(again.is_empty(), "first {plan:#}\nsecond {again:#}");
     }
 }
+
+/// Applies `plan` to the fixture, returning the result and each failure typed.
+fn apply_typed(f: &Fixture, plan: &UpdatePlan) -> (UpdateResult, Vec<ApplyError>) {
+    update(&f.root, &f.sd, plan, &ApplyOptions::default()).finish()
+}
+
+#[test]
+fn failures_are_typed_by_step_path_call_and_errno() {
+    let f = fixture();
+    std::fs::write(f.root.join("file"), b"").unwrap();
+    let plan = UpdatePlan {
+        image_name: "x".into(),
+        sparse: true,
+        dirs_to_make: vec![PathInode {
+            path: p("/file/d"),
+            inode: Inode::dir(0o755, 0, 0),
+        }],
+        inodes_to_make: vec![PathInode {
+            path: p("/missing/f"),
+            inode: Inode::file(0o644, 0, 0, M, 0, None),
+        }],
+        hardlinks_to_make: vec![Hardlink {
+            path: p("/l"),
+            target: p("/nope"),
+        }],
+        paths_to_delete: vec![p("/.subd/x")],
+        ..UpdatePlan::default()
+    };
+    let (r, failures) = apply_typed(&f, &plan);
+    assert_eq!(r.errors.len(), failures.len());
+    let by_step = |s: Step| {
+        failures
+            .iter()
+            .find(|e| e.step_of() == Some(s))
+            .unwrap_or_else(|| panic!("no {s:?} failure in {failures:?}"))
+    };
+
+    // A missing parent: the walk to it fails with ENOENT, naming the directory.
+    let install = by_step(Step::Install);
+    assert_eq!(install.path(), Some(&p("/missing/f")));
+    assert_eq!(install.op(), Some(Op::Open));
+    assert_eq!(install.errno(), Some(Errno::NOENT));
+    let ApplyError::Step { cause, .. } = install else {
+        unreachable!()
+    };
+    assert_eq!(cause.path(), Some(&p("/missing")));
+    assert_eq!(
+        install.to_string(),
+        format!(
+            "install /missing/f: /missing: {}",
+            io::Error::from(Errno::NOENT)
+        )
+    );
+
+    // A parent that is a file: refused by rule, not by a call.
+    let mkdir = by_step(Step::Mkdir);
+    assert!(
+        matches!(mkdir, ApplyError::Step { cause: Cause::NotADirectory(d), .. } if *d == p("/file")),
+        "{mkdir:?}"
+    );
+    assert_eq!((mkdir.op(), mkdir.errno()), (None, None));
+    assert_eq!(
+        mkdir.to_string(),
+        "mkdir /file/d: /file: a component is a symlink or not a directory"
+    );
+
+    // A link to a missing target: link(2) with ENOENT, on the target.
+    let link = by_step(Step::Hardlink);
+    assert_eq!(link.path(), Some(&p("/l")));
+    assert_eq!(
+        (link.op(), link.errno()),
+        (Some(Op::Link), Some(Errno::NOENT))
+    );
+    assert!(
+        link.to_string()
+            .starts_with("hardlink /l: link from /nope: "),
+        "{link}"
+    );
+
+    // A protected path: refused before anything runs.
+    assert!(
+        failures
+            .iter()
+            .any(|e| matches!(e, ApplyError::Refused(q) if *q == p("/.subd/x"))),
+        "{failures:?}"
+    );
+    assert!(r
+        .errors
+        .contains(&"refused: /.subd/x: the root, under /.subd, or excluded".to_string()));
+}
+
+#[test]
+fn an_object_missing_from_the_cache_is_typed_as_such() {
+    let f = fixture();
+    let h = ObjectId::of(b"absent");
+    let plan = UpdatePlan {
+        sparse: true,
+        inodes_to_make: vec![PathInode {
+            path: p("/f"),
+            inode: Inode::file(0o644, 0, 0, M, 6, Some(h)),
+        }],
+        ..UpdatePlan::default()
+    };
+    let (_, failures) = apply_typed(&f, &plan);
+    assert!(
+        matches!(
+            &failures[..],
+            [ApplyError::Step { step: Step::Stage, cause: Cause::NotInCache(x), .. }] if *x == h
+        ),
+        "{failures:?}"
+    );
+}
+
+#[test]
+fn read_only_parent_is_typed_eacces() {
+    if is_root() {
+        return; // root writes into a read-only directory
+    }
+    let f = fixture();
+    std::fs::create_dir(f.root.join("ro")).unwrap();
+    std::fs::set_permissions(f.root.join("ro"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    let plan = UpdatePlan {
+        sparse: true,
+        dirs_to_make: vec![PathInode {
+            path: p("/ro/d"),
+            inode: Inode::dir(0o755, rustix::process::geteuid().as_raw(), 0),
+        }],
+        ..UpdatePlan::default()
+    };
+    let (_, failures) = apply_typed(&f, &plan);
+    let e = &failures[0];
+    assert_eq!(e.step_of(), Some(Step::Mkdir));
+    assert_eq!((e.op(), e.errno()), (Some(Op::Mkdir), Some(Errno::ACCESS)));
+}
+
+#[test]
+fn command_failures_are_typed() {
+    let sh = |script: &str| vec!["/bin/sh".to_string(), "-c".into(), script.into()];
+    let t = Duration::from_secs(10);
+    assert!(matches!(run_command(&[], &[], t), Err(CommandError::Empty)));
+    let e = run_command(&["/nonexistent/cmd".into()], &[], t).unwrap_err();
+    assert!(
+        matches!(&e, CommandError::Spawn { source, .. } if source.kind() == io::ErrorKind::NotFound),
+        "{e:?}"
+    );
+    let e = run_command(&sh("echo no such thing >&2; exit 3"), &[], t).unwrap_err();
+    assert!(
+        matches!(&e, CommandError::Failed { status, output } if status.code() == Some(3) && output == "no such thing"),
+        "{e:?}"
+    );
+    assert_eq!(e.to_string(), "exit status: 3 (no such thing)");
+    let e = run_command(&sh("sleep 30"), &[], Duration::from_millis(100)).unwrap_err();
+    assert!(matches!(e, CommandError::TimedOut { .. }), "{e:?}");
+}
