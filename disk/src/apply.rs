@@ -803,9 +803,7 @@ pub fn resume_pending_starts(
 }
 
 fn finish(mut run: Run<'_>) -> UpdateResult {
-    run.result.finished_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    run.result.finished_at = crate::clock::unix_now();
     run.result
 }
 

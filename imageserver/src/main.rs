@@ -38,13 +38,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    disk::report::init_logging("info");
     let args = Args::parse();
     let security = args.tls.server_security("imageserver")?;
     let data_dir = args.data_dir.clone();
@@ -59,16 +53,8 @@ async fn run() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, data_dir = %args.data_dir.display(), "imageserver listening");
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
-        tracing::info!("shutting down");
-    };
-    imageserver::serve(listener, state, shutdown).await?;
+    let addr = wire::program::announce_listening("imageserver", &listener)?;
+    tracing::info!(%addr, data_dir = %args.data_dir.display(), "imageserver listening");
+    imageserver::serve(listener, state, wire::program::shutdown_signal()).await?;
     Ok(())
 }
