@@ -57,6 +57,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             herd.concurrency = d.concurrency;
             herd.full_poll_concurrency = d.full_poll_concurrency;
             herd.poll_interval = std::time::Duration::from_millis(d.poll_interval_ms);
+            let shutdown = wire::program::shutdown_signal();
             let listener = tokio::net::TcpListener::bind(&d.listen)
                 .await
                 .with_context(|| format!("listening on {}", d.listen))?;
@@ -68,7 +69,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 disable_updates_at_startup: d.disable_updates_at_startup,
                 connection_limits: d.connections.limits(),
             };
-            dominator::serve(listener, config, wire::program::shutdown_signal()).await?;
+            dominator::serve(listener, config, shutdown).await?;
         }
         Some(Command::Plan { host, fleet }) => {
             let plans = commands::plan(&fleet, host.as_deref()).await?;

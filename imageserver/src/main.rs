@@ -50,11 +50,12 @@ async fn run() -> anyhow::Result<()> {
     .with_context(|| format!("opening data directory {}", args.data_dir.display()))?
     .with_stream_limits(args.max_object_streams, args.max_object_streams_per_caller);
     state.connection_limits = args.connections.limits();
+    let shutdown = wire::program::shutdown_signal();
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = wire::program::announce_listening("imageserver", &listener)?;
     tracing::info!(%addr, data_dir = %args.data_dir.display(), "imageserver listening");
-    imageserver::serve(listener, state, wire::program::shutdown_signal()).await?;
+    imageserver::serve(listener, state, shutdown).await?;
     Ok(())
 }

@@ -14,14 +14,19 @@ pub fn announce_listening(
     Ok(addr)
 }
 
-/// Completes on the first SIGTERM or SIGINT (logging "shutting down"): the `shutdown`
-/// future of a server's `serve`.
-pub async fn shutdown_signal() {
+/// The `shutdown` future of a server's `serve`: completes on the first SIGTERM or SIGINT
+/// (logging "shutting down"). The handlers are installed by this call, not when the
+/// future is first polled, so call it before announcing the address: a signal sent as soon
+/// as the listening line is read then stops the server cleanly instead of killing it.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
     }
-    tracing::info!("shutting down");
 }
