@@ -220,29 +220,23 @@ async fn main() {
     write_mdb("app.1");
     let exe = std::env::current_exe().unwrap();
     let dom_bin = exe.parent().unwrap().parent().unwrap().join("dominator");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut child = tokio::process::Command::new(&dom_bin)
-        .args([
-            "--mdb",
-            mdb_path.to_str().unwrap(),
-            "--image-server",
-            &is,
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--permit-insecure-mode",
-            "--ca-file",
-            "/nonexistent",
-        ])
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start dominator (build it first: cargo build --release -p dominator)");
-    let pid = child.id().unwrap();
+    let (mut child, addr) = testkit::spawn_listening(
+        std::process::Command::new(&dom_bin)
+            .args([
+                "--mdb",
+                mdb_path.to_str().unwrap(),
+                "--image-server",
+                &is,
+                "--listen",
+                "127.0.0.1:0",
+                "--permit-insecure-mode",
+                "--ca-file",
+                "/nonexistent",
+            ])
+            .env("RUST_LOG", "warn"),
+    );
+    let base = format!("http://{addr}");
+    let pid = child.id();
     let http = reqwest::Client::new();
     let wait_synced = |label: &'static str| {
         let http = http.clone();
@@ -313,5 +307,6 @@ async fn main() {
     );
     println!("dominator peak RSS (VmHWM): {:.1} MiB", rss as f64 / 1024.0);
     println!("compliant poll reply: {:.0} bytes with {small}-file trees, {:.0} bytes with {large}-file trees", avg(&sizes[0]), avg(&sizes[1]));
-    let _ = child.kill().await;
+    let _ = child.kill();
+    let _ = child.wait();
 }
