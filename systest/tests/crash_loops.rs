@@ -239,7 +239,7 @@ async fn subd_killed_at_random_moments_during_fetch_and_activation_converges() {
 
     let root = work.path().join("root");
     std::fs::create_dir_all(&root).unwrap();
-    let (mut d, c) = subd(&root);
+    let (mut d, mut c) = subd(&root);
     converge(&c, &is_addr, &images[0].0, &images[0].1).await;
     let (mut fetch_kills, mut update_kills) = (0, 0);
     for i in 0..iterations() {
@@ -269,11 +269,11 @@ async fn subd_killed_at_random_moments_during_fetch_and_activation_converges() {
         d.kill9();
         let (old, new) = wholly_old_or_new(&root);
         check_objects(&root.join(".subd/objects"), true);
-        let (d2, c2) = subd(&root);
-        d = d2;
-        full_poll(&c2, 0).await; // answering: its state directory is open
+        // Restarted on a new port: the next round talks to it through its new client.
+        (d, c) = subd(&root);
+        full_poll(&c, 0).await; // answering: its state directory is open
         check_objects(&root.join(".subd/objects"), false);
-        converge(&c2, &is_addr, name, image).await;
+        converge(&c, &is_addr, name, image).await;
         let want_new = (i + 1) % 2;
         let (a, b) = wholly_old_or_new(&root);
         assert_eq!(
