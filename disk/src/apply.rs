@@ -408,9 +408,7 @@ impl<'a> Run<'a> {
 
     /// The result, stamped and with every failure rendered as a line; and the failures.
     fn finish(mut self) -> (UpdateResult, Vec<ApplyError>) {
-        self.result.finished_at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        self.result.finished_at = crate::clock::unix_now();
         self.result.errors = self.failures.iter().map(ToString::to_string).collect();
         (self.result, self.failures)
     }

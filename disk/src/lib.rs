@@ -9,9 +9,11 @@
 //! - `apply`: executing an `UpdatePlan` under a root directory, safely.
 //! - `statedir`: `ROOT/.subd`, checked once and then reached only through its handle.
 //! - `fsutil`: durable writes (temp + fsync + rename), locks.
-//! - `report`: an error and its causes as the one line a program prints.
+//! - `report`: an error and its causes as the one line a program prints; logging set-up.
+//! - `clock`: the wall clock in Unix seconds.
 
 pub mod apply;
+pub mod clock;
 pub mod fsutil;
 pub mod objectstore;
 pub mod report;

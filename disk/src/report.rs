@@ -1,4 +1,5 @@
-//! Turning an error and its chain of causes into the one line a program prints.
+//! What a program prints on stderr: an error and its chain of causes as one line, the exit
+//! code for an outcome, and the log lines (`init_logging`).
 
 use std::error::Error;
 
@@ -32,6 +33,18 @@ pub fn exit_code<E: AsRef<dyn Error>>(
             std::process::ExitCode::from(1)
         }
     }
+}
+
+/// Sends `tracing` events to stderr, filtered by `RUST_LOG`, or at `default_level` (e.g.
+/// `"info"`) when `RUST_LOG` is unset or unreadable. Call once, first thing in `main`.
+pub fn init_logging(default_level: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 #[cfg(test)]

@@ -34,29 +34,6 @@ fn tree(files: usize, salt: &str) -> FileTree {
     t
 }
 
-/// The address the dominator prints once bound (`wire::listening`); its later stderr is
-/// passed on to ours.
-async fn listening_address(child: &mut tokio::process::Child) -> std::net::SocketAddr {
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    loop {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("the dominator exited before listening");
-        if let Some(addr) = wire::listening::parse("dominator", &line) {
-            tokio::spawn(async move {
-                while let Ok(Some(l)) = lines.next_line().await {
-                    eprintln!("{l}");
-                }
-            });
-            return addr;
-        }
-        eprintln!("{line}");
-    }
-}
-
 fn vm_hwm_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -125,25 +102,23 @@ async fn main() {
     write_mdb("app.1");
     let exe = std::env::current_exe().unwrap();
     let dom_bin = exe.parent().unwrap().parent().unwrap().join("dominator");
-    let mut child = tokio::process::Command::new(&dom_bin)
-        .args([
-            "--mdb",
-            mdb_path.to_str().unwrap(),
-            "--image-server",
-            &is,
-            "--listen",
-            "127.0.0.1:0",
-            "--permit-insecure-mode",
-            "--ca-file",
-            "/nonexistent",
-        ])
-        .env("RUST_LOG", "warn")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start dominator (build it first: cargo build --release -p dominator)");
-    let base = format!("http://{}", listening_address(&mut child).await);
-    let pid = child.id().unwrap();
+    let (mut child, addr) = testkit::spawn_listening(
+        std::process::Command::new(&dom_bin)
+            .args([
+                "--mdb",
+                mdb_path.to_str().unwrap(),
+                "--image-server",
+                &is,
+                "--listen",
+                "127.0.0.1:0",
+                "--permit-insecure-mode",
+                "--ca-file",
+                "/nonexistent",
+            ])
+            .env("RUST_LOG", "warn"),
+    );
+    let base = format!("http://{addr}");
+    let pid = child.id();
     let http = reqwest::Client::new();
     let wait_synced = |label: &'static str| {
         let http = http.clone();
@@ -214,5 +189,6 @@ async fn main() {
     );
     println!("dominator peak RSS (VmHWM): {:.1} MiB", rss as f64 / 1024.0);
     println!("compliant poll reply: {:.0} bytes with {small}-file trees, {:.0} bytes with {large}-file trees", avg(&sizes[0]), avg(&sizes[1]));
-    let _ = child.kill().await;
+    let _ = child.kill();
+    let _ = child.wait();
 }

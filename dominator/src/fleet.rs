@@ -121,7 +121,7 @@ impl Fleet {
             mdb_path: mdb_path.to_string(),
             image_server: image_server.to_string(),
             insecure,
-            started: unix_now(),
+            started: disk::clock::unix_now(),
             counters: Counters::default(),
             brake_file: None,
         }
@@ -218,14 +218,6 @@ impl Fleet {
     pub fn mdb_error(&self) -> Option<String> {
         self.mdb_error.lock().expect("fleet lock").clone()
     }
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -12,9 +12,10 @@
 //! interval, or a capped exponential back-off after failures) unless the MDB changes.
 
 use crate::decision::{self, Action, Facts, ImageState, PollFailure, Status, Step};
-use crate::fleet::{unix_now, Counters, Fleet, MachineReport};
+use crate::fleet::{Counters, Fleet, MachineReport};
 use crate::images::ImageCache;
 use crate::planner;
+use disk::clock::unix_now;
 use mdb::{Machine, Mdb};
 use model::api::{self, methods, PollRequest, PollResponse};
 use model::{Image, ObjectId, UpdatePlan};

@@ -20,7 +20,8 @@ pub mod planner;
 pub mod preview;
 pub mod web;
 
-use fleet::{unix_now, Fleet, GlobalDisable};
+use disk::clock::unix_now;
+use fleet::{Fleet, GlobalDisable};
 use herd::HerdConfig;
 use std::future::Future;
 use std::sync::Arc;

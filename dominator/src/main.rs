@@ -38,13 +38,7 @@ async fn async_main() -> ExitCode {
         None | Some(Command::LocalFleet(_)) => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    disk::report::init_logging(default_level);
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
@@ -63,21 +57,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             herd.concurrency = d.concurrency;
             herd.full_poll_concurrency = d.full_poll_concurrency;
             herd.poll_interval = std::time::Duration::from_millis(d.poll_interval_ms);
+            let shutdown = wire::program::shutdown_signal();
             let listener = tokio::net::TcpListener::bind(&d.listen)
                 .await
                 .with_context(|| format!("listening on {}", d.listen))?;
-            tracing::info!(addr = %listener.local_addr()?, mdb = %herd.mdb_path.display(), "dominator listening");
-            eprintln!(
-                "{}",
-                wire::listening::line("dominator", listener.local_addr()?)
-            );
+            let addr = wire::program::announce_listening("dominator", &listener)?;
+            tracing::info!(%addr, mdb = %herd.mdb_path.display(), "dominator listening");
             let config = dominator::Config {
                 herd,
                 security,
                 disable_updates_at_startup: d.disable_updates_at_startup,
                 connection_limits: d.connections.limits(),
             };
-            dominator::serve(listener, config, shutdown_signal()).await?;
+            dominator::serve(listener, config, shutdown).await?;
         }
         Some(Command::Plan { host, fleet }) => {
             let plans = commands::plan(&fleet, host.as_deref()).await?;
@@ -107,14 +99,4 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
 }

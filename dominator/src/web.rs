@@ -3,12 +3,13 @@
 //! `Dominator.EnableUpdates` (authorized per method by `wire::http::serve`).
 
 use crate::decision::Status;
-use crate::fleet::{unix_now, Fleet, GlobalDisable, MachineReport};
+use crate::fleet::{Fleet, GlobalDisable, MachineReport};
 use crate::preview;
 use axum::extract::{Path, State};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{Html, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
+use disk::clock::unix_now;
 use model::api::Empty;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -16,6 +17,7 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use wire::http::{ApiError, Caller, Json, INSECURE_BANNER};
+use wire::pages::{escape as esc, Metrics};
 
 pub const DISABLE_UPDATES: &str = "Dominator.DisableUpdates";
 pub const ENABLE_UPDATES: &str = "Dominator.EnableUpdates";
@@ -122,88 +124,57 @@ async fn enable_updates(
 }
 
 async fn metrics(State(fleet): State<Arc<Fleet>>) -> Response {
-    let mut s = String::new();
-    s.push_str("# HELP dominator_machines Machines per status.\n# TYPE dominator_machines gauge\n");
-    for (status, n) in fleet.counts() {
-        let _ = writeln!(s, "dominator_machines{{status=\"{status}\"}} {n}");
-    }
-    let _ = writeln!(
-        s,
-        "# HELP dominator_machines_with_trigger_failures Machines whose last update had a failing service command.\n# TYPE dominator_machines_with_trigger_failures gauge\ndominator_machines_with_trigger_failures {}",
-        fleet.with_trigger_failures()
+    let mut m = Metrics::new();
+    m.gauge_by(
+        "dominator_machines",
+        "Machines per status",
+        "status",
+        fleet
+            .counts()
+            .into_iter()
+            .map(|(s, n)| (s.to_string(), n as u64)),
+    )
+    .gauge(
+        "dominator_machines_with_trigger_failures",
+        "Machines whose last update had a failing service command",
+        fleet.with_trigger_failures() as u64,
     );
     let c = &fleet.counters;
     for (name, help, v) in [
-        ("dominator_polls_total", "Polls sent.", &c.polls),
+        ("dominator_polls", "Polls sent", &c.polls),
         (
-            "dominator_full_polls_total",
-            "Polls that fetched the whole tree.",
+            "dominator_full_polls",
+            "Polls that fetched the whole tree",
             &c.full_polls,
         ),
         (
-            "dominator_poll_bytes_total",
-            "Bytes of poll replies.",
+            "dominator_poll_bytes",
+            "Bytes of poll replies",
             &c.poll_bytes,
         ),
         (
-            "dominator_poll_failures_total",
-            "Polls that failed.",
+            "dominator_poll_failures",
+            "Polls that failed",
             &c.poll_failures,
         ),
+        ("dominator_fetches", "Fetch requests sent", &c.fetches),
+        ("dominator_updates", "Update requests sent", &c.updates),
         (
-            "dominator_fetches_total",
-            "Fetch requests sent.",
-            &c.fetches,
-        ),
-        (
-            "dominator_updates_total",
-            "Update requests sent.",
-            &c.updates,
-        ),
-        (
-            "dominator_cleanups_total",
-            "Cleanup requests sent (cache objects no wanted image needs).",
+            "dominator_cleanups",
+            "Cleanup requests sent (cache objects no wanted image needs)",
             &c.cleanups,
         ),
-        (
-            "dominator_mdb_loads_total",
-            "MDB files loaded.",
-            &c.mdb_loads,
-        ),
-        (
-            "dominator_mdb_errors_total",
-            "MDB files refused.",
-            &c.mdb_errors,
-        ),
+        ("dominator_mdb_loads", "MDB files loaded", &c.mdb_loads),
+        ("dominator_mdb_errors", "MDB files refused", &c.mdb_errors),
     ] {
-        let _ = writeln!(
-            s,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-            v.load(Ordering::Relaxed)
-        );
+        m.counter(name, help, v.load(Ordering::Relaxed));
     }
-    let _ = writeln!(
-        s,
-        "# HELP dominator_updates_disabled 1 while updates are disabled fleet-wide.\n# TYPE dominator_updates_disabled gauge\ndominator_updates_disabled {}",
-        u8::from(fleet.global_disable().is_some())
+    m.gauge(
+        "dominator_updates_disabled",
+        "1 while updates are disabled fleet-wide",
+        u64::from(fleet.global_disable().is_some()),
     );
-    ([("content-type", "text/plain; version=0.0.4")], s).into_response()
-}
-
-/// Escapes text for HTML.
-pub fn esc(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '&' => o.push_str("&amp;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&#39;"),
-            _ => o.push(c),
-        }
-    }
-    o
+    m.response()
 }
 
 fn url_component(s: &str) -> String {

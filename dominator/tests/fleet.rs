@@ -19,7 +19,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use testkit::{bin, free_port, Daemon};
+use testkit::{bin, Daemon};
 use wire::client::{ClientSecurity, RpcClient};
 use wire::tls::TlsFiles;
 
@@ -87,8 +87,13 @@ impl Fleet {
         std::fs::read_to_string(self.dir.join(format!("service-{}.log", i + 1))).unwrap_or_default()
     }
 
+    /// Starts subd `i` on a free port, or, restarted, on the address it had (the MDB names
+    /// it; the port was its own until it was killed), and records its address.
     fn start_subd(&mut self, i: usize) {
-        let addr = self.subd_addrs[i].clone();
+        let addr = match &self.subd_addrs[i] {
+            a if a.is_empty() => "127.0.0.1:0".to_string(),
+            a => a.clone(),
+        };
         let script = self.dir.join(format!("service-{}.sh", i + 1));
         let mut args = vec![
             "--root".to_string(),
@@ -103,7 +108,9 @@ impl Fleet {
             "100".into(),
         ];
         args.extend(daemon_tls(&self.certs, "subd"));
-        self.subds[i] = Some(Daemon::start(&bin("subd"), &args, &addr));
+        let d = Daemon::start(&bin("subd"), &args);
+        self.subd_addrs[i] = d.addr.clone();
+        self.subds[i] = Some(d);
     }
 
     fn imagetool_add(&self, name: &str, dir: &Path, filter: &str, triggers: &str) {
@@ -239,30 +246,30 @@ async fn start_fleet(tmp: &Path) -> Fleet {
     let certs = tmp.join("certs");
     wire::certs::make_all(&certs, &[]).unwrap();
 
-    let is_addr = format!("127.0.0.1:{}", free_port());
     let mut a = vec![
         "--data-dir".to_string(),
         s(&tmp.join("imageserver")),
         "--listen".into(),
-        is_addr.clone(),
+        "127.0.0.1:0".into(),
     ];
     a.extend(daemon_tls(&certs, "imageserver"));
-    let imageserver = Daemon::start(&bin("imageserver"), &a, &is_addr);
+    let imageserver = Daemon::start(&bin("imageserver"), &a);
+    let is_addr = imageserver.addr.clone();
 
     let mdb = tmp.join("mdb.json");
-    let dom_addr = format!("127.0.0.1:{}", free_port());
     let mut a = vec![
         "--mdb".to_string(),
         s(&mdb),
         "--image-server".into(),
         is_addr.clone(),
         "--listen".into(),
-        dom_addr.clone(),
+        "127.0.0.1:0".into(),
         "--poll-interval-ms".into(),
         "500".into(),
     ];
     a.extend(daemon_tls(&certs, "dominator"));
-    let dominator = Daemon::start(&bin("dominator"), &a, &dom_addr);
+    let dominator = Daemon::start(&bin("dominator"), &a);
+    let dom_addr = dominator.addr.clone();
 
     let api = RpcClient::new(
         &dom_addr,
@@ -282,9 +289,7 @@ async fn start_fleet(tmp: &Path) -> Fleet {
         _imageserver: imageserver,
         _dominator: dominator,
         subds: vec![None, None, None],
-        subd_addrs: (0..3)
-            .map(|_| format!("127.0.0.1:{}", free_port()))
-            .collect(),
+        subd_addrs: vec![String::new(); 3],
     };
     for i in 0..3 {
         let log = tmp.join(format!("service-{}.log", i + 1));

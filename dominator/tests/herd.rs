@@ -172,6 +172,32 @@ fn sparse(files: &[(&str, &[u8])]) -> Image {
     Image::new(tree(files), None, model::Triggers::default())
 }
 
+/// Issue 10 §4: an image name and a disable reason carrying HTML (quotes and apostrophes
+/// too) are shown as text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_text_is_escaped_on_the_status_page() {
+    let hostile = "<script>\"'&";
+    let f = Fixture::start(
+        &mdb_json(&[serde_json::json!({
+            "Hostname": "h", "IpAddress": "127.0.0.1:1", "RequiredImage": format!("x/{hostile}")
+        })]),
+        Some(hostile),
+    )
+    .await;
+    f.wait_fleet("machine h", |v| {
+        v["machines"].as_array().is_some_and(|m| m.len() == 1)
+    })
+    .await;
+    let (_, html) = f.get("/").await;
+    let escaped = "&lt;script&gt;&quot;&#x27;&amp;";
+    assert!(html.contains(&format!("<td>x/{escaped}</td>")), "{html}");
+    assert!(
+        html.contains(&format!("fleet-wide: {escaped} (by")),
+        "{html}"
+    );
+    assert!(!html.contains("<script>"), "{html}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converges_and_follows_mdb_edits() {
     let a = FakeSubd::new(tree(&[("/etc/keep", b"mine")]));
@@ -383,7 +409,9 @@ async fn waits_for_images_and_honours_every_stop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_machines_back_off_and_converge_when_they_return() {
-    // Reserve a port, then start nothing on it.
+    // Reserve a port, then start nothing on it. This test needs the address before its
+    // server exists (the machine is in the MDB while it is down), so it cannot learn it
+    // from a listening server; the fake subd binds it again later in this process.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -26,13 +26,18 @@ async fn local_fleet_runs_on_ports_its_members_chose_and_stops_on_sigterm() {
         .unwrap();
     let stdout = BufReader::new(child.stdout.take().unwrap());
     // "Status page:  http://127.0.0.1:PORT/   (JSON: …)"
-    let dom_addr = stdout
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|l| {
-            let rest = l.strip_prefix("Status page:  http://")?;
-            Some(rest.split('/').next()?.to_string())
-        })
+    // Read stdout to its end on a thread: local-fleet keeps printing progress, and a closed
+    // pipe would kill it (EPIPE) in the middle of the test.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in stdout.lines().map_while(Result::ok) {
+            if let Some(rest) = l.strip_prefix("Status page:  http://") {
+                let _ = tx.send(rest.split('/').next().unwrap_or_default().to_string());
+            }
+        }
+    });
+    let dom_addr = rx
+        .recv_timeout(Duration::from_secs(120))
         .expect("local-fleet exited before printing its status page");
     assert_ne!(dom_addr, "127.0.0.1:0");
 

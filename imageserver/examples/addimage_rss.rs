@@ -5,8 +5,8 @@
 
 use model::image::{FileTree, Inode, Mtime};
 use model::Image;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Instant;
 use wire::client::{ClientSecurity, ImageServerClient};
 
 fn vm_hwm_kib(pid: u32) -> u64 {
@@ -26,26 +26,8 @@ async fn main() {
         .unwrap_or_else(|| "target/release/imageserver".into());
     let files: u64 = args.next().map_or(400_000, |n| n.parse().unwrap());
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut child = Command::new(&bin)
-        .args([
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-            "--listen",
-            &addr,
-        ])
-        .arg("--permit-insecure-mode")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    while std::net::TcpStream::connect(&addr).is_err() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let server = testkit::Daemon::imageserver(Path::new(&bin), dir.path(), &[]);
+    let addr = server.addr.clone();
     let mut t = FileTree::with_root(Inode::dir(0o755, 0, 0));
     for i in 0..files {
         let m = Mtime { sec: 1, nsec: 0 };
@@ -70,11 +52,11 @@ async fn main() {
     let image = Image::new(t, None, Default::default());
     let json_len = serde_json::to_vec(&image).unwrap().len();
     let client = ImageServerClient::new(&addr, &ClientSecurity::Insecure).unwrap();
-    let idle = vm_hwm_kib(child.id());
+    let idle = vm_hwm_kib(server.child.id());
     let start = Instant::now();
     client.add_image("big/1", &image).await.unwrap();
     let took = start.elapsed();
-    let peak = vm_hwm_kib(child.id());
+    let peak = vm_hwm_kib(server.child.id());
     println!(
         "AddImage of {files} files ({:.1} MiB JSON) took {:.2} s; imageserver VmHWM {:.1} MiB idle, {:.1} MiB after (+{:.1} MiB)",
         json_len as f64 / 1048576.0,
@@ -83,6 +65,5 @@ async fn main() {
         peak as f64 / 1024.0,
         (peak - idle) as f64 / 1024.0
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
 }

@@ -5,7 +5,7 @@
 
 use model::image::{FileTree, Inode, Mtime};
 use model::{frame, Image, ObjectId};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use wire::client::{ClientSecurity, ImageServerClient};
@@ -32,27 +32,9 @@ async fn main() {
     let streams: usize = args.next().map_or(500, |n| n.parse().unwrap());
     let extra: Vec<String> = args.collect();
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut child = Command::new(&bin)
-        .args([
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-            "--listen",
-            &addr,
-        ])
-        .arg("--permit-insecure-mode")
-        .args(&extra)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    while std::net::TcpStream::connect(&addr).is_err() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let server = testkit::Daemon::imageserver(Path::new(&bin), dir.path(), &extra);
+    let addr = server.addr.clone();
     let c = ImageServerClient::new(&addr, &ClientSecurity::Insecure).unwrap();
     let mut x = 0x9e3779b97f4a7c15u64;
     let obj: Vec<u8> = (0..(8usize << 20))
@@ -109,6 +91,5 @@ async fn main() {
         loaded.as_secs_f64() / idle.as_secs_f64()
     );
     drop(conns);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
 }

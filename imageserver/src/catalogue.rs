@@ -274,9 +274,7 @@ pub struct Catalogue {
 }
 
 fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    disk::clock::unix_now() as i64
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError + '_ {

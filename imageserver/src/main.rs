@@ -38,13 +38,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    disk::report::init_logging("info");
     let args = Args::parse();
     let security = args.tls.server_security("imageserver")?;
     let data_dir = args.data_dir.clone();
@@ -56,23 +50,12 @@ async fn run() -> anyhow::Result<()> {
     .with_context(|| format!("opening data directory {}", args.data_dir.display()))?
     .with_stream_limits(args.max_object_streams, args.max_object_streams_per_caller);
     state.connection_limits = args.connections.limits();
+    let shutdown = wire::program::shutdown_signal();
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, data_dir = %args.data_dir.display(), "imageserver listening");
-    eprintln!(
-        "{}",
-        wire::listening::line("imageserver", listener.local_addr()?)
-    );
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
-        tracing::info!("shutting down");
-    };
+    let addr = wire::program::announce_listening("imageserver", &listener)?;
+    tracing::info!(%addr, data_dir = %args.data_dir.display(), "imageserver listening");
     imageserver::serve(listener, state, shutdown).await?;
     Ok(())
 }

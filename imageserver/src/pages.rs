@@ -2,16 +2,10 @@
 
 use crate::State;
 use axum::extract::State as AxState;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{Html, Response};
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
+use wire::pages::{escape, Metrics};
 
 /// Most image names listed on the status page.
 const PAGE_IMAGES: usize = 1000;
@@ -39,7 +33,7 @@ pub async fn status(AxState(st): AxState<State>) -> Html<String> {
                 incomplete.len(),
                 incomplete
                     .iter()
-                    .map(|(n, k)| format!("<li>{}: {k} objects missing</li>\n", html_escape(n)))
+                    .map(|(n, k)| format!("<li>{}: {k} objects missing</li>\n", escape(n)))
                     .collect::<String>()
             ),
         );
@@ -53,13 +47,13 @@ pub async fn status(AxState(st): AxState<State>) -> Html<String> {
                 corrupt.len(),
                 corrupt
                     .iter()
-                    .map(|(n, d)| format!("<li>{}: {}</li>\n", html_escape(n), html_escape(d)))
+                    .map(|(n, d)| format!("<li>{}: {}</li>\n", escape(n), escape(d)))
                     .collect::<String>()
             ),
         );
     }
     for n in names.iter().take(PAGE_IMAGES) {
-        let _ = writeln!(s, "<li>{}</li>", html_escape(n));
+        let _ = writeln!(s, "<li>{}</li>", escape(n));
     }
     if names.len() > PAGE_IMAGES {
         let _ = writeln!(s, "<li>… and {} more</li>", names.len() - PAGE_IMAGES);
@@ -70,107 +64,79 @@ pub async fn status(AxState(st): AxState<State>) -> Html<String> {
 
 pub async fn metrics(AxState(st): AxState<State>) -> Response {
     let c = st.catalogue.counts();
-    let m = &st.metrics;
-    let mut s = String::new();
-    let mut put = |name: &str, kind: &str, help: &str, v: u64| {
-        let _ = write!(
-            s,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+    let mut m = Metrics::new();
+    m.gauge("imageserver_images", "Images stored", c.images)
+        .gauge(
+            "imageserver_deleted_image_names",
+            "Tombstoned image names",
+            c.deleted_names,
+        )
+        .gauge("imageserver_objects", "Objects stored", c.objects)
+        .gauge(
+            "imageserver_images_missing_objects",
+            "Images referring to objects that are not stored (found at start-up)",
+            c.incomplete_images,
+        )
+        .gauge(
+            "imageserver_images_corrupt",
+            "Images whose file does not match its checksum (not served)",
+            c.corrupt_images,
+        )
+        .gauge(
+            "imageserver_object_bytes",
+            "Bytes of objects stored",
+            c.object_bytes,
+        )
+        .gauge(
+            "imageserver_unreferenced_objects",
+            "Objects no image refers to",
+            c.unreferenced_objects,
+        )
+        .gauge(
+            "imageserver_unreferenced_object_bytes",
+            "Bytes of unreferenced objects",
+            c.unreferenced_bytes,
+        )
+        .gauge(
+            "imageserver_pinned_objects",
+            "Unreferenced objects safe from deletion for now (being uploaded, or uploaded or checked within the pin grace period)",
+            c.pinned_objects,
         );
-    };
-    put("imageserver_images", "gauge", "Images stored.", c.images);
-    put(
-        "imageserver_deleted_image_names",
-        "gauge",
-        "Tombstoned image names.",
-        c.deleted_names,
-    );
-    put("imageserver_objects", "gauge", "Objects stored.", c.objects);
-    put(
-        "imageserver_images_missing_objects",
-        "gauge",
-        "Images referring to objects that are not stored (found at start-up).",
-        c.incomplete_images,
-    );
-    put(
-        "imageserver_images_corrupt",
-        "gauge",
-        "Images whose file does not match its checksum (not served).",
-        c.corrupt_images,
-    );
-    put(
-        "imageserver_object_bytes",
-        "gauge",
-        "Bytes of objects stored.",
-        c.object_bytes,
-    );
-    put(
-        "imageserver_unreferenced_objects",
-        "gauge",
-        "Objects no image refers to.",
-        c.unreferenced_objects,
-    );
-    put(
-        "imageserver_unreferenced_object_bytes",
-        "gauge",
-        "Bytes of unreferenced objects.",
-        c.unreferenced_bytes,
-    );
-    put(
-        "imageserver_pinned_objects",
-        "gauge",
-        "Unreferenced objects safe from deletion for now (being uploaded, or uploaded or checked within the pin grace period).",
-        c.pinned_objects,
-    );
-    let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    put(
-        "imageserver_objects_received_total",
-        "counter",
-        "Objects newly stored by AddObjects.",
-        l(&m.objects_received),
-    );
-    put(
-        "imageserver_object_bytes_received_total",
-        "counter",
-        "Bytes newly stored by AddObjects.",
-        l(&m.object_bytes_received),
-    );
-    put(
-        "imageserver_objects_served_total",
-        "counter",
-        "Objects sent by GetObjects.",
-        l(&m.objects_served),
-    );
-    put(
-        "imageserver_object_bytes_served_total",
-        "counter",
-        "Bytes sent by GetObjects.",
-        l(&m.object_bytes_served),
-    );
-    put(
-        "imageserver_images_added_total",
-        "counter",
-        "Images added.",
-        l(&m.images_added),
-    );
-    put(
-        "imageserver_images_deleted_total",
-        "counter",
-        "Images deleted.",
-        l(&m.images_deleted),
-    );
-    put(
-        "imageserver_rejected_uploads_total",
-        "counter",
-        "AddObjects requests refused (bad hash, truncated, …).",
-        l(&m.rejected_uploads),
-    );
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        s,
-    )
-        .into_response()
+    let n = &st.metrics;
+    for (name, help, v) in [
+        (
+            "imageserver_objects_received",
+            "Objects newly stored by AddObjects",
+            &n.objects_received,
+        ),
+        (
+            "imageserver_object_bytes_received",
+            "Bytes newly stored by AddObjects",
+            &n.object_bytes_received,
+        ),
+        (
+            "imageserver_objects_served",
+            "Objects sent by GetObjects",
+            &n.objects_served,
+        ),
+        (
+            "imageserver_object_bytes_served",
+            "Bytes sent by GetObjects",
+            &n.object_bytes_served,
+        ),
+        ("imageserver_images_added", "Images added", &n.images_added),
+        (
+            "imageserver_images_deleted",
+            "Images deleted",
+            &n.images_deleted,
+        ),
+        (
+            "imageserver_rejected_uploads",
+            "AddObjects requests refused (bad hash, truncated, …)",
+            &n.rejected_uploads,
+        ),
+    ] {
+        m.counter(name, help, v.load(Ordering::Relaxed));
+    }
+    m.response()
 }

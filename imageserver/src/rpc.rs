@@ -16,7 +16,7 @@ use futures_util::TryStreamExt;
 use model::api::{self, Empty};
 use model::ImageName;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 use wire::http::{ApiError, Caller, Json};
 
@@ -144,9 +144,7 @@ pub async fn add_image(
     let mut image = req.image;
     image.format = 1;
     image.created_by = caller.name.clone();
-    image.created_on = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    image.created_on = disk::clock::unix_now();
     let cat = st.catalogue.clone();
     let n = name.clone();
     blocking(move || cat.add_image(&n, &image)).await?;

@@ -7,7 +7,7 @@ use model::image::{FileTree, Inode, Mtime};
 use model::{Image, ObjectId};
 use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 use wire::client::{ClientSecurity, ImageServerClient};
 
@@ -319,6 +319,25 @@ async fn restart_keeps_images_objects_and_tombstones() {
     s.stop().await;
 }
 
+/// Issue 10 §4: an image name carrying HTML (quotes and apostrophes too) is shown as text.
+#[tokio::test]
+async fn hostile_image_names_are_escaped_on_the_status_page() {
+    let d = tempfile::tempdir().unwrap();
+    let s = InProcess::start(d.path()).await;
+    s.client.add_objects(frames(&[b"x"]).into()).await.unwrap();
+    s.client
+        .add_image("h/<script>\"'&", &image_with(&[b"x"]))
+        .await
+        .unwrap();
+    let page = s.client.rpc.get_text("/").await.unwrap();
+    assert!(
+        page.contains("<li>h/&lt;script&gt;&quot;&#x27;&amp;</li>"),
+        "{page}"
+    );
+    assert!(!page.contains("<script>"), "{page}");
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn status_page_and_metrics() {
     let d = tempfile::tempdir().unwrap();
@@ -388,32 +407,18 @@ impl Drop for Proc {
 }
 
 fn spawn_server(dir: &Path) -> Proc {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let addr = format!("127.0.0.1:{port}");
-    let child = Command::new(env!("CARGO_BIN_EXE_imageserver"))
-        .args([
+    let (child, addr) =
+        testkit::spawn_listening(Command::new(env!("CARGO_BIN_EXE_imageserver")).args([
             "--data-dir",
             dir.to_str().unwrap(),
             "--listen",
-            &addr,
+            "127.0.0.1:0",
             "--permit-insecure-mode",
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(&addr).is_ok() {
-            return Proc { child, addr };
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        ]));
+    Proc {
+        child,
+        addr: addr.to_string(),
     }
-    let mut child = child;
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("imageserver did not start");
 }
 
 /// Deterministic pseudo-random bytes (xorshift), generated in chunks.

@@ -6,13 +6,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    disk::report::init_logging("warn");
     let argv = imagetool::args::rewrite_dominator_flags(std::env::args_os().collect());
     let cli = imagetool::args::Cli::parse_from(argv);
     let rt = match tokio::runtime::Builder::new_multi_thread()

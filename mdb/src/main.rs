@@ -3,10 +3,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    disk::report::init_logging("error");
     let cli = mdb::cli::Cli::parse();
     let mut out = std::io::stdout().lock();
     match mdb::cli::run(cli, &mut out) {

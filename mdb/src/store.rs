@@ -80,13 +80,6 @@ fn current_user() -> String {
     format!("uid {}", rustix::process::getuid().as_raw())
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Reads every history entry for `host` (case-insensitive), oldest first. A missing
 /// history is empty; a torn last line (crash while appending) is skipped.
 pub fn history(path: &Path, host: &str) -> Result<Vec<HistoryEntry>, StoreError> {
@@ -169,7 +162,7 @@ fn append_history(path: &Path, action: &str, before: &Mdb, after: &Mdb) -> Resul
         .collect();
     hosts.sort_by_key(|h| h.to_ascii_lowercase());
     hosts.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
-    let (time, user) = (now(), current_user());
+    let (time, user) = (disk::clock::unix_now(), current_user());
     let mut lines = String::new();
     for host in hosts {
         let (b, a) = (before.get(host), after.get(host));

@@ -238,12 +238,6 @@ pub struct Subd {
     _lock: disk::fsutil::DirLock,
 }
 
-pub(crate) fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 const LAST_IMAGE: &str = "last-image";
 const LAST_UPDATE: &str = "last-update.json";
 
@@ -292,7 +286,7 @@ impl Subd {
             wake: (Mutex::new(false), Condvar::new()),
             stop: Arc::new(AtomicBool::new(false)),
             scan_abort: Arc::new(AtomicBool::new(false)),
-            start_time: now_secs(),
+            start_time: disk::clock::unix_now(),
             polls: poll::PollShare::default(),
             _lock: lock,
         });

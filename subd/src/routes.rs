@@ -148,7 +148,7 @@ impl Drop for Claim {
                 st.update_in_progress = false;
                 st.last_update = Some(UpdateResult {
                     image_name: self.image.clone(),
-                    finished_at: crate::now_secs(),
+                    finished_at: disk::clock::unix_now(),
                     errors: vec![msg],
                     ..UpdateResult::default()
                 });
@@ -214,7 +214,7 @@ fn run_update(
                 disk::apply::resume_pending_starts(&s.state_dir, &s.apply_options());
             UpdateResult {
                 image_name: plan.image_name.clone(),
-                finished_at: crate::now_secs(),
+                finished_at: disk::clock::unix_now(),
                 errors: vec![format!("update failed: internal error: {line}")],
                 trigger_actions,
                 trigger_failures,
@@ -342,12 +342,6 @@ async fn cleanup(
     Ok(axum::Json(Empty {}))
 }
 
-fn escape_html(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
 async fn status_page(State(s): State<Arc<Subd>>) -> Html<String> {
     let free = s.free_space();
     let st = s.status();
@@ -391,54 +385,76 @@ async fn status_page(State(s): State<Arc<Subd>>) -> Html<String> {
     for (k, v) in rows {
         h.push_str(&format!(
             "<tr><th align=left>{k}</th><td>{}</td></tr>",
-            escape_html(&v)
+            wire::pages::escape(&v)
         ));
     }
     h.push_str("</table>");
     Html(h)
 }
 
-async fn metrics(State(s): State<Arc<Subd>>) -> impl IntoResponse {
+async fn metrics(State(s): State<Arc<Subd>>) -> Response {
     let free = s.free_space();
     let st = s.status();
     let last = st.last_update.as_ref();
-    let lines = [
-        format!("subd_generation {}", st.generation),
-        format!("subd_scan_count {}", st.scan_count),
-        format!("subd_scans_aborted_for_update {}", st.scans_aborted),
-        format!(
-            "subd_last_scan_duration_seconds {}",
-            st.last_scan_duration_ms as f64 / 1000.0
-        ),
-        format!("subd_paths {}", st.tree.as_ref().map_or(0, |t| t.len())),
-        format!(
-            "subd_cached_objects {}",
-            st.object_cache.as_ref().map_or(0, |c| c.len())
-        ),
-        format!("subd_fetch_in_progress {}", st.fetch_in_progress as u8),
-        format!("subd_update_in_progress {}", st.update_in_progress as u8),
-        format!(
-            "subd_last_fetch_failed {}",
-            st.last_fetch_error.is_some() as u8
-        ),
-        format!(
-            "subd_last_update_errors {}",
-            last.map_or(0, |u| u.errors.len())
-        ),
-        format!(
-            "subd_last_update_trigger_failures {}",
-            last.map_or(0, |u| u.trigger_failures.len())
-        ),
-        format!(
-            "subd_last_activation_seconds {}",
-            last.map_or(0.0, |u| u.activation_ms / 1000.0)
-        ),
-        format!("subd_free_space_bytes {free}"),
-    ];
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        lines.join("\n") + "\n",
+    let mut m = wire::pages::Metrics::new();
+    m.gauge(
+        "subd_generation",
+        "Scan generation (moves when the tree changes)",
+        st.generation,
     )
+    .untyped("subd_scan_count", "Scans finished", st.scan_count)
+    .untyped(
+        "subd_scans_aborted_for_update",
+        "Scans abandoned because an update began",
+        st.scans_aborted,
+    )
+    .gauge_f64(
+        "subd_last_scan_duration_seconds",
+        "Duration of the last scan",
+        st.last_scan_duration_ms as f64 / 1000.0,
+    )
+    .gauge(
+        "subd_paths",
+        "Paths in the last scan",
+        st.tree.as_ref().map_or(0, |t| t.len()) as u64,
+    )
+    .gauge(
+        "subd_cached_objects",
+        "Objects in the cache",
+        st.object_cache.as_ref().map_or(0, |c| c.len()) as u64,
+    )
+    .gauge(
+        "subd_fetch_in_progress",
+        "1 while a fetch runs",
+        u64::from(st.fetch_in_progress),
+    )
+    .gauge(
+        "subd_update_in_progress",
+        "1 while an update runs",
+        u64::from(st.update_in_progress),
+    )
+    .gauge(
+        "subd_last_fetch_failed",
+        "1 if the last fetch failed",
+        u64::from(st.last_fetch_error.is_some()),
+    )
+    .gauge(
+        "subd_last_update_errors",
+        "Errors of the last update",
+        last.map_or(0, |u| u.errors.len()) as u64,
+    )
+    .gauge(
+        "subd_last_update_trigger_failures",
+        "Failed service commands of the last update",
+        last.map_or(0, |u| u.trigger_failures.len()) as u64,
+    )
+    .gauge_f64(
+        "subd_last_activation_seconds",
+        "Duration of the last update's activation",
+        last.map_or(0.0, |u| u.activation_ms / 1000.0),
+    )
+    .gauge("subd_free_space_bytes", "Free space under the root", free);
+    m.response()
 }
 
 #[cfg(test)]

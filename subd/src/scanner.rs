@@ -11,7 +11,8 @@
 //! that overlaps an update is abandoned as soon as the update begins, and a new one starts
 //! once it ends.
 
-use crate::{now_secs, Subd};
+use crate::Subd;
+use disk::clock::unix_now;
 use disk::scan::{scan_full, ChangedFiles, ScanOptions, Throttle};
 use model::ObjectId;
 use std::sync::atomic::Ordering;
@@ -109,7 +110,7 @@ pub fn run(subd: &Subd) {
                 st.hidden_parents = hidden_parents;
             }
             st.scan_count += 1;
-            st.last_scan_time = now_secs();
+            st.last_scan_time = unix_now();
             st.last_scan_duration_ms = started.elapsed().as_millis() as u64;
         }
         if !niced && percent < 100 {

@@ -14,33 +14,24 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 use wire::client::{ClientSecurity, SubdClient};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Proc {
     child: Child,
     client: SubdClient,
 }
 
 fn spawn(root: &Path, extra: &[&str]) -> (Proc, String) {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let child = Command::new(env!("CARGO_BIN_EXE_subd"))
-        .args([
-            "--root",
-            root.to_str().unwrap(),
-            "--listen",
-            &addr,
-            "--permit-insecure-mode",
-        ])
-        .args(extra)
-        .spawn()
-        .unwrap();
+    let (child, addr) = testkit::spawn_listening(
+        Command::new(env!("CARGO_BIN_EXE_subd"))
+            .args([
+                "--root",
+                root.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--permit-insecure-mode",
+            ])
+            .args(extra),
+    );
+    let addr = addr.to_string();
     let client = SubdClient::new(
         &addr,
         &ClientSecurity::Insecure,
@@ -88,6 +79,23 @@ async fn sigterm_stops_cleanly() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}");
+}
+
+/// A SIGTERM sent as soon as subd says where it listens (before it has served anything)
+/// stops it cleanly: the handler is installed before the listening line.
+#[test]
+fn sigterm_right_after_the_listening_line_stops_cleanly() {
+    for _ in 0..5 {
+        let d = tempfile::tempdir().unwrap();
+        let (mut p, _) = spawn(d.path(), &[]);
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(p.child.id() as i32).unwrap(),
+            rustix::process::Signal::TERM,
+        )
+        .unwrap();
+        let status = p.child.wait().unwrap();
+        assert!(status.success(), "{status}");
+    }
 }
 
 #[tokio::test]

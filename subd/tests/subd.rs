@@ -133,6 +133,23 @@ fn put_objects(r: &Running, objs: &[Vec<u8>]) {
     }
 }
 
+/// Issue 10 §4: a root path carrying HTML (quotes and apostrophes too) is shown as text.
+#[tokio::test]
+async fn a_hostile_root_path_is_escaped_on_the_status_page() {
+    let r = start_with(|_, base| {
+        let root = base.join("r<script>\"'&");
+        std::fs::create_dir(&root).unwrap();
+        Config::new(&root)
+    })
+    .await;
+    let page = r.client.rpc.get_text("/").await.unwrap();
+    assert!(
+        page.contains("/r&lt;script&gt;&quot;&#x27;&amp;</td>"),
+        "{page}"
+    );
+    assert!(!page.contains("<script>"), "{page}");
+}
+
 #[tokio::test]
 async fn poll_reports_generations_and_sends_the_tree_only_when_it_changed() {
     let r = start_with(|root, _| {

@@ -17,7 +17,7 @@ use model::{Image, ObjectId};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-use testkit::{bin, free_port};
+use testkit::bin;
 use wire::client::{ClientSecurity, ImageServerClient};
 
 fn iterations() -> usize {
@@ -79,14 +79,13 @@ fn imageserver_killed_at_random_moments_during_uploads_loses_nothing() {
     let mut rng = rng();
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("data");
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
     let mut killed_mid_upload = 0;
     for i in 0..iterations() {
         let tree = work.path().join(format!("tree{i}"));
         make_tree(&tree, i, &mut rng);
         let name = format!("crash/{i}");
-        let mut server = imageserver(&data, port);
+        let mut server = imageserver(&data);
+        let addr = server.addr.clone();
         let mut add = Command::new(bin("imagetool"))
             .args([
                 "--image-server",
@@ -112,7 +111,8 @@ fn imageserver_killed_at_random_moments_during_uploads_loses_nothing() {
         check_images(&data.join("images"));
 
         // Restart: debris removed, every listed image complete, and the next round converges.
-        let server = imageserver(&data, port);
+        let server = imageserver(&data);
+        let addr = server.addr.clone();
         check_objects(&data.join("objects"), false);
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
@@ -207,9 +207,8 @@ async fn subd_killed_at_random_moments_during_fetch_and_activation_converges() {
     let mut rng = rng();
     let work = tempfile::tempdir().unwrap();
     // Two full images with the same paths and different contents, on a real imageserver.
-    let is_port = free_port();
-    let is_addr = format!("127.0.0.1:{is_port}");
-    let _server = imageserver(&work.path().join("data"), is_port);
+    let server = imageserver(&work.path().join("data"));
+    let is_addr = server.addr.clone();
     let filter = work.path().join("empty.filter");
     std::fs::write(&filter, "").unwrap();
     let client = ImageServerClient::new(&is_addr, &ClientSecurity::Insecure).unwrap();
@@ -240,8 +239,7 @@ async fn subd_killed_at_random_moments_during_fetch_and_activation_converges() {
 
     let root = work.path().join("root");
     std::fs::create_dir_all(&root).unwrap();
-    let port = free_port();
-    let (mut d, c) = subd(&root, port);
+    let (mut d, mut c) = subd(&root);
     converge(&c, &is_addr, &images[0].0, &images[0].1).await;
     let (mut fetch_kills, mut update_kills) = (0, 0);
     for i in 0..iterations() {
@@ -271,11 +269,11 @@ async fn subd_killed_at_random_moments_during_fetch_and_activation_converges() {
         d.kill9();
         let (old, new) = wholly_old_or_new(&root);
         check_objects(&root.join(".subd/objects"), true);
-        let (d2, c2) = subd(&root, port);
-        d = d2;
-        full_poll(&c2, 0).await; // answering: its state directory is open
+        // Restarted on a new port: the next round talks to it through its new client.
+        (d, c) = subd(&root);
+        full_poll(&c, 0).await; // answering: its state directory is open
         check_objects(&root.join(".subd/objects"), false);
-        converge(&c2, &is_addr, name, image).await;
+        converge(&c, &is_addr, name, image).await;
         let want_new = (i + 1) % 2;
         let (a, b) = wholly_old_or_new(&root);
         assert_eq!(

@@ -7,14 +7,13 @@ mod common;
 use common::{check_objects, imageserver};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use testkit::{bin, free_port, Fault, FaultProxy};
+use testkit::{bin, Fault, FaultProxy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imagetool_through_a_faulty_network_fails_cleanly_and_stores_nothing() {
     let work = tempfile::tempdir().unwrap();
-    let port = free_port();
     let data = work.path().join("data");
-    let _server = imageserver(&data, port);
+    let server = imageserver(&data);
     let tree = work.path().join("tree");
     std::fs::create_dir_all(&tree).unwrap();
     for i in 0..20 {
@@ -24,7 +23,7 @@ async fn imagetool_through_a_faulty_network_fails_cleanly_and_stores_nothing() {
         )
         .unwrap();
     }
-    let proxy = FaultProxy::start(format!("127.0.0.1:{port}").parse().unwrap(), Fault::Pass).await;
+    let proxy = FaultProxy::start(server.addr.parse().unwrap(), Fault::Pass).await;
     let paddr = proxy.addr.to_string();
     for (n, fault) in [
         Fault::Status500,
@@ -83,12 +82,11 @@ async fn imagetool_through_a_faulty_network_fails_cleanly_and_stores_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_image_metadata_is_refused_with_413_and_bounded_memory() {
     let work = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut server = imageserver(&work.path().join("data"), port);
+    let mut server = imageserver(&work.path().join("data"));
     // 160 MiB of image JSON (over the 128 MiB limit) that never ends properly, streamed.
     let chunk = bytes_of(1 << 20);
     let stream = futures_stream(chunk, 160);
-    let url = format!("http://127.0.0.1:{port}/rpc/ImageServer.AddImage");
+    let url = format!("http://{}/rpc/ImageServer.AddImage", server.addr);
     let resp = reqwest_post(&url, stream).await;
     // A 413, or the connection cut after the limit (the client may still be sending).
     assert!(
@@ -100,14 +98,12 @@ async fn oversized_image_metadata_is_refused_with_413_and_bounded_memory() {
         rss < 200 * 1024,
         "imageserver peak RSS {rss} KiB while refusing a 160 MiB body"
     );
-    let names = wire::client::ImageServerClient::new(
-        &format!("127.0.0.1:{port}"),
-        &wire::client::ClientSecurity::Insecure,
-    )
-    .unwrap()
-    .list_images(None)
-    .await
-    .unwrap();
+    let names =
+        wire::client::ImageServerClient::new(&server.addr, &wire::client::ClientSecurity::Insecure)
+            .unwrap()
+            .list_images(None)
+            .await
+            .unwrap();
     assert!(names.is_empty(), "{names:?}");
     server.kill9();
     check_objects(&work.path().join("data/objects"), true);
@@ -186,9 +182,8 @@ fn raw_post(addr: &str, target: &str) -> (u16, String) {
 #[test]
 fn malformed_method_names_are_refused_before_the_grant_check() {
     let work = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let (_subd, _) = common::subd(work.path(), port);
-    let addr = format!("127.0.0.1:{port}");
+    let (subd, _) = common::subd(work.path());
+    let addr = subd.addr.clone();
     for target in [
         "/rpc/Subd.Poll/../Subd.Update",
         "/rpc/Subd.Poll/..%2FSubd.Update",

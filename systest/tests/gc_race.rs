@@ -10,7 +10,7 @@ use common::check_objects;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use testkit::{bin, free_port};
+use testkit::bin;
 
 const FILES: usize = 2000;
 const ROUNDS: usize = 8;
@@ -54,9 +54,8 @@ fn unreferenced_deletion_racing_uploads_never_breaks_an_accepted_image() {
         std::fs::write(tree.join(format!("f{j:05}")), content(j)).unwrap();
     }
     let data = work.path().join("data");
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let _server = common::imageserver_with(&data, port, &["--object-pin-seconds", "2"]);
+    let server = common::imageserver_with(&data, &["--object-pin-seconds", "2"]);
+    let addr = server.addr.clone();
     let stop = AtomicBool::new(false);
     let deleted = AtomicUsize::new(0);
     let mut accepted = Vec::new();

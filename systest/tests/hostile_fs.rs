@@ -12,7 +12,7 @@ use common::{
 use model::api::{FetchRequest, UpdateRequest};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::{Command, Output};
-use testkit::{bin, free_port, Tmpfs};
+use testkit::{bin, Tmpfs};
 
 fn imagetool(addr: &str, args: &[&str]) -> Output {
     Command::new(bin("imagetool"))
@@ -42,10 +42,9 @@ fn a_full_disk_during_an_upload_stores_nothing_partial_and_a_retry_succeeds() {
     for i in 0..6 {
         std::fs::write(tree.join(format!("f{i}")), noise(i, 400 << 10)).unwrap();
     }
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
     let data = mnt.join("data");
-    let _server = imageserver(&data, port);
+    let server = imageserver(&data);
+    let addr = server.addr.clone();
     let out = imagetool(&addr, &["add", "big/1", tree.to_str().unwrap(), "", ""]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -74,9 +73,8 @@ fn a_full_disk_during_an_upload_stores_nothing_partial_and_a_retry_succeeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_during_fetch_and_update_activates_nothing_partial_and_converges_later() {
     let work = tempfile::tempdir().unwrap();
-    let is_port = free_port();
-    let is_addr = format!("127.0.0.1:{is_port}");
-    let _server = imageserver(&work.path().join("data"), is_port);
+    let server = imageserver(&work.path().join("data"));
+    let is_addr = server.addr.clone();
     // A sparse image: five names for one 300 KiB object (the update must copy it four
     // times) and one unique 300 KiB file.
     let tree = work.path().join("tree");
@@ -96,8 +94,7 @@ async fn a_full_disk_during_fetch_and_update_activates_nothing_partial_and_conve
     };
     let ballast = root.join("ballast");
     std::fs::write(&ballast, vec![0u8; (3 << 20) - (200 << 10)]).unwrap();
-    let port = free_port();
-    let (_d, c) = subd(&root, port);
+    let (_d, c) = subd(&root);
     let p = full_poll(&c, 0).await;
     let plan = plan_for("app/1", &image, &p);
     assert_eq!(plan.objects_to_fetch.len(), 2);
@@ -148,9 +145,8 @@ async fn a_full_disk_during_fetch_and_update_activates_nothing_partial_and_conve
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn symlinks_swapped_in_between_scan_and_update_never_lead_outside_the_root() {
     let work = tempfile::tempdir().unwrap();
-    let is_port = free_port();
-    let is_addr = format!("127.0.0.1:{is_port}");
-    let _server = imageserver(&work.path().join("data"), is_port);
+    let server = imageserver(&work.path().join("data"));
+    let is_addr = server.addr.clone();
     let tree = work.path().join("tree");
     std::fs::create_dir_all(tree.join("etc/app")).unwrap();
     std::fs::write(tree.join("etc/app/config"), "new config\n").unwrap();
@@ -188,8 +184,7 @@ async fn symlinks_swapped_in_between_scan_and_update_never_lead_outside_the_root
     }
     let before = outside_state(&outside);
 
-    let port = free_port();
-    let (_d, c) = subd(&root, port);
+    let (_d, c) = subd(&root);
     let p = full_poll(&c, 0).await;
     let plan = plan_for("app/1", &image, &p);
     let (_, plan) = fetch_then_replan(&c, &is_addr, "app/1", &image, p, plan).await;

@@ -13,7 +13,7 @@ use model::plan::PathInode;
 use model::UpdatePlan;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use testkit::{bin, free_port, Daemon};
+use testkit::{bin, Daemon};
 use wire::client::{ClientError, ClientSecurity, RpcClient};
 
 fn at(path: &str, inode: Inode) -> PathInode {
@@ -28,7 +28,7 @@ async fn subd_refuses_a_plan_with_an_unsettable_owner_or_a_directory_among_inode
     let work = tempfile::tempdir().unwrap();
     let root = work.path().join("root");
     std::fs::create_dir(&root).unwrap();
-    let (_d, c) = subd(&root, free_port());
+    let (_d, c) = subd(&root);
     full_poll(&c, 0).await; // a scan has finished: the plan itself decides
     let bad: Vec<(UpdatePlan, &str)> = vec![
         (
@@ -159,19 +159,18 @@ async fn the_dominator_refuses_a_hand_edited_mdb_naming_the_bad_record() {
     let work = tempfile::tempdir().unwrap();
     let mdb = work.path().join("mdb.json");
     std::fs::write(&mdb, r#"[{"Hostname":"web1","IpAddress":"127.0.0.1:1"}]"#).unwrap();
-    let daddr = format!("127.0.0.1:{}", free_port());
     let args = [
         "--mdb",
         mdb.to_str().unwrap(),
         "--image-server",
-        &format!("127.0.0.1:{}", free_port()),
+        "127.0.0.1:1", // nothing listens there
         "--listen",
-        &daddr,
+        "127.0.0.1:0",
         "--permit-insecure-mode",
     ];
-    let _dom = Daemon::start(&bin("dominator"), &args.map(String::from), &daddr);
+    let dom = Daemon::start(&bin("dominator"), &args.map(String::from));
     let api = RpcClient::new(
-        &daddr,
+        &dom.addr,
         wire::client::DOMINATOR_PORT,
         &ClientSecurity::Insecure,
         wire::client::DOMINATOR_NAME,
@@ -219,9 +218,8 @@ async fn the_imageserver_skips_an_image_on_disk_whose_name_has_a_bidi_override()
     let tree = work.path().join("tree");
     std::fs::create_dir_all(tree.join("etc")).unwrap();
     std::fs::write(tree.join("etc/motd"), "hi\n").unwrap();
-    let port = free_port();
-    let server = format!("127.0.0.1:{port}");
-    let mut d = imageserver(&data, port);
+    let mut d = imageserver(&data);
+    let server = d.addr.clone();
     add_image(&server, "web/1", &tree, "").await;
     add_image(&server, "web/2", &tree, "").await;
     d.kill9();
@@ -232,9 +230,9 @@ async fn the_imageserver_skips_an_image_on_disk_whose_name_has_a_bidi_override()
         data.join("images/web").join(hostile),
     )
     .unwrap();
-    let _d = imageserver(&data, port);
+    let d = imageserver(&data);
     let out = Command::new(bin("imagetool"))
-        .args(["--image-server", &server, "list"])
+        .args(["--image-server", &d.addr, "list"])
         .output()
         .unwrap();
     assert!(

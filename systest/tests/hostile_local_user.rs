@@ -14,7 +14,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-use testkit::{bin, free_port};
+use testkit::bin;
 
 /// `nobody`: an unprivileged user.
 const NOBODY: u32 = 65534;
@@ -105,12 +105,11 @@ async fn a_name_flipped_by_a_local_user_cannot_freeze_the_scanner() {
     for i in 0..20_000 {
         std::fs::File::create(root.join(format!("zzz/f{i:05}"))).unwrap();
     }
-    let is_port = free_port();
-    let server = format!("127.0.0.1:{is_port}");
     let data = tempfile::tempdir().unwrap();
-    let _is = imageserver(data.path(), is_port);
+    let is = imageserver(data.path());
+    let server = is.addr.clone();
     let image = add_image(&server, "app/1", &image_dir, "").await;
-    let (_subd, c) = subd(&root, free_port());
+    let (_subd, c) = subd(&root);
     converge(&c, &server, "app/1", &image).await;
 
     // Two names flipped as fast as a shell can: a file with content (so the scan lists it
@@ -183,13 +182,11 @@ async fn a_state_dir_swapped_for_a_symlink_while_subd_runs_redirects_nothing() {
         return;
     }
     let (work, root, image_dir) = machine();
-    let is_port = free_port();
-    let server = format!("127.0.0.1:{is_port}");
     let data = tempfile::tempdir().unwrap();
-    let _is = imageserver(data.path(), is_port);
+    let is = imageserver(data.path());
+    let server = is.addr.clone();
     let image1 = add_image(&server, "app/1", &image_dir, "").await;
-    let port = free_port();
-    let (subd1, c) = subd(&root, port);
+    let (subd1, c) = subd(&root);
     converge(&c, &server, "app/1", &image1).await;
 
     // Image 2 adds a setuid-root tool.
@@ -252,11 +249,7 @@ async fn a_state_dir_swapped_for_a_symlink_while_subd_runs_redirects_nothing() {
     chmod(&root, 0o777);
     let out = Command::new(bin("subd"))
         .args(["--root", root.to_str().unwrap()])
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--permit-insecure-mode",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--permit-insecure-mode"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -269,11 +262,7 @@ async fn a_state_dir_swapped_for_a_symlink_while_subd_runs_redirects_nothing() {
     chmod(&root, 0o755);
     let out = Command::new(bin("subd"))
         .args(["--root", root.to_str().unwrap()])
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--permit-insecure-mode",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--permit-insecure-mode"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

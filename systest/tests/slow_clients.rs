@@ -9,14 +9,14 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use testkit::{bin, free_port, Daemon};
+use testkit::{bin, spawn_listening, Daemon};
 use wire::tls::TlsFiles;
 
 const HEADER_TIMEOUT_SECS: u64 = 2;
 const PARTIAL_HEAD: &[u8] = b"POST /rpc/Subd.Poll HTTP/1.1\r\nHost: x\r\nX-Slow: ";
 
-/// The flags that start `daemon` listening on `addr`, with its data under `work`.
-fn daemon_args(daemon: &str, work: &Path, addr: &str, header_timeout: u64) -> Vec<String> {
+/// The flags that start `daemon` on a free loopback port, with its data under `work`.
+fn daemon_args(daemon: &str, work: &Path, header_timeout: u64) -> Vec<String> {
     let mut a: Vec<String> = match daemon {
         "imageserver" => vec!["--data-dir".into(), work.join("data").display().to_string()],
         "subd" => {
@@ -29,14 +29,14 @@ fn daemon_args(daemon: &str, work: &Path, addr: &str, header_timeout: u64) -> Ve
                 "--mdb".into(),
                 work.join("mdb.json").display().to_string(),
                 "--image-server".into(),
-                format!("127.0.0.1:{}", free_port()),
+                "127.0.0.1:1".into(), // nothing listens there
             ]
         }
         _ => unreachable!(),
     };
     a.extend([
         "--listen".to_string(),
-        addr.to_string(),
+        "127.0.0.1:0".into(),
         "--header-timeout-secs".into(),
         header_timeout.to_string(),
         "--transfer-timeout-secs".into(),
@@ -169,14 +169,14 @@ async fn slowloris_is_closed_and_normal_requests_answer(daemon: &str, tls: bool)
     let work = tempfile::tempdir().unwrap();
     let certs = work.path().join("certs");
     wire::certs::make_all(&certs, &[]).unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut args = daemon_args(daemon, work.path(), &addr, HEADER_TIMEOUT_SECS);
+    let mut args = daemon_args(daemon, work.path(), HEADER_TIMEOUT_SECS);
     if tls {
         args.extend(tls_flags(&certs, daemon));
     } else {
         args.push("--permit-insecure-mode".into());
     }
-    let d = Daemon::start(&bin(daemon), &args, &addr);
+    let d = Daemon::start(&bin(daemon), &args);
+    let addr = d.addr.clone();
     let cfg = tls.then(|| Arc::new(wire::tls::client_config(&admin(&certs), daemon).unwrap()));
     let t0 = Instant::now();
     let mut slow: Vec<Slow> = (0..100)
@@ -225,10 +225,10 @@ async fn a_slowloris_is_closed_after_the_header_timeout_by_each_daemon_plain_and
 #[test]
 fn an_idle_kept_alive_connection_is_closed() {
     let work = tempfile::tempdir().unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut args = daemon_args("subd", work.path(), &addr, HEADER_TIMEOUT_SECS);
+    let mut args = daemon_args("subd", work.path(), HEADER_TIMEOUT_SECS);
     args.push("--permit-insecure-mode".into());
-    let _d = Daemon::start(&bin("subd"), &args, &addr);
+    let d = Daemon::start(&bin("subd"), &args);
+    let addr = d.addr.clone();
     let mut s = TcpStream::connect(&addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(HEADER_TIMEOUT_SECS + 5)))
         .unwrap();
@@ -271,10 +271,10 @@ fn an_idle_kept_alive_connection_is_closed() {
 #[test]
 fn an_upload_that_stops_mid_body_is_cut_off() {
     let work = tempfile::tempdir().unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut args = daemon_args("imageserver", work.path(), &addr, HEADER_TIMEOUT_SECS);
+    let mut args = daemon_args("imageserver", work.path(), HEADER_TIMEOUT_SECS);
     args.push("--permit-insecure-mode".into());
-    let _d = Daemon::start(&bin("imageserver"), &args, &addr);
+    let d = Daemon::start(&bin("imageserver"), &args);
+    let addr = d.addr.clone();
     let mut s = TcpStream::connect(&addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s.write_all(b"POST /rpc/ObjectServer.AddObjects HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n0123456789")
@@ -310,8 +310,7 @@ fn with_256_descriptors_1000_slow_sockets_do_not_stop_normal_requests() {
         );
     }
     let work = tempfile::tempdir().unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut args = daemon_args("imageserver", work.path(), &addr, 30);
+    let mut args = daemon_args("imageserver", work.path(), 30);
     args.push("--permit-insecure-mode".into());
     let mut cmd = std::process::Command::new(bin("imageserver"));
     cmd.args(&args);
@@ -328,16 +327,12 @@ fn with_256_descriptors_1000_slow_sockets_do_not_stop_normal_requests() {
             .map_err(std::io::Error::from)
         });
     }
-    let child = cmd.spawn().unwrap();
+    let (child, addr) = spawn_listening(&mut cmd);
+    let addr = addr.to_string();
     let d = Daemon {
         child,
         addr: addr.clone(),
     };
-    let t0 = Instant::now();
-    while TcpStream::connect(&addr).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "never listened");
-        std::thread::sleep(Duration::from_millis(10));
-    }
     let slow: Vec<Slow> = (0..1000)
         .filter_map(|_| Slow::open(&addr, None).ok())
         .collect();
@@ -361,10 +356,10 @@ fn with_256_descriptors_1000_slow_sockets_do_not_stop_normal_requests() {
 #[test]
 fn a_reply_the_client_stops_reading_is_cut_off() {
     let work = tempfile::tempdir().unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut args = daemon_args("imageserver", work.path(), &addr, HEADER_TIMEOUT_SECS);
+    let mut args = daemon_args("imageserver", work.path(), HEADER_TIMEOUT_SECS);
     args.push("--permit-insecure-mode".into());
-    let d = Daemon::start(&bin("imageserver"), &args, &addr);
+    let d = Daemon::start(&bin("imageserver"), &args);
+    let addr = d.addr.clone();
     let tree = work.path().join("tree");
     std::fs::create_dir_all(&tree).unwrap();
     let data: Vec<u8> = (0..32u32 << 20)
@@ -465,10 +460,10 @@ fn a_request_body_trickled_below_the_minimum_pace_is_cut_off_within_one_window()
         ),
     ] {
         let work = tempfile::tempdir().unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut args = daemon_args(daemon, work.path(), &addr, HEADER_TIMEOUT_SECS);
+        let mut args = daemon_args(daemon, work.path(), HEADER_TIMEOUT_SECS);
         args.push("--permit-insecure-mode".into());
-        let _d = Daemon::start(&bin(daemon), &args, &addr);
+        let d = Daemon::start(&bin(daemon), &args);
+        let addr = d.addr.clone();
         let (took, reply) = trickle_body(&addr, head);
         assert!(
             took < Duration::from_secs(HEADER_TIMEOUT_SECS + 3),
@@ -486,10 +481,10 @@ fn a_request_body_trickled_below_the_minimum_pace_is_cut_off_within_one_window()
 #[test]
 fn a_large_upload_at_a_modest_pace_succeeds() {
     let work = tempfile::tempdir().unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut args = daemon_args("imageserver", work.path(), &addr, HEADER_TIMEOUT_SECS);
+    let mut args = daemon_args("imageserver", work.path(), HEADER_TIMEOUT_SECS);
     args.push("--permit-insecure-mode".into());
-    let _d = Daemon::start(&bin("imageserver"), &args, &addr);
+    let d = Daemon::start(&bin("imageserver"), &args);
+    let addr = d.addr.clone();
     let data: Vec<u8> = (0..192u32 << 10)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
@@ -525,15 +520,15 @@ fn a_large_upload_at_a_modest_pace_succeeds() {
 #[test]
 fn with_the_connection_limit_full_of_trickled_bodies_a_normal_request_answers() {
     let work = tempfile::tempdir().unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
     // a 10 s pace window: the trickled bodies are not yet cut off while we measure
-    let mut args = daemon_args("subd", work.path(), &addr, 10);
+    let mut args = daemon_args("subd", work.path(), 10);
     args.extend([
         "--permit-insecure-mode".to_string(),
         "--max-connections".into(),
         "20".into(),
     ]);
-    let d = Daemon::start(&bin("subd"), &args, &addr);
+    let d = Daemon::start(&bin("subd"), &args);
+    let addr = d.addr.clone();
     let head = "POST /rpc/Subd.Poll HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{";
     let mut slow: Vec<TcpStream> = (0..20)
         .map(|_| {

@@ -9,7 +9,7 @@ use model::api::{PollRequest, UpdateRequest};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
-use testkit::{bin, free_port, Daemon};
+use testkit::{bin, Daemon};
 use wire::client::{ClientSecurity, SubdClient};
 use wire::tls::TlsFiles;
 
@@ -39,15 +39,16 @@ fn user_flags(certs: &Path, user: &str) -> Vec<String> {
 fn tls_subd(work: &Path, certs: &Path) -> (Daemon, String) {
     let root = work.join("root");
     std::fs::create_dir_all(&root).unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
     let mut args = vec![
         "--root".to_string(),
         root.display().to_string(),
         "--listen".into(),
-        addr.clone(),
+        "127.0.0.1:0".into(),
     ];
     args.extend(daemon_flags(certs, "subd"));
-    (Daemon::start(&bin("subd"), &args, &addr), addr)
+    let d = Daemon::start(&bin("subd"), &args);
+    let addr = d.addr.clone();
+    (d, addr)
 }
 
 fn imagetool(addr: &str, tls: &[String], args: &[&str]) -> Output {
@@ -87,7 +88,7 @@ fn each_daemon_refuses_to_start_without_certificates() {
         ),
     ];
     for (name, mut args) in cases {
-        args.extend(["--listen".to_string(), format!("127.0.0.1:{}", free_port())]);
+        args.extend(["--listen".to_string(), "127.0.0.1:0".into()]);
         args.extend(missing.iter().map(|s| s.to_string()));
         let out = Command::new(bin(name)).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -108,15 +109,15 @@ async fn roles_over_mutual_tls_with_the_real_binaries() {
     wire::certs::make_all(&other, &[]).unwrap();
 
     // imageserver over TLS
-    let addr = format!("127.0.0.1:{}", free_port());
     let mut args = vec![
         "--data-dir".to_string(),
         work.path().join("data").display().to_string(),
         "--listen".into(),
-        addr.clone(),
+        "127.0.0.1:0".into(),
     ];
     args.extend(daemon_flags(&certs, "imageserver"));
-    let _is = Daemon::start(&bin("imageserver"), &args, &addr);
+    let is = Daemon::start(&bin("imageserver"), &args);
+    let addr = is.addr.clone();
 
     let tree = work.path().join("tree");
     std::fs::create_dir_all(tree.join("etc")).unwrap();
@@ -258,15 +259,15 @@ async fn the_dominator_names_why_it_cannot_poll_a_machine() {
     let (_subd, saddr) = tls_subd(work.path(), &certs);
     // The image exists: the dominator's short poll is allowed, so it is the full poll
     // (taken once it has the image) that is denied.
-    let iaddr = format!("127.0.0.1:{}", free_port());
     let mut iargs = vec![
         "--data-dir".to_string(),
         work.path().join("data").display().to_string(),
         "--listen".into(),
-        iaddr.clone(),
+        "127.0.0.1:0".into(),
     ];
     iargs.extend(daemon_flags(&certs, "imageserver"));
-    let _is = Daemon::start(&bin("imageserver"), &iargs, &iaddr);
+    let is = Daemon::start(&bin("imageserver"), &iargs);
+    let iaddr = is.addr.clone();
     let tree = work.path().join("tree");
     std::fs::create_dir_all(tree.join("etc")).unwrap();
     std::fs::write(tree.join("etc/motd"), "hello\n").unwrap();
@@ -290,21 +291,21 @@ async fn the_dominator_names_why_it_cannot_poll_a_machine() {
         {"Hostname": "blackholed", "IpAddress": blackhole.addr.to_string(), "RequiredImage": "app/1"},
     ]);
     std::fs::write(&mdb, machines.to_string()).unwrap();
-    let daddr = format!("127.0.0.1:{}", free_port());
     let mut dargs = vec![
         "--mdb".to_string(),
         mdb.display().to_string(),
         "--image-server".into(),
         iaddr,
         "--listen".into(),
-        daddr.clone(),
+        "127.0.0.1:0".into(),
         "--poll-interval-ms".into(),
         "100".into(),
         "--subd-connect-timeout-ms".into(),
         "1000".into(),
     ];
     dargs.extend(user_flags(&certs, "builder")); // the wrong role's pair
-    let _dom = Daemon::start(&bin("dominator"), &dargs, &daddr);
+    let dom = Daemon::start(&bin("dominator"), &dargs);
+    let daddr = dom.addr.clone();
     let admin = wire::client::RpcClient::new(
         &daddr,
         wire::client::DOMINATOR_PORT,
@@ -351,15 +352,15 @@ fn an_imageserver_with_another_roles_certificate_is_refused_by_its_clients() {
     let work = tempfile::tempdir().unwrap();
     let certs = work.path().join("certs");
     wire::certs::make_all(&certs, &[]).unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
     let mut args = vec![
         "--data-dir".to_string(),
         work.path().join("data").display().to_string(),
         "--listen".into(),
-        addr.clone(),
+        "127.0.0.1:0".into(),
     ];
     args.extend(daemon_flags(&certs, "subd")); // the wrong role's pair
-    let _is = Daemon::start(&bin("imageserver"), &args, &addr);
+    let is = Daemon::start(&bin("imageserver"), &args);
+    let addr = is.addr.clone();
     let want = r#"certificate is for "subd", expected "imageserver""#;
 
     let out = imagetool(&addr, &user_flags(&certs, "admin"), &["list"]);

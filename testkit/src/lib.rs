@@ -2,17 +2,19 @@
 //! between a client and a real server and misbehaves on demand (HTTP 500s, connection
 //! resets, truncated or 1-byte-per-second replies, oversized bodies), so tests can show
 //! that retries are bounded, memory stays bounded and nothing half-written is stored.
-//! Also: the real binaries (`bin`, `Daemon`), a small tmpfs (`Tmpfs`), `files_under`, and
-//! `drive`, which polls, plans and updates a subd the way the dominator does; `fake`, an
-//! in-memory subd and imageserver over real sockets; `net`, loopback addresses that refuse
-//! or never answer.
+//! Also: the real binaries (`bin`, `spawn_listening`, `Daemon`), a small tmpfs (`Tmpfs`),
+//! `files_under`, and `drive`, which polls, plans and updates a subd the way the dominator
+//! does; `fake`, an in-memory subd and imageserver over real sockets; `net`, loopback
+//! addresses that refuse or never answer.
 
 pub mod drive;
 pub mod fake;
 pub mod net;
 
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -183,46 +185,84 @@ pub fn bin(name: &str) -> std::path::PathBuf {
     p
 }
 
-/// A loopback port that was free a moment ago (for real processes that must be told one).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .unwrap()
-        .port()
+/// How long a server may take to say where it listens.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Starts `cmd` and waits for the line `PROGRAM: listening on ADDR` that every server prints
+/// on stderr once bound (so tests start them on `--listen 127.0.0.1:0` instead of guessing a
+/// free port); returns the child and ADDR. A thread copies all of the child's stderr, that
+/// line included, to this process's stderr for as long as the child writes, so the pipe
+/// never fills. Panics if the child exits or stays silent for 20 s first.
+pub fn spawn_listening(cmd: &mut Command) -> (Child, SocketAddr) {
+    cmd.stdin(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || forward_stderr(stderr, tx));
+    match rx.recv_timeout(LISTEN_TIMEOUT) {
+        Ok(addr) => (child, addr),
+        Err(e) => {
+            let _ = child.kill();
+            let status = child.wait();
+            panic!("{cmd:?} never said where it listens ({e}); it ended: {status:?}")
+        }
+    }
 }
 
-/// A real daemon process listening on `addr`; killed (SIGKILL) when dropped.
+/// Copies `stderr` line by line to this process's stderr, sending the address of the first
+/// listening line to `tx`.
+fn forward_stderr(stderr: ChildStderr, tx: mpsc::Sender<SocketAddr>) {
+    let mut tx = Some(tx);
+    for line in BufReader::new(stderr).split(b'\n') {
+        let Ok(line) = line else { break };
+        if let Some(addr) = tx.as_ref().and(listening_addr(&line)) {
+            let _ = tx.take().map(|t| t.send(addr));
+        }
+        let mut out = std::io::stderr().lock();
+        let _ = out.write_all(&line);
+        let _ = out.write_all(b"\n");
+    }
+}
+
+/// ADDR of a line `PROGRAM: listening on ADDR`.
+fn listening_addr(line: &[u8]) -> Option<SocketAddr> {
+    wire::listening::parse_any(std::str::from_utf8(line).ok()?)
+}
+
+/// A real daemon process; killed (SIGKILL) when dropped.
 pub struct Daemon {
-    pub child: std::process::Child,
+    pub child: Child,
+    /// Where it listens, as `IP:PORT`.
     pub addr: String,
 }
 
 impl Daemon {
-    /// Starts `program args…` and waits until `addr` accepts connections (10 s at most).
-    pub fn start(program: &std::path::Path, args: &[String], addr: &str) -> Daemon {
-        let child = std::process::Command::new(program)
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
-        let mut d = Daemon {
+    /// Starts `program args…` (whose `--listen` should be `127.0.0.1:0`) and waits until it
+    /// says where it listens (`spawn_listening`).
+    pub fn start(program: &std::path::Path, args: &[String]) -> Daemon {
+        let (child, addr) = spawn_listening(Command::new(program).args(args));
+        Daemon {
             child,
             addr: addr.to_string(),
-        };
-        let t0 = std::time::Instant::now();
-        while std::net::TcpStream::connect(addr).is_err() {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                panic!("{} exited before listening: {status}", program.display());
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "{} never listened on {addr}",
-                program.display()
-            );
-            std::thread::sleep(Duration::from_millis(10));
         }
-        d
+    }
+
+    /// An insecure imageserver (`program`) of `data` on a free loopback port, with `extra`
+    /// flags.
+    pub fn imageserver(
+        program: &std::path::Path,
+        data: &std::path::Path,
+        extra: &[&str],
+    ) -> Daemon {
+        let mut args: Vec<String> = ["--data-dir", &data.display().to_string()]
+            .into_iter()
+            .chain(["--listen", "127.0.0.1:0", "--permit-insecure-mode"])
+            .map(String::from)
+            .collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Daemon::start(program, &args)
     }
 
     /// SIGKILL, as a crash or a power cut would, and reap it.
@@ -277,4 +317,30 @@ pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listening_line_gives_the_address_and_other_lines_pass() {
+        let (mut child, addr) = spawn_listening(Command::new("sh").args([
+            "-c",
+            "echo starting >&2; echo 'fake: listening on 127.0.0.1:4567' >&2; echo more >&2",
+        ]));
+        assert_eq!(addr, "127.0.0.1:4567".parse().unwrap());
+        assert!(child.wait().unwrap().success());
+        assert_eq!(
+            listening_addr(b"subd: listening on [::1]:80"),
+            "[::1]:80".parse().ok()
+        );
+        assert_eq!(listening_addr(b"listening on nothing"), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "never said where it listens")]
+    fn a_child_that_exits_silently_is_a_clear_failure() {
+        spawn_listening(Command::new("sh").args(["-c", "echo no >&2; exit 3"]));
+    }
 }

@@ -10,6 +10,8 @@
 //!   `make-certs`.
 //! - `fetch`: objects from an imageserver into a local store, verified, in batches.
 //! - `patch`: `patch_directory`, an image applied to a local directory (diff + fetch + apply).
+//! - `pages`: HTML escaping for status pages, the Prometheus `/metrics` reply.
+//! - `program`: a server `main`'s listening line and its SIGTERM/SIGINT shutdown.
 
 pub mod certs;
 pub mod client;
@@ -17,6 +19,8 @@ pub mod connection;
 pub mod fetch;
 pub mod http;
 pub mod listening;
+pub mod pages;
 pub mod patch;
+pub mod program;
 pub mod security;
 pub mod tls;

@@ -19,6 +19,12 @@ pub fn parse(program: &str, text: &str) -> Option<SocketAddr> {
         .ok()
 }
 
+/// The address in `text` if it is any program's listening line.
+pub fn parse_any(text: &str) -> Option<SocketAddr> {
+    let (program, _) = text.split_once(": listening on ")?;
+    parse(program, text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

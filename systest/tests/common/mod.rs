@@ -36,40 +36,30 @@ pub fn check_objects(objects: &Path, allow_temp: bool) -> usize {
     n
 }
 
-pub fn imageserver(data: &Path, port: u16) -> Daemon {
-    imageserver_with(data, port, &[])
+/// An insecure imageserver on a free loopback port (its address in `Daemon::addr`).
+pub fn imageserver(data: &Path) -> Daemon {
+    imageserver_with(data, &[])
 }
 
-/// An insecure imageserver on `port` with `extra` flags.
-pub fn imageserver_with(data: &Path, port: u16, extra: &[&str]) -> Daemon {
-    let addr = format!("127.0.0.1:{port}");
-    let mut args: Vec<String> = [
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--listen",
-        &addr,
-        "--permit-insecure-mode",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(extra.iter().map(|a| a.to_string()));
-    Daemon::start(&bin("imageserver"), &args, &addr)
+/// An insecure imageserver on a free loopback port with `extra` flags.
+pub fn imageserver_with(data: &Path, extra: &[&str]) -> Daemon {
+    Daemon::imageserver(&bin("imageserver"), data, extra)
 }
 
-pub fn subd(root: &Path, port: u16) -> (Daemon, SubdClient) {
-    let addr = format!("127.0.0.1:{port}");
+/// An insecure subd of `root` on a free loopback port, and a client of it.
+pub fn subd(root: &Path) -> (Daemon, SubdClient) {
     let args = [
         "--root",
         root.to_str().unwrap(),
         "--listen",
-        &addr,
+        "127.0.0.1:0",
         "--permit-insecure-mode",
         "--scan-speed-percent",
         "100",
     ];
-    let d = Daemon::start(&bin("subd"), &args.map(String::from), &addr);
+    let d = Daemon::start(&bin("subd"), &args.map(String::from));
     let c = SubdClient::new(
-        &addr,
+        &d.addr,
         &ClientSecurity::Insecure,
         Some(Duration::from_secs(30)),
     )
