@@ -762,9 +762,7 @@ impl Update<'_> {
         for (pi, name) in inodes.iter().zip(names) {
             let Some(name) = name else { continue };
             let r = fs.parent(&pi.path).and_then(|(pfd, leaf)| {
-                clear_dir_in_way(fs, pfd.as_fd(), &leaf, &pi.path, excl)?;
-                rustix::fs::renameat(sfd, name.as_str(), &*pfd, leaf.as_slice())
-                    .map_err(Cause::sys(Op::Rename))
+                rename_into_place(fs, sfd, name, pfd.as_fd(), &leaf, &pi.path, excl)
             });
             match r {
                 Ok(()) => window.mark(),
@@ -789,9 +787,7 @@ impl Update<'_> {
                 rustix::fs::linkat(&*tfd, tleaf.as_slice(), sfd, tmp.as_str(), AtFlags::empty())
                     .map_err(Cause::sys_at(Op::Link, &h.target))?;
                 let (pfd, leaf) = fs.parent(&h.path)?;
-                clear_dir_in_way(fs, pfd.as_fd(), &leaf, &h.path, excl)?;
-                let r = rustix::fs::renameat(sfd, tmp.as_str(), &*pfd, leaf.as_slice())
-                    .map_err(Cause::sys(Op::Rename));
+                let r = rename_into_place(fs, sfd, &tmp, pfd.as_fd(), &leaf, &h.path, excl);
                 // Renaming onto another name of the same inode leaves the temp name.
                 let _ = rustix::fs::unlinkat(sfd, tmp.as_str(), AtFlags::empty());
                 r
@@ -1030,6 +1026,26 @@ fn write_patched_image(fs: &mut Root, name: &str) {
     })();
     if let Err(e) = r {
         tracing::warn!("writing {PATCHED_IMAGE}: {}", io::Error::from(e));
+    }
+}
+
+/// Renames the staged `name` to `leaf` in `pfd`. A directory standing there is removed
+/// first, found by the rename's refusal, so the usual case costs one call.
+fn rename_into_place(
+    fs: &mut Root,
+    sfd: &OwnedFd,
+    name: &str,
+    pfd: BorrowedFd<'_>,
+    leaf: &[u8],
+    path: &FsPath,
+    excl: Option<&Filter>,
+) -> Result<(), Cause> {
+    match rustix::fs::renameat(sfd, name, pfd, leaf) {
+        Err(Errno::ISDIR | Errno::NOTEMPTY | Errno::EXIST) => {
+            clear_dir_in_way(fs, pfd, leaf, path, excl)?;
+            rustix::fs::renameat(sfd, name, pfd, leaf).map_err(Cause::sys(Op::Rename))
+        }
+        r => r.map_err(Cause::sys(Op::Rename)),
     }
 }
 

@@ -14,9 +14,13 @@ pub const TEMP_SUFFIX: &str = ".tmp~";
 pub fn temp_path(path: &Path) -> PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let n = N.fetch_add(1, Ordering::Relaxed);
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".{}.{n}{TEMP_SUFFIX}", std::process::id()));
+    name.push(format!(
+        ".{}.{n}{TEMP_SUFFIX}",
+        PID.get_or_init(std::process::id)
+    ));
     path.with_file_name(name)
 }
 

@@ -290,15 +290,9 @@ fn plan_objects(
         }
         match by_hash.get(&h) {
             Some(hino) => {
-                let names = &s.all_links[hino];
-                let may_link = !kept.claimed.contains(hino)
-                    && names
-                        .iter()
-                        .all(|q| s.want.entries.contains_key(q) || s.deleted(q));
                 plan.files_to_copy_to_cache.push(CopyToCache {
-                    path: names[0].clone(),
+                    path: s.all_links[hino][0].clone(),
                     hash: h,
-                    may_link,
                 });
             }
             None => {

@@ -14,14 +14,15 @@ pub struct PathInode {
     pub inode: Inode,
 }
 
-/// An existing file on the machine whose content is needed as an object.
+/// An existing file on the machine whose content is needed as an object. It is always
+/// copied into the cache, never hardlinked: a linked object would share its inode with a
+/// file a process may still write, and staging it would change that file's owner and mode
+/// before the change window. (Plans from earlier versions carry a `may_link` flag; it is
+/// ignored.)
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CopyToCache {
     pub path: FsPath,
     pub hash: ObjectId,
-    /// Every link of the file is going away, so it may be moved (hardlinked) instead of copied.
-    #[serde(default)]
-    pub may_link: bool,
 }
 
 /// A new name for an inode that the update makes (or that exists) at `target`.
@@ -287,6 +288,21 @@ impl std::fmt::Display for UpdatePlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_to_cache_from_an_earlier_version_is_read_without_its_may_link_flag() {
+        let h = ObjectId::of(b"x");
+        let json = format!(r#"{{"path":"/a","hash":"{}","may_link":true}}"#, h.to_hex());
+        let c: CopyToCache = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            c,
+            CopyToCache {
+                path: "/a".parse().unwrap(),
+                hash: h
+            }
+        );
+        assert!(!serde_json::to_string(&c).unwrap().contains("may_link"));
+    }
 
     fn at(path: &str, inode: Inode) -> PathInode {
         PathInode {

@@ -1,7 +1,7 @@
 //! Fetching objects from an imageserver into a local `ObjectStore` (subd's Fetch and
 //! `patch-directory`): `ObjectServer.GetObjects` in batches, each reply streamed through a
 //! small bounded channel into a blocking writer that verifies every object's length and
-//! SHA-512 before it is kept. Batches run concurrently, one per CPU (at most 4); the
+//! SHA-512 before it is kept. Batches run concurrently as tasks, one per CPU (at most 4); the
 //! objects they verify are committed together (one sync before the renames, one after) at
 //! the end or every `COMMIT_EVERY` objects, so a fetch syncs twice, not twice per batch.
 //! A mismatching object is discarded and reported; a truncated reply keeps the whole
@@ -14,6 +14,7 @@ use model::hash::ObjectId;
 use std::collections::HashSet;
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How to fetch.
@@ -309,15 +310,21 @@ async fn fetch_batch(
     Ok(out)
 }
 
-async fn run_batch(
+/// Runs one batch as a task of its own (its receive loop on a runtime worker, beside the
+/// socket it reads, not on the thread awaiting the fetch).
+fn spawn_batch(
+    tasks: &mut tokio::task::JoinSet<(Vec<ObjectId>, Result<BatchOutcome, FetchError>)>,
     client: &ImageServerClient,
     store: &ObjectStore,
     batch: Vec<ObjectId>,
     opts: &FetchOptions,
-    pace: &Pace,
-) -> (Vec<ObjectId>, Result<BatchOutcome, FetchError>) {
-    let r = fetch_batch(client, store, &batch, opts, pace).await;
-    (batch, r)
+    pace: &Arc<Pace>,
+) {
+    let (client, store, opts, pace) = (client.clone(), store.clone(), opts.clone(), pace.clone());
+    tasks.spawn(async move {
+        let r = fetch_batch(&client, &store, &batch, &opts, &pace).await;
+        (batch, r)
+    });
 }
 
 /// Bytes moved so far by all batches of one fetch, for the rate limit.
@@ -355,20 +362,31 @@ pub async fn fetch_objects(
         .batch_objects
         .max(1)
         .min(todo.len().div_ceil(lanes).max(16));
-    let pace = Pace {
+    let pace = Arc::new(Pace {
         started: Instant::now(),
         transferred: AtomicU64::new(0),
-    };
-    let batches: Vec<Vec<ObjectId>> = todo.chunks(per).map(<[ObjectId]>::to_vec).collect();
-    let futures = batches
-        .into_iter()
-        .map(|batch| run_batch(client, store, batch, opts, &pace));
-    let mut outcomes = futures_util::stream::iter(futures).buffer_unordered(lanes);
+    });
+    let mut batches = todo.chunks(per).map(<[ObjectId]>::to_vec);
+    // Dropping the set (the fetch abandoned) aborts the batches still running.
+    let mut tasks = tokio::task::JoinSet::new();
+    for batch in batches.by_ref().take(lanes) {
+        spawn_batch(&mut tasks, client, store, batch, opts, &pace);
+    }
     let mut mismatched: Vec<ObjectId> = Vec::new();
     let mut first_error: Option<FetchError> = None;
     let mut pending: Vec<PendingObject> = Vec::new();
-    while let Some((batch, r)) = outcomes.next().await {
+    while let Some(joined) = tasks.join_next().await {
+        if let Some(batch) = batches.next() {
+            spawn_batch(&mut tasks, client, store, batch, opts, &pace);
+        }
         stats.requests += 1;
+        let (batch, r) = match joined {
+            Ok(done) => done,
+            Err(e) => {
+                first_error.get_or_insert(FetchError::Truncated(format!("batch failed: {e}")));
+                continue;
+            }
+        };
         let out = match r {
             Ok(out) => out,
             Err(e) => {
@@ -399,14 +417,21 @@ pub async fn fetch_objects(
             });
         }
     }
-    drop(outcomes);
     // Whatever verified is kept, even when another batch failed.
+    let t_commit = Instant::now();
     match commit(store, pending).await {
         Ok(n) => stats.objects += n,
         Err(e) => {
             first_error.get_or_insert(e);
         }
     }
+    tracing::debug!(
+        "fetch: {} objects in {} requests streamed in {:.1} ms, committed in {:.1} ms",
+        stats.objects,
+        stats.requests,
+        (t_commit - pace.started).as_secs_f64() * 1000.0,
+        t_commit.elapsed().as_secs_f64() * 1000.0
+    );
     if let Some(mut e) = first_error {
         if let FetchError::DiskFull { stored, .. } = &mut e {
             *stored = stats.objects;

@@ -80,6 +80,7 @@ pub async fn patch_directory(
     dir: &Path,
     options: &PatchOptions,
 ) -> Result<PatchReport, PatchError> {
+    let t_image = std::time::Instant::now();
     let image = client
         .get_image(image_name)
         .await
@@ -87,6 +88,7 @@ pub async fn patch_directory(
             name: image_name.to_string(),
             source,
         })?;
+    let image_seconds = t_image.elapsed().as_secs_f64();
     let t_scan = std::time::Instant::now();
     std::fs::create_dir_all(dir).map_err(|source| PatchError::Dir {
         path: dir.to_path_buf(),
@@ -148,12 +150,20 @@ pub async fn patch_directory(
             .await
             .map_err(|e| PatchError::Join(e.to_string()))?
     };
+    let apply_seconds = t_apply.elapsed().as_secs_f64();
+    tracing::info!(
+        "patch phases: image {:.1} ms, scan+diff {:.1} ms, fetch {:.1} ms, apply {:.1} ms",
+        image_seconds * 1000.0,
+        scan_seconds * 1000.0,
+        fetch_seconds * 1000.0,
+        apply_seconds * 1000.0
+    );
     Ok(PatchReport {
         plan,
         fetch,
         result,
         scan_seconds,
         fetch_seconds,
-        apply_seconds: t_apply.elapsed().as_secs_f64(),
+        apply_seconds,
     })
 }

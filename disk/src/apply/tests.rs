@@ -935,3 +935,27 @@ fn command_failures_are_typed() {
     let e = run_command(&sh("sleep 30"), &[], Duration::from_millis(100)).unwrap_err();
     assert!(matches!(e, CommandError::TimedOut { .. }), "{e:?}");
 }
+
+#[test]
+fn directories_standing_where_files_symlinks_and_links_go_are_replaced() {
+    let f = fixture();
+    std::fs::create_dir_all(f.root.join("full/deep")).unwrap();
+    std::fs::write(f.root.join("full/deep/x"), b"x").unwrap();
+    std::fs::create_dir_all(f.root.join("empty")).unwrap();
+    std::fs::create_dir_all(f.root.join("linked/sub")).unwrap();
+    let b = B::new()
+        .file("/full", b"now a file", 0o644, 0)
+        .add("/empty", Inode::symlink(0, 0, b"full".to_vec()))
+        .link("/linked", "/full");
+    let img = b.image(Some(""));
+    let opts = ApplyOptions::default();
+    let (plan, r) = converge(&f, &img, &b.contents, &opts);
+    assert!(r.errors.is_empty(), "{:?}\n{plan:#}", r.errors);
+    assert_eq!(std::fs::read(f.root.join("full")).unwrap(), b"now a file");
+    assert_eq!(
+        std::fs::read_link(f.root.join("empty")).unwrap().to_str(),
+        Some("full")
+    );
+    assert_eq!(meta(&f, "/linked").ino(), meta(&f, "/full").ino());
+    assert!(rediff(&f, &img, &opts).is_empty());
+}

@@ -234,7 +234,6 @@ fn hardlink_groups_split_by_copying_local_content() {
     assert_eq!(paths(plan.inodes_to_make.iter().map(|d| &d.path)), ["/b"]);
     assert!(plan.objects_to_fetch.is_empty());
     assert_eq!(plan.files_to_copy_to_cache.len(), 1);
-    assert!(!plan.files_to_copy_to_cache[0].may_link, "/a is kept");
     assert_converges(&i, &have);
 }
 
@@ -259,7 +258,6 @@ fn rename_of_identical_content_reuses_the_local_file() {
     assert!(plan.objects_to_fetch.is_empty());
     assert_eq!(plan.files_to_copy_to_cache.len(), 1);
     assert_eq!(plan.files_to_copy_to_cache[0].path, p("/old"));
-    assert!(plan.files_to_copy_to_cache[0].may_link);
     assert_eq!(paths(&plan.paths_to_delete), ["/old"]);
     assert_converges(&i, &have);
 }
