@@ -335,116 +335,139 @@ struct Pace {
 
 /// Fetches `hashes` (those the store lacks) from `client` into `store`, running up to one
 /// batch per CPU (at most 4) at a time so hashing and file creation use every core.
+/// Phases: select what is missing → split it into batches → run them, absorbing each
+/// result (committing every `COMMIT_EVERY` objects) → commit the rest and report.
 pub async fn fetch_objects(
     client: &ImageServerClient,
     store: &ObjectStore,
     hashes: &[ObjectId],
     opts: &FetchOptions,
 ) -> Result<FetchStats, FetchError> {
-    let mut stats = FetchStats::default();
-    let mut seen = HashSet::new();
-    let mut todo = Vec::new();
-    for h in hashes {
-        if !seen.insert(*h) {
-            continue;
-        }
-        if store.contains(h) {
-            stats.already_present += 1;
-        } else {
-            todo.push(*h);
-        }
-    }
+    let mut run = FetchRun::default();
+    let todo = run.select_missing(store, hashes);
     let lanes = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(1, 4);
-    // Split small fetches across the lanes too, but never into batches of fewer than 16.
-    let per = opts
-        .batch_objects
-        .max(1)
-        .min(todo.len().div_ceil(lanes).max(16));
     let pace = Arc::new(Pace {
         started: Instant::now(),
         transferred: AtomicU64::new(0),
     });
-    let mut batches = todo.chunks(per).map(<[ObjectId]>::to_vec);
+    let mut batches = todo
+        .chunks(batch_size(opts, todo.len(), lanes))
+        .map(<[ObjectId]>::to_vec);
     // Dropping the set (the fetch abandoned) aborts the batches still running.
     let mut tasks = tokio::task::JoinSet::new();
     for batch in batches.by_ref().take(lanes) {
         spawn_batch(&mut tasks, client, store, batch, opts, &pace);
     }
-    let mut mismatched: Vec<ObjectId> = Vec::new();
-    let mut first_error: Option<FetchError> = None;
-    let mut pending: Vec<PendingObject> = Vec::new();
     while let Some(joined) = tasks.join_next().await {
         if let Some(batch) = batches.next() {
             spawn_batch(&mut tasks, client, store, batch, opts, &pace);
         }
-        stats.requests += 1;
-        let (batch, r) = match joined {
-            Ok(done) => done,
-            Err(e) => {
-                first_error.get_or_insert(FetchError::Truncated(format!("batch failed: {e}")));
+        run.absorb(store, joined).await;
+    }
+    run.finish(store, &pace).await
+}
+
+/// Objects per batch: `opts.batch_objects`, but small fetches are split across the lanes
+/// too, never into batches of fewer than 16.
+fn batch_size(opts: &FetchOptions, todo: usize, lanes: usize) -> usize {
+    opts.batch_objects.max(1).min(todo.div_ceil(lanes).max(16))
+}
+
+/// What one `fetch_objects` has gathered so far.
+#[derive(Default)]
+struct FetchRun {
+    stats: FetchStats,
+    mismatched: Vec<ObjectId>,
+    first_error: Option<FetchError>,
+    pending: Vec<PendingObject>,
+}
+
+type Joined = Result<(Vec<ObjectId>, Result<BatchOutcome, FetchError>), tokio::task::JoinError>;
+
+impl FetchRun {
+    /// The distinct `hashes` the store lacks, counting those it holds.
+    fn select_missing(&mut self, store: &ObjectStore, hashes: &[ObjectId]) -> Vec<ObjectId> {
+        let mut seen = HashSet::new();
+        let mut todo = Vec::new();
+        for h in hashes {
+            if !seen.insert(*h) {
                 continue;
             }
-        };
-        let out = match r {
-            Ok(out) => out,
-            Err(e) => {
-                first_error.get_or_insert(e);
-                continue;
-            }
-        };
-        stats.bytes += out.bytes;
-        pending.extend(out.pending);
-        if pending.len() >= COMMIT_EVERY {
-            match commit(store, std::mem::take(&mut pending)).await {
-                Ok(n) => stats.objects += n,
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
+            if store.contains(h) {
+                self.stats.already_present += 1;
+            } else {
+                todo.push(*h);
             }
         }
-        mismatched.extend(out.mismatched);
+        todo
+    }
+
+    /// Keeps the first error of all.
+    fn fail(&mut self, e: FetchError) {
+        self.first_error.get_or_insert(e);
+    }
+
+    /// Takes in one finished batch: its verified objects (committed once enough wait), its
+    /// mismatches, its error, and what it was asked for but never sent.
+    async fn absorb(&mut self, store: &ObjectStore, joined: Joined) {
+        self.stats.requests += 1;
+        let (batch, out) = match joined {
+            Ok((batch, Ok(out))) => (batch, out),
+            Ok((_, Err(e))) => return self.fail(e),
+            Err(e) => return self.fail(FetchError::Truncated(format!("batch failed: {e}"))),
+        };
+        self.stats.bytes += out.bytes;
+        self.pending.extend(out.pending);
+        if self.pending.len() >= COMMIT_EVERY {
+            match commit(store, std::mem::take(&mut self.pending)).await {
+                Ok(n) => self.stats.objects += n,
+                Err(e) => self.fail(e),
+            }
+        }
+        self.mismatched.extend(out.mismatched);
         if let Some(e) = out.error {
-            first_error.get_or_insert(e);
-            continue;
+            return self.fail(e);
         }
         let missing: Vec<&ObjectId> = batch.iter().filter(|h| !out.received.contains(h)).collect();
         if let Some(first) = missing.first() {
-            first_error.get_or_insert(FetchError::Missing {
+            self.fail(FetchError::Missing {
                 count: missing.len(),
                 first: Box::new(**first),
             });
         }
     }
-    // Whatever verified is kept, even when another batch failed.
-    let t_commit = Instant::now();
-    match commit(store, pending).await {
-        Ok(n) => stats.objects += n,
-        Err(e) => {
-            first_error.get_or_insert(e);
+
+    /// Commits what is still pending (whatever verified is kept, even when another batch
+    /// failed) and reports: the first error, else the first mismatch, else the counts.
+    async fn finish(mut self, store: &ObjectStore, pace: &Pace) -> Result<FetchStats, FetchError> {
+        let t_commit = Instant::now();
+        match commit(store, std::mem::take(&mut self.pending)).await {
+            Ok(n) => self.stats.objects += n,
+            Err(e) => self.fail(e),
         }
-    }
-    tracing::debug!(
-        "fetch: {} objects in {} requests streamed in {:.1} ms, committed in {:.1} ms",
-        stats.objects,
-        stats.requests,
-        (t_commit - pace.started).as_secs_f64() * 1000.0,
-        t_commit.elapsed().as_secs_f64() * 1000.0
-    );
-    if let Some(mut e) = first_error {
-        if let FetchError::DiskFull { stored, .. } = &mut e {
-            *stored = stats.objects;
+        tracing::debug!(
+            "fetch: {} objects in {} requests streamed in {:.1} ms, committed in {:.1} ms",
+            self.stats.objects,
+            self.stats.requests,
+            (t_commit - pace.started).as_secs_f64() * 1000.0,
+            t_commit.elapsed().as_secs_f64() * 1000.0
+        );
+        if let Some(mut e) = self.first_error {
+            if let FetchError::DiskFull { stored, .. } = &mut e {
+                *stored = self.stats.objects;
+            }
+            return Err(e);
         }
-        return Err(e);
+        if let Some(first) = self.mismatched.first() {
+            return Err(FetchError::Mismatch {
+                count: self.mismatched.len(),
+                first: Box::new(*first),
+            });
+        }
+        Ok(self.stats)
     }
-    if let Some(first) = mismatched.first() {
-        return Err(FetchError::Mismatch {
-            count: mismatched.len(),
-            first: Box::new(*first),
-        });
-    }
-    Ok(stats)
 }
 
 #[cfg(test)]
