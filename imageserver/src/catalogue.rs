@@ -114,6 +114,12 @@ pub enum CatalogueError {
         name: ImageName,
         source: model::image::TreeError,
     },
+    /// Invalid request: the image's hooks have a bad or repeated name.
+    #[error("image {name}: invalid hooks: {source}")]
+    InvalidHooks {
+        name: ImageName,
+        source: model::hooks::HookError,
+    },
     /// Invalid request: the image refers to objects not stored (`first`, and how many).
     #[error("object {first} is not available{}", how_many_missing(*.count))]
     InvalidMissingObjects { first: ObjectId, count: usize },
@@ -479,7 +485,14 @@ impl Catalogue {
                 name: name.clone(),
                 source,
             })?;
-        let objects = image.tree.objects();
+        image
+            .hooks
+            .validate()
+            .map_err(|source| CatalogueError::InvalidHooks {
+                name: name.clone(),
+                source,
+            })?;
+        let objects = image.objects();
         {
             let mut idx = self.lock();
             match idx.names.get(name.as_str()) {
@@ -679,7 +692,7 @@ impl Catalogue {
             idx.incomplete.remove(name.as_str());
             idx.corrupt.remove(name.as_str());
             idx.checksums.remove(name.as_str());
-            let ids = image.map(|i| i.tree.objects().into_keys().collect::<Vec<_>>());
+            let ids = image.map(|i| i.objects().into_keys().collect::<Vec<_>>());
             for id in ids.iter().flatten() {
                 if let Some(m) = idx.objects.get_mut(id) {
                     m.refs = m.refs.saturating_sub(1);
@@ -922,7 +935,7 @@ fn index_images(index: &mut Index, images_dir: &Path) -> Result<(), OpenError> {
             }
         };
         let mut missing = BTreeSet::new();
-        for id in image.tree.objects().keys() {
+        for id in image.objects().keys() {
             match index.objects.get_mut(id) {
                 Some(m) => m.refs += 1,
                 None => {

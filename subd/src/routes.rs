@@ -304,7 +304,9 @@ async fn update(
             plan.to_string().trim_end().replace('\n', ";")
         );
         run_update(&s2, &plan, claim, || {
-            disk::apply::apply(&s2.config.root, &s2.state_dir, &plan, &s2.apply_options())
+            crate::hooks::update_with_hooks(&s2, &plan, || {
+                disk::apply::apply(&s2.config.root, &s2.state_dir, &plan, &s2.apply_options())
+            })
         })
     });
     if !req.wait {
