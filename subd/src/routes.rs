@@ -380,6 +380,24 @@ async fn status_page(State(s): State<Arc<Subd>>) -> Html<String> {
             "last trigger failures",
             last.map_or(String::new(), |u| u.trigger_failures.join("; ")),
         ),
+        (
+            "last hook failure",
+            last.and_then(|u| u.hook_failure.clone()).unwrap_or_default(),
+        ),
+        (
+            "last hooks",
+            last.map_or(String::new(), |u| {
+                u.hooks
+                    .iter()
+                    .map(|r| {
+                        let phase = r.phase.map_or("", |p| p.name());
+                        let out = r.output.last().map(String::as_str).unwrap_or("");
+                        format!("{phase} {}: {} ({out})", r.name, r.ending())
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }),
+        ),
         ("free space", format!("{free} bytes")),
         ("exclusions", s.exclusions.lines().join(" ")),
     ];
