@@ -196,8 +196,9 @@ mod tests {
         };
         let text = describe("web1", &with_hooks);
         assert!(
-            text.contains("fetch   1 objects from the imageserver\n  hook    pre a\n  hook    pre b\n  add ")
-                && text.ends_with("trigger app (stop, then start)\n  hook    post z\n"),
+            text.contains(
+                "fetch   1 objects from the imageserver\n  hook    pre a\n  hook    pre b\n  add "
+            ) && text.ends_with("trigger app (stop, then start)\n  hook    post z\n"),
             "{text}"
         );
         let empty = UpdatePlan {

@@ -141,13 +141,21 @@ mod tests {
     #[test]
     fn hooks_directories_table() {
         // (entries to make, error expected, pre names, post names)
-        type Case = (&'static [&'static str], Option<&'static str>, &'static [&'static str]);
+        type Case = (
+            &'static [&'static str],
+            Option<&'static str>,
+            &'static [&'static str],
+        );
         let cases: &[Case] = &[
             (&["pre/b", "pre/a", "post/z"], None, &["a", "b"]),
             (&["post/x"], None, &[]),
             (&[], None, &[]),
             (&["other"], Some("unexpected entry \"other\""), &[]),
-            (&["pre/a", "extra/"], Some("unexpected entry \"extra\""), &[]),
+            (
+                &["pre/a", "extra/"],
+                Some("unexpected entry \"extra\""),
+                &[],
+            ),
             (&["pre/sub/"], Some("not a regular file"), &[]),
             (&["pre@"], Some("pre is not a directory"), &[]),
             (&["post/l@"], Some("not a regular file"), &[]),

@@ -109,8 +109,10 @@ impl Hooks {
     /// Builds hooks from unordered lists, sorted into running order and checked.
     pub fn new(pre: Vec<Hook>, post: Vec<Hook>) -> Result<Hooks, HookError> {
         let mut h = Hooks { pre, post };
-        h.pre.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
-        h.post.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
+        h.pre
+            .sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
+        h.post
+            .sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
         h.validate()?;
         Ok(h)
     }
@@ -397,9 +399,8 @@ mod tests {
             };
             attach(&mut plan, &given, Some("img/1"), &BTreeSet::new());
             assert_eq!(plan.previous_image, "img/1");
-            let names = |p| -> Vec<String> {
-                to_run(&plan, p).iter().map(|h| h.name.clone()).collect()
-            };
+            let names =
+                |p| -> Vec<String> { to_run(&plan, p).iter().map(|h| h.name.clone()).collect() };
             assert_eq!(names(Phase::Pre), *pre, "{changes} {with_hooks}");
             assert_eq!(names(Phase::Post), *post, "{changes} {with_hooks}");
             // A plan that changes nothing stays empty: no update, no hooks, no fetch.

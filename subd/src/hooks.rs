@@ -59,7 +59,12 @@ impl HookEnv {
             ("SUBD_ROOT", self.root.display().to_string()),
             (
                 "SUBD_REBUILD",
-                if self.previous_image.is_empty() { "1" } else { "0" }.into(),
+                if self.previous_image.is_empty() {
+                    "1"
+                } else {
+                    "0"
+                }
+                .into(),
             ),
             ("SUBD_HOOK_PHASE", phase.name().into()),
         ]
@@ -119,13 +124,11 @@ fn refused(plan: &UpdatePlan, line: String, runs: Vec<HookRun>) -> UpdateResult 
 
 /// Ready: checks that every object the update makes a file from is in the cache (or comes
 /// from a machine file it copies), then copies every hook into a fresh
-/// `ROOT/.subd/hooks/PHASE/`, checking its hash. Returns that directory.
+/// `ROOT/.subd/hooks/PHASE/`, checking its hash. Returns that directory by the real path
+/// of the state directory's handle (never a path into the managed tree).
 fn ready(s: &Subd, plan: &UpdatePlan) -> Result<PathBuf, HookSetupError> {
-    let copied: std::collections::HashSet<ObjectId> = plan
-        .files_to_copy_to_cache
-        .iter()
-        .map(|c| c.hash)
-        .collect();
+    let copied: std::collections::HashSet<ObjectId> =
+        plan.files_to_copy_to_cache.iter().map(|c| c.hash).collect();
     for id in plan.inodes_to_make.iter().filter_map(|i| i.inode.hash) {
         if !copied.contains(&id) && !s.store.contains(&id) {
             return Err(HookSetupError::Missing(id));
@@ -133,7 +136,11 @@ fn ready(s: &Subd, plan: &UpdatePlan) -> Result<PathBuf, HookSetupError> {
     }
     let io = |what: String| move |source| HookSetupError::Io { what, source };
     // Made (0700, never a symlink) through the handle, then reached by the anchored path.
-    drop(s.state_dir.subdir(HOOKS_DIR).map_err(io(HOOKS_DIR.into()))?);
+    drop(
+        s.state_dir
+            .subdir(HOOKS_DIR)
+            .map_err(io(HOOKS_DIR.into()))?,
+    );
     let dir = s.state_dir.anchored().join(HOOKS_DIR);
     for phase in Phase::ALL {
         let sub = dir.join(phase.name());
@@ -147,7 +154,12 @@ fn ready(s: &Subd, plan: &UpdatePlan) -> Result<PathBuf, HookSetupError> {
             copy_hook(s, phase, h, &sub.join(&h.name))?;
         }
     }
-    Ok(dir)
+    // Run by the state directory's current real path (what its handle resolves to now):
+    // a script's interpreter reopens the path it is given, and a `/proc/self/fd/N` path
+    // would name nothing in the new process.
+    std::fs::read_link(s.state_dir.anchored())
+        .map(|real| real.join(HOOKS_DIR))
+        .map_err(io("resolving the state directory".into()))
 }
 
 /// Copies hook `h`'s object to `to` (new, mode 0700), checking its bytes hash to its name.
@@ -313,7 +325,12 @@ fn last_lines(f: &std::fs::File) -> Vec<String> {
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .take(OUTPUT_LINES)
-        .map(|l| l.chars().filter(|c| !c.is_control()).take(LINE_CHARS).collect())
+        .map(|l| {
+            l.chars()
+                .filter(|c| !c.is_control())
+                .take(LINE_CHARS)
+                .collect()
+        })
         .collect();
     lines.reverse();
     lines
@@ -347,7 +364,13 @@ mod tests {
         let cases: &[(&str, bool, Option<i32>, bool, &str)] = &[
             ("echo one; echo two >&2", true, Some(0), false, "two"),
             ("echo bad; exit 3", false, Some(3), false, "bad"),
-            ("echo $SUBD_REBUILD $SUBD_HOOK_PHASE $(pwd)", true, Some(0), false, ""),
+            (
+                "echo $SUBD_REBUILD $SUBD_HOOK_PHASE $(pwd)",
+                true,
+                Some(0),
+                false,
+                "",
+            ),
             ("echo waiting; sleep 30", false, None, true, "waiting"),
             ("kill -TERM $$", false, None, false, ""),
         ];
@@ -378,6 +401,8 @@ mod tests {
         let r = run_hook(&p, Phase::Pre, "x", &env(d.path(), "", 5));
         assert!(!r.succeeded());
         assert!(r.spawn_error.is_some(), "{r:?}");
-        assert!(r.failure_line().starts_with("pre-hook failed: x: not started: "));
+        assert!(r
+            .failure_line()
+            .starts_with("pre-hook failed: x: not started: "));
     }
 }

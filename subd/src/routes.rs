@@ -382,7 +382,8 @@ async fn status_page(State(s): State<Arc<Subd>>) -> Html<String> {
         ),
         (
             "last hook failure",
-            last.and_then(|u| u.hook_failure.clone()).unwrap_or_default(),
+            last.and_then(|u| u.hook_failure.clone())
+                .unwrap_or_default(),
         ),
         (
             "last hooks",
