@@ -1100,6 +1100,55 @@ mod tests {
     }
 
     #[test]
+    fn hook_objects_must_be_stored_and_are_references() {
+        use model::hooks::{Hook, Hooks};
+        use model::{FileTree, Inode};
+        let d = tempfile::tempdir().unwrap();
+        let cat = Catalogue::open_with_grace(d.path(), Duration::from_millis(1)).unwrap();
+        let hook_data = b"#!/bin/sh\ntrue\n";
+        let id = ObjectId::of(hook_data);
+        let mut image = Image::new(
+            FileTree::with_root(Inode::dir(0o755, 0, 0)),
+            None,
+            Default::default(),
+        );
+        image.hooks = Hooks {
+            pre: vec![Hook {
+                name: "10-check".into(),
+                hash: id,
+                size: hook_data.len() as u64,
+            }],
+            post: vec![],
+        };
+        let name = ImageName::parse("hooked/1").unwrap();
+        assert!(matches!(
+            cat.add_image(&name, &image),
+            Err(CatalogueError::InvalidMissingObjects { first, count: 1 }) if first == id
+        ));
+        let mut bad = image.clone();
+        bad.hooks.pre.push(bad.hooks.pre[0].clone());
+        put(&cat, hook_data);
+        cat.release(&[id]);
+        assert!(matches!(
+            cat.add_image(&name, &bad),
+            Err(CatalogueError::InvalidHooks { .. })
+        ));
+        cat.add_image(&name, &image).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(cat.delete_unreferenced(100, 0).unwrap(), (0, 0));
+        assert!(
+            cat.has_object(&id),
+            "a hook object is referenced by its image"
+        );
+        drop(cat);
+        // Counted again at start-up.
+        let cat = Catalogue::open_with_grace(d.path(), Duration::from_millis(1)).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(cat.delete_unreferenced(100, 0).unwrap(), (0, 0));
+        assert!(cat.has_object(&id));
+    }
+
+    #[test]
     fn an_image_whose_objects_vanished_is_reported_until_they_are_uploaded_again() {
         use model::{FileTree, Inode, Mtime};
         let d = tempfile::tempdir().unwrap();
