@@ -415,6 +415,16 @@ async fn hooks_run_in_order_around_the_update_and_failures_show() {
         overview.contains(want),
         "the fleet page names it: {overview}"
     );
+    let subd_page = reqwest::get(format!("http://{}/", w.subd_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        subd_page.contains(want),
+        "subd's page names it: {subd_page}"
+    );
 
     // 4. A later update whose hooks succeed clears it.
     let hooks4 = [("post/ok", recording_hook(&w.log, "post", "ok"))];
