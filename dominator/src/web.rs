@@ -332,7 +332,7 @@ fn hooks_section(u: &model::api::UpdateResult) -> String {
         let _ = writeln!(
             b,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><pre>{}</pre></td></tr>",
-            r.phase.map_or("", |p| p.name()),
+            r.phase.name(),
             esc(&r.name),
             esc(&r.ending()),
             r.duration_ms,

@@ -26,9 +26,12 @@ pub struct Hooks {
 }
 
 /// When a hook runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
+    #[default]
     Pre,
     Post,
 }
@@ -240,7 +243,7 @@ pub fn to_run(plan: &UpdatePlan, phase: Phase) -> Vec<&Hook> {
 /// How one hook run ended.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HookRun {
-    pub phase: Option<Phase>,
+    pub phase: Phase,
     pub name: String,
     /// The exit code; `None` when killed by a signal, timed out or never started.
     pub exit_code: Option<i32>,
@@ -283,7 +286,7 @@ impl HookRun {
     /// The status line of a failed run: `pre-hook failed: NAME: <last output line>`
     /// (for a timeout, a signal or a spawn failure, how it ended comes first).
     pub fn failure_line(&self) -> String {
-        let phase = self.phase.map_or("", Phase::name);
+        let phase = self.phase;
         let last = self.output.last().map(String::as_str).unwrap_or("");
         let why = if self.timed_out || self.spawn_error.is_some() || self.exit_code.is_none() {
             if last.is_empty() {
@@ -430,7 +433,7 @@ mod tests {
     #[test]
     fn failure_lines() {
         let run = |exit: Option<i32>, signal, timed_out, out: &[&str]| HookRun {
-            phase: Some(Phase::Pre),
+            phase: Phase::Pre,
             name: "10-check".into(),
             exit_code: exit,
             signal,

@@ -225,7 +225,7 @@ fn run_phase(
 pub fn run_hook(path: &Path, phase: Phase, name: &str, env: &HookEnv) -> HookRun {
     let started = Instant::now();
     let mut run = HookRun {
-        phase: Some(phase),
+        phase,
         name: name.to_string(),
         ..HookRun::default()
     };

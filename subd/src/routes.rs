@@ -391,7 +391,7 @@ async fn status_page(State(s): State<Arc<Subd>>) -> Html<String> {
                 u.hooks
                     .iter()
                     .map(|r| {
-                        let phase = r.phase.map_or("", |p| p.name());
+                        let phase = r.phase;
                         let out = r.output.last().map(String::as_str).unwrap_or("");
                         format!("{phase} {}: {} ({out})", r.name, r.ending())
                     })

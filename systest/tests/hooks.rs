@@ -257,10 +257,18 @@ impl World {
 async fn hooks_run_in_order_around_the_update_and_failures_show() {
     let tmp = tempfile::tempdir().unwrap();
     let w = World::start(tmp.path());
-    let root = s(&w.root);
 
-    // 1. A blank machine: pre hooks in byte order of their names ("10-a" < "20-b" <
-    //    "9-c"), before the file exists; then the service; then the post hook.
+    blank_machine_runs_hooks_in_order(&w).await;
+    failing_pre_hook_changes_nothing_and_is_retried(&w).await;
+    timed_out_post_hook_is_killed_and_shown(&w).await;
+    later_hooks_clear_the_failure(&w).await;
+    no_op_update_runs_no_hooks(&w).await;
+}
+
+/// A blank machine: pre hooks in byte order of their names ("10-a" < "20-b" <
+/// "9-c"), before the file exists; then the service; then the post hook.
+async fn blank_machine_runs_hooks_in_order(w: &World) {
+    let root = s(&w.root);
     let hooks1 = [
         ("pre/20-b", recording_hook(&w.log, "pre", "20-b")),
         ("pre/9-c", recording_hook(&w.log, "pre", "9-c")),
@@ -300,9 +308,12 @@ async fn hooks_run_in_order_around_the_update_and_failures_show() {
     assert_eq!(runs.len(), 4, "{m:#}");
     assert!(runs.iter().all(|r| r["exit_code"] == 0), "{m:#}");
     assert!(m["last_update"]["hook_failure"].is_null(), "{m:#}");
+}
 
-    // 2. A failing pre hook: the machine stays byte-identical, the later hook never runs,
-    //    the dominator shows the failure and retries with back-off.
+/// A failing pre hook: the machine stays byte-identical, the later hook never runs,
+/// the dominator shows the failure and retries with back-off.
+async fn failing_pre_hook_changes_nothing_and_is_retried(w: &World) {
+    let root = s(&w.root);
     let before = listing(&w.root);
     let hooks2 = [
         ("pre/10-a", recording_hook(&w.log, "pre", "10-a")),
@@ -376,10 +387,12 @@ async fn hooks_run_in_order_around_the_update_and_failures_show() {
         m["consecutive_failures"].as_u64().unwrap_or(0) >= 1,
         "{m:#}"
     );
+}
 
-    // 3. A post hook that outlives --hook-timeout-secs is killed; the files stay, the
-    //    machine is synced and shows the failure on its page and in /api/.
-    let pidfile = tmp.path().join("slow.pid");
+/// A post hook that outlives --hook-timeout-secs is killed; the files stay, the
+/// machine is synced and shows the failure on its page and in /api/.
+async fn timed_out_post_hook_is_killed_and_shown(w: &World) {
+    let pidfile = w.dir.join("slow.pid");
     let hooks3 = [(
         "post/slow",
         format!(
@@ -425,16 +438,20 @@ async fn hooks_run_in_order_around_the_update_and_failures_show() {
         subd_page.contains(want),
         "subd's page names it: {subd_page}"
     );
+}
 
-    // 4. A later update whose hooks succeed clears it.
+/// A later update whose hooks succeed clears it.
+async fn later_hooks_clear_the_failure(w: &World) {
     let hooks4 = [("post/ok", recording_hook(&w.log, "post", "ok"))];
     w.add("img/4", "v4\n", &hooks4);
     w.require("img/4");
     let m = w.synced("img/4").await;
     assert!(m["last_update"]["hook_failure"].is_null(), "{m:#}");
     assert!(!w.page().await.contains("post-hook failed"));
+}
 
-    // 5. An update that changes nothing runs no hook: same content, other hooks.
+/// An update that changes nothing runs no hook: same content, other hooks.
+async fn no_op_update_runs_no_hooks(w: &World) {
     let lines = w.log_lines().len();
     let hooks5 = [("pre/x", recording_hook(&w.log, "pre", "x"))];
     w.add("img/5", "v4\n", &hooks5);
