@@ -424,8 +424,10 @@ async fn refresh_from_tree(
         None
     };
     let (img, name, c) = (image.clone(), m.required_image.clone(), cache.clone());
+    let previous = p.last_image.clone();
     let computed = tokio::task::spawn_blocking(move || {
-        let plan = planner::compute(&name, &img, &tree, &c, &excl, &hidden);
+        let mut plan = planner::compute(&name, &img, &tree, &c, &excl, &hidden);
+        planner::attach_hooks(&mut plan, &img, previous.as_deref(), &c);
         let missing = planned
             .filter(|_| plan.is_empty())
             .map(|pi| planner::missing_objects(&pi, &tree, &c));

@@ -40,12 +40,24 @@ pub fn compute(
     )
 }
 
+/// Gives a computed `plan` for `image` the machine's `previous_image` and, when it changes
+/// the machine, the image's hooks (and the hook objects the `cache` lacks to fetch).
+pub fn attach_hooks(
+    plan: &mut UpdatePlan,
+    image: &Image,
+    previous_image: Option<&str>,
+    cache: &[ObjectId],
+) {
+    let cache: BTreeSet<ObjectId> = cache.iter().copied().collect();
+    model::hooks::attach(plan, &image.hooks, previous_image, &cache);
+}
+
 /// Objects in the machine's `cache` that none of `wanted` needs (what `Subd.Cleanup` may
 /// remove once the machine is in sync).
 pub fn unneeded_cache(cache: &[ObjectId], wanted: &[std::sync::Arc<Image>]) -> Vec<ObjectId> {
     let needed: HashSet<ObjectId> = wanted
         .iter()
-        .flat_map(|i| i.tree.objects().into_keys())
+        .flat_map(|i| i.objects().into_keys())
         .collect();
     cache
         .iter()
@@ -59,7 +71,6 @@ pub fn missing_objects(image: &Image, tree: &FileTree, cache: &[ObjectId]) -> Ve
     let mut have: HashSet<ObjectId> = cache.iter().copied().collect();
     have.extend(tree.inodes.values().filter_map(|i| i.hash));
     image
-        .tree
         .objects()
         .into_keys()
         .filter(|h| !have.contains(h))

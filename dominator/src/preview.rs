@@ -61,6 +61,7 @@ pub fn plan_lines(plan: &UpdatePlan) -> Vec<String> {
             c.path.display()
         ));
     }
+    out.extend(hook_lines(plan, model::hooks::Phase::Pre));
     for d in &plan.dirs_to_make {
         out.push(format!(
             "mkdir   {} ({})",
@@ -114,7 +115,16 @@ pub fn plan_lines(plan: &UpdatePlan) -> Vec<String> {
     if fired.iter().any(|t| t.do_reboot) {
         out.push("reboot  yes".to_string());
     }
+    out.extend(hook_lines(plan, model::hooks::Phase::Post));
     out
+}
+
+/// `hook    pre NAME` lines: the hooks of `phase` the update runs, in order.
+fn hook_lines(plan: &UpdatePlan, phase: model::hooks::Phase) -> Vec<String> {
+    model::hooks::to_run(plan, phase)
+        .iter()
+        .map(|h| format!("hook    {phase} {}", h.name))
+        .collect()
 }
 
 /// The whole preview for one machine.
@@ -173,6 +183,23 @@ mod tests {
         assert_eq!(
             text,
             "web1: image app/2 (sparse)\n  fetch   1 objects from the imageserver\n  add     /etc/app/app.conf (-rw-r--r-- 0:0 2.0 KiB)\n  delete  /etc/old\n  trigger app (stop, then start)\n"
+        );
+        let mut with_hooks = plan.clone();
+        let hook = |n: &str| model::hooks::Hook {
+            name: n.into(),
+            hash: ObjectId::of(n.as_bytes()),
+            size: 1,
+        };
+        with_hooks.hooks = model::hooks::Hooks {
+            pre: vec![hook("b"), hook("a")],
+            post: vec![hook("z")],
+        };
+        let text = describe("web1", &with_hooks);
+        assert!(
+            text.contains(
+                "fetch   1 objects from the imageserver\n  hook    pre a\n  hook    pre b\n  add "
+            ) && text.ends_with("trigger app (stop, then start)\n  hook    post z\n"),
+            "{text}"
         );
         let empty = UpdatePlan {
             image_name: "app/2".into(),

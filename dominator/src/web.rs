@@ -297,6 +297,13 @@ async fn index(State(fleet): State<Arc<Fleet>>) -> Html<String> {
 /// the last update (a machine can be `synced` while its services failed to restart).
 fn error_cell(m: &crate::fleet::MachineReport) -> String {
     let mut parts: Vec<String> = m.last_error.iter().cloned().collect();
+    // A failed post hook leaves the machine synced: say so until a later update's hooks
+    // succeed (a failed pre hook is already the last error).
+    if let Some(f) = m.last_update.as_ref().and_then(|u| u.hook_failure.as_ref()) {
+        if !parts.contains(f) {
+            parts.push(f.clone());
+        }
+    }
     if let Some(u) = m
         .last_update
         .as_ref()
@@ -308,6 +315,32 @@ fn error_cell(m: &crate::fleet::MachineReport) -> String {
         ));
     }
     parts.join(" — ")
+}
+
+/// The last update's hook runs: the failure line, then one row per run with its ending
+/// and last lines of output.
+fn hooks_section(u: &model::api::UpdateResult) -> String {
+    if u.hooks.is_empty() && u.hook_failure.is_none() {
+        return String::new();
+    }
+    let mut b = String::from("<h2>Hooks of the last update</h2>\n");
+    if let Some(f) = &u.hook_failure {
+        let _ = writeln!(b, "<p id=\"hook-failure\">{}</p>", esc(f));
+    }
+    b.push_str("<table id=\"hooks\"><tr><th>phase</th><th>hook</th><th>ended</th><th>ms</th><th>last output</th></tr>\n");
+    for r in &u.hooks {
+        let _ = writeln!(
+            b,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><pre>{}</pre></td></tr>",
+            r.phase.name(),
+            esc(&r.name),
+            esc(&r.ending()),
+            r.duration_ms,
+            esc(&r.output.join("\n"))
+        );
+    }
+    b.push_str("</table>\n");
+    b
 }
 
 async fn machine_page(
@@ -349,6 +382,7 @@ async fn machine_page(
             esc(&u.trigger_actions.join(", ")),
             esc(&u.trigger_failures.join("; "))
         );
+        b.push_str(&hooks_section(u));
     }
     b.push_str("<h2>Last plan</h2>\n");
     match &m.last_plan {

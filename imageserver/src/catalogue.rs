@@ -114,6 +114,12 @@ pub enum CatalogueError {
         name: ImageName,
         source: model::image::TreeError,
     },
+    /// Invalid request: the image's hooks have a bad or repeated name.
+    #[error("image {name}: invalid hooks: {source}")]
+    InvalidHooks {
+        name: ImageName,
+        source: model::hooks::HookError,
+    },
     /// Invalid request: the image refers to objects not stored (`first`, and how many).
     #[error("object {first} is not available{}", how_many_missing(*.count))]
     InvalidMissingObjects { first: ObjectId, count: usize },
@@ -479,7 +485,14 @@ impl Catalogue {
                 name: name.clone(),
                 source,
             })?;
-        let objects = image.tree.objects();
+        image
+            .hooks
+            .validate()
+            .map_err(|source| CatalogueError::InvalidHooks {
+                name: name.clone(),
+                source,
+            })?;
+        let objects = image.objects();
         {
             let mut idx = self.lock();
             match idx.names.get(name.as_str()) {
@@ -679,7 +692,7 @@ impl Catalogue {
             idx.incomplete.remove(name.as_str());
             idx.corrupt.remove(name.as_str());
             idx.checksums.remove(name.as_str());
-            let ids = image.map(|i| i.tree.objects().into_keys().collect::<Vec<_>>());
+            let ids = image.map(|i| i.objects().into_keys().collect::<Vec<_>>());
             for id in ids.iter().flatten() {
                 if let Some(m) = idx.objects.get_mut(id) {
                     m.refs = m.refs.saturating_sub(1);
@@ -922,7 +935,7 @@ fn index_images(index: &mut Index, images_dir: &Path) -> Result<(), OpenError> {
             }
         };
         let mut missing = BTreeSet::new();
-        for id in image.tree.objects().keys() {
+        for id in image.objects().keys() {
             match index.objects.get_mut(id) {
                 Some(m) => m.refs += 1,
                 None => {
@@ -1084,6 +1097,55 @@ mod tests {
         assert_eq!(cat.delete_unreferenced(100, 0).unwrap(), (1, 3));
         assert!(!cat.has_object(&a));
         assert!(!cat.hold_if_present(&a));
+    }
+
+    #[test]
+    fn hook_objects_must_be_stored_and_are_references() {
+        use model::hooks::{Hook, Hooks};
+        use model::{FileTree, Inode};
+        let d = tempfile::tempdir().unwrap();
+        let cat = Catalogue::open_with_grace(d.path(), Duration::from_millis(1)).unwrap();
+        let hook_data = b"#!/bin/sh\ntrue\n";
+        let id = ObjectId::of(hook_data);
+        let mut image = Image::new(
+            FileTree::with_root(Inode::dir(0o755, 0, 0)),
+            None,
+            Default::default(),
+        );
+        image.hooks = Hooks {
+            pre: vec![Hook {
+                name: "10-check".into(),
+                hash: id,
+                size: hook_data.len() as u64,
+            }],
+            post: vec![],
+        };
+        let name = ImageName::parse("hooked/1").unwrap();
+        assert!(matches!(
+            cat.add_image(&name, &image),
+            Err(CatalogueError::InvalidMissingObjects { first, count: 1 }) if first == id
+        ));
+        let mut bad = image.clone();
+        bad.hooks.pre.push(bad.hooks.pre[0].clone());
+        put(&cat, hook_data);
+        cat.release(&[id]);
+        assert!(matches!(
+            cat.add_image(&name, &bad),
+            Err(CatalogueError::InvalidHooks { .. })
+        ));
+        cat.add_image(&name, &image).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(cat.delete_unreferenced(100, 0).unwrap(), (0, 0));
+        assert!(
+            cat.has_object(&id),
+            "a hook object is referenced by its image"
+        );
+        drop(cat);
+        // Counted again at start-up.
+        let cat = Catalogue::open_with_grace(d.path(), Duration::from_millis(1)).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(cat.delete_unreferenced(100, 0).unwrap(), (0, 0));
+        assert!(cat.has_object(&id));
     }
 
     #[test]

@@ -31,6 +31,7 @@ impl From<CatalogueError> for ApiError {
             E::ImageNotFound(_) | E::ObjectsNotFound { .. } => ApiError::NotFound(line),
             E::AlreadyExists(_) | E::NameDeleted(_) => ApiError::Conflict(line),
             E::InvalidTree { .. }
+            | E::InvalidHooks { .. }
             | E::InvalidMissingObjects { .. }
             | E::InvalidObjectSize { .. }
             | E::InvalidPercentage(_) => ApiError::BadRequest(line),

@@ -83,6 +83,8 @@ pub enum AddError {
         source: tarball::TarError,
     },
     #[error(transparent)]
+    Hooks(#[from] crate::hooks::HooksDirError),
+    #[error(transparent)]
     Upload(#[from] UploadError),
     /// Objects sent from a tarball were deleted as unreferenced before `AddImage`.
     #[error("{0} objects sent earlier were deleted from the server (as unreferenced) during the add; run it again")]
@@ -193,11 +195,16 @@ pub async fn add(
     path: &Path,
     filter_arg: &str,
     triggers_arg: &str,
+    hooks_dir: Option<&Path>,
 ) -> Result<Summary, AddError> {
     let start = Instant::now();
     let name = ImageName::parse(name)?;
     let filter = load_filter(filter_arg)?;
     let triggers = load_triggers(triggers_arg)?;
+    let hooks = hooks_dir
+        .map(crate::hooks::read_hooks_dir)
+        .transpose()?
+        .unwrap_or_default();
     let meta = std::fs::metadata(path).map_err(source_error(path))?;
     // Refuse a taken name before sending anything (AddImage checks again, atomically).
     let state = client
@@ -232,8 +239,15 @@ pub async fn add(
     };
     // Confirm (and so pin) every object right before AddImage: one sent or found early
     // in a long add may have been deleted as unreferenced since its pin ran out.
-    let ids: Vec<ObjectId> = tree.objects().into_keys().collect();
-    let gone = up.recheck(&ids).await?;
+    send_hooks(&mut up, &hooks).await?;
+    let hook_ids: HashSet<ObjectId> = hooks.hooks.objects().into_keys().collect();
+    let mut ids: Vec<ObjectId> = tree.objects().into_keys().collect();
+    ids.extend(hook_ids.iter().copied());
+    let mut gone = up.recheck(&ids).await?;
+    if gone.iter().any(|id| hook_ids.contains(id)) {
+        send_hooks(&mut up, &hooks).await?;
+        gone.retain(|id| !hook_ids.contains(id));
+    }
     if !gone.is_empty() {
         if meta.is_dir() {
             resend_from_directory(&mut up, path, &tree, &gone).await?;
@@ -259,7 +273,8 @@ pub async fn add(
         .count() as u64;
     let bytes = tree.total_bytes();
     let sparse = filter.is_none();
-    let image = Image::new(tree, filter, triggers);
+    let mut image = Image::new(tree, filter, triggers);
+    image.hooks = hooks.hooks;
     if let Err(source) = client.add_image(name.as_str(), &image).await {
         return Err(AddError::AddImage { name, source });
     }
@@ -337,6 +352,24 @@ async fn add_directory(
 }
 
 /// Sends again, from the directory, the objects in `gone`.
+/// Sends the hook objects the server lacks (from memory: hooks are read whole).
+async fn send_hooks(up: &mut Uploader, hooks: &crate::hooks::HooksDir) -> Result<(), UploadError> {
+    let ids: Vec<ObjectId> = hooks.objects.iter().map(|(id, _)| *id).collect();
+    let missing = up.missing(&ids).await?;
+    let mut items: std::collections::HashMap<ObjectId, Item> = Default::default();
+    for (id, data) in hooks.objects.iter().filter(|(id, _)| missing.contains(id)) {
+        items.entry(*id).or_insert_with(|| Item {
+            id: *id,
+            size: data.len() as u64,
+            source: Source::Memory(data.clone()),
+        });
+    }
+    if items.is_empty() {
+        return Ok(());
+    }
+    up.send(items.into_values().collect()).await
+}
+
 async fn resend_from_directory(
     up: &mut Uploader,
     root: &Path,

@@ -42,6 +42,10 @@ pub enum Command {
         filter_file: String,
         /// Triggers file (JSON); "" means none
         triggers_file: String,
+        /// Hook programs: DIR/pre/* run before the update changes anything, DIR/post/*
+        /// after it, each in byte order of the names
+        #[arg(long, value_name = "DIR")]
+        hooks: Option<PathBuf>,
     },
     /// List image names, version-sorted
     List { prefix: Option<String> },
@@ -51,6 +55,8 @@ pub enum Command {
     ShowFilter { name: String },
     /// Show an image's triggers (JSON)
     ShowTriggers { name: String },
+    /// Show an image's hooks in running order: PHASE NAME HASH SIZE
+    ShowHooks { name: String },
     /// Exit 0 if the image exists, 1 if not (prints nothing)
     Check { name: String },
     /// Delete an image (its name is never reused)

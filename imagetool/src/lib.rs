@@ -15,6 +15,7 @@
 pub mod add;
 pub mod args;
 pub mod get;
+pub mod hooks;
 pub mod listing;
 pub mod upload;
 
@@ -92,11 +93,16 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
             path,
             filter_file,
             triggers_file,
-        } => s.add(&name, &path, &filter_file, &triggers_file).await,
+            hooks,
+        } => {
+            s.add(&name, &path, &filter_file, &triggers_file, hooks.as_deref())
+                .await
+        }
         Command::List { prefix } => s.list(prefix.as_deref()).await,
         Command::Show { name } => s.show(&name).await,
         Command::ShowFilter { name } => s.show_filter(&name).await,
         Command::ShowTriggers { name } => s.show_triggers(&name).await,
+        Command::ShowHooks { name } => s.show_hooks(&name).await,
         Command::Check { name } => s.check(&name).await,
         Command::Mkdir { name } => s.mkdir(&name).await,
         Command::Delete { name } => s.delete(&name).await,
@@ -126,8 +132,9 @@ impl Session<'_> {
         path: &Path,
         filter_file: &str,
         triggers_file: &str,
+        hooks: Option<&Path>,
     ) -> Result<u8, Error> {
-        let s = add::add(&self.client, name, path, filter_file, triggers_file).await?;
+        let s = add::add(&self.client, name, path, filter_file, triggers_file, hooks).await?;
         if self.json {
             writeln!(self.out, "{}", serde_json::to_string(&s)?)?;
         } else {
@@ -201,6 +208,17 @@ impl Session<'_> {
                 "{}",
                 serde_json::to_string_pretty(&image.triggers)?
             )?;
+        }
+        Ok(0)
+    }
+
+    /// `show-hooks`: the image's hooks in running order, `PHASE NAME HASH SIZE`.
+    async fn show_hooks(&mut self, name: &str) -> Result<u8, Error> {
+        let image = self.client.get_image(name).await?;
+        if self.json {
+            writeln!(self.out, "{}", serde_json::to_string(&image.hooks)?)?;
+        } else {
+            write!(self.out, "{}", image.hooks.listing())?;
         }
         Ok(0)
     }

@@ -169,6 +169,9 @@ pub struct ImageDiff {
     pub filter_added: Vec<String>,
     pub triggers_removed: Vec<model::Trigger>,
     pub triggers_added: Vec<model::Trigger>,
+    /// Hooks added, removed or changed (`hook + pre NAME`, …).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<String>,
     pub changes: Vec<Change>,
 }
 
@@ -188,6 +191,7 @@ impl ImageDiff {
             filter_added: fb.iter().filter(|l| !fa.contains(l)).cloned().collect(),
             triggers_removed: ta.iter().filter(|t| !tb.contains(t)).cloned().collect(),
             triggers_added: tb.iter().filter(|t| !ta.contains(t)).cloned().collect(),
+            hooks: b.hooks.diff_lines(&a.hooks),
             changes: diff(&a.tree, &b.tree),
         }
     }
@@ -220,6 +224,7 @@ impl ImageDiff {
                 .iter()
                 .map(|t| format!("# trigger + {}", json(t))),
         );
+        out.extend(self.hooks.iter().map(|l| format!("# {l}")));
         out.extend(self.changes.iter().map(diff_line));
         out
     }

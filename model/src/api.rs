@@ -151,6 +151,12 @@ pub struct UpdateResult {
     pub trigger_actions: Vec<String>,
     /// Milliseconds from the first rename to the last change.
     pub activation_ms: f64,
+    /// The hooks this update ran, in order (none when it changed nothing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<crate::hooks::HookRun>,
+    /// `pre-hook failed: NAME: …` or `post-hook failed: NAME: …` when a hook failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook_failure: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

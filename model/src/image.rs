@@ -495,6 +495,10 @@ pub struct Image {
     /// Unix seconds after which the image may be removed; `None` = never.
     #[serde(default)]
     pub expires_at: Option<u64>,
+    /// Programs run on the machine around an update (`imagetool add --hooks`); stored as
+    /// objects, not part of the tree. Absent in images without hooks.
+    #[serde(default, skip_serializing_if = "crate::hooks::Hooks::is_empty")]
+    pub hooks: crate::hooks::Hooks,
 }
 
 fn format_version() -> u32 {
@@ -511,7 +515,15 @@ impl Image {
             created_on: 0,
             created_by: String::new(),
             expires_at: None,
+            hooks: crate::hooks::Hooks::default(),
         }
+    }
+
+    /// Every object the image needs, its tree's and its hooks', with their sizes.
+    pub fn objects(&self) -> BTreeMap<ObjectId, u64> {
+        let mut all = self.tree.objects();
+        all.extend(self.hooks.objects());
+        all
     }
 
     pub fn is_sparse(&self) -> bool {

@@ -7,6 +7,7 @@
 //! - `path`: `FsPath`, absolute paths as bytes, and their JSON and human encodings.
 //! - `image`: `Inode`, `FileTree`, `Image`, `ImageName`.
 //! - `filter`, `triggers`: Dominator's filter and trigger files, compiled and matched.
+//! - `hooks`: an image's pre/post hook programs, which an update runs, and their runs.
 //! - `plan`, `diff`: `UpdatePlan` and the pure function computing it.
 //! - `api`, `frame`: wire types and object batch framing (encoding only, no sockets).
 
@@ -15,6 +16,7 @@ pub mod diff;
 pub mod filter;
 pub mod frame;
 pub mod hash;
+pub mod hooks;
 pub mod image;
 pub mod path;
 pub mod plan;

@@ -74,6 +74,13 @@ pub struct UpdatePlan {
     /// Set when the safety check refuses this plan.
     #[serde(default)]
     pub unsafe_reason: Option<String>,
+    /// Hook programs to run around this update (only when it changes the machine).
+    #[serde(default, skip_serializing_if = "crate::hooks::Hooks::is_empty")]
+    pub hooks: crate::hooks::Hooks,
+    /// The image the machine held before (its last applied image; empty on a blank
+    /// machine), as the dominator saw it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub previous_image: String,
 }
 
 /// Why a plan is refused before anything of it is done.

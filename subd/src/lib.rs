@@ -7,10 +7,12 @@
 //! background scan loop; `routes` the RPC handlers, status page and metrics; `poll` the
 //! full-poll trees shared among concurrent pollers.
 //! Private state lives in `ROOT/.subd`: `objects/` (the cache), `staging/`,
-//! `triggers.previous`, `last-image`, `last-update.json`. It is opened once at start-up
+//! `triggers.previous`, `last-image`, `last-update.json`, `hooks/` (copies of the hooks
+//! being run). It is opened once at start-up
 //! (`disk::statedir`: refused if others can write it or the root) and reached only
 //! through that handle afterwards.
 
+pub mod hooks;
 pub mod poll;
 pub mod routes;
 pub mod scanner;
@@ -63,6 +65,10 @@ pub struct Args {
     /// Seconds after which a trigger or reboot command is killed
     #[arg(long, default_value_t = 120)]
     pub command_timeout_secs: u64,
+    /// Seconds after which a pre or post hook is killed (with its process group) and
+    /// counted as failed
+    #[arg(long, default_value_t = 300)]
+    pub hook_timeout_secs: u64,
     /// Scan exclusion regex (repeatable; replaces the defaults /tmp/.*, /var/log/.*,
     /// /var/mail/.*, /var/spool/.*, /var/tmp/.*, /home/.*, /data/.*).
     /// /var/lib/initial-image and /var/lib/patched-image are always excluded
@@ -95,6 +101,8 @@ pub struct Config {
     pub service_command: Vec<String>,
     pub reboot_command: Option<Vec<String>>,
     pub command_timeout: Duration,
+    /// A hook running longer is killed and fails.
+    pub hook_timeout: Duration,
     pub cpu_percent: u32,
     pub scan_speed_percent: u32,
     pub fetch_bytes_per_second: Option<u64>,
@@ -118,6 +126,7 @@ impl Config {
             service_command: vec!["service".into()],
             reboot_command: None,
             command_timeout: Duration::from_secs(120),
+            hook_timeout: Duration::from_secs(300),
             cpu_percent: 100,
             scan_speed_percent: 100,
             fetch_bytes_per_second: None,
@@ -150,6 +159,7 @@ impl Config {
                 .map(split)
                 .filter(|v| !v.is_empty()),
             command_timeout: Duration::from_secs(args.command_timeout_secs.max(1)),
+            hook_timeout: Duration::from_secs(args.hook_timeout_secs.max(1)),
             cpu_percent: args.cpu_percent,
             scan_speed_percent: args.scan_speed_percent,
             fetch_bytes_per_second: (args.fetch_bytes_per_second > 0)

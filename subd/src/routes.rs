@@ -304,7 +304,9 @@ async fn update(
             plan.to_string().trim_end().replace('\n', ";")
         );
         run_update(&s2, &plan, claim, || {
-            disk::apply::apply(&s2.config.root, &s2.state_dir, &plan, &s2.apply_options())
+            crate::hooks::update_with_hooks(&s2, &plan, || {
+                disk::apply::apply(&s2.config.root, &s2.state_dir, &plan, &s2.apply_options())
+            })
         })
     });
     if !req.wait {
@@ -377,6 +379,25 @@ async fn status_page(State(s): State<Arc<Subd>>) -> Html<String> {
         (
             "last trigger failures",
             last.map_or(String::new(), |u| u.trigger_failures.join("; ")),
+        ),
+        (
+            "last hook failure",
+            last.and_then(|u| u.hook_failure.clone())
+                .unwrap_or_default(),
+        ),
+        (
+            "last hooks",
+            last.map_or(String::new(), |u| {
+                u.hooks
+                    .iter()
+                    .map(|r| {
+                        let phase = r.phase;
+                        let out = r.output.last().map(String::as_str).unwrap_or("");
+                        format!("{phase} {}: {} ({out})", r.name, r.ending())
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }),
         ),
         ("free space", format!("{free} bytes")),
         ("exclusions", s.exclusions.lines().join(" ")),

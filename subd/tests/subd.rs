@@ -463,3 +463,75 @@ async fn an_update_abandons_the_scan_pass_in_progress() {
         "{metrics}"
     );
 }
+
+/// Issue 11 §2: a hook runs only from its verified object: one missing from the cache, or
+/// whose cached bytes no longer match its hash, stops the update before anything changes;
+/// once right, it runs from a 0700 copy under `ROOT/.subd/hooks/`, never from the tree.
+#[tokio::test]
+async fn hooks_run_only_from_verified_copies_in_the_state_directory() {
+    use model::hooks::{attach, Hook, Hooks};
+    let r = start().await;
+    let (img, objs) = app_image(b"v1\n");
+    put_objects(&r, &objs);
+    let log = r.base.join("hook.log");
+    let script = format!(
+        "#!/bin/sh\necho \"$SUBD_HOOK_PHASE $0 $SUBD_REBUILD\" >> {}\n",
+        log.display()
+    );
+    let hook = Hook {
+        name: "10-a".into(),
+        hash: ObjectId::of(script.as_bytes()),
+        size: script.len() as u64,
+    };
+    let hooks = Hooks {
+        pre: vec![hook.clone()],
+        post: vec![],
+    };
+    // A decoy at the same relative path in the managed tree is never run.
+    std::fs::create_dir_all(r.root.join("hooks/pre")).unwrap();
+    std::fs::write(r.root.join("hooks/pre/10-a"), "#!/bin/sh\nexit 9\n").unwrap();
+    let poll = poll_after(&r, 0).await;
+    let mut plan = plan_for(&img, &poll);
+    let no_cache = Default::default();
+    attach(&mut plan, &hooks, None, &no_cache);
+    assert!(plan.objects_to_fetch.contains(&hook.hash));
+    plan.objects_to_fetch.clear(); // sent as if fetched, to see subd check it
+
+    let res = update(&r, plan.clone()).await;
+    assert_eq!(
+        res.errors,
+        vec![format!(
+            "update not started: hooks: object {} is not in the cache (fetch it first)",
+            hook.hash
+        )]
+    );
+    assert!(!r.root.join("etc").exists(), "nothing changed");
+
+    // The cached object altered after it was verified.
+    let store = ObjectStore::open(&r.root.join(".subd/objects")).unwrap();
+    let id = store.put(script.as_bytes()).unwrap();
+    let cached = store.path_of(&id);
+    let mut perms = std::fs::metadata(&cached).unwrap().permissions();
+    perms.set_mode(0o600);
+    std::fs::set_permissions(&cached, perms).unwrap();
+    std::fs::write(&cached, script.replace("echo", "echp")).unwrap();
+    let res = update(&r, plan.clone()).await;
+    assert!(
+        res.errors[0].contains("10-a: its object does not match its hash"),
+        "{res:?}"
+    );
+    assert!(!r.root.join("etc").exists(), "nothing changed");
+    assert!(!log.exists(), "no hook ran");
+
+    std::fs::write(&cached, &script).unwrap();
+    let res = update(&r, plan).await;
+    assert!(res.errors.is_empty(), "{res:?}");
+    assert_eq!(res.hooks.len(), 1);
+    assert_eq!(res.hooks[0].exit_code, Some(0), "{res:?}");
+    let ran = std::fs::read_to_string(&log).unwrap();
+    let copy = r.root.join(".subd/hooks/pre/10-a").canonicalize().unwrap();
+    assert_eq!(ran, format!("pre {} 1\n", copy.display()));
+    let m = std::fs::metadata(&copy).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o700);
+    assert_eq!(std::fs::read(r.root.join("etc/app.conf")).unwrap(), b"v1\n");
+}
