@@ -7,6 +7,7 @@
 //! - `path`: `FsPath`, absolute paths as bytes, and their JSON and human encodings.
 //! - `image`: `Inode`, `FileTree`, `Image`, `ImageName`.
 //! - `filter`, `triggers`: Dominator's filter and trigger files, compiled and matched.
+//! - `state`: state lines (paths seeded when absent, never managed after).
 //! - `plan`, `diff`: `UpdatePlan` and the pure function computing it.
 //! - `api`, `frame`: wire types and object batch framing (encoding only, no sockets).
 
@@ -18,6 +19,7 @@ pub mod hash;
 pub mod image;
 pub mod path;
 pub mod plan;
+pub mod state;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod triggers;
@@ -27,4 +29,5 @@ pub use hash::ObjectId;
 pub use image::{FileTree, Image, ImageName, Inode, Kind, Mtime};
 pub use path::FsPath;
 pub use plan::UpdatePlan;
+pub use state::StateLines;
 pub use triggers::{Trigger, Triggers};
