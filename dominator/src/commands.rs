@@ -341,13 +341,14 @@ async fn plan_one(
     let tree = poll.tree.ok_or(PlanError::NotReady)?;
     let cache = poll.object_cache.unwrap_or_default();
     let image = images.get(&m.required_image).await?;
-    let (name, excl, hidden) = (
+    let (name, excl, hidden, seeded) = (
         m.required_image.clone(),
         poll.exclusions,
         poll.hidden_parents,
+        poll.seeded,
     );
     let plan = tokio::task::spawn_blocking(move || {
-        planner::compute(&name, &image, &tree, &cache, &excl, &hidden)
+        planner::compute(&name, &image, &tree, &cache, &excl, &hidden, &seeded)
     })
     .await?;
     let mut text = preview::describe(&m.hostname, &plan);

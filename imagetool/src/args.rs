@@ -42,6 +42,10 @@ pub enum Command {
         filter_file: String,
         /// Triggers file (JSON); "" means none
         triggers_file: String,
+        /// State file: regexes (filter syntax) of paths seeded on a machine only when
+        /// nothing is there, and never overwritten, corrected or deleted afterwards
+        #[arg(long = "state", value_name = "FILE")]
+        state_file: Option<PathBuf>,
     },
     /// List image names, version-sorted
     List { prefix: Option<String> },
@@ -51,6 +55,8 @@ pub enum Command {
     ShowFilter { name: String },
     /// Show an image's triggers (JSON)
     ShowTriggers { name: String },
+    /// Show an image's state lines (paths seeded only when absent)
+    ShowState { name: String },
     /// Exit 0 if the image exists, 1 if not (prints nothing)
     Check { name: String },
     /// Delete an image (its name is never reused)

@@ -92,11 +92,20 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
             path,
             filter_file,
             triggers_file,
-        } => s.add(&name, &path, &filter_file, &triggers_file).await,
+            state_file,
+        } => {
+            let files = add::Files {
+                filter: &filter_file,
+                triggers: &triggers_file,
+                state: state_file.as_deref(),
+            };
+            s.add(&name, &path, &files).await
+        }
         Command::List { prefix } => s.list(prefix.as_deref()).await,
         Command::Show { name } => s.show(&name).await,
         Command::ShowFilter { name } => s.show_filter(&name).await,
         Command::ShowTriggers { name } => s.show_triggers(&name).await,
+        Command::ShowState { name } => s.show_state(&name).await,
         Command::Check { name } => s.check(&name).await,
         Command::Mkdir { name } => s.mkdir(&name).await,
         Command::Delete { name } => s.delete(&name).await,
@@ -120,14 +129,8 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
 
 impl Session<'_> {
     /// `add`: builds the image from a directory or tarball and adds it; prints a summary.
-    async fn add(
-        &mut self,
-        name: &str,
-        path: &Path,
-        filter_file: &str,
-        triggers_file: &str,
-    ) -> Result<u8, Error> {
-        let s = add::add(&self.client, name, path, filter_file, triggers_file).await?;
+    async fn add(&mut self, name: &str, path: &Path, files: &add::Files<'_>) -> Result<u8, Error> {
+        let s = add::add(&self.client, name, path, files).await?;
         if self.json {
             writeln!(self.out, "{}", serde_json::to_string(&s)?)?;
         } else {
@@ -167,7 +170,7 @@ impl Session<'_> {
             writeln!(self.out)?;
         } else {
             writeln!(self.out, "{}", listing::header(name, &image))?;
-            for l in listing::show_lines(&image.tree) {
+            for l in listing::show_image_lines(&image) {
                 writeln!(self.out, "{l}")?;
             }
         }
@@ -201,6 +204,22 @@ impl Session<'_> {
                 "{}",
                 serde_json::to_string_pretty(&image.triggers)?
             )?;
+        }
+        Ok(0)
+    }
+
+    /// `show-state`: an image's state lines (none: said on stderr).
+    async fn show_state(&mut self, name: &str) -> Result<u8, Error> {
+        let image = self.client.get_image(name).await?;
+        let lines = image.state.as_ref().map_or(&[][..], |s| s.lines());
+        if self.json {
+            writeln!(self.out, "{}", serde_json::to_string(lines)?)?;
+        } else if lines.is_empty() {
+            eprintln!("imagetool: {name} has no state lines");
+        } else {
+            for l in lines {
+                writeln!(self.out, "{l}")?;
+            }
         }
         Ok(0)
     }

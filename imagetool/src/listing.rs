@@ -71,6 +71,20 @@ pub fn show_lines(tree: &FileTree) -> Vec<String> {
         .collect()
 }
 
+/// Every line of `show` for an image, root first; paths at or beneath a state line end in
+/// ` [state]` (seeded on a machine only when absent).
+pub fn show_image_lines(image: &Image) -> Vec<String> {
+    let mut lines = show_lines(&image.tree);
+    if let Some(state) = &image.state {
+        for (l, p) in lines.iter_mut().zip(image.tree.entries.keys()) {
+            if state.covers(p) {
+                l.push_str(" [state]");
+            }
+        }
+    }
+    lines
+}
+
 /// The one-line description above a listing.
 pub fn header(name: &str, image: &Image) -> String {
     let kind = match &image.filter {
@@ -93,6 +107,12 @@ pub fn header(name: &str, image: &Image) -> String {
     }
     if !image.created_by.is_empty() {
         s.push_str(&format!(" by {}", image.created_by));
+    }
+    if let Some(state) = image.state.as_ref().filter(|s| !s.lines().is_empty()) {
+        s.push_str(&format!(
+            "; {} state lines (paths marked [state] are seeded only when absent)",
+            state.lines().len()
+        ));
     }
     s
 }
@@ -169,6 +189,10 @@ pub struct ImageDiff {
     pub filter_added: Vec<String>,
     pub triggers_removed: Vec<model::Trigger>,
     pub triggers_added: Vec<model::Trigger>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub state_removed: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub state_added: Vec<String>,
     pub changes: Vec<Change>,
 }
 
@@ -181,6 +205,13 @@ impl ImageDiff {
                 .unwrap_or_default()
         };
         let (fa, fb) = (lines(a), lines(b));
+        let state = |i: &model::Image| -> Vec<String> {
+            i.state
+                .as_ref()
+                .map(|s| s.lines().to_vec())
+                .unwrap_or_default()
+        };
+        let (sa, sb) = (state(a), state(b));
         let (ta, tb) = (a.triggers.list(), b.triggers.list());
         ImageDiff {
             sparse: (a.filter.is_none(), b.filter.is_none()),
@@ -188,6 +219,8 @@ impl ImageDiff {
             filter_added: fb.iter().filter(|l| !fa.contains(l)).cloned().collect(),
             triggers_removed: ta.iter().filter(|t| !tb.contains(t)).cloned().collect(),
             triggers_added: tb.iter().filter(|t| !ta.contains(t)).cloned().collect(),
+            state_removed: sa.iter().filter(|l| !sb.contains(l)).cloned().collect(),
+            state_added: sb.iter().filter(|l| !sa.contains(l)).cloned().collect(),
             changes: diff(&a.tree, &b.tree),
         }
     }
@@ -220,6 +253,8 @@ impl ImageDiff {
                 .iter()
                 .map(|t| format!("# trigger + {}", json(t))),
         );
+        out.extend(self.state_removed.iter().map(|l| format!("# state - {l}")));
+        out.extend(self.state_added.iter().map(|l| format!("# state + {l}")));
         out.extend(self.changes.iter().map(diff_line));
         out
     }

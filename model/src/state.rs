@@ -46,6 +46,18 @@ impl StateLines {
     pub fn matches(&self, path: &FsPath) -> bool {
         !path.is_root() && self.0.matches(path)
     }
+
+    /// True if `path` is state: it or an ancestor matches a state line.
+    pub fn covers(&self, path: &FsPath) -> bool {
+        let mut at = Some(path.clone());
+        while let Some(p) = at {
+            if self.matches(&p) {
+                return true;
+            }
+            at = p.parent();
+        }
+        false
+    }
 }
 
 impl TryFrom<Vec<String>> for StateLines {
@@ -86,6 +98,8 @@ mod tests {
         for (path, want) in cases {
             assert_eq!(s.matches(&p(path)), want, "{path}");
         }
+        assert!(s.covers(&p("/var/lib/db/x")));
+        assert!(!s.covers(&p("/var/lib")));
     }
 
     #[test]

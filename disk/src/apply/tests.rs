@@ -125,6 +125,7 @@ fn converge(
             object_cache: &cache,
             exclusions: opts.exclusions.as_ref(),
             hidden_parents: &hidden,
+            seeded: &[],
         },
         &DiffOptions { allow_unsafe: true },
     );
@@ -154,6 +155,7 @@ fn rediff(f: &Fixture, img: &Image, opts: &ApplyOptions) -> UpdatePlan {
             object_cache: &cache,
             exclusions: opts.exclusions.as_ref(),
             hidden_parents: &hidden,
+            seeded: &[],
         },
         &DiffOptions { allow_unsafe: true },
     )
