@@ -932,7 +932,7 @@ impl Update<'_> {
         let mut seeded: BTreeSet<FsPath> = load_seeded(self.state_dir).into_iter().collect();
         let before = seeded.len();
         for p in &plan.seeded {
-            if self.exists(p) {
+            if !is_protected(p, self.excl) && self.exists(p) {
                 seeded.insert(p.clone());
             }
         }
