@@ -343,4 +343,37 @@ mod tests {
         assert!(l.ends_with("/l -> /x"), "{l}");
         assert!(l.starts_with("lrwxrwxrwx   1     1     2"), "{l}");
     }
+
+    /// `show` marks the paths at or beneath a state line; `diff` names the state lines
+    /// added and removed (and says nothing of state when neither image has any).
+    #[test]
+    fn state_is_marked_and_diffed() {
+        let mut t = FileTree::with_root(Inode::dir(0o755, 0, 0));
+        for (n, path) in ["/mnt", "/mnt/state", "/mnt/state/etc"].iter().enumerate() {
+            t.inodes.insert(n as u64 + 1, Inode::dir(0o755, 0, 0));
+            t.entries.insert(path.parse().unwrap(), n as u64 + 1);
+        }
+        let plain = Image::new(t, None, model::Triggers::default());
+        let mut stateful = plain.clone();
+        stateful.state = Some(model::StateLines::parse("/mnt/state/.*\n", "s").unwrap());
+        let marked: Vec<bool> = show_image_lines(&stateful)
+            .iter()
+            .map(|l| l.ends_with(" [state]"))
+            .collect();
+        assert_eq!(marked, [false, false, false, true]);
+        assert!(show_image_lines(&plain)
+            .iter()
+            .all(|l| !l.contains("[state]")));
+        assert!(header("x", &stateful).contains("1 state lines"));
+        assert_eq!(
+            ImageDiff::of(&plain, &stateful).lines(),
+            ["# state + /mnt/state/.*"]
+        );
+        assert_eq!(
+            ImageDiff::of(&stateful, &plain).lines(),
+            ["# state - /mnt/state/.*"]
+        );
+        let json = serde_json::to_string(&ImageDiff::of(&plain, &plain)).unwrap();
+        assert!(!json.contains("state"), "{json}");
+    }
 }
