@@ -39,6 +39,9 @@ use std::time::{Duration, Instant};
 
 /// File in the state directory holding the triggers of the last applied image.
 pub const PREVIOUS_TRIGGERS: &str = "triggers.previous";
+/// The state paths this machine seeded (JSON list), in the state directory: state for
+/// good, reported by every poll.
+pub const SEEDED: &str = "seeded.json";
 /// The `[service, action]` pairs an update owes after its change window, written before
 /// its first `stop` and removed once they have run: if subd dies in between, they are
 /// run when it starts again (`resume_pending_starts`), so no service stays stopped.
@@ -427,7 +430,7 @@ pub fn apply(
     update(root, state_dir, plan, opts).finish().0
 }
 
-/// The phases of an update: owed starts, admission, select → stage → stop → activate
+/// The phases of an update: owed starts, admission, select (present seeds skipped) → stage → stop → activate
 /// (the change window) → sync → start → remember.
 fn update<'a>(
     root: &Path,
@@ -447,7 +450,8 @@ fn update<'a>(
         excl: opts.exclusions.as_ref(),
         run,
     };
-    let sel = u.select(plan);
+    let mut sel = u.select(plan);
+    u.skip_present_seeds(plan, &mut sel);
     let matched = u.match_triggers(plan, &sel);
     let t_start = Instant::now();
     let staged = u.stage(plan, &sel);
@@ -629,6 +633,33 @@ impl Update<'_> {
             self.run.error(ApplyError::Refused(p));
         }
         sel
+    }
+
+    /// Seeds only where nothing is: a seeded root something now occupies (made since the
+    /// poll the plan came from; `lstat`, so a dangling symlink counts) is left alone with
+    /// its subtree, and fires no trigger.
+    fn skip_present_seeds(&mut self, plan: &UpdatePlan, sel: &mut Selection<'_>) {
+        let present: Vec<&FsPath> = plan.seeded.iter().filter(|p| self.exists(p)).collect();
+        if present.is_empty() {
+            return;
+        }
+        tracing::info!(?present, "state already present: not seeded");
+        let free = |p: &FsPath| !present.iter().any(|r| p.starts_with(r));
+        sel.dirs.retain(|d| free(&d.path));
+        sel.inodes.retain(|i| free(&i.path));
+        sel.links.retain(|h| free(&h.path));
+        sel.changes.retain(|c| free(&c.path));
+    }
+
+    /// Whether anything is at `path` (`lstat`); an unreachable parent means nothing is.
+    fn exists(&mut self, path: &FsPath) -> bool {
+        match self.fs.parent(path) {
+            Ok((pfd, leaf)) => !matches!(
+                rustix::fs::statat(&*pfd, leaf.as_slice(), AtFlags::SYMLINK_NOFOLLOW),
+                Err(Errno::NOENT)
+            ),
+            Err(_) => false,
+        }
     }
 
     /// Trigger matching over what will really be touched.
@@ -874,7 +905,8 @@ impl Update<'_> {
         }
     }
 
-    /// Remember the triggers, and the image for full updates that went without a failure.
+    /// Remember the triggers, the image for full updates that went without a failure, and
+    /// the state paths seeded.
     fn remember(&mut self, plan: &UpdatePlan) {
         if !plan.triggers.is_empty() {
             let json = serde_json::to_vec_pretty(&plan.triggers).expect("triggers serialize");
@@ -888,7 +920,38 @@ impl Update<'_> {
         if !plan.sparse && self.run.failures.is_empty() {
             write_patched_image(&mut self.fs, &plan.image_name);
         }
+        self.remember_seeded(plan);
     }
+
+    /// Adds the plan's seeded roots now present to the state directory's record.
+    fn remember_seeded(&mut self, plan: &UpdatePlan) {
+        let mut seeded: BTreeSet<FsPath> = load_seeded(self.state_dir).into_iter().collect();
+        let before = seeded.len();
+        for p in &plan.seeded {
+            if !is_protected(p, self.excl) && self.exists(p) {
+                seeded.insert(p.clone());
+            }
+        }
+        if seeded.len() == before {
+            return;
+        }
+        let json = serde_json::to_vec_pretty(&seeded).expect("paths serialize");
+        if let Err(source) = self.state_dir.write_atomic(SEEDED, &json) {
+            self.run.error(ApplyError::Save {
+                name: SEEDED,
+                source,
+            });
+        }
+    }
+}
+
+/// The state paths recorded as seeded under `state_dir` (none when unreadable).
+pub fn load_seeded(state_dir: &StateDir) -> Vec<FsPath> {
+    state_dir
+        .read(SEEDED)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }
 
 /// Sets the metadata of one inode: the root through a fresh handle, others opened without

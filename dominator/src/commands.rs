@@ -341,14 +341,15 @@ async fn plan_one(
     let tree = poll.tree.ok_or(PlanError::NotReady)?;
     let cache = poll.object_cache.unwrap_or_default();
     let image = images.get(&m.required_image).await?;
-    let (name, excl, hidden, previous) = (
+    let (name, excl, hidden, previous, seeded) = (
         m.required_image.clone(),
         poll.exclusions,
         poll.hidden_parents,
         poll.last_image,
+        poll.seeded,
     );
     let plan = tokio::task::spawn_blocking(move || {
-        let mut plan = planner::compute(&name, &image, &tree, &cache, &excl, &hidden);
+        let mut plan = planner::compute(&name, &image, &tree, &cache, &excl, &hidden, &seeded);
         planner::attach_hooks(&mut plan, &image, previous.as_deref(), &cache);
         plan
     })

@@ -34,6 +34,9 @@ pub struct MachineReport {
     pub consecutive_failures: u32,
     /// What the last update the machine reports did.
     pub last_update: Option<UpdateResult>,
+    /// State paths (the image's state lines) whose content differs from the image's seed,
+    /// as of the last plan computed: visible, never corrected.
+    pub state_diverged: u64,
     /// The last plan computed for the machine (present in per-machine views).
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "plan_ser")]
     pub last_plan: Option<Arc<UpdatePlan>>,
@@ -61,6 +64,7 @@ impl MachineReport {
             last_poll_bytes: 0,
             consecutive_failures: 0,
             last_update: None,
+            state_diverged: 0,
             last_plan: None,
         }
     }

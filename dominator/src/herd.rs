@@ -369,6 +369,8 @@ struct MachineState {
     failures: u32,
     /// The failing status `failures` counts (a new kind of failure starts over).
     failure_status: Option<Status>,
+    /// `state_diverged` of the last plan computed.
+    state_diverged: u64,
 }
 
 async fn machine_loop(ctx: Arc<Ctx>, mut rx: watch::Receiver<Machine>) {
@@ -418,6 +420,7 @@ async fn refresh_from_tree(
     let cache = Arc::new(p.object_cache.take().unwrap_or_default());
     let excl = std::mem::take(&mut p.exclusions);
     let hidden = std::mem::take(&mut p.hidden_parents);
+    let seeded = p.seeded.clone();
     let planned = if !m.planned_image.is_empty() && m.planned_image != m.required_image {
         ctx.images.get(&m.planned_image).await.ok()
     } else {
@@ -426,7 +429,7 @@ async fn refresh_from_tree(
     let (img, name, c) = (image.clone(), m.required_image.clone(), cache.clone());
     let previous = p.last_image.clone();
     let computed = tokio::task::spawn_blocking(move || {
-        let mut plan = planner::compute(&name, &img, &tree, &c, &excl, &hidden);
+        let mut plan = planner::compute(&name, &img, &tree, &c, &excl, &hidden, &seeded);
         planner::attach_hooks(&mut plan, &img, previous.as_deref(), &c);
         let missing = planned
             .filter(|_| plan.is_empty())
@@ -440,6 +443,7 @@ async fn refresh_from_tree(
             p.exclusions = excl;
             st.generation = p.generation;
             st.cache = cache;
+            st.state_diverged = plan.state_diverged;
             st.plan = Some(Arc::new(plan));
             st.plan_key = Some((m.required_image.clone(), p.generation));
             match missing {
@@ -913,6 +917,7 @@ fn publish(
     }
     r.consecutive_failures = st.failures;
     r.last_plan = st.plan.clone();
+    r.state_diverged = st.state_diverged;
     r.last_poll_bytes = seen.poll_bytes;
     if let Ok(p) = &seen.poll {
         r.last_poll = Some(now);

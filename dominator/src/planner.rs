@@ -11,7 +11,9 @@ use model::{FileTree, Image, ObjectId, UpdatePlan};
 use std::collections::{BTreeSet, HashSet};
 
 /// The plan that brings `tree` (the machine's last scan, with object `cache`) to `image`,
-/// never touching paths matched by the image's filter or the subd's `exclusions`.
+/// never touching paths matched by the image's filter or the subd's `exclusions`, and
+/// leaving alone the state the machine holds (its `seeded` paths and the image's state
+/// lines that something occupies).
 pub fn compute(
     image_name: &str,
     image: &Image,
@@ -19,6 +21,7 @@ pub fn compute(
     cache: &[ObjectId],
     exclusions: &[String],
     hidden_parents: &[model::FsPath],
+    seeded: &[model::FsPath],
 ) -> UpdatePlan {
     let exclusions = (!exclusions.is_empty())
         .then(|| Filter::from_lines(exclusions.to_vec()).ok())
@@ -29,6 +32,7 @@ pub fn compute(
         object_cache: &cache,
         exclusions: exclusions.as_ref(),
         hidden_parents,
+        seeded,
     };
     diff(
         image_name,

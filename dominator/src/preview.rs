@@ -46,7 +46,8 @@ fn describe_inode(i: &model::Inode) -> String {
 }
 
 /// The lines of a plan, one change per line, in the order subd applies them:
-/// `fetch`, `mkdir`, `add`, `link`, `delete`, `chmeta`, then `trigger` and `reboot`.
+/// `fetch`, `mkdir`, `add`, `seed` (the tops of the state subtrees the mkdirs and adds
+/// seed), `link`, `delete`, `chmeta`, then `trigger` and `reboot`.
 pub fn plan_lines(plan: &UpdatePlan) -> Vec<String> {
     let mut out = Vec::new();
     if !plan.objects_to_fetch.is_empty() {
@@ -74,6 +75,12 @@ pub fn plan_lines(plan: &UpdatePlan) -> Vec<String> {
             "add     {} ({})",
             i.path.display(),
             describe_inode(&i.inode)
+        ));
+    }
+    for p in &plan.seeded {
+        out.push(format!(
+            "seed    {} (state: made only while nothing is there)",
+            p.display()
         ));
     }
     for h in &plan.hardlinks_to_make {
@@ -134,6 +141,13 @@ pub fn describe(host: &str, plan: &UpdatePlan) -> String {
         plan.image_name,
         if plan.sparse { "sparse" } else { "full" }
     );
+    if plan.state_diverged > 0 {
+        let _ = writeln!(
+            s,
+            "  state: {} paths differ from the image's seed (kept as they are)",
+            plan.state_diverged
+        );
+    }
     if is_noop(plan) {
         s.push_str("  in sync: nothing to do\n");
         return s;
@@ -206,5 +220,36 @@ mod tests {
             ..UpdatePlan::default()
         };
         assert!(describe("w", &empty).contains("in sync: nothing to do"));
+    }
+
+    #[test]
+    fn lists_what_would_be_seeded_and_counts_divergence() {
+        let key: FsPath = "/mnt/state/key".parse().unwrap();
+        let plan = UpdatePlan {
+            image_name: "i".into(),
+            inodes_to_make: vec![PathInode {
+                path: key.clone(),
+                inode: Inode::file(0o600, 0, 0, Mtime::default(), 0, None),
+            }],
+            seeded: vec![key],
+            ..UpdatePlan::default()
+        };
+        let text = describe("h", &plan);
+        assert!(
+            text.contains("  seed    /mnt/state/key (state: made only while nothing is there)\n"),
+            "{text}"
+        );
+        let kept = UpdatePlan {
+            image_name: "i".into(),
+            state_diverged: 2,
+            ..UpdatePlan::default()
+        };
+        let text = describe("h", &kept);
+        assert!(
+            text.contains(
+                "  state: 2 paths differ from the image's seed (kept as they are)\n  in sync"
+            ),
+            "{text}"
+        );
     }
 }

@@ -368,6 +368,10 @@ async fn machine_page(
             format!("{} / {}", m.generation, m.scan_count),
         ),
         ("last poll size", format!("{} bytes", m.last_poll_bytes)),
+        (
+            "state diverged",
+            format!("{} paths differ from the image's seed", m.state_diverged),
+        ),
     ];
     for (k, v) in rows {
         let _ = writeln!(b, "<tr><th>{k}</th><td>{}</td></tr>", esc(&v));

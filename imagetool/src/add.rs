@@ -1,4 +1,4 @@
-//! `imagetool add NAME PATH FILTERFILE TRIGGERSFILE`: build the tree from a directory or a
+//! `imagetool add NAME PATH FILTERFILE TRIGGERSFILE [--state FILE]`: build the tree from a directory or a
 //! tarball, send the objects the server lacks, then add the image.
 //!
 //! A directory is scanned (hashing in parallel), then its objects are checked and sent in
@@ -11,7 +11,7 @@ use disk::scan::{scan, ChangedFiles, ScanError, ScanOptions};
 use disk::tarball::{self, ContentSink};
 use indicatif::{ProgressBar, ProgressStyle};
 use model::image::Kind;
-use model::{FileTree, Filter, FsPath, Image, ImageName, ObjectId, Triggers};
+use model::{FileTree, Filter, FsPath, Image, ImageName, ObjectId, StateLines, Triggers};
 use std::collections::HashSet;
 use std::io::{self, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -40,6 +40,14 @@ pub enum AddError {
     },
     #[error(transparent)]
     Triggers(#[from] model::triggers::TriggersError),
+    /// The state file could not be read.
+    #[error("state file {}", .path.display())]
+    StateFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    State(#[from] model::state::StateError),
     /// The directory or tarball could not be looked at or opened.
     #[error("{}", .path.display())]
     Source {
@@ -139,6 +147,28 @@ pub fn load_filter(arg: &str) -> Result<Option<Filter>, AddError> {
     Ok(Some(f))
 }
 
+/// The files `add` reads beside the tree: filter (`""` = sparse), triggers (`""` =
+/// none) and state lines (`--state`).
+pub struct Files<'a> {
+    pub filter: &'a str,
+    pub triggers: &'a str,
+    pub state: Option<&'a Path>,
+    /// The hooks directory (`--hooks`: `pre/` and `post/`), if any.
+    pub hooks: Option<&'a Path>,
+}
+
+/// Reads and compiles the state file (`None` = no state lines).
+pub fn load_state(arg: Option<&Path>) -> Result<Option<StateLines>, AddError> {
+    let Some(path) = arg else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| AddError::StateFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(Some(StateLines::parse(&text, &path.display().to_string())?))
+}
+
 /// Reads and compiles the triggers file (`""` = none).
 pub fn load_triggers(arg: &str) -> Result<Triggers, AddError> {
     if arg.is_empty() {
@@ -193,15 +223,15 @@ pub async fn add(
     client: &ImageServerClient,
     name: &str,
     path: &Path,
-    filter_arg: &str,
-    triggers_arg: &str,
-    hooks_dir: Option<&Path>,
+    files: &Files<'_>,
 ) -> Result<Summary, AddError> {
     let start = Instant::now();
     let name = ImageName::parse(name)?;
-    let filter = load_filter(filter_arg)?;
-    let triggers = load_triggers(triggers_arg)?;
-    let hooks = hooks_dir
+    let filter = load_filter(files.filter)?;
+    let triggers = load_triggers(files.triggers)?;
+    let state_lines = load_state(files.state)?;
+    let hooks = files
+        .hooks
         .map(crate::hooks::read_hooks_dir)
         .transpose()?
         .unwrap_or_default();
@@ -275,6 +305,7 @@ pub async fn add(
     let sparse = filter.is_none();
     let mut image = Image::new(tree, filter, triggers);
     image.hooks = hooks.hooks;
+    image.state = state_lines;
     if let Err(source) = client.add_image(name.as_str(), &image).await {
         return Err(AddError::AddImage { name, source });
     }

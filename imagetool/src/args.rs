@@ -46,6 +46,10 @@ pub enum Command {
         /// after it, each in byte order of the names
         #[arg(long, value_name = "DIR")]
         hooks: Option<PathBuf>,
+        /// State file: regexes (filter syntax) of paths seeded on a machine only when
+        /// nothing is there, and never overwritten, corrected or deleted afterwards
+        #[arg(long = "state", value_name = "FILE")]
+        state_file: Option<PathBuf>,
     },
     /// List image names, version-sorted
     List { prefix: Option<String> },
@@ -57,6 +61,8 @@ pub enum Command {
     ShowTriggers { name: String },
     /// Show an image's hooks in running order: PHASE NAME HASH SIZE
     ShowHooks { name: String },
+    /// Show an image's state lines (paths seeded only when absent)
+    ShowState { name: String },
     /// Exit 0 if the image exists, 1 if not (prints nothing)
     Check { name: String },
     /// Delete an image (its name is never reused)

@@ -93,16 +93,23 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
             path,
             filter_file,
             triggers_file,
+            state_file,
             hooks,
         } => {
-            s.add(&name, &path, &filter_file, &triggers_file, hooks.as_deref())
-                .await
+            let files = add::Files {
+                filter: &filter_file,
+                triggers: &triggers_file,
+                state: state_file.as_deref(),
+                hooks: hooks.as_deref(),
+            };
+            s.add(&name, &path, &files).await
         }
         Command::List { prefix } => s.list(prefix.as_deref()).await,
         Command::Show { name } => s.show(&name).await,
         Command::ShowFilter { name } => s.show_filter(&name).await,
         Command::ShowTriggers { name } => s.show_triggers(&name).await,
         Command::ShowHooks { name } => s.show_hooks(&name).await,
+        Command::ShowState { name } => s.show_state(&name).await,
         Command::Check { name } => s.check(&name).await,
         Command::Mkdir { name } => s.mkdir(&name).await,
         Command::Delete { name } => s.delete(&name).await,
@@ -126,15 +133,8 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
 
 impl Session<'_> {
     /// `add`: builds the image from a directory or tarball and adds it; prints a summary.
-    async fn add(
-        &mut self,
-        name: &str,
-        path: &Path,
-        filter_file: &str,
-        triggers_file: &str,
-        hooks: Option<&Path>,
-    ) -> Result<u8, Error> {
-        let s = add::add(&self.client, name, path, filter_file, triggers_file, hooks).await?;
+    async fn add(&mut self, name: &str, path: &Path, files: &add::Files<'_>) -> Result<u8, Error> {
+        let s = add::add(&self.client, name, path, files).await?;
         if self.json {
             writeln!(self.out, "{}", serde_json::to_string(&s)?)?;
         } else {
@@ -174,7 +174,7 @@ impl Session<'_> {
             writeln!(self.out)?;
         } else {
             writeln!(self.out, "{}", listing::header(name, &image))?;
-            for l in listing::show_lines(&image.tree) {
+            for l in listing::show_image_lines(&image) {
                 writeln!(self.out, "{l}")?;
             }
         }
@@ -219,6 +219,22 @@ impl Session<'_> {
             writeln!(self.out, "{}", serde_json::to_string(&image.hooks)?)?;
         } else {
             write!(self.out, "{}", image.hooks.listing())?;
+        }
+        Ok(0)
+    }
+
+    /// `show-state`: an image's state lines (none: said on stderr).
+    async fn show_state(&mut self, name: &str) -> Result<u8, Error> {
+        let image = self.client.get_image(name).await?;
+        let lines = image.state.as_ref().map_or(&[][..], |s| s.lines());
+        if self.json {
+            writeln!(self.out, "{}", serde_json::to_string(lines)?)?;
+        } else if lines.is_empty() {
+            eprintln!("imagetool: {name} has no state lines");
+        } else {
+            for l in lines {
+                writeln!(self.out, "{l}")?;
+            }
         }
         Ok(0)
     }

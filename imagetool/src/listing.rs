@@ -71,6 +71,20 @@ pub fn show_lines(tree: &FileTree) -> Vec<String> {
         .collect()
 }
 
+/// Every line of `show` for an image, root first; paths at or beneath a state line end in
+/// ` [state]` (seeded on a machine only when absent).
+pub fn show_image_lines(image: &Image) -> Vec<String> {
+    let mut lines = show_lines(&image.tree);
+    if let Some(state) = &image.state {
+        for (l, p) in lines.iter_mut().zip(image.tree.entries.keys()) {
+            if state.covers(p) {
+                l.push_str(" [state]");
+            }
+        }
+    }
+    lines
+}
+
 /// The one-line description above a listing.
 pub fn header(name: &str, image: &Image) -> String {
     let kind = match &image.filter {
@@ -93,6 +107,12 @@ pub fn header(name: &str, image: &Image) -> String {
     }
     if !image.created_by.is_empty() {
         s.push_str(&format!(" by {}", image.created_by));
+    }
+    if let Some(state) = image.state.as_ref().filter(|s| !s.lines().is_empty()) {
+        s.push_str(&format!(
+            "; {} state lines (paths marked [state] are seeded only when absent)",
+            state.lines().len()
+        ));
     }
     s
 }
@@ -172,6 +192,10 @@ pub struct ImageDiff {
     /// Hooks added, removed or changed (`hook + pre NAME`, …).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub hooks: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub state_removed: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub state_added: Vec<String>,
     pub changes: Vec<Change>,
 }
 
@@ -184,6 +208,13 @@ impl ImageDiff {
                 .unwrap_or_default()
         };
         let (fa, fb) = (lines(a), lines(b));
+        let state = |i: &model::Image| -> Vec<String> {
+            i.state
+                .as_ref()
+                .map(|s| s.lines().to_vec())
+                .unwrap_or_default()
+        };
+        let (sa, sb) = (state(a), state(b));
         let (ta, tb) = (a.triggers.list(), b.triggers.list());
         ImageDiff {
             sparse: (a.filter.is_none(), b.filter.is_none()),
@@ -192,6 +223,8 @@ impl ImageDiff {
             triggers_removed: ta.iter().filter(|t| !tb.contains(t)).cloned().collect(),
             triggers_added: tb.iter().filter(|t| !ta.contains(t)).cloned().collect(),
             hooks: b.hooks.diff_lines(&a.hooks),
+            state_removed: sa.iter().filter(|l| !sb.contains(l)).cloned().collect(),
+            state_added: sb.iter().filter(|l| !sa.contains(l)).cloned().collect(),
             changes: diff(&a.tree, &b.tree),
         }
     }
@@ -225,6 +258,8 @@ impl ImageDiff {
                 .map(|t| format!("# trigger + {}", json(t))),
         );
         out.extend(self.hooks.iter().map(|l| format!("# {l}")));
+        out.extend(self.state_removed.iter().map(|l| format!("# state - {l}")));
+        out.extend(self.state_added.iter().map(|l| format!("# state + {l}")));
         out.extend(self.changes.iter().map(diff_line));
         out
     }
@@ -312,5 +347,38 @@ mod tests {
         let l = show_line(&"/l".parse().unwrap(), &s, 1);
         assert!(l.ends_with("/l -> /x"), "{l}");
         assert!(l.starts_with("lrwxrwxrwx   1     1     2"), "{l}");
+    }
+
+    /// `show` marks the paths at or beneath a state line; `diff` names the state lines
+    /// added and removed (and says nothing of state when neither image has any).
+    #[test]
+    fn state_is_marked_and_diffed() {
+        let mut t = FileTree::with_root(Inode::dir(0o755, 0, 0));
+        for (n, path) in ["/mnt", "/mnt/state", "/mnt/state/etc"].iter().enumerate() {
+            t.inodes.insert(n as u64 + 1, Inode::dir(0o755, 0, 0));
+            t.entries.insert(path.parse().unwrap(), n as u64 + 1);
+        }
+        let plain = Image::new(t, None, model::Triggers::default());
+        let mut stateful = plain.clone();
+        stateful.state = Some(model::StateLines::parse("/mnt/state/.*\n", "s").unwrap());
+        let marked: Vec<bool> = show_image_lines(&stateful)
+            .iter()
+            .map(|l| l.ends_with(" [state]"))
+            .collect();
+        assert_eq!(marked, [false, false, false, true]);
+        assert!(show_image_lines(&plain)
+            .iter()
+            .all(|l| !l.contains("[state]")));
+        assert!(header("x", &stateful).contains("1 state lines"));
+        assert_eq!(
+            ImageDiff::of(&plain, &stateful).lines(),
+            ["# state + /mnt/state/.*"]
+        );
+        assert_eq!(
+            ImageDiff::of(&stateful, &plain).lines(),
+            ["# state - /mnt/state/.*"]
+        );
+        let json = serde_json::to_string(&ImageDiff::of(&plain, &plain)).unwrap();
+        assert!(!json.contains("state"), "{json}");
     }
 }

@@ -188,6 +188,10 @@ pub struct PollResponse {
     /// a full image keeps; sent with the tree.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hidden_parents: Vec<FsPath>,
+    /// State paths this machine seeded (`UpdatePlan::seeded` of its updates): state for
+    /// good, whatever later images say. Sent with every poll.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeded: Vec<FsPath>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

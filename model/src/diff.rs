@@ -11,7 +11,8 @@
 //! identical file elsewhere on the machine (copied to the cache first), or from fetched
 //! objects. Full images delete what they lack (only the top of each deleted subtree); a full
 //! image that would delete more than half of the machine, or that has fewer than half as
-//! many inodes, is refused unless the caller allows unsafe updates.
+//! many inodes, is refused unless the caller allows unsafe updates. State paths (`seed`)
+//! are made only where absent, and never changed or deleted.
 
 use crate::filter::Filter;
 use crate::hash::ObjectId;
@@ -48,6 +49,9 @@ pub struct Machine<'a> {
     /// Directories holding entries the machine's scan left out (`scan::Scan`); kept by a
     /// full image. Empty when unknown.
     pub hidden_parents: &'a [FsPath],
+    /// State paths the machine recorded as seeded (`seed`): state for good, whatever later
+    /// images say. Empty when none.
+    pub seeded: &'a [FsPath],
 }
 
 /// Knobs of the diff.
@@ -101,6 +105,8 @@ pub fn diff(
         image_name: image_name.to_string(),
         sparse: !sides.full,
         triggers: image.triggers.clone(),
+        seeded: sides.seeded.clone(),
+        state_diverged: sides.diverged,
         ..UpdatePlan::default()
     };
     plan_dirs(&sides, &mut plan);
@@ -125,21 +131,40 @@ struct Sides<'a> {
     all_links: BTreeMap<u64, Vec<FsPath>>,
     /// A full image (it has a filter): deletes what it lacks.
     full: bool,
+    /// Tops of the state subtrees this diff seeds (`seed`).
+    seeded: Vec<FsPath>,
+    /// State paths differing from their seed.
+    diverged: u64,
 }
 
 impl<'a> Sides<'a> {
-    /// Prunes both trees of what the image's filter and the machine's exclusions hide.
+    /// Prunes both trees of what the image's filter and the machine's exclusions hide, and
+    /// of the state left alone (`seed`).
     fn new(image: &Image, machine: &Machine<'a>) -> Sides<'a> {
         let filter = image.filter.as_ref();
         let hidden = |p: &FsPath| {
             is_protected(p, machine.exclusions) || filter.is_some_and(|f| f.matches(p))
         };
+        let (want, have) = (prune(&image.tree, hidden), prune(machine.tree, hidden));
+        let roots = seed::Roots::new(image.state.as_ref(), machine.seeded);
+        let split = if roots.is_empty() {
+            seed::Split {
+                want,
+                have,
+                seeded: Vec::new(),
+                diverged: 0,
+            }
+        } else {
+            seed::split(&roots, want, &have, machine.tree)
+        };
         Sides {
-            want: prune(&image.tree, hidden),
-            have: prune(machine.tree, hidden),
+            want: split.want,
+            have: split.have,
             all: machine.tree,
             all_links: machine.tree.links(),
             full: filter.is_some(),
+            seeded: split.seeded,
+            diverged: split.diverged,
         }
     }
 
@@ -397,5 +422,9 @@ pub fn object_uses(plan: &UpdatePlan) -> BTreeMap<ObjectId, usize> {
     m
 }
 
+mod seed;
+
+#[cfg(test)]
+mod seed_tests;
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,5 @@
 //! The image model: `Inode`, `FileTree` (paths → inode numbers, hardlinks as shared
-//! numbers), `Image` (tree + filter + triggers + metadata) and `ImageName`.
+//! numbers), `Image` (tree + filter + triggers + state lines + metadata) and `ImageName`.
 //!
 //! The same `FileTree` describes an image and a machine's scanned root, so the diff
 //! compares like with like. Only equality of inode numbers matters, never their values.
@@ -7,6 +7,7 @@
 use crate::filter::Filter;
 use crate::hash::ObjectId;
 use crate::path::{bytes_serde, FsPath};
+use crate::state::StateLines;
 use crate::triggers::Triggers;
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
@@ -499,6 +500,10 @@ pub struct Image {
     /// objects, not part of the tree. Absent in images without hooks.
     #[serde(default, skip_serializing_if = "crate::hooks::Hooks::is_empty")]
     pub hooks: crate::hooks::Hooks,
+    /// State lines: paths seeded from the image only when absent, never managed after.
+    /// `None` (the default, and every image from before) holds none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<StateLines>,
 }
 
 fn format_version() -> u32 {
@@ -516,6 +521,7 @@ impl Image {
             created_by: String::new(),
             expires_at: None,
             hooks: crate::hooks::Hooks::default(),
+            state: None,
         }
     }
 

@@ -8,6 +8,7 @@
 //! - `image`: `Inode`, `FileTree`, `Image`, `ImageName`.
 //! - `filter`, `triggers`: Dominator's filter and trigger files, compiled and matched.
 //! - `hooks`: an image's pre/post hook programs, which an update runs, and their runs.
+//! - `state`: state lines (paths seeded when absent, never managed after).
 //! - `plan`, `diff`: `UpdatePlan` and the pure function computing it.
 //! - `api`, `frame`: wire types and object batch framing (encoding only, no sockets).
 
@@ -20,6 +21,7 @@ pub mod hooks;
 pub mod image;
 pub mod path;
 pub mod plan;
+pub mod state;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod triggers;
@@ -29,4 +31,5 @@ pub use hash::ObjectId;
 pub use image::{FileTree, Image, ImageName, Inode, Kind, Mtime};
 pub use path::FsPath;
 pub use plan::UpdatePlan;
+pub use state::StateLines;
 pub use triggers::{Trigger, Triggers};

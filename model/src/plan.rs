@@ -81,6 +81,19 @@ pub struct UpdatePlan {
     /// machine), as the dominator saw it.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub previous_image: String,
+    /// State paths this plan seeds (the top of each seeded subtree; each is made by
+    /// `dirs_to_make` or `inodes_to_make`). Made only if nothing is there at the time of
+    /// the update; the machine remembers them as state for good.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeded: Vec<FsPath>,
+    /// State paths of the image present on the machine whose content or metadata differ
+    /// from the image's seed (or that are gone from evolved state): shown, never changed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub state_diverged: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Why a plan is refused before anything of it is done.
@@ -96,6 +109,8 @@ pub enum PlanError {
     RootWritableByOthers(u32),
     #[error("/: owner uid {0} is neither root nor this process (uid {1}); subd would refuse to start on it")]
     RootOwnedByOther(u32, u32),
+    #[error("{0}: listed as seeded but the plan does not make it")]
+    SeededNotMade(String),
 }
 
 /// Whether a directory of this mode lets users other than its owner rename or remove its
@@ -148,6 +163,13 @@ impl UpdatePlan {
         for c in &self.inodes_to_change {
             owner(&c.inode, &c.path)?;
         }
+        for p in &self.seeded {
+            let made = self.dirs_to_make.iter().any(|d| d.path == *p)
+                || self.inodes_to_make.iter().any(|i| i.path == *p);
+            if !made {
+                return Err(PlanError::SeededNotMade(p.display()));
+            }
+        }
         Ok(())
     }
 
@@ -199,6 +221,8 @@ pub struct PlanSummary {
     /// Services whose triggers the new image's set matches, in run order.
     pub services: Vec<String>,
     pub reboot: bool,
+    /// State paths seeded (tops of seeded subtrees).
+    pub to_seed: usize,
 }
 
 impl UpdatePlan {
@@ -230,6 +254,7 @@ impl UpdatePlan {
             to_delete: self.paths_to_delete.len(),
             services,
             reboot: matched.iter().any(|t| t.do_reboot),
+            to_seed: self.seeded.len(),
         }
     }
 }
@@ -243,6 +268,13 @@ impl std::fmt::Display for UpdatePlan {
         writeln!(f, "image {} ({kind})", self.image_name)?;
         if let Some(r) = &self.unsafe_reason {
             writeln!(f, "  UNSAFE: {r}")?;
+        }
+        if self.state_diverged > 0 {
+            writeln!(
+                f,
+                "  state: {} paths differ from the image's seed (kept)",
+                self.state_diverged
+            )?;
         }
         if self.is_empty() {
             return writeln!(f, "  nothing to do");
@@ -264,6 +296,9 @@ impl std::fmt::Display for UpdatePlan {
         }
         if s.reboot {
             writeln!(f, "  reboot: yes")?;
+        }
+        for p in &self.seeded {
+            writeln!(f, "  seed {}", p.display())?;
         }
         if f.alternate() {
             for d in &self.dirs_to_make {

@@ -220,6 +220,8 @@ pub struct Status {
     pub last_fetch: Option<FetchStats>,
     pub last_update: Option<UpdateResult>,
     pub last_image: Option<String>,
+    /// State paths this machine seeded (`disk::apply::SEEDED`), sent with every poll.
+    pub seeded: Vec<model::FsPath>,
     /// Scan the next pass unthrottled (set after fetch, update, cleanup).
     pub boost: bool,
 }
@@ -284,6 +286,7 @@ impl Subd {
                 .read(LAST_UPDATE)
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok()),
+            seeded: disk::apply::load_seeded(&state_dir),
             ..Status::default()
         };
         let subd = Arc::new(Subd {
@@ -352,8 +355,10 @@ impl Subd {
                 tracing::warn!("saving {LAST_IMAGE}: {e}");
             }
         }
+        let seeded = disk::apply::load_seeded(&self.state_dir);
         {
             let mut st = self.status();
+            st.seeded = seeded;
             st.last_update = Some(result.clone());
             if ok {
                 st.last_image = Some(result.image_name.clone());

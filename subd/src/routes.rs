@@ -46,6 +46,8 @@ struct PollHead<'a> {
     free_space: u64,
     last_image: Option<&'a str>,
     exclusions: &'a [String],
+    #[serde(skip_serializing_if = "<[model::FsPath]>::is_empty")]
+    seeded: &'a [model::FsPath],
 }
 
 async fn poll(
@@ -79,6 +81,7 @@ async fn poll(
             free_space,
             last_image: st.last_image.as_deref(),
             exclusions: s2.exclusions.lines(),
+            seeded: &st.seeded,
         })?;
         let parts = st.tree.clone().filter(|_| send_tree).map(|tree| {
             let parts = crate::poll::TreeParts {
@@ -401,6 +404,14 @@ async fn status_page(State(s): State<Arc<Subd>>) -> Html<String> {
         ),
         ("free space", format!("{free} bytes")),
         ("exclusions", s.exclusions.lines().join(" ")),
+        (
+            "seeded state",
+            st.seeded
+                .iter()
+                .map(|p| p.display())
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
     ];
     h.push_str("<table>");
     for (k, v) in rows {

@@ -535,3 +535,71 @@ async fn hooks_run_only_from_verified_copies_in_the_state_directory() {
     assert_eq!(m.mode() & 0o7777, 0o700);
     assert_eq!(std::fs::read(r.root.join("etc/app.conf")).unwrap(), b"v1\n");
 }
+
+/// Seeded state is remembered durably under `ROOT/.subd` and reported in every poll, short
+/// ones included, also after a restart; a plan computed from such a poll leaves the seeded
+/// path alone even for an image without the state line.
+#[tokio::test]
+async fn seeded_paths_are_remembered_across_restarts_and_reported_in_polls() {
+    let r = start().await;
+    let (mut img, objs) = app_image(b"seed conf\n");
+    img.state = Some(model::StateLines::parse("/etc/app.conf$", "state").unwrap());
+    put_objects(&r, &objs);
+    let poll = poll_after(&r, 0).await;
+    assert!(poll.seeded.is_empty());
+    let plan = plan_for(&img, &poll);
+    assert_eq!(plan.seeded, [p("/etc/app.conf")]);
+    update_ok(&r, plan).await;
+    let short = r
+        .client
+        .poll(&PollRequest {
+            short_only: true,
+            ..PollRequest::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(short.seeded, [p("/etc/app.conf")]);
+    std::fs::write(r.root.join("etc/app.conf"), b"evolved\n").unwrap();
+    let (_dir, root) = r.stop_keeping_root();
+    let t0 = Instant::now();
+    let s2 = loop {
+        match Subd::start(Config::new(&root)) {
+            Ok(s) => break s,
+            Err(e) => assert!(t0.elapsed() < Duration::from_secs(10), "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(s2.status().seeded, [p("/etc/app.conf")]);
+    // An image without the state line (the line's file content differs) changes nothing.
+    let (plain, _) = app_image(b"seed conf\n");
+    let t0 = Instant::now();
+    let tree = loop {
+        let tree = {
+            let st = s2.status();
+            st.tree.clone().filter(|_| st.generation > 0)
+        };
+        if let Some(t) = tree {
+            break t;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no scan after restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let seeded = s2.status().seeded.clone();
+    let plan = model::diff::diff(
+        "app/2",
+        &plain,
+        &model::diff::Machine {
+            tree: &tree,
+            object_cache: &Default::default(),
+            exclusions: None,
+            hidden_parents: &[],
+            seeded: &seeded,
+        },
+        &DiffOptions::default(),
+    );
+    assert!(plan.is_empty(), "{plan:#}");
+    s2.shutdown();
+}

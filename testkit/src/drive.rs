@@ -52,6 +52,7 @@ pub fn plan_for(name: &str, image: &Image, p: &PollResponse, opts: &DiffOptions)
             object_cache: &cache,
             exclusions: Some(&excl),
             hidden_parents: &p.hidden_parents,
+            seeded: &p.seeded,
         },
         opts,
     )

@@ -58,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
             object_cache: &cache,
             exclusions: Some(&excl),
             hidden_parents: &poll.hidden_parents,
+            seeded: &poll.seeded,
         },
         &DiffOptions { allow_unsafe: true },
     );

@@ -130,6 +130,7 @@ pub async fn patch_directory(
             object_cache: &cache,
             exclusions: options.apply.exclusions.as_ref(),
             hidden_parents: &tree.hidden_parents.iter().cloned().collect::<Vec<_>>(),
+            seeded: &disk::apply::load_seeded(&state),
         },
         &DiffOptions {
             allow_unsafe: options.allow_unsafe,

@@ -125,6 +125,7 @@ fn converge(
             object_cache: &cache,
             exclusions: opts.exclusions.as_ref(),
             hidden_parents: &hidden,
+            seeded: &[],
         },
         &DiffOptions { allow_unsafe: true },
     );
@@ -154,6 +155,7 @@ fn rediff(f: &Fixture, img: &Image, opts: &ApplyOptions) -> UpdatePlan {
             object_cache: &cache,
             exclusions: opts.exclusions.as_ref(),
             hidden_parents: &hidden,
+            seeded: &[],
         },
         &DiffOptions { allow_unsafe: true },
     )
@@ -958,4 +960,72 @@ fn directories_standing_where_files_symlinks_and_links_go_are_replaced() {
     );
     assert_eq!(meta(&f, "/linked").ino(), meta(&f, "/full").ino());
     assert!(rediff(&f, &img, &opts).is_empty());
+}
+
+/// A seed planned while nothing was there is not made if something (here a dangling
+/// symlink) appeared before the update; seeds made are recorded in `seeded.json`, and the
+/// trigger on the skipped seed does not fire.
+#[test]
+fn a_seed_is_made_only_where_nothing_is_and_is_recorded() {
+    let f = fixture();
+    let b = B::new()
+        .dir("/mnt", 0o755)
+        .dir("/mnt/state", 0o755)
+        .dir("/mnt/state/a", 0o700)
+        .file("/mnt/state/a/key", b"seed a", 0o600, 0)
+        .file("/mnt/state/b", b"seed b", 0o600, 0);
+    let mut img = b.image(Some(""));
+    img.state = Some(model::StateLines::parse("/mnt/state/.*", "s").unwrap());
+    img.triggers =
+        Triggers::parse(r#"[{"MatchLines":["/mnt/state/b"],"Service":"b"}]"#, "t").unwrap();
+    let scanned = scan_full(&f.root, &ScanOptions::default()).unwrap();
+    let plan = diff(
+        "test/1",
+        &img,
+        &Machine {
+            tree: &scanned.tree,
+            object_cache: &BTreeSet::new(),
+            exclusions: None,
+            hidden_parents: &[],
+            seeded: &[],
+        },
+        &DiffOptions { allow_unsafe: true },
+    );
+    assert_eq!(plan.seeded, [p("/mnt/state/a"), p("/mnt/state/b")]);
+    let store = f.sd.objects().unwrap();
+    for h in &plan.objects_to_fetch {
+        store.put(&b.contents[h]).unwrap();
+    }
+    // Between the poll and the update, something takes /mnt/state/b.
+    std::fs::create_dir_all(f.root.join("mnt/state")).unwrap();
+    symlink("/nowhere", f.root.join("mnt/state/b")).unwrap();
+    let log = f.root.join("../services.log");
+    let script = f.root.join("../svc.sh");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\necho \"$*\" >> {}\n", log.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let opts = ApplyOptions {
+        service_command: Some(vec![script.display().to_string()]),
+        ..ApplyOptions::default()
+    };
+    let r = apply(&f.root, &f.sd, &plan, &opts);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(
+        std::fs::read(f.root.join("mnt/state/a/key")).unwrap(),
+        b"seed a"
+    );
+    assert_eq!(meta(&f, "/mnt/state/a").mode() & 0o7777, 0o700);
+    assert_eq!(
+        std::fs::read_link(f.root.join("mnt/state/b")).unwrap(),
+        Path::new("/nowhere")
+    );
+    assert!(std::fs::read_to_string(&log).unwrap_or_default().is_empty());
+    assert_eq!(
+        load_seeded(&f.sd),
+        [p("/mnt/state/a"), p("/mnt/state/b")],
+        "both are state now"
+    );
 }

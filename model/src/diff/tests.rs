@@ -18,6 +18,7 @@ fn run(img: &Image, have: &FileTree, cache: &[ObjectId], excl: Option<&str>) -> 
             object_cache: &cache,
             exclusions: excl.as_ref(),
             hidden_parents: &[],
+            seeded: &[],
         },
         &DiffOptions::default(),
     )
@@ -28,7 +29,7 @@ fn paths<'a>(v: impl IntoIterator<Item = &'a FsPath>) -> Vec<String> {
 }
 
 /// A model of `apply` on trees, used to check convergence.
-fn simulate(have: &FileTree, plan: &UpdatePlan) -> FileTree {
+pub(super) fn simulate(have: &FileTree, plan: &UpdatePlan) -> FileTree {
     let mut t = have.clone();
     let mut next = t.inodes.keys().max().copied().unwrap_or(0) + 1000;
     let mut fresh = |t: &mut FileTree, path: &FsPath, inode: &Inode| {
@@ -359,6 +360,7 @@ fn safety_check() {
             object_cache: &cache,
             exclusions: None,
             hidden_parents: &[],
+            seeded: &[],
         },
         &DiffOptions { allow_unsafe: true },
     );
@@ -420,10 +422,10 @@ proptest! {
     fn one_update_converges(a in arb_tree(), b in arb_tree(), full in any::<bool>()) {
         let img = image(b, full.then_some(""));
         let cache = BTreeSet::new();
-        let m = Machine { tree: &a, object_cache: &cache, exclusions: None, hidden_parents: &[] };
+        let m = Machine { tree: &a, object_cache: &cache, exclusions: None, hidden_parents: &[], seeded: &[] };
         let plan = diff("img", &img, &m, &DiffOptions { allow_unsafe: true });
         let after = simulate(&a, &plan);
-        let m2 = Machine { tree: &after, object_cache: &cache, exclusions: None, hidden_parents: &[] };
+        let m2 = Machine { tree: &after, object_cache: &cache, exclusions: None, hidden_parents: &[], seeded: &[] };
         let again = diff("img", &img, &m2, &DiffOptions { allow_unsafe: true });
         prop_assert!(again.is_empty(), "plan {plan:#} second {again:#}");
         if full {
