@@ -3,7 +3,7 @@
 //! object in memory), verifies it, and commits verified objects in durable batches.
 //! `ObjectServer.GetObjects` streams the requested objects back as frames, from an async
 //! task through a small bounded queue, so a client that does not read holds a task and a
-//! few chunks, never a thread; streams are bounded overall and per caller (503 beyond).
+//! few pieces, never a thread; streams are bounded overall and per caller (503 beyond).
 //!
 //! Every object an upload stream stores or offers (already present) is held until the
 //! stream ends, then pinned for the catalogue's grace period, so unreferenced-object
@@ -15,7 +15,8 @@ use axum::body::Body;
 use axum::extract::State as AxState;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use disk::objectstore::ObjectStore;
 use futures_util::TryStreamExt;
 use model::api;
 use model::frame;
@@ -25,7 +26,6 @@ use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::io::{StreamReader, SyncIoBridge};
 use wire::http::{ApiError, Caller, Json};
@@ -180,10 +180,11 @@ pub const DEFAULT_MAX_STREAMS: usize = 512;
 pub const DEFAULT_MAX_STREAMS_PER_CALLER: usize = 32;
 /// Callers remembered before those with no stream open are forgotten.
 const FORGET_IDLE_CALLERS_ABOVE: usize = 4096;
-/// Bytes read from an object file per chunk sent.
-const CHUNK: usize = 64 * 1024;
-/// Chunks queued per stream for a client that reads slowly.
-const QUEUED_CHUNKS: usize = 4;
+/// Bytes of frames (headers and object bytes, several small objects together) read per
+/// piece sent: one blocking read task and one body chunk per piece, not per object.
+const PIECE: usize = 256 * 1024;
+/// Pieces queued per stream for a client that reads slowly.
+const QUEUED_PIECES: usize = 2;
 /// A stream whose client accepts nothing for this long is aborted, freeing its slot.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -257,46 +258,117 @@ enum SendError {
     Stalled,
     #[error("the client went away")]
     Gone,
+    #[error("the task reading object files failed: {0}")]
+    Task(tokio::task::JoinError),
 }
 
-/// Sends the frames of `objects` (id, recorded size) into `tx`, reading each file in
-/// chunks; a stalled client holds only this task.
+/// The object a `Pieces` is in the middle of.
+struct OpenObject {
+    id: ObjectId,
+    size: u64,
+    left: u64,
+    file: std::fs::File,
+}
+
+/// Reads the frames of a list of objects, a piece at a time, on a blocking thread.
+struct Pieces {
+    store: ObjectStore,
+    objects: Vec<(ObjectId, u64)>,
+    next: usize,
+    open: Option<OpenObject>,
+    /// Objects and bytes whose last byte is in the piece just read.
+    finished: (u64, u64),
+}
+
+impl Pieces {
+    /// Reads the next piece: up to `PIECE` bytes of frames, empty at the end. An error
+    /// comes with the bytes read before it, to be sent first.
+    fn read(&mut self) -> (Vec<u8>, Option<SendError>) {
+        let mut buf = Vec::with_capacity(PIECE);
+        self.finished = (0, 0);
+        while buf.len() < PIECE {
+            let Some(o) = self.open.as_mut() else {
+                let Some(&(id, size)) = self.objects.get(self.next) else {
+                    break;
+                };
+                if PIECE - buf.len() < frame::HEADER_LEN {
+                    break; // the header starts the next piece; this one never grows
+                }
+                self.next += 1;
+                match std::fs::File::open(self.store.path_of(&id)) {
+                    Ok(file) => {
+                        buf.extend_from_slice(&frame::header(&id, size));
+                        self.open = Some(OpenObject {
+                            id,
+                            size,
+                            left: size,
+                            file,
+                        });
+                    }
+                    Err(source) => return (buf, Some(SendError::Read { id, source })),
+                }
+                continue;
+            };
+            let want = o.left.min((PIECE - buf.len()) as u64);
+            let got = match (&mut o.file).take(want).read_to_end(&mut buf) {
+                Ok(n) => n as u64,
+                Err(source) => return (buf, Some(SendError::Read { id: o.id, source })),
+            };
+            if got < want {
+                let (id, size) = (o.id, o.size);
+                return (buf, Some(SendError::Short { id, size }));
+            }
+            o.left -= got;
+            if o.left == 0 {
+                self.finished.0 += 1;
+                self.finished.1 += o.size;
+                self.open = None;
+            }
+        }
+        (buf, None)
+    }
+}
+
+/// Sends the frames of `objects` (id, recorded size) into `tx`, read from their files a
+/// piece at a time off the executor; a stalled client holds only this task.
 async fn send_objects(
     st: &State,
-    objects: &[(ObjectId, u64)],
+    objects: Vec<(ObjectId, u64)>,
     tx: &mpsc::Sender<Bytes>,
 ) -> Result<(), SendError> {
-    let send = |b: Bytes| async move {
-        match tokio::time::timeout(STALL_TIMEOUT, tx.send(b)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(SendError::Gone),
-            Err(_) => Err(SendError::Stalled),
-        }
+    let mut pieces = Pieces {
+        store: st.catalogue.store().clone(),
+        objects,
+        next: 0,
+        open: None,
+        finished: (0, 0),
     };
-    for (id, size) in objects {
-        let (id, size) = (*id, *size);
-        let read_err = |source| SendError::Read { id, source };
-        let mut f = tokio::fs::File::open(st.catalogue.store().path_of(&id))
-            .await
-            .map_err(read_err)?;
-        send(Bytes::copy_from_slice(&frame::header(&id, size))).await?;
-        let mut left = size;
-        while left > 0 {
-            let mut buf = BytesMut::with_capacity(CHUNK.min(left as usize));
-            let n = f.read_buf(&mut buf).await.map_err(read_err)?;
-            if n == 0 {
-                return Err(SendError::Short { id, size });
+    loop {
+        let (p, (buf, err)) = tokio::task::spawn_blocking(move || {
+            let r = pieces.read();
+            (pieces, r)
+        })
+        .await
+        .map_err(SendError::Task)?;
+        pieces = p;
+        if !buf.is_empty() {
+            match tokio::time::timeout(STALL_TIMEOUT, tx.send(Bytes::from(buf))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(SendError::Gone),
+                Err(_) => return Err(SendError::Stalled),
             }
-            buf.truncate(buf.len().min(left as usize));
-            left -= buf.len() as u64;
-            send(buf.freeze()).await?;
+        } else if err.is_none() {
+            return Ok(());
         }
-        st.metrics.objects_served.fetch_add(1, Ordering::Relaxed);
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let (n, bytes) = pieces.finished;
+        st.metrics.objects_served.fetch_add(n, Ordering::Relaxed);
         st.metrics
             .object_bytes_served
-            .fetch_add(size, Ordering::Relaxed);
+            .fetch_add(bytes, Ordering::Relaxed);
     }
-    Ok(())
 }
 
 /// Streams the requested objects as frames. Every object must be indexed and its file as
@@ -310,12 +382,12 @@ pub async fn get_objects(
     let permit = st.streams.acquire(&caller.key())?;
     let cat = st.catalogue.clone();
     let objects = crate::rpc::blocking(move || cat.object_files(&req.hashes)).await?;
-    let (tx, rx) = mpsc::channel::<Bytes>(QUEUED_CHUNKS);
+    let (tx, rx) = mpsc::channel::<Bytes>(QUEUED_PIECES);
     let complete = Arc::new(AtomicBool::new(false));
     let done = complete.clone();
     tokio::spawn(async move {
         let _permit = permit;
-        match send_objects(&st, &objects, &tx).await {
+        match send_objects(&st, objects, &tx).await {
             Ok(()) => done.store(true, Ordering::Release),
             Err(SendError::Gone) => {}
             Err(e) => tracing::warn!(caller = %caller.name, "GetObjects aborted: {e}"),
