@@ -50,8 +50,9 @@ pub struct Fields {
     /// Stop (true) or allow (false) updates to this machine
     #[arg(long, value_name = "BOOL", action = ArgAction::Set)]
     pub disable_updates: Option<bool>,
-    /// The address to dial instead of the host name (HOST[:PORT]; empty string clears it)
-    #[arg(long, value_name = "ADDR")]
+    /// The address to dial instead of the host name (HOST[:PORT]; empty string clears it);
+    /// `--address` is the same flag (pointing a dead host's record at its replacement)
+    #[arg(long, visible_alias = "address", value_name = "ADDR")]
     pub ip: Option<String>,
     /// Set a tag (repeatable), e.g. `--tag DisableSafetyCheck=true`
     #[arg(long = "tag", value_name = "KEY=VALUE")]

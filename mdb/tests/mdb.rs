@@ -336,3 +336,14 @@ fn urls_paths_and_control_characters_are_refused() {
         assert_eq!(r.code, 1, "list refuses it too: {}", r.stdout);
     }
 }
+
+/// Issue 11 §3: `mdb set HOST --address ADDR` points a dead host's record at its
+/// replacement (the same field as `--ip`).
+#[test]
+fn set_address_points_a_record_at_a_replacement_machine() {
+    let (_d, p) = scratch();
+    ok(&p, &["add", "bar", "--required", "web/1"]);
+    let shown = ok(&p, &["set", "bar", "--address", "10.0.0.7:6969"]);
+    assert!(shown.contains("\"IpAddress\": \"10.0.0.7:6969\""), "{shown}");
+    fails(&p, &["set", "bar", "--address", "http://x/"], 1, "IpAddress");
+}
