@@ -51,7 +51,7 @@ pub struct Fields {
     #[arg(long, value_name = "BOOL", action = ArgAction::Set)]
     pub disable_updates: Option<bool>,
     /// The address to dial instead of the host name (HOST[:PORT]; empty string clears it)
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, visible_alias = "address", value_name = "ADDR")]
     pub ip: Option<String>,
     /// Set a tag (repeatable), e.g. `--tag DisableSafetyCheck=true`
     #[arg(long = "tag", value_name = "KEY=VALUE")]
