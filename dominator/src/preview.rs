@@ -155,6 +155,9 @@ pub fn describe(host: &str, plan: &UpdatePlan) -> String {
     if let Some(r) = &plan.unsafe_reason {
         let _ = writeln!(s, "  UNSAFE: {r}");
     }
+    if plan.previous_image.is_empty() {
+        s.push_str("  rebuild: the machine holds no image (its hooks get SUBD_REBUILD=1)\n");
+    }
     for l in plan_lines(plan) {
         let _ = writeln!(s, "  {l}");
     }
@@ -191,6 +194,7 @@ mod tests {
             }],
             paths_to_delete: vec!["/etc/old".parse().unwrap()],
             triggers,
+            previous_image: "app/1".into(),
             ..UpdatePlan::default()
         };
         let text = describe("web1", &plan);
@@ -220,6 +224,28 @@ mod tests {
             ..UpdatePlan::default()
         };
         assert!(describe("w", &empty).contains("in sync: nothing to do"));
+    }
+
+    #[test]
+    fn says_a_plan_for_a_machine_without_image_is_a_rebuild() {
+        let mut plan = UpdatePlan {
+            image_name: "app/1".into(),
+            objects_to_fetch: vec![ObjectId::of(b"x")],
+            ..UpdatePlan::default()
+        };
+        let line = "  rebuild: the machine holds no image (its hooks get SUBD_REBUILD=1)\n";
+        let text = describe("h", &plan);
+        assert!(
+            text.starts_with(&format!("h: image app/1 (full)\n{line}  fetch")),
+            "{text}"
+        );
+        plan.previous_image = "app/0".into();
+        assert!(!describe("h", &plan).contains("rebuild"));
+        let noop = UpdatePlan {
+            image_name: "app/1".into(),
+            ..UpdatePlan::default()
+        };
+        assert!(!describe("h", &noop).contains("rebuild"));
     }
 
     #[test]

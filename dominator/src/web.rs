@@ -380,8 +380,13 @@ async fn machine_page(
     if let Some(u) = &m.last_update {
         let _ = writeln!(
             b,
-            "<h2>Last update</h2><pre id=\"last-update\">image {}\nerrors: {}\ntrigger actions: {}\ntrigger failures: {}</pre>",
+            "<h2>Last update</h2><pre id=\"last-update\">image {}{}\nerrors: {}\ntrigger actions: {}\ntrigger failures: {}</pre>",
             esc(&u.image_name),
+            if u.rebuild {
+                "\nrebuild: the machine held no image before"
+            } else {
+                ""
+            },
             esc(&u.errors.join("; ")),
             esc(&u.trigger_actions.join(", ")),
             esc(&u.trigger_failures.join("; "))

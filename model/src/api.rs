@@ -157,6 +157,10 @@ pub struct UpdateResult {
     /// `pre-hook failed: NAME: …` or `post-hook failed: NAME: …` when a hook failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hook_failure: Option<String>,
+    /// The update was a rebuild: its plan said the machine held no image before (the
+    /// dominator saw no last image; its hooks got `SUBD_REBUILD=1`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rebuild: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -204,7 +204,7 @@ fn run_update(
     claim: Claim,
     apply: impl FnOnce() -> UpdateResult,
 ) -> UpdateResult {
-    let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(apply)) {
+    let mut result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(apply)) {
         Ok(r) => r,
         Err(panic) => {
             let why = panic
@@ -225,6 +225,7 @@ fn run_update(
             }
         }
     };
+    result.rebuild = plan.previous_image.is_empty();
     s.finish_update(&result, plan.sparse);
     claim.finished();
     result
