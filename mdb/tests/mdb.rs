@@ -344,6 +344,14 @@ fn set_address_points_a_record_at_a_replacement_machine() {
     let (_d, p) = scratch();
     ok(&p, &["add", "bar", "--required", "web/1"]);
     let shown = ok(&p, &["set", "bar", "--address", "10.0.0.7:6969"]);
-    assert!(shown.contains("\"IpAddress\": \"10.0.0.7:6969\""), "{shown}");
-    fails(&p, &["set", "bar", "--address", "http://x/"], 1, "IpAddress");
+    assert!(
+        shown.contains("\"IpAddress\": \"10.0.0.7:6969\""),
+        "{shown}"
+    );
+    fails(
+        &p,
+        &["set", "bar", "--address", "http://x/"],
+        1,
+        "IpAddress",
+    );
 }
