@@ -17,9 +17,9 @@
 use serde_json::Value;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 use testkit::{bin, Daemon};
+use testkit::{run_bin as run, run_bin_ok as ok};
 use wire::client::{ClientSecurity, RpcClient};
 
 /// Generous: CI is a 2-core machine shared with compilers.
@@ -30,25 +30,6 @@ const DB: &str = "mnt/state/db/data";
 
 fn s(p: &Path) -> String {
     p.display().to_string()
-}
-
-/// Runs `program`; its stdout, or the failure with stderr.
-fn run(program: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(bin(program))
-        .args(args)
-        .env_remove("MDB_FILE")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if out.status.success() {
-        Ok(stdout)
-    } else {
-        Err(format!("{}{stdout}", String::from_utf8_lossy(&out.stderr)))
-    }
-}
-
-fn ok(program: &str, args: &[&str]) -> String {
-    run(program, args).unwrap_or_else(|e| panic!("{program} {args:?}: {e}"))
 }
 
 fn write(path: &Path, data: &[u8], mode: u32) {
@@ -103,7 +84,7 @@ impl Fleet {
         dir: &Path,
         filter: &str,
         state: Option<&Path>,
-    ) -> Result<String, String> {
+    ) -> Result<String, testkit::BinFailed> {
         let triggers = s(&self.dir.join("triggers.json"));
         let mut a = vec!["--image-server", &self.is_addr, "add", name];
         let dir = s(dir);

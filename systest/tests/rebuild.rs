@@ -13,8 +13,8 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
+use testkit::run_bin_ok as ok;
 use testkit::{bin, Daemon};
 use wire::client::{ClientSecurity, RpcClient};
 
@@ -26,24 +26,6 @@ const GID: u32 = 8765;
 
 fn s(p: &Path) -> String {
     p.display().to_string()
-}
-
-fn run(program: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(bin(program))
-        .args(args)
-        .env_remove("MDB_FILE")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if out.status.success() {
-        Ok(stdout)
-    } else {
-        Err(format!("{}{stdout}", String::from_utf8_lossy(&out.stderr)))
-    }
-}
-
-fn ok(program: &str, args: &[&str]) -> String {
-    run(program, args).unwrap_or_else(|e| panic!("{program} {args:?}: {e}"))
 }
 
 fn is_root() -> bool {

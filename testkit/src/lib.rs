@@ -319,6 +319,49 @@ pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// A workspace binary that exited non-zero: its stderr, then its stdout.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BinFailed(pub String);
+
+impl std::fmt::Display for BinFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BinFailed {}
+
+impl std::ops::Deref for BinFailed {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Runs the workspace binary `program` with `args` (no `MDB_FILE` from the caller's
+/// environment): its stdout, or its stderr and stdout when it fails.
+pub fn run_bin(program: &str, args: &[&str]) -> Result<String, BinFailed> {
+    let out = Command::new(bin(program))
+        .args(args)
+        .env_remove("MDB_FILE")
+        .output()
+        .unwrap_or_else(|e| panic!("starting {program}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(BinFailed(format!(
+            "{}{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        )))
+    }
+}
+
+/// `run_bin`, panicking on a failure: its stdout.
+pub fn run_bin_ok(program: &str, args: &[&str]) -> String {
+    run_bin(program, args).unwrap_or_else(|e| panic!("{program} {args:?}: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
