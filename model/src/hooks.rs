@@ -252,6 +252,10 @@ pub struct HookRun {
     pub signal: Option<i32>,
     #[serde(default)]
     pub timed_out: bool,
+    /// Stopped (its process group sent `SIGTERM`, then `SIGKILL`) because subd was shutting
+    /// down.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
     /// Why it could not be started (not executable, bad interpreter …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spawn_error: Option<String>,
@@ -264,17 +268,23 @@ pub struct HookRun {
 impl HookRun {
     /// Exited with status 0.
     pub fn succeeded(&self) -> bool {
-        self.exit_code == Some(0) && !self.timed_out && self.spawn_error.is_none()
+        self.exit_code == Some(0)
+            && !self.timed_out
+            && !self.interrupted
+            && self.spawn_error.is_none()
     }
 
-    /// How it ended, in words: `exit 0`, `exit 3`, `killed by signal 9`, `timed out`, or
-    /// the spawn error.
+    /// How it ended, in words: `exit 0`, `exit 3`, `killed by signal 9`, `timed out`,
+    /// `interrupted`, or the spawn error.
     pub fn ending(&self) -> String {
         if let Some(e) = &self.spawn_error {
             return format!("not started: {e}");
         }
         if self.timed_out {
             return "timed out (killed)".into();
+        }
+        if self.interrupted {
+            return "interrupted (subd shutting down)".into();
         }
         match (self.exit_code, self.signal) {
             (Some(c), _) => format!("exit {c}"),
@@ -288,7 +298,11 @@ impl HookRun {
     pub fn failure_line(&self) -> String {
         let phase = self.phase;
         let last = self.output.last().map(String::as_str).unwrap_or("");
-        let why = if self.timed_out || self.spawn_error.is_some() || self.exit_code.is_none() {
+        let why = if self.timed_out
+            || self.interrupted
+            || self.spawn_error.is_some()
+            || self.exit_code.is_none()
+        {
             if last.is_empty() {
                 self.ending()
             } else {
@@ -462,6 +476,23 @@ mod tests {
                 run(None, Some(15), false, &[]),
                 false,
                 "pre-hook failed: 10-check: killed by signal 15",
+            ),
+            (
+                HookRun {
+                    interrupted: true,
+                    ..run(None, Some(15), false, &["working"])
+                },
+                false,
+                "pre-hook failed: 10-check: interrupted (subd shutting down): working",
+            ),
+            (
+                // Exited 0 in the grace period after SIGTERM: still not a success.
+                HookRun {
+                    interrupted: true,
+                    ..run(Some(0), None, false, &[])
+                },
+                false,
+                "pre-hook failed: 10-check: interrupted (subd shutting down)",
             ),
         ];
         for (r, ok, line) in cases {

@@ -3,7 +3,8 @@
 //! `ROOT/.subd/hooks/PHASE/NAME`, re-hashed, mode 0700) → `pre` → apply → `post`.
 //! A hook runs directly (no shell), one at a time in byte order of the names, with the
 //! root as working directory, stdin closed, stdout and stderr captured, in its own process
-//! group killed when `--hook-timeout-secs` expires, and with `SUBD_IMAGE`,
+//! group killed when `--hook-timeout-secs` expires or subd shuts down (`SIGTERM`, then
+//! `SIGKILL` after `STOP_GRACE`), and with `SUBD_IMAGE`,
 //! `SUBD_PREVIOUS_IMAGE`, `SUBD_ROOT`, `SUBD_REBUILD` and `SUBD_HOOK_PHASE` set. Its path is
 //! never resolved from the managed tree: only from subd's own state directory handle.
 
@@ -14,6 +15,8 @@ use model::{ObjectId, UpdatePlan};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The state directory's subdirectory holding the copies of the hooks being run.
@@ -22,6 +25,8 @@ const HOOKS_DIR: &str = "hooks";
 const OUTPUT_LINES: usize = 10;
 /// Characters kept per output line.
 const LINE_CHARS: usize = 200;
+/// How long a hook's process group has between `SIGTERM` and `SIGKILL` when subd stops.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Why an update's hooks could not be made ready (nothing has run, nothing changed).
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +53,8 @@ pub struct HookEnv {
     pub previous_image: String,
     pub root: PathBuf,
     pub timeout: Duration,
+    /// Set when subd is shutting down: a running hook is stopped, no further one starts.
+    pub stop: Arc<AtomicBool>,
 }
 
 impl HookEnv {
@@ -89,6 +96,7 @@ pub fn update_with_hooks(
         previous_image: plan.previous_image.clone(),
         root: s.config.root.clone(),
         timeout: s.config.hook_timeout,
+        stop: s.stop.clone(),
     };
     let dir = match ready(s, plan) {
         Ok(dir) => dir,
@@ -236,8 +244,12 @@ pub fn run_hook(path: &Path, phase: Phase, name: &str, env: &HookEnv) -> HookRun
             return run;
         }
     };
+    if env.stop.load(Ordering::SeqCst) {
+        run.interrupted = true;
+        return run;
+    }
     match spawn(path, env, phase, &out) {
-        Ok(child) => wait(child, env.timeout, &mut run),
+        Ok(child) => wait(child, env.timeout, &env.stop, &mut run),
         Err(e) => run.spawn_error = Some(e.to_string()),
     }
     run.duration_ms = started.elapsed().as_millis() as u64;
@@ -277,21 +289,43 @@ fn spawn(
     }
 }
 
-/// Waits for `child` up to `timeout`, then kills its process group; records how it ended.
-fn wait(mut child: std::process::Child, timeout: Duration, run: &mut HookRun) {
+/// Waits for `child` up to `timeout`, then kills its process group; when `stop` is set
+/// first, sends the group `SIGTERM` and kills it after `STOP_GRACE`. Records how it ended.
+fn wait(mut child: std::process::Child, timeout: Duration, stop: &AtomicBool, run: &mut HookRun) {
+    use rustix::process::{kill_process_group, Pid, Signal};
     use std::os::unix::process::ExitStatusExt;
+    let group = Pid::from_raw(child.id() as i32);
+    let signal_group = |sig: Signal| {
+        if let Some(pid) = group {
+            let _ = kill_process_group(pid, sig);
+        }
+    };
     let deadline = Instant::now() + timeout;
+    let mut kill_at: Option<Instant> = None;
     loop {
         match child.try_wait() {
             Ok(Some(status)) => {
                 run.exit_code = status.code();
                 run.signal = status.signal();
+                if run.interrupted {
+                    // Whatever it left in its group goes with it.
+                    signal_group(Signal::KILL);
+                }
                 return;
             }
-            Ok(None) if Instant::now() >= deadline => {
-                if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-                    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-                }
+            Ok(None) if kill_at.is_some_and(|t| Instant::now() >= t) => {
+                signal_group(Signal::KILL);
+                let _ = child.kill();
+                run.signal = child.wait().ok().and_then(|s| s.signal());
+                return;
+            }
+            Ok(None) if kill_at.is_none() && stop.load(Ordering::SeqCst) => {
+                run.interrupted = true;
+                signal_group(Signal::TERM);
+                kill_at = Some(Instant::now() + STOP_GRACE);
+            }
+            Ok(None) if kill_at.is_none() && Instant::now() >= deadline => {
+                signal_group(Signal::KILL);
                 let _ = child.kill();
                 let status = child.wait().ok();
                 run.timed_out = true;
@@ -354,6 +388,7 @@ mod tests {
             previous_image: previous.into(),
             root: root.to_path_buf(),
             timeout: Duration::from_secs(secs),
+            stop: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -390,6 +425,49 @@ mod tests {
         let r = run_hook(&p, Phase::Post, "h", &env(d.path(), "img/1", 5));
         let want = format!("0 post {}", d.path().display());
         assert_eq!(r.output, vec![want]);
+    }
+
+    /// subd stopping: the hook's whole process group gets `SIGTERM` (a child it left in the
+    /// background too), the run is `interrupted`, and no later hook starts.
+    #[test]
+    fn stopping_subd_stops_the_running_hook_and_its_group() {
+        let d = tempfile::tempdir().unwrap();
+        let pids = d.path().join("pids");
+        let p = script(
+            d.path(),
+            &format!(
+                "sleep 60 & echo $! >> {0}; echo $$ >> {0}; echo working; wait",
+                pids.display()
+            ),
+        );
+        let e = env(d.path(), "img/1", 60);
+        let stop = e.stop.clone();
+        let setter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            stop.store(true, Ordering::SeqCst);
+        });
+        let started = Instant::now();
+        let r = run_hook(&p, Phase::Post, "long", &e);
+        setter.join().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(10), "{r:?}");
+        assert!(r.interrupted && !r.timed_out && !r.succeeded(), "{r:?}");
+        assert_eq!(
+            r.failure_line(),
+            "post-hook failed: long: interrupted (subd shutting down): working"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        for pid in std::fs::read_to_string(&pids).unwrap().lines() {
+            // Gone, or a zombie its new parent has not reaped yet.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
+            assert!(
+                state.is_none() || state == Some("Z"),
+                "process {pid} of the hook's group survived: {stat}"
+            );
+        }
+        let never = run_hook(&p, Phase::Post, "next", &e);
+        assert!(never.interrupted && never.exit_code.is_none(), "{never:?}");
+        assert_eq!(std::fs::read_to_string(&pids).unwrap().lines().count(), 2);
     }
 
     #[test]

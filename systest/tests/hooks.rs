@@ -4,7 +4,9 @@
 //! and post hooks after the service starts; a failing pre hook leaving the machine
 //! byte-identical (owners, modes, mtimes, hashes) while the dominator retries; a timed-out
 //! post hook killed and shown on the page and in `/api/`; a later update's hooks clearing
-//! it; an update that changes nothing running none; `show-hooks` and `diff`; and bad
+//! it; an update that changes nothing running none; subd stopped (`SIGTERM`) while a pre
+//! hook runs: the hook's process group stopped with it, nothing changed; `show-hooks` and
+//! `diff`; and bad
 //! `--hooks` directories refused with one line and no image.
 //!
 //! Needs the workspace binaries: `cargo build --workspace --bins`.
@@ -462,6 +464,61 @@ async fn no_op_update_runs_no_hooks(w: &World) {
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(w.log_lines().len(), lines, "{:#?}", w.log_lines());
+}
+
+/// `SIGTERM` to subd while a pre hook runs: the hook's process group (a background child
+/// too) is stopped, subd exits within the grace period, the machine is unchanged and subd's
+/// record of the update says the hook was interrupted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_subd_stops_a_running_hook_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = World::start(tmp.path());
+    let pidfile = w.dir.join("background.pid");
+    let hook = format!(
+        "#!/bin/sh\nsleep 60 &\necho $! > {}.tmp\nmv {0}.tmp {0}\necho working\nwait\n",
+        pidfile.display()
+    );
+    w.add("img/1", "v1\n", &[("pre/long", hook)]);
+    w.require("img/1");
+    let t0 = Instant::now();
+    while !pidfile.exists() {
+        assert!(t0.elapsed() < WAIT, "the pre hook never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let background = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .to_string();
+    let subd = &mut w._daemons[1];
+    let pid = rustix::process::Pid::from_raw(subd.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let stopping = Instant::now();
+    let status = loop {
+        if let Some(status) = subd.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            stopping.elapsed() < Duration::from_secs(30),
+            "subd did not exit after SIGTERM while its hook ran"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "subd's exit: {status:?}");
+    let stat = std::fs::read_to_string(format!("/proc/{background}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
+    assert!(
+        state.is_none() || state == Some("Z"),
+        "the hook's background child outlived subd: {stat}"
+    );
+    assert!(
+        !w.root.join("etc/app.conf").exists(),
+        "an interrupted pre hook must leave the machine unchanged"
+    );
+    let record = std::fs::read_to_string(w.root.join(".subd/last-update.json")).unwrap();
+    assert!(
+        record.contains("pre-hook failed: long: interrupted (subd shutting down): working"),
+        "{record}"
+    );
 }
 
 #[tokio::test]
