@@ -537,6 +537,13 @@ impl ImageServerClient {
         Ok(r.names)
     }
 
+    /// What the MDB image name `name` stands for now (`model::stream::resolve`): itself,
+    /// the newest image of the directory it names, or nothing. One `ListImages` call.
+    pub async fn resolve(&self, name: &str) -> Result<model::stream::Resolution, ClientError> {
+        let names = self.list_images(Some(name)).await?;
+        Ok(model::stream::resolve(name, &names))
+    }
+
     pub async fn delete_image(&self, name: &str) -> Result<(), ClientError> {
         self.rpc
             .call::<_, api::Empty>(
