@@ -200,6 +200,31 @@ async fn a_host_following_a_stream_takes_each_new_version_and_falls_back_on_dele
         "{plan}"
     );
 
+    let shown = ok("mdb", &["--mdb", &m, "show", "m1", "--image-server", is]);
+    assert!(
+        shown
+            .ends_with("\nRequiredImage dhcp/production: image stream, newest dhcp/production/2\n"),
+        "{shown}"
+    );
+
+    // `mdb rollback` pins the stream follower to the version it ran before...
+    let o = ok(
+        "mdb",
+        &["--mdb", &m, "rollback", "m1", "--image-server", is],
+    );
+    assert_eq!(
+        o,
+        "m1: RequiredImage dhcp/production -> dhcp/production/1\n"
+    );
+    wait_synced(&api, "m1", "dhcp/production/1", &root, "1").await;
+    // ... and a second rollback returns it to the stream.
+    let o = ok("mdb", &["--mdb", &m, "rollback", "m1"]);
+    assert_eq!(
+        o,
+        "m1: RequiredImage dhcp/production/1 -> dhcp/production\n"
+    );
+    wait_synced(&api, "m1", "dhcp/production/2", &root, "2").await;
+
     // The newest deleted: back to the previous version, never to nothing.
     ok(
         "imagetool",
@@ -217,4 +242,83 @@ async fn a_host_following_a_stream_takes_each_new_version_and_falls_back_on_dele
     )
     .unwrap_err();
     assert!(err.contains("no image in directory nothing/here"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_edit_over_three_hosts_converges_them_and_its_rollback_returns_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let isd = Daemon::imageserver(&bin("imageserver"), &t.join("imageserver"), &[]);
+    let is = isd.addr.as_str();
+    add_version(t, is, "app/1", "1");
+    add_version(t, is, "app/2", "2");
+    let mdb = t.join("mdb.json");
+    let m = s(&mdb);
+    let mut hosts = Vec::new();
+    for (h, role) in [("w1", "web"), ("w2", "web"), ("w3", "web"), ("d1", "db")] {
+        let (d, root) = subd(t, h);
+        let tag = format!("role={role}");
+        ok(
+            "mdb",
+            &[
+                "--mdb",
+                &m,
+                "add",
+                h,
+                "--ip",
+                &d.addr,
+                "--required",
+                "app/1",
+                "--tag",
+                &tag,
+            ],
+        );
+        hosts.push((h, d, root));
+    }
+    let (_dom, api) = dominator(&mdb, is);
+    for (h, _, root) in &hosts {
+        wait_synced(&api, h, "app/1", root, "1").await;
+    }
+
+    // One edit for the group: all three move, the db host stays.
+    let o = ok(
+        "mdb",
+        &[
+            "--mdb",
+            &m,
+            "set",
+            "--where",
+            "role=web",
+            "--required",
+            "app/2",
+        ],
+    );
+    assert!(o.ends_with("set 3 machines: w1, w2, w3\n"), "{o}");
+    let id = o
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_matches(['#', ':'])
+        .to_string();
+    for (h, _, root) in &hosts[..3] {
+        wait_synced(&api, h, "app/2", root, "2").await;
+    }
+    let d1 = machine(&api, "d1").await;
+    assert_eq!(d1["resolved_required_image"], "app/1", "{d1:#}");
+    assert_eq!(
+        std::fs::read_to_string(hosts[3].2.join("etc/version")).unwrap(),
+        "1\n"
+    );
+
+    // Its rollback, by edit id, returns all three as one edit.
+    let o = ok("mdb", &["--mdb", &m, "rollback", "--entry", &id]);
+    assert!(
+        o.contains(&format!("undid edit #{id} on 3 machines")),
+        "{o}"
+    );
+    for (h, _, root) in &hosts[..3] {
+        wait_synced(&api, h, "app/1", root, "1").await;
+    }
+    let hist = ok("mdb", &["--mdb", &m, "history", "--where", "role=web"]);
+    assert_eq!(hist.matches("rollback").count(), 3, "{hist}");
 }
