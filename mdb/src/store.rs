@@ -411,6 +411,90 @@ mod tests {
     }
 
     #[test]
+    fn undo_table() {
+        let m = |img: &str, planned: &str| Machine {
+            required_image: img.into(),
+            planned_image: planned.into(),
+            ..Machine::new("h")
+        };
+        let e = |b: Option<Machine>, a: Option<Machine>| {
+            HistoryEntry {
+                edit: Some(7),
+                ..entry(None, None)
+            }
+            .with(b, a)
+        };
+        type Case = (
+            Option<Machine>,
+            Option<Machine>,
+            Option<Machine>,
+            Result<Option<Machine>, &'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            // A set is undone field by field; fields it did not change keep later edits.
+            (
+                Some(m("a", "")),
+                Some(m("b", "")),
+                Some(m("b", "p")),
+                Ok(Some(m("a", "p"))),
+            ),
+            // A field the edit changed that changed again since: refused.
+            (
+                Some(m("a", "")),
+                Some(m("b", "")),
+                Some(m("c", "")),
+                Err("RequiredImage changed since"),
+            ),
+            (
+                Some(m("a", "")),
+                Some(m("b", "")),
+                None,
+                Err("no longer in the MDB"),
+            ),
+            // An add is undone by removing the machine, a remove by adding it back.
+            (None, Some(m("a", "")), Some(m("a", "")), Ok(None)),
+            (
+                None,
+                Some(m("a", "")),
+                Some(m("z", "")),
+                Err("changed or removed since"),
+            ),
+            (Some(m("a", "")), None, None, Ok(Some(m("a", "")))),
+            (Some(m("a", "")), None, Some(m("q", "")), Err("added again")),
+        ];
+        for (before, after, current, want) in cases {
+            let mut mdb = Mdb::default();
+            if let Some(c) = current.clone() {
+                mdb.add(c).unwrap();
+            }
+            let got = undo(&mut mdb, &[e(before.clone(), after.clone())]);
+            let label = format!("{before:?} -> {after:?} on {current:?}");
+            match want {
+                Ok(w) => {
+                    assert_eq!(got.unwrap(), ["h"], "{label}");
+                    assert_eq!(mdb.get("h"), w.as_ref(), "{label}");
+                }
+                Err(needle) => {
+                    let err = got.unwrap_err().to_string();
+                    assert!(
+                        err.starts_with("cannot undo edit #7: h: "),
+                        "{label}: {err}"
+                    );
+                    assert!(err.contains(needle), "{label}: {err}");
+                }
+            }
+        }
+    }
+
+    impl HistoryEntry {
+        fn with(mut self, before: Option<Machine>, after: Option<Machine>) -> Self {
+            self.before = before;
+            self.after = after;
+            self
+        }
+    }
+
+    #[test]
     fn concurrent_edits_are_not_lost() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("mdb.json");
