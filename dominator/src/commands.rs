@@ -341,7 +341,9 @@ async fn plan_one(
     let tree = poll.tree.ok_or(PlanError::NotReady)?;
     let cache = poll.object_cache.unwrap_or_default();
     // A stream name plans against its newest image (an unknown name: the cache says why).
-    let resolution = images.client().resolve(&m.required_image).await?;
+    let resolution = crate::streams::Streams::default()
+        .resolve_name(images, &m.required_image)
+        .await?;
     let name = resolution
         .image(&m.required_image)
         .unwrap_or(&m.required_image)

@@ -302,7 +302,7 @@ pub async fn run(cfg: HerdConfig, fleet: Arc<Fleet>, mut shutdown: watch::Receiv
 /// new one); when a resolution changes, drops the images no name stands for any more.
 async fn watch_streams(ctx: Arc<Ctx>) {
     loop {
-        if ctx.streams.refresh(ctx.images.client()).await {
+        if ctx.streams.refresh(&ctx.images).await {
             retain_images(&ctx);
         }
         ctx.streams.wait(ctx.cfg.poll_interval).await;

@@ -6,16 +6,18 @@
 //! resolution changes it wakes the machines, so a host following a stream starts moving to
 //! a newly added version within one poll interval (plus one `ListImages` round trip) of
 //! its `add`, and back to the next newest within one poll interval of the newest's
-//! deletion. A name found to be an exact image stays one (images are immutable; a deleted
+//! deletion. A stream's newest image whose `expires_at` has passed is skipped like a
+//! deleted one (the imageserver does not remove expired images yet; the dominator never
+//! follows one). A name found to be an exact image stays one (images are immutable; a deleted
 //! one is reported by the image cache as before) and is not listed again. A failed
 //! listing keeps the last resolution; a directory left empty resolves to nothing, so its
 //! machines wait (`image not ready`) rather than being sent anywhere.
 
+use crate::images::ImageCache;
 use model::stream::Resolution;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Mutex;
 use tokio::sync::{watch, Notify};
-use wire::client::ImageServerClient;
 
 /// A machine record with its image names resolved, and what they resolved to.
 #[derive(Clone, Debug, PartialEq)]
@@ -37,6 +39,8 @@ pub struct Streams {
     changed: watch::Sender<u64>,
     /// Wakes the watcher when the MDB names something new.
     new_names: Notify,
+    /// Stream versions found expired (never followed again).
+    expired: Mutex<HashSet<String>>,
 }
 
 impl Default for Streams {
@@ -46,6 +50,7 @@ impl Default for Streams {
             resolutions: Mutex::default(),
             changed: watch::channel(0).0,
             new_names: Notify::new(),
+            expired: Mutex::default(),
         }
     }
 }
@@ -108,9 +113,39 @@ impl Streams {
             .collect()
     }
 
+    /// What `name` stands for now: listed with the imageserver, skipping stream versions
+    /// that have expired (each newest candidate is loaded into the image cache, which the
+    /// machines following it need anyway).
+    pub async fn resolve_name(
+        &self,
+        images: &ImageCache,
+        name: &str,
+    ) -> Result<Resolution, wire::client::ClientError> {
+        let mut listed = images.client().list_images(Some(name)).await?;
+        loop {
+            listed.retain(|n| !self.expired.lock().expect("streams lock").contains(n));
+            let res = model::stream::resolve(name, &listed);
+            let Resolution::Stream { latest } = &res else {
+                return Ok(res);
+            };
+            let expired = images
+                .get(latest)
+                .await
+                .is_ok_and(|img| model::stream::expired(img.expires_at, disk::clock::unix_now()));
+            if !expired {
+                return Ok(res);
+            }
+            tracing::warn!(stream = %name, image = %latest, "image expired: not followed");
+            self.expired
+                .lock()
+                .expect("streams lock")
+                .insert(latest.clone());
+        }
+    }
+
     /// Lists every name not known to be an exact image; returns whether any resolution
     /// changed (and then tells the subscribers).
-    pub async fn refresh(&self, client: &ImageServerClient) -> bool {
+    pub async fn refresh(&self, images: &ImageCache) -> bool {
         let names: Vec<String> = {
             let r = self.resolutions.lock().expect("streams lock");
             let names = self.names.lock().expect("streams lock");
@@ -122,7 +157,7 @@ impl Streams {
         };
         let mut changed = false;
         for name in names {
-            let res = match client.resolve(&name).await {
+            let res = match self.resolve_name(images, &name).await {
                 Ok(res) => res,
                 Err(e) => {
                     tracing::warn!(image = %name, "listing image stream (keeping the last resolution): {e}");

@@ -170,14 +170,19 @@ impl Session<'_> {
         Ok(0)
     }
 
-    /// `find-latest-image`: the newest image directly in `dir` (`model::stream`).
+    /// `find-latest-image`: the newest unexpired image directly in `dir`, the one an MDB
+    /// name naming `dir` follows (`model::stream`).
     async fn find_latest_image(&mut self, dir: &str) -> Result<u8, Error> {
         let dir = dir.trim_end_matches('/');
         let names = self.client.list_images(Some(&format!("{dir}/"))).await?;
-        let latest = model::stream::latest_in(dir, &names)
+        let now = disk::clock::unix_now();
+        let latest = self
+            .client
+            .newest_live(dir, &names, now)
+            .await?
             .ok_or_else(|| Error::EmptyDirectory(dir.to_string()))?;
         if self.json {
-            writeln!(self.out, "{}", serde_json::to_string(latest)?)?;
+            writeln!(self.out, "{}", serde_json::to_string(&latest)?)?;
         } else {
             writeln!(self.out, "{latest}")?;
         }

@@ -54,10 +54,21 @@ impl ImageServerArgs {
             .build()?;
         let out = rt.block_on(async {
             let mut out = Vec::new();
+            let now = disk::clock::unix_now();
             for name in names {
                 let listed = client.list_images(Some(name)).await?;
+                // As the dominator does: an expired newest version is not followed.
+                let resolution = match model::stream::resolve(name, &listed) {
+                    Resolution::Stream { .. } => {
+                        match client.newest_live(name, &listed, now).await? {
+                            Some(latest) => Resolution::Stream { latest },
+                            None => Resolution::Unknown,
+                        }
+                    }
+                    other => other,
+                };
                 out.push(Lookup {
-                    resolution: model::stream::resolve(name, &listed),
+                    resolution,
                     names: listed,
                 });
             }

@@ -7,7 +7,8 @@
 //!   `NAME/` (the exact image wins: an operator who wrote an image name meant it).
 //! - Otherwise the newest of the images *directly* in `NAME/` (`NAME/X`, never
 //!   `NAME/sub/X`: a sub-directory is another stream).
-//! - Deleted images are not listed, so the newest's deletion falls back to the next newest.
+//! - Deleted images are not listed, so the newest's deletion falls back to the next newest;
+//!   the caller leaves out expired ones (`expired`) the same way.
 //! - An empty directory resolves to nothing (`Resolution::Unknown`): the caller waits,
 //!   never enforces "no image".
 
@@ -72,6 +73,12 @@ pub fn previous_in<'a>(dir: &str, names: &'a [String], current: &str) -> Option<
         .find(|n| version_cmp(n, clean(current)) == Ordering::Less)
 }
 
+/// Whether an image with this `expires_at` has expired at `now` (Unix seconds): a
+/// stream never follows an expired version, as if it were deleted.
+pub fn expired(expires_at: Option<u64>, now: u64) -> bool {
+    expires_at.is_some_and(|t| t <= now)
+}
+
 /// What the MDB image name `name` stands for among the live image `names` (any order;
 /// a list from `ListImages` with prefix `name` is enough).
 pub fn resolve(name: &str, names: &[String]) -> Resolution {
@@ -131,6 +138,18 @@ mod tests {
         list.clear();
         assert_eq!(resolve("s", &list).image("s"), None);
         assert_eq!(Resolution::Exact.image("x"), Some("x"));
+    }
+
+    #[test]
+    fn expiry_table() {
+        for (at, now, want) in [
+            (None, 5, false),
+            (Some(6), 5, false),
+            (Some(5), 5, true),
+            (Some(1), 5, true),
+        ] {
+            assert_eq!(expired(at, now), want, "{at:?} at {now}");
+        }
     }
 
     #[test]

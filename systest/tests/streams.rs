@@ -4,7 +4,8 @@
 //!   added there without any MDB edit, within a poll interval or two of the `add`; the
 //!   page, `/api/`, `dominator plan` and `mdb show --image-server` say what the name
 //!   resolved to; `imagetool find-latest-image` agrees; `mdb rollback` pins the host to
-//!   the version before; deleting the newest falls back to the previous one;
+//!   the version before; an expired newer version is never followed; deleting the newest
+//!   falls back to the previous one;
 //! - one `mdb set --where` edit over three tagged hosts converges all three, and its
 //!   `mdb rollback --where` returns all three.
 //!
@@ -224,6 +225,27 @@ async fn a_host_following_a_stream_takes_each_new_version_and_falls_back_on_dele
         "m1: RequiredImage dhcp/production/1 -> dhcp/production\n"
     );
     wait_synced(&api, "m1", "dhcp/production/2", &root, "2").await;
+
+    // A newer version that has already expired is never followed.
+    let client = wire::client::ImageServerClient::new(is, &ClientSecurity::Insecure).unwrap();
+    let mut expired = client.get_image("dhcp/production/1").await.unwrap();
+    expired.expires_at = Some(1);
+    client
+        .add_image("dhcp/production/3", &expired)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5 * POLL_MS)).await;
+    wait_synced(&api, "m1", "dhcp/production/2", &root, "2").await;
+    let latest = ok(
+        "imagetool",
+        &["--image-server", is, "find-latest-image", "dhcp/production"],
+    );
+    assert_eq!(
+        latest, "dhcp/production/2\n",
+        "an expired version is not the latest"
+    );
+    let shown = ok("mdb", &["--mdb", &m, "show", "m1", "--image-server", is]);
+    assert!(shown.ends_with("newest dhcp/production/2\n"), "{shown}");
 
     // The newest deleted: back to the previous version, never to nothing.
     ok(

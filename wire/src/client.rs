@@ -537,11 +537,21 @@ impl ImageServerClient {
         Ok(r.names)
     }
 
-    /// What the MDB image name `name` stands for now (`model::stream::resolve`): itself,
-    /// the newest image of the directory it names, or nothing. One `ListImages` call.
-    pub async fn resolve(&self, name: &str) -> Result<model::stream::Resolution, ClientError> {
-        let names = self.list_images(Some(name)).await?;
-        Ok(model::stream::resolve(name, &names))
+    /// The newest image directly in `dir` among `names` (`model::stream::images_in`)
+    /// whose `expires_at` has not passed (each candidate is fetched to see), or `None`.
+    pub async fn newest_live(
+        &self,
+        dir: &str,
+        names: &[String],
+        now: u64,
+    ) -> Result<Option<String>, ClientError> {
+        for name in model::stream::images_in(dir, names).into_iter().rev() {
+            let image = self.get_image(name).await?;
+            if !model::stream::expired(image.expires_at, now) {
+                return Ok(Some(name.to_string()));
+            }
+        }
+        Ok(None)
     }
 
     pub async fn delete_image(&self, name: &str) -> Result<(), ClientError> {
