@@ -240,7 +240,6 @@ fn show(
         host: host.to_string(),
         path: path.to_path_buf(),
     })?;
-    writeln!(out, "{m}")?;
     let fields: Vec<(&str, &str)> = [
         ("RequiredImage", m.required_image.as_str()),
         ("PlannedImage", m.planned_image.as_str()),
@@ -249,7 +248,10 @@ fn show(
     .filter(|(_, n)| !n.is_empty())
     .collect();
     let names: Vec<&str> = fields.iter().map(|(_, n)| *n).collect();
-    if let Some(found) = remote.lookup(&names)? {
+    // Asked first, so a failure prints nothing but the error.
+    let found = remote.lookup(&names)?;
+    writeln!(out, "{m}")?;
+    if let Some(found) = found {
         for ((field, name), l) in fields.iter().zip(found) {
             writeln!(
                 out,

@@ -566,3 +566,22 @@ fn history_written_before_edit_ids_reads_one_edit_per_line() {
     ok(&p, &["rollback", "--entry", "1"]);
     fails(&p, &["show", "h"], 1, "no machine \"h\"");
 }
+
+#[test]
+fn an_unreachable_image_server_is_a_one_line_error() {
+    let (_d, p) = scratch();
+    ok(&p, &["add", "h", "--required", "app/1"]);
+    ok(&p, &["set", "h", "--required", "app/2"]);
+    let text = std::fs::read_to_string(&p).unwrap();
+    for args in [
+        &["show", "h", "--image-server", "127.0.0.1:1"][..],
+        &["rollback", "h", "--image-server", "127.0.0.1:1"],
+    ] {
+        fails(&p, args, 1, "asking the imageserver");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&p).unwrap(),
+        text,
+        "nothing changed"
+    );
+}

@@ -152,6 +152,18 @@ async fn a_host_following_a_stream_takes_each_new_version_and_falls_back_on_dele
     let mdb_text = std::fs::read_to_string(&mdb).unwrap();
     let (_dom, api) = dominator(&mdb, is);
     wait_synced(&api, "m1", "dhcp/production/1", &root, "1").await;
+    let err = run_bin(
+        "mdb",
+        &["--mdb", &m, "rollback", "m1", "--image-server", is],
+    )
+    .unwrap_err();
+    assert!(
+        err.contains(
+            "m1 follows image stream dhcp/production and it holds no version before its newest"
+        ),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&mdb).unwrap(), mdb_text);
 
     // A new version: followed with no MDB edit, within a poll interval or two.
     add_version(t, is, "dhcp/production/2", "2");
