@@ -340,9 +340,16 @@ async fn plan_one(
         .map_err(PlanError::Poll)?;
     let tree = poll.tree.ok_or(PlanError::NotReady)?;
     let cache = poll.object_cache.unwrap_or_default();
-    let image = images.get(&m.required_image).await?;
-    let (name, excl, hidden, previous, seeded) = (
-        m.required_image.clone(),
+    // A stream name plans against its newest image (an unknown name: the cache says why).
+    let resolution = crate::streams::Streams::default()
+        .resolve_name(images, &m.required_image)
+        .await?;
+    let name = resolution
+        .image(&m.required_image)
+        .unwrap_or(&m.required_image)
+        .to_string();
+    let image = images.get(&name).await?;
+    let (excl, hidden, previous, seeded) = (
         poll.exclusions,
         poll.hidden_parents,
         poll.last_image,
@@ -355,6 +362,15 @@ async fn plan_one(
     })
     .await?;
     let mut text = preview::describe(&m.hostname, &plan);
+    if let model::stream::Resolution::Stream { latest } = &resolution {
+        text.insert_str(
+            0,
+            &format!(
+                "{}: RequiredImage {} is an image stream: its newest image is {latest}\n",
+                m.hostname, m.required_image
+            ),
+        );
+    }
     if !plan.is_empty() {
         if m.disable_updates {
             text.push_str("  (not sent: DisableUpdates is set in the MDB)\n");

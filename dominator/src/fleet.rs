@@ -16,8 +16,14 @@ pub struct MachineReport {
     pub host: String,
     /// The address dialled (`HOST:PORT`).
     pub address: String,
+    /// `RequiredImage` as the MDB names it: an image, or an image directory (a stream).
     pub required_image: String,
     pub planned_image: String,
+    /// The image `required_image` stands for: itself, or the newest image of the stream
+    /// it names (`None` while no such image is known).
+    pub resolved_required_image: Option<String>,
+    /// The image `planned_image` stands for, likewise.
+    pub resolved_planned_image: Option<String>,
     pub status: Status,
     /// `status` as the human name (`synced`, `update failed`, …).
     pub status_name: &'static str,
@@ -46,13 +52,34 @@ fn plan_ser<S: serde::Serializer>(p: &Option<Arc<UpdatePlan>>, s: S) -> Result<S
     p.as_deref().serialize(s)
 }
 
+/// An MDB image name as the pages show it: `NAME`, or `NAME → IMAGE (stream)` when it
+/// stands for another image, or `NAME (no image yet)` when a name resolves to none.
+pub fn shown_image(name: &str, resolved: Option<&str>) -> String {
+    match resolved {
+        _ if name.is_empty() => String::new(),
+        Some(r) if r == name => name.to_string(),
+        Some(r) => format!("{name} \u{2192} {r} (stream)"),
+        None => name.to_string(),
+    }
+}
+
 impl MachineReport {
+    /// `RequiredImage` as the pages show it (see `shown_image`).
+    pub fn required_shown(&self) -> String {
+        shown_image(
+            &self.required_image,
+            self.resolved_required_image.as_deref(),
+        )
+    }
+
     pub fn new(host: &str) -> MachineReport {
         MachineReport {
             host: host.to_string(),
             address: String::new(),
             required_image: String::new(),
             planned_image: String::new(),
+            resolved_required_image: None,
+            resolved_planned_image: None,
             status: Status::WaitingToPoll,
             status_name: Status::WaitingToPoll.name(),
             last_error: None,

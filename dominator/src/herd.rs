@@ -15,6 +15,7 @@ use crate::decision::{self, Action, Facts, ImageState, PollFailure, Status, Step
 use crate::fleet::{Counters, Fleet, MachineReport};
 use crate::images::ImageCache;
 use crate::planner;
+use crate::streams::{Resolved, Streams};
 use disk::clock::unix_now;
 use mdb::{Machine, Mdb};
 use model::api::{self, methods, PollRequest, PollResponse};
@@ -93,6 +94,10 @@ struct Ctx {
     subd_rpc: RpcClient,
     permits: Semaphore,
     full_permits: Semaphore,
+    /// What the MDB's image names stand for (image streams).
+    streams: Streams,
+    /// The image names the MDB uses (kept in the image cache with the streams' images).
+    mdb_images: std::sync::Mutex<HashSet<String>>,
 }
 
 /// The address to dial for `m`, always with a port: `HOST:PORT` or `[V6]:PORT`, rebuilt
@@ -253,7 +258,10 @@ pub async fn run(cfg: HerdConfig, fleet: Arc<Fleet>, mut shutdown: watch::Receiv
         cfg,
         fleet,
         images,
+        streams: Streams::default(),
+        mdb_images: Default::default(),
     });
+    let watcher = tokio::spawn(watch_streams(ctx.clone()));
     let mut tasks: BTreeMap<String, Task> = BTreeMap::new();
     // The file identity last acted on (`Some(None)`: last seen missing); `None` before the
     // first look. A change (appearing, vanishing, any edit) is loaded once; a failure is
@@ -284,9 +292,28 @@ pub async fn run(cfg: HerdConfig, fleet: Arc<Fleet>, mut shutdown: watch::Receiv
             break;
         }
     }
+    watcher.abort();
     for (_, t) in tasks {
         t.handle.abort();
     }
+}
+
+/// Re-resolves the MDB's image names once per poll interval (and at once when it names a
+/// new one); when a resolution changes, drops the images no name stands for any more.
+async fn watch_streams(ctx: Arc<Ctx>) {
+    loop {
+        if ctx.streams.refresh(&ctx.images).await {
+            retain_images(&ctx);
+        }
+        ctx.streams.wait(ctx.cfg.poll_interval).await;
+    }
+}
+
+/// Keeps in the image cache only the images the MDB names and the streams stand for.
+fn retain_images(ctx: &Ctx) {
+    let mut wanted = ctx.mdb_images.lock().expect("herd lock").clone();
+    wanted.extend(ctx.streams.images());
+    ctx.images.retain(&wanted);
 }
 
 async fn load_mdb(path: &std::path::Path) -> Result<Mdb, MdbLoadError> {
@@ -337,7 +364,9 @@ fn reconcile(ctx: &Arc<Ctx>, tasks: &mut BTreeMap<String, Task>, mdb: &Mdb) {
         .flat_map(|m| [m.required_image.clone(), m.planned_image.clone()])
         .filter(|s| !s.is_empty())
         .collect();
-    ctx.images.retain(&images);
+    ctx.streams.set_names(images.iter().cloned().collect());
+    *ctx.mdb_images.lock().expect("herd lock") = images.clone();
+    retain_images(ctx);
     tracing::info!(machines = wanted.len(), images = images.len(), "MDB loaded");
 }
 
@@ -375,18 +404,29 @@ struct MachineState {
 
 async fn machine_loop(ctx: Arc<Ctx>, mut rx: watch::Receiver<Machine>) {
     let mut st = MachineState::default();
+    let mut streams = ctx.streams.subscribe();
     loop {
         let m = rx.borrow_and_update().clone();
+        let resolved = ctx.streams.resolve(&m);
         let delay = {
             let Ok(_permit) = ctx.permits.acquire().await else {
                 return;
             };
             let span = tracing::info_span!("machine", host = %m.hostname);
-            cycle(&ctx, &m, &mut st).instrument(span).await
+            cycle(&ctx, &m, &resolved, &mut st).instrument(span).await
         };
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            r = rx.changed() => if r.is_err() { return },
+        // Sleep until the delay ends, the record changes, or a stream it follows moves.
+        let until = tokio::time::Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                r = rx.changed() => if r.is_err() { return } else { break },
+                r = streams.changed() => {
+                    if r.is_err() || ctx.streams.resolve(&m) != resolved {
+                        break;
+                    }
+                }
+            }
         }
     }
 }
@@ -482,8 +522,15 @@ struct Outcome {
 }
 
 /// One round for one machine, observe → decide → act → publish; returns how long to wait
-/// before the next.
-async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
+/// before the next. `record` is the MDB's; the cycle acts on `resolved.machine`, whose
+/// image names are the images its streams stand for.
+async fn cycle(
+    ctx: &Ctx,
+    record: &Machine,
+    resolved: &Resolved,
+    st: &mut MachineState,
+) -> Duration {
+    let m = &resolved.machine;
     let Some((address, client)) = machine_client(ctx, m, st) else {
         return ctx.cfg.backoff_cap;
     };
@@ -493,7 +540,7 @@ async fn cycle(ctx: &Ctx, m: &Machine, st: &mut MachineState) -> Duration {
     let outcome = act(ctx, m, st, &client, step, scan_count).await;
     count_failures(st, &outcome);
     let status = outcome.status;
-    publish(ctx, m, st, address, &seen, outcome);
+    publish(ctx, record, resolved, st, address, &seen, outcome);
     next_delay(&ctx.cfg, st, status)
 }
 
@@ -894,6 +941,7 @@ fn count_failures(st: &mut MachineState, outcome: &Outcome) {
 fn publish(
     ctx: &Ctx,
     m: &Machine,
+    resolved: &Resolved,
     st: &MachineState,
     address: String,
     seen: &Observation,
@@ -907,6 +955,8 @@ fn publish(
     r.address = address;
     r.required_image = m.required_image.clone();
     r.planned_image = m.planned_image.clone();
+    r.resolved_required_image = resolved.required.clone();
+    r.resolved_planned_image = resolved.planned.clone();
     r.status = outcome.status;
     r.status_name = outcome.status.name();
     if outcome.error.is_some() || outcome.status == Status::Synced {

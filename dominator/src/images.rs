@@ -133,6 +133,11 @@ impl ImageCache {
         }
     }
 
+    /// The imageserver client the cache fetches with.
+    pub fn client(&self) -> &ImageServerClient {
+        &self.client
+    }
+
     /// The image if it is already cached (never fetches).
     pub fn cached(&self, name: &str) -> Option<Arc<Image>> {
         let slot = self

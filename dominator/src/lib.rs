@@ -5,6 +5,7 @@
 //! - `planner`: the one place a machine's `UpdatePlan` is computed (the shared diff).
 //! - `herd`: the MDB watcher and one task per machine (I/O around `decision`).
 //! - `images`: the fleet-wide image cache.
+//! - `streams`: MDB image names that name an image directory, resolved to its newest.
 //! - `fleet`: the shared state the herd writes and the web surface reads.
 //! - `web`: status pages, JSON API, metrics, control RPCs.
 //! - `preview`: an `UpdatePlan` as human text (`dominator plan`, machine pages).
@@ -18,6 +19,7 @@ pub mod images;
 pub mod local_fleet;
 pub mod planner;
 pub mod preview;
+pub mod streams;
 pub mod web;
 
 use disk::clock::unix_now;

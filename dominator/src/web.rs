@@ -282,7 +282,7 @@ async fn index(State(fleet): State<Arc<Fleet>>) -> Html<String> {
             "<tr><td><a href=\"/machine/{}\">{}</a></td><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td></tr>",
             url_component(&m.host),
             esc(&m.host),
-            esc(if m.required_image.is_empty() { "-" } else { &m.required_image }),
+            esc(&if m.required_image.is_empty() { "-".to_string() } else { m.required_shown() }),
             status_class(m.status),
             m.status_name,
             esc(&error_cell(m)),
@@ -357,8 +357,11 @@ async fn machine_page(
     );
     let rows = [
         ("address", m.address.clone()),
-        ("required image", m.required_image.clone()),
-        ("planned image", m.planned_image.clone()),
+        ("required image", m.required_shown()),
+        (
+            "planned image",
+            crate::fleet::shown_image(&m.planned_image, m.resolved_planned_image.as_deref()),
+        ),
         ("status", m.status_name.to_string()),
         ("last error", m.last_error.clone().unwrap_or_default()),
         ("last synced", ago(m.last_synced, now)),

@@ -1,7 +1,7 @@
 //! The dominator in-process against in-test subds and an in-test imageserver speaking the
 //! real RPCs over real sockets: convergence, MDB edits (good and invalid), a missing image
 //! added later, DisableUpdates, the global switch, the safety stop, unreachable machines (named: `connection refused`),
-//! the status page, JSON API and metrics. (`tests/fleet.rs` runs the real binaries.)
+//! the status page, JSON API and metrics, image streams. (`tests/fleet.rs` runs the real binaries.)
 
 use dominator::herd::HerdConfig;
 use model::{FileTree, FsPath, Image, Inode, Mtime, ObjectId};
@@ -734,4 +734,74 @@ async fn an_image_deleted_from_the_imageserver_is_reported_not_enforced_from_mem
         )
         .await;
     assert_eq!(r["required_image"], "app/1");
+}
+
+/// Waits (up to 20 s) until `sub`'s `path` holds `content`.
+async fn wait_content(sub: &testkit::fake::SharedSubd, path: &str, content: &[u8]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while sub.lock().unwrap().content(path) != Some(ObjectId::of(content)) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} never became {:?}",
+            String::from_utf8_lossy(content)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Issue 12 §2: a RequiredImage or PlannedImage naming an image directory follows its
+/// newest image (added or deleted later, with no MDB edit); a name that is both an image
+/// and a directory is the image; a directory without images is waited for, never "no
+/// image".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_streams_follow_the_newest_and_an_exact_name_wins() {
+    let (a, b, c) = (
+        FakeSubd::new(tree(&[])),
+        FakeSubd::new(tree(&[])),
+        FakeSubd::new(tree(&[])),
+    );
+    let (aa, ba, ca) = (
+        start_subd(a.clone()).await,
+        start_subd(b.clone()).await,
+        start_subd(c.clone()).await,
+    );
+    let f = Fixture::start(
+        &mdb_json(&[
+            serde_json::json!({"Hostname": "a", "IpAddress": aa, "RequiredImage": "s", "PlannedImage": "p"}),
+            serde_json::json!({"Hostname": "b", "IpAddress": ba, "RequiredImage": "e"}),
+            serde_json::json!({"Hostname": "c", "IpAddress": ca, "RequiredImage": "empty"}),
+        ]),
+        None,
+    )
+    .await;
+    f.add_image("s/1", sparse(&[("/v", b"1")]));
+    f.add_image("s/10/x", sparse(&[("/v", b"sub-directory")]));
+    f.add_image("e", sparse(&[("/v", b"exact")]));
+    f.add_image("e/9", sparse(&[("/v", b"e9")]));
+    f.add_image("p/3", sparse(&[("/v", b"p3")]));
+    wait_content(&a, "/v", b"1").await;
+    wait_content(&b, "/v", b"exact").await;
+    let r = f.wait_status("a", "synced").await;
+    assert_eq!(r["required_image"], "s", "{r:#}");
+    assert_eq!(r["resolved_required_image"], "s/1", "{r:#}");
+    assert_eq!(r["resolved_planned_image"], "p/3", "{r:#}");
+    let r = f.wait_status("b", "synced").await;
+    assert_eq!(r["resolved_required_image"], "e", "{r:#}");
+    let r = f.wait_status("c", "image not ready").await;
+    assert!(r["resolved_required_image"].is_null(), "{r:#}");
+    assert_eq!(c.lock().unwrap().updates, 0, "nothing sent to c");
+
+    // Newer versions, version-ordered (2 < 10): followed without an MDB edit.
+    f.add_image("s/2", sparse(&[("/v", b"2")]));
+    wait_content(&a, "/v", b"2").await;
+    f.add_image("s/10", sparse(&[("/v", b"10")]));
+    wait_content(&a, "/v", b"10").await;
+    // The newest gone: back to the next newest.
+    f.images.lock().unwrap().remove("s/10");
+    wait_content(&a, "/v", b"2").await;
+    let (_, page) = f.get("/machine/a").await;
+    assert!(page.contains("s \u{2192} s/2 (stream)"), "{page}");
+    // The directory c names gets an image: c follows it.
+    f.add_image("empty/1", sparse(&[("/v", b"no longer empty")]));
+    wait_content(&c, "/v", b"no longer empty").await;
 }

@@ -53,6 +53,9 @@ pub enum Command {
     },
     /// List image names, version-sorted
     List { prefix: Option<String> },
+    /// Print the newest image directly in DIR, in `list`'s version order (what an MDB
+    /// image name naming DIR follows; error if DIR holds no image)
+    FindLatestImage { dir: String },
     /// Show an image's tree, one line per path, root first
     Show { name: String },
     /// Show an image's filter lines

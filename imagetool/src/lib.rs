@@ -46,6 +46,9 @@ pub enum Error {
     /// `DeleteImage` failed.
     #[error("deleting image {name}")]
     Delete { name: String, source: ClientError },
+    /// `find-latest-image` of a directory holding no image.
+    #[error("no image in directory {0}")]
+    EmptyDirectory(String),
     /// `delunrefobj` with a percentage over 100.
     #[error("percentage {0} is over 100")]
     PercentageOver100(u8),
@@ -105,6 +108,7 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
             s.add(&name, &path, &files).await
         }
         Command::List { prefix } => s.list(prefix.as_deref()).await,
+        Command::FindLatestImage { dir } => s.find_latest_image(&dir).await,
         Command::Show { name } => s.show(&name).await,
         Command::ShowFilter { name } => s.show_filter(&name).await,
         Command::ShowTriggers { name } => s.show_triggers(&name).await,
@@ -162,6 +166,25 @@ impl Session<'_> {
             for n in names {
                 writeln!(self.out, "{n}")?;
             }
+        }
+        Ok(0)
+    }
+
+    /// `find-latest-image`: the newest unexpired image directly in `dir`, the one an MDB
+    /// name naming `dir` follows (`model::stream`).
+    async fn find_latest_image(&mut self, dir: &str) -> Result<u8, Error> {
+        let dir = dir.trim_end_matches('/');
+        let names = self.client.list_images(Some(&format!("{dir}/"))).await?;
+        let now = disk::clock::unix_now();
+        let latest = self
+            .client
+            .newest_live(dir, &names, now)
+            .await?
+            .ok_or_else(|| Error::EmptyDirectory(dir.to_string()))?;
+        if self.json {
+            writeln!(self.out, "{}", serde_json::to_string(&latest)?)?;
+        } else {
+            writeln!(self.out, "{latest}")?;
         }
         Ok(0)
     }

@@ -2,10 +2,14 @@
 //! Every edit goes through `store::edit` (locked, atomic, recorded in the history).
 
 use crate::machine::{Machine, Mdb};
-use crate::store::{self, StoreError};
+use crate::remote::{ImageServerArgs, RemoteError};
+use crate::store::{self, HistoryEntry, StoreError};
 use clap::{ArgAction, Parser, Subcommand};
+use model::select::{BadWhere, Where};
+use model::stream::Resolution;
+use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Why an `mdb` command failed; its text is the one line `mdb` prints.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +29,12 @@ pub enum CliError {
     /// Writing a history entry as JSON failed.
     #[error(transparent)]
     Json(#[from] serde_json::Error),
+    /// A `--where` term that cannot be used.
+    #[error(transparent)]
+    Where(#[from] BadWhere),
+    /// Asking the imageserver (`--image-server`) failed.
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
 }
 
 /// Inspect and edit the machine database (MDB) the dominator enforces.
@@ -34,6 +44,8 @@ pub struct Cli {
     /// The MDB file
     #[arg(long, global = true, env = "MDB_FILE", default_value = crate::DEFAULT_MDB_PATH)]
     pub mdb: PathBuf,
+    #[command(flatten)]
+    pub image_server: ImageServerArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -62,19 +74,44 @@ pub struct Fields {
     pub remove_tags: Vec<String>,
 }
 
+/// A group of machines: `--where TAG=VALUE`, `--where TAG`, `--where Hostname=GLOB`
+/// (repeatable; every term must hold).
+#[derive(clap::Args, Debug, Default)]
+pub struct Selection {
+    /// Select machines by tag (`TAG=VALUE`, or `TAG` for any value) or host name
+    /// (`Hostname=GLOB`, `*` and `?`); repeatable, every term must hold
+    #[arg(long = "where", value_name = "TAG=VALUE")]
+    pub wheres: Vec<String>,
+}
+
+impl Selection {
+    fn parse(&self) -> Result<Option<Where>, BadWhere> {
+        if self.wheres.is_empty() {
+            return Ok(None);
+        }
+        Where::parse(&self.wheres).map(Some)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// List the machines (host, required image, planned image, flags)
     List {
-        /// Print the MDB as JSON
+        /// Print the MDB (or the selected machines) as JSON
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        select: Selection,
     },
-    /// Show one machine's record as JSON
+    /// Show one machine's record as JSON (with --image-server, then what its image names
+    /// stand for)
     Show { host: String },
-    /// Change a machine's record
+    /// Change a machine's record, or every record `--where` selects in one edit
     Set {
-        host: String,
+        #[arg(required_unless_present = "wheres", conflicts_with = "wheres")]
+        host: Option<String>,
+        #[command(flatten)]
+        select: Selection,
         #[command(flatten)]
         fields: Fields,
     },
@@ -88,48 +125,55 @@ pub enum Command {
     Remove { host: String },
     /// Validate an MDB file without changing anything
     Check { file: PathBuf },
-    /// Show every recorded change to a machine, oldest first
+    /// Show every recorded change (to a machine, or to the machines `--where` selects),
+    /// oldest first, with its edit id (`#N`)
     History {
-        host: String,
+        #[arg(conflicts_with = "wheres")]
+        host: Option<String>,
+        #[command(flatten)]
+        select: Selection,
         /// Print the raw JSON lines
         #[arg(long)]
         json: bool,
     },
-    /// Return a machine to its previous RequiredImage (a second rollback redoes)
-    Rollback { host: String },
+    /// Return a machine (or every machine `--where` selects, in one edit) to its previous
+    /// RequiredImage (a second rollback redoes); a machine following an image stream is
+    /// pinned to the version before the stream's newest (needs --image-server). With
+    /// `--entry ID`, undo that edit as a whole instead.
+    Rollback {
+        #[arg(conflicts_with_all = ["wheres", "entry"], required_unless_present_any = ["wheres", "entry"])]
+        host: Option<String>,
+        #[command(flatten)]
+        select: Selection,
+        /// Undo edit ID (see `mdb history`): every machine and field it changed
+        #[arg(long, value_name = "ID", conflicts_with = "wheres")]
+        entry: Option<u64>,
+    },
 }
 
 /// Runs one command, writing human output to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     let path = &cli.mdb;
     match cli.command {
-        Command::List { json } => {
-            let mdb = store::load(path)?;
+        Command::List { json, select } => {
+            let mut mdb = store::load(path)?;
+            if let Some(w) = select.parse()? {
+                let hosts = selected(&mdb, &w, path)?;
+                mdb.entries
+                    .retain(|m| hosts.iter().any(|h| h.eq_ignore_ascii_case(&m.hostname)));
+            }
             if json {
                 write!(out, "{}", mdb.to_json())?;
             } else {
                 list(&mdb, out)?;
             }
         }
-        Command::Show { host } => {
-            let mdb = store::load(path)?;
-            let m = mdb.get(&host).ok_or_else(|| CliError::NoMachine {
-                host: host.clone(),
-                path: path.clone(),
-            })?;
-            writeln!(out, "{m}")?;
-        }
-        Command::Set { host, fields } => {
-            if fields.is_empty() {
-                return Err(CliError::NothingToChange);
-            }
-            let m = store::edit(path, false, |mdb| {
-                let m = mdb.get_mut(&host).ok_or_else(|| not_found(&host, path))?;
-                fields.apply(m)?;
-                Ok(("set", m.clone()))
-            })?;
-            writeln!(out, "{m}")?;
-        }
+        Command::Show { host } => show(path, &host, &cli.image_server, out)?,
+        Command::Set {
+            host,
+            select,
+            fields,
+        } => set(path, host.as_deref(), &select, &fields, out)?,
         Command::Add { host, fields } => {
             let m = store::edit(path, true, |mdb| {
                 let mut m = Machine::new(&host);
@@ -157,45 +201,277 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             }
             writeln!(out)?;
         }
-        Command::History { host, json } => {
-            let entries = store::history(path, &host)?;
-            for e in &entries {
-                if json {
-                    writeln!(out, "{}", serde_json::to_string(e)?)?;
-                } else {
-                    writeln!(
-                        out,
-                        "{}  {:<8} by {:<10} {}",
-                        format_time(e.time),
-                        e.action,
-                        e.user,
-                        describe_change(e.before.as_ref(), e.after.as_ref())
-                    )?;
-                }
-            }
-            if entries.is_empty() && !json {
-                writeln!(out, "no recorded changes for {host}")?;
-            }
+        Command::History { host, select, json } => {
+            history(path, host.as_deref(), &select, json, out)?
         }
-        Command::Rollback { host } => {
-            let entries = store::history(path, &host)?;
-            let (from, to) = store::edit(path, false, |mdb| {
-                let m = mdb.get_mut(&host).ok_or_else(|| not_found(&host, path))?;
-                let to = store::previous_image(&entries, &m.required_image).ok_or_else(|| {
-                    StoreError::Edit(format!(
-                        "no earlier RequiredImage recorded for {host} (see `mdb history {host}`)"
-                    ))
-                })?;
-                let from = std::mem::replace(&mut m.required_image, to.clone());
-                Ok(("rollback", (from, to)))
-            })?;
-            writeln!(out, "{host}: RequiredImage {from} -> {to}")?;
+        Command::Rollback {
+            host,
+            select,
+            entry,
+        } => match entry {
+            Some(id) => undo_edit(path, id, out)?,
+            None => rollback(path, host.as_deref(), &select, &cli.image_server, out)?,
+        },
+    }
+    Ok(())
+}
+
+/// The hosts `w` selects; a selection matching nothing is an error naming it.
+fn selected(mdb: &Mdb, w: &Where, path: &Path) -> Result<Vec<String>, StoreError> {
+    let hosts = mdb.select(w);
+    if hosts.is_empty() {
+        return Err(StoreError::NoMatch {
+            selection: w.to_string(),
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(hosts)
+}
+
+/// `show`: the record, then (with `--image-server`) what its image names stand for.
+fn show(
+    path: &Path,
+    host: &str,
+    remote: &ImageServerArgs,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let mdb = store::load(path)?;
+    let m = mdb.get(host).ok_or_else(|| CliError::NoMachine {
+        host: host.to_string(),
+        path: path.to_path_buf(),
+    })?;
+    let fields: Vec<(&str, &str)> = [
+        ("RequiredImage", m.required_image.as_str()),
+        ("PlannedImage", m.planned_image.as_str()),
+    ]
+    .into_iter()
+    .filter(|(_, n)| !n.is_empty())
+    .collect();
+    let names: Vec<&str> = fields.iter().map(|(_, n)| *n).collect();
+    // Asked first, so a failure prints nothing but the error.
+    let found = remote.lookup(&names)?;
+    writeln!(out, "{m}")?;
+    if let Some(found) = found {
+        for ((field, name), l) in fields.iter().zip(found) {
+            writeln!(
+                out,
+                "{}",
+                crate::remote::describe(field, name, &l.resolution)
+            )?;
         }
     }
     Ok(())
 }
 
-fn not_found(host: &str, path: &std::path::Path) -> StoreError {
+/// `set`: one machine, or every machine `--where` selects, in one edit.
+fn set(
+    path: &Path,
+    host: Option<&str>,
+    select: &Selection,
+    fields: &Fields,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    if fields.is_empty() {
+        return Err(CliError::NothingToChange);
+    }
+    if let Some(host) = host {
+        let m = store::edit(path, false, |mdb| {
+            let m = mdb.get_mut(host).ok_or_else(|| not_found(host, path))?;
+            fields.apply(m)?;
+            Ok(("set", m.clone()))
+        })?;
+        writeln!(out, "{m}")?;
+        return Ok(());
+    }
+    let w = select.parse()?.ok_or(BadWhere::Nothing)?;
+    let (hosts, id) = store::edit_recorded(path, false, |mdb| {
+        let hosts = selected(mdb, &w, path)?;
+        for h in &hosts {
+            fields.apply(mdb.get_mut(h).expect("selected"))?;
+        }
+        Ok(("set", hosts))
+    })?;
+    report_group(out, "set", &hosts, id)
+}
+
+/// One line naming the machines a group edit changed and its edit id.
+fn report_group(
+    out: &mut dyn Write,
+    what: &str,
+    hosts: &[String],
+    id: Option<u64>,
+) -> Result<(), CliError> {
+    match id {
+        Some(id) => writeln!(
+            out,
+            "edit #{id}: {what} {} machines: {}",
+            hosts.len(),
+            hosts.join(", ")
+        )?,
+        None => writeln!(
+            out,
+            "no change: {} machines already as asked: {}",
+            hosts.len(),
+            hosts.join(", ")
+        )?,
+    }
+    Ok(())
+}
+
+/// `history`: one machine's lines, the selected machines' lines, or all.
+fn history(
+    path: &Path,
+    host: Option<&str>,
+    select: &Selection,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let mut entries = store::history_all(path)?;
+    if let Some(h) = host {
+        entries.retain(|e| e.host.eq_ignore_ascii_case(h));
+    } else if let Some(w) = select.parse()? {
+        let hosts = selected(&store::load(path)?, &w, path)?;
+        entries.retain(|e| hosts.iter().any(|h| h.eq_ignore_ascii_case(&e.host)));
+    }
+    for e in &entries {
+        if json {
+            writeln!(out, "{}", serde_json::to_string(e)?)?;
+        } else {
+            writeln!(
+                out,
+                "{}  {:<8} by {:<10} #{:<4} {}{}",
+                format_time(e.time),
+                e.action,
+                e.user,
+                e.edit_id(),
+                if host.is_some() {
+                    String::new()
+                } else {
+                    format!("{}: ", e.host)
+                },
+                describe_change(e.before.as_ref(), e.after.as_ref())
+            )?;
+        }
+    }
+    if entries.is_empty() && !json {
+        writeln!(out, "no recorded changes for {}", host.unwrap_or("the MDB"))?;
+    }
+    Ok(())
+}
+
+/// `rollback --entry ID`: undoes that edit as a whole, in one new edit.
+fn undo_edit(path: &Path, id: u64, out: &mut dyn Write) -> Result<(), CliError> {
+    let entries: Vec<HistoryEntry> = store::history_all(path)?
+        .into_iter()
+        .filter(|e| e.edit_id() == id)
+        .collect();
+    if entries.is_empty() {
+        return Err(StoreError::NoEdit(id).into());
+    }
+    let (hosts, new) = store::edit_recorded(path, false, |mdb| {
+        Ok(("rollback", store::undo(mdb, &entries)?))
+    })?;
+    report_group(out, &format!("undid edit #{id} on"), &hosts, new)
+}
+
+/// `rollback HOST` or `rollback --where …`: each machine back to its previous
+/// RequiredImage (a stream follower: pinned to the stream's version before its newest),
+/// all in one edit.
+fn rollback(
+    path: &Path,
+    host: Option<&str>,
+    select: &Selection,
+    remote: &ImageServerArgs,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let w = select.parse()?;
+    let mdb = store::load(path)?;
+    let hosts = match (host, &w) {
+        (Some(h), _) => vec![mdb
+            .get(h)
+            .ok_or_else(|| not_found(h, path))?
+            .hostname
+            .clone()],
+        (None, Some(w)) => selected(&mdb, w, path)?,
+        (None, None) => return Err(BadWhere::Nothing.into()),
+    };
+    let streams = stream_targets(&mdb, &hosts, remote)?;
+    let all = store::history_all(path)?;
+    let (changes, id) = store::edit_recorded(path, false, |mdb| {
+        let mut changes = Vec::new();
+        for h in &hosts {
+            let m = mdb.get_mut(h).ok_or_else(|| not_found(h, path))?;
+            let to = rollback_target(m, &all, &streams)?;
+            let from = std::mem::replace(&mut m.required_image, to.clone());
+            changes.push(format!("{}: RequiredImage {from} -> {to}", m.hostname));
+        }
+        Ok(("rollback", changes))
+    })?;
+    for c in &changes {
+        writeln!(out, "{c}")?;
+    }
+    if w.is_some() {
+        if let Some(id) = id {
+            writeln!(out, "edit #{id}: rolled back {} machines", changes.len())?;
+        }
+    }
+    Ok(())
+}
+
+/// For each stream name among `hosts`' RequiredImages (asked of `--image-server`, if
+/// given): the version before its newest, or `None` when it has no earlier one.
+fn stream_targets(
+    mdb: &Mdb,
+    hosts: &[String],
+    remote: &ImageServerArgs,
+) -> Result<BTreeMap<String, Option<String>>, CliError> {
+    let mut names: Vec<&str> = hosts
+        .iter()
+        .filter_map(|h| mdb.get(h))
+        .map(|m| m.required_image.as_str())
+        .filter(|n| !n.is_empty())
+        .collect();
+    names.sort();
+    names.dedup();
+    let mut out = BTreeMap::new();
+    for (name, l) in names.iter().zip(remote.lookup(&names)?.unwrap_or_default()) {
+        if let Resolution::Stream { latest } = &l.resolution {
+            let prev = model::stream::previous_in(name, &l.names, latest).map(str::to_string);
+            out.insert(name.to_string(), prev);
+        }
+    }
+    Ok(out)
+}
+
+/// Where `rollback` takes `m`: for a stream follower, the stream's version before its
+/// newest; else the previous RequiredImage its history records.
+fn rollback_target(
+    m: &Machine,
+    all: &[HistoryEntry],
+    streams: &BTreeMap<String, Option<String>>,
+) -> Result<String, StoreError> {
+    let host = &m.hostname;
+    if let Some(prev) = streams.get(&m.required_image) {
+        return prev.clone().ok_or_else(|| {
+            StoreError::Edit(format!(
+                "{host} follows image stream {} and it holds no version before its newest",
+                m.required_image
+            ))
+        });
+    }
+    let entries: Vec<HistoryEntry> = all
+        .iter()
+        .filter(|e| e.host.eq_ignore_ascii_case(host))
+        .cloned()
+        .collect();
+    store::previous_image(&entries, &m.required_image).ok_or_else(|| {
+        StoreError::Edit(format!(
+            "no earlier RequiredImage recorded for {host} (see `mdb history {host}`)"
+        ))
+    })
+}
+
+fn not_found(host: &str, path: &Path) -> StoreError {
     StoreError::Edit(format!("no machine {host:?} in {}", path.display()))
 }
 

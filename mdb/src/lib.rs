@@ -4,10 +4,12 @@
 //! - `machine`: the file format (`Machine`, `Mdb`), parsed and validated with no I/O.
 //! - `store`: the file on disk: `load`, locked `edit` (temp + fsync + rename), and the
 //!   append-only history that `mdb history` and `mdb rollback` read.
+//! - `remote`: what `mdb show`/`rollback --image-server` ask the imageserver (streams).
 //! - `cli`: the `mdb` command (the binary's `main` only parses and calls `cli::run`).
 
 pub mod cli;
 pub mod machine;
+pub mod remote;
 pub mod store;
 
 pub use machine::{Address, BadAddress, Machine, Mdb, MdbError, TAG_DISABLE_SAFETY_CHECK};

@@ -391,6 +391,14 @@ impl Mdb {
         })
     }
 
+    /// The host names of the machines `selection` picks, in file order.
+    pub fn select(&self, selection: &model::select::Where) -> Vec<String> {
+        self.machines()
+            .filter(|m| selection.matches(&m.hostname, &m.tags))
+            .map(|m| m.hostname.clone())
+            .collect()
+    }
+
     /// Removes the machine named `host`; returns it.
     pub fn remove(&mut self, host: &str) -> Option<Machine> {
         let i = self

@@ -5,6 +5,11 @@
 //! commands never lose each other's change) and `<mdb>.history` (JSON lines, one per
 //! changed machine, fsynced before the new MDB is renamed into place). Hand edits with an
 //! editor bypass the lock and the history; they are still read and kept.
+//!
+//! One edit (`mdb set --where …` changing many machines included) is one *edit id*: the
+//! line number of its first history line, carried by each of its lines (`Edit`; lines
+//! written before edit ids existed are each their own edit, numbered by their line).
+//! `mdb rollback --entry ID` undoes an edit as a whole (`undo`).
 
 use crate::machine::{Machine, Mdb, MdbError};
 use serde::{Deserialize, Serialize};
@@ -21,6 +26,19 @@ pub enum StoreError {
     Invalid { path: PathBuf, source: MdbError },
     #[error("{0}")]
     Edit(String),
+    /// A `--where` selection that picks no machine.
+    #[error("no machine in {} matches {selection}", .path.display())]
+    NoMatch { selection: String, path: PathBuf },
+    /// `rollback --entry ID` of an edit the history does not hold.
+    #[error("no edit #{0} in the history (see `mdb history`)")]
+    NoEdit(u64),
+    /// Undoing an edit whose machine changed since (the message names host and field).
+    #[error("cannot undo edit #{edit}: {host}: {problem}")]
+    Conflict {
+        edit: u64,
+        host: String,
+        problem: String,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -51,6 +69,17 @@ pub struct HistoryEntry {
     pub user: String,
     pub before: Option<Machine>,
     pub after: Option<Machine>,
+    /// The edit this line belongs to (every machine one command changed shares it);
+    /// absent in lines written before edit ids, which read as their own line number.
+    #[serde(default, rename = "edit", skip_serializing_if = "Option::is_none")]
+    pub edit: Option<u64>,
+}
+
+impl HistoryEntry {
+    /// The id of the edit this line belongs to (0 only for an entry never read or written).
+    pub fn edit_id(&self) -> u64 {
+        self.edit.unwrap_or(0)
+    }
 }
 
 /// Where the history of the MDB at `path` lives.
@@ -83,6 +112,13 @@ fn current_user() -> String {
 /// Reads every history entry for `host` (case-insensitive), oldest first. A missing
 /// history is empty; a torn last line (crash while appending) is skipped.
 pub fn history(path: &Path, host: &str) -> Result<Vec<HistoryEntry>, StoreError> {
+    let mut all = history_all(path)?;
+    all.retain(|e| e.host.eq_ignore_ascii_case(host));
+    Ok(all)
+}
+
+/// Reads every history entry, oldest first, each with its edit id.
+pub fn history_all(path: &Path) -> Result<Vec<HistoryEntry>, StoreError> {
     let hp = history_path(path);
     let f = match File::open(&hp) {
         Ok(f) => f,
@@ -90,14 +126,89 @@ pub fn history(path: &Path, host: &str) -> Result<Vec<HistoryEntry>, StoreError>
         Err(e) => return Err(io_err(&hp)(e)),
     };
     let mut out = Vec::new();
-    for line in io::BufReader::new(f).lines() {
+    for (n, line) in io::BufReader::new(f).lines().enumerate() {
         let line = line.map_err(io_err(&hp))?;
-        if let Ok(e) = serde_json::from_str::<HistoryEntry>(&line) {
-            if e.host.eq_ignore_ascii_case(host) {
-                out.push(e);
-            }
+        if let Ok(mut e) = serde_json::from_str::<HistoryEntry>(&line) {
+            e.edit.get_or_insert(n as u64 + 1);
+            out.push(e);
         }
     }
+    Ok(out)
+}
+
+/// Lines already in the history (the next line's number is one more), and whether a
+/// torn last line (no newline: a crash while appending) must first be ended.
+fn history_lines(hp: &Path) -> Result<(u64, bool), StoreError> {
+    match std::fs::read(hp) {
+        Ok(b) => {
+            let torn = b.last().is_some_and(|&c| c != b'\n');
+            let n = b.iter().filter(|&&c| c == b'\n').count() as u64;
+            Ok((n + u64::from(torn), torn))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((0, false)),
+        Err(e) => Err(io_err(hp)(e)),
+    }
+}
+
+/// Undoes the edit whose lines are `entries` (all with one edit id) on `mdb`, as a whole:
+/// a changed machine gets back the fields that edit changed, an added one is removed, a
+/// removed one comes back. Refused, naming the machine and field, when the machine has
+/// changed since in a way the undo would overwrite.
+pub fn undo(mdb: &mut Mdb, entries: &[HistoryEntry]) -> Result<Vec<String>, StoreError> {
+    let mut hosts = Vec::new();
+    for e in entries {
+        let conflict = |problem: String| StoreError::Conflict {
+            edit: e.edit_id(),
+            host: e.host.clone(),
+            problem,
+        };
+        let current = mdb.get(&e.host).cloned();
+        match (&e.before, &e.after) {
+            (Some(b), Some(a)) => {
+                let cur = current.ok_or_else(|| conflict("no longer in the MDB".into()))?;
+                let undone = undo_fields(b, a, &cur).map_err(conflict)?;
+                *mdb.get_mut(&e.host).expect("present") = undone;
+            }
+            (None, Some(a)) => {
+                if current.as_ref() != Some(a) {
+                    return Err(conflict("changed or removed since it was added".into()));
+                }
+                mdb.remove(&e.host);
+            }
+            (Some(b), None) => {
+                if current.is_some() {
+                    return Err(conflict("added again since it was removed".into()));
+                }
+                mdb.add(b.clone())
+                    .map_err(|err| conflict(err.to_string()))?;
+            }
+            (None, None) => continue,
+        }
+        hosts.push(e.host.clone());
+    }
+    Ok(hosts)
+}
+
+/// `cur` with every field that `before -> after` changed set back to `before`; an error
+/// names a field that no longer holds the edit's value.
+fn undo_fields(before: &Machine, after: &Machine, cur: &Machine) -> Result<Machine, String> {
+    let mut out = cur.clone();
+    macro_rules! field {
+        ($f:ident, $name:literal) => {
+            if before.$f != after.$f {
+                if cur.$f != after.$f {
+                    return Err(format!(concat!($name, " changed since (now {:?})"), cur.$f));
+                }
+                out.$f = before.$f.clone();
+            }
+        };
+    }
+    field!(required_image, "RequiredImage");
+    field!(planned_image, "PlannedImage");
+    field!(disable_updates, "DisableUpdates");
+    field!(ip_address, "IpAddress");
+    field!(tags, "Tags");
+    field!(extra, "other fields");
     Ok(out)
 }
 
@@ -125,6 +236,17 @@ pub fn edit<T>(
     create: bool,
     edit: impl FnOnce(&mut Mdb) -> Result<(&'static str, T), StoreError>,
 ) -> Result<T, StoreError> {
+    edit_recorded(path, create, edit).map(|(out, _)| out)
+}
+
+/// `edit`, also returning the edit id recorded in the history (`None`: nothing changed,
+/// nothing written). Every machine the edit changed is one history line with that id,
+/// all appended and fsynced before the one atomic rename of the new MDB.
+pub fn edit_recorded<T>(
+    path: &Path,
+    create: bool,
+    edit: impl FnOnce(&mut Mdb) -> Result<(&'static str, T), StoreError>,
+) -> Result<(T, Option<u64>), StoreError> {
     let lp = lock_path(path);
     let lock = OpenOptions::new()
         .create(true)
@@ -146,15 +268,20 @@ pub fn edit<T>(
     // Re-validate the whole result: the closure may have produced a duplicate or a bad field.
     let text = after.to_json();
     Mdb::parse(&text).map_err(|e| StoreError::Edit(e.to_string()))?;
+    let mut id = None;
     if after != before {
-        append_history(path, action, &before, &after)?;
+        id = Some(append_history(path, action, &before, &after)?);
         disk::fsutil::write_atomic(path, text.as_bytes()).map_err(io_err(path))?;
     }
     drop(lock);
-    Ok(out)
+    Ok((out, id))
 }
 
-fn append_history(path: &Path, action: &str, before: &Mdb, after: &Mdb) -> Result<(), StoreError> {
+/// Appends one line per changed machine, all with one edit id (returned).
+fn append_history(path: &Path, action: &str, before: &Mdb, after: &Mdb) -> Result<u64, StoreError> {
+    let hp = history_path(path);
+    let (n, torn) = history_lines(&hp)?;
+    let id = n + 1;
     let mut hosts: Vec<&str> = before
         .machines()
         .chain(after.machines())
@@ -164,6 +291,9 @@ fn append_history(path: &Path, action: &str, before: &Mdb, after: &Mdb) -> Resul
     hosts.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
     let (time, user) = (disk::clock::unix_now(), current_user());
     let mut lines = String::new();
+    if torn {
+        lines.push('\n');
+    }
     for host in hosts {
         let (b, a) = (before.get(host), after.get(host));
         if b == a {
@@ -176,18 +306,19 @@ fn append_history(path: &Path, action: &str, before: &Mdb, after: &Mdb) -> Resul
             user: user.clone(),
             before: b.cloned(),
             after: a.cloned(),
+            edit: Some(id),
         };
         lines.push_str(&serde_json::to_string(&e).expect("history serializes"));
         lines.push('\n');
     }
-    let hp = history_path(path);
     let mut f = OpenOptions::new()
         .create(true)
         .append(true)
         .open(&hp)
         .map_err(io_err(&hp))?;
     f.write_all(lines.as_bytes()).map_err(io_err(&hp))?;
-    f.sync_all().map_err(io_err(&hp))
+    f.sync_all().map_err(io_err(&hp))?;
+    Ok(id)
 }
 
 #[cfg(test)]
@@ -206,6 +337,7 @@ mod tests {
             user: "u".into(),
             before: before.map(m),
             after: after.map(m),
+            edit: None,
         }
     }
 
@@ -276,6 +408,90 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["mdb.json", "mdb.json.history", "mdb.json.lock"]);
+    }
+
+    #[test]
+    fn undo_table() {
+        let m = |img: &str, planned: &str| Machine {
+            required_image: img.into(),
+            planned_image: planned.into(),
+            ..Machine::new("h")
+        };
+        let e = |b: Option<Machine>, a: Option<Machine>| {
+            HistoryEntry {
+                edit: Some(7),
+                ..entry(None, None)
+            }
+            .with(b, a)
+        };
+        type Case = (
+            Option<Machine>,
+            Option<Machine>,
+            Option<Machine>,
+            Result<Option<Machine>, &'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            // A set is undone field by field; fields it did not change keep later edits.
+            (
+                Some(m("a", "")),
+                Some(m("b", "")),
+                Some(m("b", "p")),
+                Ok(Some(m("a", "p"))),
+            ),
+            // A field the edit changed that changed again since: refused.
+            (
+                Some(m("a", "")),
+                Some(m("b", "")),
+                Some(m("c", "")),
+                Err("RequiredImage changed since"),
+            ),
+            (
+                Some(m("a", "")),
+                Some(m("b", "")),
+                None,
+                Err("no longer in the MDB"),
+            ),
+            // An add is undone by removing the machine, a remove by adding it back.
+            (None, Some(m("a", "")), Some(m("a", "")), Ok(None)),
+            (
+                None,
+                Some(m("a", "")),
+                Some(m("z", "")),
+                Err("changed or removed since"),
+            ),
+            (Some(m("a", "")), None, None, Ok(Some(m("a", "")))),
+            (Some(m("a", "")), None, Some(m("q", "")), Err("added again")),
+        ];
+        for (before, after, current, want) in cases {
+            let mut mdb = Mdb::default();
+            if let Some(c) = current.clone() {
+                mdb.add(c).unwrap();
+            }
+            let got = undo(&mut mdb, &[e(before.clone(), after.clone())]);
+            let label = format!("{before:?} -> {after:?} on {current:?}");
+            match want {
+                Ok(w) => {
+                    assert_eq!(got.unwrap(), ["h"], "{label}");
+                    assert_eq!(mdb.get("h"), w.as_ref(), "{label}");
+                }
+                Err(needle) => {
+                    let err = got.unwrap_err().to_string();
+                    assert!(
+                        err.starts_with("cannot undo edit #7: h: "),
+                        "{label}: {err}"
+                    );
+                    assert!(err.contains(needle), "{label}: {err}");
+                }
+            }
+        }
+    }
+
+    impl HistoryEntry {
+        fn with(mut self, before: Option<Machine>, after: Option<Machine>) -> Self {
+            self.before = before;
+            self.after = after;
+            self
+        }
     }
 
     #[test]

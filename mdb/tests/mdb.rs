@@ -355,3 +355,233 @@ fn set_address_points_a_record_at_a_replacement_machine() {
         "IpAddress",
     );
 }
+
+/// Three web hosts and a db host, each on app/1.
+fn fleet_of_four(p: &Path) {
+    for (h, role) in [("w1", "web"), ("w2", "web"), ("w3", "web"), ("d1", "db")] {
+        let tag = format!("role={role}");
+        ok(p, &["add", h, "--required", "app/1", "--tag", &tag]);
+    }
+}
+
+#[test]
+fn group_set_is_one_atomic_edit_and_rolls_back_as_one() {
+    let (_d, p) = scratch();
+    fleet_of_four(&p);
+    let before_lines = std::fs::read_to_string(store_history(&p))
+        .unwrap()
+        .lines()
+        .count();
+    let o = ok(
+        &p,
+        &[
+            "set",
+            "--where",
+            "role=web",
+            "--required",
+            "app/2",
+            "--planned",
+            "app/3",
+        ],
+    );
+    assert_eq!(o, "edit #5: set 3 machines: w1, w2, w3\n");
+    // One edit: three history lines, one per machine, sharing the edit id.
+    let raw = std::fs::read_to_string(store_history(&p)).unwrap();
+    let new: Vec<serde_json::Value> = raw
+        .lines()
+        .skip(before_lines)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(new.len(), 3, "{raw}");
+    assert!(
+        new.iter().all(|e| e["edit"] == 5 && e["action"] == "set"),
+        "{raw}"
+    );
+    // `list --where` shows the group; the db host is untouched.
+    let listed = ok(&p, &["list", "--where", "role=web"]);
+    assert_eq!(listed.lines().count(), 4, "{listed}");
+    assert!(
+        listed
+            .lines()
+            .skip(1)
+            .all(|l| l.split_whitespace().collect::<Vec<_>>()[1..3] == ["app/2", "app/3"]),
+        "{listed}"
+    );
+    assert!(ok(&p, &["show", "d1"]).contains("\"RequiredImage\": \"app/1\""));
+    let hist = ok(&p, &["history", "--where", "role=web"]);
+    assert_eq!(hist.matches(" #5 ").count(), 3, "{hist}");
+
+    // Undo edit #5 as a whole: every field it changed, on every machine.
+    assert_eq!(
+        ok(&p, &["rollback", "--entry", "5"]),
+        "edit #8: undid edit #5 on 3 machines: w1, w2, w3\n"
+    );
+    for h in ["w1", "w2", "w3"] {
+        let m: serde_json::Value = serde_json::from_str(&ok(&p, &["show", h])).unwrap();
+        assert_eq!(m["RequiredImage"], "app/1", "{m}");
+        assert!(m.get("PlannedImage").is_none_or(|v| v == ""), "{m}");
+    }
+    // Undoing it again conflicts (the machines no longer hold its values): nothing written.
+    let text = std::fs::read_to_string(&p).unwrap();
+    fails(
+        &p,
+        &["rollback", "--entry", "5"],
+        1,
+        "cannot undo edit #5: w1: RequiredImage changed since",
+    );
+    fails(
+        &p,
+        &["rollback", "--entry", "99"],
+        1,
+        "no edit #99 in the history",
+    );
+    assert_eq!(std::fs::read_to_string(&p).unwrap(), text);
+
+    // `rollback --where`: each selected machine to its previous RequiredImage, one edit.
+    ok(&p, &["set", "--where", "role=web", "--required", "app/4"]);
+    let o = ok(&p, &["rollback", "--where", "role=web"]);
+    assert!(o.ends_with("rolled back 3 machines\n"), "{o}");
+    assert!(o.contains("w2: RequiredImage app/4 -> app/1\n"), "{o}");
+    let ids: Vec<String> = std::fs::read_to_string(store_history(&p))
+        .unwrap()
+        .lines()
+        .rev()
+        .take(3)
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["edit"].to_string())
+        .collect();
+    assert!(ids.iter().all(|i| *i == ids[0]), "{ids:?}");
+}
+
+fn store_history(p: &Path) -> PathBuf {
+    mdb::store::history_path(p)
+}
+
+#[test]
+fn a_selection_matching_nothing_is_an_error_and_changes_nothing() {
+    let (_d, p) = scratch();
+    fleet_of_four(&p);
+    let text = std::fs::read_to_string(&p).unwrap();
+    let hist = std::fs::read_to_string(store_history(&p)).unwrap();
+    for args in [
+        &["set", "--where", "role=mail", "--required", "app/9"][..],
+        &[
+            "set",
+            "--where",
+            "role=web",
+            "--where",
+            "site=ams",
+            "--required",
+            "app/9",
+        ],
+        &["list", "--where", "role=mail"],
+        &["rollback", "--where", "Hostname=x*"],
+        &["history", "--where", "role=mail"],
+    ] {
+        fails(&p, args, 1, "no machine in");
+        let r = mdb(&p, args);
+        assert!(r.stderr.contains("matches --where"), "{}", r.stderr);
+    }
+    fails(
+        &p,
+        &["set", "--where", "=x", "--required", "a/1"],
+        1,
+        "--where \"=x\": empty tag name",
+    );
+    fails(
+        &p,
+        &["set", "--where", "Hostname=", "--required", "a/1"],
+        1,
+        "empty Hostname pattern",
+    );
+    // A host and --where at once, or neither: usage errors.
+    fails(
+        &p,
+        &["set", "w1", "--where", "role=web", "--required", "a/1"],
+        2,
+        "cannot be used",
+    );
+    fails(&p, &["set", "--required", "a/1"], 2, "required");
+    // A bad field fails the whole group: nothing written.
+    fails(
+        &p,
+        &["set", "--where", "role=web", "--required", "../x"],
+        1,
+        "RequiredImage",
+    );
+    assert_eq!(std::fs::read_to_string(&p).unwrap(), text);
+    assert_eq!(std::fs::read_to_string(store_history(&p)).unwrap(), hist);
+}
+
+#[test]
+fn where_matches_tags_presence_and_host_globs() {
+    let (_d, p) = scratch();
+    fleet_of_four(&p);
+    ok(&p, &["set", "w2", "--tag", "canary"]);
+    let hosts = |args: &[&str]| -> Vec<String> {
+        let mut a = vec!["list"];
+        a.extend_from_slice(args);
+        ok(&p, &a)
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(hosts(&["--where", "canary"]), ["w2"]);
+    assert_eq!(hosts(&["--where", "Hostname=w*"]), ["w1", "w2", "w3"]);
+    assert_eq!(hosts(&["--where", "Hostname=?1"]), ["w1", "d1"]);
+    assert_eq!(
+        hosts(&["--where", "role=web", "--where", "Hostname=*3"]),
+        ["w3"]
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&p, &["list", "--json", "--where", "role=db"])).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn history_written_before_edit_ids_reads_one_edit_per_line() {
+    let (_d, p) = scratch();
+    ok(&p, &["add", "h", "--required", "app/1"]);
+    ok(&p, &["set", "h", "--required", "app/2"]);
+    // Strip the edit ids, as an older mdb wrote the history.
+    let hp = store_history(&p);
+    let old: String = std::fs::read_to_string(&hp)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("edit");
+            format!("{v}\n")
+        })
+        .collect();
+    std::fs::write(&hp, old).unwrap();
+    let hist = ok(&p, &["history", "h"]);
+    assert!(hist.lines().nth(1).unwrap().contains(" #2 "), "{hist}");
+    assert_eq!(
+        ok(&p, &["rollback", "--entry", "2"]),
+        "edit #3: undid edit #2 on 1 machines: h\n"
+    );
+    assert!(ok(&p, &["show", "h"]).contains("\"RequiredImage\": \"app/1\""));
+    // Undoing an add removes the machine.
+    ok(&p, &["rollback", "--entry", "1"]);
+    fails(&p, &["show", "h"], 1, "no machine \"h\"");
+}
+
+#[test]
+fn an_unreachable_image_server_is_a_one_line_error() {
+    let (_d, p) = scratch();
+    ok(&p, &["add", "h", "--required", "app/1"]);
+    ok(&p, &["set", "h", "--required", "app/2"]);
+    let text = std::fs::read_to_string(&p).unwrap();
+    for args in [
+        &["show", "h", "--image-server", "127.0.0.1:1"][..],
+        &["rollback", "h", "--image-server", "127.0.0.1:1"],
+    ] {
+        fails(&p, args, 1, "asking the imageserver");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&p).unwrap(),
+        text,
+        "nothing changed"
+    );
+}

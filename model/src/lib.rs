@@ -9,6 +9,8 @@
 //! - `filter`, `triggers`: Dominator's filter and trigger files, compiled and matched.
 //! - `hooks`: an image's pre/post hook programs, which an update runs, and their runs.
 //! - `state`: state lines (paths seeded when absent, never managed after).
+//! - `stream`: image streams (an image directory standing for its newest image).
+//! - `select`: `--where` selections of MDB records (tags, host-name globs).
 //! - `plan`, `diff`: `UpdatePlan` and the pure function computing it.
 //! - `api`, `frame`: wire types and object batch framing (encoding only, no sockets).
 
@@ -21,7 +23,9 @@ pub mod hooks;
 pub mod image;
 pub mod path;
 pub mod plan;
+pub mod select;
 pub mod state;
+pub mod stream;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod triggers;

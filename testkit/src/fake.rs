@@ -179,12 +179,29 @@ async fn check_image(
     })
 }
 
-/// Serves `images` (`ImageServer.GetImage` and `ImageServer.CheckImage`) on a new loopback
-/// port (plain HTTP); returns its `HOST:PORT`.
+async fn list_images(
+    State(s): State<FakeImages>,
+    Json(req): Json<api::ListImagesRequest>,
+) -> axum::Json<api::ListImagesResponse> {
+    let prefix = req.prefix.unwrap_or_default();
+    let mut names: Vec<String> = s
+        .lock()
+        .unwrap()
+        .keys()
+        .filter(|n| n.starts_with(&prefix))
+        .cloned()
+        .collect();
+    names.sort_by(|a, b| model::image::version_cmp(a, b));
+    axum::Json(api::ListImagesResponse { names })
+}
+
+/// Serves `images` (`ImageServer.GetImage`, `CheckImage` and `ListImages`) on a new
+/// loopback port (plain HTTP); returns its `HOST:PORT`.
 pub async fn start_imageserver(images: FakeImages) -> String {
     let app = Router::new()
         .route("/rpc/ImageServer.GetImage", post(get_image))
         .route("/rpc/ImageServer.CheckImage", post(check_image))
+        .route("/rpc/ImageServer.ListImages", post(list_images))
         .with_state(images);
     start(app).await
 }

@@ -537,6 +537,23 @@ impl ImageServerClient {
         Ok(r.names)
     }
 
+    /// The newest image directly in `dir` among `names` (`model::stream::images_in`)
+    /// whose `expires_at` has not passed (each candidate is fetched to see), or `None`.
+    pub async fn newest_live(
+        &self,
+        dir: &str,
+        names: &[String],
+        now: u64,
+    ) -> Result<Option<String>, ClientError> {
+        for name in model::stream::images_in(dir, names).into_iter().rev() {
+            let image = self.get_image(name).await?;
+            if !model::stream::expired(image.expires_at, now) {
+                return Ok(Some(name.to_string()));
+            }
+        }
+        Ok(None)
+    }
+
     pub async fn delete_image(&self, name: &str) -> Result<(), ClientError> {
         self.rpc
             .call::<_, api::Empty>(
