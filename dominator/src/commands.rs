@@ -197,6 +197,10 @@ pub fn install_hint(rel: &str) -> String {
     match (rel, grants) {
         ("CA.pem", _) => "every machine: /etc/ssl/CA.pem (the trust anchor)".into(),
         ("CA.key", _) => "keep OFFLINE: it signs new certificates; no program needs it".into(),
+        ("admin.p12", _) => format!(
+            "import into a browser (password \"{}\"): the admin pair and the CA, for the status page",
+            wire::certs::ADMIN_P12_PASSWORD
+        ),
         (r, Some(g)) if r.contains('/') => {
             let file = r.rsplit('/').next().unwrap_or(r);
             format!("/etc/ssl/{role}/{file} on every {role} host ({g})")

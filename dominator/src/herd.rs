@@ -924,11 +924,8 @@ fn publish(
     let previous = r.status;
     r.status = outcome.status;
     r.status_name = outcome.status.name();
-    // An error belongs to the status it explains: kept while that status lasts (a retry
-    // that says nothing new keeps it), dropped when the status changes.
-    if outcome.error.is_some() || previous != outcome.status {
-        r.last_error = outcome.error;
-    }
+    r.last_error =
+        decision::shown_error(previous, outcome.status, outcome.error, r.last_error.take());
     if outcome.synced {
         r.last_synced = Some(now);
     }
