@@ -28,6 +28,8 @@ struct Fleet {
     certs: PathBuf,
     _is: Daemon,
     is_addr: String,
+    /// The imageserver's read-only status listener.
+    is_status: String,
     _subds: Vec<Daemon>,
     _dom: Daemon,
     /// The dominator's mutual-TLS listener and its read-only status listener.
@@ -40,18 +42,29 @@ impl Fleet {
         let work = tempfile::tempdir().unwrap();
         let certs = work.path().join("certs");
         wire::certs::make_all(&certs, &[]).unwrap();
+        let mdb = work.path().join("mdb.json");
         let mut args = vec![
             "--data-dir".to_string(),
             work.path().join("data").display().to_string(),
             "--listen".into(),
             "127.0.0.1:0".into(),
+            "--status-listen".into(),
+            "127.0.0.1:0".into(),
+            "--mdb".into(),
+            mdb.display().to_string(),
         ];
         args.extend(daemon_flags(&certs, "imageserver"));
-        let is = Daemon::start(&bin("imageserver"), &args);
+        let (child, addrs) = spawn_listening_n(Command::new(bin("imageserver")).args(&args), 2);
+        let is = Daemon {
+            child,
+            addr: addrs[0].to_string(),
+        };
         let is_addr = is.addr.clone();
+        let addrs_is_status = addrs[1].to_string();
         let tree = work.path().join("tree1");
         std::fs::create_dir_all(tree.join("etc")).unwrap();
         std::fs::write(tree.join("etc/motd"), "hello\n").unwrap();
+        std::fs::write(tree.join("etc/shared"), "same\n").unwrap();
         add_image(&certs, &is_addr, "app/1", &tree);
         let mut subds = Vec::new();
         let mut machines = Vec::new();
@@ -77,7 +90,6 @@ impl Fleet {
             }));
             subds.push(d);
         }
-        let mdb = work.path().join("mdb.json");
         write_mdb(&mdb, &serde_json::Value::Array(machines));
         let mut dargs = vec![
             "--mdb".to_string(),
@@ -104,6 +116,7 @@ impl Fleet {
             certs,
             _is: is,
             is_addr,
+            is_status: addrs_is_status,
             _subds: subds,
             _dom: dom,
         }
@@ -274,6 +287,26 @@ fn the_status_listener_serves_pages_to_a_browser_and_refuses_every_rpc() {
             "{method} on the status listener: {code} {body}"
         );
     }
+    let (code, body) = curl(&[
+        "--cacert",
+        f.certs.join("CA.pem").to_str().unwrap(),
+        "-X",
+        "POST",
+        "-d",
+        "{}",
+        &format!("https://{}/rpc/ImageServer.ListImages", f.is_status),
+    ]);
+    assert!(
+        code == 403 || code == 404,
+        "an RPC on the imageserver's status listener: {code} {body}"
+    );
+    let is_page = dom(
+        &browser,
+        &spki_pin(&f.certs.join("imageserver/cert.pem")),
+        &format!("https://{}/", f.is_status),
+        0,
+    );
+    assert!(is_page.contains("<table id=\"images\">"), "{is_page}");
     let (_, fleet) = f.status_get("/api/fleet");
     let v: serde_json::Value = serde_json::from_str(&fleet).unwrap();
     assert!(v["updates_disabled"].is_null(), "{fleet}");
@@ -362,6 +395,7 @@ fn the_live_page_shows_a_rollout_in_its_chart_and_a_drift_correction_in_a_timeli
     std::fs::create_dir_all(tree2.join("etc")).unwrap();
     std::fs::write(tree2.join("etc/motd"), "hello again\n").unwrap();
     std::fs::write(tree2.join("etc/app.conf"), "v2\n").unwrap();
+    std::fs::write(tree2.join("etc/shared"), "same\n").unwrap();
     add_image(&f.certs, &f.is_addr, "app/2", &tree2);
     f.wait_all("synced", "app/1");
     let pin = spki_pin(&f.certs.join("dominator/cert.pem"));
@@ -372,6 +406,19 @@ fn the_live_page_shows_a_rollout_in_its_chart_and_a_drift_correction_in_a_timeli
     assert!(before.contains("<svg id=\"chart\""), "{before}");
     assert!(chart_line(&before, "synced").is_some(), "{before}");
     assert!(chart_line(&before, "updating").is_none(), "{before}");
+
+    // The imageserver's page: each image's size, objects, unique bytes and users.
+    let is_pin = spki_pin(&f.certs.join("imageserver/cert.pem"));
+    let is_url = format!("https://{}/", f.is_status);
+    let images = dom(&browser, &is_pin, &is_url, 0);
+    assert!(
+        images.contains("<tr><td>app/1</td><td>11</td><td>2</td><td>6</td><td>m0, m1</td></tr>"),
+        "{images}"
+    );
+    assert!(
+        images.contains("<tr><td>app/2</td><td>20</td><td>3</td><td>15</td><td>-</td></tr>"),
+        "{images}"
+    );
 
     // The rollout: one MDB edit.
     let mdb = f.work.path().join("mdb.json");
@@ -393,6 +440,16 @@ fn the_live_page_shows_a_rollout_in_its_chart_and_a_drift_correction_in_a_timeli
     assert!(
         after.contains("data-updates=\""),
         "the page did not update itself: {after}"
+    );
+    // The imageserver read the edited MDB again.
+    let images = dom(&browser, &is_pin, &is_url, 0);
+    assert!(
+        images.contains("<td>app/1</td><td>11</td><td>2</td><td>6</td><td>-</td>"),
+        "{images}"
+    );
+    assert!(
+        images.contains("<td>app/2</td><td>20</td><td>3</td><td>15</td><td>m0, m1</td>"),
+        "{images}"
     );
 
     // Drift on m0 is put back; its timeline names the path.
