@@ -573,19 +573,32 @@ async fn poll_short(
             p.object_cache = None;
             if st.start_time != 0 && p.start_time != st.start_time {
                 tracing::info!("subd restarted");
-                st.last_action = None;
-                st.generation = 0;
-                st.plan_key = None;
-                st.planned_key = None;
+                forget_machine_state(st);
             }
             st.start_time = p.start_time;
             (Ok(p), n)
         }
         Err(e) => {
             Counters::add(&counters.poll_failures, 1);
+            // A machine that could not be polled may come back as a new subd started
+            // within the same second (same start time) whose generations count again
+            // from 1: its tree is read afresh, never taken for the old one.
+            if e.status != Status::SubdBusy {
+                forget_machine_state(st);
+            }
             (Err(e), 0)
         }
     }
+}
+
+/// Forgets what was known of a subd that restarted (or may have): its generation, the
+/// plans computed from its tree, and what was sent to it.
+fn forget_machine_state(st: &mut MachineState) {
+    st.last_action = None;
+    st.generation = 0;
+    st.plan = None;
+    st.plan_key = None;
+    st.planned_key = None;
 }
 
 /// The required image from the fleet-wide cache; fetched only when the machine answered

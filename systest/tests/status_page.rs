@@ -30,7 +30,7 @@ struct Fleet {
     is_addr: String,
     /// The imageserver's read-only status listener.
     is_status: String,
-    _subds: Vec<Daemon>,
+    subds: Vec<Daemon>,
     _dom: Daemon,
     /// The dominator's mutual-TLS listener and its read-only status listener.
     main: String,
@@ -117,9 +117,24 @@ impl Fleet {
             _is: is,
             is_addr,
             is_status: addrs_is_status,
-            _subds: subds,
+            subds,
             _dom: dom,
         }
+    }
+
+    /// Starts subd `i` again on its address after it was stopped.
+    fn restart_subd(&mut self, i: usize) {
+        let addr = self.subds[i].addr.clone();
+        let mut args = vec![
+            "--root".to_string(),
+            self.root(i).display().to_string(),
+            "--listen".into(),
+            addr,
+            "--scan-speed-percent".into(),
+            "100".into(),
+        ];
+        args.extend(daemon_flags(&self.certs, "subd"));
+        self.subds[i] = Daemon::start(&bin("subd"), &args);
     }
 
     fn root(&self, i: usize) -> PathBuf {
@@ -477,4 +492,49 @@ fn the_live_page_shows_a_rollout_in_its_chart_and_a_drift_correction_in_a_timeli
     assert!(row.contains("put 1 path back to image app/2"), "{row}");
     assert!(row.contains("<code>/etc/motd</code>"), "{row}");
     assert!(page.contains("<tr class=\"update-finished\">"), "{page}");
+}
+
+/// Issue 13 §4: after a subd restart the machine's error is the one of its status: the
+/// `connection refused` it showed while down is gone as soon as it is fetching, updating
+/// or synced again.
+#[test]
+fn an_error_is_shown_only_while_its_status_lasts() {
+    let mut f = Fleet::start(1);
+    f.wait_all("synced", "app/1");
+    f.subds[0].kill9();
+    f.wait_all("connection refused", "app/1");
+    let (_, body) = f.status_get("/api/machines/m0");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{body}"
+    );
+    // Drift while down, so the machine is updated when it is back.
+    std::fs::write(f.root(0).join("etc/motd"), "drifted\n").unwrap();
+    f.restart_subd(0);
+    let t0 = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let (_, body) = f.status_get("/api/machines/m0");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let status = v["status_name"].as_str().unwrap_or("").to_string();
+        if status != "connection refused" {
+            assert!(
+                v["last_error"].is_null(),
+                "{status} shown with the old error: {body}"
+            );
+        }
+        seen.push(status.clone());
+        if status == "synced" && f.root(0).join("etc/motd").exists() {
+            let motd = std::fs::read_to_string(f.root(0).join("etc/motd")).unwrap();
+            if motd == "hello\n" {
+                break;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "never back in sync: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
