@@ -341,23 +341,37 @@ fn colour(s: Status) -> &'static str {
 const W: f64 = 720.0;
 const H: f64 = 180.0;
 
-/// The chart of machines per status over the window ending at `now`: one step line per
-/// status seen in it, x = time, y = machines; a legend names each line.
-pub fn chart_svg(samples: &[Sample], now: u64) -> String {
-    let from = now.saturating_sub(WINDOW_SECS) as f64;
+/// Shortest span the chart's x axis covers (a young dominator's first minute).
+const MIN_SPAN: u64 = 60;
+
+/// The chart of machines per status over the window ending at `now` (the last hour, or
+/// since the first sample when that is shorter, at least a minute): one step line per
+/// status seen in it, x = time, y = machines; the legend names each line with the number
+/// of machines in that status now (`current`).
+pub fn chart_svg(samples: &[Sample], now: u64, current: &BTreeMap<Status, usize>) -> String {
+    let first = samples.first().map_or(now, |s| s.at);
+    let span = now.saturating_sub(first).clamp(MIN_SPAN, WINDOW_SECS);
+    let from = now.saturating_sub(span) as f64;
     let top = samples
         .iter()
         .flat_map(|s| s.peak)
         .max()
         .unwrap_or(0)
         .max(1) as f64;
-    let x = |t: u64| ((t as f64 - from) / WINDOW_SECS as f64 * W).clamp(0.0, W);
+    let x = |t: u64| ((t as f64 - from) / span as f64 * W).clamp(0.0, W);
     let y = |n: u32| H - n as f64 / top * (H - 10.0);
     let mut svg = format!(
         "<svg id=\"chart\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" viewBox=\"0 0 {} {}\" role=\"img\"><rect width=\"{W}\" height=\"{H}\" fill=\"#fafafa\" stroke=\"#ccc\"/>",
         W + 170.0, H + 20.0, W + 170.0, H + 20.0
     );
-    let _ = write!(svg, "<text x=\"2\" y=\"{}\" font-size=\"11\">1 h ago</text><text x=\"{}\" y=\"{}\" font-size=\"11\" text-anchor=\"end\">now</text><text x=\"4\" y=\"12\" font-size=\"11\">{top}</text>", H + 14.0, W, H + 14.0);
+    let since = if span >= WINDOW_SECS {
+        "1 h ago".to_string()
+    } else if span >= 120 {
+        format!("{} min ago", span / 60)
+    } else {
+        format!("{span} s ago")
+    };
+    let _ = write!(svg, "<text x=\"2\" y=\"{}\" font-size=\"11\">{since}</text><text x=\"{}\" y=\"{}\" font-size=\"11\" text-anchor=\"end\">now</text><text x=\"4\" y=\"12\" font-size=\"11\">{top}</text>", H + 14.0, W, H + 14.0);
     let mut legend = 0;
     for (i, s) in Status::ALL.iter().enumerate() {
         if samples.iter().all(|p| p.peak[i] == 0) {
@@ -384,7 +398,7 @@ pub fn chart_svg(samples: &[Sample], now: u64) -> String {
             W + 8.0,
             16 + legend * 16,
             s.name(),
-            samples.last().map_or(0, |p| p.peak[i])
+            current.get(s).copied().unwrap_or(0)
         );
         legend += 1;
     }
@@ -477,11 +491,22 @@ mod tests {
         let mut h = History::default();
         h.sample(1000, &counts(&[(Status::Synced, 2)]));
         h.sample(1010, &counts(&[(Status::Updating, 2)]));
-        let svg = chart_svg(&h.samples(1020), 1020);
+        let svg = chart_svg(&h.samples(1020), 1020, &counts(&[(Status::Updating, 2)]));
         assert!(svg.starts_with("<svg id=\"chart\""));
         assert!(svg.contains("data-status=\"synced\""));
         assert!(svg.contains("data-status=\"updating\""));
         assert!(!svg.contains("data-status=\"fetching\""));
-        assert_eq!(chart_svg(&[], 10).matches("polyline").count(), 0);
+        assert!(svg.contains(">updating (2)</text>"), "{svg}");
+        assert!(svg.contains(">synced (0)</text>"), "{svg}");
+        assert!(
+            svg.contains(">60 s ago</text>"),
+            "a young chart spans a minute: {svg}"
+        );
+        assert_eq!(
+            chart_svg(&[], 10, &BTreeMap::new())
+                .matches("polyline")
+                .count(),
+            0
+        );
     }
 }

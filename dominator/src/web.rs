@@ -376,9 +376,10 @@ fn differs(m: &MachineReport) -> String {
 /// The overview's live parts: the chart of machines per status over the last hour and
 /// the machines whose status changed last.
 fn live_sections(fleet: &Fleet, now: u64) -> String {
+    let current = fleet.status_counts();
     let h = fleet.history.lock().expect("history lock");
     let mut b = String::from("<h2>The last hour</h2>\n");
-    b.push_str(&chart_svg(&h.samples(now), now));
+    b.push_str(&chart_svg(&h.samples(now), now, &current));
     b.push_str("\n<h2>Latest changes</h2>\n<table id=\"recent\"><tr><th>when</th><th>machine</th><th>from</th><th>to</th></tr>\n");
     for c in h.recent() {
         let _ = writeln!(
