@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v curl >/dev/null 2>&1 || need+=(curl)       # status-page and admin.p12 tests
+command -v openssl >/dev/null 2>&1 || need+=(openssl) # the browser's key pin, admin.p12
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "[test] installing ${need[*]}" >&2

@@ -130,6 +130,11 @@ pub struct DaemonArgs {
     /// Address of the status page and RPCs
     #[arg(long, default_value = "0.0.0.0:6970")]
     pub listen: String,
+    /// Also serve the status pages, `/api/` reads and `/metrics` (never an RPC) on ADDR,
+    /// over TLS with this daemon's certificate but asking for no client certificate: for
+    /// browsers and metrics scrapers without an admin key
+    #[arg(long, value_name = "ADDR")]
+    pub status_listen: Option<String>,
     /// Start with updates disabled fleet-wide (optionally saying why); re-enable with
     /// `dominator enable-updates`
     #[arg(long, value_name = "REASON", num_args = 0..=1, default_missing_value = "disabled at startup")]
@@ -192,6 +197,10 @@ pub fn install_hint(rel: &str) -> String {
     match (rel, grants) {
         ("CA.pem", _) => "every machine: /etc/ssl/CA.pem (the trust anchor)".into(),
         ("CA.key", _) => "keep OFFLINE: it signs new certificates; no program needs it".into(),
+        ("admin.p12", _) => format!(
+            "import into a browser (password \"{}\"): the admin pair and the CA, for the status page",
+            wire::certs::ADMIN_P12_PASSWORD
+        ),
         (r, Some(g)) if r.contains('/') => {
             let file = r.rsplit('/').next().unwrap_or(r);
             format!("/etc/ssl/{role}/{file} on every {role} host ({g})")

@@ -381,6 +381,23 @@ pub fn backoff(failures: u32, base: Duration, cap: Duration) -> Duration {
     base.saturating_mul(factor).min(cap)
 }
 
+/// The error a machine shows after a cycle: an error belongs to the status it explains. A
+/// new error replaces the old; a cycle that brings none keeps the shown one only while the
+/// status stays the same (a retry that failed the same way), and drops it on any change
+/// (after a subd restart, `fetching` must not show the old `connection refused`).
+pub fn shown_error(
+    previous: Status,
+    now: Status,
+    error: Option<String>,
+    shown: Option<String>,
+) -> Option<String> {
+    match error {
+        Some(e) => Some(e),
+        None if previous == now => shown,
+        None => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -764,6 +781,47 @@ mod tests {
                 backoff(failures, b, cap),
                 Duration::from_secs(secs),
                 "{failures}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_error_is_shown_only_with_the_status_it_explains() {
+        use Status::*;
+        let e = |s: &str| Some(s.to_string());
+        let cases = [
+            // (previous, now, this cycle's error, shown before) → shown after
+            (ConnectionRefused, Fetching, None, e("refused"), None),
+            (ConnectionRefused, Updating, None, e("refused"), None),
+            (ConnectionRefused, Synced, None, e("refused"), None),
+            (
+                ConnectionRefused,
+                ConnectionRefused,
+                None,
+                e("refused"),
+                e("refused"),
+            ),
+            (
+                UpdateFailed,
+                UpdateFailed,
+                e("disk full"),
+                e("old"),
+                e("disk full"),
+            ),
+            (Synced, Unreachable, e("reset"), None, e("reset")),
+            (
+                UpdatesDisabled,
+                UpdatesDisabled,
+                None,
+                e("freeze"),
+                e("freeze"),
+            ),
+        ];
+        for (prev, now, err, shown, want) in cases {
+            assert_eq!(
+                shown_error(prev, now, err.clone(), shown.clone()),
+                want,
+                "{prev:?} -> {now:?} with {err:?}, showing {shown:?}"
             );
         }
     }

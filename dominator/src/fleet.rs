@@ -3,6 +3,7 @@
 //! switch).
 
 use crate::decision::Status;
+use crate::history::History;
 use model::api::UpdateResult;
 use model::UpdatePlan;
 use serde::{Deserialize, Serialize};
@@ -43,6 +44,10 @@ pub struct MachineReport {
     /// State paths (the image's state lines) whose content differs from the image's seed,
     /// as of the last plan computed: visible, never corrected.
     pub state_diverged: u64,
+    /// Changes the last plan computed would make (paths made, linked, changed, deleted):
+    /// how far the machine differs from its image, shown even while updates are disabled.
+    #[serde(default)]
+    pub pending_changes: u64,
     /// The last plan computed for the machine (present in per-machine views).
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "plan_ser")]
     pub last_plan: Option<Arc<UpdatePlan>>,
@@ -92,6 +97,7 @@ impl MachineReport {
             consecutive_failures: 0,
             last_update: None,
             state_diverged: 0,
+            pending_changes: 0,
             last_plan: None,
         }
     }
@@ -141,6 +147,9 @@ pub struct Fleet {
     pub counters: Counters,
     /// Where the fleet-wide brake is kept across restarts (`None`: not kept).
     pub brake_file: Option<std::path::PathBuf>,
+    /// The last hour, for the live pages (bounded; see `history`). Taken after
+    /// `machines` when both are held, never before.
+    pub history: Mutex<History>,
 }
 
 impl Fleet {
@@ -155,6 +164,7 @@ impl Fleet {
             started: disk::clock::unix_now(),
             counters: Counters::default(),
             brake_file: None,
+            history: Mutex::new(History::default()),
         }
     }
 
@@ -204,6 +214,20 @@ impl Fleet {
         c
     }
 
+    /// Machines per status, only the statuses some machine has.
+    pub fn status_counts(&self) -> BTreeMap<Status, usize> {
+        status_counts(&self.machines.lock().expect("fleet lock"))
+    }
+
+    /// Adds a sample of the current counts to the history (the chart's data).
+    pub fn sample(&self, now: u64) {
+        let counts = self.status_counts();
+        self.history
+            .lock()
+            .expect("history lock")
+            .sample(now, &counts);
+    }
+
     /// Machines whose last update reported trigger (service command) failures.
     pub fn with_trigger_failures(&self) -> usize {
         let machines = self.machines.lock().expect("fleet lock");
@@ -249,6 +273,15 @@ impl Fleet {
     pub fn mdb_error(&self) -> Option<String> {
         self.mdb_error.lock().expect("fleet lock").clone()
     }
+}
+
+/// Machines per status in `machines`, only the statuses present.
+pub fn status_counts(machines: &BTreeMap<String, MachineReport>) -> BTreeMap<Status, usize> {
+    let mut c = BTreeMap::new();
+    for r in machines.values() {
+        *c.entry(r.status).or_default() += 1;
+    }
+    c
 }
 
 #[cfg(test)]

@@ -359,6 +359,11 @@ fn reconcile(ctx: &Arc<Ctx>, tasks: &mut BTreeMap<String, Task>, mdb: &Mdb) {
             }
         }
     }
+    ctx.fleet
+        .history
+        .lock()
+        .expect("history lock")
+        .retain_hosts(|h| wanted.contains_key(h));
     let images: HashSet<String> = mdb
         .machines()
         .flat_map(|m| [m.required_image.clone(), m.planned_image.clone()])
@@ -400,6 +405,8 @@ struct MachineState {
     failure_status: Option<Status>,
     /// `state_diverged` of the last plan computed.
     state_diverged: u64,
+    /// Unix seconds the last update was sent (its duration, once it reports finished).
+    update_sent_at: Option<u64>,
 }
 
 async fn machine_loop(ctx: Arc<Ctx>, mut rx: watch::Receiver<Machine>) {
@@ -613,19 +620,32 @@ async fn poll_short(
             p.object_cache = None;
             if st.start_time != 0 && p.start_time != st.start_time {
                 tracing::info!("subd restarted");
-                st.last_action = None;
-                st.generation = 0;
-                st.plan_key = None;
-                st.planned_key = None;
+                forget_machine_state(st);
             }
             st.start_time = p.start_time;
             (Ok(p), n)
         }
         Err(e) => {
             Counters::add(&counters.poll_failures, 1);
+            // A machine that could not be polled may come back as a new subd started
+            // within the same second (same start time) whose generations count again
+            // from 1: its tree is read afresh, never taken for the old one.
+            if e.status != Status::SubdBusy {
+                forget_machine_state(st);
+            }
             (Err(e), 0)
         }
     }
+}
+
+/// Forgets what was known of a subd that restarted (or may have): its generation, the
+/// plans computed from its tree, and what was sent to it.
+fn forget_machine_state(st: &mut MachineState) {
+    st.last_action = None;
+    st.generation = 0;
+    st.plan = None;
+    st.plan_key = None;
+    st.planned_key = None;
 }
 
 /// The required image from the fleet-wide cache; fetched only when the machine answered
@@ -852,6 +872,13 @@ async fn send_update(
     let (status, error) = match client.update(&req).await {
         Ok(_) => {
             tracing::info!(image = %m.required_image, "update sent");
+            let now = unix_now();
+            st.update_sent_at = Some(now);
+            ctx.fleet.history.lock().expect("history lock").update_sent(
+                now,
+                &m.hostname,
+                &req.plan,
+            );
             // Acted on: the next plan comes from a scan after the update.
             st.plan = None;
             st.last_action = Some(Action::Update {
@@ -957,26 +984,76 @@ fn publish(
     r.planned_image = m.planned_image.clone();
     r.resolved_required_image = resolved.required.clone();
     r.resolved_planned_image = resolved.planned.clone();
+    let previous = r.status;
     r.status = outcome.status;
     r.status_name = outcome.status.name();
-    if outcome.error.is_some() || outcome.status == Status::Synced {
-        r.last_error = outcome.error;
-    }
+    r.last_error =
+        decision::shown_error(previous, outcome.status, outcome.error, r.last_error.take());
     if outcome.synced {
         r.last_synced = Some(now);
     }
     r.consecutive_failures = st.failures;
     r.last_plan = st.plan.clone();
+    if let Some(p) = &st.plan {
+        r.pending_changes = crate::history::plan_size(p);
+    } else if outcome.synced {
+        r.pending_changes = 0;
+    }
     r.state_diverged = st.state_diverged;
     r.last_poll_bytes = seen.poll_bytes;
+    let mut finished = None;
     if let Ok(p) = &seen.poll {
         r.last_poll = Some(now);
         r.polls += 1;
         r.generation = p.generation;
         r.scan_count = p.scan_count;
-        if p.last_update.is_some() {
-            r.last_update = p.last_update.clone();
+        if let Some(u) = &p.last_update {
+            let new = r.last_update.as_ref().is_none_or(|old| {
+                (old.finished_at, &old.image_name) != (u.finished_at, &u.image_name)
+            });
+            // The first poll after a restart of the dominator reports an old update.
+            if new && (st.update_sent_at.is_some() || r.polls > 1) {
+                finished = Some(u.clone());
+            }
+            r.last_update = Some(u.clone());
         }
+    }
+    record_history(ctx, &machines, m, st, previous, finished, now);
+}
+
+/// Adds what `publish` saw change to the history: a status change (with a sample of the
+/// fleet's counts) and an update the machine reported finished.
+fn record_history(
+    ctx: &Ctx,
+    machines: &BTreeMap<String, MachineReport>,
+    m: &Machine,
+    st: &MachineState,
+    previous: Status,
+    finished: Option<api::UpdateResult>,
+    now: u64,
+) {
+    let Some(r) = machines.get(&m.hostname) else {
+        return;
+    };
+    let changed = previous != r.status;
+    if !changed && finished.is_none() {
+        return;
+    }
+    let counts = changed.then(|| crate::fleet::status_counts(machines));
+    let mut h = ctx.fleet.history.lock().expect("history lock");
+    if let Some(u) = &finished {
+        let took = st.update_sent_at.map(|t| u.finished_at.saturating_sub(t));
+        h.update_finished(&m.hostname, u, took);
+    }
+    if let Some(counts) = counts {
+        h.status_changed(
+            now,
+            &m.hostname,
+            previous,
+            r.status,
+            r.last_error.as_deref(),
+        );
+        h.sample(now, &counts);
     }
 }
 

@@ -7,6 +7,7 @@
 //! - `images`: the fleet-wide image cache.
 //! - `streams`: MDB image names that name an image directory, resolved to its newest.
 //! - `fleet`: the shared state the herd writes and the web surface reads.
+//! - `history`: the bounded memory of the last hour (chart samples, changes, timelines).
 //! - `web`: status pages, JSON API, metrics, control RPCs.
 //! - `preview`: an `UpdatePlan` as human text (`dominator plan`, machine pages).
 //! - `commands`: the `plan`, `disable-updates`/`enable-updates` and `local-fleet` commands.
@@ -15,6 +16,7 @@ pub mod commands;
 pub mod decision;
 pub mod fleet;
 pub mod herd;
+pub mod history;
 pub mod images;
 pub mod local_fleet;
 pub mod planner;
@@ -39,6 +41,8 @@ pub struct Config {
     pub disable_updates_at_startup: Option<String>,
     /// Timeouts and connection limits of the status page and RPCs.
     pub connection_limits: wire::connection::ConnectionLimits,
+    /// The read-only status listener (`--status-listen`) and its security.
+    pub status: Option<(TcpListener, Security)>,
 }
 
 /// Where the fleet-wide brake (`disable-updates`) is kept, beside the MDB, so a restarted
@@ -72,18 +76,38 @@ pub async fn serve(
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let herd = tokio::spawn(herd::run(config.herd, fleet.clone(), stop_rx));
+    let sampler = tokio::spawn(sample_every_bucket(fleet.clone()));
     let shutdown = async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    let r = wire::http::serve_with_limits(
+    let status = config
+        .status
+        .map(|(listener, security)| wire::http::StatusListener {
+            listener,
+            router: web::status_router(fleet.clone()),
+            security,
+        });
+    let r = wire::http::serve_with_status(
         listener,
         web::router(fleet),
         config.security,
         config.connection_limits,
+        status,
         shutdown,
     )
     .await;
     let _ = herd.await;
+    sampler.abort();
     r
+}
+
+/// Samples machines per status once per chart bucket, so the chart goes on while nothing
+/// changes (changes are sampled as they are published, by `herd`).
+async fn sample_every_bucket(fleet: Arc<Fleet>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(history::BUCKET_SECS));
+    loop {
+        every.tick().await;
+        fleet.sample(unix_now());
+    }
 }

@@ -62,12 +62,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("listening on {}", d.listen))?;
             let addr = wire::program::announce_listening("dominator", &listener)?;
+            let status =
+                match wire::program::bind_status("dominator", d.status_listen.as_deref()).await? {
+                    Some(l) => Some((l, d.fleet.tls.status_security("dominator")?)),
+                    None => None,
+                };
             tracing::info!(%addr, mdb = %herd.mdb_path.display(), "dominator listening");
             let config = dominator::Config {
                 herd,
                 security,
                 disable_updates_at_startup: d.disable_updates_at_startup,
                 connection_limits: d.connections.limits(),
+                status,
             };
             dominator::serve(listener, config, shutdown).await?;
         }

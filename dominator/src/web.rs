@@ -4,6 +4,7 @@
 
 use crate::decision::Status;
 use crate::fleet::{Fleet, GlobalDisable, MachineReport};
+use crate::history::{chart_svg, Change, Event, Sample};
 use crate::preview;
 use axum::extract::{Path, State};
 use axum::response::{Html, Response};
@@ -42,16 +43,46 @@ pub struct FleetView {
 
 /// The router of every page and RPC.
 pub fn router(fleet: Arc<Fleet>) -> Router {
+    status_router(fleet.clone()).merge(
+        Router::new()
+            .route(&format!("/rpc/{DISABLE_UPDATES}"), post(disable_updates))
+            .route(&format!("/rpc/{ENABLE_UPDATES}"), post(enable_updates))
+            .with_state(fleet),
+    )
+}
+
+/// The read-only router of `--status-listen`: the pages, `/api/` reads and `/metrics`,
+/// never an RPC.
+pub fn status_router(fleet: Arc<Fleet>) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/machine/{host}", get(machine_page))
         .route("/api/fleet", get(api_fleet))
         .route("/api/machines", get(api_machines))
         .route("/api/machines/{host}", get(api_machine))
+        .route("/api/history", get(api_history))
         .route("/metrics", get(metrics))
-        .route(&format!("/rpc/{DISABLE_UPDATES}"), post(disable_updates))
-        .route(&format!("/rpc/{ENABLE_UPDATES}"), post(enable_updates))
         .with_state(fleet)
+}
+
+/// The chart's samples and the latest status changes of `/api/history`.
+#[derive(Serialize)]
+pub struct HistoryView {
+    /// Status names in the order of each sample's `peak`.
+    pub statuses: Vec<&'static str>,
+    pub bucket_secs: u64,
+    pub samples: Vec<Sample>,
+    pub recent: Vec<Change>,
+}
+
+async fn api_history(State(fleet): State<Arc<Fleet>>) -> axum::Json<HistoryView> {
+    let h = fleet.history.lock().expect("history lock");
+    axum::Json(HistoryView {
+        statuses: Status::ALL.iter().map(|s| s.name()).collect(),
+        bucket_secs: crate::history::BUCKET_SECS,
+        samples: h.samples(unix_now()),
+        recent: h.recent(),
+    })
 }
 
 fn fleet_view(fleet: &Fleet) -> FleetView {
@@ -79,6 +110,8 @@ pub struct MachineView {
     #[serde(flatten)]
     pub report: MachineReport,
     pub plan_text: Option<String>,
+    /// The machine's events, newest first (at most `history::TIMELINE`).
+    pub timeline: Vec<Event>,
 }
 
 async fn api_machine(
@@ -92,7 +125,16 @@ async fn api_machine(
         .last_plan
         .as_ref()
         .map(|p| preview::describe(&report.host, p));
-    Ok(axum::Json(MachineView { report, plan_text }))
+    let timeline = fleet
+        .history
+        .lock()
+        .expect("history lock")
+        .timeline(&report.host);
+    Ok(axum::Json(MachineView {
+        report,
+        plan_text,
+        timeline,
+    }))
 }
 
 async fn disable_updates(
@@ -220,6 +262,16 @@ th{background:#eee}.ok{color:#070}.busy{color:#b60}.bad{color:#c00;font-weight:b
 .banner{background:#fc0;padding:6px;font-weight:bold}.error{background:#c00;color:#fff;padding:6px}\
 pre{background:#f6f6f6;padding:8px}";
 
+/// Keeps a page current without a reload: every 2 s, fetches the page again and puts its
+/// `#live` part in place (counting successes in `<html data-updates>`). Inline: the pages
+/// load nothing from elsewhere.
+const LIVE_SCRIPT: &str = "(function(){let n=0;setInterval(async function(){try{\
+const r=await fetch(location.href,{cache:'no-store'});if(!r.ok)return;\
+const d=new DOMParser().parseFromString(await r.text(),'text/html');\
+const fresh=d.getElementById('live'),old=document.getElementById('live');\
+if(fresh&&old){old.replaceWith(fresh);document.documentElement.dataset.updates=++n;}\
+}catch(e){}},2000);})();";
+
 fn page(fleet: &Fleet, title: &str, body: &str) -> Html<String> {
     let mut s = format!(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{}</title><style>{STYLE}</style></head><body>\n",
@@ -229,6 +281,7 @@ fn page(fleet: &Fleet, title: &str, body: &str) -> Html<String> {
         s.push_str(INSECURE_BANNER);
         s.push('\n');
     }
+    s.push_str("<div id=\"live\">\n");
     if let Some(d) = fleet.global_disable() {
         let _ = writeln!(
             s,
@@ -246,7 +299,9 @@ fn page(fleet: &Fleet, title: &str, body: &str) -> Html<String> {
         );
     }
     s.push_str(body);
-    s.push_str("</body></html>\n");
+    s.push_str("</div>\n<script>");
+    s.push_str(LIVE_SCRIPT);
+    s.push_str("</script></body></html>\n");
     Html(s)
 }
 
@@ -275,22 +330,66 @@ async fn index(State(fleet): State<Arc<Fleet>>) -> Html<String> {
             );
         }
     }
-    b.push_str("</table>\n<h2>Machines</h2>\n<table id=\"machines\"><tr><th>machine</th><th>required image</th><th>status</th><th>last error</th><th>last synced</th></tr>\n");
+    b.push_str("</table>\n");
+    b.push_str(&live_sections(&fleet, now));
+    b.push_str("<h2>Machines</h2>\n<table id=\"machines\"><tr><th>machine</th><th>required image</th><th>planned image</th><th>status</th><th>last error</th><th>last synced</th></tr>\n");
     for m in &view.machines {
         let _ = writeln!(
             b,
-            "<tr><td><a href=\"/machine/{}\">{}</a></td><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td><a href=\"/machine/{}\">{}</a></td><td>{}</td><td>{}</td><td class=\"{}\">{}{}</td><td>{}</td><td>{}</td></tr>",
             url_component(&m.host),
             esc(&m.host),
             esc(&if m.required_image.is_empty() { "-".to_string() } else { m.required_shown() }),
+            esc(&if m.planned_image.is_empty() {
+                "-".to_string()
+            } else {
+                crate::fleet::shown_image(&m.planned_image, m.resolved_planned_image.as_deref())
+            }),
             status_class(m.status),
             m.status_name,
+            differs(m),
             esc(&error_cell(m)),
             ago(m.last_synced, now)
         );
     }
-    b.push_str("</table>\n<p><a href=\"/api/fleet\">JSON</a> &middot; <a href=\"/metrics\">metrics</a></p>\n");
+    b.push_str("</table>\n<p><a href=\"/api/fleet\">JSON</a> &middot; <a href=\"/api/history\">history</a> &middot; <a href=\"/metrics\">metrics</a></p>\n");
     page(&fleet, "Dominator", &b)
+}
+
+/// How far a machine that is not being brought in line differs from its image (a drifted
+/// machine with updates disabled must not look calm).
+fn differs(m: &MachineReport) -> String {
+    if m.pending_changes == 0 || m.status.in_progress() || m.status == Status::Synced {
+        return String::new();
+    }
+    format!(
+        " <span class=\"differs\">(differs: {} change{})</span>",
+        m.pending_changes,
+        if m.pending_changes == 1 { "" } else { "s" }
+    )
+}
+
+/// The overview's live parts: the chart of machines per status over the last hour and
+/// the machines whose status changed last.
+fn live_sections(fleet: &Fleet, now: u64) -> String {
+    let current = fleet.status_counts();
+    let h = fleet.history.lock().expect("history lock");
+    let mut b = String::from("<h2>The last hour</h2>\n");
+    b.push_str(&chart_svg(&h.samples(now), now, &current));
+    b.push_str("\n<h2>Latest changes</h2>\n<table id=\"recent\"><tr><th>when</th><th>machine</th><th>from</th><th>to</th></tr>\n");
+    for c in h.recent() {
+        let _ = writeln!(
+            b,
+            "<tr><td>{}</td><td><a href=\"/machine/{}\">{}</a></td><td>{}</td><td>{}</td></tr>",
+            ago(Some(c.at), now),
+            url_component(&c.host),
+            esc(&c.host),
+            c.from,
+            c.to
+        );
+    }
+    b.push_str("</table>\n");
+    b
 }
 
 /// The overview's "last error" cell: the last error, then any failed trigger commands of
@@ -343,6 +442,70 @@ fn hooks_section(u: &model::api::UpdateResult) -> String {
     b
 }
 
+fn differs_text(m: &MachineReport) -> String {
+    match m.pending_changes {
+        0 => String::new(),
+        _ if m.status == Status::Synced || m.status.in_progress() => String::new(),
+        n => format!(
+            " (differs from its image: {n} change{})",
+            if n == 1 { "" } else { "s" }
+        ),
+    }
+}
+
+/// The last update as lines; a line whose list is empty is left out (no bare labels).
+fn last_update_text(u: &model::api::UpdateResult) -> String {
+    let mut t = format!("image {}", u.image_name);
+    if u.rebuild {
+        t.push_str("\nrebuild: the machine held no image before");
+    }
+    let lists = [
+        ("errors", u.errors.join("; ")),
+        ("trigger actions", u.trigger_actions.join(", ")),
+        ("trigger failures", u.trigger_failures.join("; ")),
+    ];
+    for (label, list) in lists {
+        if !list.is_empty() {
+            let _ = write!(t, "\n{label}: {list}");
+        }
+    }
+    if u.errors.is_empty() && u.trigger_failures.is_empty() {
+        t.push_str("\nno errors");
+    }
+    t
+}
+
+/// A machine's timeline, newest first: status changes, updates sent (with the paths a
+/// drift correction put back), updates finished, failures.
+fn timeline_section(fleet: &Fleet, host: &str, now: u64) -> String {
+    let events = fleet.history.lock().expect("history lock").timeline(host);
+    let mut b = String::from("<h2>Timeline</h2>\n<table id=\"timeline\"><tr><th>when</th><th>event</th><th>what</th></tr>\n");
+    for e in events {
+        let mut what = esc(&e.text).to_string();
+        if !e.paths.is_empty() {
+            what.push_str("<br>");
+            let paths: Vec<String> = e
+                .paths
+                .iter()
+                .map(|p| format!("<code>{}</code>", esc(p)))
+                .collect();
+            what.push_str(&paths.join(" "));
+            if e.more_paths > 0 {
+                let _ = write!(what, " and {} more", e.more_paths);
+            }
+        }
+        let _ = writeln!(
+            b,
+            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{what}</td></tr>",
+            e.kind.name().replace(' ', "-"),
+            ago(Some(e.at), now),
+            e.kind.name()
+        );
+    }
+    b.push_str("</table>\n");
+    b
+}
+
 async fn machine_page(
     State(fleet): State<Arc<Fleet>>,
     Path(host): Path<String>,
@@ -362,7 +525,7 @@ async fn machine_page(
             "planned image",
             crate::fleet::shown_image(&m.planned_image, m.resolved_planned_image.as_deref()),
         ),
-        ("status", m.status_name.to_string()),
+        ("status", format!("{}{}", m.status_name, differs_text(&m))),
         ("last error", m.last_error.clone().unwrap_or_default()),
         ("last synced", ago(m.last_synced, now)),
         ("last poll", ago(m.last_poll, now)),
@@ -383,19 +546,12 @@ async fn machine_page(
     if let Some(u) = &m.last_update {
         let _ = writeln!(
             b,
-            "<h2>Last update</h2><pre id=\"last-update\">image {}{}\nerrors: {}\ntrigger actions: {}\ntrigger failures: {}</pre>",
-            esc(&u.image_name),
-            if u.rebuild {
-                "\nrebuild: the machine held no image before"
-            } else {
-                ""
-            },
-            esc(&u.errors.join("; ")),
-            esc(&u.trigger_actions.join(", ")),
-            esc(&u.trigger_failures.join("; "))
+            "<h2>Last update</h2><pre id=\"last-update\">{}</pre>",
+            esc(&last_update_text(u))
         );
         b.push_str(&hooks_section(u));
     }
+    b.push_str(&timeline_section(&fleet, &m.host, now));
     b.push_str("<h2>Last plan</h2>\n");
     match &m.last_plan {
         Some(p) => {

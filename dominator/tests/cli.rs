@@ -75,6 +75,7 @@ fn make_certs_writes_every_role_and_says_where_each_goes() {
         ("imageserver/cert.pem", "/etc/ssl/imageserver/cert.pem"),
         ("builder.cert", "~/.ssl/builder.cert"),
         ("admin.key", "~/.ssl/admin.key"),
+        ("admin.p12", "import into a browser (password \"fleet\")"),
     ] {
         assert!(dir.join(file).exists(), "{file} not written");
         let line = text

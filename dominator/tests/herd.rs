@@ -82,6 +82,7 @@ impl Fixture {
             security: Security::Insecure,
             disable_updates_at_startup: disable_at_startup.map(str::to_string),
             connection_limits: Default::default(),
+            status: None,
         };
         tokio::spawn(dominator::serve(l, config, std::future::pending()));
         Fixture {
@@ -172,6 +173,62 @@ fn sparse(files: &[(&str, &[u8])]) -> Image {
     Image::new(tree(files), None, model::Triggers::default())
 }
 
+/// Issue 13 §4: the overview shows the planned image, a drifted machine with updates
+/// disabled says how far it differs from its image, and the machine page leaves out the
+/// labels of empty lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_drifted_machine_says_how_far_it_differs() {
+    let a = FakeSubd::new(tree(&[("/etc/app.conf", b"old")]));
+    let addr = start_subd(a).await;
+    let f = Fixture::start(
+        &mdb_json(&[serde_json::json!({
+            "Hostname": "m", "IpAddress": addr, "RequiredImage": "app/1", "PlannedImage": "app/2"
+        })]),
+        Some("change freeze"),
+    )
+    .await;
+    f.add_image(
+        "app/1",
+        sparse(&[("/etc/app.conf", b"new"), ("/etc/other", b"o")]),
+    );
+    f.wait_status("m", "updates disabled").await;
+    let mut html = String::new();
+    for _ in 0..200 {
+        html = f.get("/").await.1;
+        if html.contains("(differs: ") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        html.contains(">m</a></td><td>app/1</td><td>app/2</td><td class=\"idle\">updates disabled <span class=\"differs\">(differs: 2 changes)</span></td>"),
+        "{html}"
+    );
+    let (_, page) = f.get("/machine/m").await;
+    assert!(
+        page.contains("updates disabled (differs from its image: 2 changes)"),
+        "{page}"
+    );
+
+    // Once updated, the last update lists only what it has.
+    let (code, _) = f
+        .rpc("Dominator.EnableUpdates", serde_json::json!({}))
+        .await;
+    assert_eq!(code, 200);
+    f.wait_status("m", "synced").await;
+    let (_, page) = f.get("/machine/m").await;
+    let last = page
+        .split("<pre id=\"last-update\">")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no last update: {page}"));
+    let last = &last[..last.find("</pre>").unwrap()];
+    assert!(!last.contains("errors:"), "{last}");
+    assert!(!last.contains("trigger failures:"), "{last}");
+    assert!(last.contains("no errors"), "{last}");
+    let (_, html) = f.get("/").await;
+    assert!(!html.contains("(differs: "), "{html}");
+}
+
 /// Issue 10 §4: an image name and a disable reason carrying HTML (quotes and apostrophes
 /// too) are shown as text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,7 +252,8 @@ async fn hostile_text_is_escaped_on_the_status_page() {
         html.contains(&format!("fleet-wide: {escaped} (by")),
         "{html}"
     );
-    assert!(!html.contains("<script>"), "{html}");
+    // The page's own inline script is the only one: the hostile text is escaped.
+    assert!(!html.contains("<script>\""), "{html}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,7 +323,7 @@ async fn converges_and_follows_mdb_edits() {
     assert!(html.contains("INSECURE MODE"), "{html}");
     assert!(
         html.contains(
-            "<a href=\"/machine/a\">a</a></td><td>app/2</td><td class=\"ok\">synced</td>"
+            "<a href=\"/machine/a\">a</a></td><td>app/2</td><td>-</td><td class=\"ok\">synced</td>"
         ),
         "{html}"
     );
@@ -628,7 +686,7 @@ async fn status_page_renders_in_a_real_browser() {
     let dom = String::from_utf8_lossy(&out.stdout);
     assert!(dom.contains("<table id=\"machines\">"), "{dom}");
     assert!(
-        dom.contains(">web-1</a></td><td>app/1</td><td class=\"ok\">synced</td>"),
+        dom.contains(">web-1</a></td><td>app/1</td><td>-</td><td class=\"ok\">synced</td>"),
         "{dom}"
     );
     assert!(

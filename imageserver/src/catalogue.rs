@@ -267,6 +267,17 @@ pub struct Counts {
     pub corrupt_images: u64,
 }
 
+/// What one image holds, for the status page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ImageUsage {
+    /// Bytes of regular-file content (each inode once).
+    pub size: u64,
+    /// Distinct objects (tree and hooks).
+    pub objects: u64,
+    /// Bytes of its objects no other image refers to (what deleting it would free).
+    pub unique_bytes: u64,
+}
+
 /// Images and objects of one data directory.
 pub struct Catalogue {
     /// Held while open: one imageserver per data directory.
@@ -628,6 +639,26 @@ impl Catalogue {
             .iter()
             .map(|(n, d)| (n.clone(), d.clone()))
             .collect()
+    }
+
+    /// What a live image holds (read from its checked file): content size, distinct
+    /// objects, and the bytes of the objects no other image refers to.
+    pub fn image_usage(&self, name: &ImageName) -> Result<ImageUsage, CatalogueError> {
+        let bytes = self.image_json(name)?;
+        let image: Image =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt_error(name, &e.to_string()))?;
+        let objects = image.objects();
+        let idx = self.lock();
+        let unique_bytes = objects
+            .iter()
+            .filter(|(id, _)| idx.objects.get(id).is_some_and(|m| m.refs == 1))
+            .map(|(_, size)| size)
+            .sum();
+        Ok(ImageUsage {
+            size: image.tree.total_bytes(),
+            objects: objects.len() as u64,
+            unique_bytes,
+        })
     }
 
     pub fn image_exists(&self, name: &ImageName) -> bool {

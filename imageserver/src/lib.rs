@@ -8,11 +8,13 @@
 //!   one mapping of the catalogue's errors to HTTP statuses (`ApiError`).
 //! - `objects`: the streaming object batches (`ObjectServer.AddObjects` / `GetObjects`).
 //! - `pages`: the status page at `/` and `/metrics`.
+//! - `usage`: each image's size, objects and unique bytes, and its MDB users (`--mdb`).
 
 pub mod catalogue;
 pub mod objects;
 pub mod pages;
 pub mod rpc;
+pub mod usage;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -57,6 +59,10 @@ pub struct State {
     pub image_bodies: Arc<tokio::sync::Semaphore>,
     /// How long a large `AddImage` waits for a slot before a 503.
     pub image_body_wait: Duration,
+    /// The status page's per-image figures (`usage`).
+    pub usage: Arc<std::sync::Mutex<usage::UsageCache>>,
+    /// The MDB whose records the status page names per image (`--mdb`), if given.
+    pub mdb: Option<Arc<usage::MdbUsers>>,
 }
 
 impl State {
@@ -81,7 +87,15 @@ impl State {
             streams: Arc::new(objects::StreamLimits::default()),
             image_bodies: Arc::new(tokio::sync::Semaphore::new(rpc::DEFAULT_LARGE_BODIES)),
             image_body_wait: rpc::DEFAULT_LARGE_BODY_WAIT,
+            usage: Default::default(),
+            mdb: None,
         })
+    }
+
+    /// Names, on the status page, the records of the MDB at `path` using each image.
+    pub fn with_mdb(mut self, path: std::path::PathBuf) -> State {
+        self.mdb = Some(Arc::new(usage::MdbUsers::new(path)));
+        self
     }
 
     /// Admits at most `max` large `AddImage` bodies at once; others wait up to `wait`.
@@ -127,13 +141,37 @@ pub fn router(state: State) -> Router {
         .with_state(state)
 }
 
+/// The read-only routes of `--status-listen`: the status page and `/metrics`, no RPC.
+pub fn status_router(state: State) -> Router {
+    Router::new()
+        .route("/", get(pages::status))
+        .route("/metrics", get(pages::metrics))
+        .with_state(state)
+}
+
 /// Serves `state` on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     state: State,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with_status(listener, None, state, shutdown).await
+}
+
+/// `serve`, and the read-only status pages on `status` (a listener and its security) when
+/// given.
+pub async fn serve_with_status(
+    listener: TcpListener,
+    status: Option<(TcpListener, Security)>,
+    state: State,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let security = state.security.clone();
     let limits = state.connection_limits.clone();
-    wire::http::serve_with_limits(listener, router(state), security, limits, shutdown).await
+    let status = status.map(|(listener, security)| wire::http::StatusListener {
+        listener,
+        router: status_router(state.clone()),
+        security,
+    });
+    wire::http::serve_with_status(listener, router(state), security, limits, status, shutdown).await
 }

@@ -15,6 +15,14 @@ struct Args {
     /// Address to listen on
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:6971")]
     listen: String,
+    /// Also serve the status page and `/metrics` (never an RPC) on ADDR, over TLS with
+    /// this server's certificate but asking for no client certificate
+    #[arg(long, value_name = "ADDR")]
+    status_listen: Option<String>,
+    /// The machine database (read only, read again when it changes): the status page
+    /// names the machines using each image
+    #[arg(long, value_name = "PATH")]
+    mdb: Option<PathBuf>,
     /// Seconds an uploaded object (or one `CheckObjects` reported present) is safe from
     /// unreferenced-object deletion, so the `AddImage` that follows finds it
     #[arg(long, value_name = "SECONDS", default_value_t = imageserver::catalogue::DEFAULT_PIN_GRACE.as_secs())]
@@ -50,12 +58,20 @@ async fn run() -> anyhow::Result<()> {
     .with_context(|| format!("opening data directory {}", args.data_dir.display()))?
     .with_stream_limits(args.max_object_streams, args.max_object_streams_per_caller);
     state.connection_limits = args.connections.limits();
+    if let Some(mdb) = &args.mdb {
+        state = state.with_mdb(mdb.clone());
+    }
     let shutdown = wire::program::shutdown_signal();
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = wire::program::announce_listening("imageserver", &listener)?;
+    let status =
+        match wire::program::bind_status("imageserver", args.status_listen.as_deref()).await? {
+            Some(l) => Some((l, args.tls.status_security("imageserver")?)),
+            None => None,
+        };
     tracing::info!(%addr, data_dir = %args.data_dir.display(), "imageserver listening");
-    imageserver::serve(listener, state, shutdown).await?;
+    imageserver::serve_with_status(listener, status, state, shutdown).await?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The human status page at `/` and the Prometheus metrics at `/metrics`.
 
+use crate::usage::UsageCache;
 use crate::State;
 use axum::extract::State as AxState;
 use axum::response::{Html, Response};
@@ -13,15 +14,16 @@ const PAGE_IMAGES: usize = 1000;
 pub async fn status(AxState(st): AxState<State>) -> Html<String> {
     let c = st.catalogue.counts();
     let names = st.catalogue.list_images("");
-    let mut s =
-        String::from("<!DOCTYPE html><html><head><title>imageserver</title></head><body>\n");
+    let mut s = String::from(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>imageserver</title><style>table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:3px 8px;text-align:left}th{background:#eee}.error{background:#c00;color:#fff;padding:6px}</style></head><body>\n",
+    );
     if st.security.is_insecure() {
         s.push_str(wire::http::INSECURE_BANNER);
         s.push('\n');
     }
     let _ = write!(
         s,
-        "<h1>imageserver</h1>\n<p>images: {}<br>deleted names (never reused): {}<br>objects: {}<br>bytes: {}<br>unreferenced objects: {} ({} bytes)</p>\n<h2>Images</h2>\n<ul>\n",
+        "<h1>imageserver</h1>\n<p>images: {}<br>deleted names (never reused): {}<br>objects: {}<br>bytes: {}<br>unreferenced objects: {} ({} bytes)</p>\n<h2>Images</h2>\n",
         c.images, c.deleted_names, c.objects, c.object_bytes, c.unreferenced_objects, c.unreferenced_bytes
     );
     let incomplete = st.catalogue.incomplete_images();
@@ -52,14 +54,74 @@ pub async fn status(AxState(st): AxState<State>) -> Html<String> {
             ),
         );
     }
-    for n in names.iter().take(PAGE_IMAGES) {
-        let _ = writeln!(s, "<li>{}</li>", escape(n));
-    }
-    if names.len() > PAGE_IMAGES {
-        let _ = writeln!(s, "<li>… and {} more</li>", names.len() - PAGE_IMAGES);
-    }
-    s.push_str("</ul></body></html>\n");
+    s.push_str(&images_table(&st, names).await);
+    s.push_str("</body></html>\n");
     Html(s)
+}
+
+/// The images, each with its size, objects, unique bytes and (given `--mdb`) the MDB
+/// records using it; at most `PAGE_IMAGES` rows.
+async fn images_table(st: &State, names: Vec<String>) -> String {
+    let total = names.len();
+    let shown: Vec<String> = names.into_iter().take(PAGE_IMAGES).collect();
+    let (cache, catalogue, mdb) = (st.usage.clone(), st.catalogue.clone(), st.mdb.clone());
+    let computed = tokio::task::spawn_blocking(move || {
+        let rows = UsageCache::rows(&cache, &catalogue, &shown);
+        let users = mdb.as_ref().map(|m| m.users());
+        (shown, rows, users)
+    })
+    .await;
+    let Ok((shown, rows, users)) = computed else {
+        return "<p>image figures unavailable</p>\n".into();
+    };
+    let mut s = String::new();
+    match (&users, &st.mdb) {
+        (Some(Err(e)), _) => {
+            let _ = writeln!(
+                s,
+                "<p class=\"error\" id=\"mdb-error\">MDB not read: {}</p>",
+                escape(&e.0)
+            );
+        }
+        (Some(Ok(_)), Some(m)) => {
+            let _ = writeln!(
+                s,
+                "<p>Machines from the MDB <code>{}</code>.</p>",
+                escape(&m.path().display().to_string())
+            );
+        }
+        _ => {}
+    }
+    s.push_str("<table id=\"images\"><tr><th>image</th><th>size (bytes)</th><th>objects</th><th>unique bytes</th>");
+    if users.is_some() {
+        s.push_str("<th>used by</th>");
+    }
+    s.push_str("</tr>\n");
+    for n in &shown {
+        let u = rows.get(n).copied().unwrap_or_default();
+        let _ = write!(
+            s,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td>",
+            escape(n),
+            u.size,
+            u.objects,
+            u.unique_bytes
+        );
+        if let Some(users) = &users {
+            let by = users
+                .as_ref()
+                .ok()
+                .and_then(|m| m.get(n))
+                .map(|v| v.join(", "));
+            let _ = write!(s, "<td>{}</td>", escape(by.as_deref().unwrap_or("-")));
+        }
+        s.push_str("</tr>\n");
+    }
+    s.push_str("</table>\n");
+    if total > PAGE_IMAGES {
+        let _ = writeln!(s, "<p>… and {} more</p>", total - PAGE_IMAGES);
+    }
+    s
 }
 
 pub async fn metrics(AxState(st): AxState<State>) -> Response {

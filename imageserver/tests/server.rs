@@ -331,7 +331,7 @@ async fn hostile_image_names_are_escaped_on_the_status_page() {
         .unwrap();
     let page = s.client.rpc.get_text("/").await.unwrap();
     assert!(
-        page.contains("<li>h/&lt;script&gt;&quot;&#x27;&amp;</li>"),
+        page.contains("<tr><td>h/&lt;script&gt;&quot;&#x27;&amp;</td>"),
         "{page}"
     );
     assert!(!page.contains("<script>"), "{page}");
@@ -354,7 +354,11 @@ async fn status_page_and_metrics() {
     assert!(page.contains("INSECURE MODE"), "{page}");
     assert!(page.contains("images: 1<br>"), "{page}");
     assert!(page.contains("objects: 2<br>bytes: 7<br>"), "{page}");
-    assert!(page.contains("<li>s/&lt;1&gt;</li>"), "{page}");
+    // Each image with its size, objects and unique bytes.
+    assert!(
+        page.contains("<tr><td>s/&lt;1&gt;</td><td>3</td><td>1</td><td>3</td></tr>"),
+        "{page}"
+    );
     let m = s.client.rpc.get_text("/metrics").await.unwrap();
     for want in [
         "# TYPE imageserver_images gauge\nimageserver_images 1\n",

@@ -7,6 +7,7 @@
 //! does; `fake`, an in-memory subd and imageserver over real sockets; `net`, loopback
 //! addresses that refuse or never answer.
 
+pub mod browser;
 pub mod drive;
 pub mod fake;
 pub mod net;
@@ -194,6 +195,13 @@ const LISTEN_TIMEOUT: Duration = Duration::from_secs(20);
 /// line included, to this process's stderr for as long as the child writes, so the pipe
 /// never fills. Panics if the child exits or stays silent for 20 s first.
 pub fn spawn_listening(cmd: &mut Command) -> (Child, SocketAddr) {
+    let (child, mut addrs) = spawn_listening_n(cmd, 1);
+    (child, addrs.remove(0))
+}
+
+/// `spawn_listening` for a server that prints `n` listening lines (its main listener,
+/// then e.g. `--status-listen`'s): their addresses in the order printed.
+pub fn spawn_listening_n(cmd: &mut Command, n: usize) -> (Child, Vec<SocketAddr>) {
     cmd.stdin(Stdio::null()).stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
@@ -201,24 +209,27 @@ pub fn spawn_listening(cmd: &mut Command) -> (Child, SocketAddr) {
     let stderr = child.stderr.take().expect("piped stderr");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || forward_stderr(stderr, tx));
-    match rx.recv_timeout(LISTEN_TIMEOUT) {
-        Ok(addr) => (child, addr),
-        Err(e) => {
-            let _ = child.kill();
-            let status = child.wait();
-            panic!("{cmd:?} never said where it listens ({e}); it ended: {status:?}")
+    let mut addrs = Vec::new();
+    while addrs.len() < n {
+        match rx.recv_timeout(LISTEN_TIMEOUT) {
+            Ok(addr) => addrs.push(addr),
+            Err(e) => {
+                let _ = child.kill();
+                let status = child.wait();
+                panic!("{cmd:?} never said where it listens ({e}); it ended: {status:?}")
+            }
         }
     }
+    (child, addrs)
 }
 
-/// Copies `stderr` line by line to this process's stderr, sending the address of the first
-/// listening line to `tx`.
+/// Copies `stderr` line by line to this process's stderr, sending the address of each
+/// listening line to `tx` (while anyone listens).
 fn forward_stderr(stderr: ChildStderr, tx: mpsc::Sender<SocketAddr>) {
-    let mut tx = Some(tx);
     for line in BufReader::new(stderr).split(b'\n') {
         let Ok(line) = line else { break };
-        if let Some(addr) = tx.as_ref().and(listening_addr(&line)) {
-            let _ = tx.take().map(|t| t.send(addr));
+        if let Some(addr) = listening_addr(&line) {
+            let _ = tx.send(addr);
         }
         let mut out = std::io::stderr().lock();
         let _ = out.write_all(&line);

@@ -4,7 +4,10 @@
 //! Layout written into a directory (mirrors where the programs look by default):
 //! `CA.pem` (+ `CA.key`, keep it offline), `<daemon>/cert.pem` + `<daemon>/key.pem` for
 //! `imageserver`, `subd` and `dominator` (copy to `/etc/ssl/<daemon>/`), and user pairs
-//! `<role>.cert` + `<role>.key` for `builder` and `admin` (copy to `~/.ssl/`).
+//! `<role>.cert` + `<role>.key` for `builder` and `admin` (copy to `~/.ssl/`), and
+//! `admin.p12`: the admin pair with the CA as a PKCS#12 bundle a browser imports (password
+//! `ADMIN_P12_PASSWORD`; PBES2 with AES-256 and an HMAC-SHA-256 MAC, which current
+//! Chromium, Firefox and OpenSSL read).
 
 use crate::tls::{encode_method_list, PERMITTED_METHODS_OID};
 use rcgen::{
@@ -12,6 +15,11 @@ use rcgen::{
     KeyPair, KeyUsagePurpose,
 };
 use std::path::Path;
+
+/// The password of `admin.p12`, documented (README): the file's protection is its mode
+/// (0600), as for `admin.key`; a non-empty password avoids the two encodings of an empty
+/// one that PKCS#12 readers disagree on.
+pub const ADMIN_P12_PASSWORD: &str = "fleet";
 
 /// A role: who it is and what it may call.
 pub struct Role {
@@ -68,6 +76,8 @@ pub const ROLES: &[Role] = &[
 pub enum CertsError {
     #[error("generating certificate: {0}")]
     Gen(#[from] rcgen::Error),
+    #[error("making the PKCS#12 bundle: {0}")]
+    Pkcs12(String),
     #[error("writing {path}: {source}")]
     Io {
         path: std::path::PathBuf,
@@ -142,7 +152,43 @@ pub fn issue(
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+/// A PKCS#12 bundle of the pair (`cert_pem`, `key_pem`) with `ca_pem` as its chain,
+/// under `password` (`friendly` names the entry in a browser's certificate list).
+pub fn pkcs12(
+    cert_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+    friendly: &str,
+    password: &str,
+) -> Result<Vec<u8>, CertsError> {
+    use p12_keystore::{Certificate, KeyStore, KeyStoreEntry, PrivateKey, PrivateKeyChain};
+    let bad = |e: &dyn std::fmt::Display| CertsError::Pkcs12(e.to_string());
+    let cert_der = |pem: &str| -> Result<Certificate, CertsError> {
+        let der = rustls_pemfile::certs(&mut pem.as_bytes())
+            .next()
+            .ok_or_else(|| CertsError::Pkcs12("no certificate in PEM".into()))?
+            .map_err(|e| bad(&e))?;
+        Certificate::from_der(&der).map_err(|e| bad(&e))
+    };
+    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+        .map_err(|e| bad(&e))?
+        .ok_or_else(|| CertsError::Pkcs12("no private key in PEM".into()))?;
+    let key = PrivateKey::from_der(key.secret_der()).map_err(|e| bad(&e))?;
+    let chain = PrivateKeyChain::new(
+        friendly.as_bytes().to_vec(),
+        key,
+        [cert_der(cert_pem)?, cert_der(ca_pem)?],
+    );
+    let mut store = KeyStore::new();
+    store.add_entry(friendly, KeyStoreEntry::PrivateKeyChain(chain));
+    store.writer(password).write().map_err(|e| bad(&e))
+}
+
 fn write(path: &Path, data: &str, mode: u32) -> Result<(), CertsError> {
+    write_bytes(path, data.as_bytes(), mode)
+}
+
+fn write_bytes(path: &Path, data: &[u8], mode: u32) -> Result<(), CertsError> {
     use std::os::unix::fs::PermissionsExt;
     let io = |source| CertsError::Io {
         path: path.to_path_buf(),
@@ -151,7 +197,7 @@ fn write(path: &Path, data: &str, mode: u32) -> Result<(), CertsError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io)?;
     }
-    disk::fsutil::write_atomic(path, data.as_bytes()).map_err(io)?;
+    disk::fsutil::write_atomic(path, data).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)
 }
 
@@ -166,6 +212,7 @@ pub fn make_all(dir: &Path, extra_names: &[String]) -> Result<Vec<std::path::Pat
         written.push(p);
         Ok(())
     };
+    let mut admin_p12 = None;
     put("CA.pem".into(), &ca.cert.pem(), 0o644)?;
     put("CA.key".into(), &ca.key.serialize_pem(), 0o600)?;
     for role in ROLES {
@@ -182,6 +229,20 @@ pub fn make_all(dir: &Path, extra_names: &[String]) -> Result<Vec<std::path::Pat
             put(format!("{}.cert", role.name), &cert, 0o644)?;
             put(format!("{}.key", role.name), &key, 0o600)?;
         }
+        if role.name == "admin" {
+            admin_p12 = Some(pkcs12(
+                &cert,
+                &key,
+                &ca.cert.pem(),
+                "fleet admin",
+                ADMIN_P12_PASSWORD,
+            )?);
+        }
+    }
+    if let Some(p12) = admin_p12 {
+        let p = dir.join("admin.p12");
+        write_bytes(&p, &p12, 0o600)?;
+        written.push(p);
     }
     Ok(written)
 }
@@ -222,8 +283,42 @@ mod tests {
             "imageserver/cert.pem",
             "builder.cert",
             "admin.key",
+            "admin.p12",
         ] {
             assert!(d.path().join(f).exists(), "{f}");
         }
+    }
+
+    #[test]
+    fn the_admin_bundle_holds_the_admin_pair_and_the_ca() {
+        let d = tempfile::tempdir().unwrap();
+        make_all(d.path(), &[]).unwrap();
+        let data = std::fs::read(d.path().join("admin.p12")).unwrap();
+        let store = p12_keystore::KeyStore::from_pkcs12(
+            &data,
+            ADMIN_P12_PASSWORD,
+            p12_keystore::Pkcs12ImportPolicy::Strict,
+        )
+        .unwrap();
+        let (_, chain) = store.private_key_chain().expect("a key with its chain");
+        let pem = |f: &str| std::fs::read_to_string(d.path().join(f)).unwrap();
+        let der = |f: &str| {
+            rustls_pemfile::certs(&mut pem(f).as_bytes())
+                .next()
+                .unwrap()
+                .unwrap()
+        };
+        assert_eq!(chain.certs()[0].as_der(), der("admin.cert").as_ref());
+        assert_eq!(chain.certs()[1].as_der(), der("CA.pem").as_ref());
+        let key = rustls_pemfile::private_key(&mut pem("admin.key").as_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(chain.key().as_der(), key.secret_der());
+        assert!(p12_keystore::KeyStore::from_pkcs12(
+            &data,
+            "wrong",
+            p12_keystore::Pkcs12ImportPolicy::Strict
+        )
+        .is_err());
     }
 }

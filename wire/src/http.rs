@@ -193,6 +193,49 @@ pub async fn serve_with_limits(
     Ok(())
 }
 
+/// The read-only status listener (`--status-listen`): its own socket, a router of pages
+/// and `/api/` reads only (no `/rpc/` route at all), and its own security (server-side
+/// TLS without client certificates, `tls::status_server_config`).
+pub struct StatusListener {
+    pub listener: TcpListener,
+    pub router: Router,
+    pub security: Security,
+}
+
+/// `serve_with_limits` on `listener`, and on `status` when given, both until `shutdown`
+/// resolves; returns the first error of either.
+pub async fn serve_with_status(
+    listener: TcpListener,
+    router: Router,
+    security: Security,
+    limits: ConnectionLimits,
+    status: Option<StatusListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let Some(status) = status else {
+        return serve_with_limits(listener, router, security, limits, shutdown).await;
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let side = tokio::spawn(serve_with_limits(
+        status.listener,
+        status.router,
+        status.security,
+        limits.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    let main = serve_with_limits(listener, router, security, limits, stopped(stop_rx));
+    let signal = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let (r, ()) = tokio::join!(main, signal);
+    let side = side.await.map_err(std::io::Error::other)?;
+    r.and(side)
+}
+
 /// Serves one accepted connection: the TLS handshake (bounded by the header timeout),
 /// then HTTP/1.1 with the header and transfer timeouts.
 async fn connection(

@@ -14,6 +14,23 @@ pub fn announce_listening(
     Ok(addr)
 }
 
+/// Binds the read-only status listener of `--status-listen ADDR` (if given) and prints
+/// `PROGRAM status page: listening on ADDR` (after the main listening line, so a reader
+/// of the first line still gets the main address).
+pub async fn bind_status(
+    program: &str,
+    addr: Option<&str>,
+) -> std::io::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("status listener on {addr}: {e}")))?;
+    announce_listening(&format!("{program} status page"), &listener)?;
+    Ok(Some(listener))
+}
+
 /// The `shutdown` future of a server's `serve`: completes on the first SIGTERM or SIGINT
 /// (logging "shutting down"). The handlers are installed by this call, not when the
 /// future is first polled, so call it before announcing the address: a signal sent as soon

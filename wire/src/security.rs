@@ -9,7 +9,7 @@
 
 use crate::client::ClientSecurity;
 use crate::http::Security;
-use crate::tls::{server_config, TlsError, TlsFiles};
+use crate::tls::{server_config, status_server_config, TlsError, TlsFiles};
 use std::path::PathBuf;
 
 /// TLS flags of a daemon.
@@ -69,6 +69,17 @@ impl DaemonTlsArgs {
                 tracing::warn!("INSECURE MODE: serving plain HTTP without client authentication");
                 Ok(Security::Insecure)
             }
+            Some(m) => Err(SecurityError::Missing(m)),
+        }
+    }
+
+    /// The read-only status listener: server-side TLS with this daemon's own pair and no
+    /// client certificate, or plain HTTP where the main listener is plain too.
+    pub fn status_security(&self, daemon: &str) -> Result<Security, SecurityError> {
+        let files = self.files(daemon);
+        match self.missing(&files) {
+            None => Ok(Security::Tls(status_server_config(&files)?)),
+            Some(_) if self.permit_insecure_mode => Ok(Security::Insecure),
             Some(m) => Err(SecurityError::Missing(m)),
         }
     }

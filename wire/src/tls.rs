@@ -141,6 +141,19 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
     Ok(Arc::new(cfg))
 }
 
+/// A server configuration asking for no client certificate: the read-only status
+/// listener (`--status-listen`), which a browser or a metrics scraper reads with only
+/// the fleet CA to trust. Whoever connects is an anonymous caller with no grants.
+pub fn status_server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
+        .map_err(|e| TlsError::Config(format!("{}: {e}", files.cert.display())))?;
+    Ok(Arc::new(cfg))
+}
+
 /// A client configuration presenting `files.cert` and trusting only servers whose
 /// certificate is signed by `files.ca` and has the common name `server_name` (the server's
 /// role, such as `imageserver`).
