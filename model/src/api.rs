@@ -26,6 +26,10 @@ pub mod methods {
     pub const SUBD_FETCH: &str = "Subd.Fetch";
     pub const SUBD_UPDATE: &str = "Subd.Update";
     pub const SUBD_CLEANUP: &str = "Subd.Cleanup";
+    /// Served by subd: file contents by hash, from the paths its last scan recorded. Its
+    /// own service name, so neither the dominator's `Subd.*` grant nor the subd role's
+    /// `ObjectServer.GetObjects` reaches it (`make-certs`: builder and admin only).
+    pub const SNAPSHOT_GET_OBJECTS: &str = "Snapshot.GetObjects";
 }
 
 /// The error body of every non-2xx reply.
@@ -220,6 +224,13 @@ pub struct UpdateRequest {
 pub struct UpdateResponse {
     /// Present when `wait` was set.
     pub result: Option<UpdateResult>,
+}
+
+/// `Snapshot.GetObjects`: the objects to read from the paths the last scan recorded with
+/// these hashes. The reply is a `frame::checked` stream, one record per hash, in order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotObjectsRequest {
+    pub hashes: Vec<ObjectId>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

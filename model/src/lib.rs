@@ -9,6 +9,7 @@
 //! - `filter`, `triggers`: Dominator's filter and trigger files, compiled and matched.
 //! - `hooks`: an image's pre/post hook programs, which an update runs, and their runs.
 //! - `state`: state lines (paths seeded when absent, never managed after).
+//! - `snapshot`: what an image made from a live host keeps, and recurring snapshots' names.
 //! - `plan`, `diff`: `UpdatePlan` and the pure function computing it.
 //! - `api`, `frame`: wire types and object batch framing (encoding only, no sockets).
 
@@ -21,6 +22,7 @@ pub mod hooks;
 pub mod image;
 pub mod path;
 pub mod plan;
+pub mod snapshot;
 pub mod state;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

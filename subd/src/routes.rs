@@ -1,4 +1,5 @@
-//! subd's HTTP surface: `Subd.Poll`, `Subd.Fetch`, `Subd.Update`, `Subd.Cleanup`, the
+//! subd's HTTP surface: `Subd.Poll`, `Subd.Fetch`, `Subd.Update`, `Subd.Cleanup`,
+//! `Snapshot.GetObjects` (in `crate::snapshot`), the
 //! status page at `/` and Prometheus metrics at `/metrics`.
 
 use crate::Subd;
@@ -25,6 +26,10 @@ pub fn router(state: Arc<Subd>) -> Router {
         .route(&format!("/rpc/{}", methods::SUBD_FETCH), post(fetch))
         .route(&format!("/rpc/{}", methods::SUBD_UPDATE), post(update))
         .route(&format!("/rpc/{}", methods::SUBD_CLEANUP), post(cleanup))
+        .route(
+            &format!("/rpc/{}", methods::SNAPSHOT_GET_OBJECTS),
+            post(crate::snapshot::get_objects),
+        )
         .route("/", get(status_page))
         .route("/metrics", get(metrics))
         .with_state(state)

@@ -54,6 +54,9 @@ pub const ROLES: &[Role] = &[
             "ImageServer.ListImages",
             "ObjectServer.AddObjects",
             "ObjectServer.CheckObjects",
+            // `imagetool adds`: a host's tree (full poll) and its files by hash.
+            "Subd.Poll",
+            "Snapshot.GetObjects",
         ],
     },
     Role {
@@ -208,6 +211,23 @@ mod tests {
         let (cn, methods) = identity_of(&der);
         assert_eq!(cn, "builder");
         assert_eq!(methods, ["ImageServer.AddImage", "ObjectServer.*"]);
+    }
+
+    /// Snapshotting a host (`Snapshot.GetObjects`) is for builders and admins only: the
+    /// subd and dominator certificates must not reach it, whatever globs they carry.
+    #[test]
+    fn only_builder_and_admin_may_read_a_host_s_files() {
+        use crate::tls::glob_match;
+        let method = model::api::methods::SNAPSHOT_GET_OBJECTS;
+        for role in ROLES {
+            let may = role.methods.iter().any(|g| glob_match(g, method));
+            assert_eq!(
+                may,
+                role.name == "builder" || role.name == "admin",
+                "{}",
+                role.name
+            );
+        }
     }
 
     #[test]
