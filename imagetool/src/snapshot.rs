@@ -200,11 +200,16 @@ impl Snapshotter {
             if attempt > self.retries {
                 return Err(changed_error(&tree, &changed, attempt));
             }
-            pb.println(format!(
+            let note = format!(
                 "imagetool: {} files changed while read; waiting for a fresh scan of {}",
                 changed.len(),
                 self.host
-            ));
+            );
+            if pb.is_hidden() {
+                eprintln!("{note}");
+            } else {
+                pb.println(note);
+            }
             last_changed = Some((tree, changed));
         }
     }
