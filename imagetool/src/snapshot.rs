@@ -34,6 +34,8 @@ pub enum SnapshotError {
     Add(#[from] AddError),
     #[error(transparent)]
     Upload(#[from] UploadError),
+    #[error("subd address")]
+    Address(#[source] wire::client::BadHostPort),
     #[error("connecting to subd {host}")]
     Connect { host: String, source: ClientError },
     #[error("polling subd {host}")]
@@ -107,6 +109,7 @@ impl Snapshotter {
         security: &ClientSecurity,
         req: &Request<'_>,
     ) -> Result<Snapshotter, SnapshotError> {
+        wire::client::check_host_port(req.host).map_err(SnapshotError::Address)?;
         let host = req.host.to_string();
         let subd =
             SubdClient::new(req.host, security, None).map_err(|source| SnapshotError::Connect {
