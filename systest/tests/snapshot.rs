@@ -464,3 +464,33 @@ async fn over_tls_a_builder_may_snapshot_and_the_subd_and_dominator_certificates
         assert!(e.to_string().contains(&want), "{role}: {e}");
     }
 }
+
+/// subd serves only what its last scan recorded: a file under an excluded directory, or
+/// in `/.subd`, is never read, whoever asks for its hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subd_serves_only_scanned_files_never_excluded_ones_or_its_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    write(&root.join("etc/app.conf"), "v1\n", 0o644);
+    write(&root.join("tmp/secret"), "excluded\n", 0o600);
+    let (_subd, c) = common::subd(&root);
+    common::full_poll(&c, 0).await;
+    write(&root.join(".subd/planted"), "subd's own\n", 0o600);
+    let ids = ["excluded\n", "v1\n", "subd's own\n"].map(|t| model::ObjectId::of(t.as_bytes()));
+    let resp = c.snapshot_objects(&ids).await.unwrap();
+    let body = resp.bytes().await.unwrap();
+    let mut r = &body[..];
+    use model::frame::{checked, read_header};
+    assert_eq!(
+        read_header(&mut r).unwrap(),
+        Some((ids[0], checked::UNAVAILABLE))
+    );
+    assert_eq!(read_header(&mut r).unwrap(), Some((ids[1], 3)));
+    assert_eq!(&r[..4], b"v1\n\0", "the bytes, then SAME");
+    r = &r[4..];
+    assert_eq!(
+        read_header(&mut r).unwrap(),
+        Some((ids[2], checked::UNAVAILABLE))
+    );
+    assert!(r.is_empty());
+}
