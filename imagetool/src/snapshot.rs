@@ -95,6 +95,7 @@ struct Taken {
 
 /// A live host and the imageserver a snapshot goes to.
 pub struct Snapshotter {
+    client: ImageServerClient,
     subd: SubdClient,
     host: String,
     up: Uploader,
@@ -117,6 +118,7 @@ impl Snapshotter {
                 source,
             })?;
         Ok(Snapshotter {
+            client: client.clone(),
             subd,
             host,
             up: Uploader::new(client.clone()),
@@ -126,9 +128,10 @@ impl Snapshotter {
         })
     }
 
-    /// Bytes and objects sent so far (reset by the caller between rounds).
-    fn reset_counts(&mut self) {
-        self.up.sent = Default::default();
+    /// Starts a round afresh: nothing sent yet, and nothing assumed present on the
+    /// imageserver (objects may have been deleted as unreferenced since).
+    fn reset(&mut self) {
+        self.up = Uploader::new(self.client.clone());
     }
 
     /// A full poll: the tree of a scan that finished after the first `scans` (waits for
@@ -468,7 +471,7 @@ pub async fn round(
     prefix: &str,
 ) -> Result<Summary, SnapshotError> {
     let start = Instant::now();
-    snap.reset_counts();
+    snap.reset();
     let taken = snap.take(&indicatif::ProgressBar::hidden()).await?;
     let names = client
         .list_images(Some(&format!("{prefix}/")))
