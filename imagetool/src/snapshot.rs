@@ -1,5 +1,5 @@
 //! `imagetool adds`: an image made from a live host. The tree comes from a full poll of the
-//! host's subd (`model::snapshot::captured_tree`: its scan exclusions and `/.subd` never
+//! host's subd (`Snapshot.GetTree`) (`model::snapshot::captured_tree`: its scan exclusions and `/.subd` never
 //! enter it, then the filter), the objects the imageserver lacks are read from the host
 //! (`Snapshot.GetObjects`, re-hashed by subd as sent) and uploaded while the next batch
 //! is read. An object whose file changed since the scan is retried from a fresh scan, a
@@ -141,7 +141,7 @@ impl Snapshotter {
         loop {
             let poll = self
                 .subd
-                .poll(&PollRequest {
+                .snapshot_tree(&PollRequest {
                     have_generation: 0,
                     short_only: false,
                 })

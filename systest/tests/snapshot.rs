@@ -447,7 +447,7 @@ async fn over_tls_a_builder_may_snapshot_and_the_subd_and_dominator_certificates
     let out = ok("imagetool", &cmd);
     assert!(out.contains("added snapshot snap/1 of "), "{out}");
 
-    // The subd's and the dominator's certificates are refused the host's files: 403.
+    // The subd's and the dominator's certificates are refused the host's tree and files: 403.
     let hashes = [model::ObjectId::of(b"v1\n")];
     for role in ["subd", "dominator"] {
         let c = SubdClient::new(
@@ -462,6 +462,10 @@ async fn over_tls_a_builder_may_snapshot_and_the_subd_and_dominator_certificates
             "access to method denied: certificate \"{role}\" is not granted Snapshot.GetObjects"
         );
         assert!(e.to_string().contains(&want), "{role}: {e}");
+        let req = model::api::PollRequest::default();
+        let e = c.snapshot_tree(&req).await.expect_err("refused");
+        assert_eq!(e.status(), Some(403), "{role}: {e}");
+        assert!(e.to_string().contains("Snapshot.GetTree"), "{role}: {e}");
     }
 }
 

@@ -54,8 +54,8 @@ pub const ROLES: &[Role] = &[
             "ImageServer.ListImages",
             "ObjectServer.AddObjects",
             "ObjectServer.CheckObjects",
-            // `imagetool adds`: a host's tree (full poll) and its files by hash.
-            "Subd.Poll",
+            // `imagetool adds`: a host's tree (a full poll) and its files by hash.
+            "Snapshot.GetTree",
             "Snapshot.GetObjects",
         ],
     },
@@ -213,20 +213,22 @@ mod tests {
         assert_eq!(methods, ["ImageServer.AddImage", "ObjectServer.*"]);
     }
 
-    /// Snapshotting a host (`Snapshot.GetObjects`) is for builders and admins only: the
-    /// subd and dominator certificates must not reach it, whatever globs they carry.
+    /// Snapshotting a host (`Snapshot.GetTree`, `Snapshot.GetObjects`) is for builders and
+    /// admins only: the subd and dominator certificates must not reach it, whatever globs
+    /// they carry; and the builder still may not poll a host fully as its dominator does.
     #[test]
-    fn only_builder_and_admin_may_read_a_host_s_files() {
+    fn only_builder_and_admin_may_snapshot_a_host() {
         use crate::tls::glob_match;
-        let method = model::api::methods::SNAPSHOT_GET_OBJECTS;
+        use model::api::methods::{SNAPSHOT_GET_OBJECTS, SNAPSHOT_GET_TREE, SUBD_POLL};
+        let may = |role: &Role, method: &str| role.methods.iter().any(|g| glob_match(g, method));
         for role in ROLES {
-            let may = role.methods.iter().any(|g| glob_match(g, method));
-            assert_eq!(
-                may,
-                role.name == "builder" || role.name == "admin",
-                "{}",
-                role.name
-            );
+            for method in [SNAPSHOT_GET_OBJECTS, SNAPSHOT_GET_TREE] {
+                let want = role.name == "builder" || role.name == "admin";
+                assert_eq!(may(role, method), want, "{} {method}", role.name);
+            }
+            if role.name == "builder" {
+                assert!(!may(role, SUBD_POLL));
+            }
         }
     }
 
