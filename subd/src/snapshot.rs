@@ -13,6 +13,7 @@ use model::{FileTree, FsPath, Kind, ObjectId};
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio_util::io::{ReaderStream, SyncIoBridge};
 use wire::http::{ApiError, Caller, Json};
 
@@ -22,25 +23,54 @@ pub const MAX_HASHES: usize = 65536;
 /// Where each object of a scan lives: its size and every path holding it.
 pub type Index = HashMap<ObjectId, (u64, Vec<FsPath>)>;
 
-/// The index of the newest generation asked about (built on first use).
+/// An index unused this long is dropped (after the scan pass that notices).
+pub const INDEX_IDLE: Duration = Duration::from_secs(60);
+
+/// The index of the newest generation asked about (built on first use, shared by the
+/// batches of one snapshot, dropped once idle for `INDEX_IDLE`).
 #[derive(Default)]
-pub struct IndexCache(Mutex<Option<(u64, Arc<Index>)>>);
+pub struct IndexCache(Mutex<Option<Cached>>);
+
+struct Cached {
+    generation: u64,
+    index: Arc<Index>,
+    used: Instant,
+}
 
 impl IndexCache {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Cached>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The index of `tree` (scan `generation`), built once per generation.
     fn get(&self, generation: u64, tree: &FileTree) -> Arc<Index> {
-        let mut slot = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((g, index)) = slot.as_ref() {
-            if *g == generation {
-                return index.clone();
-            }
+        let mut slot = self.slot();
+        if let Some(c) = slot.as_mut().filter(|c| c.generation == generation) {
+            c.used = Instant::now();
+            return c.index.clone();
         }
         let index = Arc::new(index_of(tree));
-        *slot = Some((generation, index.clone()));
+        *slot = Some(Cached {
+            generation,
+            index: index.clone(),
+            used: Instant::now(),
+        });
         index
+    }
+
+    /// Drops the index if unused for `idle` (the scanner calls this after each pass).
+    pub fn expire(&self, idle: Duration) {
+        let mut slot = self.slot();
+        if slot.as_ref().is_some_and(|c| c.used.elapsed() >= idle) {
+            *slot = None;
+        }
+    }
+
+    /// Whether an index is held.
+    pub fn is_held(&self) -> bool {
+        self.slot().is_some()
     }
 }
 
@@ -113,7 +143,7 @@ mod tests {
     use model::image::Inode;
 
     #[test]
-    fn the_index_lists_every_path_of_each_object_and_nothing_else() {
+    fn the_index_lists_each_object_s_paths_once_per_generation_and_is_dropped_when_idle() {
         let mut tree = FileTree::with_root(Inode::dir(0o755, 0, 0));
         let a = ObjectId::of(b"a");
         tree.inodes
@@ -124,6 +154,14 @@ mod tests {
         }
         let index = index_of(&tree);
         assert_eq!(index.len(), 1);
+        let cache = IndexCache::default();
+        let first = cache.get(1, &tree);
+        assert!(Arc::ptr_eq(&first, &cache.get(1, &tree)), "built once");
+        assert!(!Arc::ptr_eq(&first, &cache.get(2, &tree)), "per generation");
+        cache.expire(Duration::from_secs(60));
+        assert!(cache.is_held(), "recently used: kept");
+        cache.expire(Duration::ZERO);
+        assert!(!cache.is_held(), "idle: dropped");
         let (size, paths) = &index[&a];
         assert_eq!(*size, 1);
         let paths: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
