@@ -439,7 +439,13 @@ fn hash_files(
 /// mount point (`openat2` where the kernel has it; else only the last component is
 /// checked, and the inode check below catches the rest), never blocking.
 fn open_listed(root_fd: BorrowedFd<'_>, l: &Listed) -> Result<OwnedFd, Errno> {
-    let rel = l.path.relative_os();
+    open_beneath(root_fd, &l.path)
+}
+
+/// Opens `path` (absolute in the tree) read-only beneath `root_fd` without following any
+/// symlink or crossing a mount point, never blocking (as the scan opens files).
+pub fn open_beneath(root_fd: BorrowedFd<'_>, path: &FsPath) -> Result<OwnedFd, Errno> {
+    let rel = path.relative_os();
     let base =
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
     let open = |flags: OFlags| match rustix::fs::openat2(

@@ -181,7 +181,7 @@ pub fn load_triggers(arg: &str) -> Result<Triggers, AddError> {
     Ok(Triggers::parse(&text, arg)?)
 }
 
-fn progress_bar(label: &str) -> ProgressBar {
+pub(crate) fn progress_bar(label: &str) -> ProgressBar {
     if !io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }

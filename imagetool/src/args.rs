@@ -51,6 +51,27 @@ pub enum Command {
         #[arg(long = "state", value_name = "FILE")]
         state_file: Option<PathBuf>,
     },
+    /// Add an image made from a live host: the tree its subd last scanned (its scan
+    /// exclusions and /.subd left out), with the files the imageserver lacks read from
+    /// the host
+    Adds {
+        /// Image name; with --every, the PREFIX under which PREFIX/1, PREFIX/2, … are added
+        name: String,
+        /// The host's subd, HOST[:PORT] (port 6969 by default)
+        host: String,
+        /// Filter file; "" makes a sparse image (an empty file makes a full one)
+        filter_file: String,
+        /// Triggers file (JSON); "" means none
+        triggers_file: String,
+        /// Snapshot again every DURATION (e.g. 90s, 5m, 1h, 1d), adding NAME/<n+1> only
+        /// when the host changed since the newest image under NAME, until SIGINT/SIGTERM
+        #[arg(long, value_name = "DURATION")]
+        every: Option<String>,
+        /// Fresh scans to wait for and retry from when a file changes while it is read,
+        /// before failing with its path
+        #[arg(long, value_name = "N", default_value_t = 3)]
+        retries: u32,
+    },
     /// List image names, version-sorted
     List { prefix: Option<String> },
     /// Print the newest image directly in DIR, in `list`'s version order (what an MDB

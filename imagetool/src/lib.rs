@@ -5,6 +5,7 @@
 //! - `args`: the clap command line and the rewrite of Dominator's single-dash flags.
 //! - `add`: building a tree from a directory or tarball and sending what the server lacks.
 //! - `upload`: batched existence checks and streamed object uploads.
+//! - `snapshot`: `adds` (an image from a live host's subd) and its `--every` loop.
 //! - `listing`: `show` lines (Dominator's format) and `diff`.
 //! - `get`: unpacking an image into a directory.
 //! - `patch-directory` is a thin wrapper over `wire::patch::patch_directory`.
@@ -17,6 +18,7 @@ pub mod args;
 pub mod get;
 pub mod hooks;
 pub mod listing;
+pub mod snapshot;
 pub mod upload;
 
 use args::{Cli, Command};
@@ -37,6 +39,10 @@ pub enum Error {
     Add(#[from] add::AddError),
     #[error(transparent)]
     Get(#[from] get::GetError),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error(transparent)]
+    Interval(#[from] model::snapshot::BadInterval),
     /// Asking the imageserver about a name failed.
     #[error("asking the imageserver")]
     Ask { source: ClientError },
@@ -107,6 +113,25 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
             };
             s.add(&name, &path, &files).await
         }
+        Command::Adds {
+            name,
+            host,
+            filter_file,
+            triggers_file,
+            every,
+            retries,
+        } => {
+            let req = snapshot::Request {
+                host: &host,
+                filter: &filter_file,
+                triggers: &triggers_file,
+                retries,
+            };
+            match every {
+                None => s.adds(&security, &name, &req).await,
+                Some(every) => s.adds_every(&security, &name, &req, &every).await,
+            }
+        }
         Command::List { prefix } => s.list(prefix.as_deref()).await,
         Command::FindLatestImage { dir } => s.find_latest_image(&dir).await,
         Command::Show { name } => s.show(&name).await,
@@ -155,6 +180,102 @@ impl Session<'_> {
             )?;
         }
         Ok(0)
+    }
+
+    /// `adds`: snapshots a live host into an image; prints a summary.
+    async fn adds(
+        &mut self,
+        security: &wire::client::ClientSecurity,
+        name: &str,
+        req: &snapshot::Request<'_>,
+    ) -> Result<u8, Error> {
+        let s = snapshot::adds(&self.client, security, name, req).await?;
+        if self.json {
+            writeln!(self.out, "{}", serde_json::to_string(&s)?)?;
+        } else {
+            writeln!(
+                self.out,
+                "added snapshot {} of {}: {} files, {}, {} new objects, {} sent in {:.1}s",
+                s.name,
+                s.host,
+                s.files,
+                mib(s.bytes),
+                s.new_objects,
+                mib(s.bytes_sent),
+                s.seconds
+            )?;
+        }
+        Ok(0)
+    }
+
+    /// `adds --every`: a snapshot round every `every` until SIGINT/SIGTERM, one line each.
+    async fn adds_every(
+        &mut self,
+        security: &wire::client::ClientSecurity,
+        prefix: &str,
+        req: &snapshot::Request<'_>,
+        every: &str,
+    ) -> Result<u8, Error> {
+        let every = model::snapshot::parse_interval(every)?;
+        model::ImageName::parse(prefix)?;
+        let mut snap = snapshot::Snapshotter::new(&self.client, security, req)?;
+        let stop = wire::program::shutdown_signal();
+        tokio::pin!(stop);
+        for round in 1.. {
+            let r = tokio::select! {
+                r = snapshot::round(&self.client, &mut snap, prefix) => r,
+                () = &mut stop => break,
+            };
+            self.round_line(round, r)?;
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = &mut stop => break,
+            }
+        }
+        Ok(0)
+    }
+
+    /// The line one `--every` round prints (a failed round is reported, not fatal).
+    fn round_line(
+        &mut self,
+        round: u64,
+        r: Result<snapshot::Summary, snapshot::SnapshotError>,
+    ) -> std::io::Result<()> {
+        let now = listing::format_time(disk::clock::unix_now() as i64);
+        match r {
+            Ok(s) if self.json => writeln!(
+                self.out,
+                "{}",
+                serde_json::to_string(&s).map_err(std::io::Error::other)?
+            )?,
+            Err(e) if self.json => writeln!(
+                self.out,
+                "{}",
+                serde_json::json!({ "error": disk::report::error_line(&e) })
+            )?,
+            Ok(s) if s.added => writeln!(
+                self.out,
+                "{now} round {round}: added {}: {} files, {}, {} new objects, {} sent in {:.1}s",
+                s.name,
+                s.files,
+                mib(s.bytes),
+                s.new_objects,
+                mib(s.bytes_sent),
+                s.seconds
+            )?,
+            Ok(s) => writeln!(
+                self.out,
+                "{now} round {round}: unchanged since {}: nothing added, {} new objects",
+                s.name, s.new_objects
+            )?,
+            Err(e) => writeln!(
+                self.out,
+                "{now} round {round}: failed, nothing added: {}",
+                disk::report::error_line(&e)
+            )?,
+        }
+        self.out.flush()?;
+        Ok(())
     }
 
     /// `list`: the image names starting with `prefix`, version-sorted.

@@ -1036,3 +1036,37 @@ fn a_root_other_users_can_write_is_refused() {
     ok(s.tool(&["add", "sticky/1", tree.path().to_str().unwrap(), "", ""]));
     assert_eq!(ok(s.tool(&["list"])), "sticky/1\n");
 }
+
+/// `adds` refuses bad input with one line and adds nothing: a bad interval, a host that
+/// does not answer, a missing filter file, a taken name.
+#[test]
+fn adds_bad_inputs_fail_with_one_line_and_add_nothing() {
+    let s = Server::start();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    fails(
+        s.tool(&["adds", "--every", "5 min", "snap", &closed, "", ""]),
+        "invalid interval \"5 min\"",
+    );
+    fails(
+        s.tool(&["adds", "snap/1", &closed, "", ""]),
+        &format!("polling subd {closed}"),
+    );
+    fails(
+        s.tool(&["adds", "snap/1", &closed, "/nonexistent/filter", ""]),
+        "filter file /nonexistent/filter",
+    );
+    fails(
+        s.tool(&["adds", "snap/1", "http://host/x", "", ""]),
+        "subd address: http://host/x is not HOST[:PORT]: a URL",
+    );
+    assert_eq!(stdout(&s.tool(&["list"])), "");
+    let tree = make_tree();
+    ok(s.tool(&["add", "taken", tree.path().to_str().unwrap(), "", ""]));
+    fails(
+        s.tool(&["adds", "taken", &closed, "", ""]),
+        "image taken already exists",
+    );
+}

@@ -26,6 +26,15 @@ pub mod methods {
     pub const SUBD_FETCH: &str = "Subd.Fetch";
     pub const SUBD_UPDATE: &str = "Subd.Update";
     pub const SUBD_CLEANUP: &str = "Subd.Cleanup";
+    /// Served by subd for `imagetool adds`: file contents by hash, from the paths its last
+    /// scan recorded. The `Snapshot` service is its own, so neither the dominator's
+    /// `Subd.*` grant nor the subd role's `ObjectServer.GetObjects` reaches it
+    /// (`make-certs`: builder and admin only).
+    pub const SNAPSHOT_GET_OBJECTS: &str = "Snapshot.GetObjects";
+    /// Served by subd for `imagetool adds`: a full poll (a `PollRequest`, answered with a
+    /// `PollResponse` carrying the tree), granted apart from `Subd.Poll` so a builder can
+    /// snapshot a host without being able to pose as its dominator.
+    pub const SNAPSHOT_GET_TREE: &str = "Snapshot.GetTree";
 }
 
 /// The error body of every non-2xx reply.
@@ -220,6 +229,13 @@ pub struct UpdateRequest {
 pub struct UpdateResponse {
     /// Present when `wait` was set.
     pub result: Option<UpdateResult>,
+}
+
+/// `Snapshot.GetObjects`: the objects to read from the paths the last scan recorded with
+/// these hashes. The reply is a `frame::checked` stream, one record per hash, in order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotObjectsRequest {
+    pub hashes: Vec<ObjectId>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -49,6 +49,39 @@ pub fn read_header<R: Read>(r: &mut R) -> io::Result<Option<(ObjectId, u64)>> {
     Ok(Some(parse_header(&h)))
 }
 
+/// The reply of `Snapshot.GetObjects` (subd reading live files): per requested hash, in
+/// order, one record:
+/// - `header(id, len)`, `len` bytes, then one status byte: [`checked::SAME`] if those
+///   bytes hash to `id`, [`checked::CHANGED`] if not (the file changed since the scan,
+///   or shrank while read and was padded): the bytes must then be discarded;
+/// - or `header(id, checked::UNAVAILABLE)` and nothing else: no path of the last scan
+///   with that hash still holds a regular file of its size (changed, gone, or never
+///   scanned).
+pub mod checked {
+    /// The bytes sent hash to the id they were sent under.
+    pub const SAME: u8 = 0;
+    /// The bytes sent do not hash to the id: discard them.
+    pub const CHANGED: u8 = 1;
+    /// The length of a record with no content: the object could not be read.
+    pub const UNAVAILABLE: u64 = u64::MAX;
+
+    /// What a record says about its object.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Status {
+        Same,
+        Changed,
+    }
+
+    /// The status byte's meaning (`None`: not a status byte; a broken stream).
+    pub fn status(b: u8) -> Option<Status> {
+        match b {
+            SAME => Some(Status::Same),
+            CHANGED => Some(Status::Changed),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +95,18 @@ mod tests {
         assert_eq!(read_header(&mut r).unwrap(), None);
         let mut short = &h[..10];
         assert!(read_header(&mut short).is_err());
+    }
+
+    #[test]
+    fn checked_status_bytes() {
+        use checked::{status, Status};
+        for (b, want) in [
+            (checked::SAME, Some(Status::Same)),
+            (checked::CHANGED, Some(Status::Changed)),
+            (2, None),
+            (255, None),
+        ] {
+            assert_eq!(status(b), want, "{b}");
+        }
     }
 }

@@ -11,6 +11,7 @@
 //! - `state`: state lines (paths seeded when absent, never managed after).
 //! - `stream`: image streams (an image directory standing for its newest image).
 //! - `select`: `--where` selections of MDB records (tags, host-name globs).
+//! - `snapshot`: what an image made from a live host keeps, and recurring snapshots' names.
 //! - `plan`, `diff`: `UpdatePlan` and the pure function computing it.
 //! - `api`, `frame`: wire types and object batch framing (encoding only, no sockets).
 
@@ -24,6 +25,7 @@ pub mod image;
 pub mod path;
 pub mod plan;
 pub mod select;
+pub mod snapshot;
 pub mod state;
 pub mod stream;
 #[cfg(any(test, feature = "testing"))]

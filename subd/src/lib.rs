@@ -5,7 +5,7 @@
 //!
 //! Layout: `lib.rs` holds the configuration, the shared state and `serve`; `scanner` the
 //! background scan loop; `routes` the RPC handlers, status page and metrics; `poll` the
-//! full-poll trees shared among concurrent pollers.
+//! full-poll trees shared among concurrent pollers; `snapshot` `Snapshot.GetObjects`.
 //! Private state lives in `ROOT/.subd`: `objects/` (the cache), `staging/`,
 //! `triggers.previous`, `last-image`, `last-update.json`, `hooks/` (copies of the hooks
 //! being run). It is opened once at start-up
@@ -16,6 +16,7 @@ pub mod hooks;
 pub mod poll;
 pub mod routes;
 pub mod scanner;
+pub mod snapshot;
 
 use disk::apply::ApplyOptions;
 use disk::objectstore::ObjectStore;
@@ -246,6 +247,8 @@ pub struct Subd {
     pub start_time: u64,
     /// Full poll replies shared per generation, and the limits on them.
     pub polls: poll::PollShare,
+    /// The last scan's paths by object, for `Snapshot.GetObjects`.
+    pub snapshot_index: snapshot::IndexCache,
     /// Held while running: one subd per root.
     _lock: disk::fsutil::DirLock,
 }
@@ -301,6 +304,7 @@ impl Subd {
             scan_abort: Arc::new(AtomicBool::new(false)),
             start_time: disk::clock::unix_now(),
             polls: poll::PollShare::default(),
+            snapshot_index: snapshot::IndexCache::default(),
             _lock: lock,
         });
         // An update killed between stopping services and starting them left them stopped.

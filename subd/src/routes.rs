@@ -1,4 +1,6 @@
-//! subd's HTTP surface: `Subd.Poll`, `Subd.Fetch`, `Subd.Update`, `Subd.Cleanup`, the
+//! subd's HTTP surface: `Subd.Poll`, `Subd.Fetch`, `Subd.Update`, `Subd.Cleanup`,
+//! `Snapshot.GetTree` (a full poll for `imagetool adds`), `Snapshot.GetObjects` (in
+//! `crate::snapshot`), the
 //! status page at `/` and Prometheus metrics at `/metrics`.
 
 use crate::Subd;
@@ -25,6 +27,14 @@ pub fn router(state: Arc<Subd>) -> Router {
         .route(&format!("/rpc/{}", methods::SUBD_FETCH), post(fetch))
         .route(&format!("/rpc/{}", methods::SUBD_UPDATE), post(update))
         .route(&format!("/rpc/{}", methods::SUBD_CLEANUP), post(cleanup))
+        .route(
+            &format!("/rpc/{}", methods::SNAPSHOT_GET_TREE),
+            post(snapshot_tree),
+        )
+        .route(
+            &format!("/rpc/{}", methods::SNAPSHOT_GET_OBJECTS),
+            post(crate::snapshot::get_objects),
+        )
         .route("/", get(status_page))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -60,6 +70,24 @@ async fn poll(
         tracing::warn!(caller = %caller.name, "full poll denied (short polls only)");
         return Err(ApiError::Forbidden("access to method denied".into()));
     }
+    poll_reply(s, req).await
+}
+
+/// `Snapshot.GetTree`: a full poll for a snapshot (its grant checked by the server).
+async fn snapshot_tree(
+    State(s): State<Arc<Subd>>,
+    Json(req): Json<PollRequest>,
+) -> Result<Response, ApiError> {
+    let req = PollRequest {
+        short_only: false,
+        ..req
+    };
+    poll_reply(s, req).await
+}
+
+/// The poll reply: the status, and the shared tree when asked for and newer than the
+/// caller's.
+async fn poll_reply(s: Arc<Subd>, req: PollRequest) -> Result<Response, ApiError> {
     let s2 = s.clone();
     // statvfs and the status lock (a std Mutex, taken and released inside): off the
     // executor. The tree is only referenced here, never serialized.

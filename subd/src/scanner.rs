@@ -113,6 +113,7 @@ pub fn run(subd: &Subd) {
             st.last_scan_time = unix_now();
             st.last_scan_duration_ms = started.elapsed().as_millis() as u64;
         }
+        subd.snapshot_index.expire(crate::snapshot::INDEX_IDLE);
         if !niced && percent < 100 {
             // Linux: applies to this thread; hashing threads it creates inherit it.
             if let Err(e) = rustix::process::setpriority_process(None, 15) {

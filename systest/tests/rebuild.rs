@@ -10,8 +10,7 @@
 //! Needs the workspace binaries: `cargo build --workspace --bins`.
 
 use serde_json::Value;
-use std::collections::BTreeMap;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use testkit::run_bin_ok as ok;
@@ -112,65 +111,6 @@ fn source_tree(src: &Path) {
     {
         set_mtime(&src.join(p), 1_500_000_000 + i as i64 * 1000, 123_456_789);
     }
-}
-
-/// What is under `root` (not subd's own records): per path its kind, mode, owner, group,
-/// mtime with nanoseconds (where the image keeps one: not for directories and symlinks),
-/// content hash, link target or device number, and the other
-/// paths of its hardlink group.
-fn listing(root: &Path) -> BTreeMap<String, String> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, std::fs::Metadata)>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            let rel = format!("/{}", p.strip_prefix(root).unwrap().display());
-            if rel == "/.subd" || model::diff::ALWAYS_EXCLUDED.contains(&rel.as_str()) {
-                continue;
-            }
-            let m = std::fs::symlink_metadata(&p).unwrap();
-            if m.is_dir() {
-                walk(root, &p, out);
-            }
-            out.push((rel, m));
-        }
-    }
-    let mut all = Vec::new();
-    walk(root, root, &mut all);
-    let mut groups: BTreeMap<u64, Vec<String>> = BTreeMap::new();
-    for (rel, m) in &all {
-        if !m.is_dir() && m.nlink() > 1 {
-            groups.entry(m.ino()).or_default().push(rel.clone());
-        }
-    }
-    let mut out = BTreeMap::new();
-    for (rel, m) in all {
-        let ft = m.file_type();
-        let what = if m.is_dir() {
-            "dir".to_string()
-        } else if ft.is_symlink() {
-            format!("-> {:?}", std::fs::read_link(root.join(&rel[1..])).unwrap())
-        } else if ft.is_char_device() || ft.is_block_device() {
-            format!("dev {:x}", m.rdev())
-        } else {
-            let data = std::fs::read(root.join(&rel[1..])).unwrap();
-            format!("file {}", model::ObjectId::of(&data))
-        };
-        let mut group = groups.get(&m.ino()).cloned().unwrap_or_default();
-        group.sort();
-        // Images keep mtimes for files, devices and FIFOs only (as Dominator does).
-        let mtime = if m.is_dir() || ft.is_symlink() {
-            "-".to_string()
-        } else {
-            format!("{}.{:09}", m.mtime(), m.mtime_nsec())
-        };
-        let line = format!(
-            "{:o} {}:{} {mtime} {what} links {group:?}",
-            m.mode(),
-            m.uid(),
-            m.gid(),
-        );
-        out.insert(rel, line);
-    }
-    out
 }
 
 /// `/api/machines/m1` as JSON (`Null` while it cannot be read).
@@ -386,7 +326,7 @@ async fn dead_host_is_rebuilt_from_an_empty_root_in_one_update() {
     );
 
     // Path by path, the root is the image's tree (the seeded state included).
-    let (got, want) = (listing(&root), listing(&src));
+    let (got, want) = (testkit::tree::listing(&root), testkit::tree::listing(&src));
     let differ: Vec<String> = want
         .iter()
         .filter(|(path, line)| got.get(*path) != Some(line))

@@ -5,12 +5,13 @@
 //! Also: the real binaries (`bin`, `spawn_listening`, `Daemon`), a small tmpfs (`Tmpfs`),
 //! `files_under`, and `drive`, which polls, plans and updates a subd the way the dominator
 //! does; `fake`, an in-memory subd and imageserver over real sockets; `net`, loopback
-//! addresses that refuse or never answer.
+//! addresses that refuse or never answer; `tree`, directory trees compared path by path.
 
 pub mod browser;
 pub mod drive;
 pub mod fake;
 pub mod net;
+pub mod tree;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;

@@ -62,6 +62,9 @@ pub const ROLES: &[Role] = &[
             "ImageServer.ListImages",
             "ObjectServer.AddObjects",
             "ObjectServer.CheckObjects",
+            // `imagetool adds`: a host's tree (a full poll) and its files by hash.
+            "Snapshot.GetTree",
+            "Snapshot.GetObjects",
         ],
     },
     Role {
@@ -269,6 +272,25 @@ mod tests {
         let (cn, methods) = identity_of(&der);
         assert_eq!(cn, "builder");
         assert_eq!(methods, ["ImageServer.AddImage", "ObjectServer.*"]);
+    }
+
+    /// Snapshotting a host (`Snapshot.GetTree`, `Snapshot.GetObjects`) is for builders and
+    /// admins only: the subd and dominator certificates must not reach it, whatever globs
+    /// they carry; and the builder still may not poll a host fully as its dominator does.
+    #[test]
+    fn only_builder_and_admin_may_snapshot_a_host() {
+        use crate::tls::glob_match;
+        use model::api::methods::{SNAPSHOT_GET_OBJECTS, SNAPSHOT_GET_TREE, SUBD_POLL};
+        let may = |role: &Role, method: &str| role.methods.iter().any(|g| glob_match(g, method));
+        for role in ROLES {
+            for method in [SNAPSHOT_GET_OBJECTS, SNAPSHOT_GET_TREE] {
+                let want = role.name == "builder" || role.name == "admin";
+                assert_eq!(may(role, method), want, "{} {method}", role.name);
+            }
+            if role.name == "builder" {
+                assert!(!may(role, SUBD_POLL));
+            }
+        }
     }
 
     #[test]

@@ -668,6 +668,34 @@ impl SubdClient {
         self.rpc.call(methods::SUBD_UPDATE, req).await
     }
 
+    /// The host's tree as its last scan found it (`Snapshot.GetTree`: a full poll for a
+    /// snapshot, without the `Subd.Poll` grant).
+    pub async fn snapshot_tree(
+        &self,
+        req: &api::PollRequest,
+    ) -> Result<api::PollResponse, ClientError> {
+        self.rpc.call(methods::SNAPSHOT_GET_TREE, req).await
+    }
+
+    /// Starts reading objects from the host's live files (`Snapshot.GetObjects`); the
+    /// response body is a `frame::checked` stream in request order.
+    pub async fn snapshot_objects(
+        &self,
+        hashes: &[ObjectId],
+    ) -> Result<reqwest::Response, ClientError> {
+        let body = serde_json::to_vec(&api::SnapshotObjectsRequest {
+            hashes: hashes.to_vec(),
+        })
+        .map_err(|e| ClientError::Setup(e.to_string()))?;
+        self.rpc
+            .call_raw(
+                methods::SNAPSHOT_GET_OBJECTS,
+                body.into(),
+                "application/json",
+            )
+            .await
+    }
+
     pub async fn cleanup(&self, hashes: &[ObjectId]) -> Result<(), ClientError> {
         self.rpc
             .call::<_, api::Empty>(

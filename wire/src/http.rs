@@ -341,9 +341,11 @@ fn service(
                 // poll to a caller without the `Subd.Poll` grant itself.
                 if !caller.may(method) && method != model::api::methods::SUBD_POLL {
                     tracing::warn!(caller = %caller.name, method, "access to method denied");
-                    return Ok(
-                        ApiError::Forbidden("access to method denied".into()).into_response()
-                    );
+                    return Ok(ApiError::Forbidden(format!(
+                        "access to method denied: certificate {:?} is not granted {method}",
+                        caller.name
+                    ))
+                    .into_response());
                 }
             }
             req.extensions_mut().insert(caller);
