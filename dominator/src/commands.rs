@@ -65,7 +65,8 @@ pub enum PlanError {
     name = "dominator",
     version,
     args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
+    subcommand_negates_reqs = true,
+    mut_args = wire::security::daemon_tls_help("dominator")
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -148,6 +149,7 @@ pub struct DaemonArgs {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Print what an update would do on one machine (or all) now, without doing it
+    #[command(mut_args = wire::security::daemon_tls_help("dominator"))]
     Plan {
         /// The machine (default: every machine of the MDB)
         host: Option<String>,
