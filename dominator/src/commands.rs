@@ -244,8 +244,9 @@ pub struct ControlArgs {
     pub tls: ClientTlsArgs,
 }
 
-/// Sends `Dominator.DisableUpdates` (with `reason`) or `Dominator.EnableUpdates`.
-pub async fn control(target: &ControlArgs, disable: Option<&str>) -> Result<(), CommandError> {
+/// Sends `Dominator.DisableUpdates` (with `reason`) or `Dominator.EnableUpdates`; returns
+/// the line saying what happened.
+pub async fn control(target: &ControlArgs, disable: Option<&str>) -> Result<String, CommandError> {
     let client = RpcClient::new(
         &target.dominator,
         wire::client::DOMINATOR_PORT,
@@ -263,14 +264,22 @@ pub async fn control(target: &ControlArgs, disable: Option<&str>) -> Result<(), 
                     },
                 )
                 .await?;
+            Ok(format!(
+                "updates disabled fleet-wide on {} ({reason:?}); fetches go on; \
+                 `dominator enable-updates` allows them again",
+                target.dominator
+            ))
         }
         None => {
             client
                 .call::<_, model::api::Empty>(web::ENABLE_UPDATES, &model::api::Empty {})
                 .await?;
+            Ok(format!(
+                "updates enabled fleet-wide on {}",
+                target.dominator
+            ))
         }
     }
-    Ok(())
 }
 
 /// The outcome of `dominator plan` for one machine.
