@@ -148,7 +148,10 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             writeln!(out, "removed {host}")?;
         }
         Command::Check { file } => {
-            let mdb = store::load(&file)?;
+            let (mdb, warnings) = store::load_with_warnings(&file)?;
+            for w in &warnings {
+                eprintln!("mdb: warning: {w}");
+            }
             let n = mdb.machines().count();
             let ignored = mdb.ignored();
             write!(out, "{}: ok, {n} machines", file.display())?;

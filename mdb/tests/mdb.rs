@@ -355,3 +355,52 @@ fn set_address_points_a_record_at_a_replacement_machine() {
         "IpAddress",
     );
 }
+
+#[test]
+fn check_warns_on_misspelled_keys_and_refuses_a_key_given_twice() {
+    let (d, _p) = scratch();
+    let f = d.path().join("x.json");
+    let check = |text: &str| {
+        std::fs::write(&f, text).unwrap();
+        mdb(&f, &["check", f.to_str().unwrap()])
+    };
+    // A typo: accepted (the key is kept) but warned about, naming the record and the key.
+    let r = check(r#"[{"Hostname":"m1","RequiredImag":"app.1","Rack":"r7"}]"#);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("ok, 1 machines"), "{}", r.stdout);
+    assert_eq!(
+        r.stderr.trim(),
+        "mdb: warning: entry 1 (Hostname \"m1\"): unknown key \"RequiredImag\" (kept, but not read): did you mean \"RequiredImage\"?"
+    );
+    // Another case: read as the known key, but said.
+    let r = check(r#"[{"hostname":"m1","RequiredImage":"app.1"}]"#);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("key \"hostname\" is read as \"Hostname\""),
+        "{}",
+        r.stderr
+    );
+    // Two spellings of one key, or one key twice: refused, one line.
+    let r = check(r#"[{"Hostname":"m1","RequiredImage":"a.1","Requiredimage":"a.2"}]"#);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("entry 1: keys \"RequiredImage\" and \"Requiredimage\" are the same key"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    let r =
+        check("[{\"Hostname\":\"m1\",\n\"RequiredImage\":\"a.1\",\n\"RequiredImage\":\"a.2\"}]");
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("duplicate key \"RequiredImage\" at line 3"),
+        "{}",
+        r.stderr
+    );
+    // A clean file warns about nothing.
+    let r = check(r#"[{"Hostname":"m1","RequiredImage":"a.1","Tags":{"Rack":"7"}}]"#);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""));
+}
