@@ -34,6 +34,12 @@ pub struct Cli {
     /// The MDB file
     #[arg(long, global = true, env = "MDB_FILE", default_value = crate::DEFAULT_MDB_PATH)]
     pub mdb: PathBuf,
+    /// The imageserver (HOST[:PORT]): `set` and `add` then warn when it lacks the
+    /// `--required` or `--planned` image (the edit is made all the same)
+    #[arg(long, global = true, env = "IMAGE_SERVER", value_name = "HOST[:PORT]")]
+    pub image_server: Option<String>,
+    #[command(flatten)]
+    pub tls: wire::security::ClientTlsArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -99,9 +105,71 @@ pub enum Command {
     Rollback { host: String },
 }
 
+/// Asks the imageserver `server` whether it holds the images `fields` name (`--required`,
+/// `--planned`); one line per image it lacks, or per image it could not be asked about.
+pub fn missing_image_warnings(
+    server: &str,
+    tls: &wire::security::ClientTlsArgs,
+    fields: &Fields,
+) -> Vec<String> {
+    let names: Vec<&str> = [&fields.required, &fields.planned]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .filter(|n| !n.is_empty())
+        .collect();
+    if names.is_empty() {
+        return Vec::new();
+    }
+    let checked = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(async {
+                let security = tls.security().map_err(|e| e.to_string())?;
+                let client = wire::client::ImageServerClient::new(server, &security)
+                    .map_err(|e| disk::report::error_line(&e))?;
+                let mut found = Vec::new();
+                for n in &names {
+                    found.push(
+                        client
+                            .check_image(n)
+                            .await
+                            .map_err(|e| disk::report::error_line(&e))?,
+                    );
+                }
+                Ok::<_, String>(found)
+            })
+        });
+    match checked {
+        Ok(found) => names
+            .iter()
+            .zip(found)
+            .filter(|(_, there)| !there)
+            .map(|(n, _)| {
+                format!(
+                    "the imageserver {server} has no image {n:?}: the machine will show \
+                     `image not ready` until it is added"
+                )
+            })
+            .collect(),
+        Err(e) => vec![format!(
+            "could not check the images on the imageserver {server}: {e}"
+        )],
+    }
+}
+
 /// Runs one command, writing human output to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     let path = &cli.mdb;
+    if let (Some(server), Command::Set { fields, .. } | Command::Add { fields, .. }) =
+        (&cli.image_server, &cli.command)
+    {
+        for w in missing_image_warnings(server, &cli.tls, fields) {
+            eprintln!("mdb: warning: {w}");
+        }
+    }
     match cli.command {
         Command::List { json } => {
             let mdb = store::load(path)?;

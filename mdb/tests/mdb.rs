@@ -404,3 +404,49 @@ fn check_warns_on_misspelled_keys_and_refuses_a_key_given_twice() {
     let r = check(r#"[{"Hostname":"m1","RequiredImage":"a.1","Tags":{"Rack":"7"}}]"#);
     assert_eq!((r.code, r.stderr.as_str()), (0, ""));
 }
+
+#[test]
+fn set_required_warns_when_the_imageserver_lacks_the_image() {
+    let (d, p) = scratch();
+    let data = d.path().join("is");
+    let is = testkit::Daemon::imageserver(&testkit::bin("imageserver"), &data, &[]);
+    let tree = d.path().join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/motd"), "hi\n").unwrap();
+    let added = Command::new(testkit::bin("imagetool"))
+        .args(["--image-server", &is.addr, "add", "app.1"])
+        .arg(&tree)
+        .args(["", ""])
+        .env("HOME", d.path())
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mdb"))
+            .arg("--mdb")
+            .arg(&p)
+            .args(["--image-server", &is.addr])
+            .args(args)
+            .env("HOME", d.path())
+            .env_remove("MDB_FILE")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    // The image is there: nothing to say.
+    assert_eq!(run(&["add", "m1", "--required", "app.1"]), "");
+    // A typo: warned, and made all the same.
+    let err = run(&["set", "m1", "--required", "app.11"]);
+    assert_eq!(
+        err.trim(),
+        format!(
+            "mdb: warning: the imageserver {} has no image \"app.11\": the machine will show `image not ready` until it is added",
+            is.addr
+        )
+    );
+    assert!(ok(&p, &["show", "m1"]).contains("app.11"));
+    // Without an imageserver configured, nothing is checked.
+    let r = mdb(&p, &["set", "m1", "--required", "app.12"]);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""));
+}
