@@ -160,9 +160,9 @@ pub fn missing_image_warnings(
     }
 }
 
-/// Runs one command, writing human output to `out`.
-pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
-    let path = &cli.mdb;
+/// For `set` and `add` with an imageserver configured: a warning on stderr per image it
+/// lacks (`missing_image_warnings`).
+fn warn_of_missing_images(cli: &Cli) {
     if let (Some(server), Command::Set { fields, .. } | Command::Add { fields, .. }) =
         (&cli.image_server, &cli.command)
     {
@@ -170,6 +170,12 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             eprintln!("mdb: warning: {w}");
         }
     }
+}
+
+/// Runs one command, writing human output to `out`.
+pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
+    let path = &cli.mdb;
+    warn_of_missing_images(&cli);
     match cli.command {
         Command::List { json } => {
             let mdb = store::load(path)?;
