@@ -20,7 +20,8 @@ rm -f target/debian/*.deb
     fail "scripts/package.sh --debug"
 }
 root=$(mktemp -d)
-trap 'rm -rf "$root"' EXIT
+# cargo-deb leaves its stripped copies of the binaries in target/PROGRAM/: not needed after.
+trap 'rm -rf "$root"; for p in "${programs[@]}"; do rm -f target/"$p"/*.stripped-*.tmp; rmdir target/"$p" 2>/dev/null || true; done' EXIT
 
 is_daemon() { [[ " ${daemons[*]} " == *" $1 "* ]]; }
 
