@@ -29,7 +29,7 @@ for p in "${programs[@]}"; do
     deb=$(ls target/debian/"${p}"_*.deb 2>/dev/null | head -1)
     [ -n "$deb" ] || fail "no target/debian/${p}_*.deb"
     contents=$(dpkg-deb -c "$deb" | awk '{print $NF}')
-    want=(./usr/bin/$p ./usr/share/man/man1/$p.1
+    want=(./usr/bin/$p ./usr/share/man/man1/$p.1.gz
           ./usr/share/bash-completion/completions/$p
           ./usr/share/zsh/vendor-completions/_$p
           ./usr/share/fish/vendor_completions.d/$p.fish)
@@ -41,7 +41,7 @@ for p in "${programs[@]}"; do
     # Every subcommand has its page: PROGRAM-SUB.1 for each line of `help`'s command list.
     for sub in $(target/debug/$p --help | awk '/^Commands:/{on=1;next} /^$/{on=0} on{print $1}'); do
         [ "$sub" = help ] && continue
-        grep -qxF "./usr/share/man/man1/$p-$sub.1" <<<"$contents" || fail "$deb lacks the man page of $p $sub"
+        grep -qxF "./usr/share/man/man1/$p-$sub.1.gz" <<<"$contents" || fail "$deb lacks the man page of $p $sub"
     done
     ok "man_pages_$p"
     conffiles=$(dpkg-deb -f "$deb" Package >/dev/null; dpkg-deb -I "$deb" conffiles 2>/dev/null || true)
@@ -57,6 +57,8 @@ for p in "${programs[@]}"; do
         ok "system_user_$p" ;;
     esac
     dpkg-deb -x "$deb" "$root"
+    zcat "$root/usr/share/man/man1/$p.1.gz" | grep -q '^\.SH SYNOPSIS' || fail "$p.1.gz is not a man page"
+    grep -q "$p" "$root/usr/share/bash-completion/completions/$p" || fail "bash completion of $p"
 done
 
 # systemd-analyze verify in the extracted tree (the binaries must exist there; the

@@ -28,6 +28,7 @@ for p in "${programs[@]}" docgen; do pkgs+=(-p "$p"); done
 "${build[@]}" "${pkgs[@]}" --bins
 rm -rf "$outdir/docs"
 "$outdir/docgen" "$outdir/docs" >&2
+gzip -9n "$outdir"/docs/man/*.1   # Debian policy: man pages compressed
 extra=()
 # cargo-deb warns that the dev profile is meant for tests only: it is (--debug).
 [ "$profile" = dev ] && extra=(--fast)

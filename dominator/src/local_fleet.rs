@@ -693,8 +693,8 @@ pub fn instructions(i: &Instructions<'_>) -> String {
          Things to try:\n\
          - Drift: edit a managed file and watch it put back within seconds:\n\
          \x20   echo tampered > {r1}/etc/app/app.conf; sleep 3; cat {r1}/etc/app/app.conf\n\
-         - Roll out a new image by editing the MDB:\n\
-         \x20   {mdb_bin} --mdb {mdb} set machine-1 --required app.1\n\
+         - Roll out a new image by editing the MDB (it warns if the imageserver lacks it):\n\
+         \x20   {mdb_bin} --mdb {mdb} --image-server {is_addr} {builder} set machine-1 --required app.1\n\
          - Preview exactly what an update would do:\n\
          \x20   {dom} plan --mdb {mdb} --image-server {is_addr} {dom_flags}\n\
          - Add an image (as the image builder):\n\
@@ -770,6 +770,11 @@ mod tests {
             "{disable}"
         );
         assert!(!t.contains("--permit-insecure-mode --"), "{t}");
+        let rollout = t.lines().find(|l| l.contains("--required app.1")).unwrap();
+        assert!(
+            rollout.contains("--image-server 127.0.0.1:6971 --ca-file /f/certs/CA.pem --cert-file /f/certs/builder.cert"),
+            "{rollout}"
+        );
 
         let t = text(&Security::Insecure);
         assert!(
