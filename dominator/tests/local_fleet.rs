@@ -88,6 +88,20 @@ async fn local_fleet_runs_on_ports_its_members_chose_and_stops_on_sigterm() {
     assert!(status.success(), "{status}");
 }
 
+/// A running `local-fleet`, stopped by SIGTERM (so it stops its children) when the test
+/// ends, a failed assertion included.
+struct Fleet(std::process::Child);
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let pid = rustix::process::Pid::from_raw(self.0.id() as i32).unwrap();
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// The pid of the child of `parent` whose command line holds `needle`.
 fn child_with(parent: u32, needle: &str) -> Option<i32> {
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
@@ -111,13 +125,16 @@ fn child_with(parent: u32, needle: &str) -> Option<i32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_fleet_survives_a_closed_stdout_and_a_killed_subd() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(testkit::bin("dominator"))
-        .args(["local-fleet", "--port", "0", "--dir"])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut fleet = Fleet(
+        Command::new(testkit::bin("dominator"))
+            .args(["local-fleet", "--port", "0", "--dir"])
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut fleet.0;
     // `| head` that has exited: the banner meets a closed pipe (EPIPE).
     drop(child.stdout.take());
     let stderr = BufReader::new(child.stderr.take().unwrap());
