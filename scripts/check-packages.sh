@@ -52,6 +52,7 @@ for p in "${programs[@]}"; do
     case $p in
     imageserver | dominator)
         dpkg-deb -I "$deb" postinst | grep -q "adduser --system .* $p" || fail "$deb: postinst does not create the $p user"
+        dpkg-deb -I "$deb" postinst | sh -n || fail "$deb: postinst is not valid sh"
         dpkg-deb -f "$deb" Depends | grep -q adduser || fail "$deb does not depend on adduser"
         grep -qx "User=$p" "$p/debian/$p.service" || fail "$p.service does not run as $p"
         ok "system_user_$p" ;;
