@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine: installs what the tests need
-# (headless Chromium for the status-page screenshot test), builds all binaries (the
+# (headless Chromium for the status-page screenshot test, systemd-analyze for the unit
+# checks), builds all binaries (the
 # end-to-end tests start the real imageserver, subd, dominator, imagetool and mdb), then
-# runs the whole suite, after `cargo fmt --check` and clippy with warnings as errors.
+# runs the whole suite, after `cargo fmt --check` and clippy with warnings as errors, then
+# the package checks (scripts/check-packages.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +12,7 @@ need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v curl >/dev/null 2>&1 || need+=(curl)       # status-page and admin.p12 tests
 command -v openssl >/dev/null 2>&1 || need+=(openssl) # the browser's key pin, admin.p12
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)   # the unit checks
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "[test] installing ${need[*]}" >&2
@@ -25,3 +28,6 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 cargo test --workspace "$@"
+# The Debian packages (from the debug binaries just built; cargo-deb installed if missing):
+# contents, units (systemd-analyze verify), man pages, completions, binaries run.
+./scripts/check-packages.sh

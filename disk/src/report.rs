@@ -36,7 +36,8 @@ pub fn exit_code<E: AsRef<dyn Error>>(
 }
 
 /// Sends `tracing` events to stderr, filtered by `RUST_LOG`, or at `default_level` (e.g.
-/// `"info"`) when `RUST_LOG` is unset or unreadable. Call once, first thing in `main`.
+/// `"info"`) when `RUST_LOG` is unset or unreadable; ANSI colours only when stderr is a
+/// terminal (never in a log file). Call once, first thing in `main`.
 pub fn init_logging(default_level: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -44,6 +45,7 @@ pub fn init_logging(default_level: &str) {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 

@@ -65,7 +65,8 @@ pub enum PlanError {
     name = "dominator",
     version,
     args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
+    subcommand_negates_reqs = true,
+    mut_args = wire::security::daemon_tls_help("dominator")
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -153,6 +154,7 @@ pub struct DaemonArgs {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Print what an update would do on one machine (or all) now, without doing it
+    #[command(mut_args = wire::security::daemon_tls_help("dominator"))]
     Plan {
         /// The machine (default: every machine of the MDB)
         host: Option<String>,
@@ -251,8 +253,9 @@ pub struct ControlArgs {
     pub tls: ClientTlsArgs,
 }
 
-/// Sends `Dominator.DisableUpdates` (with `reason`) or `Dominator.EnableUpdates`.
-pub async fn control(target: &ControlArgs, disable: Option<&str>) -> Result<(), CommandError> {
+/// Sends `Dominator.DisableUpdates` (with `reason`) or `Dominator.EnableUpdates`; returns
+/// the line saying what happened.
+pub async fn control(target: &ControlArgs, disable: Option<&str>) -> Result<String, CommandError> {
     let client = RpcClient::new(
         &target.dominator,
         wire::client::DOMINATOR_PORT,
@@ -270,14 +273,22 @@ pub async fn control(target: &ControlArgs, disable: Option<&str>) -> Result<(), 
                     },
                 )
                 .await?;
+            Ok(format!(
+                "updates disabled fleet-wide on {} ({reason:?}); fetches go on; \
+                 `dominator enable-updates` allows them again",
+                target.dominator
+            ))
         }
         None => {
             client
                 .call::<_, model::api::Empty>(web::ENABLE_UPDATES, &model::api::Empty {})
                 .await?;
+            Ok(format!(
+                "updates enabled fleet-wide on {}",
+                target.dominator
+            ))
         }
     }
-    Ok(())
 }
 
 /// The outcome of `dominator plan` for one machine.

@@ -374,7 +374,7 @@ pub async fn run(args: LocalFleetArgs) -> Result<()> {
     stop(&mut children).await;
     match (&result, tmp) {
         // A failed run keeps its directory: the logs are what explains it.
-        (Err(_), Some(t)) => eprintln!("logs kept in {}", t.keep().join("logs").display()),
+        (Err(_), Some(t)) => say(&format!("logs kept in {}", t.keep().join("logs").display())),
         (_, t) => drop(t),
     }
     result
@@ -442,23 +442,20 @@ async fn start_and_watch(
     let machines = start_subds(site, children).await?;
     let mdb_path = write_mdb(site, &machines)?;
     let dom_addr = start_dominator(args, site, &mdb_path, &is_addr, children).await?;
-    println!(
-        "{}",
-        instructions(&Instructions {
-            security: &site.security,
-            dir: &site.dir,
-            dom_addr: &dom_addr,
-            is_addr: &is_addr,
-            root1: &machines[0].2,
-            logs: &site.logs,
-            mdb_bin: &sibling("mdb")?,
-            mdb: &mdb_path,
-            dominator: &std::env::current_exe()?,
-            imagetool: &sibling("imagetool")?,
-            images: &site.images,
-            removes_dir: site.removes_dir,
-        })
-    );
+    show(&instructions(&Instructions {
+        security: &site.security,
+        dir: &site.dir,
+        dom_addr: &dom_addr,
+        is_addr: &is_addr,
+        root1: &machines[0].2,
+        logs: &site.logs,
+        mdb_bin: &sibling("mdb")?,
+        mdb: &mdb_path,
+        dominator: &std::env::current_exe()?,
+        imagetool: &sibling("imagetool")?,
+        images: &site.images,
+        removes_dir: site.removes_dir,
+    }));
     watch(site, children).await
 }
 
@@ -564,7 +561,9 @@ async fn start_dominator(
     Ok(addr.to_string())
 }
 
-/// Watch: waits for Ctrl-C, SIGTERM, or a child dying (an error naming it).
+/// Watch: waits for Ctrl-C, SIGTERM, or the imageserver or dominator dying (an error
+/// naming it). A subd that exits is reported once and left down: the fleet goes on
+/// without that machine (the dominator shows it unreachable), which is part of the demo.
 async fn watch(site: &Site, children: &mut Children) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -572,23 +571,55 @@ async fn watch(site: &Site, children: &mut Children) -> Result<()> {
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = term.recv() => return Ok(()),
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                for (name, c) in children.iter_mut() {
-                    if let Some(status) = c.try_wait()? {
+                let mut i = 0;
+                while i < children.len() {
+                    let (name, c) = &mut children[i];
+                    let Some(status) = c.try_wait()? else {
+                        i += 1;
+                        continue;
+                    };
+                    if !name.starts_with("subd-") {
                         return Err(LocalFleetError::ChildExited {
                             name: name.clone(),
                             status,
                             logs: site.logs.clone(),
                         });
                     }
+                    say(&subd_gone(name, status, &site.logs));
+                    children.remove(i);
                 }
             }
         }
     }
 }
 
+/// What is printed when one machine's subd exits.
+pub fn subd_gone(name: &str, status: ExitStatus, logs: &Path) -> String {
+    let machine = name.replacen("subd-", "machine-", 1);
+    format!(
+        "{name} exited ({status}); the fleet goes on without {machine} (the dominator shows it \
+         as unreachable); its log: {}",
+        logs.join(format!("{name}.log")).display()
+    )
+}
+
+/// A line on stderr; a closed stderr (the reader went away) is ignored, never a panic.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// Text on stdout; a closed stdout (`| head` that has exited: EPIPE) is ignored, so the
+/// fleet keeps running.
+fn show(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}").and_then(|()| out.flush());
+}
+
 /// Stop: SIGTERM to every child, newest first; SIGKILL to one still running after 5 s.
 async fn stop(children: &mut Children) {
-    eprintln!("stopping the local fleet");
+    say("stopping the local fleet");
     for (_, c) in children.iter_mut().rev() {
         if let Some(pid) = c.id() {
             let _ = rustix::process::kill_process(
@@ -602,7 +633,7 @@ async fn stop(children: &mut Children) {
             .await
             .is_err()
         {
-            eprintln!("{name} did not stop on SIGTERM; killing it");
+            say(&format!("{name} did not stop on SIGTERM; killing it"));
             let _ = c.kill().await;
         }
     }
@@ -640,8 +671,8 @@ pub fn instructions(i: &Instructions<'_>) -> String {
              \x20             INSECURE MODE: plain HTTP, anyone on this machine may call every method.\n"
         ),
         Security::Tls(c) => format!(
-            "Security:     mutual TLS; CA and key pairs in {certs} (made with make_all,\n\
-             \x20             as `dominator make-certs` does)\n\
+            "Security:     mutual TLS; CA and key pairs in {certs}\n\
+             \x20             (made as `dominator make-certs` does)\n\
              Status page:  https://{dom_addr}/  needs a client certificate from this CA, e.g.\n\
              \x20   curl -s --cacert {ca} --cert {cert} --key {key} https://{dom_addr}/api/machines\n\
              \x20             A browser needs {cert} + {key} imported as a client certificate\n\
@@ -662,8 +693,8 @@ pub fn instructions(i: &Instructions<'_>) -> String {
          Things to try:\n\
          - Drift: edit a managed file and watch it put back within seconds:\n\
          \x20   echo tampered > {r1}/etc/app/app.conf; sleep 3; cat {r1}/etc/app/app.conf\n\
-         - Roll out a new image by editing the MDB:\n\
-         \x20   {mdb_bin} --mdb {mdb} set machine-1 --required app.1\n\
+         - Roll out a new image by editing the MDB (it warns if the imageserver lacks it):\n\
+         \x20   {mdb_bin} --mdb {mdb} --image-server {is_addr} {builder} set machine-1 --required app.1\n\
          - Preview exactly what an update would do:\n\
          \x20   {dom} plan --mdb {mdb} --image-server {is_addr} {dom_flags}\n\
          - Add an image (as the image builder):\n\
@@ -739,6 +770,11 @@ mod tests {
             "{disable}"
         );
         assert!(!t.contains("--permit-insecure-mode --"), "{t}");
+        let rollout = t.lines().find(|l| l.contains("--required app.1")).unwrap();
+        assert!(
+            rollout.contains("--image-server 127.0.0.1:6971 --ca-file /f/certs/CA.pem --cert-file /f/certs/builder.cert"),
+            "{rollout}"
+        );
 
         let t = text(&Security::Insecure);
         assert!(
@@ -748,5 +784,17 @@ mod tests {
         let plan = t.lines().find(|l| l.contains("dominator plan")).unwrap();
         assert!(plan.contains("--permit-insecure-mode"), "{plan}");
         assert!(!t.contains("--cert-file"), "{t}");
+    }
+
+    #[test]
+    fn banner_names_no_internal_function_and_a_gone_subd_is_reported() {
+        let t = text(&Security::Tls("/f/certs".into()));
+        assert!(!t.contains("make_all"), "{t}");
+        assert!(t.contains("as `dominator make-certs` does"), "{t}");
+        use std::os::unix::process::ExitStatusExt;
+        let line = subd_gone("subd-2", ExitStatus::from_raw(15), Path::new("/f/logs"));
+        assert!(line.starts_with("subd-2 exited (signal: 15"), "{line}");
+        assert!(line.contains("without machine-2"), "{line}");
+        assert!(line.ends_with("/f/logs/subd-2.log"), "{line}");
     }
 }

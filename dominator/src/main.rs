@@ -94,9 +94,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Some(Command::DisableUpdates { reason, target }) => {
-            commands::control(&target, Some(&reason)).await?;
+            println!("{}", commands::control(&target, Some(&reason)).await?);
         }
-        Some(Command::EnableUpdates { target }) => commands::control(&target, None).await?,
+        Some(Command::EnableUpdates { target }) => {
+            println!("{}", commands::control(&target, None).await?);
+        }
         Some(Command::LocalFleet(args)) => dominator::local_fleet::run(args).await?,
         Some(Command::MakeCerts { dir, hosts }) => {
             for line in commands::make_certs(&dir, &hosts)? {

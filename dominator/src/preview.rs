@@ -46,7 +46,8 @@ fn describe_inode(i: &model::Inode) -> String {
 }
 
 /// The lines of a plan, one change per line, in the order subd applies them:
-/// `fetch`, `mkdir`, `add`, `seed` (the tops of the state subtrees the mkdirs and adds
+/// `fetch`, `mkdir`, `add` (or `change`, for a path the machine holds: what differs),
+/// `seed` (the tops of the state subtrees the mkdirs and adds
 /// seed), `link`, `delete`, `chmeta`, then `trigger` and `reboot`.
 pub fn plan_lines(plan: &UpdatePlan) -> Vec<String> {
     let mut out = Vec::new();
@@ -71,11 +72,19 @@ pub fn plan_lines(plan: &UpdatePlan) -> Vec<String> {
         ));
     }
     for i in &plan.inodes_to_make {
-        out.push(format!(
-            "add     {} ({})",
-            i.path.display(),
-            describe_inode(&i.inode)
-        ));
+        out.push(match plan.replaced_at(&i.path) {
+            Some(what) => format!(
+                "change  {} ({}; now {})",
+                i.path.display(),
+                model::plan::Aspect::list(what),
+                describe_inode(&i.inode)
+            ),
+            None => format!(
+                "add     {} ({})",
+                i.path.display(),
+                describe_inode(&i.inode)
+            ),
+        });
     }
     for p in &plan.seeded {
         out.push(format!(

@@ -102,3 +102,70 @@ fn make_certs_writes_every_role_and_says_where_each_goes() {
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a CA.pem"));
 }
+
+#[test]
+fn disable_and_enable_updates_say_what_happened() {
+    let d = tempfile::tempdir().unwrap();
+    let mdb = d.path().join("mdb.json");
+    std::fs::write(&mdb, "[]").unwrap();
+    let dom = testkit::Daemon::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_dominator")),
+        &[
+            "--mdb".into(),
+            mdb.display().to_string(),
+            "--image-server".into(),
+            "127.0.0.1:1".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--permit-insecure-mode".into(),
+        ],
+    );
+    let control = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_dominator"))
+            .args(args)
+            .args(["--dominator", &dom.addr])
+            .env("HOME", d.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = control(&["disable-updates", "maintenance"]);
+    assert!(
+        said.starts_with(&format!(
+            "updates disabled fleet-wide on {} (\"maintenance\")",
+            dom.addr
+        )),
+        "{said}"
+    );
+    assert!(std::path::Path::new(&format!("{}.updates-disabled", mdb.display())).exists());
+    let said = control(&["enable-updates"]);
+    assert_eq!(
+        said,
+        format!("updates enabled fleet-wide on {}\n", dom.addr)
+    );
+}
+
+#[test]
+fn client_help_names_real_default_paths() {
+    for args in [&["plan", "--help"][..], &["--help"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_dominator"))
+            .args(args)
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(!help.contains("This daemon"), "{help}");
+        assert!(!help.contains("<daemon>"), "{help}");
+        assert!(help.contains("/etc/ssl/dominator/cert.pem"), "{help}");
+        assert!(help.contains("/etc/ssl/dominator/key.pem"), "{help}");
+    }
+    for program in ["imageserver", "subd"] {
+        let help = testkit::run_bin_ok(program, &["--help"]);
+        assert!(
+            help.contains(&format!("/etc/ssl/{program}/cert.pem")),
+            "{help}"
+        );
+        let version = testkit::run_bin_ok(program, &["--version"]);
+        assert!(version.starts_with(&format!("{program} ")), "{version}");
+    }
+}

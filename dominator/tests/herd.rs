@@ -557,7 +557,7 @@ async fn plan_previews_exactly_what_the_update_then_does() {
     let text = plans[0].result.as_ref().unwrap();
     assert_eq!(
         text,
-        "m: image app/1 (sparse)\n  rebuild: the machine holds no image (its hooks get SUBD_REBUILD=1)\n  fetch   2 objects from the imageserver\n  mkdir   /bin (drwxr-xr-x 0:0)\n  add     /bin/app (-rw-r--r-- 0:0 3 B)\n  add     /etc/app.conf (-rw-r--r-- 0:0 3 B)\n  trigger app (stop, then start)\n"
+        "m: image app/1 (sparse)\n  rebuild: the machine holds no image (its hooks get SUBD_REBUILD=1)\n  fetch   2 objects from the imageserver\n  mkdir   /bin (drwxr-xr-x 0:0)\n  add     /bin/app (-rw-r--r-- 0:0 3 B)\n  change  /etc/app.conf (content; now -rw-r--r-- 0:0 3 B)\n  trigger app (stop, then start)\n"
     );
     assert!(
         plans[1]

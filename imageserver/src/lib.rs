@@ -22,7 +22,7 @@ use axum::Router;
 use catalogue::Catalogue;
 use model::api::methods;
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +32,45 @@ use wire::http::Security;
 /// Largest JSON request (an `AddImage` of about half a million files); bounded so a hostile
 /// client cannot make the server buffer without limit.
 pub const JSON_BODY_LIMIT: usize = wire::http::MAX_JSON_BODY;
+
+/// Stores images and their objects and serves them to imagetool, dominator and subd.
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "imageserver",
+    version,
+    mut_args = wire::security::daemon_tls_help("imageserver")
+)]
+pub struct Args {
+    /// Directory holding objects/ and images/ (created if missing)
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Address to listen on
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:6971")]
+    pub listen: String,
+    /// Also serve the status page and `/metrics` (never an RPC) on ADDR, over TLS with
+    /// this server's certificate but asking for no client certificate
+    #[arg(long, value_name = "ADDR")]
+    pub status_listen: Option<String>,
+    /// The machine database (read only, read again when it changes): the status page
+    /// names the machines using each image
+    #[arg(long, value_name = "PATH")]
+    pub mdb: Option<PathBuf>,
+    /// Seconds an uploaded object (or one `CheckObjects` reported present) is safe from
+    /// unreferenced-object deletion, so the `AddImage` that follows finds it
+    #[arg(long, value_name = "SECONDS", default_value_t = catalogue::DEFAULT_PIN_GRACE.as_secs())]
+    pub object_pin_seconds: u64,
+    /// Most `GetObjects` streams open at once; more get 503
+    #[arg(long, value_name = "N", default_value_t = objects::DEFAULT_MAX_STREAMS)]
+    pub max_object_streams: usize,
+    /// Most `GetObjects` streams one caller (certificate name and address) may have open
+    /// at once; more get 503
+    #[arg(long, value_name = "N", default_value_t = objects::DEFAULT_MAX_STREAMS_PER_CALLER)]
+    pub max_object_streams_per_caller: usize,
+    #[command(flatten)]
+    pub tls: wire::security::DaemonTlsArgs,
+    #[command(flatten)]
+    pub connections: wire::connection::ConnectionArgs,
+}
 
 /// Counters exported on `/metrics`.
 #[derive(Default)]

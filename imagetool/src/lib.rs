@@ -419,7 +419,8 @@ impl Session<'_> {
         Ok(0)
     }
 
-    /// `diff`: the paths added, removed and changed from image `a` to image `b`.
+    /// `diff`: the paths added, removed and changed from image `a` to image `b` (a line
+    /// saying so when nothing differs).
     async fn diff(&mut self, a: &str, b: &str) -> Result<u8, Error> {
         let ia = self.client.get_image(a).await?;
         let ib = self.client.get_image(b).await?;
@@ -427,7 +428,11 @@ impl Session<'_> {
         if self.json {
             writeln!(self.out, "{}", serde_json::to_string(&d)?)?;
         } else {
-            for l in d.lines() {
+            let lines = d.lines();
+            if lines.is_empty() {
+                writeln!(self.out, "{}", listing::no_difference(a, b))?;
+            }
+            for l in lines {
                 writeln!(self.out, "{l}")?;
             }
         }

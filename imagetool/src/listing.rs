@@ -304,6 +304,11 @@ pub fn diff(a: &FileTree, b: &FileTree) -> Vec<Change> {
     out
 }
 
+/// What `imagetool diff A B` prints when the images do not differ.
+pub fn no_difference(a: &str, b: &str) -> String {
+    format!("{a} and {b} are identical: same tree, filter, triggers, state lines and hooks")
+}
+
 /// `+ path`, `- path`, `~ path: detail, detail`.
 pub fn diff_line(c: &Change) -> String {
     match c.what {

@@ -151,9 +151,81 @@ pub enum Command {
     },
 }
 
+/// Asks the imageserver `server` whether it holds the images `fields` name (`--required`,
+/// `--planned`); one line per image it lacks, or per image it could not be asked about.
+pub fn missing_image_warnings(
+    server: &str,
+    args: &ImageServerArgs,
+    fields: &Fields,
+) -> Vec<String> {
+    let names: Vec<&str> = [&fields.required, &fields.planned]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .filter(|n| !n.is_empty())
+        .collect();
+    if names.is_empty() {
+        return Vec::new();
+    }
+    let checked = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(async {
+                let security = args.tls.security().map_err(|e| e.to_string())?;
+                let client = wire::client::ImageServerClient::with_server_name(
+                    server,
+                    &security,
+                    &args.image_server_name,
+                )
+                .map_err(|e| disk::report::error_line(&e))?;
+                let mut found = Vec::new();
+                for n in &names {
+                    found.push(
+                        client
+                            .check_image(n)
+                            .await
+                            .map_err(|e| disk::report::error_line(&e))?,
+                    );
+                }
+                Ok::<_, String>(found)
+            })
+        });
+    match checked {
+        Ok(found) => names
+            .iter()
+            .zip(found)
+            .filter(|(_, there)| !there)
+            .map(|(n, _)| {
+                format!(
+                    "the imageserver {server} has no image {n:?}: the machine will show \
+                     `image not ready` until it is added"
+                )
+            })
+            .collect(),
+        Err(e) => vec![format!(
+            "could not check the images on the imageserver {server}: {e}"
+        )],
+    }
+}
+
+/// For `set` and `add` with an imageserver configured: a warning on stderr per image it
+/// lacks (`missing_image_warnings`).
+fn warn_of_missing_images(cli: &Cli) {
+    if let (Some(server), Command::Set { fields, .. } | Command::Add { fields, .. }) =
+        (&cli.image_server.image_server, &cli.command)
+    {
+        for w in missing_image_warnings(server, &cli.image_server, fields) {
+            eprintln!("mdb: warning: {w}");
+        }
+    }
+}
+
 /// Runs one command, writing human output to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     let path = &cli.mdb;
+    warn_of_missing_images(&cli);
     match cli.command {
         Command::List { json, select } => {
             let mut mdb = store::load(path)?;
@@ -192,7 +264,10 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             writeln!(out, "removed {host}")?;
         }
         Command::Check { file } => {
-            let mdb = store::load(&file)?;
+            let (mdb, warnings) = store::load_with_warnings(&file)?;
+            for w in &warnings {
+                eprintln!("mdb: warning: {w}");
+            }
             let n = mdb.machines().count();
             let ignored = mdb.ignored();
             write!(out, "{}: ok, {n} machines", file.display())?;

@@ -8,6 +8,7 @@
 //! - `cli`: the `mdb` command (the binary's `main` only parses and calls `cli::run`).
 
 pub mod cli;
+pub mod keys;
 pub mod machine;
 pub mod remote;
 pub mod store;

@@ -26,6 +26,9 @@ pub enum MdbError {
         entry: String,
         problem: MachineError,
     },
+    /// One JSON object holding the same key twice (serde_json would keep the last).
+    #[error("{0}")]
+    DuplicateKey(String),
     #[error("duplicate Hostname {host:?}: {first} and {second}")]
     Duplicate {
         host: String,
@@ -47,6 +50,10 @@ pub enum MachineError {
     TagsNotAnObject(&'static str),
     #[error("Hostname is empty")]
     EmptyHostname,
+    /// Two spellings of one key (`RequiredImage` and `Requiredimage`): which one would
+    /// win is an accident of order.
+    #[error("keys {first:?} and {second:?} are the same key (keys are case-insensitive)")]
+    SameKeyTwice { first: String, second: String },
     /// `Hostname` or `IpAddress` is not an address.
     #[error("{field}: {source}")]
     Address {
@@ -308,13 +315,24 @@ pub struct Mdb {
 impl Mdb {
     /// Parses and validates an MDB document.
     pub fn parse(text: &str) -> Result<Mdb, MdbError> {
+        Mdb::parse_with_warnings(text).map(|(mdb, _)| mdb)
+    }
+
+    /// `parse`, plus a line per odd key (`entry 2 (Hostname "m"): unknown key
+    /// "RequiredImag" (kept, but not read): did you mean "RequiredImage"?`). A key given
+    /// twice, in any case, is an error.
+    pub fn parse_with_warnings(text: &str) -> Result<(Mdb, Vec<String>), MdbError> {
         let value: Value = serde_json::from_str(text).map_err(|e| MdbError::Json(e.to_string()))?;
+        crate::keys::check_no_duplicate_keys(text)
+            .map_err(|e| MdbError::DuplicateKey(e.to_string()))?;
         let items = match value {
             Value::Array(a) => a,
             other => return Err(MdbError::NotArray(kind_of(&other))),
         };
         let mut entries = Vec::with_capacity(items.len());
+        let mut warnings = Vec::new();
         for (i, item) in items.into_iter().enumerate() {
+            warnings.extend(key_warnings(i, &item));
             let m = machine_from_value(item).map_err(|problem| MdbError::Entry {
                 entry: entry_label(i, None),
                 problem,
@@ -327,7 +345,7 @@ impl Mdb {
         }
         let mdb = Mdb { entries };
         mdb.check_duplicates()?;
-        Ok(mdb)
+        Ok((mdb, warnings))
     }
 
     fn check_duplicates(&self) -> Result<(), MdbError> {
@@ -445,11 +463,29 @@ fn want_string(key: &str, v: Value) -> Result<String, MachineError> {
     }
 }
 
+/// The warnings about the keys of record `i` (`crate::keys::key_warning`), each naming it.
+fn key_warnings(i: usize, item: &Value) -> Vec<String> {
+    let Value::Object(obj) = item else {
+        return Vec::new();
+    };
+    let host = obj
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("hostname"))
+        .and_then(|(_, v)| v.as_str());
+    obj.keys()
+        .filter_map(|k| crate::keys::key_warning(k))
+        .map(|w| format!("{}: {w}", entry_label(i, host)))
+        .collect()
+}
+
 fn machine_from_value(v: Value) -> Result<Machine, MachineError> {
     let obj = match v {
         Value::Object(o) => o,
         other => return Err(MachineError::NotAnObject(kind_of(&other))),
     };
+    if let Some((first, second)) = crate::keys::same_field_twice(&obj) {
+        return Err(MachineError::SameKeyTwice { first, second });
+    }
     let mut m = Machine::default();
     for (key, value) in obj {
         match key.to_ascii_lowercase().as_str() {

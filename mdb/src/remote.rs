@@ -5,12 +5,14 @@ use model::stream::Resolution;
 use wire::client::{ClientError, ImageServerClient};
 use wire::security::ClientTlsArgs;
 
-/// The imageserver flags of `mdb show` and `mdb rollback`.
+/// The imageserver flags of `mdb show`, `rollback`, `set` and `add`.
 #[derive(clap::Args, Debug, Default)]
 pub struct ImageServerArgs {
-    /// The imageserver (HOST[:PORT]) to resolve image streams with: `show` says what a
-    /// name stands for, `rollback` pins a stream-following machine to the version before
-    #[arg(long, global = true, value_name = "HOST[:PORT]")]
+    /// The imageserver (HOST[:PORT]): `show` says what an image name stands for,
+    /// `rollback` pins a stream-following machine to the version before, `set` and `add`
+    /// warn when it lacks the `--required` or `--planned` image (the edit is made all the
+    /// same)
+    #[arg(long, global = true, env = "IMAGE_SERVER", value_name = "HOST[:PORT]")]
     pub image_server: Option<String>,
     /// Common name the imageserver's certificate must carry (its role)
     #[arg(long, global = true, value_name = "NAME", default_value = wire::client::IMAGESERVER_NAME)]

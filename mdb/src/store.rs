@@ -57,6 +57,15 @@ pub fn load(path: &Path) -> Result<Mdb, StoreError> {
     })
 }
 
+/// `load`, plus the warnings about odd keys (`Mdb::parse_with_warnings`).
+pub fn load_with_warnings(path: &Path) -> Result<(Mdb, Vec<String>), StoreError> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    Mdb::parse_with_warnings(&text).map_err(|source| StoreError::Invalid {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// One line of the history: what an edit did to one machine.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HistoryEntry {

@@ -584,4 +584,98 @@ fn an_unreachable_image_server_is_a_one_line_error() {
         text,
         "nothing changed"
     );
+
+#[test]
+fn check_warns_on_misspelled_keys_and_refuses_a_key_given_twice() {
+    let (d, _p) = scratch();
+    let f = d.path().join("x.json");
+    let check = |text: &str| {
+        std::fs::write(&f, text).unwrap();
+        mdb(&f, &["check", f.to_str().unwrap()])
+    };
+    // A typo: accepted (the key is kept) but warned about, naming the record and the key.
+    let r = check(r#"[{"Hostname":"m1","RequiredImag":"app.1","Rack":"r7"}]"#);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("ok, 1 machines"), "{}", r.stdout);
+    assert_eq!(
+        r.stderr.trim(),
+        "mdb: warning: entry 1 (Hostname \"m1\"): unknown key \"RequiredImag\" (kept, but not read): did you mean \"RequiredImage\"?"
+    );
+    // Another case: read as the known key, but said.
+    let r = check(r#"[{"hostname":"m1","RequiredImage":"app.1"}]"#);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("key \"hostname\" is read as \"Hostname\""),
+        "{}",
+        r.stderr
+    );
+    // Two spellings of one key, or one key twice: refused, one line.
+    let r = check(r#"[{"Hostname":"m1","RequiredImage":"a.1","Requiredimage":"a.2"}]"#);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("entry 1: keys \"RequiredImage\" and \"Requiredimage\" are the same key"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    let r =
+        check("[{\"Hostname\":\"m1\",\n\"RequiredImage\":\"a.1\",\n\"RequiredImage\":\"a.2\"}]");
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("duplicate key \"RequiredImage\" at line 3"),
+        "{}",
+        r.stderr
+    );
+    // A clean file warns about nothing.
+    let r = check(r#"[{"Hostname":"m1","RequiredImage":"a.1","Tags":{"Rack":"7"}}]"#);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""));
+}
+
+#[test]
+fn set_required_warns_when_the_imageserver_lacks_the_image() {
+    let (d, p) = scratch();
+    let data = d.path().join("is");
+    let is = testkit::Daemon::imageserver(&testkit::bin("imageserver"), &data, &[]);
+    let tree = d.path().join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/motd"), "hi\n").unwrap();
+    let added = Command::new(testkit::bin("imagetool"))
+        .args(["--image-server", &is.addr, "add", "app.1"])
+        .arg(&tree)
+        .args(["", ""])
+        .env("HOME", d.path())
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mdb"))
+            .arg("--mdb")
+            .arg(&p)
+            .args(["--image-server", &is.addr])
+            .args(args)
+            .env("HOME", d.path())
+            .env_remove("MDB_FILE")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    // The image is there: nothing to say.
+    assert_eq!(run(&["add", "m1", "--required", "app.1"]), "");
+    // A typo: warned, and made all the same.
+    let err = run(&["set", "m1", "--required", "app.11"]);
+    assert_eq!(
+        err.trim(),
+        format!(
+            "mdb: warning: the imageserver {} has no image \"app.11\": the machine will show `image not ready` until it is added",
+            is.addr
+        )
+    );
+    assert!(ok(&p, &["show", "m1"]).contains("app.11"));
+    // Without an imageserver configured, nothing is checked.
+    let r = mdb(&p, &["set", "m1", "--required", "app.12"]);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""));
 }

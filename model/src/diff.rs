@@ -19,7 +19,7 @@ use crate::hash::ObjectId;
 use crate::image::{FileTree, Image, Inode, Kind};
 use crate::path::FsPath;
 use crate::path::SUBD_DIR;
-use crate::plan::{CopyToCache, Hardlink, MetadataChange, PathInode, UpdatePlan};
+use crate::plan::{Aspect, CopyToCache, Hardlink, MetadataChange, PathInode, Replaced, UpdatePlan};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// Paths subd always treats as excluded: they record which image a machine was installed
@@ -237,6 +237,12 @@ fn plan_inodes(s: &Sides<'_>, plan: &mut UpdatePlan) -> Kept {
                 kp.clone()
             }
             None => {
+                if let Some(hi) = s.have.get(&paths[0]) {
+                    plan.replaced.push(Replaced {
+                        path: paths[0].clone(),
+                        what: Aspect::differences(hi, wi),
+                    });
+                }
                 plan.inodes_to_make.push(PathInode {
                     path: paths[0].clone(),
                     inode: wi.clone(),

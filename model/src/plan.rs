@@ -14,6 +14,70 @@ pub struct PathInode {
     pub inode: Inode,
 }
 
+/// What differs between a machine's inode and the image's at one path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Aspect {
+    /// Another kind of inode (a file where the image has a symlink, …).
+    Kind,
+    /// Content: size and hash of a file, a symlink's target, a device's numbers.
+    Content,
+    Mode,
+    /// Owner or group.
+    Owner,
+    Mtime,
+}
+
+impl Aspect {
+    /// Every aspect in which `have` (the machine's) differs from `want` (the image's).
+    pub fn differences(have: &Inode, want: &Inode) -> Vec<Aspect> {
+        if have.kind != want.kind {
+            return vec![Aspect::Kind];
+        }
+        let mut out = Vec::new();
+        if !have.same_data(want) {
+            out.push(Aspect::Content);
+        }
+        if want.kind != crate::Kind::Symlink && have.mode != want.mode {
+            out.push(Aspect::Mode);
+        }
+        if have.uid != want.uid || have.gid != want.gid {
+            out.push(Aspect::Owner);
+        }
+        if want.keeps_mtime() && have.mtime != want.mtime {
+            out.push(Aspect::Mtime);
+        }
+        out
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Aspect::Kind => "kind",
+            Aspect::Content => "content",
+            Aspect::Mode => "mode",
+            Aspect::Owner => "owner",
+            Aspect::Mtime => "mtime",
+        }
+    }
+
+    /// `content, mode, owner`.
+    pub fn list(aspects: &[Aspect]) -> String {
+        aspects
+            .iter()
+            .map(|a| a.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// A path of `inodes_to_make` where the machine already holds something else: the update
+/// changes it (what differs), it does not add it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replaced {
+    pub path: FsPath,
+    pub what: Vec<Aspect>,
+}
+
 /// An existing file on the machine whose content is needed as an object. It is always
 /// copied into the cache, never hardlinked: a linked object would share its inode with a
 /// file a process may still write, and staging it would change that file's owner and mode
@@ -90,6 +154,11 @@ pub struct UpdatePlan {
     /// from the image's seed (or that are gone from evolved state): shown, never changed.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub state_diverged: u64,
+    /// The paths of `inodes_to_make` the machine already holds, with what differs there
+    /// (a modified file is replaced whole, but it is a change, not an addition). Plans
+    /// from earlier versions have none: their changes read as additions, as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replaced: Vec<Replaced>,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -211,8 +280,11 @@ pub struct PlanSummary {
     pub fetch_bytes: u64,
     pub files_to_copy_to_cache: usize,
     /// New names: directories, inodes and hardlinks whose path is not on the machine yet
-    /// or is replaced.
+    /// (or, in plans without `replaced`, is replaced).
     pub to_add: usize,
+    /// Paths the machine holds that are replaced by a new inode (`replaced`: content or
+    /// kind differ).
+    pub to_replace: usize,
     /// Metadata changes (of which `mtime_only` fire no triggers).
     pub to_change: usize,
     pub mtime_only: usize,
@@ -226,6 +298,46 @@ pub struct PlanSummary {
 }
 
 impl UpdatePlan {
+    /// What differs at `path` if it is one of `inodes_to_make` the machine already holds.
+    pub fn replaced_at(&self, path: &FsPath) -> Option<&[Aspect]> {
+        self.replaced
+            .iter()
+            .find(|r| &r.path == path)
+            .map(|r| r.what.as_slice())
+    }
+
+    /// One line per path, as `{:#}` shows them: `+ MODE PATH` added, `~ MODE PATH (what)`
+    /// changed (`content, mode, owner, mtime`; `mtime` alone for an mtime-only change),
+    /// `= PATH => TARGET` hardlinked, `- PATH` deleted.
+    pub fn path_lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for d in &self.dirs_to_make {
+            out.push(format!("+ {} {}", d.inode.mode_string(), d.path.display()));
+        }
+        for i in &self.inodes_to_make {
+            let (m, p) = (i.inode.mode_string(), i.path.display());
+            out.push(match self.replaced_at(&i.path) {
+                Some(what) => format!("~ {m} {p} ({})", Aspect::list(what)),
+                None => format!("+ {m} {p}"),
+            });
+        }
+        for h in &self.hardlinks_to_make {
+            out.push(format!("= {} => {}", h.path.display(), h.target.display()));
+        }
+        for c in &self.inodes_to_change {
+            let what = if c.mtime_only { " (mtime)" } else { "" };
+            out.push(format!(
+                "~ {} {}{what}",
+                c.inode.mode_string(),
+                c.path.display()
+            ));
+        }
+        for p in &self.paths_to_delete {
+            out.push(format!("- {}", p.display()));
+        }
+        out
+    }
+
     /// Counts and the triggers that would fire (matched against the image's own triggers;
     /// subd also merges the previously applied image's triggers when it stops services).
     pub fn summary(&self) -> PlanSummary {
@@ -242,9 +354,11 @@ impl UpdatePlan {
             objects_to_fetch: self.objects_to_fetch.len(),
             fetch_bytes: self.fetch_bytes,
             files_to_copy_to_cache: self.files_to_copy_to_cache.len(),
-            to_add: self.dirs_to_make.len()
+            to_add: (self.dirs_to_make.len()
                 + self.inodes_to_make.len()
-                + self.hardlinks_to_make.len(),
+                + self.hardlinks_to_make.len())
+            .saturating_sub(self.replaced.len()),
+            to_replace: self.replaced.len(),
             to_change: self.inodes_to_change.len(),
             mtime_only: self
                 .inodes_to_change
@@ -287,7 +401,10 @@ impl std::fmt::Display for UpdatePlan {
         writeln!(
             f,
             "  add {}, change {} ({} mtime only), delete {}",
-            s.to_add, s.to_change, s.mtime_only, s.to_delete
+            s.to_add,
+            s.to_change + s.to_replace,
+            s.mtime_only,
+            s.to_delete
         )?;
         if s.services.is_empty() {
             writeln!(f, "  triggers: none")?;
@@ -301,26 +418,8 @@ impl std::fmt::Display for UpdatePlan {
             writeln!(f, "  seed {}", p.display())?;
         }
         if f.alternate() {
-            for d in &self.dirs_to_make {
-                writeln!(f, "  + {} {}", d.inode.mode_string(), d.path.display())?;
-            }
-            for i in &self.inodes_to_make {
-                writeln!(f, "  + {} {}", i.inode.mode_string(), i.path.display())?;
-            }
-            for h in &self.hardlinks_to_make {
-                writeln!(f, "  = {} => {}", h.path.display(), h.target.display())?;
-            }
-            for c in &self.inodes_to_change {
-                let what = if c.mtime_only { " (mtime)" } else { "" };
-                writeln!(
-                    f,
-                    "  ~ {} {}{what}",
-                    c.inode.mode_string(),
-                    c.path.display()
-                )?;
-            }
-            for p in &self.paths_to_delete {
-                writeln!(f, "  - {}", p.display())?;
+            for l in self.path_lines() {
+                writeln!(f, "  {l}")?;
             }
         }
         Ok(())

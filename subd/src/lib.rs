@@ -48,6 +48,8 @@ pub const DEFAULT_EXCLUSIONS: [&str; 7] = [
 #[derive(clap::Parser, Clone, Debug)]
 #[command(
     name = "subd",
+    version,
+    mut_args = wire::security::daemon_tls_help("subd"),
     about = "Scan this machine, fetch what it lacks, converge it to an image"
 )]
 pub struct Args {

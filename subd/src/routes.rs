@@ -331,9 +331,10 @@ async fn update(
     let task = tokio::task::spawn_blocking(move || {
         let plan = req.plan;
         tracing::info!(
-            "update to {}: {}",
+            "update to {}: {}{}",
             plan.image_name,
-            plan.to_string().trim_end().replace('\n', ";")
+            plan.to_string().trim_end().replace('\n', ";"),
+            logged_paths(&plan)
         );
         run_update(&s2, &plan, claim, || {
             crate::hooks::update_with_hooks(&s2, &plan, || {
@@ -518,9 +519,55 @@ async fn metrics(State(s): State<Arc<Subd>>) -> Response {
     m.response()
 }
 
+/// The first paths an update changes, for its log line: `; + MODE PATH; ~ MODE PATH
+/// (content, mode)…`, at most 20 (then how many more).
+fn logged_paths(plan: &model::UpdatePlan) -> String {
+    const MAX: usize = 20;
+    let lines = plan.path_lines();
+    let mut s: String = lines.iter().take(MAX).map(|l| format!(";  {l}")).collect();
+    if lines.len() > MAX {
+        s.push_str(&format!(";  … and {} more", lines.len() - MAX));
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_update_log_line_says_change_for_a_replaced_file_and_bounds_its_paths() {
+        use model::plan::{Aspect, PathInode, Replaced};
+        let path = model::path::FsPath::from_relative(b"etc/app.conf").unwrap();
+        let mut plan = model::UpdatePlan::default();
+        plan.inodes_to_make.push(PathInode {
+            path: path.clone(),
+            inode: model::Inode::file(0o644, 0, 0, Default::default(), 0, None),
+        });
+        plan.replaced.push(Replaced {
+            path,
+            what: vec![Aspect::Content, Aspect::Mode],
+        });
+        let line = format!(
+            "{}{}",
+            plan.to_string().trim_end().replace('\n', ";"),
+            logged_paths(&plan)
+        );
+        assert!(line.contains("add 0, change 1"), "{line}");
+        assert!(
+            line.contains("~ -rw-r--r-- /etc/app.conf (content, mode)"),
+            "{line}"
+        );
+        for i in 0..30 {
+            plan.paths_to_delete
+                .push(model::path::FsPath::from_relative(format!("d{i}").as_bytes()).unwrap());
+        }
+        assert!(
+            logged_paths(&plan).ends_with("… and 11 more"),
+            "{}",
+            logged_paths(&plan)
+        );
+    }
 
     fn subd() -> (tempfile::TempDir, Arc<Subd>) {
         let d = tempfile::tempdir().unwrap();

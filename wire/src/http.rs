@@ -236,6 +236,17 @@ pub async fn serve_with_status(
     r.and(side)
 }
 
+/// Whether the peer closed (or reset) the connection without sending a byte: a port probe or
+/// readiness check (`nc -z`, a TCP health check), not a client whose handshake failed, so
+/// it is logged at debug rather than as a refused handshake.
+async fn closed_before_first_byte(stream: &tokio::net::TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    match stream.peek(&mut byte).await {
+        Ok(n) => n == 0,
+        Err(_) => true,
+    }
+}
+
 /// Serves one accepted connection: the TLS handshake (bounded by the header timeout),
 /// then HTTP/1.1 with the header and transfer timeouts.
 async fn connection(
@@ -248,6 +259,20 @@ async fn connection(
     admitted: Arc<Admitted>,
 ) {
     let limits = tracker.limits();
+    if acceptor.is_some() {
+        match tokio::time::timeout(limits.header_timeout, closed_before_first_byte(&stream)).await {
+            Ok(true) => {
+                tracing::debug!(%peer, "connection closed before its first byte (a port probe)");
+                return;
+            }
+            Ok(false) => {}
+            Err(_) => {
+                tracker.slow_head(peer.ip());
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        }
+    }
     let stream = StallIo::new(stream, limits.transfer_timeout);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())

@@ -18,16 +18,31 @@ pub struct DaemonTlsArgs {
     /// CA certificate peers must chain to [default: /etc/ssl/CA.pem]
     #[arg(long = "ca-file", value_name = "PEM")]
     pub ca: Option<PathBuf>,
-    /// This daemon's certificate [default: /etc/ssl/<daemon>/cert.pem]
+    /// Certificate this program presents [default: /etc/ssl/ROLE/cert.pem]
     #[arg(long = "cert-file", value_name = "PEM")]
     pub cert: Option<PathBuf>,
-    /// This daemon's private key [default: /etc/ssl/<daemon>/key.pem]
+    /// Private key of that certificate [default: /etc/ssl/ROLE/key.pem]
     #[arg(long = "key-file", value_name = "PEM")]
     pub key: Option<PathBuf>,
     /// Serve plain HTTP when no certificate is found (development only; every caller
     /// may then call every method, and the status page says so in red)
     #[arg(long, alias = "permitInsecureMode")]
     pub permit_insecure_mode: bool,
+}
+
+/// For `#[command(mut_args = daemon_tls_help("ROLE"))]` on a command flattening
+/// [`DaemonTlsArgs`]: its `--cert-file`/`--key-file` help names ROLE's real default
+/// paths (`/etc/ssl/ROLE/cert.pem`) instead of a placeholder.
+pub fn daemon_tls_help(role: &'static str) -> impl FnMut(clap::Arg) -> clap::Arg {
+    move |arg| match arg.get_id().as_str() {
+        "cert" => arg.help(format!(
+            "Certificate this program presents [default: /etc/ssl/{role}/cert.pem]"
+        )),
+        "key" => arg.help(format!(
+            "Private key of that certificate [default: /etc/ssl/{role}/key.pem]"
+        )),
+        _ => arg,
+    }
 }
 
 /// Why a daemon cannot start securely.

@@ -434,3 +434,50 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_modified_file_is_a_change_naming_what_differs_not_an_addition() {
+    let want = T::new()
+        .dir("/etc")
+        .file_m("/etc/app.conf", b"new", 0o600)
+        .file("/etc/new", b"n")
+        .done();
+    let i = image(want, None);
+    // (the machine's /etc/app.conf, what differs)
+    let cases: Vec<(FileTree, Vec<Aspect>)> = vec![
+        (
+            T::new().dir("/etc").file("/etc/app.conf", b"old").done(),
+            vec![Aspect::Content, Aspect::Mode],
+        ),
+        (
+            T::new()
+                .dir("/etc")
+                .file_m("/etc/app.conf", b"old", 0o600)
+                .with("/etc/app.conf", |i| {
+                    i.uid = 7;
+                    i.mtime = Mtime { sec: 9, nsec: 0 };
+                })
+                .done(),
+            vec![Aspect::Content, Aspect::Owner, Aspect::Mtime],
+        ),
+        (
+            T::new().dir("/etc").sym("/etc/app.conf", "/x").done(),
+            vec![Aspect::Kind],
+        ),
+    ];
+    for (have, what) in cases {
+        let plan = run(&i, &have, &[], None);
+        assert_eq!(plan.replaced_at(&p("/etc/app.conf")), Some(what.as_slice()));
+        assert_eq!(plan.replaced_at(&p("/etc/new")), None);
+        let s = plan.summary();
+        assert_eq!((s.to_add, s.to_replace), (1, 1));
+        let text = format!("{plan:#}");
+        assert!(text.contains("add 1, change 1"), "{text}");
+        let line = format!("~ -rw------- /etc/app.conf ({})", Aspect::list(&what));
+        assert!(text.contains(&line), "{text}");
+        assert!(text.contains("+ -rw-r--r-- /etc/new"), "{text}");
+    }
+    // A plan from an earlier version (no `replaced`) still loads: its changes read as adds.
+    let old: UpdatePlan = serde_json::from_str(r#"{"image_name":"x","sparse":true}"#).unwrap();
+    assert!(old.replaced.is_empty());
+}
