@@ -584,6 +584,7 @@ fn an_unreachable_image_server_is_a_one_line_error() {
         text,
         "nothing changed"
     );
+}
 
 #[test]
 fn check_warns_on_misspelled_keys_and_refuses_a_key_given_twice() {
