@@ -553,7 +553,7 @@ async fn fleet_of_real_processes_over_mutual_tls() {
         let (verb, rest) = l.split_once(char::is_whitespace).unwrap_or((l, ""));
         let path = rest.trim().split(' ').next().unwrap_or("").to_string();
         match verb {
-            "add" | "mkdir" | "delete" | "link" | "chmeta" => {
+            "add" | "change" | "mkdir" | "delete" | "link" | "chmeta" => {
                 planned.insert(path);
             }
             "trigger" => triggers.push(path),
