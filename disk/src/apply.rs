@@ -76,11 +76,14 @@ impl Default for ApplyOptions {
     }
 }
 
-/// Handles on the root and the last directory resolved under it.
+/// Handles on the root and on each directory of the last path resolved under it.
 struct Root {
     fd: Arc<OwnedFd>,
     dev: u64,
-    last: Option<(FsPath, Arc<OwnedFd>)>,
+    /// One handle per component of the last directory resolved (name, handle), so the
+    /// next one reuses their longest common prefix: paths come sorted, and walking each
+    /// from the root cost two calls per component.
+    chain: Vec<(Vec<u8>, Arc<OwnedFd>)>,
 }
 
 impl Root {
@@ -94,26 +97,30 @@ impl Root {
         Ok(Root {
             fd: Arc::new(fd),
             dev,
-            last: None,
+            chain: Vec::new(),
         })
     }
 
-    /// A handle on directory `dir`, walked from the root without following symlinks or
-    /// crossing mount points.
+    /// A handle on directory `dir`, walked from the root (or from the handles of the last
+    /// walk, while its components agree) without following symlinks or crossing mount
+    /// points.
     fn dir(&mut self, dir: &FsPath) -> Result<Arc<OwnedFd>, Cause> {
         if dir.is_root() {
             return Ok(self.fd.clone());
         }
-        if let Some((p, fd)) = &self.last {
-            if p == dir {
-                return Ok(fd.clone());
-            }
-        }
-        let mut cur = self.fd.clone();
-        for comp in dir.components() {
+        let comps: Vec<&[u8]> = dir.components().collect();
+        let common = self
+            .chain
+            .iter()
+            .zip(&comps)
+            .take_while(|((have, _), want)| have.as_slice() == **want)
+            .count();
+        self.chain.truncate(common);
+        let mut cur = self.chain.last().map_or(&self.fd, |(_, fd)| fd).clone();
+        for comp in &comps[common..] {
             let next = rustix::fs::openat(
                 cur.as_fd(),
-                comp,
+                *comp,
                 OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
             )
@@ -126,8 +133,8 @@ impl Root {
                 return Err(Cause::CrossesMount(dir.clone()));
             }
             cur = Arc::new(next);
+            self.chain.push((comp.to_vec(), cur.clone()));
         }
-        self.last = Some((dir.clone(), cur.clone()));
         Ok(cur)
     }
 
@@ -137,8 +144,9 @@ impl Root {
         Ok((self.dir(&parent)?, path.name().to_vec()))
     }
 
+    /// Drops the handles kept from the last walk (after removing or replacing directories).
     fn forget(&mut self) {
-        self.last = None;
+        self.chain.clear();
     }
 }
 
