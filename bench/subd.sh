@@ -4,7 +4,7 @@
 #   1. full unthrottled subd scan          vs  single-core sha512sum of the same files
 #   2. birth of an empty root              vs  rsync -aH from an rsync daemon on loopback
 #   3. converge rootfs -> rootfs2          vs  rsync -aH --delete --checksum
-#      (both: the whole `imagetool patch-directory` process, ROUNDS=3 rounds, medians;
+#      (both: the whole `imagetool patch-directory` process and its CPU seconds, ROUNDS=3 rounds, medians;
 #      rsync both as it exits and followed by `sync`)
 #   4. running subd, scan done: fetch + update time, activation window
 #   5. counts: objects/requests/bytes fetched, unchanged inodes untouched, zero differences
