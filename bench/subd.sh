@@ -4,7 +4,7 @@
 #   1. full unthrottled subd scan          vs  single-core sha512sum of the same files
 #   2. birth of an empty root              vs  rsync -aH from an rsync daemon on loopback
 #   3. converge rootfs -> rootfs2          vs  rsync -aH --delete --checksum
-#      (both: the whole `imagetool patch-directory` process, ROUNDS=3 rounds, medians;
+#      (both: the whole `imagetool patch-directory` process and its CPU seconds, ROUNDS=3 rounds, medians;
 #      rsync both as it exits and followed by `sync`)
 #   4. running subd, scan done: fetch + update time, activation window
 #   5. counts: objects/requests/bytes fetched, unchanged inodes untouched, zero differences
@@ -92,34 +92,38 @@ median() { python3 -c "import statistics,sys; print(f'{statistics.median(map(flo
 timed_rsync() { # dest args...: sets RS (plain) and RSS (then sync)
   local t0 t1 t2; t0=$(now); rsync "${@:2}" "$1"; t1=$(now); sync -f "$1"; t2=$(now)
   RS=$(secs "$t0" "$t1"); RSS=$(secs "$t0" "$t2"); }
-timed_patch() { # image dir: sets PS and keeps the output in $WORK/patch.out
-  local t0 t1; sync; t0=$(now); patch "$1" "$2" >"$WORK/patch.out"; t1=$(now); PS=$(secs "$t0" "$t1"); }
+# /usr/bin/time also gives the process's CPU seconds (user + system), the figure that moves
+# least on a shared machine.
+timed_patch() { # image dir: sets PS, PCPU and keeps the output in $WORK/patch.out
+  local t0 t1; sync; t0=$(now)
+  /usr/bin/time -f "%U %S" -o "$WORK/patch.cpu" "$BIN/imagetool" --image-server "127.0.0.1:$PORT" patch-directory "$1" "$2" >"$WORK/patch.out"
+  t1=$(now); PS=$(secs "$t0" "$t1"); PCPU=$(awk '{printf "%.2f", $1+$2}' "$WORK/patch.cpu"); }
 counts() { sed -n 's/.*fetched \([0-9]*\) objects (\(.*\)) in \([0-9]*\) requests, activation \(.*\) ms/\1 objects (\2) in \3 requests, activation \4 ms/p' "$WORK/patch.out"; }
 
 # 2. birth of an empty root
-B_P=(); B_R=(); B_RS=()
+B_P=(); B_R=(); B_RS=(); B_C=()
 for r in $(seq "$ROUNDS"); do
   rm -rf "$WORK/rsync-birth" "$WORK/birth"; sync
   timed_rsync "$WORK/rsync-birth/" -aH "rsync://127.0.0.1:$R/corpus/rootfs/"
   timed_patch bench/rootfs "$WORK/birth"
-  B_P+=("$PS"); B_R+=("$RS"); B_RS+=("$RSS")
-  echo "birth round $r: patch-directory $PS s ($(counts)); rsync -aH $RS s, then sync $RSS s"
+  B_P+=("$PS"); B_R+=("$RS"); B_RS+=("$RSS"); B_C+=("$PCPU")
+  echo "birth round $r: patch-directory $PS s, $PCPU CPU-s ($(counts)); rsync -aH $RS s, then sync $RSS s"
 done
 PB=$(median "${B_P[@]}"); RB=$(median "${B_R[@]}"); RBS=$(median "${B_RS[@]}")
-echo "birth (median of $ROUNDS): patch-directory $PB s; rsync -aH $RB s, ratio $(ratio "$PB" "$RB") (target <= 1.3); rsync -aH + sync $RBS s, ratio $(ratio "$PB" "$RBS") (target <= 1.0)"
+echo "birth (median of $ROUNDS): patch-directory $PB s, $(median "${B_C[@]}") CPU-s; rsync -aH $RB s, ratio $(ratio "$PB" "$RB") (target <= 1.3); rsync -aH + sync $RBS s, ratio $(ratio "$PB" "$RBS") (target <= 1.0)"
 
 # 3. converge rootfs -> rootfs2, on a fresh copy of rootfs each round
-C_P=(); C_R=(); C_RS=()
+C_P=(); C_R=(); C_RS=(); C_C=()
 for r in $(seq "$ROUNDS"); do
   rm -rf "$WORK/rsync-conv" "$WORK/conv"
   cp -a "$CORPUS/rootfs" "$WORK/rsync-conv"; cp -a "$CORPUS/rootfs" "$WORK/conv"; sync
   timed_rsync "$WORK/rsync-conv/" -aH --delete --checksum "rsync://127.0.0.1:$R/corpus/rootfs2/"
   timed_patch bench/rootfs2 "$WORK/conv"
-  C_P+=("$PS"); C_R+=("$RS"); C_RS+=("$RSS")
-  echo "converge round $r: patch-directory $PS s ($(counts)); rsync -aHc --delete $RS s, then sync $RSS s"
+  C_P+=("$PS"); C_R+=("$RS"); C_RS+=("$RSS"); C_C+=("$PCPU")
+  echo "converge round $r: patch-directory $PS s, $PCPU CPU-s ($(counts)); rsync -aHc --delete $RS s, then sync $RSS s"
 done
 PC=$(median "${C_P[@]}"); RC=$(median "${C_R[@]}"); RCS=$(median "${C_RS[@]}")
-echo "converge (median of $ROUNDS): patch-directory $PC s; rsync -aHc --delete $RC s, ratio $(ratio "$PC" "$RC") (target <= 1.0); rsync -aHc --delete + sync $RCS s, ratio $(ratio "$PC" "$RCS")"
+echo "converge (median of $ROUNDS): patch-directory $PC s, $(median "${C_C[@]}") CPU-s; rsync -aHc --delete $RC s, ratio $(ratio "$PC" "$RC") (target <= 1.0); rsync -aHc --delete + sync $RCS s, ratio $(ratio "$PC" "$RCS")"
 echo "converge counts (last round): $(counts) (target 66 objects in <= 5 requests)"
 
 # 4. running subd on a copy of rootfs, scan done

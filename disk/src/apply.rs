@@ -1,8 +1,9 @@
 //! Executing an `UpdatePlan` under a root directory (subd's Update and `patch-directory`).
 //!
 //! Order (Dominator §3.3, §6.5): copy local files into the object cache and stage every
-//! new inode in `STATE/staging` with its final owner, mode and mtime (only `STATE` is
-//! touched so far) → stop the services the old trigger set matches → make directories →
+//! new inode with its final owner, mode and mtime in `STATE/staging` (a regular file that
+//! is its object's last use stays in the cache, given its metadata there, and is renamed
+//! from there into place: one rename fewer per file; only `STATE` is touched so far) → stop the services the old trigger set matches → make directories →
 //! rename staged inodes into place → hardlinks → deletions → metadata changes (chown before
 //! chmod, then mtime) → start or reload the services the new set matches. Content reaches
 //! its path only by rename, so every file is at all times wholly old or wholly new.
@@ -33,7 +34,8 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, CWD};
 use rustix::io::Errno;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
-use std::path::Path;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,11 +76,14 @@ impl Default for ApplyOptions {
     }
 }
 
-/// Handles on the root and the last directory resolved under it.
+/// Handles on the root and on each directory of the last path resolved under it.
 struct Root {
     fd: Arc<OwnedFd>,
     dev: u64,
-    last: Option<(FsPath, Arc<OwnedFd>)>,
+    /// One handle per component of the last directory resolved (name, handle), so the
+    /// next one reuses their longest common prefix: paths come sorted, and walking each
+    /// from the root cost two calls per component.
+    chain: Vec<(Vec<u8>, Arc<OwnedFd>)>,
 }
 
 impl Root {
@@ -92,26 +97,30 @@ impl Root {
         Ok(Root {
             fd: Arc::new(fd),
             dev,
-            last: None,
+            chain: Vec::new(),
         })
     }
 
-    /// A handle on directory `dir`, walked from the root without following symlinks or
-    /// crossing mount points.
+    /// A handle on directory `dir`, walked from the root (or from the handles of the last
+    /// walk, while its components agree) without following symlinks or crossing mount
+    /// points.
     fn dir(&mut self, dir: &FsPath) -> Result<Arc<OwnedFd>, Cause> {
         if dir.is_root() {
             return Ok(self.fd.clone());
         }
-        if let Some((p, fd)) = &self.last {
-            if p == dir {
-                return Ok(fd.clone());
-            }
-        }
-        let mut cur = self.fd.clone();
-        for comp in dir.components() {
+        let comps: Vec<&[u8]> = dir.components().collect();
+        let common = self
+            .chain
+            .iter()
+            .zip(&comps)
+            .take_while(|((have, _), want)| have.as_slice() == **want)
+            .count();
+        self.chain.truncate(common);
+        let mut cur = self.chain.last().map_or(&self.fd, |(_, fd)| fd).clone();
+        for comp in &comps[common..] {
             let next = rustix::fs::openat(
                 cur.as_fd(),
-                comp,
+                *comp,
                 OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
             )
@@ -124,8 +133,8 @@ impl Root {
                 return Err(Cause::CrossesMount(dir.clone()));
             }
             cur = Arc::new(next);
+            self.chain.push((comp.to_vec(), cur.clone()));
         }
-        self.last = Some((dir.clone(), cur.clone()));
         Ok(cur)
     }
 
@@ -135,8 +144,9 @@ impl Root {
         Ok((self.dir(&parent)?, path.name().to_vec()))
     }
 
+    /// Drops the handles kept from the last walk (after removing or replacing directories).
     fn forget(&mut self) {
-        self.last = None;
+        self.chain.clear();
     }
 }
 
@@ -561,10 +571,19 @@ struct Owed {
     restart_subd: bool,
 }
 
-/// The staging directory (if it could be prepared) and each selected inode's staged name.
+/// The staging directory (if it could be prepared) and where each selected inode waits.
 struct Staged {
     fd: Option<OwnedFd>,
-    names: Vec<Option<String>>,
+    names: Vec<Option<Place>>,
+}
+
+/// Where a staged inode waits for its rename into place, with its final metadata.
+#[derive(Clone, Debug)]
+enum Place {
+    /// `STATE/staging/NAME`.
+    Staging(String),
+    /// Its object in the cache (a regular file, the object's last use).
+    Cache(PathBuf),
 }
 
 /// Times the change window: from the first change to the last.
@@ -692,13 +711,13 @@ impl Update<'_> {
                 None
             }
         };
-        let mut names: Vec<Option<String>> = vec![None; sel.inodes.len()];
+        let mut names: Vec<Option<Place>> = vec![None; sel.inodes.len()];
         if let Some(sfd) = &fd {
             let mut uses = object_uses(plan);
             for (n, pi) in sel.inodes.iter().enumerate() {
                 let name = format!("{n}");
-                match stage(sfd, &name, &pi.inode, &self.store, &mut uses) {
-                    Ok(()) => names[n] = Some(name),
+                match stage(sfd, name, &pi.inode, &self.store, &mut uses) {
+                    Ok(place) => names[n] = Some(place),
                     Err(e) => self.run.error(ApplyError::step(Step::Stage, &pi.path)(e)),
                 }
             }
@@ -781,19 +800,24 @@ impl Update<'_> {
         }
     }
 
-    /// Renames each staged inode into place; one that cannot go returns to the cache.
+    /// Renames each staged inode into place; one that cannot go returns to (or stays in)
+    /// the cache.
     fn install(
         &mut self,
         sfd: &OwnedFd,
         inodes: &[&PathInode],
-        names: &[Option<String>],
+        names: &[Option<Place>],
         window: &mut Window,
     ) {
         let (fs, excl) = (&mut self.fs, self.excl);
-        for (pi, name) in inodes.iter().zip(names) {
-            let Some(name) = name else { continue };
+        for (pi, place) in inodes.iter().zip(names) {
+            let from = match place {
+                None => continue,
+                Some(Place::Staging(name)) => (sfd.as_fd(), Path::new(name.as_str())),
+                Some(Place::Cache(path)) => (CWD, path.as_path()),
+            };
             let r = fs.parent(&pi.path).and_then(|(pfd, leaf)| {
-                rename_into_place(fs, sfd, name, pfd.as_fd(), &leaf, &pi.path, excl)
+                rename_into_place(fs, from, pfd.as_fd(), &leaf, &pi.path, excl)
             });
             match r {
                 Ok(()) => window.mark(),
@@ -801,7 +825,9 @@ impl Update<'_> {
                     self.run.error(ApplyError::step(Step::Install, &pi.path)(e));
                     // Keep the content: a staged object goes back to the cache, so the
                     // next update need not fetch it again.
-                    if let (Kind::File, Some(h)) = (pi.inode.kind, pi.inode.hash) {
+                    if let (Kind::File, Some(h), Some(Place::Staging(name))) =
+                        (pi.inode.kind, pi.inode.hash, place)
+                    {
                         return_to_cache(sfd, name, &self.store, &h);
                     }
                 }
@@ -818,7 +844,8 @@ impl Update<'_> {
                 rustix::fs::linkat(&*tfd, tleaf.as_slice(), sfd, tmp.as_str(), AtFlags::empty())
                     .map_err(Cause::sys_at(Op::Link, &h.target))?;
                 let (pfd, leaf) = fs.parent(&h.path)?;
-                let r = rename_into_place(fs, sfd, &tmp, pfd.as_fd(), &leaf, &h.path, excl);
+                let from = (sfd.as_fd(), Path::new(tmp.as_str()));
+                let r = rename_into_place(fs, from, pfd.as_fd(), &leaf, &h.path, excl);
                 // Renaming onto another name of the same inode leaves the temp name.
                 let _ = rustix::fs::unlinkat(sfd, tmp.as_str(), AtFlags::empty());
                 r
@@ -1092,12 +1119,11 @@ fn write_patched_image(fs: &mut Root, name: &str) {
     }
 }
 
-/// Renames the staged `name` to `leaf` in `pfd`. A directory standing there is removed
+/// Renames the staged `from` (a directory and a name in it) to `leaf` in `pfd`. A directory standing there is removed
 /// first, found by the rename's refusal, so the usual case costs one call.
 fn rename_into_place(
     fs: &mut Root,
-    sfd: &OwnedFd,
-    name: &str,
+    (sfd, name): (BorrowedFd<'_>, &Path),
     pfd: BorrowedFd<'_>,
     leaf: &[u8],
     path: &FsPath,
@@ -1217,22 +1243,24 @@ fn empty_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// Creates `name` in the staging directory as `want`, with its final metadata. Regular
-/// files come from the cache: renamed out of it for an object's last use, copied before.
+/// Stages `want` with its final metadata; returns where it waits. Regular files come from
+/// the cache: copied to `name` in the staging directory for all but an object's last use,
+/// which is the cache's own object, given its metadata where it is (the cache is in the
+/// private state directory, as staging is) and later renamed from there into place.
 fn stage(
     sfd: &OwnedFd,
-    name: &str,
+    name: String,
     want: &Inode,
     store: &ObjectStore,
     uses: &mut BTreeMap<ObjectId, usize>,
-) -> Result<(), Cause> {
+) -> Result<Place, Cause> {
     let cache_path = |h: &ObjectId| store.path_of(h);
     match want.kind {
         Kind::File => match want.hash {
             None => {
                 let fd = rustix::fs::openat(
                     sfd,
-                    name,
+                    name.as_str(),
                     OFlags::WRONLY
                         | OFlags::CREATE
                         | OFlags::EXCL
@@ -1250,18 +1278,21 @@ fn stage(
                     *n
                 });
                 if left.unwrap_or(0) > 0 {
-                    copy_object(&src, sfd, name)?;
+                    copy_object(&src, sfd, &name)?;
                 } else {
-                    rustix::fs::renameat(CWD, src.as_path(), sfd, name).map_err(|e| match e {
-                        Errno::NOENT => Cause::NotInCache(h),
-                        e => Cause::sys(Op::Rename)(e),
-                    })?;
+                    let (fd, o_path) = open_inode(CWD, src.as_os_str().as_bytes(), Kind::File)
+                        .map_err(|e| match e {
+                            Errno::NOENT => Cause::NotInCache(h),
+                            e => Cause::sys(Op::Open)(e),
+                        })?;
+                    set_metadata(&fd, o_path, want)?;
+                    return Ok(Place::Cache(src));
                 }
             }
         },
         Kind::Symlink => {
             let target = want.target.as_deref().unwrap_or_default();
-            rustix::fs::symlinkat(target, sfd, name).map_err(Cause::sys(Op::Symlink))?;
+            rustix::fs::symlinkat(target, sfd, name.as_str()).map_err(Cause::sys(Op::Symlink))?;
         }
         Kind::Char | Kind::Block | Kind::Fifo => {
             let ft = match want.kind {
@@ -1269,14 +1300,21 @@ fn stage(
                 Kind::Block => FileType::BlockDevice,
                 _ => FileType::Fifo,
             };
-            rustix::fs::mknodat(sfd, name, ft, Mode::from_raw_mode(0o600), want.rdev)
-                .map_err(Cause::sys(Op::Mknod))?;
+            rustix::fs::mknodat(
+                sfd,
+                name.as_str(),
+                ft,
+                Mode::from_raw_mode(0o600),
+                want.rdev,
+            )
+            .map_err(Cause::sys(Op::Mknod))?;
         }
         Kind::Dir => return Err(Cause::DirIsNotAnInode),
     }
     let (fd, o_path) =
         open_inode(sfd.as_fd(), name.as_bytes(), want.kind).map_err(Cause::sys(Op::Open))?;
-    set_metadata(&fd, o_path, want)
+    set_metadata(&fd, o_path, want)?;
+    Ok(Place::Staging(name))
 }
 
 fn copy_object(src: &Path, sfd: &OwnedFd, name: &str) -> Result<(), Cause> {

@@ -7,7 +7,9 @@
 //! Writes stream into a temp file while hashing, are checked against the expected id, and
 //! are made durable in batches: `sync` (syncfs) of all temp files, renames, `sync` again.
 //! So a crash at any moment leaves only whole, correct objects under their names, plus
-//! temp files that `open` removes. Nothing renames, overwrites or edits an object in place.
+//! temp files that `open` removes. Nothing here overwrites or edits an object's bytes. (In
+//! subd's cache, `disk::apply` takes an object's last use out of the store: it gives the
+//! object its final owner, mode and mtime where it is and renames it into place.)
 
 use crate::fsutil::{DeleteOnDrop, TEMP_SUFFIX};
 use model::hash::{ObjectHasher, ObjectId};

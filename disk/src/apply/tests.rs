@@ -893,6 +893,67 @@ fn an_object_missing_from_the_cache_is_typed_as_such() {
     );
 }
 
+/// An object's last use is the cache's own inode, given its metadata and renamed from the
+/// cache into place (one rename, nothing copied); an object whose install fails stays in
+/// the cache, content intact, for the next update; nothing is left in staging.
+#[test]
+fn a_last_use_goes_from_the_cache_into_place_and_a_failed_install_keeps_it_cached() {
+    let f = fixture();
+    let store = f.sd.objects().unwrap();
+    let (a, b) = (
+        store.put(b"content a").unwrap(),
+        store.put(b"content b").unwrap(),
+    );
+    let cached_ino = std::fs::metadata(store.path_of(&a)).unwrap().ino();
+    let plan = UpdatePlan {
+        sparse: true,
+        inodes_to_make: vec![
+            PathInode {
+                path: p("/a"),
+                inode: Inode::file(0o751, 0, 0, M, 9, Some(a)),
+            },
+            PathInode {
+                path: p("/missing/b"),
+                inode: Inode::file(0o644, 0, 0, M, 9, Some(b)),
+            },
+        ],
+        ..UpdatePlan::default()
+    };
+    let (_, failures) = apply_typed(&f, &plan);
+    assert!(
+        matches!(
+            &failures[..],
+            [ApplyError::Step {
+                step: Step::Install,
+                ..
+            }]
+        ),
+        "{failures:?}"
+    );
+    let m = std::fs::symlink_metadata(f.root.join("a")).unwrap();
+    assert_eq!(std::fs::read(f.root.join("a")).unwrap(), b"content a");
+    assert_eq!((m.ino(), m.mode() & 0o7777), (cached_ino, 0o751));
+    assert_eq!((m.mtime(), m.mtime_nsec()), (M.sec, M.nsec as i64));
+    assert!(
+        !store.contains(&a),
+        "the last use took the object out of the cache"
+    );
+    let mut kept = Vec::new();
+    store
+        .open_object(&b)
+        .unwrap()
+        .read_to_end(&mut kept)
+        .unwrap();
+    assert_eq!(
+        kept, b"content b",
+        "a failed install leaves its object in the cache"
+    );
+    assert_eq!(
+        std::fs::read_dir(f.state.join("staging")).unwrap().count(),
+        0
+    );
+}
+
 #[test]
 fn a_name_the_filesystem_refuses_is_typed_with_the_call_and_its_errno() {
     // A component longer than NAME_MAX (255 bytes): refused by the kernel even for root, so
