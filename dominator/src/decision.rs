@@ -127,9 +127,9 @@ pub enum ImageState {
 /// Something the dominator asked the machine to do, remembered until it is confirmed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Fetch objects for `image`; the poll before it had scan count `scan_count`.
+    /// Fetch objects for `image`; subd had scan count `scan_count` when it accepted it.
     Fetch { image: String, scan_count: u64 },
-    /// Apply the update for `image`; the poll before it had scan count `scan_count`.
+    /// Apply the update for `image`; subd had scan count `scan_count` when it accepted it.
     Update { image: String, scan_count: u64 },
 }
 
@@ -194,9 +194,10 @@ fn wait(status: Status, error: Option<String>) -> Step {
     }
 }
 
-/// Scans after an update that must complete before its result is believed: the scan in
-/// flight when the update started may have seen the tree half-way.
-pub const SCANS_AFTER_UPDATE: u64 = 2;
+/// Scans after an update that must complete before its result is believed, counted from
+/// subd's scan count when it accepted the update: subd discards a pass that overlapped the
+/// update, so the first scan counted after that started after the update ended.
+pub const SCANS_AFTER_UPDATE: u64 = 1;
 /// What the scans since our last action say, if they settle the step: still waiting for
 /// them, or the action failed.
 fn outcome_of_last_action(poll: &PollResponse, last_action: Option<&Action>) -> Option<Step> {
@@ -506,7 +507,8 @@ mod tests {
             image: "img/1".into(),
             scan_count: 10,
         };
-        let (one_scan, two_scans) = (poll(4, 11), poll(4, 12));
+        // Actions were accepted at scan 10: scan 11 is the first to start after them.
+        let (no_scan_since, one_scan) = (poll(4, 10), poll(4, 11));
         let w = |status, error: Option<&str>, settled| Step::Wait {
             status,
             error: error.map(str::to_string),
@@ -656,10 +658,10 @@ mod tests {
                 want: w(Status::UpdatesDisabled, Some("maintenance"), true),
             },
             Case {
-                name: "update sent, one scan since: wait",
+                name: "update accepted, no scan since: wait",
                 facts: Facts {
                     last_action: Some(&sent_update),
-                    ..base(&one_scan, Some(&changes))
+                    ..base(&no_scan_since, Some(&changes))
                 },
                 want: w(Status::WaitingForScan, None, false),
             },
@@ -676,10 +678,10 @@ mod tests {
                 ),
             },
             Case {
-                name: "update confirmed: empty diff after two scans",
+                name: "update confirmed: empty diff at the first scan since",
                 facts: Facts {
                     last_action: Some(&sent_update),
-                    ..base(&two_scans, Some(&empty))
+                    ..base(&one_scan, Some(&empty))
                 },
                 want: Step::Synced {
                     prefetch: vec![],
@@ -690,7 +692,7 @@ mod tests {
                 name: "update reported success but the diff is not empty: no resend loop",
                 facts: Facts {
                     last_action: Some(&sent_update),
-                    ..base(&two_scans, Some(&changes))
+                    ..base(&one_scan, Some(&changes))
                 },
                 want: w(
                     Status::UpdateFailed,
@@ -702,7 +704,7 @@ mod tests {
                 name: "after an update of another image: update",
                 facts: Facts {
                     last_action: Some(&sent_other),
-                    ..base(&two_scans, Some(&changes))
+                    ..base(&one_scan, Some(&changes))
                 },
                 want: Step::Update,
             },
@@ -756,8 +758,8 @@ mod tests {
         assert!(needs_plan(&poll(3, 10), None));
         assert!(!needs_plan(&poll(0, 0), None));
         assert!(!needs_plan(&busy, None));
-        assert!(!needs_plan(&poll(3, 11), Some(&sent(10))));
-        assert!(needs_plan(&poll(3, 12), Some(&sent(10))));
+        assert!(!needs_plan(&poll(3, 10), Some(&sent(10))));
+        assert!(needs_plan(&poll(3, 11), Some(&sent(10))));
         assert!(!needs_plan(&poll(3, 10), Some(&fetched)));
         assert!(needs_plan(&poll(3, 11), Some(&fetched)));
         assert!(needs_plan(&fetch_err, Some(&fetched)));

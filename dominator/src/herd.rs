@@ -833,13 +833,14 @@ async fn send_fetch(
         wait: false,
     };
     let (status, error) = match client.fetch(&req).await {
-        Ok(()) => {
+        Ok(accepted) => {
             tracing::info!(objects = req.hashes.len(), "fetch sent");
             // Acted on: the next plan comes from the tree that shows the fetch.
             st.plan = None;
             st.last_action = Some(Action::Fetch {
                 image: m.required_image.clone(),
-                scan_count,
+                // subd's count when it accepted the fetch; from an older subd, the poll's.
+                scan_count: accepted.scan_count.unwrap_or(scan_count),
             });
             (Status::Fetching, None)
         }
@@ -870,7 +871,7 @@ async fn send_update(
     }
     let req = api::UpdateRequest { plan, wait: false };
     let (status, error) = match client.update(&req).await {
-        Ok(_) => {
+        Ok(accepted) => {
             tracing::info!(image = %m.required_image, "update sent");
             let now = unix_now();
             st.update_sent_at = Some(now);
@@ -883,7 +884,10 @@ async fn send_update(
             st.plan = None;
             st.last_action = Some(Action::Update {
                 image: m.required_image.clone(),
-                scan_count,
+                // subd's count when it accepted the update (later scans started after it
+                // ended); an older subd's poll count, plus one for a pass that may have
+                // overlapped the update.
+                scan_count: accepted.scan_count.unwrap_or(scan_count + 1),
             });
             (Status::Updating, None)
         }
@@ -915,7 +919,7 @@ async fn send_prefetch(
         wait: false,
     };
     match client.fetch(&req).await {
-        Ok(()) => {
+        Ok(_) => {
             tracing::info!(image = %m.planned_image, objects = req.hashes.len(), "prefetch sent");
             st.prefetched = Some(key);
         }

@@ -229,6 +229,19 @@ pub struct UpdateRequest {
 pub struct UpdateResponse {
     /// Present when `wait` was set.
     pub result: Option<UpdateResult>,
+    /// subd's scan count when it accepted the update: every scan counted after it started
+    /// after the update ended (absent from subds before this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan_count: Option<u64>,
+}
+
+/// `Subd.Fetch`'s reply.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FetchResponse {
+    /// subd's scan count when it accepted the fetch: every scan counted after it started
+    /// after the fetch ended, so it lists every object fetched (absent from older subds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan_count: Option<u64>,
 }
 
 /// `Snapshot.GetObjects`: the objects to read from the paths the last scan recorded with

@@ -11,8 +11,8 @@ use axum::Extension;
 use axum::Router;
 use bytes::Bytes;
 use model::api::{
-    methods, CleanupRequest, Empty, FetchRequest, PollRequest, UpdateRequest, UpdateResponse,
-    UpdateResult,
+    methods, CleanupRequest, Empty, FetchRequest, FetchResponse, PollRequest, UpdateRequest,
+    UpdateResponse, UpdateResult,
 };
 use serde::Serialize;
 use std::sync::Arc;
@@ -151,6 +151,8 @@ struct Claim {
     fetching: bool,
     /// The image an update applies (for the failure it records).
     image: String,
+    /// The scan count when the work was accepted (scans counted later started after it).
+    accepted_at_scan: u64,
     finished: bool,
 }
 
@@ -185,11 +187,10 @@ impl Drop for Claim {
                 });
             }
         }
-        if !self.fetching {
-            self.subd
-                .epoch
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
+        // A pass that overlapped the work is discarded.
+        self.subd
+            .epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.subd.boost_scan();
     }
 }
@@ -220,6 +221,7 @@ fn claim(s: &Arc<Subd>, fetching: bool) -> Result<Claim, ApiError> {
         subd: s.clone(),
         fetching,
         image: String::new(),
+        accepted_at_scan: st.scan_count,
         finished: false,
     })
 }
@@ -262,7 +264,7 @@ fn run_update(
 async fn fetch(
     State(s): State<Arc<Subd>>,
     Json(req): Json<FetchRequest>,
-) -> Result<axum::Json<Empty>, ApiError> {
+) -> Result<axum::Json<FetchResponse>, ApiError> {
     if let Err(e) = wire::client::check_host_port(&req.server) {
         return Err(ApiError::BadRequest(format!(
             "fetch: imageserver address {e}"
@@ -275,6 +277,7 @@ async fn fetch(
     )
     .map_err(|e| ApiError::BadRequest(format!("fetch: {e}")))?;
     let claim = claim(&s, true)?;
+    let scan_count = Some(claim.accepted_at_scan);
     let s2 = s.clone();
     let task = tokio::spawn(async move {
         let opts = FetchOptions {
@@ -296,15 +299,18 @@ async fn fetch(
                 }
             }
         }
+        // A pass that listed the object cache while the fetch ran is discarded: the next
+        // scan counted lists every object fetched.
+        s2.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         s2.boost_scan();
         claim.finished();
         r
     });
     if !req.wait {
-        return Ok(axum::Json(Empty {}));
+        return Ok(axum::Json(FetchResponse { scan_count }));
     }
     match task.await.map_err(ApiError::internal)? {
-        Ok(_) => Ok(axum::Json(Empty {})),
+        Ok(_) => Ok(axum::Json(FetchResponse { scan_count })),
         Err(e @ FetchError::DiskFull { .. }) => Err(ApiError::InsufficientStorage(e.to_string())),
         Err(e) => Err(ApiError::Internal(format!("fetch: {e}"))),
     }
@@ -326,6 +332,7 @@ async fn update(
     }
     let mut claim = claim(&s, false)?;
     claim.image = req.plan.image_name.clone();
+    let scan_count = Some(claim.accepted_at_scan);
     s.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let s2 = s.clone();
     let task = tokio::task::spawn_blocking(move || {
@@ -343,11 +350,15 @@ async fn update(
         })
     });
     if !req.wait {
-        return Ok(axum::Json(UpdateResponse { result: None }));
+        return Ok(axum::Json(UpdateResponse {
+            result: None,
+            scan_count,
+        }));
     }
     let result = task.await.map_err(ApiError::internal)?;
     Ok(axum::Json(UpdateResponse {
         result: Some(result),
+        scan_count,
     }))
 }
 

@@ -56,7 +56,12 @@ pub fn run(subd: &Subd) {
             let mut st = subd.status();
             let b = st.boost;
             st.boost = false;
-            (st.generation == 0, b, st.update_in_progress)
+            // A fetch or update pauses scanning: a pass overlapping either is discarded.
+            (
+                st.generation == 0,
+                b,
+                st.update_in_progress || st.fetch_in_progress,
+            )
         };
         if updating {
             wait(subd, Duration::from_millis(50));
@@ -96,7 +101,10 @@ pub fn run(subd: &Subd) {
         ids.sort();
         {
             let mut st = subd.status();
-            if st.update_in_progress || subd.epoch.load(Ordering::SeqCst) != epoch {
+            if st.update_in_progress
+                || st.fetch_in_progress
+                || subd.epoch.load(Ordering::SeqCst) != epoch
+            {
                 continue; // the tree changed under us: scan again
             }
             let changed = st.generation == 0

@@ -32,6 +32,10 @@ impl Drop for Fleet {
 }
 
 async fn fleet() -> Fleet {
+    fleet_with(|_| {}).await
+}
+
+async fn fleet_with(configure: impl FnOnce(&mut Config)) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     let data = dir.path().join("imageserver");
@@ -40,7 +44,9 @@ async fn fleet() -> Fleet {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = l.local_addr().unwrap().to_string();
     tokio::spawn(imageserver::serve(l, st, std::future::pending()));
-    let state = Subd::start(Config::new(&root)).unwrap();
+    let mut config = Config::new(&root);
+    configure(&mut config);
+    let state = Subd::start(config).unwrap();
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let subd_addr = l.local_addr().unwrap().to_string();
     tokio::spawn(subd::serve(l, state.clone(), std::future::pending()));
@@ -129,6 +135,90 @@ async fn converge(f: &Fleet, name: &str, img: &Image) -> model::api::UpdateResul
     let again = plan(name, img, &after);
     assert!(again.is_empty(), "not converged: {again:#}");
     r
+}
+
+/// The full poll at the first scan counted after `accepted` (a Fetch's or Update's
+/// `scan_count`).
+async fn poll_at_scan_after(f: &Fleet, accepted: u64) -> PollResponse {
+    let t0 = std::time::Instant::now();
+    loop {
+        let p = f
+            .subd
+            .poll(&PollRequest {
+                have_generation: 0,
+                short_only: false,
+            })
+            .await
+            .unwrap();
+        if p.scan_count > accepted && !p.fetch_in_progress && !p.update_in_progress {
+            return p;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no scan after {accepted}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The dominator trusts the first scan counted after the `scan_count` a Fetch or Update
+/// reply carries: that scan lists every object fetched, and shows the update's tree. Run
+/// in a loop with scans back to back, so a pass overlapping the work is likely each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_scan_counted_after_an_accepted_fetch_or_update_shows_it() {
+    let f = fleet_with(|c| c.min_scan_interval = Duration::ZERO).await;
+    let src = f.root.parent().unwrap().join("src");
+    for round in 0..12u32 {
+        for i in 0..40 {
+            write(
+                &src,
+                &format!("d/f{i}"),
+                format!("round {round} file {i}\n").as_bytes(),
+            );
+        }
+        let name = format!("race/{round}");
+        let img = add_image(&f, &name, &src, None, Triggers::default()).await;
+        let p = poll_after(&f, 0).await;
+        let pl = plan(&name, &img, &p);
+        let accepted = f
+            .subd
+            .fetch(&FetchRequest {
+                server: f.server.clone(),
+                hashes: pl.objects_to_fetch.clone(),
+                wait: false,
+            })
+            .await
+            .unwrap()
+            .scan_count
+            .expect("subd says its scan count");
+        let p = poll_at_scan_after(&f, accepted).await;
+        let pl = plan(&name, &img, &p);
+        assert!(
+            pl.objects_to_fetch.is_empty(),
+            "round {round}: the scan after the fetch misses {} objects",
+            pl.objects_to_fetch.len()
+        );
+        let accepted = f
+            .subd
+            .update(&UpdateRequest {
+                plan: pl,
+                wait: false,
+            })
+            .await
+            .unwrap()
+            .scan_count
+            .expect("subd says its scan count");
+        let p = poll_at_scan_after(&f, accepted).await;
+        assert_eq!(
+            p.last_update.as_ref().map(|r| r.image_name.as_str()),
+            Some(name.as_str())
+        );
+        let again = plan(&name, &img, &p);
+        assert!(
+            again.is_empty(),
+            "round {round}: the scan after the update shows the old tree: {again:#}"
+        );
+    }
 }
 
 fn write(root: &Path, rel: &str, data: &[u8]) {

@@ -654,11 +654,8 @@ impl SubdClient {
         self.rpc.call(methods::SUBD_POLL, req).await
     }
 
-    pub async fn fetch(&self, req: &api::FetchRequest) -> Result<(), ClientError> {
-        self.rpc
-            .call::<_, api::Empty>(methods::SUBD_FETCH, req)
-            .await
-            .map(|_| ())
+    pub async fn fetch(&self, req: &api::FetchRequest) -> Result<api::FetchResponse, ClientError> {
+        self.rpc.call(methods::SUBD_FETCH, req).await
     }
 
     pub async fn update(
