@@ -594,6 +594,7 @@ mod tests {
             subd: s.clone(),
             fetching,
             image: "app/1".into(),
+            accepted_at_scan: st.scan_count,
             finished: false,
         }
     }
