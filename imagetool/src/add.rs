@@ -66,6 +66,12 @@ pub enum AddError {
     /// The name was deleted, and names are never reused.
     #[error("image {0} was deleted; image names are never reused")]
     Deleted(ImageName),
+    /// The name's image expired, and names are never reused.
+    #[error("image {0} expired; image names are never reused")]
+    Expired(ImageName),
+    /// `--expires-in` shorter than the server accepts.
+    #[error("--expires-in")]
+    Expiry(#[from] model::expiry::ExpiryError),
     /// The scanning thread panicked.
     #[error("scan thread")]
     ScanThread(#[source] tokio::task::JoinError),
@@ -155,6 +161,8 @@ pub struct Files<'a> {
     pub state: Option<&'a Path>,
     /// The hooks directory (`--hooks`: `pre/` and `post/`), if any.
     pub hooks: Option<&'a Path>,
+    /// `--expires-in`, in seconds (`None`: never expires).
+    pub expires_in: Option<u64>,
 }
 
 /// Reads and compiles the state file (`None` = no state lines).
@@ -244,8 +252,17 @@ pub async fn add(
     if state.exists {
         return Err(AddError::Exists(name));
     }
+    if state.expired {
+        return Err(AddError::Expired(name));
+    }
     if state.deleted {
         return Err(AddError::Deleted(name));
+    }
+    // The server checks again at AddImage (with the time then); this saves the upload.
+    let min = state.min_expiry_secs;
+    let expires_at = files.expires_in.map(|d| disk::clock::unix_now() + d);
+    if let Some(d) = files.expires_in.filter(|d| *d < min) {
+        return Err(model::expiry::ExpiryError::TooSoon { secs: d, min }.into());
     }
     let mut up = Uploader::new(client.clone());
     let pb = progress_bar("adding");
@@ -306,6 +323,9 @@ pub async fn add(
     let mut image = Image::new(tree, filter, triggers);
     image.hooks = hooks.hooks;
     image.state = state_lines;
+    // Counted from the start of the add, so a long upload never pushes it under the minimum
+    // unnoticed: the server refuses then.
+    image.expires_at = expires_at;
     if let Err(source) = client.add_image(name.as_str(), &image).await {
         return Err(AddError::AddImage { name, source });
     }
