@@ -568,11 +568,13 @@ impl Catalogue {
                 name: name.clone(),
                 source,
             })?;
-        model::expiry::check_new(image.expires_at, disk::clock::unix_now(), self.min_expiry())
-            .map_err(|source| CatalogueError::InvalidExpiry {
+        let min = model::expiry::server_minimum(self.min_expiry());
+        model::expiry::check_new(image.expires_at, disk::clock::unix_now(), min).map_err(
+            |source| CatalogueError::InvalidExpiry {
                 name: name.clone(),
                 source,
-            })?;
+            },
+        )?;
         let objects = image.objects();
         {
             let mut idx = self.lock();
@@ -763,12 +765,13 @@ impl Catalogue {
         let _rewrite = self.rewrite.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.image_expiration(name)?;
         let now = disk::clock::unix_now();
-        model::expiry::check_change(current, expires_at, now, self.min_expiry()).map_err(
-            |source| CatalogueError::InvalidExpiry {
+        let min = model::expiry::server_minimum(self.min_expiry());
+        model::expiry::check_change(current, expires_at, now, min).map_err(|source| {
+            CatalogueError::InvalidExpiry {
                 name: name.clone(),
                 source,
-            },
-        )?;
+            }
+        })?;
         let bytes = self.image_json(name)?;
         let mut image: Image =
             serde_json::from_slice(&bytes).map_err(|e| corrupt_error(name, &e.to_string()))?;

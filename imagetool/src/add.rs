@@ -259,8 +259,7 @@ pub async fn add(
         return Err(AddError::Deleted(name));
     }
     // The server checks again at AddImage (with the time then); this saves the upload.
-    let min = state.min_expiry_secs;
-    let expires_at = files.expires_in.map(|d| disk::clock::unix_now() + d);
+    let (min, expires_in) = (state.min_expiry_secs, files.expires_in);
     if let Some(d) = files.expires_in.filter(|d| *d < min) {
         return Err(model::expiry::ExpiryError::TooSoon { secs: d, min }.into());
     }
@@ -323,9 +322,8 @@ pub async fn add(
     let mut image = Image::new(tree, filter, triggers);
     image.hooks = hooks.hooks;
     image.state = state_lines;
-    // Counted from the start of the add, so a long upload never pushes it under the minimum
-    // unnoticed: the server refuses then.
-    image.expires_at = expires_at;
+    // Counted from the moment the image is added, however long the upload took.
+    image.expires_at = expires_in.map(|d| disk::clock::unix_now() + d);
     if let Err(source) = client.add_image(name.as_str(), &image).await {
         return Err(AddError::AddImage { name, source });
     }

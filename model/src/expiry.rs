@@ -22,6 +22,13 @@ pub enum ExpiryError {
     WasNever,
 }
 
+/// What a server holds an expiry time to when the client asked for `min_secs` ahead:
+/// a tenth less, for the client's clock and the time its request took to arrive (the
+/// client checks the full minimum on the duration it was given).
+pub fn server_minimum(min_secs: u64) -> u64 {
+    min_secs - min_secs / 10
+}
+
 /// Parses `never` (`None`) or a duration in seconds (`Some`): one or more number+unit
 /// pairs, units `s`, `m`, `h`, `d`.
 pub fn parse_expires_in(s: &str) -> Result<Option<u64>, ExpiryError> {
@@ -174,6 +181,13 @@ mod tests {
                 want,
                 "{current:?} → {new:?}"
             );
+        }
+    }
+
+    #[test]
+    fn servers_allow_a_tenth_for_clocks_and_transit() {
+        for (min, want) in [(900, 810), (2, 2), (0, 0), (100, 90)] {
+            assert_eq!(server_minimum(min), want, "{min}");
         }
     }
 

@@ -171,9 +171,14 @@ async fn an_expired_image_disappears_keeps_its_name_and_frees_its_objects() {
     };
     assert_eq!(report["last_error"], "image short/1 expired", "{report:#}");
 
-    // After a restart: still gone, still refused, the others as they were.
+    // After a restart: still gone, still refused, the others as they were (no pin: a
+    // restart pins recently unreferenced objects for the grace period).
     isd.kill9();
-    let isd = Daemon::imageserver(&bin("imageserver"), &data, &["--min-expiry-secs", "2"]);
+    let isd = Daemon::imageserver(
+        &bin("imageserver"),
+        &data,
+        &["--min-expiry-secs", "2", "--object-pin-seconds", "0"],
+    );
     let is = isd.addr.as_str();
     let again = |args: &[&str]| {
         let mut v = vec!["--image-server", is];

@@ -457,9 +457,12 @@ impl FetchRun {
             Some(e @ FetchError::Truncated(_)) if attempt + 1 < client.server_count() => {
                 client.reply_failed(out.server, e);
                 out.error = None;
+                // What did not arrive whole and verified (the object cut in the middle was
+                // received, not kept); mismatches are reported, not asked for again.
+                let kept: HashSet<ObjectId> = out.pending.iter().map(|p| p.id).collect();
                 let rest: Vec<ObjectId> = batch
                     .iter()
-                    .filter(|h| !out.received.contains(h))
+                    .filter(|h| !kept.contains(h) && !out.mismatched.contains(h))
                     .copied()
                     .collect();
                 Some((rest, attempt + 1))
