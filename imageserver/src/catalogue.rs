@@ -1586,7 +1586,7 @@ mod tests {
             cat.image_json(&a),
             Err(CatalogueError::ImageExpired(_))
         ));
-        assert_eq!(cat.expire_due(), [a.clone()]);
+        assert_eq!(cat.expire_due(), std::slice::from_ref(&a));
         assert!(matches!(
             cat.add_image(&a, &empty_image(None)),
             Err(CatalogueError::NameExpired(_))
