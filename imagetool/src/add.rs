@@ -227,6 +227,33 @@ fn filtered(filter: Option<&Filter>, path: &FsPath) -> bool {
     false
 }
 
+/// Refuses a taken (live, expired or deleted) name, and an `--expires-in` under the
+/// server's minimum, before anything is sent (AddImage checks again, atomically).
+async fn check_name(
+    client: &ImageServerClient,
+    name: &ImageName,
+    expires_in: Option<u64>,
+) -> Result<(), AddError> {
+    let state = client
+        .check_image_name(name.as_str())
+        .await
+        .map_err(|source| AddError::Ask { source })?;
+    if state.exists {
+        return Err(AddError::Exists(name.clone()));
+    }
+    if state.expired {
+        return Err(AddError::Expired(name.clone()));
+    }
+    if state.deleted {
+        return Err(AddError::Deleted(name.clone()));
+    }
+    let min = state.min_expiry_secs;
+    if let Some(d) = expires_in.filter(|d| *d < min) {
+        return Err(model::expiry::ExpiryError::TooSoon { secs: d, min }.into());
+    }
+    Ok(())
+}
+
 pub async fn add(
     client: &ImageServerClient,
     name: &str,
@@ -244,25 +271,8 @@ pub async fn add(
         .transpose()?
         .unwrap_or_default();
     let meta = std::fs::metadata(path).map_err(source_error(path))?;
-    // Refuse a taken name before sending anything (AddImage checks again, atomically).
-    let state = client
-        .check_image_name(name.as_str())
-        .await
-        .map_err(|source| AddError::Ask { source })?;
-    if state.exists {
-        return Err(AddError::Exists(name));
-    }
-    if state.expired {
-        return Err(AddError::Expired(name));
-    }
-    if state.deleted {
-        return Err(AddError::Deleted(name));
-    }
-    // The server checks again at AddImage (with the time then); this saves the upload.
-    let (min, expires_in) = (state.min_expiry_secs, files.expires_in);
-    if let Some(d) = files.expires_in.filter(|d| *d < min) {
-        return Err(model::expiry::ExpiryError::TooSoon { secs: d, min }.into());
-    }
+    check_name(client, &name, files.expires_in).await?;
+    let expires_in = files.expires_in;
     let mut up = Uploader::new(client.clone());
     let pb = progress_bar("adding");
     let pbc = pb.clone();
