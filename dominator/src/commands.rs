@@ -81,8 +81,9 @@ pub struct FleetArgs {
     /// The machine database
     #[arg(long, env = "MDB_FILE", default_value = mdb::DEFAULT_MDB_PATH)]
     pub mdb: PathBuf,
-    /// The imageserver (HOST:PORT); subds are told to fetch from this address too
-    #[arg(long, value_name = "HOST:PORT", required = true)]
+    /// The imageserver (HOST:PORT), or several separated by commas (tried in order: the
+    /// next on a connection error or a 5xx); subds are told to fetch from this list too
+    #[arg(long, value_name = "HOST:PORT[,…]", required = true)]
     pub image_server: Option<String>,
     /// Port of subds whose MDB Hostname/IpAddress carries none
     #[arg(long, default_value_t = wire::client::SUBD_PORT)]
@@ -110,8 +111,10 @@ impl FleetArgs {
             .image_server
             .clone()
             .ok_or(CommandError::NoImageServer)?;
-        // Subds are told this address and accept only HOST[:PORT].
-        wire::client::check_host_port(&image_server).map_err(CommandError::ImageServer)?;
+        // Subds are told this list and accept only HOST[:PORT] entries.
+        for addr in wire::client::split_servers(&image_server) {
+            wire::client::check_host_port(addr).map_err(CommandError::ImageServer)?;
+        }
         let mut cfg = HerdConfig::new(self.mdb.clone(), image_server, security);
         cfg.subd_port = self.subd_port;
         cfg.connect_timeout = Duration::from_millis(self.subd_connect_timeout_ms);

@@ -1,8 +1,9 @@
 //! The fleet-wide image cache: each wanted image is fetched from the imageserver once,
 //! however many machines want it; a missing one is retried at most once per `retry`.
 //! Images are immutable, so a cached image is kept until the MDB no longer names it or
-//! the imageserver says it was deleted (asked with `CheckImage` at most once per
-//! `RECHECK`; an unreachable imageserver leaves the cached copy in use).
+//! the imageserver says it was deleted or expired (asked with `CheckImage` at most once per
+//! `RECHECK`; an unreachable imageserver leaves the cached copy in use). An expired image
+//! (`GetImage` answers 410) is its own reason: `image … expired`.
 
 use model::Image;
 use std::collections::{HashMap, HashSet};
@@ -18,6 +19,8 @@ pub enum ImageError {
     Deleted(String),
     #[error("image {0} is not on the imageserver (yet)")]
     Missing(String),
+    #[error("image {0} expired")]
+    Expired(String),
     #[error("image {name} is malformed: {reason}")]
     Malformed { name: String, reason: String },
     /// The imageserver could not be asked (the client error's line).
@@ -74,19 +77,29 @@ impl ImageCache {
             .clone();
         let mut s = slot.lock().await;
         if let Some(img) = s.image.clone() {
-            if s.confirmed.is_some_and(|t| t.elapsed() < RECHECK) {
+            // A cached copy past its `expires_at` is asked about at once: it expired, or
+            // its expiry was extended (then fetched again below, with the new time).
+            let stale = model::stream::expired(img.expires_at, disk::clock::unix_now());
+            if !stale && s.confirmed.is_some_and(|t| t.elapsed() < RECHECK) {
                 return Ok(img);
             }
             s.confirmed = Some(Instant::now());
-            match self.client.check_image(name).await {
-                Ok(false) => {
-                    tracing::warn!(image = name, "image deleted from the imageserver");
+            match self.client.check_image_name(name).await {
+                Ok(c) if !c.exists => {
                     s.image = None;
                     s.tried = Some(Instant::now());
-                    return Err(s.fail(ImageError::Deleted(name.to_string())));
+                    let e = if c.expired {
+                        tracing::warn!(image = name, "image expired on the imageserver");
+                        ImageError::Expired(name.to_string())
+                    } else {
+                        tracing::warn!(image = name, "image deleted from the imageserver");
+                        ImageError::Deleted(name.to_string())
+                    };
+                    return Err(s.fail(e));
                 }
+                Ok(_) if stale => s.image = None,
                 // Present, or the imageserver cannot say: the cached copy is still the image.
-                Ok(true) | Err(_) => return Ok(img),
+                Ok(_) | Err(_) => return Ok(img),
             }
         }
         if let Some(e) = s
@@ -123,6 +136,7 @@ impl ImageCache {
                 let error = match (e.status(), &s.error) {
                     (Some(404), Some(deleted @ ImageError::Deleted(_))) => deleted.clone(),
                     (Some(404), _) => ImageError::Missing(name.to_string()),
+                    (Some(410), _) => ImageError::Expired(name.to_string()),
                     _ => ImageError::Unavailable {
                         name: name.to_string(),
                         reason: e.to_string(),

@@ -128,10 +128,11 @@ impl Streams {
             let Resolution::Stream { latest } = &res else {
                 return Ok(res);
             };
-            let expired = images
-                .get(latest)
-                .await
-                .is_ok_and(|img| model::stream::expired(img.expires_at, disk::clock::unix_now()));
+            let expired = match images.get(latest).await {
+                Ok(img) => model::stream::expired(img.expires_at, disk::clock::unix_now()),
+                Err(crate::images::ImageError::Expired(_)) => true,
+                Err(_) => false,
+            };
             if !expired {
                 return Ok(res);
             }

@@ -15,7 +15,16 @@
 //!   `.image` without one was stored by an earlier version and is served unverified. An
 //!   image whose bytes do not match is *corrupt*: listed on the status page and in
 //!   metrics, and `GetImage` of it is an error, never the damaged tree. A tombstone has
-//!   none (it is removed when the image is deleted).
+//!   none (it is removed when the image is deleted). While an image's expiry is changed
+//!   (the only edit an image ever gets) it holds the new sum and the old, one per line,
+//!   so the file matches whichever `.image` a crash leaves.
+//! - `images/<name>/.image.expired`: beside a tombstone, says the image expired rather
+//!   than was deleted (`GetImage` then says so).
+//!
+//! Expiry: an image whose `expires_at` has passed is *due*: `list_images`, `image_json`
+//! and `image_exists` treat it as gone at once (checked lazily at every call), and
+//! `expire_due` (run at open and by the server's once-a-second sweep) tombstones it as a
+//! deletion does, with the `.image.expired` marker, dropping its references.
 //!
 //! Errors are `CatalogueError`s, classified where they are made (not found, already
 //! exists, invalid request, corrupt, storage); `rpc` turns them into HTTP statuses.
@@ -58,6 +67,7 @@
 
 use disk::fsutil::{fsync_dir, write_atomic, TEMP_SUFFIX};
 use disk::objectstore::{ObjectStore, PendingObject, StoreError};
+use model::expiry::ExpiryError;
 use model::{Image, ImageName, ObjectId};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::OpenOptionsExt;
@@ -75,6 +85,9 @@ pub const IMAGE_FILE: &str = ".image";
 
 /// File name of an image's checksum (hex SHA-512 of the image file) beside it.
 pub const CHECKSUM_FILE: &str = ".image.sha512";
+
+/// File name of the marker beside a tombstone saying the image expired.
+pub const EXPIRED_FILE: &str = ".image.expired";
 
 /// A problem opening the data directory.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +121,18 @@ pub enum CatalogueError {
     /// Already exists: the name was deleted, and names are never reused.
     #[error("image {0} was deleted; image names are never reused")]
     NameDeleted(ImageName),
+    /// Gone: the image expired (its name is never reused either).
+    #[error("image {0} expired")]
+    ImageExpired(ImageName),
+    /// Already exists: the name's image expired, and names are never reused.
+    #[error("image {0} expired; image names are never reused")]
+    NameExpired(ImageName),
+    /// Invalid request: an expiry too soon, or one that would shorten the image's life.
+    #[error("image {name}: {source}")]
+    InvalidExpiry {
+        name: ImageName,
+        source: ExpiryError,
+    },
     /// Invalid request: the image's tree is not one a machine could hold.
     #[error("image {name}: invalid tree: {source}")]
     InvalidTree {
@@ -202,6 +227,8 @@ enum NameState {
     Deleted,
     /// Being written by an `add_image` in flight.
     Adding,
+    /// Expired: tombstoned like `Deleted`, never reused.
+    Expired,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -244,6 +271,23 @@ struct Index {
     checksums: HashMap<String, ObjectId>,
     /// Live images whose file is damaged, with what is wrong; never served.
     corrupt: BTreeMap<String, String>,
+    /// When each live image with an expiry expires (Unix seconds).
+    expires: HashMap<String, u64>,
+    /// The new checksum of an image whose file is being replaced (expiry changed): its
+    /// file may match this one or the one in `checksums`.
+    rewriting: HashMap<String, ObjectId>,
+}
+
+impl Index {
+    /// Whether `name` is a live image whose expiry has passed at `now`.
+    fn due(&self, name: &str, now: u64) -> bool {
+        model::stream::expired(self.expires.get(name).copied(), now)
+    }
+
+    /// Whether `name` is a live image not yet due to expire at `now`.
+    fn live(&self, name: &str, now: u64) -> bool {
+        self.names.get(name) == Some(&NameState::Live) && !self.due(name, now)
+    }
 }
 
 /// Objects removed per critical section by unreferenced-object deletion; uploads waiting
@@ -288,6 +332,10 @@ pub struct Catalogue {
     /// Signalled when objects leave `Index::deleting`.
     deleted: Condvar,
     pin_grace: Duration,
+    /// Shortest expiry accepted (`--min-expiry-secs`), in seconds.
+    min_expiry_secs: std::sync::atomic::AtomicU64,
+    /// Serializes the edits that replace an image file (expiry changes, deletions).
+    rewrite: Mutex<()>,
 }
 
 fn now_secs() -> i64 {
@@ -320,14 +368,31 @@ impl Catalogue {
         let mut index = Index::default();
         index_objects(&mut index, &store, pin_grace)?;
         index_images(&mut index, &images_dir)?;
-        Ok(Catalogue {
+        let cat = Catalogue {
             _lock: lock,
             store,
             images_dir,
             index: Mutex::new(index),
             deleted: Condvar::new(),
             pin_grace,
-        })
+            min_expiry_secs: model::expiry::DEFAULT_MIN_EXPIRY_SECS.into(),
+            rewrite: Mutex::new(()),
+        };
+        cat.expire_due();
+        Ok(cat)
+    }
+
+    /// Sets the shortest expiry accepted on add or change (the default is Dominator's
+    /// 15 minutes; tests lower it).
+    pub fn set_min_expiry_secs(&self, secs: u64) {
+        self.min_expiry_secs
+            .store(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The shortest expiry accepted, in seconds.
+    pub fn min_expiry(&self) -> u64 {
+        self.min_expiry_secs
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn store(&self) -> &ObjectStore {
@@ -503,11 +568,19 @@ impl Catalogue {
                 name: name.clone(),
                 source,
             })?;
+        let min = model::expiry::server_minimum(self.min_expiry());
+        model::expiry::check_new(image.expires_at, disk::clock::unix_now(), min).map_err(
+            |source| CatalogueError::InvalidExpiry {
+                name: name.clone(),
+                source,
+            },
+        )?;
         let objects = image.objects();
         {
             let mut idx = self.lock();
             match idx.names.get(name.as_str()) {
                 Some(NameState::Deleted) => return Err(CatalogueError::NameDeleted(name.clone())),
+                Some(NameState::Expired) => return Err(CatalogueError::NameExpired(name.clone())),
                 Some(_) => return Err(CatalogueError::AlreadyExists(name.clone())),
                 None => {}
             }
@@ -535,12 +608,15 @@ impl Catalogue {
             }
             idx.names.insert(name.to_string(), NameState::Adding);
         }
-        let written = self.write_image(name, image);
+        let written = self.write_image(name, image, None, |_| ());
         let mut idx = self.lock();
         match written {
             Ok(sum) => {
                 idx.names.insert(name.to_string(), NameState::Live);
                 idx.checksums.insert(name.to_string(), sum);
+                if let Some(t) = image.expires_at {
+                    idx.expires.insert(name.to_string(), t);
+                }
                 Ok(())
             }
             Err(source) => {
@@ -564,8 +640,16 @@ impl Catalogue {
     }
 
     /// Writes an image file and, before it appears, its checksum; returns the checksum.
-    /// The JSON is streamed to the file (never a second copy of it in memory).
-    fn write_image(&self, name: &ImageName, image: &Image) -> std::io::Result<ObjectId> {
+    /// The JSON is streamed to the file (never a second copy of it in memory). When it
+    /// replaces a file whose checksum is `old`, the checksum file holds both sums until
+    /// the new file is in place; `before_rename` is called with the new sum just before.
+    fn write_image(
+        &self,
+        name: &ImageName,
+        image: &Image,
+        old: Option<ObjectId>,
+        before_rename: impl FnOnce(&ObjectId),
+    ) -> std::io::Result<ObjectId> {
         let path = self.image_path(name);
         let dir = path.parent().expect("has a parent");
         std::fs::create_dir_all(dir)?;
@@ -585,12 +669,15 @@ impl Catalogue {
         let (sum, _) = w.hasher.finish();
         file.sync_all()?;
         drop(file);
-        write_atomic(
-            &path.with_file_name(CHECKSUM_FILE),
-            format!("{sum}\n").as_bytes(),
-        )?;
+        let sum_path = path.with_file_name(CHECKSUM_FILE);
+        let both = old.map_or(String::new(), |o| format!("{o}\n"));
+        write_atomic(&sum_path, format!("{sum}\n{both}").as_bytes())?;
+        before_rename(&sum);
         std::fs::rename(&tmp, &path)?;
         guard.disarm();
+        if old.is_some() {
+            write_atomic(&sum_path, format!("{sum}\n").as_bytes())?;
+        }
         // Make every directory on the way durable too.
         let mut d = dir.to_path_buf();
         while d != self.images_dir {
@@ -603,25 +690,161 @@ impl Catalogue {
 
     /// The stored JSON of a live image, checked against its checksum (a mismatch marks the
     /// image corrupt and is an error).
+    /// An image whose expiry has passed is `ImageExpired` (even before the sweep
+    /// tombstones it).
     pub fn image_json(&self, name: &ImageName) -> Result<Vec<u8>, CatalogueError> {
-        let sum = {
+        {
             let idx = self.lock();
-            if idx.names.get(name.as_str()) != Some(&NameState::Live) {
-                return Err(CatalogueError::ImageNotFound(name.clone()));
+            if idx.due(name.as_str(), disk::clock::unix_now()) {
+                return Err(CatalogueError::ImageExpired(name.clone()));
+            }
+        }
+        self.checked_json(name)
+    }
+
+    /// `image_json` without the expiry check (for expiring it).
+    fn checked_json(&self, name: &ImageName) -> Result<Vec<u8>, CatalogueError> {
+        let sums = {
+            let idx = self.lock();
+            match idx.names.get(name.as_str()) {
+                Some(NameState::Live) => {}
+                Some(NameState::Expired) => return Err(CatalogueError::ImageExpired(name.clone())),
+                _ => return Err(CatalogueError::ImageNotFound(name.clone())),
             }
             if let Some(damage) = idx.corrupt.get(name.as_str()) {
                 return Err(corrupt_error(name, damage));
             }
-            idx.checksums.get(name.as_str()).copied()
+            let recorded = idx.checksums.get(name.as_str()).copied();
+            let new = idx.rewriting.get(name.as_str()).copied();
+            recorded.map(|r| [Some(r), new])
         };
         let bytes = self.read_image_file(name)?;
-        if let Some(damage) = sum.and_then(|sum| mismatch(&sum, &bytes)) {
+        let sums: Vec<ObjectId> = sums.into_iter().flatten().flatten().collect();
+        if let Some(damage) = (!sums.is_empty())
+            .then(|| mismatch(&sums, &bytes))
+            .flatten()
+        {
+            let mut idx = self.lock();
+            // The file may have been replaced (expiry changed) since the sums were taken.
+            let now: Vec<ObjectId> = [&idx.checksums, &idx.rewriting]
+                .iter()
+                .filter_map(|m| m.get(name.as_str()).copied())
+                .collect();
+            if mismatch(&now, &bytes).is_none() {
+                return Ok(bytes);
+            }
             tracing::error!(image = %name, "image is corrupt, not served: {damage}");
             let e = corrupt_error(name, &damage);
-            self.lock().corrupt.insert(name.to_string(), damage);
+            idx.corrupt.insert(name.to_string(), damage);
             return Err(e);
         }
         Ok(bytes)
+    }
+
+    /// When a live image expires (`None` = never).
+    pub fn image_expiration(&self, name: &ImageName) -> Result<Option<u64>, CatalogueError> {
+        let idx = self.lock();
+        match idx.names.get(name.as_str()) {
+            _ if idx.due(name.as_str(), disk::clock::unix_now()) => {
+                Err(CatalogueError::ImageExpired(name.clone()))
+            }
+            Some(NameState::Live) => Ok(idx.expires.get(name.as_str()).copied()),
+            Some(NameState::Expired) => Err(CatalogueError::ImageExpired(name.clone())),
+            _ => Err(CatalogueError::ImageNotFound(name.clone())),
+        }
+    }
+
+    /// Changes when a live image expires (`None` = never): only ever extended, and a new
+    /// time at least the minimum ahead. The image file is rewritten with the new
+    /// `expires_at` (and a new checksum), the one edit an image ever gets.
+    pub fn change_expiration(
+        &self,
+        name: &ImageName,
+        expires_at: Option<u64>,
+    ) -> Result<(), CatalogueError> {
+        let _rewrite = self.rewrite.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.image_expiration(name)?;
+        let now = disk::clock::unix_now();
+        let min = model::expiry::server_minimum(self.min_expiry());
+        model::expiry::check_change(current, expires_at, now, min).map_err(|source| {
+            CatalogueError::InvalidExpiry {
+                name: name.clone(),
+                source,
+            }
+        })?;
+        let bytes = self.image_json(name)?;
+        let mut image: Image =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt_error(name, &e.to_string()))?;
+        if image.expires_at == expires_at {
+            return Ok(());
+        }
+        image.expires_at = expires_at;
+        let old = ObjectId::of(&bytes);
+        drop(bytes);
+        let key = name.to_string();
+        let written = self.write_image(name, &image, Some(old), |sum| {
+            self.lock().rewriting.insert(key.clone(), *sum);
+        });
+        let mut idx = self.lock();
+        let new = idx.rewriting.remove(&key);
+        let sum = written.map_err(|source| CatalogueError::ImageIo {
+            action: ImageAction::Writing,
+            name: name.clone(),
+            source,
+        })?;
+        debug_assert_eq!(new, Some(sum));
+        idx.checksums.insert(key.clone(), sum);
+        match expires_at {
+            Some(t) => idx.expires.insert(key, t),
+            None => idx.expires.remove(&key),
+        };
+        Ok(())
+    }
+
+    /// Tombstones every live image whose expiry has passed (as `delete_image` does, with
+    /// the `.image.expired` marker); returns their names. A failure is logged and the
+    /// image tried again at the next call.
+    pub fn expire_due(&self) -> Vec<ImageName> {
+        let now = disk::clock::unix_now();
+        let due: Vec<String> = {
+            let idx = self.lock();
+            idx.expires
+                .iter()
+                .filter(|(n, t)| **t <= now && idx.names.get(*n) == Some(&NameState::Live))
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        let mut gone = Vec::new();
+        for name in due {
+            let Ok(name) = ImageName::parse(&name) else {
+                continue;
+            };
+            match self.remove_image(&name, NameState::Expired) {
+                Ok(()) => {
+                    tracing::info!(image = %name, "image expired");
+                    gone.push(name);
+                }
+                Err(e) => tracing::error!(image = %name, "expiring the image failed: {e}"),
+            }
+        }
+        gone
+    }
+
+    /// Live images expiring within `window` seconds of now, soonest first, with when.
+    pub fn expiring_within(&self, window: u64) -> Vec<(String, u64)> {
+        let now = disk::clock::unix_now();
+        let idx = self.lock();
+        let mut v: Vec<(String, u64)> = idx
+            .expires
+            .iter()
+            .filter(|(n, t)| {
+                model::expiry::expiring_within(Some(**t), now, window)
+                    && idx.names.get(*n) == Some(&NameState::Live)
+            })
+            .map(|(n, t)| (n.clone(), *t))
+            .collect();
+        v.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        v
     }
 
     fn read_image_file(&self, name: &ImageName) -> Result<Vec<u8>, CatalogueError> {
@@ -662,7 +885,15 @@ impl Catalogue {
     }
 
     pub fn image_exists(&self, name: &ImageName) -> bool {
-        self.lock().names.get(name.as_str()) == Some(&NameState::Live)
+        self.lock().live(name.as_str(), disk::clock::unix_now())
+    }
+
+    /// True if the name's image expired (due now, or tombstoned by expiry).
+    pub fn name_expired(&self, name: &ImageName) -> bool {
+        let idx = self.lock();
+        idx.names.get(name.as_str()) == Some(&NameState::Expired)
+            || (idx.names.get(name.as_str()) == Some(&NameState::Live)
+                && idx.due(name.as_str(), disk::clock::unix_now()))
     }
 
     /// True if the name was deleted (a tombstone: it can never be used again).
@@ -670,13 +901,15 @@ impl Catalogue {
         self.lock().names.get(name.as_str()) == Some(&NameState::Deleted)
     }
 
-    /// Live image names starting with `prefix`, version-sorted.
+    /// Live image names starting with `prefix`, version-sorted (never one whose expiry
+    /// has passed).
     pub fn list_images(&self, prefix: &str) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .lock()
+        let now = disk::clock::unix_now();
+        let idx = self.lock();
+        let mut v: Vec<String> = idx
             .names
             .iter()
-            .filter(|(n, s)| **s == NameState::Live && n.starts_with(prefix))
+            .filter(|(n, s)| **s == NameState::Live && n.starts_with(prefix) && !idx.due(n, now))
             .map(|(n, _)| n.clone())
             .collect();
         v.sort_by(|a, b| model::image::version_cmp(a, b));
@@ -687,7 +920,17 @@ impl Catalogue {
     /// A corrupt image may be deleted too (its references are dropped as far as its file
     /// can still be read).
     pub fn delete_image(&self, name: &ImageName) -> Result<(), CatalogueError> {
-        let (bytes, corrupt) = match self.image_json(name) {
+        if self.name_expired(name) {
+            return Err(CatalogueError::ImageExpired(name.clone()));
+        }
+        self.remove_image(name, NameState::Deleted)
+    }
+
+    /// Tombstones a live image (`how`: `Deleted` or `Expired`, which also leaves the
+    /// `.image.expired` marker) and drops its references.
+    fn remove_image(&self, name: &ImageName, how: NameState) -> Result<(), CatalogueError> {
+        let _rewrite = self.rewrite.lock().unwrap_or_else(|p| p.into_inner());
+        let (bytes, corrupt) = match self.checked_json(name) {
             Ok(b) => (b, false),
             Err(e) if self.lock().corrupt.contains_key(name.as_str()) => {
                 tracing::warn!(image = %name, "deleting a corrupt image: {e}");
@@ -707,7 +950,13 @@ impl Catalogue {
             }
             idx.names.insert(name.to_string(), NameState::Adding);
         }
-        if let Err(source) = write_atomic(&self.image_path(name), b"") {
+        let marker = self.image_path(name).with_file_name(EXPIRED_FILE);
+        let tombstone = match how {
+            NameState::Expired => write_atomic(&marker, b""),
+            _ => Ok(()),
+        }
+        .and_then(|()| write_atomic(&self.image_path(name), b""));
+        if let Err(source) = tombstone {
             self.lock().names.insert(name.to_string(), NameState::Live);
             return Err(CatalogueError::ImageIo {
                 action: ImageAction::Deleting,
@@ -719,7 +968,8 @@ impl Catalogue {
         let mut freed = Vec::new();
         {
             let mut idx = self.lock();
-            idx.names.insert(name.to_string(), NameState::Deleted);
+            idx.names.insert(name.to_string(), how);
+            idx.expires.remove(name.as_str());
             idx.incomplete.remove(name.as_str());
             idx.corrupt.remove(name.as_str());
             idx.checksums.remove(name.as_str());
@@ -870,7 +1120,7 @@ impl Catalogue {
         for s in idx.names.values() {
             match s {
                 NameState::Live => c.images += 1,
-                NameState::Deleted => c.deleted_names += 1,
+                NameState::Deleted | NameState::Expired => c.deleted_names += 1,
                 NameState::Adding => {}
             }
         }
@@ -930,21 +1180,30 @@ fn index_images(index: &mut Index, images_dir: &Path) -> Result<(), OpenError> {
     walk_images(images_dir, images_dir, &mut found)?;
     for (name, path, len) in found {
         if len == 0 {
-            index.names.insert(name, NameState::Deleted);
+            let state = if path.with_file_name(EXPIRED_FILE).exists() {
+                NameState::Expired
+            } else {
+                NameState::Deleted
+            };
+            index.names.insert(name, state);
             continue;
         }
         let bytes = std::fs::read(&path).map_err(io_at(&path))?;
         let recorded = read_checksum(&path.with_file_name(CHECKSUM_FILE));
         let damage = match &recorded {
-            Ok(Some(sum)) => mismatch(sum, &bytes),
-            Ok(None) => {
+            Ok(sums) if !sums.is_empty() => mismatch(sums, &bytes),
+            Ok(_) => {
                 tracing::info!(image = %name, "image has no checksum (stored by an earlier version); served unverified");
                 None
             }
             Err(e) => Some(e.to_string()),
         };
-        if let Ok(Some(sum)) = recorded {
-            index.checksums.insert(name.clone(), sum);
+        // The sum the file matches (of two, if a crash interrupted an expiry change).
+        if let Ok(sums) = &recorded {
+            let got = ObjectId::of(&bytes);
+            if let Some(sum) = sums.iter().find(|s| **s == got).or(sums.first()) {
+                index.checksums.insert(name.clone(), *sum);
+            }
         }
         let parsed = serde_json::from_slice::<Image>(&bytes);
         if let Some(damage) = damage {
@@ -977,6 +1236,9 @@ fn index_images(index: &mut Index, images_dir: &Path) -> Result<(), OpenError> {
         if let Some(first) = missing.first() {
             tracing::error!(image = %name, missing = missing.len(), %first, "image refers to objects that are not stored; upload them again (imagetool add of the same tree) or delete the image");
             index.incomplete.insert(name.clone(), missing);
+        }
+        if let Some(t) = image.expires_at {
+            index.expires.insert(name.clone(), t);
         }
         index.names.insert(name, NameState::Live);
     }
@@ -1015,19 +1277,26 @@ enum ChecksumError {
     },
 }
 
-/// The checksum recorded at `path`: `None` if there is none (an image stored by an earlier
-/// version).
-fn read_checksum(path: &Path) -> Result<Option<ObjectId>, ChecksumError> {
+/// The checksums recorded at `path`, one a line (two while an expiry change is under
+/// way): none if there is no file (an image stored by an earlier version).
+fn read_checksum(path: &Path) -> Result<Vec<ObjectId>, ChecksumError> {
     match std::fs::read_to_string(path) {
-        Ok(s) => {
-            ObjectId::from_hex(s.trim())
-                .map(Some)
-                .map_err(|source| ChecksumError::Malformed {
+        // An empty file is malformed, as it always was (not "no checksum").
+        Ok(s) if s.trim().is_empty() => Err(ChecksumError::Malformed {
+            path: path.to_path_buf(),
+            source: ObjectId::from_hex("").expect_err("empty is no hash"),
+        }),
+        Ok(s) => s
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                ObjectId::from_hex(l.trim()).map_err(|source| ChecksumError::Malformed {
                     path: path.to_path_buf(),
                     source,
                 })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            })
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(source) => Err(ChecksumError::Unreadable {
             path: path.to_path_buf(),
             source,
@@ -1035,13 +1304,14 @@ fn read_checksum(path: &Path) -> Result<Option<ObjectId>, ChecksumError> {
     }
 }
 
-/// What is wrong if `bytes` do not hash to `sum`.
-fn mismatch(sum: &ObjectId, bytes: &[u8]) -> Option<String> {
+/// What is wrong if `bytes` hash to none of `sums` (the first is the one named).
+fn mismatch(sums: &[ObjectId], bytes: &[u8]) -> Option<String> {
     let got = ObjectId::of(bytes);
-    (got != *sum).then(|| {
+    let first = sums.first()?;
+    (!sums.contains(&got)).then(|| {
         format!(
             "its file does not match its SHA-512 checksum (recorded {}…, file has {}…)",
-            &sum.to_hex()[..16],
+            &first.to_hex()[..16],
             &got.to_hex()[..16]
         )
     })
@@ -1273,6 +1543,133 @@ mod tests {
             cat.delete_unreferenced(101, 0),
             Err(CatalogueError::InvalidPercentage(101))
         ));
+    }
+
+    fn empty_image(expires_at: Option<u64>) -> Image {
+        use model::{FileTree, Inode};
+        let mut i = Image::new(
+            FileTree::with_root(Inode::dir(0o755, 0, 0)),
+            None,
+            Default::default(),
+        );
+        i.expires_at = expires_at;
+        i
+    }
+
+    #[test]
+    fn an_image_expires_lazily_then_is_tombstoned_and_stays_so_after_a_restart() {
+        let d = tempfile::tempdir().unwrap();
+        let cat = Catalogue::open_with_grace(d.path(), Duration::ZERO).unwrap();
+        let now = disk::clock::unix_now();
+        let (a, b) = (
+            ImageName::parse("a/1").unwrap(),
+            ImageName::parse("b/1").unwrap(),
+        );
+        assert!(matches!(
+            cat.add_image(&a, &empty_image(Some(now + 60))),
+            Err(CatalogueError::InvalidExpiry { .. })
+        ));
+        cat.set_min_expiry_secs(1);
+        cat.add_image(&a, &empty_image(Some(now + 2))).unwrap();
+        cat.add_image(&b, &empty_image(Some(now + 2))).unwrap();
+        assert_eq!(cat.expiring_within(60).len(), 2);
+        cat.change_expiration(&b, None).unwrap();
+        assert_eq!(cat.image_expiration(&b).unwrap(), None);
+        // The rewritten file carries the new time and matches its (one) new checksum.
+        let img: Image = serde_json::from_slice(&cat.image_json(&b).unwrap()).unwrap();
+        assert_eq!(img.expires_at, None);
+        std::thread::sleep(Duration::from_millis(2100));
+        // Due: gone from every lookup before any sweep.
+        assert_eq!(cat.list_images(""), ["b/1"]);
+        assert!(!cat.image_exists(&a) && cat.name_expired(&a));
+        assert!(matches!(
+            cat.image_json(&a),
+            Err(CatalogueError::ImageExpired(_))
+        ));
+        assert_eq!(cat.expire_due(), std::slice::from_ref(&a));
+        assert!(matches!(
+            cat.add_image(&a, &empty_image(None)),
+            Err(CatalogueError::NameExpired(_))
+        ));
+        drop(cat);
+        let cat = Catalogue::open(d.path()).unwrap();
+        assert_eq!(cat.list_images(""), ["b/1"]);
+        assert!(cat.name_expired(&a) && !cat.name_deleted(&a));
+        assert!(cat.counts().corrupt_images == 0);
+    }
+
+    #[test]
+    fn an_image_due_while_the_server_was_down_expires_at_open() {
+        let d = tempfile::tempdir().unwrap();
+        let name = ImageName::parse("a/1").unwrap();
+        {
+            let cat = Catalogue::open(d.path()).unwrap();
+            cat.set_min_expiry_secs(1);
+            cat.add_image(&name, &empty_image(Some(disk::clock::unix_now() + 1)))
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(1100));
+        let cat = Catalogue::open(d.path()).unwrap();
+        assert!(cat.list_images("").is_empty());
+        assert_eq!(cat.counts().deleted_names, 1);
+        let dir = d.path().join("images/a/1");
+        assert_eq!(std::fs::metadata(dir.join(IMAGE_FILE)).unwrap().len(), 0);
+        assert!(dir.join(EXPIRED_FILE).exists());
+    }
+
+    #[test]
+    fn old_images_without_expires_at_or_checksum_load_and_never_expire() {
+        let d = tempfile::tempdir().unwrap();
+        let name = ImageName::parse("old/1").unwrap();
+        {
+            let cat = Catalogue::open(d.path()).unwrap();
+            cat.add_image(&name, &empty_image(None)).unwrap();
+        }
+        let dir = d.path().join("images/old/1");
+        let json = std::fs::read_to_string(dir.join(IMAGE_FILE)).unwrap();
+        let old = json.replace(",\"expires_at\":null", "");
+        assert_ne!(old, json);
+        std::fs::write(dir.join(IMAGE_FILE), old).unwrap();
+        std::fs::remove_file(dir.join(CHECKSUM_FILE)).unwrap();
+        let cat = Catalogue::open(d.path()).unwrap();
+        assert_eq!(cat.list_images(""), ["old/1"]);
+        assert_eq!(cat.image_expiration(&name).unwrap(), None);
+        assert!(cat.expire_due().is_empty());
+        // Its expiry can be set (extended from never is refused), and it stays verified.
+        assert!(matches!(
+            cat.change_expiration(&name, Some(disk::clock::unix_now() + 3600)),
+            Err(CatalogueError::InvalidExpiry { .. })
+        ));
+        cat.image_json(&name).unwrap();
+    }
+
+    #[test]
+    fn a_crash_between_the_two_checksums_of_an_expiry_change_leaves_a_valid_image() {
+        let d = tempfile::tempdir().unwrap();
+        let name = ImageName::parse("a/1").unwrap();
+        let dir = d.path().join("images/a/1");
+        let (old_bytes, old_sum) = {
+            let cat = Catalogue::open(d.path()).unwrap();
+            cat.add_image(&name, &empty_image(Some(disk::clock::unix_now() + 3600)))
+                .unwrap();
+            let b = std::fs::read(dir.join(IMAGE_FILE)).unwrap();
+            let sum = ObjectId::of(&b);
+            cat.change_expiration(&name, None).unwrap();
+            (b, sum)
+        };
+        // As if the change had crashed after the rename and before the last write…
+        let new_sum = ObjectId::of(&std::fs::read(dir.join(IMAGE_FILE)).unwrap());
+        std::fs::write(dir.join(CHECKSUM_FILE), format!("{new_sum}\n{old_sum}\n")).unwrap();
+        let cat = Catalogue::open(d.path()).unwrap();
+        assert_eq!(cat.image_expiration(&name).unwrap(), None);
+        cat.image_json(&name).unwrap();
+        drop(cat);
+        // …or before the rename.
+        std::fs::write(dir.join(IMAGE_FILE), &old_bytes).unwrap();
+        let cat = Catalogue::open(d.path()).unwrap();
+        assert!(cat.image_expiration(&name).unwrap().is_some());
+        cat.image_json(&name).unwrap();
+        assert_eq!(cat.counts().corrupt_images, 0);
     }
 
     #[test]

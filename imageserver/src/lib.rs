@@ -66,6 +66,10 @@ pub struct Args {
     /// at once; more get 503
     #[arg(long, value_name = "N", default_value_t = objects::DEFAULT_MAX_STREAMS_PER_CALLER)]
     pub max_object_streams_per_caller: usize,
+    /// Testing knob: the shortest expiry accepted on add or change, in seconds
+    /// (Dominator's 15 minutes by default)
+    #[arg(long, value_name = "SECONDS", default_value_t = model::expiry::DEFAULT_MIN_EXPIRY_SECS, hide = true)]
+    pub min_expiry_secs: u64,
     #[command(flatten)]
     pub tls: wire::security::DaemonTlsArgs,
     #[command(flatten)]
@@ -81,6 +85,7 @@ pub struct Metrics {
     pub object_bytes_served: AtomicU64,
     pub images_added: AtomicU64,
     pub images_deleted: AtomicU64,
+    pub images_expired: AtomicU64,
     pub rejected_uploads: AtomicU64,
 }
 
@@ -164,6 +169,14 @@ pub fn router(state: State) -> Router {
         .route(&rpc_path(methods::LIST_IMAGES), post(rpc::list_images))
         .route(&rpc_path(methods::DELETE_IMAGE), post(rpc::delete_image))
         .route(
+            &rpc_path(methods::CHANGE_IMAGE_EXPIRATION),
+            post(rpc::change_image_expiration),
+        )
+        .route(
+            &rpc_path(methods::GET_IMAGE_EXPIRATION),
+            post(rpc::get_image_expiration),
+        )
+        .route(
             &rpc_path(methods::LIST_UNREFERENCED_OBJECTS),
             post(rpc::list_unreferenced),
         )
@@ -207,10 +220,41 @@ pub async fn serve_with_status(
 ) -> std::io::Result<()> {
     let security = state.security.clone();
     let limits = state.connection_limits.clone();
+    let sweep = tokio::spawn(expiry_sweep(state.clone()));
+    let _sweep = AbortOnDrop(sweep);
     let status = status.map(|(listener, security)| wire::http::StatusListener {
         listener,
         router: status_router(state.clone()),
         security,
     });
     wire::http::serve_with_status(listener, router(state), security, limits, status, shutdown).await
+}
+
+/// How often the server tombstones images whose expiry has passed (they already vanish
+/// from every listing and lookup the moment it passes).
+pub const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
+
+/// Tombstones expired images every `EXPIRY_SWEEP` (`Catalogue::expire_due`), forever.
+async fn expiry_sweep(state: State) {
+    let mut tick = tokio::time::interval(EXPIRY_SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let cat = state.catalogue.clone();
+        if let Ok(gone) = tokio::task::spawn_blocking(move || cat.expire_due()).await {
+            state
+                .metrics
+                .images_expired
+                .fetch_add(gone.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// Aborts its task when dropped (the sweep ends with the server).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

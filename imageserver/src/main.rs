@@ -22,6 +22,7 @@ async fn run() -> anyhow::Result<()> {
     .with_context(|| format!("opening data directory {}", args.data_dir.display()))?
     .with_stream_limits(args.max_object_streams, args.max_object_streams_per_caller);
     state.connection_limits = args.connections.limits();
+    state.catalogue.set_min_expiry_secs(args.min_expiry_secs);
     if let Some(mdb) = &args.mdb {
         state = state.with_mdb(mdb.clone());
     }

@@ -54,9 +54,38 @@ pub async fn status(AxState(st): AxState<State>) -> Html<String> {
             ),
         );
     }
+    s.push_str(&expiring_soon(&st));
     s.push_str(&images_table(&st, names).await);
     s.push_str("</body></html>\n");
     Html(s)
+}
+
+/// The images expiring within a day, soonest first, with when (UTC) and how long is left.
+fn expiring_soon(st: &State) -> String {
+    let soon = st
+        .catalogue
+        .expiring_within(model::expiry::EXPIRING_SOON_SECS);
+    if soon.is_empty() {
+        return "<p id=\"expiring\">No image expires within a day.</p>\n".into();
+    }
+    let now = disk::clock::unix_now();
+    let mut s = format!(
+        "<h2>Expiring within a day: {}</h2>\n<table id=\"expiring\"><tr><th>image</th><th>expires at (Unix seconds)</th><th>in</th></tr>\n",
+        soon.len()
+    );
+    for (name, at) in soon {
+        let left = at.saturating_sub(now);
+        let _ = writeln!(
+            s,
+            "<tr><td>{}</td><td>{at}</td><td>{}h {:02}m {:02}s</td></tr>",
+            escape(&name),
+            left / 3600,
+            left % 3600 / 60,
+            left % 60
+        );
+    }
+    s.push_str("</table>\n");
+    s
 }
 
 /// The images, each with its size, objects, unique bytes and (given `--mdb`) the MDB
@@ -191,6 +220,11 @@ pub async fn metrics(AxState(st): AxState<State>) -> Response {
             "imageserver_images_deleted",
             "Images deleted",
             &n.images_deleted,
+        ),
+        (
+            "imageserver_images_expired",
+            "Images expired (tombstoned by the expiry sweep while running)",
+            &n.images_expired,
         ),
         (
             "imageserver_rejected_uploads",

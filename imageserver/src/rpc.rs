@@ -21,7 +21,7 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 use wire::http::{ApiError, Caller, Json};
 
 impl From<CatalogueError> for ApiError {
-    /// Not found → 404, already exists → 409, invalid request → 400, corrupt or
+    /// Not found → 404, already exists → 409, expired → 410, invalid request → 400, corrupt or
     /// unreadable → 500; a store error by its cause (bad data 400, no space 507, else 500).
     /// The catalogue's one line is the message.
     fn from(e: CatalogueError) -> ApiError {
@@ -29,8 +29,10 @@ impl From<CatalogueError> for ApiError {
         let line = e.to_string();
         match e {
             E::ImageNotFound(_) | E::ObjectsNotFound { .. } => ApiError::NotFound(line),
-            E::AlreadyExists(_) | E::NameDeleted(_) => ApiError::Conflict(line),
+            E::AlreadyExists(_) | E::NameDeleted(_) | E::NameExpired(_) => ApiError::Conflict(line),
+            E::ImageExpired(_) => ApiError::Gone(line),
             E::InvalidTree { .. }
+            | E::InvalidExpiry { .. }
             | E::InvalidHooks { .. }
             | E::InvalidMissingObjects { .. }
             | E::InvalidObjectSize { .. }
@@ -159,10 +161,37 @@ pub async fn check_image(
     Json(req): Json<api::ImageNameRequest>,
 ) -> Result<axum::Json<api::CheckImageResponse>, ApiError> {
     let name = name_of(&req.name)?;
+    // An expired name is a tombstone too: `deleted` for clients that know no `expired`.
+    let expired = st.catalogue.name_expired(&name);
     Ok(axum::Json(api::CheckImageResponse {
         exists: st.catalogue.image_exists(&name),
-        deleted: st.catalogue.name_deleted(&name),
+        deleted: expired || st.catalogue.name_deleted(&name),
+        expired,
+        min_expiry_secs: st.catalogue.min_expiry(),
     }))
+}
+
+pub async fn get_image_expiration(
+    AxState(st): AxState<State>,
+    Json(req): Json<api::ImageNameRequest>,
+) -> Result<axum::Json<api::ImageExpirationResponse>, ApiError> {
+    let name = name_of(&req.name)?;
+    Ok(axum::Json(api::ImageExpirationResponse {
+        expires_at: st.catalogue.image_expiration(&name)?,
+    }))
+}
+
+pub async fn change_image_expiration(
+    AxState(st): AxState<State>,
+    Extension(caller): Extension<Caller>,
+    Json(req): Json<api::ChangeImageExpirationRequest>,
+) -> Result<axum::Json<Empty>, ApiError> {
+    let name = name_of(&req.name)?;
+    let cat = st.catalogue.clone();
+    let n = name.clone();
+    blocking(move || cat.change_expiration(&n, req.expires_at)).await?;
+    tracing::info!(image = %name, by = %caller.name, expires_at = ?req.expires_at, "image expiry changed");
+    Ok(axum::Json(Empty {}))
 }
 
 pub async fn get_image(
@@ -262,8 +291,17 @@ mod tests {
             path: "/data/objects".into(),
             source: std::io::Error::from_raw_os_error(errno),
         };
-        let cases: [(CatalogueError, u16); 8] = [
+        let cases: [(CatalogueError, u16); 11] = [
             (CatalogueError::ImageNotFound(name.clone()), 404),
+            (CatalogueError::ImageExpired(name.clone()), 410),
+            (CatalogueError::NameExpired(name.clone()), 409),
+            (
+                CatalogueError::InvalidExpiry {
+                    name: name.clone(),
+                    source: model::expiry::ExpiryError::WasNever,
+                },
+                400,
+            ),
             (
                 CatalogueError::ObjectsNotFound {
                     first: id,

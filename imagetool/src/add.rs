@@ -66,6 +66,12 @@ pub enum AddError {
     /// The name was deleted, and names are never reused.
     #[error("image {0} was deleted; image names are never reused")]
     Deleted(ImageName),
+    /// The name's image expired, and names are never reused.
+    #[error("image {0} expired; image names are never reused")]
+    Expired(ImageName),
+    /// `--expires-in` shorter than the server accepts.
+    #[error("--expires-in")]
+    Expiry(#[from] model::expiry::ExpiryError),
     /// The scanning thread panicked.
     #[error("scan thread")]
     ScanThread(#[source] tokio::task::JoinError),
@@ -155,6 +161,8 @@ pub struct Files<'a> {
     pub state: Option<&'a Path>,
     /// The hooks directory (`--hooks`: `pre/` and `post/`), if any.
     pub hooks: Option<&'a Path>,
+    /// `--expires-in`, in seconds (`None`: never expires).
+    pub expires_in: Option<u64>,
 }
 
 /// Reads and compiles the state file (`None` = no state lines).
@@ -219,6 +227,33 @@ fn filtered(filter: Option<&Filter>, path: &FsPath) -> bool {
     false
 }
 
+/// Refuses a taken (live, expired or deleted) name, and an `--expires-in` under the
+/// server's minimum, before anything is sent (AddImage checks again, atomically).
+async fn check_name(
+    client: &ImageServerClient,
+    name: &ImageName,
+    expires_in: Option<u64>,
+) -> Result<(), AddError> {
+    let state = client
+        .check_image_name(name.as_str())
+        .await
+        .map_err(|source| AddError::Ask { source })?;
+    if state.exists {
+        return Err(AddError::Exists(name.clone()));
+    }
+    if state.expired {
+        return Err(AddError::Expired(name.clone()));
+    }
+    if state.deleted {
+        return Err(AddError::Deleted(name.clone()));
+    }
+    let min = state.min_expiry_secs;
+    if let Some(d) = expires_in.filter(|d| *d < min) {
+        return Err(model::expiry::ExpiryError::TooSoon { secs: d, min }.into());
+    }
+    Ok(())
+}
+
 pub async fn add(
     client: &ImageServerClient,
     name: &str,
@@ -236,17 +271,8 @@ pub async fn add(
         .transpose()?
         .unwrap_or_default();
     let meta = std::fs::metadata(path).map_err(source_error(path))?;
-    // Refuse a taken name before sending anything (AddImage checks again, atomically).
-    let state = client
-        .check_image_name(name.as_str())
-        .await
-        .map_err(|source| AddError::Ask { source })?;
-    if state.exists {
-        return Err(AddError::Exists(name));
-    }
-    if state.deleted {
-        return Err(AddError::Deleted(name));
-    }
+    check_name(client, &name, files.expires_in).await?;
+    let expires_in = files.expires_in;
     let mut up = Uploader::new(client.clone());
     let pb = progress_bar("adding");
     let pbc = pb.clone();
@@ -306,6 +332,8 @@ pub async fn add(
     let mut image = Image::new(tree, filter, triggers);
     image.hooks = hooks.hooks;
     image.state = state_lines;
+    // Counted from the moment the image is added, however long the upload took.
+    image.expires_at = expires_in.map(|d| disk::clock::unix_now() + d);
     if let Err(source) = client.add_image(name.as_str(), &image).await {
         return Err(AddError::AddImage { name, source });
     }

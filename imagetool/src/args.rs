@@ -10,13 +10,14 @@ use wire::security::ClientTlsArgs;
 #[derive(Parser, Debug)]
 #[command(name = "imagetool", version)]
 pub struct Cli {
-    /// The imageserver, HOST[:PORT]
+    /// The imageserver, HOST[:PORT], or several separated by commas (tried in order: the
+    /// next on a connection error or a 5xx, never on a 4xx)
     #[arg(
         long,
         env = "IMAGE_SERVER",
         default_value = "localhost:6971",
         global = true,
-        value_name = "HOST[:PORT]"
+        value_name = "HOST[:PORT][,…]"
     )]
     pub image_server: String,
     /// Common name the imageserver's certificate must carry (its role)
@@ -50,6 +51,11 @@ pub enum Command {
         /// nothing is there, and never overwritten, corrected or deleted afterwards
         #[arg(long = "state", value_name = "FILE")]
         state_file: Option<PathBuf>,
+        /// The image expires DURATION after the add (e.g. 15m, 2h, 1d, 1h30m; at least
+        /// 15 minutes): it then disappears from `list`, its name is never reused and its
+        /// unique objects become unreferenced. Default: never
+        #[arg(long, value_name = "DURATION", alias = "expiresIn")]
+        expires_in: Option<String>,
     },
     /// Add an image made from a live host: the tree its subd last scanned (its scan
     /// exclusions and /.subd left out), with the files the imageserver lacks read from
@@ -91,6 +97,15 @@ pub enum Command {
     Check { name: String },
     /// Delete an image (its name is never reused)
     Delete { name: String },
+    /// Make an image expire DURATION from now (e.g. 2h, 1d), or never; expiry can only be
+    /// extended
+    ChangeImageExpiration {
+        name: String,
+        /// DURATION (e.g. 15m, 2h, 1d) or `never`
+        expires_in: String,
+    },
+    /// Print when an image expires (UTC), or `never`
+    GetImageExpiration { name: String },
     /// Accepted so Dominator's scripts run unchanged: image names need no directories
     /// here, so this only checks that NAME is a valid name no image holds
     Mkdir { name: String },

@@ -43,6 +43,11 @@ pub enum Error {
     Snapshot(#[from] snapshot::SnapshotError),
     #[error(transparent)]
     Interval(#[from] model::snapshot::BadInterval),
+    #[error(transparent)]
+    Expiry(#[from] model::expiry::ExpiryError),
+    /// `change-image-expiration` or `get-image-expiration` failed.
+    #[error("image {name} expiry")]
+    Expiration { name: String, source: ClientError },
     /// Asking the imageserver about a name failed.
     #[error("asking the imageserver")]
     Ask { source: ClientError },
@@ -104,12 +109,18 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
             triggers_file,
             state_file,
             hooks,
+            expires_in,
         } => {
+            let expires_in = match expires_in {
+                Some(d) => model::expiry::parse_expires_in(&d)?,
+                None => None,
+            };
             let files = add::Files {
                 filter: &filter_file,
                 triggers: &triggers_file,
                 state: state_file.as_deref(),
                 hooks: hooks.as_deref(),
+                expires_in,
             };
             s.add(&name, &path, &files).await
         }
@@ -142,6 +153,10 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
         Command::Check { name } => s.check(&name).await,
         Command::Mkdir { name } => s.mkdir(&name).await,
         Command::Delete { name } => s.delete(&name).await,
+        Command::ChangeImageExpiration { name, expires_in } => {
+            s.change_expiration(&name, &expires_in).await
+        }
+        Command::GetImageExpiration { name } => s.get_expiration(&name).await,
         Command::Diff { a, b } => s.diff(&a, &b).await,
         Command::Get { name, dir } => s.get(&name, &dir).await,
         Command::Listunrefobj => s.list_unreferenced().await,
@@ -416,6 +431,40 @@ impl Session<'_> {
                 name: name.to_string(),
                 source,
             })?;
+        Ok(0)
+    }
+
+    /// `change-image-expiration`: the image expires `expires_in` from now, or never.
+    async fn change_expiration(&mut self, name: &str, expires_in: &str) -> Result<u8, Error> {
+        let at = model::expiry::parse_expires_in(expires_in)?.map(|d| disk::clock::unix_now() + d);
+        self.client
+            .change_image_expiration(name, at)
+            .await
+            .map_err(|source| Error::Expiration {
+                name: name.to_string(),
+                source,
+            })?;
+        Ok(0)
+    }
+
+    /// `get-image-expiration`: when the image expires (UTC), or `never`.
+    async fn get_expiration(&mut self, name: &str) -> Result<u8, Error> {
+        let at = self
+            .client
+            .get_image_expiration(name)
+            .await
+            .map_err(|source| Error::Expiration {
+                name: name.to_string(),
+                source,
+            })?;
+        if self.json {
+            writeln!(self.out, "{}", serde_json::json!({ "expires_at": at }))?;
+        } else {
+            match at {
+                Some(t) => writeln!(self.out, "{}", listing::format_time(t as i64))?,
+                None => writeln!(self.out, "never")?,
+            }
+        }
         Ok(0)
     }
 

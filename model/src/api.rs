@@ -17,6 +17,8 @@ pub mod methods {
     pub const GET_IMAGE: &str = "ImageServer.GetImage";
     pub const LIST_IMAGES: &str = "ImageServer.ListImages";
     pub const DELETE_IMAGE: &str = "ImageServer.DeleteImage";
+    pub const CHANGE_IMAGE_EXPIRATION: &str = "ImageServer.ChangeImageExpiration";
+    pub const GET_IMAGE_EXPIRATION: &str = "ImageServer.GetImageExpiration";
     pub const LIST_UNREFERENCED_OBJECTS: &str = "ImageServer.ListUnreferencedObjects";
     pub const DELETE_UNREFERENCED_OBJECTS: &str = "ImageServer.DeleteUnreferencedObjects";
     pub const CHECK_OBJECTS: &str = "ObjectServer.CheckObjects";
@@ -67,6 +69,27 @@ pub struct CheckImageResponse {
     /// servers' replies, hence the default.)
     #[serde(default)]
     pub deleted: bool,
+    /// The name's image expired (a tombstone too, never reused). (Absent from older
+    /// servers' replies, hence the default.)
+    #[serde(default)]
+    pub expired: bool,
+    /// The shortest expiry the server accepts, in seconds (0 from older servers: not
+    /// said), so a client can refuse a too-short `--expires-in` before uploading.
+    #[serde(default)]
+    pub min_expiry_secs: u64,
+}
+
+/// `ImageServer.ChangeImageExpiration`: the image's new `expires_at` (`None` = never).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChangeImageExpirationRequest {
+    pub name: String,
+    pub expires_at: Option<u64>,
+}
+
+/// `ImageServer.GetImageExpiration`'s reply: when the image expires (`None` = never).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageExpirationResponse {
+    pub expires_at: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

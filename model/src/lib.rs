@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod diff;
+pub mod expiry;
 pub mod filter;
 pub mod frame;
 pub mod hash;

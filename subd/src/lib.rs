@@ -90,6 +90,11 @@ pub struct Args {
     /// Common name the imageserver's certificate must carry (its role) when fetching
     #[arg(long, value_name = "NAME", default_value = wire::client::IMAGESERVER_NAME)]
     pub image_server_name: String,
+    /// Fetch from these imageservers (HOST[:PORT], several separated by commas, tried in
+    /// order: the next on a connection error or a 5xx) instead of the one the dominator
+    /// names in each Fetch (which may be such a list too)
+    #[arg(long, value_name = "HOST[:PORT],…")]
+    pub image_server: Option<String>,
     #[command(flatten)]
     pub tls: wire::security::DaemonTlsArgs,
     #[command(flatten)]
@@ -116,6 +121,8 @@ pub struct Config {
     pub client_security: ClientSecurity,
     /// Common name the imageserver's certificate must carry.
     pub image_server_name: String,
+    /// `--image-server`: the imageservers to fetch from, instead of the Fetch's own.
+    pub image_server: Option<String>,
     /// Timeouts and connection limits of the server.
     pub connection_limits: wire::connection::ConnectionLimits,
 }
@@ -137,6 +144,7 @@ impl Config {
             security: Security::Insecure,
             client_security: ClientSecurity::Insecure,
             image_server_name: wire::client::IMAGESERVER_NAME.into(),
+            image_server: None,
             connection_limits: Default::default(),
         }
     }
@@ -171,6 +179,7 @@ impl Config {
             security: args.tls.server_security("subd").map_err(ConfigError::Tls)?,
             client_security: args.tls.client_security("subd").map_err(ConfigError::Tls)?,
             image_server_name: args.image_server_name.clone(),
+            image_server: args.image_server.clone(),
             connection_limits: args.connections.limits(),
         })
     }
@@ -251,6 +260,9 @@ pub struct Subd {
     pub polls: poll::PollShare,
     /// The last scan's paths by object, for `Snapshot.GetObjects`.
     pub snapshot_index: snapshot::IndexCache,
+    /// The imageserver client of the last fetch, by its server list: kept so the server
+    /// it failed over to stays preferred across fetches.
+    pub fetch_client: Mutex<Option<(String, wire::client::ImageServerClient)>>,
     /// Held while running: one subd per root.
     _lock: disk::fsutil::DirLock,
 }
@@ -307,6 +319,7 @@ impl Subd {
             start_time: disk::clock::unix_now(),
             polls: poll::PollShare::default(),
             snapshot_index: snapshot::IndexCache::default(),
+            fetch_client: Mutex::new(None),
             _lock: lock,
         });
         // An update killed between stopping services and starting them left them stopped.

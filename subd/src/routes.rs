@@ -261,21 +261,39 @@ fn run_update(
     result
 }
 
-async fn fetch(
-    State(s): State<Arc<Subd>>,
-    Json(req): Json<FetchRequest>,
-) -> Result<axum::Json<FetchResponse>, ApiError> {
-    if let Err(e) = wire::client::check_host_port(&req.server) {
-        return Err(ApiError::BadRequest(format!(
-            "fetch: imageserver address {e}"
-        )));
+/// The client a fetch uses: for `--image-server` if given, else for the Fetch's `server`
+/// (one address or a comma-separated list, each checked to be `HOST[:PORT]`); the same
+/// client as the last fetch's when the list is the same, so the server it failed over to
+/// stays preferred.
+fn fetch_client(s: &Subd, requested: &str) -> Result<ImageServerClient, ApiError> {
+    let list = s.config.image_server.as_deref().unwrap_or(requested);
+    for addr in wire::client::split_servers(list) {
+        if let Err(e) = wire::client::check_host_port(addr) {
+            return Err(ApiError::BadRequest(format!(
+                "fetch: imageserver address {e}"
+            )));
+        }
+    }
+    let mut last = s.fetch_client.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((l, c)) = last.as_ref().filter(|(l, _)| l == list) {
+        debug_assert_eq!(l, list);
+        return Ok(c.clone());
     }
     let client = ImageServerClient::with_server_name(
-        &req.server,
+        list,
         &s.config.client_security,
         &s.config.image_server_name,
     )
     .map_err(|e| ApiError::BadRequest(format!("fetch: {e}")))?;
+    *last = Some((list.to_string(), client.clone()));
+    Ok(client)
+}
+
+async fn fetch(
+    State(s): State<Arc<Subd>>,
+    Json(req): Json<FetchRequest>,
+) -> Result<axum::Json<FetchResponse>, ApiError> {
+    let client = fetch_client(&s, &req.server)?;
     let claim = claim(&s, true)?;
     let scan_count = Some(claim.accepted_at_scan);
     let s2 = s.clone();

@@ -4,7 +4,7 @@
 //!   added there without any MDB edit, within a poll interval or two of the `add`; the
 //!   page, `/api/`, `dominator plan` and `mdb show --image-server` say what the name
 //!   resolved to; `imagetool find-latest-image` agrees; `mdb rollback` pins the host to
-//!   the version before; an expired newer version is never followed; deleting the newest
+//!   the version before; an already-expired newer version is refused, never followed; deleting the newest
 //!   falls back to the previous one;
 //! - one `mdb set --where` edit over three tagged hosts converges all three, and its
 //!   `mdb rollback --where` returns all three.
@@ -238,14 +238,20 @@ async fn a_host_following_a_stream_takes_each_new_version_and_falls_back_on_dele
     );
     wait_synced(&api, "m1", "dhcp/production/2", &root, "2").await;
 
-    // A newer version that has already expired is never followed.
+    // A newer version that has already expired is refused by the imageserver (which
+    // expires images itself: systest/tests/expiry.rs), so never followed.
     let client = wire::client::ImageServerClient::new(is, &ClientSecurity::Insecure).unwrap();
     let mut expired = client.get_image("dhcp/production/1").await.unwrap();
     expired.expires_at = Some(1);
-    client
+    let refused = client
         .add_image("dhcp/production/3", &expired)
         .await
-        .unwrap();
+        .unwrap_err();
+    assert_eq!(refused.status(), Some(400), "{refused}");
+    assert!(
+        refused.to_string().contains("under the minimum"),
+        "{refused}"
+    );
     tokio::time::sleep(Duration::from_millis(5 * POLL_MS)).await;
     wait_synced(&api, "m1", "dhcp/production/2", &root, "2").await;
     let latest = ok(

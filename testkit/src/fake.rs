@@ -176,6 +176,8 @@ async fn check_image(
     axum::Json(api::CheckImageResponse {
         exists: s.lock().unwrap().contains_key(&req.name),
         deleted: false,
+        expired: false,
+        min_expiry_secs: 0,
     })
 }
 

@@ -49,6 +49,7 @@ pub const ROLES: &[Role] = &[
             "ImageServer.GetImage",
             "ImageServer.CheckImage",
             "ImageServer.ListImages",
+            "ImageServer.GetImageExpiration",
             "ObjectServer.CheckObjects",
         ],
     },
@@ -60,6 +61,9 @@ pub const ROLES: &[Role] = &[
             "ImageServer.CheckImage",
             "ImageServer.GetImage",
             "ImageServer.ListImages",
+            // Expiry: seen, and extended (never shortened) by whoever builds images.
+            "ImageServer.GetImageExpiration",
+            "ImageServer.ChangeImageExpiration",
             "ObjectServer.AddObjects",
             "ObjectServer.CheckObjects",
             // `imagetool adds`: a host's tree (a full poll) and its files by hash.

@@ -451,27 +451,167 @@ pub const SUBD_NAME: &str = "subd";
 /// The common name a dominator's certificate carries.
 pub const DOMINATOR_NAME: &str = "dominator";
 
+/// How long a client keeps using the imageserver it failed over to before it tries the
+/// first one of its list again.
+pub const PREFER_FOR: Duration = Duration::from_secs(60);
+
+/// Whether a failed call should be tried on the next imageserver of a list: no answer at
+/// all (a connection error of any kind), or a 5xx. A 4xx is the server's verdict on the
+/// request, the same everywhere: never retried elsewhere.
+pub fn fails_over(e: &ClientError) -> bool {
+    match e {
+        ClientError::Connect { .. } => true,
+        ClientError::Status { status, .. } => *status >= 500,
+        ClientError::Decode { .. } | ClientError::Setup(_) => false,
+    }
+}
+
+/// Which imageserver of a list is tried first, and since when.
+#[derive(Debug)]
+struct Preferred {
+    index: usize,
+    since: std::time::Instant,
+}
+
+/// The imageservers of one client, in the order given, and the one in use.
+#[derive(Debug)]
+struct Servers {
+    /// `(address as given, its client)`.
+    clients: Vec<(String, RpcClient)>,
+    preferred: std::sync::Mutex<Preferred>,
+}
+
+impl Servers {
+    /// The index to try first: the preferred one, or the first of the list again once
+    /// the preferred one has been in use for `PREFER_FOR`.
+    fn first(&self) -> usize {
+        let mut p = self.preferred.lock().unwrap_or_else(|e| e.into_inner());
+        if p.index != 0 && p.since.elapsed() >= PREFER_FOR {
+            p.index = 0;
+            p.since = std::time::Instant::now();
+        }
+        p.index
+    }
+
+    /// Makes `to` the preferred server after `from` failed with `why`; logged once per
+    /// switch (concurrent calls that saw the same failure switch, and log, only once).
+    fn switch(&self, from: usize, to: usize, why: &dyn std::fmt::Display) {
+        let mut p = self.preferred.lock().unwrap_or_else(|e| e.into_inner());
+        if p.index != from || from == to {
+            return;
+        }
+        p.index = to;
+        p.since = std::time::Instant::now();
+        tracing::warn!(
+            "imageserver {} failed ({why}); using {} for the next {} s",
+            self.clients[from].0,
+            self.clients[to].0,
+            PREFER_FOR.as_secs()
+        );
+    }
+}
+
 /// Typed client for the imageserver's `ImageServer.*` and `ObjectServer.*` methods.
+///
+/// Given several imageservers (`a,b,c`), a call that fails with a connection error or a
+/// 5xx is tried on the next, in order, wrapping around once; the first that answers
+/// becomes the preferred one (tried first by every later call of this client and its
+/// clones) for `PREFER_FOR`, then the first of the list is tried again. A 4xx is returned
+/// as it is.
 #[derive(Clone, Debug)]
 pub struct ImageServerClient {
+    /// The first imageserver of the list (status pages and raw calls in tests).
     pub rpc: RpcClient,
+    servers: std::sync::Arc<Servers>,
+}
+
+/// Splits an imageserver list `a,b,c` into its addresses (blanks around commas allowed).
+pub fn split_servers(list: &str) -> Vec<&str> {
+    list.split(',').map(str::trim).collect()
 }
 
 impl ImageServerClient {
-    /// A client for the imageserver at `addr`, whose certificate must name `IMAGESERVER_NAME`.
+    /// A client for the imageserver(s) at `addr` (`HOST[:PORT]`, or several separated by
+    /// commas), whose certificates must name `IMAGESERVER_NAME`.
     pub fn new(addr: &str, security: &ClientSecurity) -> Result<Self, ClientError> {
         Self::with_server_name(addr, security, IMAGESERVER_NAME)
     }
 
-    /// A client for the imageserver at `addr`, whose certificate must name `server_name`.
+    /// A client for the imageserver(s) at `addr` (one, or several separated by commas),
+    /// whose certificates must name `server_name`.
     pub fn with_server_name(
         addr: &str,
         security: &ClientSecurity,
         server_name: &str,
     ) -> Result<Self, ClientError> {
+        let mut clients = Vec::new();
+        for a in split_servers(addr) {
+            if a.is_empty() {
+                return Err(ClientError::Setup(format!(
+                    "imageserver list {addr:?} has an empty entry"
+                )));
+            }
+            let c = RpcClient::new(a, IMAGESERVER_PORT, security, server_name, None)?;
+            clients.push((a.to_string(), c));
+        }
         Ok(ImageServerClient {
-            rpc: RpcClient::new(addr, IMAGESERVER_PORT, security, server_name, None)?,
+            rpc: clients[0].1.clone(),
+            servers: std::sync::Arc::new(Servers {
+                clients,
+                preferred: std::sync::Mutex::new(Preferred {
+                    index: 0,
+                    since: std::time::Instant::now(),
+                }),
+            }),
         })
+    }
+
+    /// How many imageservers this client may use.
+    pub fn server_count(&self) -> usize {
+        self.servers.clients.len()
+    }
+
+    /// Runs `call` on the preferred imageserver, then on each next one while it fails
+    /// over (`fails_over`); returns the first answer (with the index of the server that
+    /// gave it) or the last error.
+    async fn failover<T, F, Fut>(&self, call: F) -> Result<(usize, T), ClientError>
+    where
+        F: Fn(RpcClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let n = self.servers.clients.len();
+        let first = self.servers.first();
+        let mut last = None;
+        for k in 0..n {
+            let i = (first + k) % n;
+            match call(self.servers.clients[i].1.clone()).await {
+                Ok(v) => return Ok((i, v)),
+                Err(e) if fails_over(&e) && k + 1 < n => {
+                    self.servers.switch(i, (i + 1) % n, &e);
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.expect("at least one server"))
+    }
+
+    /// JSON call `method` with `req`, failing over.
+    async fn json<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        method: &str,
+        req: &Req,
+    ) -> Result<Resp, ClientError> {
+        self.failover(|rpc| async move { rpc.call(method, req).await })
+            .await
+            .map(|(_, r)| r)
+    }
+
+    /// After a reply from server `index` broke off mid-way (a fetch's batch), moves this
+    /// client to the next server, as a failed call would.
+    pub fn reply_failed(&self, index: usize, why: &dyn std::fmt::Display) {
+        let n = self.servers.clients.len();
+        self.servers.switch(index, (index + 1) % n, why);
     }
 
     pub async fn add_image(&self, name: &str, image: &Image) -> Result<(), ClientError> {
@@ -479,27 +619,24 @@ impl ImageServerClient {
             name: name.to_string(),
             image: image.clone(),
         };
-        self.rpc
-            .call::<_, api::Empty>(methods::ADD_IMAGE, &req)
+        self.json::<_, api::Empty>(methods::ADD_IMAGE, &req)
             .await
             .map(|_| ())
     }
 
     pub async fn get_image(&self, name: &str) -> Result<Image, ClientError> {
-        self.rpc
-            .call(
-                methods::GET_IMAGE,
-                &api::ImageNameRequest {
-                    name: name.to_string(),
-                },
-            )
-            .await
+        self.json(
+            methods::GET_IMAGE,
+            &api::ImageNameRequest {
+                name: name.to_string(),
+            },
+        )
+        .await
     }
 
     pub async fn check_image(&self, name: &str) -> Result<bool, ClientError> {
         let r: api::CheckImageResponse = self
-            .rpc
-            .call(
+            .json(
                 methods::CHECK_IMAGE,
                 &api::ImageNameRequest {
                     name: name.to_string(),
@@ -514,20 +651,18 @@ impl ImageServerClient {
         &self,
         name: &str,
     ) -> Result<api::CheckImageResponse, ClientError> {
-        self.rpc
-            .call(
-                methods::CHECK_IMAGE,
-                &api::ImageNameRequest {
-                    name: name.to_string(),
-                },
-            )
-            .await
+        self.json(
+            methods::CHECK_IMAGE,
+            &api::ImageNameRequest {
+                name: name.to_string(),
+            },
+        )
+        .await
     }
 
     pub async fn list_images(&self, prefix: Option<&str>) -> Result<Vec<String>, ClientError> {
         let r: api::ListImagesResponse = self
-            .rpc
-            .call(
+            .json(
                 methods::LIST_IMAGES,
                 &api::ListImagesRequest {
                     prefix: prefix.map(str::to_string),
@@ -546,7 +681,12 @@ impl ImageServerClient {
         now: u64,
     ) -> Result<Option<String>, ClientError> {
         for name in model::stream::images_in(dir, names).into_iter().rev() {
-            let image = self.get_image(name).await?;
+            let image = match self.get_image(name).await {
+                Ok(image) => image,
+                // Expired since it was listed.
+                Err(e) if e.status() == Some(410) => continue,
+                Err(e) => return Err(e),
+            };
             if !model::stream::expired(image.expires_at, now) {
                 return Ok(Some(name.to_string()));
             }
@@ -554,23 +694,51 @@ impl ImageServerClient {
         Ok(None)
     }
 
-    pub async fn delete_image(&self, name: &str) -> Result<(), ClientError> {
-        self.rpc
-            .call::<_, api::Empty>(
-                methods::DELETE_IMAGE,
+    /// When `name` expires (`None` = never).
+    pub async fn get_image_expiration(&self, name: &str) -> Result<Option<u64>, ClientError> {
+        let r: api::ImageExpirationResponse = self
+            .json(
+                methods::GET_IMAGE_EXPIRATION,
                 &api::ImageNameRequest {
                     name: name.to_string(),
                 },
             )
-            .await
-            .map(|_| ())
+            .await?;
+        Ok(r.expires_at)
+    }
+
+    /// Makes `name` expire at `expires_at` (`None` = never); the server only extends.
+    pub async fn change_image_expiration(
+        &self,
+        name: &str,
+        expires_at: Option<u64>,
+    ) -> Result<(), ClientError> {
+        self.json::<_, api::Empty>(
+            methods::CHANGE_IMAGE_EXPIRATION,
+            &api::ChangeImageExpirationRequest {
+                name: name.to_string(),
+                expires_at,
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn delete_image(&self, name: &str) -> Result<(), ClientError> {
+        self.json::<_, api::Empty>(
+            methods::DELETE_IMAGE,
+            &api::ImageNameRequest {
+                name: name.to_string(),
+            },
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Sizes of the given objects on the server (0 = absent), in order.
     pub async fn check_objects(&self, hashes: &[ObjectId]) -> Result<Vec<u64>, ClientError> {
         let r: api::CheckObjectsResponse = self
-            .rpc
-            .call(
+            .json(
                 methods::CHECK_OBJECTS,
                 &api::CheckObjectsRequest {
                     hashes: hashes.to_vec(),
@@ -580,13 +748,15 @@ impl ImageServerClient {
         Ok(r.sizes)
     }
 
-    /// Uploads a `frame` stream of objects in one request.
+    /// Uploads a `frame` stream of objects in one request, to the preferred imageserver
+    /// only: a stream cannot be sent twice (the calls before it, `CheckObjects` among
+    /// them, have already moved past a server that is down).
     pub async fn add_objects(
         &self,
         body: reqwest::Body,
     ) -> Result<api::AddObjectsResponse, ClientError> {
-        let resp = self
-            .rpc
+        let rpc = &self.servers.clients[self.servers.first()].1;
+        let resp = rpc
             .call_raw(methods::ADD_OBJECTS, body, "application/octet-stream")
             .await?;
         let bytes = resp.bytes().await.map_err(|e| ClientError::Decode {
@@ -601,19 +771,34 @@ impl ImageServerClient {
 
     /// Starts downloading objects; the response body is a `frame` stream in request order.
     pub async fn get_objects(&self, hashes: &[ObjectId]) -> Result<reqwest::Response, ClientError> {
+        self.get_objects_from(hashes).await.map(|(_, r)| r)
+    }
+
+    /// `get_objects`, with the index of the imageserver answering (for `reply_failed`
+    /// when its reply breaks off).
+    pub async fn get_objects_from(
+        &self,
+        hashes: &[ObjectId],
+    ) -> Result<(usize, reqwest::Response), ClientError> {
         let body = serde_json::to_vec(&api::GetObjectsRequest {
             hashes: hashes.to_vec(),
         })
         .unwrap();
-        self.rpc
-            .call_raw(methods::GET_OBJECTS, body.into(), "application/json")
+        let body = &body;
+        self.failover(|rpc| async move {
+            rpc.call_raw(
+                methods::GET_OBJECTS,
+                body.clone().into(),
+                "application/json",
+            )
             .await
+        })
+        .await
     }
 
     pub async fn list_unreferenced_objects(&self) -> Result<Vec<api::ObjectInfo>, ClientError> {
         let r: api::ListUnreferencedObjectsResponse = self
-            .rpc
-            .call(methods::LIST_UNREFERENCED_OBJECTS, &api::Empty {})
+            .json(methods::LIST_UNREFERENCED_OBJECTS, &api::Empty {})
             .await?;
         Ok(r.objects)
     }
@@ -623,12 +808,11 @@ impl ImageServerClient {
         percentage: u8,
         bytes: u64,
     ) -> Result<api::DeleteUnreferencedObjectsResponse, ClientError> {
-        self.rpc
-            .call(
-                methods::DELETE_UNREFERENCED_OBJECTS,
-                &api::DeleteUnreferencedObjectsRequest { percentage, bytes },
-            )
-            .await
+        self.json(
+            methods::DELETE_UNREFERENCED_OBJECTS,
+            &api::DeleteUnreferencedObjectsRequest { percentage, bytes },
+        )
+        .await
     }
 }
 
@@ -799,5 +983,62 @@ mod tests {
         assert_eq!(base_url("[::1]:5", 6971, false), "http://[::1]:5");
         assert_eq!(base_url("::1", 6971, false), "http://[::1]:6971");
         assert_eq!(base_url("http://x:1/", 6971, false), "http://x:1");
+    }
+
+    #[test]
+    fn connection_errors_and_5xx_fail_over_4xx_do_not() {
+        let status = |status| ClientError::Status {
+            method: "m".into(),
+            status,
+            message: String::new(),
+        };
+        let connect = |kind| ClientError::Connect {
+            addr: "a".into(),
+            kind,
+            message: String::new(),
+        };
+        let cases = [
+            (connect(ConnectFailure::Refused), true),
+            (connect(ConnectFailure::Timeout), true),
+            (connect(ConnectFailure::Other), true),
+            (status(500), true),
+            (status(503), true),
+            (status(507), true),
+            (status(400), false),
+            (status(404), false),
+            (status(409), false),
+            (status(410), false),
+            (
+                ClientError::Decode {
+                    method: "m".into(),
+                    message: String::new(),
+                },
+                false,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(fails_over(&e), want, "{e}");
+        }
+    }
+
+    #[test]
+    fn a_list_of_imageservers_keeps_the_one_that_works() {
+        let c =
+            ImageServerClient::new("127.0.0.1:1, 127.0.0.1:2", &ClientSecurity::Insecure).unwrap();
+        assert_eq!(c.server_count(), 2);
+        assert_eq!(c.servers.first(), 0);
+        c.servers.switch(0, 1, &"refused");
+        assert_eq!(c.servers.first(), 1);
+        // A second report of the same failure (a concurrent call) changes nothing.
+        c.servers.switch(0, 1, &"refused");
+        assert_eq!(c.servers.first(), 1);
+        // Clones share the preference.
+        assert_eq!(c.clone().servers.first(), 1);
+        // After PREFER_FOR, the first of the list is tried again.
+        let since = c.servers.preferred.lock().unwrap().since;
+        c.servers.preferred.lock().unwrap().since =
+            since.checked_sub(PREFER_FOR).expect("a clock a minute old");
+        assert_eq!(c.servers.first(), 0);
+        assert!(ImageServerClient::new("a,,b", &ClientSecurity::Insecure).is_err());
     }
 }

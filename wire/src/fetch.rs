@@ -5,7 +5,10 @@
 //! objects they verify are committed together (one sync before the renames, one after) at
 //! the end or every `COMMIT_EVERY` objects, so a fetch syncs twice, not twice per batch.
 //! A mismatching object is discarded and reported; a truncated reply keeps the whole
-//! objects before the cut; a full disk is reported as such.
+//! objects before the cut; a full disk is reported as such. Given several imageservers
+//! (`ImageServerClient` fails each call over itself), a reply that breaks off moves the
+//! client to the next server and the objects the batch still lacks are asked for there,
+//! each batch on at most every server once.
 
 use crate::client::{ClientError, ImageServerClient};
 use disk::objectstore::{ObjectStore, PendingObject, StoreError};
@@ -137,6 +140,8 @@ struct BatchOutcome {
     received: HashSet<ObjectId>,
     mismatched: Vec<ObjectId>,
     error: Option<FetchError>,
+    /// The index (in the client's list) of the imageserver that sent the reply.
+    server: usize,
 }
 
 fn no_space(e: &io::Error) -> bool {
@@ -177,6 +182,7 @@ fn write_frames(mut r: impl Read, store: &ObjectStore, wanted: &HashSet<ObjectId
         received: HashSet::new(),
         mismatched: Vec::new(),
         error: None,
+        server: 0,
     };
     let dir = store.dir().display().to_string();
     let mut buf = vec![0u8; COPY_BUFFER];
@@ -271,7 +277,7 @@ async fn fetch_batch(
     opts: &FetchOptions,
     pace: &Pace,
 ) -> Result<BatchOutcome, FetchError> {
-    let resp = client.get_objects(batch).await?;
+    let (server, resp) = client.get_objects_from(batch).await?;
     let wanted: HashSet<ObjectId> = batch.iter().copied().collect();
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let st = store.clone();
@@ -304,28 +310,35 @@ async fn fetch_batch(
         }
     }
     drop(tx);
-    let out = writer
+    let mut out = writer
         .await
         .map_err(|e| FetchError::Truncated(format!("writer failed: {e}")))?;
+    out.server = server;
     Ok(out)
 }
 
 /// Runs one batch as a task of its own (its receive loop on a runtime worker, beside the
 /// socket it reads, not on the thread awaiting the fetch).
 fn spawn_batch(
-    tasks: &mut tokio::task::JoinSet<(Vec<ObjectId>, Result<BatchOutcome, FetchError>)>,
+    tasks: &mut Tasks,
     client: &ImageServerClient,
     store: &ObjectStore,
-    batch: Vec<ObjectId>,
+    (batch, attempt): Batch,
     opts: &FetchOptions,
     pace: &Arc<Pace>,
 ) {
     let (client, store, opts, pace) = (client.clone(), store.clone(), opts.clone(), pace.clone());
     tasks.spawn(async move {
         let r = fetch_batch(&client, &store, &batch, &opts, &pace).await;
-        (batch, r)
+        ((batch, attempt), r)
     });
 }
+
+/// A batch's objects, and how many imageservers it has been tried on before.
+type Batch = (Vec<ObjectId>, usize);
+
+/// The batches running.
+type Tasks = tokio::task::JoinSet<(Batch, Result<BatchOutcome, FetchError>)>;
 
 /// Bytes moved so far by all batches of one fetch, for the rate limit.
 struct Pace {
@@ -352,19 +365,28 @@ pub async fn fetch_objects(
         started: Instant::now(),
         transferred: AtomicU64::new(0),
     });
-    let mut batches = todo
+    let mut batches: std::collections::VecDeque<Batch> = todo
         .chunks(batch_size(opts, todo.len(), lanes))
-        .map(<[ObjectId]>::to_vec);
+        .map(|b| (b.to_vec(), 0))
+        .collect();
     // Dropping the set (the fetch abandoned) aborts the batches still running.
     let mut tasks = tokio::task::JoinSet::new();
-    for batch in batches.by_ref().take(lanes) {
+    while tasks.len() < lanes {
+        let Some(batch) = batches.pop_front() else {
+            break;
+        };
         spawn_batch(&mut tasks, client, store, batch, opts, &pace);
     }
     while let Some(joined) = tasks.join_next().await {
-        if let Some(batch) = batches.next() {
+        if let Some(again) = run.absorb(store, joined, client).await {
+            batches.push_back(again);
+        }
+        while tasks.len() < lanes {
+            let Some(batch) = batches.pop_front() else {
+                break;
+            };
             spawn_batch(&mut tasks, client, store, batch, opts, &pace);
         }
-        run.absorb(store, joined).await;
     }
     run.finish(store, &pace).await
 }
@@ -384,7 +406,7 @@ struct FetchRun {
     pending: Vec<PendingObject>,
 }
 
-type Joined = Result<(Vec<ObjectId>, Result<BatchOutcome, FetchError>), tokio::task::JoinError>;
+type Joined = Result<(Batch, Result<BatchOutcome, FetchError>), tokio::task::JoinError>;
 
 impl FetchRun {
     /// The distinct `hashes` the store lacks, counting those it holds.
@@ -410,14 +432,56 @@ impl FetchRun {
     }
 
     /// Takes in one finished batch: its verified objects (committed once enough wait), its
-    /// mismatches, its error, and what it was asked for but never sent.
-    async fn absorb(&mut self, store: &ObjectStore, joined: Joined) {
+    /// mismatches, its error, and what it was asked for but never sent. A reply that broke
+    /// off, from one of several imageservers, moves `client` on and returns the objects
+    /// still missing as a batch to try on the next one (until every server was tried).
+    async fn absorb(
+        &mut self,
+        store: &ObjectStore,
+        joined: Joined,
+        client: &ImageServerClient,
+    ) -> Option<Batch> {
         self.stats.requests += 1;
-        let (batch, out) = match joined {
+        let ((batch, attempt), mut out) = match joined {
             Ok((batch, Ok(out))) => (batch, out),
-            Ok((_, Err(e))) => return self.fail(e),
-            Err(e) => return self.fail(FetchError::Truncated(format!("batch failed: {e}"))),
+            Ok((_, Err(e))) => {
+                self.fail(e);
+                return None;
+            }
+            Err(e) => {
+                self.fail(FetchError::Truncated(format!("batch failed: {e}")));
+                return None;
+            }
         };
+        let retry = match &out.error {
+            Some(e @ FetchError::Truncated(_)) if attempt + 1 < client.server_count() => {
+                client.reply_failed(out.server, e);
+                out.error = None;
+                // What did not arrive whole and verified (the object cut in the middle was
+                // received, not kept); mismatches are reported, not asked for again.
+                let kept: HashSet<ObjectId> = out.pending.iter().map(|p| p.id).collect();
+                let rest: Vec<ObjectId> = batch
+                    .iter()
+                    .filter(|h| !kept.contains(h) && !out.mismatched.contains(h))
+                    .copied()
+                    .collect();
+                Some((rest, attempt + 1))
+            }
+            _ => None,
+        };
+        self.absorb_outcome(store, &batch, out, retry.is_some())
+            .await;
+        retry
+    }
+
+    /// `absorb` of a batch's outcome; `retried`: its missing objects are asked for again.
+    async fn absorb_outcome(
+        &mut self,
+        store: &ObjectStore,
+        batch: &[ObjectId],
+        out: BatchOutcome,
+        retried: bool,
+    ) {
         self.stats.bytes += out.bytes;
         self.pending.extend(out.pending);
         if self.pending.len() >= COMMIT_EVERY {
@@ -429,6 +493,9 @@ impl FetchRun {
         self.mismatched.extend(out.mismatched);
         if let Some(e) = out.error {
             return self.fail(e);
+        }
+        if retried {
+            return;
         }
         let missing: Vec<&ObjectId> = batch.iter().filter(|h| !out.received.contains(h)).collect();
         if let Some(first) = missing.first() {

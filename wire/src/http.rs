@@ -402,6 +402,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// 410: the thing existed and is gone for good (an expired image).
+    #[error("{0}")]
+    Gone(String),
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
@@ -421,6 +424,7 @@ impl ApiError {
             ApiError::BadRequest(_) => S::BAD_REQUEST,
             ApiError::NotFound(_) => S::NOT_FOUND,
             ApiError::Conflict(_) => S::CONFLICT,
+            ApiError::Gone(_) => S::GONE,
             ApiError::Forbidden(_) => S::FORBIDDEN,
             ApiError::TooLarge(_) => S::PAYLOAD_TOO_LARGE,
             ApiError::Busy(_) => S::SERVICE_UNAVAILABLE,
