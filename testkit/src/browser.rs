@@ -199,11 +199,12 @@ pub fn headless_managed(
         Path::new(root).is_dir(),
         "{root} does not exist: nothing to bind the test's policies over"
     );
-    let etc = std::env::temp_dir().join(format!(
+    let scratch = RemoveOnDrop(std::env::temp_dir().join(format!(
         "testkit-policies-{}-{}",
         std::process::id(),
         next_profile()
-    ));
+    )));
+    let etc = &scratch.0;
     std::fs::create_dir_all(etc.join("policies/managed")).expect("making the policy dir");
     std::fs::write(etc.join("policies/managed/test.json"), policy).expect("writing the policy");
     let mut cmd = Command::new("unshare");
@@ -217,13 +218,20 @@ pub fn headless_managed(
         "mount --bind \"$1\" \"$2\" || exit 125; shift 2; exec \"$@\"",
         "sh",
     ])
-    .arg(&etc)
+    .arg(etc)
     .arg(root)
     .arg(browser)
     .env("HOME", home);
-    let r = run(cmd, extra, url);
-    let _ = std::fs::remove_dir_all(&etc);
-    r
+    run(cmd, extra, url)
+}
+
+/// A scratch directory removed when dropped, even when a run panics (timed out).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Whether this process runs as root (it owns `/proc/self`).
