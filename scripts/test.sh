@@ -12,6 +12,7 @@ need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v curl >/dev/null 2>&1 || need+=(curl)       # status-page and admin.p12 tests
 command -v openssl >/dev/null 2>&1 || need+=(openssl) # the browser's key pin, admin.p12
+command -v pk12util >/dev/null 2>&1 || need+=(libnss3-tools) # admin.p12 into a browser's NSS db
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)   # the unit checks
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -1,13 +1,17 @@
 //! The status pages as an operator sees them, with the real binaries over TLS: the
 //! dominator's read-only `--status-listen` listener opened in headless Chromium that
 //! trusts exactly the dominator's key (and refuses any RPC), the admin PKCS#12 bundle
-//! reaching the admin listener with curl, and the live page during a rollout (the chart
-//! changes, a drift correction shows in the machine's timeline with its path).
+//! reaching the admin listener with curl and, imported as README says, in headless Chromium
+//! (the mutual-TLS page), and the live page during a rollout (the chart changes, a drift
+//! correction shows in the machine's timeline with its path).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use testkit::browser::{chromium, headless, spki_pin};
+use testkit::browser::{
+    chromium, headless, headless_managed, nss_import_p12, nss_init, nss_tools, nss_trust_ca,
+    spki_pin,
+};
 use testkit::{bin, spawn_listening_n, Daemon};
 
 fn daemon_flags(certs: &Path, role: &str) -> Vec<String> {
@@ -389,6 +393,94 @@ fn the_admin_bundle_holds_the_admin_pair_and_reaches_the_admin_listener() {
         &url,
     ]);
     assert_eq!(code, 200);
+}
+
+/// An operator's browser on the main (mutual-TLS) listener: a fresh `$HOME` whose NSS
+/// database holds what README says to import (`admin.p12`, password `fleet`; `CA.pem`
+/// trusted to identify websites), and the managed policy `AutoSelectCertificateForUrls`
+/// so headless Chromium presents the admin certificate without asking. No certificate
+/// error is ignored: the dominator is trusted through the CA in the NSS database alone.
+#[test]
+fn a_browser_with_the_admin_bundle_imported_opens_the_main_status_page() {
+    let Some(browser) = browser_or_skip("a_browser_with_the_admin_bundle_imported") else {
+        return;
+    };
+    if !nss_tools() {
+        eprintln!("\n!!!!!!!! SKIPPED a_browser_with_the_admin_bundle_imported: certutil/pk12util are not installed (apt-get install -y libnss3-tools) !!!!!!!!\n");
+        return;
+    }
+    let f = Fleet::start(1);
+    f.wait_all("synced", "app/1");
+    let url = format!("https://{}/", f.main);
+    let origin = url.trim_end_matches('/');
+    let rule = serde_json::json!({"pattern": origin, "filter": {"ISSUER": {"CN": "Fleet CA"}}});
+    let policy = serde_json::json!({"AutoSelectCertificateForUrls": [rule.to_string()]});
+    let policy = policy.to_string();
+    let open = |imports: &[&str]| {
+        let home = tempfile::tempdir().unwrap();
+        nss_init(home.path());
+        for what in imports {
+            match *what {
+                "admin.p12" => nss_import_p12(
+                    home.path(),
+                    &f.certs.join("admin.p12"),
+                    wire::certs::ADMIN_P12_PASSWORD,
+                ),
+                "CA.pem" => nss_trust_ca(home.path(), &f.certs.join("CA.pem"), "Fleet CA"),
+                other => unreachable!("{other}"),
+            }
+        }
+        headless_managed(&browser, home.path(), &policy, &["--dump-dom".into()], &url)
+    };
+
+    // Both imported: the fleet page, as the admin.
+    let run = open(&["admin.p12", "CA.pem"]);
+    assert!(
+        run.stdout.contains("<table id=\"machines\">"),
+        "no fleet page with admin.p12 and CA.pem imported: {}{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.stdout.contains(">m0</a></td><td>app/1</td>"),
+        "{}",
+        run.stdout
+    );
+    // Without the bundle the dominator refuses the handshake: no page.
+    let run = open(&["CA.pem"]);
+    assert!(
+        !run.stdout.contains("<table id=\"machines\">"),
+        "{}",
+        run.stdout
+    );
+    // The dominator's refusal reaches Chromium as a bad client certificate or, when TLS
+    // 1.3's handshake already looked done to the client, as a dropped socket.
+    let refused = [
+        "ERR_BAD_SSL_CLIENT_AUTH_CERT",
+        "ERR_SOCKET_NOT_CONNECTED",
+        "ERR_CONNECTION_CLOSED",
+        "ERR_CONNECTION_RESET",
+    ];
+    assert!(
+        refused
+            .iter()
+            .any(|e| run.stderr.contains(&format!("Page load failed: net::{e}"))),
+        "not refused for want of a client certificate: {}",
+        run.stderr
+    );
+    // The bundle alone does not make the browser trust the dominator: CA.pem is its own
+    // step (pk12util imports the bundle's CA certificate untrusted).
+    let run = open(&["admin.p12"]);
+    assert!(
+        !run.stdout.contains("<table id=\"machines\">"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains("ERR_CERT_AUTHORITY_INVALID"),
+        "the dominator was trusted without CA.pem: {}",
+        run.stderr
+    );
 }
 
 /// The `points` of the chart's line for `status`, if drawn.
