@@ -49,7 +49,7 @@ for v in 1 2; do
 done
 head -c 65536 /dev/urandom >"$WORK/img2/etc/app/blob"
 for v in 1 2; do
-  "$BIN/imagetool" --image-server $IS --permit-insecure-mode add app.$v "$WORK/img$v" "" "" >/dev/null
+  "$BIN/imagetool" --image-server $IS add app.$v "$WORK/img$v" "" "" >/dev/null
 done
 
 # N small roots (20 files of the machine's own) and N subds.

@@ -121,7 +121,11 @@ async fn main() {
     let is = fake::start_imageserver(images).await;
     let sims: Vec<_> = (0..n)
         .map(|i| {
-            let files = if i % large_every == 0 { large } else { small };
+            let files = if i.is_multiple_of(large_every) {
+                large
+            } else {
+                small
+            };
             FakeSubd::new(tree(files, &format!("m{i}-")))
         })
         .collect();
@@ -219,7 +223,8 @@ async fn main() {
     let mut sizes: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
     for m in v["machines"].as_array().unwrap() {
         let i: usize = m["host"].as_str().unwrap()[1..].parse().unwrap();
-        sizes[usize::from(i % large_every == 0)].push(m["last_poll_bytes"].as_u64().unwrap());
+        sizes[usize::from(i.is_multiple_of(large_every))]
+            .push(m["last_poll_bytes"].as_u64().unwrap());
     }
     let avg = |v: &Vec<u64>| v.iter().sum::<u64>() as f64 / v.len().max(1) as f64;
     let rss = vm_hwm_kib(pid);
