@@ -150,6 +150,10 @@ pub struct Fleet {
     /// The last hour, for the live pages (bounded; see `history`). Taken after
     /// `machines` when both are held, never before.
     pub history: Mutex<History>,
+    /// Machines per status, kept as reports are added, removed and change status (so a
+    /// status change costs O(1), not a walk over the fleet). Taken only while `machines`
+    /// is held.
+    pub tally: Mutex<BTreeMap<Status, usize>>,
 }
 
 impl Fleet {
@@ -165,6 +169,7 @@ impl Fleet {
             counters: Counters::default(),
             brake_file: None,
             history: Mutex::new(History::default()),
+            tally: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -217,6 +222,29 @@ impl Fleet {
     /// Machines per status, only the statuses some machine has.
     pub fn status_counts(&self) -> BTreeMap<Status, usize> {
         status_counts(&self.machines.lock().expect("fleet lock"))
+    }
+
+    /// Moves one machine in the tally from status `from` to `to` (`None`: added or
+    /// removed). Call with `machines` held, as the report changes.
+    pub fn tally_moved(&self, from: Option<Status>, to: Option<Status>) {
+        let mut t = self.tally.lock().expect("tally lock");
+        if let Some(f) = from {
+            if let Some(n) = t.get_mut(&f) {
+                *n -= 1;
+                if *n == 0 {
+                    t.remove(&f);
+                }
+            }
+        }
+        if let Some(s) = to {
+            *t.entry(s).or_default() += 1;
+        }
+    }
+
+    /// Machines per status as tallied (the statuses some machine has): what
+    /// `status_counts` computes, without walking the fleet.
+    pub fn tallied(&self) -> BTreeMap<Status, usize> {
+        self.tally.lock().expect("tally lock").clone()
     }
 
     /// Adds a sample of the current counts to the history (the chart's data).
@@ -287,6 +315,19 @@ pub fn status_counts(machines: &BTreeMap<String, MachineReport>) -> BTreeMap<Sta
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tally_follows_moves_and_forgets_empty_statuses() {
+        let f = Fleet::new("mdb.json", "is:6971", true);
+        f.tally_moved(None, Some(Status::WaitingToPoll));
+        f.tally_moved(None, Some(Status::WaitingToPoll));
+        f.tally_moved(Some(Status::WaitingToPoll), Some(Status::Synced));
+        let want: BTreeMap<Status, usize> =
+            [(Status::WaitingToPoll, 1), (Status::Synced, 1)].into();
+        assert_eq!(f.tallied(), want);
+        f.tally_moved(Some(Status::WaitingToPoll), None);
+        assert_eq!(f.tallied(), [(Status::Synced, 1)].into());
+    }
 
     #[test]
     fn the_fleet_wide_brake_survives_a_restart_until_released() {

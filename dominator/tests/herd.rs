@@ -863,3 +863,44 @@ async fn image_streams_follow_the_newest_and_an_exact_name_wins() {
     f.add_image("empty/1", sparse(&[("/v", b"no longer empty")]));
     wait_content(&c, "/v", b"no longer empty").await;
 }
+
+/// Issue 14 §5: many simulated machines behind ONE listening socket (`fake::start_subds`),
+/// each on its own loopback address, are told apart by the address dialled: each converges
+/// on its own image, and a connection to an address no machine answers on is refused
+/// (shown as `not a subd`, the 404).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machines_sharing_one_listener_are_told_apart_by_address() {
+    let subs: Vec<_> = (0..3)
+        .map(|i| FakeSubd::new(tree(&[("/etc/id", format!("m{i}").as_bytes())])))
+        .collect();
+    let addrs = fake::start_subds(&subs).await.unwrap();
+    let port = addrs[0].rsplit(':').next().unwrap().to_string();
+    assert!(addrs.iter().all(|a| a.ends_with(&format!(":{port}"))));
+    let mut entries: Vec<Value> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| serde_json::json!({"Hostname": format!("m{i}"), "IpAddress": a, "RequiredImage": format!("app/{i}")}))
+        .collect();
+    let stranger = format!("{}:{port}", fake::machine_address(1000));
+    entries.push(serde_json::json!({"Hostname": "stranger", "IpAddress": stranger, "RequiredImage": "app/0"}));
+    let f = Fixture::start(&mdb_json(&entries), None).await;
+    for i in 0..3 {
+        f.add_image(
+            &format!("app/{i}"),
+            sparse(&[("/etc/app.conf", format!("v{i}").as_bytes())]),
+        );
+    }
+    for (i, s) in subs.iter().enumerate() {
+        f.wait_status(&format!("m{i}"), "synced").await;
+        let m = s.lock().unwrap();
+        assert_eq!(
+            m.content("/etc/app.conf"),
+            Some(ObjectId::of(format!("v{i}").as_bytes()))
+        );
+        assert_eq!(
+            m.content("/etc/id"),
+            Some(ObjectId::of(format!("m{i}").as_bytes()))
+        );
+    }
+    f.wait_status("stranger", "not a subd").await;
+}

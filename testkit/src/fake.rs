@@ -2,14 +2,19 @@
 //! for driving the dominator without real machines (its herd tests and the fleet
 //! benchmark). The fake subd keeps a `FileTree` and an object cache in memory and applies
 //! plans to them; it does not scan, fetch from an imageserver, or run triggers. The fake
-//! imageserver answers `GetImage` and `CheckImage` from a shared map.
+//! imageserver answers `GetImage` and `CheckImage` from a shared map. `start_subds` serves
+//! many fake subds on one listener, each machine on its own loopback address (so 10,000
+//! simulated machines need one listening socket, not 10,000).
 
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::State;
 use axum::routing::post;
+use axum::serve::IncomingStream;
 use axum::Router;
 use model::api::{self, PollRequest, PollResponse, UpdateResult};
 use model::{FileTree, Image, ObjectId};
 use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use wire::http::{ApiError, Json, Security};
 
@@ -152,6 +157,101 @@ pub fn subd_router(sub: SharedSubd) -> Router {
 /// Serves `sub` on a new loopback port (plain HTTP); returns its `HOST:PORT`.
 pub async fn start_subd(sub: SharedSubd) -> String {
     start(subd_router(sub)).await
+}
+
+/// Many fake subds behind one listener, by the loopback address each machine answers on.
+type Machines = Arc<HashMap<IpAddr, SharedSubd>>;
+
+/// The address a connection was dialled to (the accepted socket's local address): which
+/// machine of a `start_subds` listener the caller meant.
+#[derive(Clone, Copy, Debug)]
+struct Dialled(IpAddr);
+
+impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Dialled {
+    fn connect_info(s: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Dialled(
+            s.io()
+                .local_addr()
+                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip()),
+        )
+    }
+}
+
+/// The machine dialled, or a 404 for an address no machine answers on.
+fn dialled(m: &Machines, ip: IpAddr) -> Result<SharedSubd, ApiError> {
+    m.get(&ip)
+        .cloned()
+        .ok_or_else(|| ApiError::NotFound(format!("no simulated machine at {ip}")))
+}
+
+async fn multi_poll(
+    State(m): State<Machines>,
+    ConnectInfo(Dialled(ip)): ConnectInfo<Dialled>,
+    req: Json<PollRequest>,
+) -> Result<axum::Json<PollResponse>, ApiError> {
+    Ok(poll(State(dialled(&m, ip)?), req).await)
+}
+
+async fn multi_fetch(
+    State(m): State<Machines>,
+    ConnectInfo(Dialled(ip)): ConnectInfo<Dialled>,
+    req: Json<api::FetchRequest>,
+) -> Result<axum::Json<api::Empty>, ApiError> {
+    Ok(fetch(State(dialled(&m, ip)?), req).await)
+}
+
+async fn multi_update(
+    State(m): State<Machines>,
+    ConnectInfo(Dialled(ip)): ConnectInfo<Dialled>,
+    req: Json<api::UpdateRequest>,
+) -> Result<axum::Json<api::UpdateResponse>, ApiError> {
+    update(State(dialled(&m, ip)?), req).await
+}
+
+async fn multi_cleanup(
+    State(m): State<Machines>,
+    ConnectInfo(Dialled(ip)): ConnectInfo<Dialled>,
+    req: Json<api::CleanupRequest>,
+) -> Result<axum::Json<api::Empty>, ApiError> {
+    Ok(cleanup(State(dialled(&m, ip)?), req).await)
+}
+
+/// The loopback address `start_subds` gives machine `i`: 127.1.0.1, 127.1.0.2, … (all of
+/// 127.0.0.0/8 reaches this host; about 16 million machines fit).
+pub fn machine_address(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 1, 0, 0)) + 1 + i as u32)
+}
+
+/// Serves every subd of `subs` on ONE listening socket: machine `i` answers on
+/// `machine_address(i)`, all on the same port, told apart by the address each connection
+/// was dialled to. The socket is bound to the wildcard address (one socket cannot be bound
+/// to all of 127.0.0.0/8), but a connection to any other address is answered 404.
+/// Returns each machine's `HOST:PORT`, in order.
+pub async fn start_subds(subs: &[SharedSubd]) -> std::io::Result<Vec<String>> {
+    let l = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
+    let port = l.local_addr()?.port();
+    let addrs: Vec<SocketAddr> = (0..subs.len())
+        .map(|i| SocketAddr::new(IpAddr::V4(machine_address(i)), port))
+        .collect();
+    let machines: Machines = Arc::new(
+        addrs
+            .iter()
+            .zip(subs)
+            .map(|(a, s)| (a.ip(), s.clone()))
+            .collect(),
+    );
+    let app = Router::new()
+        .route("/rpc/Subd.Poll", post(multi_poll))
+        .route("/rpc/Subd.Fetch", post(multi_fetch))
+        .route("/rpc/Subd.Update", post(multi_update))
+        .route("/rpc/Subd.Cleanup", post(multi_cleanup))
+        .with_state(machines);
+    // Accepted sockets inherit TCP_NODELAY from the listener (Linux).
+    socket2::SockRef::from(&l).set_tcp_nodelay(true)?;
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app.into_make_service_with_connect_info::<Dialled>()).await;
+    });
+    Ok(addrs.iter().map(|a| a.to_string()).collect())
 }
 
 /// The images a fake imageserver serves, by name.
