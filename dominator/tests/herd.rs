@@ -241,8 +241,11 @@ async fn hostile_text_is_escaped_on_the_status_page() {
         Some(hostile),
     )
     .await;
-    f.wait_fleet("machine h", |v| {
-        v["machines"].as_array().is_some_and(|m| m.len() == 1)
+    // Its first report (the image cell comes from it) is in once a poll has failed.
+    f.wait_fleet("machine h reported", |v| {
+        v["machines"].as_array().is_some_and(|m| {
+            m.len() == 1 && m[0]["required_image"] != "" && m[0]["last_error"].is_string()
+        })
     })
     .await;
     let (_, html) = f.get("/").await;
