@@ -121,21 +121,7 @@ async fn an_expired_image_disappears_keeps_its_name_and_frees_its_objects() {
             "short/1",
         ],
     );
-    let dom = Daemon::start(
-        &bin("dominator"),
-        &[
-            "--mdb",
-            &s(&mdb),
-            "--image-server",
-            &is,
-            "--listen",
-            "127.0.0.1:0",
-            "--permit-insecure-mode",
-            "--poll-interval-ms",
-            "300",
-        ]
-        .map(String::from),
-    );
+    let dom = Daemon::dominator(&bin("dominator"), &s(&mdb), &is, 300);
     let api = client(&dom.addr, 6970, "dominator");
 
     // It expires: gone from the list, its name kept, its own object unreferenced.

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use testkit::run_bin_ok as ok;
 use testkit::{bin, run_bin, Daemon, Fault, FaultProxy};
-use wire::client::{ClientSecurity, RpcClient, SubdClient};
+use wire::client::{ClientSecurity, SubdClient};
 
 /// Generous: CI is a 2-core machine shared with compilers.
 const WAIT: Duration = Duration::from_secs(120);
@@ -87,29 +87,8 @@ async fn a_subd_converges_when_its_first_imageserver_breaks_off_mid_fetch() {
         ],
     );
     let dom_servers = format!("{},{}", a.addr, b.addr);
-    let dom = Daemon::start(
-        &bin("dominator"),
-        &[
-            "--mdb",
-            &s(&mdb),
-            "--image-server",
-            &dom_servers,
-            "--listen",
-            "127.0.0.1:0",
-            "--permit-insecure-mode",
-            "--poll-interval-ms",
-            "300",
-        ]
-        .map(String::from),
-    );
-    let api = RpcClient::new(
-        &dom.addr,
-        wire::client::DOMINATOR_PORT,
-        &ClientSecurity::Insecure,
-        wire::client::DOMINATOR_NAME,
-        Some(Duration::from_secs(30)),
-    )
-    .unwrap();
+    let dom = Daemon::dominator(&bin("dominator"), &s(&mdb), &dom_servers, 300);
+    let api = dom.dominator_api();
     let t0 = Instant::now();
     loop {
         let text = api.get_text("/api/machines/m1").await.unwrap_or_default();

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use testkit::{bin, Daemon};
-use wire::client::{ClientSecurity, RpcClient};
+use wire::client::RpcClient;
 
 /// Generous: CI is a 2-core machine shared with compilers.
 const WAIT: Duration = Duration::from_secs(120);
@@ -139,29 +139,8 @@ impl World {
         );
         let mdb = tmp.join("mdb.json");
         std::fs::write(&mdb, "[]").unwrap();
-        let dom = Daemon::start(
-            &bin("dominator"),
-            &[
-                "--mdb",
-                &s(&mdb),
-                "--image-server",
-                &is.addr,
-                "--listen",
-                "127.0.0.1:0",
-                "--permit-insecure-mode",
-                "--poll-interval-ms",
-                "200",
-            ]
-            .map(String::from),
-        );
-        let api = RpcClient::new(
-            &dom.addr,
-            wire::client::DOMINATOR_PORT,
-            &ClientSecurity::Insecure,
-            wire::client::DOMINATOR_NAME,
-            Some(Duration::from_secs(30)),
-        )
-        .unwrap();
+        let dom = Daemon::dominator(&bin("dominator"), &s(&mdb), &is.addr, 200);
+        let api = dom.dominator_api();
         World {
             dir: tmp.to_path_buf(),
             root,

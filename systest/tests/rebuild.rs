@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use testkit::run_bin_ok as ok;
 use testkit::{bin, Daemon};
-use wire::client::{ClientSecurity, RpcClient};
+use wire::client::RpcClient;
 
 /// Generous: CI is a 2-core machine shared with compilers.
 const WAIT: Duration = Duration::from_secs(120);
@@ -225,29 +225,8 @@ async fn dead_host_is_rebuilt_from_an_empty_root_in_one_update() {
             "app/1",
         ],
     );
-    let dom = Daemon::start(
-        &bin("dominator"),
-        &[
-            "--mdb",
-            &m,
-            "--image-server",
-            &is.addr,
-            "--listen",
-            "127.0.0.1:0",
-            "--permit-insecure-mode",
-            "--poll-interval-ms",
-            "200",
-        ]
-        .map(String::from),
-    );
-    let api = RpcClient::new(
-        &dom.addr,
-        wire::client::DOMINATOR_PORT,
-        &ClientSecurity::Insecure,
-        wire::client::DOMINATOR_NAME,
-        Some(Duration::from_secs(30)),
-    )
-    .unwrap();
+    let dom = Daemon::dominator(&bin("dominator"), &m, &is.addr, 200);
+    let api = dom.dominator_api();
     wait_for(&api, "polled the dead host", |m| {
         m["last_error"].is_string() && m["last_poll"].is_null()
     })

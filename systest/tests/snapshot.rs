@@ -173,29 +173,8 @@ async fn a_hand_edited_host_is_snapshotted_diffed_and_rolled_out_to_another_host
         "snap/1",
     ];
     ok("mdb", &add);
-    let dom = Daemon::start(
-        &bin("dominator"),
-        &[
-            "--mdb",
-            &mdb,
-            "--image-server",
-            &is.addr,
-            "--listen",
-            "127.0.0.1:0",
-            "--permit-insecure-mode",
-            "--poll-interval-ms",
-            "200",
-        ]
-        .map(String::from),
-    );
-    let api = RpcClient::new(
-        &dom.addr,
-        wire::client::DOMINATOR_PORT,
-        &ClientSecurity::Insecure,
-        wire::client::DOMINATOR_NAME,
-        Some(Duration::from_secs(30)),
-    )
-    .unwrap();
+    let dom = Daemon::dominator(&bin("dominator"), &mdb, &is.addr, 200);
+    let api = dom.dominator_api();
     let t0 = Instant::now();
     loop {
         let m = machine(&api, "m2").await;

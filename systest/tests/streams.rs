@@ -77,14 +77,7 @@ fn dominator(mdb: &Path, is: &str) -> (Daemon, RpcClient) {
         ]
         .map(String::from),
     );
-    let api = RpcClient::new(
-        &dom.addr,
-        wire::client::DOMINATOR_PORT,
-        &ClientSecurity::Insecure,
-        wire::client::DOMINATOR_NAME,
-        Some(Duration::from_secs(30)),
-    )
-    .unwrap();
+    let api = dom.dominator_api();
     (dom, api)
 }
 

@@ -277,6 +277,41 @@ impl Daemon {
         Daemon::start(program, &args)
     }
 
+    /// An insecure dominator (`program`) of the MDB file `mdb`, against `image_server`,
+    /// polling every `poll_ms` milliseconds, on a free loopback port.
+    pub fn dominator(
+        program: &std::path::Path,
+        mdb: &str,
+        image_server: &str,
+        poll_ms: u64,
+    ) -> Daemon {
+        let poll = poll_ms.to_string();
+        let args = [
+            "--mdb",
+            mdb,
+            "--image-server",
+            image_server,
+            "--listen",
+            "127.0.0.1:0",
+            "--permit-insecure-mode",
+            "--poll-interval-ms",
+            &poll,
+        ];
+        Daemon::start(program, &args.map(String::from))
+    }
+
+    /// A client of this (insecure) dominator's pages and API, with a 30 s timeout.
+    pub fn dominator_api(&self) -> wire::client::RpcClient {
+        wire::client::RpcClient::new(
+            &self.addr,
+            wire::client::DOMINATOR_PORT,
+            &wire::client::ClientSecurity::Insecure,
+            wire::client::DOMINATOR_NAME,
+            Some(std::time::Duration::from_secs(30)),
+        )
+        .expect("a client of the dominator")
+    }
+
     /// SIGKILL, as a crash or a power cut would, and reap it.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
