@@ -96,17 +96,7 @@ async fn an_expired_image_disappears_keeps_its_name_and_frees_its_objects() {
     // A machine requiring it, through the real dominator.
     let root = t.join("m1");
     std::fs::create_dir_all(&root).unwrap();
-    let subd = Daemon::start(
-        &bin("subd"),
-        &[
-            "--root",
-            &s(&root),
-            "--listen",
-            "127.0.0.1:0",
-            "--permit-insecure-mode",
-        ]
-        .map(String::from),
-    );
+    let subd = Daemon::subd(&bin("subd"), &s(&root), &[]);
     let mdb = t.join("mdb.json");
     ok(
         "mdb",

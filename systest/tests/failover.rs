@@ -59,19 +59,7 @@ async fn a_subd_converges_when_its_first_imageserver_breaks_off_mid_fetch() {
     let root = t.join("m1");
     std::fs::create_dir_all(&root).unwrap();
     let servers = format!("{},{}", cut.addr, b.addr);
-    let subd = Daemon::start(
-        &bin("subd"),
-        &[
-            "--root",
-            &s(&root),
-            "--listen",
-            "127.0.0.1:0",
-            "--permit-insecure-mode",
-            "--image-server",
-            &servers,
-        ]
-        .map(String::from),
-    );
+    let subd = Daemon::subd(&bin("subd"), &s(&root), &["--image-server", &servers]);
     let mdb = t.join("mdb.json");
     ok(
         "mdb",

@@ -118,14 +118,10 @@ impl World {
             0o755,
         );
         let is = Daemon::imageserver(&bin("imageserver"), &tmp.join("imageserver"), &[]);
-        let subd = Daemon::start(
+        let subd = Daemon::subd(
             &bin("subd"),
+            &s(&root),
             &[
-                "--root",
-                &s(&root),
-                "--listen",
-                "127.0.0.1:0",
-                "--permit-insecure-mode",
                 "--service-command",
                 &s(&service),
                 "--scan-speed-percent",
@@ -134,8 +130,7 @@ impl World {
                 "100",
                 "--hook-timeout-secs",
                 "2",
-            ]
-            .map(String::from),
+            ],
         );
         let mdb = tmp.join("mdb.json");
         std::fs::write(&mdb, "[]").unwrap();

@@ -233,22 +233,17 @@ async fn dead_host_is_rebuilt_from_an_empty_root_in_one_update() {
     .await;
 
     // The replacement: a subd on an empty root.
-    let subd = Daemon::start(
+    let subd = Daemon::subd(
         &bin("subd"),
+        &s(&root),
         &[
-            "--root",
-            &s(&root),
-            "--listen",
-            "127.0.0.1:0",
-            "--permit-insecure-mode",
             "--service-command",
             &s(&service),
             "--scan-speed-percent",
             "100",
             "--cpu-percent",
             "100",
-        ]
-        .map(String::from),
+        ],
     );
 
     // `dominator plan` against it (a copy of the record with the new address): a rebuild.

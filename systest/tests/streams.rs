@@ -42,20 +42,10 @@ fn add_version(t: &Path, is: &str, name: &str, version: &str) {
 fn subd(t: &Path, name: &str) -> (Daemon, std::path::PathBuf) {
     let root = t.join(name);
     std::fs::create_dir_all(&root).unwrap();
-    let d = Daemon::start(
+    let d = Daemon::subd(
         &bin("subd"),
-        &[
-            "--root",
-            &s(&root),
-            "--listen",
-            "127.0.0.1:0",
-            "--permit-insecure-mode",
-            "--scan-speed-percent",
-            "100",
-            "--cpu-percent",
-            "100",
-        ]
-        .map(String::from),
+        &s(&root),
+        &["--scan-speed-percent", "100", "--cpu-percent", "100"],
     );
     (d, root)
 }

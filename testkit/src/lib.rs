@@ -277,6 +277,18 @@ impl Daemon {
         Daemon::start(program, &args)
     }
 
+    /// An insecure subd (`program`) managing `root` on a free loopback port, with `extra`
+    /// flags.
+    pub fn subd(program: &std::path::Path, root: &str, extra: &[&str]) -> Daemon {
+        let args: Vec<String> = ["--root", root, "--listen", "127.0.0.1:0"]
+            .into_iter()
+            .chain(["--permit-insecure-mode"])
+            .chain(extra.iter().copied())
+            .map(String::from)
+            .collect();
+        Daemon::start(program, &args)
+    }
+
     /// An insecure dominator (`program`) of the MDB file `mdb`, against `image_server`,
     /// polling every `poll_ms` milliseconds, on a free loopback port.
     pub fn dominator(
