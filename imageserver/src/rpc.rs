@@ -29,7 +29,9 @@ impl From<CatalogueError> for ApiError {
         let line = e.to_string();
         match e {
             E::ImageNotFound(_) | E::ObjectsNotFound { .. } => ApiError::NotFound(line),
-            E::AlreadyExists(_) | E::NameDeleted(_) => ApiError::Conflict(line),
+            E::AlreadyExists(_) | E::NameDeleted(_) | E::NameContended(_) => {
+                ApiError::Conflict(line)
+            }
             E::InvalidTree { .. }
             | E::InvalidHooks { .. }
             | E::InvalidMissingObjects { .. }
@@ -262,7 +264,7 @@ mod tests {
             path: "/data/objects".into(),
             source: std::io::Error::from_raw_os_error(errno),
         };
-        let cases: [(CatalogueError, u16); 8] = [
+        let cases: [(CatalogueError, u16); 9] = [
             (CatalogueError::ImageNotFound(name.clone()), 404),
             (
                 CatalogueError::ObjectsNotFound {
@@ -273,6 +275,7 @@ mod tests {
             ),
             (CatalogueError::AlreadyExists(name.clone()), 409),
             (CatalogueError::NameDeleted(name.clone()), 409),
+            (CatalogueError::NameContended(name.clone()), 409),
             (CatalogueError::InvalidPercentage(101), 400),
             (
                 CatalogueError::CorruptImage {
