@@ -5,7 +5,10 @@
 //!   directory.
 //! - `objects/<hh>/<126 hex>`: the content-addressed `disk::objectstore::ObjectStore`
 //!   (`<hh>` is the first byte of the SHA-512; stores made by earlier versions keep their
-//!   `<hh>/<hh>/<124 hex>` layout).
+//!   `<hh>/<hh>/<124 hex>` layout). With `--object-store s3://…` the objects are in the
+//!   bucket instead (`storage::Objects::S3`, see `s3`), and so are the images: each is put
+//!   there before its local copy appears, tombstones too; `images/` is then a copy, filled
+//!   from the bucket at open and by `refresh_from_bucket`.
 //! - `images/<name>/.image`: one JSON `Image` per image name. Image names never have a
 //!   component starting with `.`, so `.image` never collides with a name, and an image
 //!   `a/b` can coexist with `a/b/c`. A zero-length `.image` is a tombstone: the name was

@@ -304,3 +304,83 @@ async fn small_gets_do_not_stall_on_garage_replies() {
         "no idle connection kept: {fresh:.0}/s, kept alive: {kept:.0}/s"
     );
 }
+
+/// An image of one file with these bytes.
+fn one_file_image(data: &[u8]) -> model::Image {
+    use model::image::{FileTree, Inode, Mtime};
+    let mut t = FileTree::with_root(Inode::dir(0o755, 0, 0));
+    let file = Inode::file(
+        0o644,
+        0,
+        0,
+        Mtime::default(),
+        data.len() as u64,
+        Some(ObjectId::of(data)),
+    );
+    t.inodes.insert(1, file);
+    t.entries.insert("/f".parse().unwrap(), 1);
+    model::Image::new(t, None, Default::default())
+}
+
+/// Two imageservers over one bucket adding the same names at the same moment: never both
+/// succeed (no conditional create; claims in the bucket), and the winner's image is what
+/// both serve.
+#[tokio::test(flavor = "multi_thread")]
+async fn racing_adds_of_one_name_on_two_imageservers_never_both_win() {
+    let g = Garage::start();
+    let t = tempfile::tempdir().unwrap();
+    let one = s3_imageserver(&g, &t.path().join("data1"));
+    let two = s3_imageserver(&g, &t.path().join("data2"));
+    let c1 = ImageServerClient::new(&one.addr, &ClientSecurity::Insecure).unwrap();
+    let c2 = ImageServerClient::new(&two.addr, &ClientSecurity::Insecure).unwrap();
+    let (a, b) = (b"through one".as_slice(), b"through two".as_slice());
+    c1.add_objects(frame_of(ObjectId::of(a), a.len() as u64, a).into())
+        .await
+        .unwrap();
+    c2.add_objects(frame_of(ObjectId::of(b), b.len() as u64, b).into())
+        .await
+        .unwrap();
+    let (ia, ib) = (one_file_image(a), one_file_image(b));
+    let mut winners = Vec::new();
+    for round in 0..8 {
+        let name = format!("race/{round}");
+        let (r1, r2) = tokio::join!(c1.add_image(&name, &ia), c2.add_image(&name, &ib));
+        assert!(
+            r1.is_err() || r2.is_err(),
+            "{name}: both imageservers added it"
+        );
+        for e in [r1.as_ref().err(), r2.as_ref().err()].into_iter().flatten() {
+            let e = e.to_string();
+            assert!(
+                e.contains("already exists") || e.contains("at the same time"),
+                "{name}: {e}"
+            );
+        }
+        if r1.is_ok() {
+            winners.push((name, ia.clone()));
+        } else if r2.is_ok() {
+            winners.push((name, ib.clone()));
+        }
+    }
+    eprintln!(
+        "{} of 8 racing names were won by one imageserver",
+        winners.len()
+    );
+    // Each won name is served as its winner stored it, by both (the loser within the
+    // refresh interval).
+    for (name, image) in &winners {
+        for c in [&c1, &c2] {
+            let t0 = Instant::now();
+            loop {
+                match c.get_image(name).await {
+                    Ok(got) => {
+                        assert_eq!(got.tree, image.tree, "{name}");
+                        break;
+                    }
+                    Err(e) => assert!(t0.elapsed() < Duration::from_secs(3), "{name}: {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
