@@ -133,6 +133,8 @@ impl Garage {
 
     /// Layout, key and bucket.
     fn set_up(&mut self) {
+        // `node id` reads the node's key from disk: wait for the server itself first.
+        self.until_ok(&["status"]);
         let node = self.until_ok(&["node", "id", "-q"]);
         let node = node
             .trim()
