@@ -209,10 +209,7 @@ impl S3Objects {
     /// Connects (lazily: the first request checks) to the bucket of `config`. Call on a
     /// runtime thread or a blocking thread of one; its handle drives every later call.
     pub fn open(config: &S3Config) -> Result<S3Objects, S3Error> {
-        S3Objects::open_with(
-            config,
-            client_options(std::env::var_os("S3_KEEP_ALIVE").is_some()),
-        )
+        S3Objects::open_with(config, client_options(false))
     }
 
     /// `open` with explicit client options.
