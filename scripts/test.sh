@@ -24,6 +24,9 @@ if [ ${#need[@]} -gt 0 ]; then
     fi
 fi
 
+# Garage, for the imageserver's S3 tests (a debug build when absent: a few minutes).
+./scripts/install-garage.sh
+
 # Style and lints are part of the tests: CI fails on either.
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings

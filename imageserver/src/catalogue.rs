@@ -5,7 +5,10 @@
 //!   directory.
 //! - `objects/<hh>/<126 hex>`: the content-addressed `disk::objectstore::ObjectStore`
 //!   (`<hh>` is the first byte of the SHA-512; stores made by earlier versions keep their
-//!   `<hh>/<hh>/<124 hex>` layout).
+//!   `<hh>/<hh>/<124 hex>` layout). With `--object-store s3://…` the objects are in the
+//!   bucket instead (`storage::Objects::S3`, see `s3`), and so are the images: each is put
+//!   there before its local copy appears, tombstones too; `images/` is then a copy, filled
+//!   from the bucket at open and by `refresh_from_bucket`.
 //! - `images/<name>/.image`: one JSON `Image` per image name. Image names never have a
 //!   component starting with `.`, so `.image` never collides with a name, and an image
 //!   `a/b` can coexist with `a/b/c`. A zero-length `.image` is a tombstone: the name was
@@ -65,8 +68,9 @@
 //! span an `.await` or a file write; callers run it on blocking threads. Waiting for a
 //! deletion uses a `Condvar` on that mutex.
 
+use crate::storage::{Objects, Pending};
 use disk::fsutil::{fsync_dir, write_atomic, TEMP_SUFFIX};
-use disk::objectstore::{ObjectStore, PendingObject, StoreError};
+use disk::objectstore::{ObjectStore, StoreError};
 use model::expiry::ExpiryError;
 use model::{Image, ImageName, ObjectId};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -133,6 +137,10 @@ pub enum CatalogueError {
         name: ImageName,
         source: ExpiryError,
     },
+    /// Already exists: another imageserver over the same bucket was adding this name at
+    /// the same moment (`s3::S3Objects::claim_name`); neither may have it yet.
+    #[error("image {0} is being added through another imageserver at the same time; retry")]
+    NameContended(ImageName),
     /// Invalid request: the image's tree is not one a machine could hold.
     #[error("image {name}: invalid tree: {source}")]
     InvalidTree {
@@ -326,7 +334,7 @@ pub struct ImageUsage {
 pub struct Catalogue {
     /// Held while open: one imageserver per data directory.
     _lock: disk::fsutil::DirLock,
-    store: ObjectStore,
+    store: Objects,
     images_dir: PathBuf,
     index: Mutex<Index>,
     /// Signalled when objects leave `Index::deleting`.
@@ -359,12 +367,27 @@ impl Catalogue {
     /// object by its file name and every image and tombstone. Objects stay pinned for
     /// `pin_grace` after they are uploaded or reported present.
     pub fn open_with_grace(data_dir: &Path, pin_grace: Duration) -> Result<Catalogue, OpenError> {
+        Catalogue::open_with_objects(data_dir, pin_grace, None)
+    }
+
+    /// `open_with_grace`, with the objects in S3 (`s3`) instead of `DATA/objects`.
+    pub fn open_with_objects(
+        data_dir: &Path,
+        pin_grace: Duration,
+        s3: Option<std::sync::Arc<crate::s3::S3Objects>>,
+    ) -> Result<Catalogue, OpenError> {
         std::fs::create_dir_all(data_dir).map_err(io_at(data_dir))?;
         // Before anything is cleaned up: debris may be another live server's uploads.
         let lock = disk::fsutil::lock_dir(data_dir, ".lock")?;
-        let store = ObjectStore::open(&data_dir.join("objects"))?;
+        let store = match s3 {
+            Some(s3) => Objects::S3(s3),
+            None => Objects::Local(ObjectStore::open(&data_dir.join("objects"))?),
+        };
         let images_dir = data_dir.join("images");
         std::fs::create_dir_all(&images_dir).map_err(io_at(&images_dir))?;
+        if let Objects::S3(s3) = &store {
+            pull_images(s3, &images_dir, |_| false).map_err(io_at(&images_dir))?;
+        }
         let mut index = Index::default();
         index_objects(&mut index, &store, pin_grace)?;
         index_images(&mut index, &images_dir)?;
@@ -395,7 +418,7 @@ impl Catalogue {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    pub fn store(&self) -> &ObjectStore {
+    pub fn store(&self) -> &Objects {
         &self.store
     }
 
@@ -453,11 +476,8 @@ impl Catalogue {
     /// Makes verified objects durable and visible, each held for the calling upload stream
     /// (which must `release` them, including those already present); returns (new objects,
     /// new bytes).
-    pub fn commit_objects(
-        &self,
-        pending: Vec<PendingObject>,
-    ) -> Result<(u64, u64), CatalogueError> {
-        let ids: Vec<(ObjectId, u64)> = pending.iter().map(|p| (p.id, p.len)).collect();
+    pub fn commit_objects(&self, pending: Vec<Pending>) -> Result<(u64, u64), CatalogueError> {
+        let ids: Vec<(ObjectId, u64)> = pending.iter().map(|p| (p.id(), p.size())).collect();
         {
             let mut idx = self.lock();
             while ids.iter().any(|(id, _)| idx.deleting.contains(id)) {
@@ -539,9 +559,15 @@ impl Catalogue {
                 .map(|id| idx.objects.get(id).map_or(0, |m| m.size))
                 .collect()
         };
+        if self.store.local().is_none() {
+            // S3 objects are written whole or not at all, never edited: a HEAD per object
+            // would only add a round trip each. One deleted behind our back aborts the
+            // body when it is reached, as a file vanishing mid-stream does.
+            return Ok(ids.iter().copied().zip(sizes).collect());
+        }
         let mut out = Vec::with_capacity(ids.len());
         for (id, size) in ids.iter().zip(sizes) {
-            let on_disk = std::fs::metadata(self.store.path_of(id)).map(|m| m.len());
+            let on_disk = self.store.size_of(id);
             match on_disk {
                 Ok(len) if len >= size => out.push((*id, size)),
                 Ok(len) => return Err(CatalogueError::CorruptObject { id: *id, len, size }),
@@ -608,7 +634,14 @@ impl Catalogue {
             }
             idx.names.insert(name.to_string(), NameState::Adding);
         }
-        let written = self.write_image(name, image, None, |_| ());
+        let written = self.claim_name(name).and_then(|()| {
+            self.write_image(name, image, None, |_| ())
+                .map_err(|source| CatalogueError::ImageIo {
+                    action: ImageAction::Writing,
+                    name: name.clone(),
+                    source,
+                })
+        });
         let mut idx = self.lock();
         match written {
             Ok(sum) => {
@@ -619,7 +652,7 @@ impl Catalogue {
                 }
                 Ok(())
             }
-            Err(source) => {
+            Err(e) => {
                 idx.names.remove(name.as_str());
                 let now = now_secs();
                 for id in objects.keys() {
@@ -630,12 +663,43 @@ impl Catalogue {
                         }
                     }
                 }
-                Err(CatalogueError::ImageIo {
-                    action: ImageAction::Writing,
-                    name: name.clone(),
-                    source,
-                })
+                drop(idx);
+                if let (Objects::S3(s3), false) = (
+                    &self.store,
+                    matches!(
+                        e,
+                        CatalogueError::AlreadyExists(_)
+                            | CatalogueError::NameDeleted(_)
+                            | CatalogueError::NameContended(_)
+                    ),
+                ) {
+                    s3.release_name(name.as_str());
+                }
+                Err(e)
             }
+        }
+    }
+
+    /// On S3, makes this server the only one that may add `name` (`S3Objects::claim_name`):
+    /// a name used or claimed through any imageserver of the bucket is refused.
+    fn claim_name(&self, name: &ImageName) -> Result<(), CatalogueError> {
+        let Objects::S3(s3) = &self.store else {
+            return Ok(());
+        };
+        let io = |source| CatalogueError::ImageIo {
+            action: ImageAction::Writing,
+            name: name.clone(),
+            source,
+        };
+        match s3.claim_name(name.as_str()).map_err(io)? {
+            crate::s3::Claim::Won => Ok(()),
+            crate::s3::Claim::Used { deleted: true } => {
+                Err(CatalogueError::NameDeleted(name.clone()))
+            }
+            crate::s3::Claim::Used { deleted: false } => {
+                Err(CatalogueError::AlreadyExists(name.clone()))
+            }
+            crate::s3::Claim::Contended => Err(CatalogueError::NameContended(name.clone())),
         }
     }
 
@@ -671,11 +735,19 @@ impl Catalogue {
         drop(file);
         let sum_path = path.with_file_name(CHECKSUM_FILE);
         let both = old.map_or(String::new(), |o| format!("{o}\n"));
+        if let Objects::S3(s3) = &self.store {
+            // The bucket holds the image first: it is the truth, this directory a copy.
+            let json = std::fs::read(&tmp)?;
+            s3.put_image(name.as_str(), json.into(), format!("{sum}\n{both}").into())?;
+        }
         write_atomic(&sum_path, format!("{sum}\n{both}").as_bytes())?;
         before_rename(&sum);
         std::fs::rename(&tmp, &path)?;
         guard.disarm();
         if old.is_some() {
+            if let Objects::S3(s3) = &self.store {
+                s3.put_image_checksum(name.as_str(), format!("{sum}\n").into())?;
+            }
             write_atomic(&sum_path, format!("{sum}\n").as_bytes())?;
         }
         // Make every directory on the way durable too.
@@ -950,12 +1022,18 @@ impl Catalogue {
             }
             idx.names.insert(name.to_string(), NameState::Adding);
         }
+        let expired = matches!(how, NameState::Expired);
         let marker = self.image_path(name).with_file_name(EXPIRED_FILE);
-        let tombstone = match how {
-            NameState::Expired => write_atomic(&marker, b""),
-            _ => Ok(()),
-        }
-        .and_then(|()| write_atomic(&self.image_path(name), b""));
+        let bucket = match &self.store {
+            Objects::S3(s3) => s3.put_tombstone(name.as_str(), expired),
+            Objects::Local(_) => Ok(()),
+        };
+        let tombstone = bucket
+            .and_then(|()| match expired {
+                true => write_atomic(&marker, b""),
+                false => Ok(()),
+            })
+            .and_then(|()| write_atomic(&self.image_path(name), b""));
         if let Err(source) = tombstone {
             self.lock().names.insert(name.to_string(), NameState::Live);
             return Err(CatalogueError::ImageIo {
@@ -990,12 +1068,7 @@ impl Catalogue {
         // restart. Best effort: the order is advisory.
         let t = SystemTime::now();
         for id in freed {
-            if let Ok(f) = std::fs::File::options()
-                .write(true)
-                .open(self.store.path_of(&id))
-            {
-                let _ = f.set_modified(t);
-            }
+            self.store.mark_unreferenced(&id, t);
         }
         Ok(())
     }
@@ -1138,16 +1211,9 @@ impl Catalogue {
 
 /// Registers every stored object: its size, when it became unreferenced (its file's
 /// mtime), and a pin for the rest of the grace period if that was less than `pin_grace` ago.
-fn index_objects(
-    index: &mut Index,
-    store: &ObjectStore,
-    pin_grace: Duration,
-) -> Result<(), OpenError> {
+fn index_objects(index: &mut Index, store: &Objects, pin_grace: Duration) -> Result<(), OpenError> {
     let (wall, mono) = (SystemTime::now(), Instant::now());
-    for (id, size) in store.list()? {
-        let modified = std::fs::metadata(store.path_of(&id))
-            .and_then(|m| m.modified())
-            .ok();
+    for crate::storage::Listed { id, size, modified } in store.list()? {
         let mtime = modified
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_secs() as i64);
@@ -1179,6 +1245,14 @@ fn index_images(index: &mut Index, images_dir: &Path) -> Result<(), OpenError> {
     let mut found = Vec::new();
     walk_images(images_dir, images_dir, &mut found)?;
     for (name, path, len) in found {
+        index_image(index, name, &path, len)?;
+    }
+    Ok(())
+}
+
+/// Registers one image (or tombstone, `len` 0) whose file is `path`.
+fn index_image(index: &mut Index, name: String, path: &Path, len: u64) -> Result<(), OpenError> {
+    {
         if len == 0 {
             let state = if path.with_file_name(EXPIRED_FILE).exists() {
                 NameState::Expired
@@ -1186,9 +1260,9 @@ fn index_images(index: &mut Index, images_dir: &Path) -> Result<(), OpenError> {
                 NameState::Deleted
             };
             index.names.insert(name, state);
-            continue;
+            return Ok(());
         }
-        let bytes = std::fs::read(&path).map_err(io_at(&path))?;
+        let bytes = std::fs::read(path).map_err(io_at(path))?;
         let recorded = read_checksum(&path.with_file_name(CHECKSUM_FILE));
         let damage = match &recorded {
             Ok(sums) if !sums.is_empty() => mismatch(sums, &bytes),
@@ -1215,11 +1289,11 @@ fn index_images(index: &mut Index, images_dir: &Path) -> Result<(), OpenError> {
             // Damaged beyond parsing: refers to nothing we can tell.
             Err(_) if index.corrupt.contains_key(&name) => {
                 index.names.insert(name, NameState::Live);
-                continue;
+                return Ok(());
             }
             Err(e) => {
                 return Err(OpenError::Corrupt {
-                    path: path.clone(),
+                    path: path.to_path_buf(),
                     message: e.to_string(),
                 })
             }
@@ -1243,6 +1317,103 @@ fn index_images(index: &mut Index, images_dir: &Path) -> Result<(), OpenError> {
         index.names.insert(name, NameState::Live);
     }
     Ok(())
+}
+
+/// Copies into `images_dir` every image of the bucket that `known` does not name and
+/// this directory lacks (or holds live where the bucket has its tombstone): checksum
+/// first, then the image, each by temp file and rename. Returns the names copied.
+fn pull_images(
+    s3: &crate::s3::S3Objects,
+    images_dir: &Path,
+    known: impl Fn(&str) -> bool,
+) -> std::io::Result<Vec<(String, PathBuf, u64)>> {
+    let mut pulled = Vec::new();
+    for (name, len) in s3.list_images()? {
+        if known(&name) {
+            continue;
+        }
+        if let Err(e) = ImageName::parse(&name) {
+            tracing::warn!("ignoring the bucket's image {name:?}: {e}");
+            continue;
+        }
+        let path = images_dir.join(&name).join(IMAGE_FILE);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.len() == 0 || len > 0 => continue, // a tombstone here, or a copy
+            _ => {}
+        }
+        let (json, sum) = s3.get_image(&name)?;
+        std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+        if let Some(sum) = sum {
+            write_atomic(&path.with_file_name(CHECKSUM_FILE), &sum)?;
+        }
+        if json.is_empty() && s3.is_expired(&name)? {
+            write_atomic(&path.with_file_name(EXPIRED_FILE), b"")?;
+        }
+        write_atomic(&path, &json)?;
+        pulled.push((name, path, json.len() as u64));
+    }
+    Ok(pulled)
+}
+
+impl Catalogue {
+    /// Adopts the images other imageservers over the same bucket added since the last
+    /// call (none on the local back-end): copies and indexes each. Returns how many.
+    pub fn refresh_from_bucket(&self) -> Result<usize, OpenError> {
+        let Objects::S3(s3) = &self.store else {
+            return Ok(0);
+        };
+        let known: HashSet<String> = self.lock().names.keys().cloned().collect();
+        let pulled = pull_images(s3, &self.images_dir, |n| known.contains(n))
+            .map_err(io_at(&self.images_dir))?;
+        // The objects the new images name that this server has not seen (uploaded through
+        // another): stored before their image was, so a HEAD finds each.
+        let mut found = Vec::new();
+        for (_, path, len) in &pulled {
+            let image = match std::fs::read(path).map(|b| serde_json::from_slice::<Image>(&b)) {
+                Ok(Ok(image)) if *len > 0 => image,
+                _ => continue, // a tombstone, or damage index_image reports
+            };
+            let unseen: Vec<ObjectId> = {
+                let idx = self.lock();
+                image
+                    .objects()
+                    .into_keys()
+                    .filter(|id| !idx.objects.contains_key(id))
+                    .collect()
+            };
+            for id in unseen {
+                if let Ok(size) = s3.size_of(&id) {
+                    found.push((id, size));
+                }
+            }
+        }
+        let mut idx = self.lock();
+        let now = Instant::now();
+        for (id, size) in found {
+            if !idx.objects.contains_key(&id) {
+                idx.object_bytes += size;
+                idx.objects.insert(
+                    id,
+                    ObjectMeta {
+                        size,
+                        refs: 0,
+                        unref_since: now_secs(),
+                        holds: 0,
+                        pinned_until: Some(now + self.pin_grace),
+                    },
+                );
+            }
+        }
+        let mut adopted = 0;
+        for (name, path, len) in pulled {
+            if idx.names.contains_key(&name) {
+                continue; // added here meanwhile (a name race: see `s3`)
+            }
+            index_image(&mut idx, name, &path, len)?;
+            adopted += 1;
+        }
+        Ok(adopted)
+    }
 }
 
 /// A writer that hashes (SHA-512) what passes through it.
@@ -1470,7 +1641,15 @@ mod tests {
                 .unwrap();
             assert_eq!(cat.counts().incomplete_images, 0);
         }
-        std::fs::remove_file(Catalogue::open(d.path()).unwrap().store().path_of(&b)).unwrap();
+        std::fs::remove_file(
+            Catalogue::open(d.path())
+                .unwrap()
+                .store()
+                .local()
+                .unwrap()
+                .path_of(&b),
+        )
+        .unwrap();
         let cat = Catalogue::open_with_grace(d.path(), Duration::ZERO).unwrap();
         assert_eq!(cat.incomplete_images(), [("app/1".to_string(), 1)]);
         // Uploaded again: complete, and referenced (delunrefobj must not take it).
@@ -1723,14 +1902,15 @@ mod tests {
                     w.write_all(o).unwrap();
                     pending.push(w.finish().unwrap());
                 }
-                ids.extend(pending.iter().map(|p| p.id));
+                ids.extend(pending.iter().map(|p| p.id()));
                 cat.commit_objects(pending).unwrap();
                 for id in &ids {
                     assert!(cat.has_object(id), "round {round}: {id} not indexed");
                 }
                 for o in &data {
                     let id = ObjectId::of(o);
-                    let len = std::fs::metadata(cat.store().path_of(&id)).map(|m| m.len());
+                    let len = std::fs::metadata(cat.store().local().unwrap().path_of(&id))
+                        .map(|m| m.len());
                     assert_eq!(
                         len.ok(),
                         Some(o.len() as u64),

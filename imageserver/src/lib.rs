@@ -8,12 +8,15 @@
 //!   one mapping of the catalogue's errors to HTTP statuses (`ApiError`).
 //! - `objects`: the streaming object batches (`ObjectServer.AddObjects` / `GetObjects`).
 //! - `pages`: the status page at `/` and `/metrics`.
+//! - `storage`: the objects' one storage interface: `DATA/objects` or `s3` (a bucket).
 //! - `usage`: each image's size, objects and unique bytes, and its MDB users (`--mdb`).
 
 pub mod catalogue;
 pub mod objects;
 pub mod pages;
 pub mod rpc;
+pub mod s3;
+pub mod storage;
 pub mod usage;
 
 use axum::extract::DefaultBodyLimit;
@@ -70,6 +73,25 @@ pub struct Args {
     /// (Dominator's 15 minutes by default)
     #[arg(long, value_name = "SECONDS", default_value_t = model::expiry::DEFAULT_MIN_EXPIRY_SECS, hide = true)]
     pub min_expiry_secs: u64,
+    /// Keep the objects in an S3 bucket (under PREFIX/objects/) instead of DATA/objects
+    #[arg(long, value_name = "s3://BUCKET[/PREFIX]")]
+    pub object_store: Option<String>,
+    /// The S3 endpoint (e.g. http://127.0.0.1:3900 for Garage); AWS when absent
+    #[arg(long, value_name = "URL", requires = "object_store")]
+    pub s3_endpoint: Option<String>,
+    /// Read the S3 access key, secret and region from FILE (`KEY=VALUE` lines, or an AWS
+    /// credentials file) instead of AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION
+    #[arg(long, value_name = "FILE", requires = "object_store")]
+    pub s3_credentials: Option<PathBuf>,
+    /// How often to look in the bucket for images other imageservers added (they are
+    /// listed here at most this long plus one listing after their add returned)
+    #[arg(
+        long,
+        value_name = "MILLISECONDS",
+        default_value_t = 1000,
+        requires = "object_store"
+    )]
+    pub s3_refresh_ms: u64,
     #[command(flatten)]
     pub tls: wire::security::DaemonTlsArgs,
     #[command(flatten)]
@@ -109,6 +131,24 @@ pub struct State {
     pub mdb: Option<Arc<usage::MdbUsers>>,
 }
 
+impl Args {
+    /// The S3 back-end of `--object-store`, if given (credentials read now, the bucket
+    /// reached at the first request). Call on a runtime thread.
+    pub fn s3_objects(&self) -> Result<Option<Arc<s3::S3Objects>>, s3::S3Error> {
+        let Some(url) = &self.object_store else {
+            return Ok(None);
+        };
+        let (bucket, prefix) = s3::parse_url(url)?;
+        let config = s3::S3Config {
+            bucket,
+            prefix,
+            endpoint: self.s3_endpoint.clone(),
+            credentials: s3::credentials(self.s3_credentials.as_deref())?,
+        };
+        Ok(Some(Arc::new(s3::S3Objects::open(&config)?)))
+    }
+}
+
 impl State {
     /// Opens the data directory (see `catalogue` for its layout), with the default pin
     /// grace period.
@@ -123,8 +163,18 @@ impl State {
         security: Security,
         pin_grace: Duration,
     ) -> Result<State, catalogue::OpenError> {
+        State::open_with_objects(data_dir, security, pin_grace, None)
+    }
+
+    /// `open_with_grace`, with the objects in S3 when `s3` is given.
+    pub fn open_with_objects(
+        data_dir: &Path,
+        security: Security,
+        pin_grace: Duration,
+        s3: Option<Arc<s3::S3Objects>>,
+    ) -> Result<State, catalogue::OpenError> {
         Ok(State {
-            catalogue: Arc::new(Catalogue::open_with_grace(data_dir, pin_grace)?),
+            catalogue: Arc::new(Catalogue::open_with_objects(data_dir, pin_grace, s3)?),
             security,
             connection_limits: Default::default(),
             metrics: Arc::new(Metrics::default()),
@@ -158,6 +208,24 @@ impl State {
 
 fn rpc_path(method: &str) -> String {
     format!("/rpc/{method}")
+}
+
+/// Adopts, every `interval`, the images other imageservers over the same bucket added
+/// (`Catalogue::refresh_from_bucket`); runs forever (a failed round is logged and retried).
+pub async fn refresh_from_bucket(catalogue: Arc<Catalogue>, interval: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let cat = catalogue.clone();
+        match tokio::task::spawn_blocking(move || cat.refresh_from_bucket()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(
+                images = n,
+                "adopted images added through other imageservers"
+            ),
+            Ok(Err(e)) => tracing::warn!("looking for new images in the bucket: {e}"),
+            Err(e) => tracing::warn!("looking for new images in the bucket: {e}"),
+        }
+    }
 }
 
 /// The routes of every RPC and page.

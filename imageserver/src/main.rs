@@ -1,4 +1,4 @@
-//! `imageserver --data-dir DIR [--listen ADDR]`: parses flags, sets up logging and runs
+//! `imageserver --data-dir DIR [--listen ADDR] [--object-store s3://BUCKET/PREFIX]`: parses flags, sets up logging and runs
 //! the server (see the library for everything else; its flags are `imageserver::Args`).
 
 use anyhow::Context;
@@ -15,8 +15,10 @@ async fn run() -> anyhow::Result<()> {
     let security = args.tls.server_security("imageserver")?;
     let data_dir = args.data_dir.clone();
     let grace = std::time::Duration::from_secs(args.object_pin_seconds);
+    let s3 = args.s3_objects()?;
+    let shared_bucket = s3.is_some();
     let mut state = tokio::task::spawn_blocking(move || {
-        imageserver::State::open_with_grace(&data_dir, security, grace)
+        imageserver::State::open_with_objects(&data_dir, security, grace, s3)
     })
     .await?
     .with_context(|| format!("opening data directory {}", args.data_dir.display()))?
@@ -25,6 +27,13 @@ async fn run() -> anyhow::Result<()> {
     state.catalogue.set_min_expiry_secs(args.min_expiry_secs);
     if let Some(mdb) = &args.mdb {
         state = state.with_mdb(mdb.clone());
+    }
+    if shared_bucket {
+        let interval = std::time::Duration::from_millis(args.s3_refresh_ms.max(100));
+        tokio::spawn(imageserver::refresh_from_bucket(
+            state.catalogue.clone(),
+            interval,
+        ));
     }
     let shutdown = wire::program::shutdown_signal();
     let listener = tokio::net::TcpListener::bind(&args.listen)

@@ -10,13 +10,13 @@
 //! deletion cannot race the `AddImage` that follows.
 
 use crate::catalogue::{Catalogue, CatalogueError};
+use crate::storage::Objects;
 use crate::State;
 use axum::body::Body;
 use axum::extract::State as AxState;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use bytes::Bytes;
-use disk::objectstore::ObjectStore;
 use futures_util::TryStreamExt;
 use model::api;
 use model::frame;
@@ -118,7 +118,7 @@ pub fn receive(st: &State, mut r: impl Read) -> Result<api::AddObjectsResponse, 
         pending_bytes += len;
         pending.push(p);
         if pending_bytes >= COMMIT_BYTES || pending.len() >= COMMIT_OBJECTS {
-            let ids: Vec<ObjectId> = pending.iter().map(|p| p.id).collect();
+            let ids: Vec<ObjectId> = pending.iter().map(|p| p.id()).collect();
             let (n, b) = cat.commit_objects(std::mem::take(&mut pending))?;
             holds.ids.extend(ids);
             resp.added += n;
@@ -126,7 +126,7 @@ pub fn receive(st: &State, mut r: impl Read) -> Result<api::AddObjectsResponse, 
             pending_bytes = 0;
         }
     }
-    let ids: Vec<ObjectId> = pending.iter().map(|p| p.id).collect();
+    let ids: Vec<ObjectId> = pending.iter().map(|p| p.id()).collect();
     let (n, b) = cat.commit_objects(pending)?;
     holds.ids.extend(ids);
     resp.added += n;
@@ -267,12 +267,12 @@ struct OpenObject {
     id: ObjectId,
     size: u64,
     left: u64,
-    file: std::fs::File,
+    file: Box<dyn Read + Send>,
 }
 
 /// Reads the frames of a list of objects, a piece at a time, on a blocking thread.
 struct Pieces {
-    store: ObjectStore,
+    store: Objects,
     objects: Vec<(ObjectId, u64)>,
     next: usize,
     open: Option<OpenObject>,
@@ -295,7 +295,7 @@ impl Pieces {
                     break; // the header starts the next piece; this one never grows
                 }
                 self.next += 1;
-                match std::fs::File::open(self.store.path_of(&id)) {
+                match self.store.open(&id) {
                     Ok(file) => {
                         buf.extend_from_slice(&frame::header(&id, size));
                         self.open = Some(OpenObject {

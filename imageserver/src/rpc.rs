@@ -29,7 +29,9 @@ impl From<CatalogueError> for ApiError {
         let line = e.to_string();
         match e {
             E::ImageNotFound(_) | E::ObjectsNotFound { .. } => ApiError::NotFound(line),
-            E::AlreadyExists(_) | E::NameDeleted(_) | E::NameExpired(_) => ApiError::Conflict(line),
+            E::AlreadyExists(_) | E::NameDeleted(_) | E::NameExpired(_) | E::NameContended(_) => {
+                ApiError::Conflict(line)
+            }
             E::ImageExpired(_) => ApiError::Gone(line),
             E::InvalidTree { .. }
             | E::InvalidExpiry { .. }
@@ -291,7 +293,7 @@ mod tests {
             path: "/data/objects".into(),
             source: std::io::Error::from_raw_os_error(errno),
         };
-        let cases: [(CatalogueError, u16); 11] = [
+        let cases: [(CatalogueError, u16); 12] = [
             (CatalogueError::ImageNotFound(name.clone()), 404),
             (CatalogueError::ImageExpired(name.clone()), 410),
             (CatalogueError::NameExpired(name.clone()), 409),
@@ -311,6 +313,7 @@ mod tests {
             ),
             (CatalogueError::AlreadyExists(name.clone()), 409),
             (CatalogueError::NameDeleted(name.clone()), 409),
+            (CatalogueError::NameContended(name.clone()), 409),
             (CatalogueError::InvalidPercentage(101), 400),
             (
                 CatalogueError::CorruptImage {

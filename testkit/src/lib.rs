@@ -5,11 +5,13 @@
 //! Also: the real binaries (`bin`, `spawn_listening`, `Daemon`), a small tmpfs (`Tmpfs`),
 //! `files_under`, and `drive`, which polls, plans and updates a subd the way the dominator
 //! does; `fake`, an in-memory subd and imageserver over real sockets; `net`, loopback
-//! addresses that refuse or never answer; `tree`, directory trees compared path by path.
+//! addresses that refuse or never answer; `tree`, directory trees compared path by path;
+//! `garage`, a real single-node Garage (S3) with a key and a bucket.
 
 pub mod browser;
 pub mod drive;
 pub mod fake;
+pub mod garage;
 pub mod net;
 pub mod tree;
 
