@@ -108,7 +108,10 @@ pub struct Replica {
 impl Replica {
     /// A copy of the current status.
     pub fn status(&self) -> ReplicaStatus {
-        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn update(&self, f: impl FnOnce(&mut ReplicaStatus)) {
@@ -473,7 +476,10 @@ fn store_frames(
                 .read(&mut buf[..want])
                 .map_err(|e| format!("object {id}: reply broke off: {e}"))?;
             if n == 0 {
-                return Err(format!("object {id}: reply ended after {} of {len} bytes", len - left));
+                return Err(format!(
+                    "object {id}: reply ended after {} of {len} bytes",
+                    len - left
+                ));
             }
             w.write_all(&buf[..n])
                 .map_err(|e| format!("writing object {id}: {e}"))?;

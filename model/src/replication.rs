@@ -78,7 +78,8 @@ impl Action {
 /// `master`'s. `now` (Unix seconds) turns a live master image already past its expiry
 /// into an expired tombstone rather than a copy.
 pub fn decide(master: &[NameEntry], local: &[NameEntry], now: u64) -> Vec<Action> {
-    let m: BTreeMap<&str, &NameState> = master.iter().map(|e| (e.name.as_str(), &e.state)).collect();
+    let m: BTreeMap<&str, &NameState> =
+        master.iter().map(|e| (e.name.as_str(), &e.state)).collect();
     let l: BTreeMap<&str, &NameState> = local.iter().map(|e| (e.name.as_str(), &e.state)).collect();
     let mut names: Vec<&str> = m.keys().chain(l.keys()).copied().collect();
     names.sort_unstable();
@@ -90,7 +91,12 @@ pub fn decide(master: &[NameEntry], local: &[NameEntry], now: u64) -> Vec<Action
 }
 
 /// The action for one name (`None`: already in step).
-fn step(name: &str, master: Option<&NameState>, local: Option<&NameState>, now: u64) -> Option<Action> {
+fn step(
+    name: &str,
+    master: Option<&NameState>,
+    local: Option<&NameState>,
+    now: u64,
+) -> Option<Action> {
     use NameState::{Deleted, Expired, Live};
     let n = || name.to_string();
     let master = match master {
@@ -220,8 +226,16 @@ mod tests {
                     why: s("is a tombstone here but live on the master"),
                 }),
             ),
-            (Some(Deleted), Some(live(1, None)), Some(Action::Delete(s("x")))),
-            (Some(Expired), Some(live(1, None)), Some(Action::Expire(s("x")))),
+            (
+                Some(Deleted),
+                Some(live(1, None)),
+                Some(Action::Delete(s("x"))),
+            ),
+            (
+                Some(Expired),
+                Some(live(1, None)),
+                Some(Action::Expire(s("x"))),
+            ),
             (
                 Some(Deleted),
                 None,
