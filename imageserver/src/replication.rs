@@ -584,3 +584,109 @@ pub fn metrics(st: &State, m: &mut wire::pages::Metrics) {
         s.bytes_fetched,
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::replication::NameState as S;
+    use model::{FileTree, Inode};
+
+    fn frames(objects: &[(ObjectId, &[u8])]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for (id, data) in objects {
+            v.extend_from_slice(&model::frame::header(id, data.len() as u64));
+            v.extend_from_slice(data);
+        }
+        v
+    }
+
+    #[test]
+    fn fetched_objects_are_verified_before_anything_is_committed() {
+        let d = tempfile::tempdir().unwrap();
+        let cat = Catalogue::open(d.path()).unwrap();
+        let (a, b) = (ObjectId::of(b"alpha"), ObjectId::of(b"bravo"));
+        let wanted = [(a, 5), (b, 5)];
+        // b's bytes do not hash to b: refused, and a (before it) is not committed either.
+        let mut held = Vec::new();
+        let bad = frames(&[(a, b"alpha"), (b, b"BRAVO")]);
+        let e = store_frames(&cat, &bad[..], &wanted, &mut held).unwrap_err();
+        assert!(e.contains(&b.to_string()), "{e}");
+        assert!(held.is_empty() && !cat.has_object(&a) && !cat.has_object(&b));
+        // Short, unasked-for, or of another size: refused.
+        let short = frames(&[(a, b"alpha")]);
+        let e = store_frames(&cat, &short[..], &wanted, &mut held).unwrap_err();
+        assert_eq!(e, "master sent 1 of the 2 objects asked for");
+        let other = ObjectId::of(b"other");
+        let e =
+            store_frames(&cat, &frames(&[(other, b"other")])[..], &wanted, &mut held).unwrap_err();
+        assert!(e.contains("not asked for"), "{e}");
+        let cut = &frames(&[(a, b"alpha")])[..70];
+        assert!(store_frames(&cat, cut, &wanted, &mut held).is_err());
+        // Whole and right: committed and held for the image being copied.
+        let good = frames(&[(a, b"alpha"), (b, b"bravo")]);
+        assert_eq!(
+            store_frames(&cat, &good[..], &wanted, &mut held).unwrap(),
+            (2, 10)
+        );
+        assert_eq!(held, [a, b]);
+        assert!(cat.has_object(&a) && cat.has_object(&b));
+        cat.release(&held);
+    }
+
+    #[test]
+    fn the_catalogue_reports_every_name_and_keeps_tombstones_recorded_for_a_master() {
+        let d = tempfile::tempdir().unwrap();
+        let name = |n: &str| ImageName::parse(n).unwrap();
+        let image = Image::new(
+            FileTree::with_root(Inode::dir(0o755, 0, 0)),
+            None,
+            Default::default(),
+        );
+        {
+            let cat = Catalogue::open(d.path()).unwrap();
+            cat.add_image(&name("a/1"), &image).unwrap();
+            cat.add_image(&name("a/2"), &image).unwrap();
+            cat.expire_image(&name("a/2")).unwrap();
+            cat.record_tombstone(&name("b/1"), false).unwrap();
+            cat.record_tombstone(&name("b/2"), true).unwrap();
+            assert!(matches!(
+                cat.record_tombstone(&name("a/1"), false),
+                Err(CatalogueError::AlreadyExists(_))
+            ));
+        }
+        let cat = Catalogue::open(d.path()).unwrap();
+        let states: Vec<(String, S)> = cat
+            .replication_state()
+            .into_iter()
+            .map(|e| (e.name, e.state))
+            .collect();
+        assert_eq!(states.len(), 4);
+        assert!(matches!(
+            &states[0],
+            (n, S::Live { checksum: Some(_), expires_at: None }) if n == "a/1"
+        ));
+        assert_eq!(states[1], ("a/2".into(), S::Expired));
+        assert_eq!(states[2], ("b/1".into(), S::Deleted));
+        assert_eq!(states[3], ("b/2".into(), S::Expired));
+        assert!(matches!(
+            cat.add_image(&name("b/1"), &image),
+            Err(CatalogueError::NameDeleted(_))
+        ));
+        assert!(matches!(
+            cat.add_image(&name("b/2"), &image),
+            Err(CatalogueError::NameExpired(_))
+        ));
+    }
+
+    #[test]
+    fn the_digest_changes_with_the_state() {
+        let a = vec![NameEntry {
+            name: "x".into(),
+            state: S::Deleted,
+        }];
+        let mut b = a.clone();
+        b[0].state = S::Expired;
+        assert_ne!(digest_of(&a), digest_of(&b));
+        assert_eq!(digest_of(&a), digest_of(&a.clone()));
+    }
+}

@@ -408,3 +408,97 @@ async fn a_machine_is_born_from_a_replica() {
         );
     }
 }
+
+/// `--ca-file`, `--cert-file`, `--key-file` of a daemon role or a user from `make-certs`.
+fn tls_flags(certs: &Path, role: &str, daemon: bool) -> Vec<String> {
+    let (cert, key) = if daemon {
+        (
+            certs.join(role).join("cert.pem"),
+            certs.join(role).join("key.pem"),
+        )
+    } else {
+        (
+            certs.join(format!("{role}.cert")),
+            certs.join(format!("{role}.key")),
+        )
+    };
+    [
+        "--ca-file",
+        &s(&certs.join("CA.pem")),
+        "--cert-file",
+        &s(&cert),
+        "--key-file",
+        &s(&key),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_follows_over_mutual_tls_with_its_own_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let certs = t.join("certs");
+    wire::certs::make_all(&certs, &[]).unwrap();
+    let start = |data: &Path, extra: &[&str]| {
+        let mut args: Vec<String> = ["--data-dir", &s(data), "--listen", "127.0.0.1:0"]
+            .map(String::from)
+            .to_vec();
+        args.extend(tls_flags(&certs, "imageserver", true));
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Daemon::start(&bin("imageserver"), &args)
+    };
+    let master = start(&t.join("master"), &[]);
+    let m = master.addr.clone();
+    let admin = tls_flags(&certs, "admin", false);
+    let tool = |server: &str, args: &[&str]| {
+        let mut v: Vec<&str> = admin.iter().map(String::as_str).collect();
+        v.extend(["--image-server", server]);
+        v.extend_from_slice(args);
+        run_bin("imagetool", &v)
+    };
+    let src = tree(t, "src", 3, 5000, 4, "tls\n");
+    tool(&m, &["add", "app/1", &src, "", ""]).unwrap();
+    let replica = start(&t.join("replica"), &["--replication-master", &m]);
+    let r = replica.addr.clone();
+    let t0 = Instant::now();
+    while tool(&r, &["list"]).ok().as_deref() != Some("app/1\n") {
+        assert!(t0.elapsed() < WAIT, "never replicated over TLS");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        tool(&r, &["show", "app/1"]).unwrap(),
+        tool(&m, &["show", "app/1"]).unwrap()
+    );
+    // Even the admin's writes go to the master.
+    let err = tool(&r, &["delete", "app/1"]).unwrap_err();
+    assert!(
+        err.contains(&format!("replica of {m}; send writes there")),
+        "{err}"
+    );
+    // A subd's certificate may fetch objects but not follow the master.
+    let subd = TlsFilesFor(tls_flags(&certs, "subd", true));
+    let c = ImageServerClient::new(&m, &subd.security()).unwrap();
+    let e = c
+        .rpc
+        .call::<_, model::api::ReplicationStateResponse>(
+            model::api::methods::GET_REPLICATION_STATE,
+            &model::api::ReplicationStateRequest::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+}
+
+/// A client's TLS files from `--ca-file X --cert-file Y --key-file Z` flags.
+struct TlsFilesFor(Vec<String>);
+
+impl TlsFilesFor {
+    fn security(&self) -> ClientSecurity {
+        ClientSecurity::Tls(wire::tls::TlsFiles {
+            ca: self.0[1].clone().into(),
+            cert: self.0[3].clone().into(),
+            key: self.0[5].clone().into(),
+        })
+    }
+}
