@@ -502,3 +502,21 @@ impl TlsFilesFor {
         })
     }
 }
+
+#[test]
+fn a_bad_master_address_or_a_bucket_is_refused_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = s(&tmp.path().join("data"));
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--data-dir", data.as_str(), "--listen", "127.0.0.1:0"];
+        args.push("--permit-insecure-mode");
+        args.extend_from_slice(extra);
+        run_bin("imageserver", &args).unwrap_err()
+    };
+    let e = run(&["--replication-master", "http://master:6971/"]);
+    assert!(e.contains("is not HOST[:PORT]: a URL"), "{e}");
+    let e = run(&["--replication-master", "a:1,b:2"]);
+    assert!(e.contains("a replica follows one master"), "{e}");
+    let e = run(&["--replication-master", "a:1", "--object-store", "s3://b"]);
+    assert!(e.contains("cannot be used with"), "{e}");
+}
