@@ -1528,6 +1528,85 @@ fn walk_images(
     Ok(())
 }
 
+/// What replication (`crate::replication`) needs of the catalogue: every name's state,
+/// and tombstones made on the master's word.
+impl Catalogue {
+    /// Every image name with its state, in name order (names being added are left out; a
+    /// live image past its expiry is expired).
+    pub fn replication_state(&self) -> Vec<model::replication::NameEntry> {
+        use model::replication::{NameEntry, NameState as S};
+        let now = disk::clock::unix_now();
+        let idx = self.lock();
+        let state = |name: &str, s: &NameState| match s {
+            NameState::Live if idx.due(name, now) => Some(S::Expired),
+            NameState::Live => Some(S::Live {
+                checksum: idx.checksums.get(name).copied(),
+                expires_at: idx.expires.get(name).copied(),
+            }),
+            NameState::Deleted => Some(S::Deleted),
+            NameState::Expired => Some(S::Expired),
+            NameState::Adding => None,
+        };
+        idx.names
+            .iter()
+            .filter_map(|(n, s)| {
+                state(n, s).map(|state| NameEntry {
+                    name: n.clone(),
+                    state,
+                })
+            })
+            .collect()
+    }
+
+    /// Tombstones a live image as expired now (its master expired it).
+    pub fn expire_image(&self, name: &ImageName) -> Result<(), CatalogueError> {
+        self.remove_image(name, NameState::Expired)
+    }
+
+    /// Records a tombstone (deleted, or `expired`) for a name never used here, so it is
+    /// never used either; a name already known is left as it is (`AlreadyExists`).
+    pub fn record_tombstone(&self, name: &ImageName, expired: bool) -> Result<(), CatalogueError> {
+        {
+            let mut idx = self.lock();
+            if idx.names.contains_key(name.as_str()) {
+                return Err(CatalogueError::AlreadyExists(name.clone()));
+            }
+            idx.names.insert(name.to_string(), NameState::Adding);
+        }
+        let path = self.image_path(name);
+        let written = std::fs::create_dir_all(path.parent().expect("has a parent"))
+            .and_then(|()| match &self.store {
+                Objects::S3(s3) => s3.put_tombstone(name.as_str(), expired),
+                Objects::Local(_) => Ok(()),
+            })
+            .and_then(|()| match expired {
+                true => write_atomic(&path.with_file_name(EXPIRED_FILE), b""),
+                false => Ok(()),
+            })
+            .and_then(|()| write_atomic(&path, b""));
+        let mut idx = self.lock();
+        match written {
+            Ok(()) => {
+                let state = if expired {
+                    NameState::Expired
+                } else {
+                    NameState::Deleted
+                };
+                idx.names.insert(name.to_string(), state);
+                Ok(())
+            }
+            Err(source) => {
+                idx.names.remove(name.as_str());
+                Err(CatalogueError::ImageIo {
+                    action: ImageAction::Writing,
+                    name: name.clone(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

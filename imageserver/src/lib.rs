@@ -10,10 +10,12 @@
 //! - `pages`: the status page at `/` and `/metrics`.
 //! - `storage`: the objects' one storage interface: `DATA/objects` or `s3` (a bucket).
 //! - `usage`: each image's size, objects and unique bytes, and its MDB users (`--mdb`).
+//! - `replication`: following a master (`--replication-master`), and serving replicas.
 
 pub mod catalogue;
 pub mod objects;
 pub mod pages;
+pub mod replication;
 pub mod rpc;
 pub mod s3;
 pub mod storage;
@@ -92,6 +94,12 @@ pub struct Args {
         requires = "object_store"
     )]
     pub s3_refresh_ms: u64,
+    /// Follow the imageserver at HOST:PORT as a replica: copy its images (and only the
+    /// objects missing here), follow its deletions and expiries, refuse writes (403
+    /// naming it). Over TLS with this server's own certificate unless
+    /// `--permit-insecure-mode`
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "object_store")]
+    pub replication_master: Option<String>,
     #[command(flatten)]
     pub tls: wire::security::DaemonTlsArgs,
     #[command(flatten)]
@@ -129,6 +137,8 @@ pub struct State {
     pub usage: Arc<std::sync::Mutex<usage::UsageCache>>,
     /// The MDB whose records the status page names per image (`--mdb`), if given.
     pub mdb: Option<Arc<usage::MdbUsers>>,
+    /// Set on a replica (`--replication-master`): its master and progress.
+    pub replica: Option<Arc<replication::Replica>>,
 }
 
 impl Args {
@@ -183,6 +193,7 @@ impl State {
             image_body_wait: rpc::DEFAULT_LARGE_BODY_WAIT,
             usage: Default::default(),
             mdb: None,
+            replica: None,
         })
     }
 
@@ -255,8 +266,16 @@ pub fn router(state: State) -> Router {
         .route(&rpc_path(methods::CHECK_OBJECTS), post(rpc::check_objects))
         .route(&rpc_path(methods::ADD_OBJECTS), post(objects::add_objects))
         .route(&rpc_path(methods::GET_OBJECTS), post(objects::get_objects))
+        .route(
+            &rpc_path(methods::GET_REPLICATION_STATE),
+            post(replication::get_replication_state),
+        )
         .route("/", get(pages::status))
         .route("/metrics", get(pages::metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            replication::refuse_writes,
+        ))
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .with_state(state)
 }

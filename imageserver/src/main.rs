@@ -28,6 +28,12 @@ async fn run() -> anyhow::Result<()> {
     if let Some(mdb) = &args.mdb {
         state = state.with_mdb(mdb.clone());
     }
+    if let Some(master) = &args.replication_master {
+        let client = args.tls.client_security("imageserver")?;
+        state = imageserver::replication::start(state, master, &client)
+            .with_context(|| format!("following the master {master}"))?;
+        tracing::info!(%master, "replica: following the master");
+    }
     if shared_bucket {
         let interval = std::time::Duration::from_millis(args.s3_refresh_ms.max(100));
         tokio::spawn(imageserver::refresh_from_bucket(

@@ -26,6 +26,10 @@ pub async fn status(AxState(st): AxState<State>) -> Html<String> {
         "<h1>imageserver</h1>\n<p>images: {}<br>deleted names (never reused): {}<br>objects: {}<br>bytes: {}<br>unreferenced objects: {} ({} bytes)</p>\n<h2>Images</h2>\n",
         c.images, c.deleted_names, c.objects, c.object_bytes, c.unreferenced_objects, c.unreferenced_bytes
     );
+    s.insert_str(
+        s.rfind("<h2>Images</h2>").unwrap_or(s.len()),
+        &crate::replication::status_html(&st),
+    );
     let incomplete = st.catalogue.incomplete_images();
     if !incomplete.is_empty() {
         s.insert_str(
@@ -193,6 +197,7 @@ pub async fn metrics(AxState(st): AxState<State>) -> Response {
             "Unreferenced objects safe from deletion for now (being uploaded, or uploaded or checked within the pin grace period)",
             c.pinned_objects,
         );
+    crate::replication::metrics(&st, &mut m);
     let n = &st.metrics;
     for (name, help, v) in [
         (

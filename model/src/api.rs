@@ -37,6 +37,10 @@ pub mod methods {
     /// `PollResponse` carrying the tree), granted apart from `Subd.Poll` so a builder can
     /// snapshot a host without being able to pose as its dominator.
     pub const SNAPSHOT_GET_TREE: &str = "Snapshot.GetTree";
+    /// Served by an imageserver to its replicas: the state of every image name (a
+    /// `ReplicationStateRequest`, answered with a `ReplicationStateResponse`), held back
+    /// until it changes when the caller already has it.
+    pub const GET_REPLICATION_STATE: &str = "ImageServer.GetReplicationState";
 }
 
 /// The error body of every non-2xx reply.
@@ -90,6 +94,26 @@ pub struct ChangeImageExpirationRequest {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ImageExpirationResponse {
     pub expires_at: Option<u64>,
+}
+
+/// A replica asking its master for the state of every image name.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReplicationStateRequest {
+    /// The `digest` of the state the replica already has: the master answers once its
+    /// state differs, or after `wait_ms` with the same state.
+    #[serde(default)]
+    pub known: Option<crate::ObjectId>,
+    /// Longest wait for a change, in milliseconds (the master caps it).
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+/// Every image name of the master (live, deleted, expired), in name order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReplicationStateResponse {
+    pub names: Vec<crate::replication::NameEntry>,
+    /// SHA-512 of `names` as JSON, to send back as `known`.
+    pub digest: crate::ObjectId,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -25,6 +25,7 @@ pub mod hooks;
 pub mod image;
 pub mod path;
 pub mod plan;
+pub mod replication;
 pub mod select;
 pub mod snapshot;
 pub mod state;

@@ -34,7 +34,12 @@ pub const ROLES: &[Role] = &[
     Role {
         name: crate::client::IMAGESERVER_NAME,
         daemon: true,
-        methods: &[],
+        // What a replica calls on its master (`--replication-master`).
+        methods: &[
+            "ImageServer.GetReplicationState",
+            "ImageServer.GetImage",
+            "ObjectServer.GetObjects",
+        ],
     },
     Role {
         name: crate::client::SUBD_NAME,
