@@ -701,11 +701,11 @@ impl Catalogue {
         )?;
         let objects = image.objects();
         let lease = match &self.store {
-            Objects::S3(s3) => {
+            Objects::S3(s3) if !objects.is_empty() => {
                 let ids: Vec<ObjectId> = objects.keys().copied().collect();
                 Some((s3, self.secure(s3, &ids)?))
             }
-            Objects::Local(_) => None,
+            _ => None,
         };
         let added = self.add_leased(name, image, &objects, lease.map(|(_, l)| l));
         if let Some((s3, l)) = lease {
@@ -1799,26 +1799,13 @@ impl Catalogue {
         let doomed = match chosen {
             Ok(d) => d,
             Err(e) => {
-                let _ = s3.finish_condemned(marker, &[]);
+                let _ = s3.finish_condemned(marker);
                 return Err(e);
             }
         };
         let sizes: HashMap<ObjectId, u64> = candidates.into_iter().collect();
-        let mut gone = Vec::new();
-        let mut failed = None;
-        for id in &doomed {
-            if marker.started.elapsed() >= crate::leases::DELETE_BUDGET {
-                break;
-            }
-            match s3.remove(id) {
-                Ok(()) => gone.push(*id),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        let recorded = s3.finish_condemned(marker, &gone);
+        let (gone, failed) = self.delete_doomed(s3, &marker, &doomed);
+        let finished = s3.finish_condemned(marker);
         let mut idx = self.lock();
         let now = now_secs();
         for id in &doomed {
@@ -1833,13 +1820,40 @@ impl Catalogue {
         drop(idx);
         self.deleted.notify_all();
         if let Some(e) = failed {
-            return Err(e.into());
+            return Err(e);
         }
-        recorded.map_err(CatalogueError::Bucket)?;
+        finished.map_err(CatalogueError::Bucket)?;
         Ok((
             gone.len() as u64,
             gone.iter().map(|id| sizes[id]).sum::<u64>(),
         ))
+    }
+
+    /// Records `doomed` as deleted, then deletes them within the marker's budget; returns
+    /// those deleted, and the error that stopped it, if one did.
+    fn delete_doomed(
+        &self,
+        s3: &crate::s3::S3Objects,
+        marker: &crate::s3::Condemned,
+        doomed: &[ObjectId],
+    ) -> (HashSet<ObjectId>, Option<CatalogueError>) {
+        let mut gone = HashSet::new();
+        if doomed.is_empty() {
+            return (gone, None);
+        }
+        if let Err(e) = s3.record_deletions(marker, doomed) {
+            return (gone, Some(CatalogueError::Bucket(e)));
+        }
+        for id in doomed {
+            if marker.started.elapsed() >= crate::leases::DELETE_BUDGET {
+                break;
+            }
+            match s3.remove(id) {
+                Ok(()) => gone.insert(*id),
+                Err(e) => return (gone, Some(e.into())),
+            };
+        }
+        (gone, None)
     }
 
     /// Of the condemned `ids`, those to delete now (see `collect_shared`): taken out of

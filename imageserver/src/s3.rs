@@ -27,7 +27,7 @@
 //!   rewrites it every `LEASE_RENEW` (20 s) while it needs it, and removes it after;
 //! - a *condemned marker* `PREFIX/condemned/<server token>-<n>`: objects a collector means
 //!   to delete, with a ttl (`MARKER_TTL`, 60 s);
-//! - a *deletion record* `PREFIX/deleted/<same name>`: what a collector deleted, read by
+//! - a *deletion record* `PREFIX/deleted/<same name>`: what a collector deletes, read by
 //!   the other servers to drop those objects from their indexes; pruned
 //!   `DELETED_RETENTION` (10 min) after it was written. A server that read none for half
 //!   that long re-lists the bucket's objects instead.
@@ -55,9 +55,12 @@
 //!    their ttl before T;
 //! 3. I: refreshes the images from the bucket (new images indexed, tombstones taken in),
 //!    so an image another server added, even one not yet seen here, refers to its objects;
-//! 4. deletes the candidates still unreferenced, not held or pinned here and named by no
-//!    live lease, but none once `DELETE_BUDGET` (30 s) has passed since it began step 1;
-//! 5. writes its deletion record, then removes its marker.
+//! 4. chooses the candidates still unreferenced, not held or pinned here and named by no
+//!    live lease, and writes its deletion record naming them (before any deletion, so a
+//!    collector that dies mid-way leaves nothing deleted unrecorded);
+//! 5. deletes them, but none once `DELETE_BUDGET` (30 s) has passed since it began
+//!    step 1 (those left are recorded but stored: other servers re-upload them if asked);
+//! 6. removes its marker.
 //!
 //! Why no interleaving loses an object X an add relies on. Every operation is on the
 //! bucket, which is linearizable for PUT/GET/LIST/DELETE (strong read-after-write, as
@@ -976,19 +979,24 @@ impl S3Objects {
         Ok(live)
     }
 
-    /// The collector's last step: records what it deleted (for the other servers'
-    /// indexes), then removes its marker; prunes old markers and deletion records.
-    pub fn finish_condemned(&self, c: Condemned, deleted: &[ObjectId]) -> io::Result<()> {
-        if !deleted.is_empty() {
-            let name = c.key.filename().unwrap_or_default().to_string();
-            let key = self.deleted.clone().join(name.as_str());
-            let body = leases::encode(leases::DELETED_RETENTION, deleted);
-            self.rt
-                .block_on(self.store.put(&key, Bytes::from(body).into()))
-                .map_err(|e| self.io(&key, e))?;
-            let mut sync = self.deletions.lock().unwrap_or_else(|p| p.into_inner());
-            sync.seen.insert(key.to_string());
-        }
+    /// The collector's step before its first deletion: records the objects it is about to
+    /// delete (for the other servers' indexes; written first, so a collector that dies
+    /// mid-way leaves no deleted object unrecorded).
+    pub fn record_deletions(&self, c: &Condemned, doomed: &[ObjectId]) -> io::Result<()> {
+        let name = c.key.filename().unwrap_or_default().to_string();
+        let key = self.deleted.clone().join(name.as_str());
+        let body = leases::encode(leases::DELETED_RETENTION, doomed);
+        self.rt
+            .block_on(self.store.put(&key, Bytes::from(body).into()))
+            .map_err(|e| self.io(&key, e))?;
+        let mut sync = self.deletions.lock().unwrap_or_else(|p| p.into_inner());
+        sync.seen.insert(key.to_string());
+        Ok(())
+    }
+
+    /// The collector's last step: removes its marker; prunes old markers and deletion
+    /// records.
+    pub fn finish_condemned(&self, c: Condemned) -> io::Result<()> {
         self.rt
             .block_on(self.store.delete(&c.key))
             .map_err(|e| self.io(&c.key, e))?;

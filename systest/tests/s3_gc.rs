@@ -22,9 +22,18 @@ const REFRESH_MS: u64 = 200;
 /// listing, with room for a loaded 2-core machine.
 const BOUND: Duration = Duration::from_secs(5);
 
+/// The imageserver binary: `$S3GC_IMAGESERVER` when set (to run these tests against
+/// another build, e.g. one without the protocol, and see them fail), else the workspace's.
+fn imageserver_bin() -> std::path::PathBuf {
+    match std::env::var_os("S3GC_IMAGESERVER") {
+        Some(p) => p.into(),
+        None => bin("imageserver"),
+    }
+}
+
 /// An imageserver of `data` over Garage's bucket, with `extra` flags.
 fn s3_imageserver(g: &Garage, data: &Path, extra: &[&str]) -> Daemon {
-    let mut cmd = Command::new(bin("imageserver"));
+    let mut cmd = Command::new(imageserver_bin());
     cmd.args(["--data-dir", data.to_str().unwrap()])
         .args(["--listen", "127.0.0.1:0", "--permit-insecure-mode"])
         .args(["--object-store", &format!("s3://{}/{PREFIX}", g.bucket)])
@@ -337,10 +346,7 @@ fn cost() {
     const COST_FILES: usize = 2000;
     let g = Garage::start();
     let t = tempfile::tempdir().unwrap();
-    let server = match std::env::var_os("S3GC_IMAGESERVER") {
-        Some(p) => p.into(),
-        None => bin("imageserver"),
-    };
+    let server = imageserver_bin();
     let mut cmd = Command::new(&server);
     cmd.args(["--data-dir", t.path().join("data").to_str().unwrap()])
         .args(["--listen", "127.0.0.1:0", "--permit-insecure-mode"])
