@@ -317,6 +317,14 @@ impl Index {
     }
 }
 
+/// Candidates per round of collection from a bucket (one marker each): few enough to
+/// delete well within `leases::DELETE_BUDGET`.
+const COLLECT_ROUND: usize = 4000;
+
+/// Objects deleted from a bucket per bulk request (S3's `DeleteObjects` takes 1000); the
+/// collector's budget is checked between them.
+const BULK_DELETE: usize = 1000;
+
 /// Objects removed per critical section by unreferenced-object deletion; uploads waiting
 /// for one of them wait at most for one batch.
 const DELETE_BATCH: usize = 256;
@@ -1344,7 +1352,14 @@ impl Catalogue {
             }
             if let Objects::S3(s3) = &self.store {
                 drop(idx);
-                return self.collect_shared(s3, doomed);
+                // In rounds, each with its own marker and deletion budget.
+                let (mut n, mut b) = (0, 0);
+                for round in doomed.chunks(COLLECT_ROUND) {
+                    let (rn, rb) = self.collect_shared(s3, round.to_vec())?;
+                    n += rn;
+                    b += rb;
+                }
+                return Ok((n, b));
             }
             for (id, size) in &doomed {
                 let meta = idx.objects.remove(id).expect("listed above");
@@ -1804,8 +1819,17 @@ impl Catalogue {
             }
         };
         let sizes: HashMap<ObjectId, u64> = candidates.into_iter().collect();
+        let chosen_ms = marker.started.elapsed().as_millis() as u64;
         let (gone, failed) = self.delete_doomed(s3, &marker, &doomed);
+        let deleted_ms = marker.started.elapsed().as_millis() as u64;
         let finished = s3.finish_condemned(marker);
+        tracing::info!(
+            candidates = ids.len(),
+            deleted = gone.len(),
+            chosen_ms,
+            deleted_ms,
+            "unreferenced objects collected from the bucket"
+        );
         let mut idx = self.lock();
         let now = now_secs();
         for id in &doomed {
@@ -1844,12 +1868,12 @@ impl Catalogue {
         if let Err(e) = s3.record_deletions(marker, doomed) {
             return (gone, Some(CatalogueError::Bucket(e)));
         }
-        for id in doomed {
+        for chunk in doomed.chunks(BULK_DELETE) {
             if marker.started.elapsed() >= crate::leases::DELETE_BUDGET {
                 break;
             }
-            match s3.remove(id) {
-                Ok(()) => gone.insert(*id),
+            match s3.remove_many(chunk) {
+                Ok(ids) => gone.extend(ids),
                 Err(e) => return (gone, Some(e.into())),
             };
         }

@@ -177,8 +177,9 @@ mod tests {
     fn what_a_collector_may_delete() {
         let all: Vec<ObjectId> = (1..=4).map(id).collect();
         let none = |_: &ObjectId| false;
-        // (leases, now, referenced, deletable)
-        let table: Vec<(Vec<Record>, u64, Vec<u8>, Vec<u8>)> = vec![
+        /// (leases, now, referenced, deletable)
+        type Row = (Vec<Record>, u64, Vec<u8>, Vec<u8>);
+        let table: Vec<Row> = vec![
             (vec![], 0, vec![], vec![1, 2, 3, 4]),
             // a live lease protects what it names
             (vec![rec(0, 120, &[1, 3])], 10, vec![], vec![2, 4]),
@@ -206,8 +207,9 @@ mod tests {
     #[test]
     fn what_an_adder_must_wait_for() {
         let mine: HashSet<ObjectId> = [1, 2].into_iter().map(id).collect();
-        // (markers, leased, now, condemned)
-        let table: Vec<(Vec<Record>, u64, u64, Vec<u8>)> = vec![
+        /// (markers, leased, now, condemned)
+        type Row = (Vec<Record>, u64, u64, Vec<u8>);
+        let table: Vec<Row> = vec![
             (vec![], 0, 0, vec![]),
             (vec![rec(0, 60, &[3, 4])], 1, 1, vec![]),
             (vec![rec(0, 60, &[2, 3])], 1, 1, vec![2]),

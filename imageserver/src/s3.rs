@@ -117,6 +117,8 @@ use tokio::runtime::Handle;
 /// Objects up to this size are put whole; larger ones are multipart uploads of parts this
 /// size (S3's smallest part is 5 MiB).
 pub const PART: usize = 8 << 20;
+/// Keys per bulk deletion request (S3 allows 1000; smaller requests run side by side).
+const BULK_KEYS: usize = 100;
 /// Puts (and multipart completions) in flight at once during one commit.
 const COMMIT_CONCURRENCY: usize = 16;
 
@@ -447,6 +449,38 @@ impl S3Objects {
             reader,
             self.rt.clone(),
         )))
+    }
+
+    /// Deletes `ids` (absent is fine) in bulk requests (`DeleteObjects`) of
+    /// `BULK_KEYS` keys, `COMMIT_CONCURRENCY` at once; returns those deleted, or the first
+    /// error.
+    pub fn remove_many(&self, ids: &[ObjectId]) -> Result<Vec<ObjectId>, StoreError> {
+        let one_bulk = |chunk: &[ObjectId]| {
+            let keys: Vec<object_store::Result<S3Path>> =
+                chunk.iter().map(|id| Ok(self.key(id))).collect();
+            let chunk = chunk.to_vec();
+            async move {
+                let results: Vec<object_store::Result<S3Path>> = self
+                    .store
+                    .delete_stream(futures_util::stream::iter(keys).boxed())
+                    .collect()
+                    .await;
+                let mut gone = Vec::with_capacity(chunk.len());
+                for (id, r) in chunk.iter().zip(results) {
+                    match r {
+                        Ok(_) | Err(object_store::Error::NotFound { .. }) => gone.push(*id),
+                        Err(e) => return Err(self.error(&self.key(id), e)),
+                    }
+                }
+                Ok(gone)
+            }
+        };
+        let done: Vec<Vec<ObjectId>> = self.rt.block_on(
+            futures_util::stream::iter(ids.chunks(BULK_KEYS).map(one_bulk))
+                .buffer_unordered(COMMIT_CONCURRENCY)
+                .try_collect(),
+        )?;
+        Ok(done.into_iter().flatten().collect())
     }
 
     /// Deletes `id` (absent is fine).
