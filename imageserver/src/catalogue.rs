@@ -373,6 +373,9 @@ pub struct Catalogue {
     rewrite: Mutex<()>,
     /// Serializes reading the bucket's deletion records with applying them (`s3`).
     sync: Mutex<()>,
+    /// Serializes refreshes from the bucket: a collector's refresh must not miss an image
+    /// another refresh copied here but has not indexed yet.
+    refreshing: Mutex<()>,
 }
 
 fn now_secs() -> i64 {
@@ -433,6 +436,7 @@ impl Catalogue {
             min_expiry_secs: model::expiry::DEFAULT_MIN_EXPIRY_SECS.into(),
             rewrite: Mutex::new(()),
             sync: Mutex::new(()),
+            refreshing: Mutex::new(()),
         };
         cat.expire_due();
         Ok(cat)
@@ -1564,7 +1568,8 @@ fn index_image(index: &mut Index, name: String, path: &Path, len: u64) -> Result
 
 /// Copies into `images_dir` every image of the bucket that `known` does not name and
 /// this directory lacks (or holds live where the bucket has its tombstone): checksum
-/// first, then the image, each by temp file and rename. Returns the names copied.
+/// first, then the image, each by temp file and rename. Returns the names copied, and
+/// those of live copies already here that `known` does not name (to be indexed).
 fn pull_images(
     s3: &crate::s3::S3Objects,
     images_dir: &Path,
@@ -1583,7 +1588,12 @@ fn pull_images(
         }
         let path = images_dir.join(&name).join(IMAGE_FILE);
         match std::fs::metadata(&path) {
-            Ok(m) if m.len() == 0 || len > 0 => continue, // a tombstone here, or a copy
+            Ok(m) if m.len() == 0 => continue, // a tombstone here
+            Ok(m) if len > 0 => {
+                // A copy here already, not indexed (`known`): index it as it is.
+                pulled.push((name, path, m.len()));
+                continue;
+            }
             _ => {}
         }
         let (json, sum) = s3.get_image(&name)?;
@@ -1609,6 +1619,7 @@ impl Catalogue {
         let Objects::S3(s3) = &self.store else {
             return Ok(0);
         };
+        let _one = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
         let bucket = |e: CatalogueError| OpenError::Io {
             path: self.images_dir.clone(),
             source: std::io::Error::other(e.to_string()),
@@ -1653,7 +1664,10 @@ impl Catalogue {
         let pulled = pull_images(s3, &self.images_dir, listed, |n| known.contains(n))
             .map_err(io_at(&self.images_dir))?;
         // The objects the new images name that this server has not seen (uploaded through
-        // another): stored before their image was, so a HEAD finds each.
+        // another): stored before their image was, so a HEAD finds each. Looked up and
+        // indexed under the deletion-sync lock: a deletion record read meanwhile is applied
+        // after the insertion, never before it.
+        let _sync = self.sync.lock().unwrap_or_else(|p| p.into_inner());
         let mut found = Vec::new();
         for (_, path, len) in &pulled {
             let image = match std::fs::read(path).map(|b| serde_json::from_slice::<Image>(&b)) {
