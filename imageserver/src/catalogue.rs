@@ -185,6 +185,14 @@ pub enum CatalogueError {
         name: ImageName,
         source: std::io::Error,
     },
+    /// Storage: the bucket could not be reached for the GC protocol (leases, markers,
+    /// deletion records) or a refresh.
+    #[error("object store: {0}")]
+    Bucket(std::io::Error),
+    /// Unavailable: the add's lease in the bucket was not renewed in time (the server or
+    /// the bucket was too slow), so its objects may have been collected; nothing written.
+    #[error("image {0}: its objects' lease in the bucket lapsed; retry")]
+    LeaseLapsed(ImageName),
     /// The object store refused: bad data sent, a full disk, or another I/O failure
     /// (`StoreError::is_bad_data`, `is_no_space`).
     #[error(transparent)]
@@ -252,6 +260,17 @@ struct ObjectMeta {
 }
 
 impl ObjectMeta {
+    /// An object no image refers to, neither held nor pinned, unreferenced since `now`.
+    fn unreferenced(size: u64, now: i64) -> ObjectMeta {
+        ObjectMeta {
+            size,
+            refs: 0,
+            unref_since: now,
+            holds: 0,
+            pinned_until: None,
+        }
+    }
+
     fn collectable(&self, now: Instant) -> bool {
         self.refs == 0 && self.holds == 0 && self.pinned_until.is_none_or(|t| t <= now)
     }
@@ -297,6 +316,14 @@ impl Index {
         self.names.get(name) == Some(&NameState::Live) && !self.due(name, now)
     }
 }
+
+/// Candidates per round of collection from a bucket (one marker each): few enough to
+/// delete well within `leases::DELETE_BUDGET`.
+const COLLECT_ROUND: usize = 4000;
+
+/// Objects deleted from a bucket per bulk request (S3's `DeleteObjects` takes 1000); the
+/// collector's budget is checked between them.
+const BULK_DELETE: usize = 1000;
 
 /// Objects removed per critical section by unreferenced-object deletion; uploads waiting
 /// for one of them wait at most for one batch.
@@ -344,6 +371,11 @@ pub struct Catalogue {
     min_expiry_secs: std::sync::atomic::AtomicU64,
     /// Serializes the edits that replace an image file (expiry changes, deletions).
     rewrite: Mutex<()>,
+    /// Serializes reading the bucket's deletion records with applying them (`s3`).
+    sync: Mutex<()>,
+    /// Serializes refreshes from the bucket: a collector's refresh must not miss an image
+    /// another refresh copied here but has not indexed yet.
+    refreshing: Mutex<()>,
 }
 
 fn now_secs() -> i64 {
@@ -386,7 +418,10 @@ impl Catalogue {
         let images_dir = data_dir.join("images");
         std::fs::create_dir_all(&images_dir).map_err(io_at(&images_dir))?;
         if let Objects::S3(s3) = &store {
-            pull_images(s3, &images_dir, |_| false).map_err(io_at(&images_dir))?;
+            let listed = s3.list_image_tags().map_err(io_at(&images_dir))?;
+            pull_images(s3, &images_dir, &listed, |_| false).map_err(io_at(&images_dir))?;
+            // Deletion records older than the objects' listing below are in it already.
+            s3.skip_deletions().map_err(io_at(&images_dir))?;
         }
         let mut index = Index::default();
         index_objects(&mut index, &store, pin_grace)?;
@@ -400,6 +435,8 @@ impl Catalogue {
             pin_grace,
             min_expiry_secs: model::expiry::DEFAULT_MIN_EXPIRY_SECS.into(),
             rewrite: Mutex::new(()),
+            sync: Mutex::new(()),
+            refreshing: Mutex::new(()),
         };
         cat.expire_due();
         Ok(cat)
@@ -445,6 +482,27 @@ impl Catalogue {
             .collect()
     }
 
+    /// `check_objects`, and on S3 first a lease in the bucket on the objects found
+    /// present (kept for the grace period), so no imageserver's collector deletes them
+    /// before the add that asked refers to them; an object another server deleted is
+    /// reported absent (0), to be uploaded again.
+    pub fn check_objects_leased(&self, ids: &[ObjectId]) -> Result<Vec<u64>, CatalogueError> {
+        if let Objects::S3(s3) = &self.store {
+            let present: Vec<ObjectId> = {
+                let idx = self.lock();
+                ids.iter()
+                    .filter(|id| idx.objects.contains_key(id))
+                    .copied()
+                    .collect()
+            };
+            if !present.is_empty() {
+                let lease = self.secure(s3, &present)?;
+                s3.release_lease(lease, Instant::now() + self.pin_grace);
+            }
+        }
+        Ok(self.check_objects(ids))
+    }
+
     pub fn has_object(&self, id: &ObjectId) -> bool {
         self.lock().objects.contains_key(id)
     }
@@ -477,7 +535,59 @@ impl Catalogue {
     /// (which must `release` them, including those already present); returns (new objects,
     /// new bytes).
     pub fn commit_objects(&self, pending: Vec<Pending>) -> Result<(u64, u64), CatalogueError> {
+        let (added, lease) = self.commit_objects_leased(pending)?;
+        if let (Some(lease), Objects::S3(s3)) = (lease, &self.store) {
+            s3.release_lease(lease, Instant::now() + self.pin_grace);
+        }
+        Ok(added)
+    }
+
+    /// `commit_objects`; on S3 the objects are leased in the bucket first (`secure`) and
+    /// the lease is returned, held: the caller releases it (`release_leases`) when its
+    /// stream ends.
+    pub fn commit_objects_leased(
+        &self,
+        pending: Vec<Pending>,
+    ) -> Result<((u64, u64), Option<crate::s3::LeaseId>), CatalogueError> {
         let ids: Vec<(ObjectId, u64)> = pending.iter().map(|p| (p.id(), p.size())).collect();
+        let lease = match &self.store {
+            Objects::S3(s3) if !ids.is_empty() => {
+                let just: Vec<ObjectId> = ids.iter().map(|(id, _)| *id).collect();
+                Some(self.secure(s3, &just)?)
+            }
+            _ => None,
+        };
+        let added = self.commit_leased(pending, ids);
+        if let (Err(_), Some(l), Objects::S3(s3)) = (&added, lease, &self.store) {
+            s3.drop_lease(l);
+        }
+        Ok((added?, lease))
+    }
+
+    /// On S3, rewrites the leases still needed and drops the others (run with every
+    /// refresh; `S3Objects::renew_leases`).
+    pub fn renew_leases(&self) {
+        if let Objects::S3(s3) = &self.store {
+            s3.renew_leases();
+        }
+    }
+
+    /// Keeps each of an upload stream's leases for the grace period from now.
+    pub fn release_leases(&self, leases: &[crate::s3::LeaseId]) {
+        if let Objects::S3(s3) = &self.store {
+            let until = Instant::now() + self.pin_grace;
+            for l in leases {
+                s3.release_lease(*l, until);
+            }
+        }
+    }
+
+    /// `commit_objects` once leased.
+    fn commit_leased(
+        &self,
+        pending: Vec<Pending>,
+        ids: Vec<(ObjectId, u64)>,
+    ) -> Result<(u64, u64), CatalogueError> {
         {
             let mut idx = self.lock();
             while ids.iter().any(|(id, _)| idx.deleting.contains(id)) {
@@ -602,6 +712,29 @@ impl Catalogue {
             },
         )?;
         let objects = image.objects();
+        let lease = match &self.store {
+            Objects::S3(s3) if !objects.is_empty() => {
+                let ids: Vec<ObjectId> = objects.keys().copied().collect();
+                Some((s3, self.secure(s3, &ids)?))
+            }
+            _ => None,
+        };
+        let added = self.add_leased(name, image, &objects, lease.map(|(_, l)| l));
+        if let Some((s3, l)) = lease {
+            // On success the image in the bucket protects its objects from now on.
+            s3.drop_lease(l);
+        }
+        added
+    }
+
+    /// `add_image` once its objects are leased (on S3).
+    fn add_leased(
+        &self,
+        name: &ImageName,
+        image: &Image,
+        objects: &BTreeMap<ObjectId, u64>,
+        lease: Option<crate::s3::LeaseId>,
+    ) -> Result<(), CatalogueError> {
         {
             let mut idx = self.lock();
             match idx.names.get(name.as_str()) {
@@ -619,7 +752,7 @@ impl Catalogue {
                     count: missing.count() + 1,
                 });
             }
-            for (id, size) in &objects {
+            for (id, size) in objects {
                 let stored = idx.objects[id].size;
                 if stored != *size {
                     return Err(CatalogueError::InvalidObjectSize {
@@ -635,6 +768,11 @@ impl Catalogue {
             idx.names.insert(name.to_string(), NameState::Adding);
         }
         let written = self.claim_name(name).and_then(|()| {
+            if let (Some(l), Objects::S3(s3)) = (lease, &self.store) {
+                if !s3.lease_trusted(l) {
+                    return Err(CatalogueError::LeaseLapsed(name.clone()));
+                }
+            }
             self.write_image(name, image, None, |_| ())
                 .map_err(|source| CatalogueError::ImageIo {
                     action: ImageAction::Writing,
@@ -834,6 +972,11 @@ impl Catalogue {
         name: &ImageName,
         expires_at: Option<u64>,
     ) -> Result<(), CatalogueError> {
+        if let Objects::S3(s3) = &self.store {
+            // Changed or deleted through another imageserver since the last refresh: take
+            // that in first, so the extend-only rule holds and no tombstone is overwritten.
+            self.adopt_rewrite(s3, name)?;
+        }
         let _rewrite = self.rewrite.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.image_expiration(name)?;
         let now = disk::clock::unix_now();
@@ -1042,6 +1185,13 @@ impl Catalogue {
                 source,
             });
         }
+        self.forget_image(name, how, image);
+        Ok(())
+    }
+
+    /// The index's side of tombstoning `name` (its files already are): its state becomes
+    /// `how`, its references (as `image` has them, if readable) are dropped.
+    fn forget_image(&self, name: &ImageName, how: NameState, image: Option<Image>) {
         let now = now_secs();
         let mut freed = Vec::new();
         {
@@ -1070,7 +1220,93 @@ impl Catalogue {
         for id in freed {
             self.store.mark_unreferenced(&id, t);
         }
+    }
+
+    /// Takes in a tombstone another imageserver put in the bucket for the live image
+    /// `name` (deleted, or expired: `.image.expired` beside it): the same files here, and
+    /// the image's references dropped.
+    fn adopt_tombstone(
+        &self,
+        s3: &crate::s3::S3Objects,
+        name: &ImageName,
+    ) -> Result<(), CatalogueError> {
+        let _rewrite = self.rewrite.lock().unwrap_or_else(|p| p.into_inner());
+        let io = |source| CatalogueError::ImageIo {
+            action: ImageAction::Deleting,
+            name: name.clone(),
+            source,
+        };
+        if self.lock().names.get(name.as_str()) != Some(&NameState::Live) {
+            return Ok(());
+        }
+        let image = self
+            .read_image_file(name)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Image>(&b).ok());
+        let expired = s3.is_expired(name.as_str()).map_err(io)?;
+        let path = self.image_path(name);
+        if expired {
+            write_atomic(&path.with_file_name(EXPIRED_FILE), b"").map_err(io)?;
+        }
+        write_atomic(&path, b"").map_err(io)?;
+        let how = match expired {
+            true => NameState::Expired,
+            false => NameState::Deleted,
+        };
+        self.forget_image(name, how, image);
+        tracing::info!(image = %name, expired, "image removed through another imageserver");
         Ok(())
+    }
+
+    /// Takes in the bucket's copy of the live image `name` when it differs from this
+    /// server's (its expiry was changed through another imageserver): checksum file, then
+    /// image, and the index's expiry and checksum. Returns whether it differed.
+    fn adopt_rewrite(
+        &self,
+        s3: &crate::s3::S3Objects,
+        name: &ImageName,
+    ) -> Result<bool, CatalogueError> {
+        let _rewrite = self.rewrite.lock().unwrap_or_else(|p| p.into_inner());
+        let io = |source| CatalogueError::ImageIo {
+            action: ImageAction::Writing,
+            name: name.clone(),
+            source,
+        };
+        if self.lock().names.get(name.as_str()) != Some(&NameState::Live) {
+            return Ok(false);
+        }
+        let (json, sums) = s3.get_image(name.as_str()).map_err(io)?;
+        if json.is_empty() {
+            drop(_rewrite);
+            return self.adopt_tombstone(s3, name).map(|()| true);
+        }
+        if self.read_image_file(name).is_ok_and(|b| b == json[..]) {
+            return Ok(false);
+        }
+        let image: Image =
+            serde_json::from_slice(&json).map_err(|e| corrupt_error(name, &e.to_string()))?;
+        let sum = ObjectId::of(&json);
+        let key = name.to_string();
+        let path = self.image_path(name);
+        if let Some(sums) = &sums {
+            write_atomic(&path.with_file_name(CHECKSUM_FILE), sums).map_err(io)?;
+        }
+        self.lock().rewriting.insert(key.clone(), sum);
+        let written = write_atomic(&path, &json);
+        let mut idx = self.lock();
+        idx.rewriting.remove(&key);
+        written.map_err(io)?;
+        let listed = sums.is_some_and(|s| String::from_utf8_lossy(&s).contains(&sum.to_hex()));
+        if listed {
+            idx.checksums.insert(key.clone(), sum);
+        }
+        match image.expires_at {
+            Some(t) => idx.expires.insert(key, t),
+            None => idx.expires.remove(&key),
+        };
+        drop(idx);
+        tracing::info!(image = %name, "image expiry changed through another imageserver");
+        Ok(true)
     }
 
     /// Unreferenced objects, oldest-unreferenced first.
@@ -1117,6 +1353,17 @@ impl Catalogue {
                 n += 1;
                 b += size;
                 doomed.push((id, size));
+            }
+            if let Objects::S3(s3) = &self.store {
+                drop(idx);
+                // In rounds, each with its own marker and deletion budget.
+                let (mut n, mut b) = (0, 0);
+                for round in doomed.chunks(COLLECT_ROUND) {
+                    let (rn, rb) = self.collect_shared(s3, round.to_vec())?;
+                    n += rn;
+                    b += rb;
+                }
+                return Ok((n, b));
             }
             for (id, size) in &doomed {
                 let meta = idx.objects.remove(id).expect("listed above");
@@ -1321,14 +1568,17 @@ fn index_image(index: &mut Index, name: String, path: &Path, len: u64) -> Result
 
 /// Copies into `images_dir` every image of the bucket that `known` does not name and
 /// this directory lacks (or holds live where the bucket has its tombstone): checksum
-/// first, then the image, each by temp file and rename. Returns the names copied.
+/// first, then the image, each by temp file and rename. Returns the names copied, and
+/// those of live copies already here that `known` does not name (to be indexed).
 fn pull_images(
     s3: &crate::s3::S3Objects,
     images_dir: &Path,
+    listed: &[(String, u64, Option<String>)],
     known: impl Fn(&str) -> bool,
 ) -> std::io::Result<Vec<(String, PathBuf, u64)>> {
     let mut pulled = Vec::new();
-    for (name, len) in s3.list_images()? {
+    for (name, len, _) in listed {
+        let (name, len) = (name.clone(), *len);
         if known(&name) {
             continue;
         }
@@ -1338,7 +1588,12 @@ fn pull_images(
         }
         let path = images_dir.join(&name).join(IMAGE_FILE);
         match std::fs::metadata(&path) {
-            Ok(m) if m.len() == 0 || len > 0 => continue, // a tombstone here, or a copy
+            Ok(m) if m.len() == 0 => continue, // a tombstone here
+            Ok(m) if len > 0 => {
+                // A copy here already, not indexed (`known`): index it as it is.
+                pulled.push((name, path, m.len()));
+                continue;
+            }
             _ => {}
         }
         let (json, sum) = s3.get_image(&name)?;
@@ -1356,17 +1611,63 @@ fn pull_images(
 }
 
 impl Catalogue {
-    /// Adopts the images other imageservers over the same bucket added since the last
-    /// call (none on the local back-end): copies and indexes each. Returns how many.
+    /// Takes in what other imageservers over the same bucket did since the last call
+    /// (nothing on the local back-end): the objects they deleted (deletion records), the
+    /// images they added (copied and indexed), deleted or expired (tombstoned here too)
+    /// and whose expiry they changed. Returns how many images were added or changed.
     pub fn refresh_from_bucket(&self) -> Result<usize, OpenError> {
         let Objects::S3(s3) = &self.store else {
             return Ok(0);
         };
+        let _one = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
+        let bucket = |e: CatalogueError| OpenError::Io {
+            path: self.images_dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        };
+        self.sync_deletions(s3).map_err(bucket)?;
+        let listed = s3.list_image_tags().map_err(io_at(&self.images_dir))?;
+        let adopted = self.adopt_new_images(s3, &listed)?;
+        let mut changed = 0;
+        for (name, len, tag) in &listed {
+            let Ok(name) = ImageName::parse(name) else {
+                continue;
+            };
+            let (live, expires) = {
+                let idx = self.lock();
+                let live = idx.names.get(name.as_str()) == Some(&NameState::Live);
+                (live, idx.expires.contains_key(name.as_str()))
+            };
+            // An image without an expiry never gets one (extend-only): never rewritten.
+            let done = match (live, *len == 0) {
+                (true, true) => self.adopt_tombstone(s3, &name).map(|()| true),
+                (true, false) if expires && s3.image_changed(name.as_str(), tag.as_deref()) => {
+                    self.adopt_rewrite(s3, &name)
+                }
+                _ => continue,
+            };
+            match done {
+                Ok(c) => changed += usize::from(c),
+                Err(e) => tracing::warn!(image = %name, "taking in the bucket's change: {e}"),
+            }
+        }
+        Ok(adopted + changed)
+    }
+
+    /// Copies and indexes the images of `listed` this server does not know (added through
+    /// other imageservers). Returns how many.
+    fn adopt_new_images(
+        &self,
+        s3: &crate::s3::S3Objects,
+        listed: &[(String, u64, Option<String>)],
+    ) -> Result<usize, OpenError> {
         let known: HashSet<String> = self.lock().names.keys().cloned().collect();
-        let pulled = pull_images(s3, &self.images_dir, |n| known.contains(n))
+        let pulled = pull_images(s3, &self.images_dir, listed, |n| known.contains(n))
             .map_err(io_at(&self.images_dir))?;
         // The objects the new images name that this server has not seen (uploaded through
-        // another): stored before their image was, so a HEAD finds each.
+        // another): stored before their image was, so a HEAD finds each. Looked up and
+        // indexed under the deletion-sync lock: a deletion record read meanwhile is applied
+        // after the insertion, never before it.
+        let _sync = self.sync.lock().unwrap_or_else(|p| p.into_inner());
         let mut found = Vec::new();
         for (_, path, len) in &pulled {
             let image = match std::fs::read(path).map(|b| serde_json::from_slice::<Image>(&b)) {
@@ -1413,6 +1714,206 @@ impl Catalogue {
             adopted += 1;
         }
         Ok(adopted)
+    }
+}
+
+/// The object GC protocol over a shared bucket (see `s3`'s module comment): the adder's
+/// `secure`, the collector's `collect_shared`, and the deletion records every server
+/// applies to its index.
+impl Catalogue {
+    /// The adder's steps before it relies on `ids` being stored: writes a lease on them,
+    /// waits while a collector's live marker condemns any, then applies the deletion
+    /// records written meanwhile; an object a marker named is checked in the bucket (a
+    /// HEAD) and forgotten if gone. Returns the lease, held.
+    fn secure(
+        &self,
+        s3: &crate::s3::S3Objects,
+        ids: &[ObjectId],
+    ) -> Result<crate::s3::LeaseId, CatalogueError> {
+        let lease = s3.lease(ids).map_err(CatalogueError::Bucket)?;
+        let checked = (|| {
+            let wanted: HashSet<ObjectId> = ids.iter().copied().collect();
+            let flagged = s3
+                .wait_condemned(lease, &wanted)
+                .map_err(CatalogueError::Bucket)?;
+            self.sync_deletions(s3)?;
+            for id in flagged {
+                if self.has_object(&id) && !s3.exists(&id).map_err(CatalogueError::Bucket)? {
+                    self.forget_objects(s3, &[id], false);
+                }
+            }
+            Ok(())
+        })();
+        match checked {
+            Ok(()) => Ok(lease),
+            Err(e) => {
+                s3.drop_lease(lease);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads the deletion records other servers wrote since the last call and drops what
+    /// they name from the index (after a long gap, re-lists the bucket's objects instead).
+    /// Serialized with itself, so a commit that follows a call never has its object
+    /// forgotten by an older record applied late.
+    fn sync_deletions(&self, s3: &crate::s3::S3Objects) -> Result<(), CatalogueError> {
+        let _sync = self.sync.lock().unwrap_or_else(|p| p.into_inner());
+        let d = s3.new_deletions().map_err(CatalogueError::Bucket)?;
+        if d.gap {
+            let stored: HashSet<ObjectId> = s3.list()?.into_iter().map(|l| l.id).collect();
+            let gone: Vec<ObjectId> = {
+                let idx = self.lock();
+                idx.objects
+                    .keys()
+                    .filter(|id| !stored.contains(id))
+                    .copied()
+                    .collect()
+            };
+            self.forget_objects(s3, &gone, true);
+        }
+        self.forget_objects(s3, &d.ids, true);
+        Ok(())
+    }
+
+    /// Drops objects deleted through another server from the index. One an image here
+    /// still refers to is first checked in the bucket (`check`): kept if it is there.
+    fn forget_objects(&self, s3: &crate::s3::S3Objects, ids: &[ObjectId], check: bool) {
+        for id in ids {
+            let referenced = {
+                let idx = self.lock();
+                match idx.objects.get(id) {
+                    None => continue,
+                    Some(_) if idx.committing.contains_key(id) => continue,
+                    Some(m) => m.refs > 0,
+                }
+            };
+            if check && referenced && s3.exists(id).unwrap_or(true) {
+                continue;
+            }
+            let mut idx = self.lock();
+            if idx.committing.contains_key(id) {
+                continue;
+            }
+            if let Some(m) = idx.objects.remove(id) {
+                idx.object_bytes -= m.size;
+            }
+        }
+    }
+
+    /// `delete_unreferenced` over a shared bucket. The collector condemns its candidates
+    /// (a marker), then lists every server's leases, then refreshes the images from the
+    /// bucket; it deletes only candidates still unreferenced, not held or pinned here,
+    /// and named by no live lease, within `DELETE_BUDGET` of its marker; then records
+    /// what it deleted and removes its marker.
+    fn collect_shared(
+        &self,
+        s3: &crate::s3::S3Objects,
+        candidates: Vec<(ObjectId, u64)>,
+    ) -> Result<(u64, u64), CatalogueError> {
+        if candidates.is_empty() {
+            return Ok((0, 0));
+        }
+        let ids: Vec<ObjectId> = candidates.iter().map(|(id, _)| *id).collect();
+        s3.renew_leases(); // drops this server's own leases whose time is up
+        let marker = s3.condemn(&ids).map_err(CatalogueError::Bucket)?;
+        let chosen = s3
+            .all_leases(marker.now)
+            .map_err(CatalogueError::Bucket)
+            .and_then(|leases| {
+                self.refresh_from_bucket()
+                    .map_err(|e| CatalogueError::Bucket(std::io::Error::other(e.to_string())))?;
+                Ok(self.choose_doomed(&ids, &leases, marker.now))
+            });
+        let doomed = match chosen {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = s3.finish_condemned(marker);
+                return Err(e);
+            }
+        };
+        let sizes: HashMap<ObjectId, u64> = candidates.into_iter().collect();
+        let chosen_ms = marker.started.elapsed().as_millis() as u64;
+        let (gone, failed) = self.delete_doomed(s3, &marker, &doomed);
+        let deleted_ms = marker.started.elapsed().as_millis() as u64;
+        let finished = s3.finish_condemned(marker);
+        tracing::info!(
+            candidates = ids.len(),
+            deleted = gone.len(),
+            chosen_ms,
+            deleted_ms,
+            "unreferenced objects collected from the bucket"
+        );
+        let mut idx = self.lock();
+        let now = now_secs();
+        for id in &doomed {
+            idx.deleting.remove(id);
+            if !gone.contains(id) {
+                // Not deleted (budget spent or an error): back, unreferenced as before.
+                let size = sizes[id];
+                idx.object_bytes += size;
+                idx.objects.insert(*id, ObjectMeta::unreferenced(size, now));
+            }
+        }
+        drop(idx);
+        self.deleted.notify_all();
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        finished.map_err(CatalogueError::Bucket)?;
+        Ok((
+            gone.len() as u64,
+            gone.iter().map(|id| sizes[id]).sum::<u64>(),
+        ))
+    }
+
+    /// Records `doomed` as deleted, then deletes them within the marker's budget; returns
+    /// those deleted, and the error that stopped it, if one did.
+    fn delete_doomed(
+        &self,
+        s3: &crate::s3::S3Objects,
+        marker: &crate::s3::Condemned,
+        doomed: &[ObjectId],
+    ) -> (HashSet<ObjectId>, Option<CatalogueError>) {
+        let mut gone = HashSet::new();
+        if doomed.is_empty() {
+            return (gone, None);
+        }
+        if let Err(e) = s3.record_deletions(marker, doomed) {
+            return (gone, Some(CatalogueError::Bucket(e)));
+        }
+        for chunk in doomed.chunks(BULK_DELETE) {
+            if marker.started.elapsed() >= crate::leases::DELETE_BUDGET {
+                break;
+            }
+            match s3.remove_many(chunk) {
+                Ok(ids) => gone.extend(ids),
+                Err(e) => return (gone, Some(e.into())),
+            };
+        }
+        (gone, None)
+    }
+
+    /// Of the condemned `ids`, those to delete now (see `collect_shared`): taken out of
+    /// the index into the deleting set.
+    fn choose_doomed(
+        &self,
+        ids: &[ObjectId],
+        leases: &[crate::leases::Record],
+        now: SystemTime,
+    ) -> Vec<ObjectId> {
+        let t = Instant::now();
+        let mut idx = self.lock();
+        let keep = |id: &ObjectId| {
+            idx.committing.contains_key(id) || idx.objects.get(id).is_none_or(|m| !m.collectable(t))
+        };
+        let doomed = crate::leases::deletable(ids, leases, now, keep);
+        for id in &doomed {
+            let m = idx.objects.remove(id).expect("checked present");
+            idx.object_bytes -= m.size;
+            idx.deleting.insert(*id);
+        }
+        doomed
     }
 }
 

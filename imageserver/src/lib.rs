@@ -13,6 +13,7 @@
 //! - `replication`: following a master (`--replication-master`), and serving replicas.
 
 pub mod catalogue;
+pub mod leases;
 pub mod objects;
 pub mod pages;
 pub mod replication;
@@ -221,17 +222,22 @@ fn rpc_path(method: &str) -> String {
     format!("/rpc/{method}")
 }
 
-/// Adopts, every `interval`, the images other imageservers over the same bucket added
+/// Every `interval`, renews this server's leases in the bucket and takes in what other
+/// imageservers over the same bucket added, deleted, expired or changed
 /// (`Catalogue::refresh_from_bucket`); runs forever (a failed round is logged and retried).
 pub async fn refresh_from_bucket(catalogue: Arc<Catalogue>, interval: Duration) {
     loop {
         tokio::time::sleep(interval).await;
         let cat = catalogue.clone();
-        match tokio::task::spawn_blocking(move || cat.refresh_from_bucket()).await {
+        let work = move || {
+            cat.renew_leases();
+            cat.refresh_from_bucket()
+        };
+        match tokio::task::spawn_blocking(work).await {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => tracing::info!(
                 images = n,
-                "adopted images added through other imageservers"
+                "took in images added or changed through other imageservers"
             ),
             Ok(Err(e)) => tracing::warn!("looking for new images in the bucket: {e}"),
             Err(e) => tracing::warn!("looking for new images in the bucket: {e}"),

@@ -62,11 +62,14 @@ const DRAIN_LIMIT: u64 = 4 << 30;
 struct Holds<'a> {
     catalogue: &'a Catalogue,
     ids: Vec<ObjectId>,
+    /// On S3, the stream's leases in the bucket (kept for the grace period after it).
+    leases: Vec<crate::s3::LeaseId>,
 }
 
 impl Drop for Holds<'_> {
     fn drop(&mut self) {
         self.catalogue.release(&self.ids);
+        self.catalogue.release_leases(&self.leases);
     }
 }
 
@@ -76,7 +79,12 @@ pub fn receive(st: &State, mut r: impl Read) -> Result<api::AddObjectsResponse, 
     let mut holds = Holds {
         catalogue: cat,
         ids: Vec::new(),
+        leases: Vec::new(),
     };
+    // On S3 an object already stored is written again (the same bytes) rather than
+    // skipped: it is then leased before its commit like any other (`Catalogue::secure`),
+    // which a skipped object could not be without a round trip each.
+    let skip_present = cat.store().local().is_some();
     let mut resp = api::AddObjectsResponse::default();
     let mut pending = Vec::new();
     let mut pending_bytes = 0u64;
@@ -87,7 +95,7 @@ pub fn receive(st: &State, mut r: impl Read) -> Result<api::AddObjectsResponse, 
                 "object {id}: zero-length objects are never stored"
             )));
         }
-        if cat.hold_if_present(&id) {
+        if skip_present && cat.hold_if_present(&id) {
             holds.ids.push(id);
             skip_exact(&mut r, len)?;
             resp.existing += 1;
@@ -118,20 +126,32 @@ pub fn receive(st: &State, mut r: impl Read) -> Result<api::AddObjectsResponse, 
         pending_bytes += len;
         pending.push(p);
         if pending_bytes >= COMMIT_BYTES || pending.len() >= COMMIT_OBJECTS {
-            let ids: Vec<ObjectId> = pending.iter().map(|p| p.id()).collect();
-            let (n, b) = cat.commit_objects(std::mem::take(&mut pending))?;
-            holds.ids.extend(ids);
-            resp.added += n;
-            resp.bytes_added += b;
+            commit(cat, std::mem::take(&mut pending), &mut holds, &mut resp)?;
             pending_bytes = 0;
         }
     }
+    commit(cat, pending, &mut holds, &mut resp)?;
+    Ok(resp)
+}
+
+/// Commits a batch of verified objects, held (and on S3 leased) for the stream.
+fn commit(
+    cat: &Catalogue,
+    pending: Vec<crate::storage::Pending>,
+    holds: &mut Holds<'_>,
+    resp: &mut api::AddObjectsResponse,
+) -> Result<(), ApiError> {
     let ids: Vec<ObjectId> = pending.iter().map(|p| p.id()).collect();
-    let (n, b) = cat.commit_objects(pending)?;
+    let count = ids.len() as u64;
+    let ((n, b), lease) = cat.commit_objects_leased(pending)?;
     holds.ids.extend(ids);
+    holds.leases.extend(lease);
     resp.added += n;
     resp.bytes_added += b;
-    Ok(resp)
+    if cat.store().local().is_none() {
+        resp.existing += count - n; // written again, as said above
+    }
+    Ok(())
 }
 
 pub async fn add_objects(

@@ -42,7 +42,9 @@ impl From<CatalogueError> for ApiError {
             E::CorruptImage { .. }
             | E::CorruptObject { .. }
             | E::ObjectUnreadable { .. }
-            | E::ImageIo { .. } => ApiError::Internal(line),
+            | E::ImageIo { .. }
+            | E::Bucket(_) => ApiError::Internal(line),
+            E::LeaseLapsed(_) => ApiError::Busy(line),
             E::Store(s) if s.is_bad_data() => ApiError::BadRequest(line),
             E::Store(s) if s.is_no_space() => ApiError::InsufficientStorage(line),
             E::Store(_) => ApiError::Internal(line),
@@ -274,9 +276,9 @@ pub async fn check_objects(
             req.hashes.len()
         )));
     }
-    Ok(axum::Json(api::CheckObjectsResponse {
-        sizes: st.catalogue.check_objects(&req.hashes),
-    }))
+    let cat = st.catalogue.clone();
+    let sizes = blocking(move || cat.check_objects_leased(&req.hashes)).await?;
+    Ok(axum::Json(api::CheckObjectsResponse { sizes }))
 }
 
 #[cfg(test)]

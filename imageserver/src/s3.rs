@@ -15,7 +15,88 @@
 //!
 //! The catalogue is synchronous (it runs on blocking threads); each S3 call here is driven
 //! to completion on the runtime this store was opened on (`Handle::block_on`).
+//!
+//! ## Unreferenced-object deletion with several imageservers over one bucket
+//!
+//! No server's memory decides alone whether an object may go: an add in progress on
+//! another server, or an image another server added, must keep it. Without conditional
+//! creates, this is a flag protocol in the bucket (Dekker's): each side writes its flag,
+//! then reads the other's. The flags (bodies: `leases::encode`):
+//! - a *lease* `PREFIX/leases/<server token>/<n>`: objects an add relies on, with a ttl
+//!   (`LEASE_TTL`, 120 s from the object's last write, in the bucket's clock); its server
+//!   rewrites it every `LEASE_RENEW` (20 s) while it needs it, and removes it after;
+//! - a *condemned marker* `PREFIX/condemned/<server token>-<n>`: objects a collector means
+//!   to delete, with a ttl (`MARKER_TTL`, 60 s);
+//! - a *deletion record* `PREFIX/deleted/<same name>`: what a collector deletes, read by
+//!   the other servers to drop those objects from their indexes; pruned
+//!   `DELETED_RETENTION` (10 min) after it was written. A server that read none for half
+//!   that long re-lists the bucket's objects instead.
+//!
+//! The adder (`Catalogue::secure`; before `CheckObjects` answers "present", before an
+//! `AddObjects` batch is committed, and at `AddImage` for all the image's objects):
+//! 1. A: writes its lease on the objects;
+//! 2. B: lists the markers; while a live one written before its lease names one of its
+//!    objects, waits (polling) — for each marker at most `MARKER_TTL` after first seeing
+//!    it. A marker whose bucket time is `CLOCK_SLACK` (3 s) or more after the lease's was
+//!    written after it, so its collector will see the lease: not waited for (else a
+//!    collector running without pause would starve the adds);
+//! 3. C: reads the deletion records not read before and drops what they name from its
+//!    index (serialized with itself, so no older record is applied after a commit);
+//! 4. an object a marker named is looked up in the bucket (a HEAD), forgotten if gone;
+//! 5. only then relies on its index: `CheckObjects` answers from it (a forgotten object
+//!    is absent: imagetool uploads it again), `AddObjects` puts its batch, `AddImage`
+//!    refuses an image whose objects are missing. The `AddImage` lease is removed once
+//!    the image is in the bucket; the others are kept for the pin grace period.
+//!
+//! The collector (`Catalogue::collect_shared`, behind `delunrefobj`):
+//! 1. W: writes its marker naming the candidates (unreferenced here, not held, pinned or
+//!    being committed here), and takes the bucket's time T from it (a HEAD);
+//! 2. R: lists every server's leases (its own too), live if last written less than
+//!    their ttl before T;
+//! 3. I: refreshes the images from the bucket (new images indexed, tombstones taken in),
+//!    so an image another server added, even one not yet seen here, refers to its objects;
+//! 4. chooses the candidates still unreferenced, not held or pinned here and named by no
+//!    live lease, and writes its deletion record naming them (before any deletion, so a
+//!    collector that dies mid-way leaves nothing deleted unrecorded);
+//! 5. deletes them, but none once `DELETE_BUDGET` (30 s) has passed since it began
+//!    step 1 (those left are recorded but stored: other servers re-upload them if asked);
+//! 6. removes its marker.
+//!
+//! Why no interleaving loses an object X an add relies on. Every operation is on the
+//! bucket, which is linearizable for PUT/GET/LIST/DELETE (strong read-after-write, as
+//! Garage and AWS S3 give). Either the adder's lease write A precedes the collector's
+//! lease listing R — then R sees the lease (it is renewed until it is no longer needed,
+//! so it is live), and X is not deleted; or R precedes A, and then W < R < A < B: the
+//! adder's marker listing sees the marker (written before the lease, so bearing an
+//! earlier time as long as the store's clocks agree within `CLOCK_SLACK`) and waits
+//! until it is removed, which happens
+//! after every deletion and after the deletion record is written, so C reads the record
+//! and the adder treats X as absent (and uploads it again, after the deletion). A lease
+//! removed after its image was put cannot open a gap either: the collector lists leases
+//! (R) before images (I), so if R misses the lease, the lease was removed, hence the image
+//! was put, before R < I, and I sees the image. An image another server added and this
+//! collector has not refreshed is seen at step 3 the same way. A collector restarted or
+//! stopped mid-way leaves a marker that counts only `MARKER_TTL`, and it deletes nothing
+//! after `DELETE_BUDGET`: an adder that waited `MARKER_TTL` since first seeing the marker
+//! (written before it was seen) knows no deletion is coming, checks with a HEAD and
+//! re-uploads what is gone. The remaining half of `MARKER_TTL` is the margin for a
+//! deletion request still in flight at the end of the budget. A dead server's leases
+//! protect for at most `LEASE_TTL`; its add cannot finish anyway. A live server whose
+//! lease was not rewritten for `LEASE_TRUSTED` (60 s, half the ttl: the bucket or the
+//! server was too slow) refuses the `AddImage` (`LeaseLapsed`, 503) rather than rely on
+//! it. Ttls are compared in the bucket's clock only (the `Last-Modified` of listed
+//! records against the `Last-Modified` of one's own fresh write, whole seconds rounded
+//! down, which errs towards keeping): clock skew between imageservers does not matter;
+//! the waits use each server's monotonic clock.
+//!
+//! Cost: an add pays a lease write, a marker listing and a deletion-record listing per
+//! `CheckObjects` call, per `AddObjects` batch and at `AddImage` (plus a HEAD when a
+//! marker is live); on S3 `AddObjects` writes an object already stored again instead of
+//! skipping it (imagetool sends only those `CheckObjects` reported absent). A collection
+//! pays a marker write and HEAD, a lease listing (and one GET per lease not read before),
+//! an image refresh, its deletions, a record write and the marker's removal.
 
+use crate::leases::{self, Record};
 use crate::storage::Listed;
 use bytes::Bytes;
 use disk::objectstore::StoreError;
@@ -25,15 +106,19 @@ use model::ObjectId;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as S3Path;
 use object_store::{ClientOptions, MultipartUpload, ObjectStore as _, ObjectStoreExt as _};
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::{Instant, SystemTime};
 use tokio::runtime::Handle;
 
 /// Objects up to this size are put whole; larger ones are multipart uploads of parts this
 /// size (S3's smallest part is 5 MiB).
 pub const PART: usize = 8 << 20;
+/// Keys per bulk deletion request (S3 allows 1000; smaller requests run side by side).
+const BULK_KEYS: usize = 100;
 /// Puts (and multipart completions) in flight at once during one commit.
 const COMMIT_CONCURRENCY: usize = 16;
 
@@ -184,6 +269,20 @@ pub struct S3Objects {
     images: S3Path,
     /// `PREFIX/claims`: who may add which image name.
     claims: S3Path,
+    /// `PREFIX/leases/<server token>/<n>`: objects adds in progress rely on.
+    leases: S3Path,
+    /// `PREFIX/condemned/<server token>-<n>`: objects a collector means to delete.
+    condemned: S3Path,
+    /// `PREFIX/deleted/<server token>-<n>`: objects a collector deleted.
+    deleted: S3Path,
+    /// This server's leases.
+    book: std::sync::Mutex<LeaseBook>,
+    /// The deletion records already read.
+    deletions: std::sync::Mutex<DeletionSync>,
+    /// Bodies of leases and markers read (a key's body never changes).
+    bodies: std::sync::Mutex<HashMap<String, (Duration, Vec<ObjectId>)>>,
+    /// The ETag of each image's `.image` this server last put or got.
+    tags: std::sync::Mutex<HashMap<String, String>>,
     url: String,
     rt: Handle,
 }
@@ -246,6 +345,13 @@ impl S3Objects {
             objects: under("objects"),
             images: under("images"),
             claims: under("claims"),
+            leases: under("leases"),
+            condemned: under("condemned"),
+            deleted: under("deleted"),
+            book: Default::default(),
+            deletions: Default::default(),
+            bodies: Default::default(),
+            tags: Default::default(),
             url,
             rt: Handle::current(),
         })
@@ -345,6 +451,38 @@ impl S3Objects {
         )))
     }
 
+    /// Deletes `ids` (absent is fine) in bulk requests (`DeleteObjects`) of
+    /// `BULK_KEYS` keys, `COMMIT_CONCURRENCY` at once; returns those deleted, or the first
+    /// error.
+    pub fn remove_many(&self, ids: &[ObjectId]) -> Result<Vec<ObjectId>, StoreError> {
+        let one_bulk = |chunk: &[ObjectId]| {
+            let keys: Vec<object_store::Result<S3Path>> =
+                chunk.iter().map(|id| Ok(self.key(id))).collect();
+            let chunk = chunk.to_vec();
+            async move {
+                let results: Vec<object_store::Result<S3Path>> = self
+                    .store
+                    .delete_stream(futures_util::stream::iter(keys).boxed())
+                    .collect()
+                    .await;
+                let mut gone = Vec::with_capacity(chunk.len());
+                for (id, r) in chunk.iter().zip(results) {
+                    match r {
+                        Ok(_) | Err(object_store::Error::NotFound { .. }) => gone.push(*id),
+                        Err(e) => return Err(self.error(&self.key(id), e)),
+                    }
+                }
+                Ok(gone)
+            }
+        };
+        let done: Vec<Vec<ObjectId>> = self.rt.block_on(
+            futures_util::stream::iter(ids.chunks(BULK_KEYS).map(one_bulk))
+                .buffer_unordered(COMMIT_CONCURRENCY)
+                .try_collect(),
+        )?;
+        Ok(done.into_iter().flatten().collect())
+    }
+
     /// Deletes `id` (absent is fine).
     pub fn remove(&self, id: &ObjectId) -> Result<(), StoreError> {
         let key = self.key(id);
@@ -370,7 +508,7 @@ impl S3Objects {
     pub fn put_image(&self, name: &str, json: Bytes, checksum: Bytes) -> io::Result<()> {
         let sum_key = self.image_key(name, crate::catalogue::CHECKSUM_FILE);
         let key = self.image_key(name, crate::catalogue::IMAGE_FILE);
-        self.rt.block_on(async {
+        let put = self.rt.block_on(async {
             self.store
                 .put(&sum_key, checksum.into())
                 .await
@@ -380,6 +518,7 @@ impl S3Objects {
                 .await
                 .map_err(|e| self.io(&key, e))
         })?;
+        self.note_tag(name, put.e_tag);
         Ok(())
     }
 
@@ -428,6 +567,15 @@ impl S3Objects {
 
     /// Every image (and tombstone) in the bucket: name and size of its `.image`.
     pub fn list_images(&self) -> io::Result<Vec<(String, u64)>> {
+        Ok(self
+            .list_image_tags()?
+            .into_iter()
+            .map(|(n, size, _)| (n, size))
+            .collect())
+    }
+
+    /// Every image (and tombstone) in the bucket: name, size and ETag of its `.image`.
+    pub fn list_image_tags(&self) -> io::Result<Vec<(String, u64, Option<String>)>> {
         let metas: Vec<object_store::ObjectMeta> = self
             .rt
             .block_on(self.store.list(Some(&self.images)).try_collect())
@@ -439,7 +587,7 @@ impl S3Objects {
             .filter_map(|m| {
                 let key = m.location.as_ref();
                 let name = key.strip_prefix(&base)?.strip_suffix(&suffix)?;
-                Some((name.to_string(), m.size))
+                Some((name.to_string(), m.size, m.e_tag.clone()))
             })
             .collect())
     }
@@ -454,10 +602,31 @@ impl S3Objects {
                 Err(object_store::Error::NotFound { .. }) => None,
                 Err(e) => return Err(self.io(&sum_key, e)),
             };
-            let json = self.store.get(&key).await.map_err(|e| self.io(&key, e))?;
-            let json = json.bytes().await.map_err(|e| self.io(&key, e))?;
+            let got = self.store.get(&key).await.map_err(|e| self.io(&key, e))?;
+            let tag = got.meta.e_tag.clone();
+            let json = got.bytes().await.map_err(|e| self.io(&key, e))?;
+            self.note_tag(name, tag);
             Ok((json, sum))
         })
+    }
+
+    /// Remembers the ETag of `name`'s `.image` as this server last put or got it.
+    fn note_tag(&self, name: &str, tag: Option<String>) {
+        let mut tags = self.tags.lock().unwrap_or_else(|p| p.into_inner());
+        match tag {
+            Some(t) => tags.insert(name.to_string(), t.trim_matches('"').to_string()),
+            None => tags.remove(name),
+        };
+    }
+
+    /// Whether the bucket's `.image` of `name` (its listed ETag `tag`) is other than the
+    /// one this server last put or got: changed through another imageserver, or unknown.
+    pub fn image_changed(&self, name: &str, tag: Option<&str>) -> bool {
+        let tags = self.tags.lock().unwrap_or_else(|p| p.into_inner());
+        match (tags.get(name), tag) {
+            (Some(mine), Some(t)) => mine != t.trim_matches('"'),
+            _ => true,
+        }
     }
 }
 
@@ -536,6 +705,395 @@ impl S3Objects {
                 }
             }
         });
+    }
+}
+
+/// A lease this server holds (`S3Objects::lease`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LeaseId(u64);
+
+/// One of this server's leases.
+struct Lease {
+    key: S3Path,
+    body: Bytes,
+    /// `None` while an add holds it; else it is dropped at this instant.
+    until: Option<Instant>,
+    /// When its last write succeeded (this server's clock).
+    written: Instant,
+}
+
+/// This server's leases, by id.
+#[derive(Default)]
+struct LeaseBook {
+    next: u64,
+    leases: HashMap<LeaseId, Lease>,
+}
+
+/// The deletion records already read, and when they last were.
+#[derive(Default)]
+struct DeletionSync {
+    seen: HashSet<String>,
+    last: Option<Instant>,
+}
+
+/// New deletion records: the objects they name, and whether this server went so long
+/// without reading them that some may have been pruned unread (then it re-lists objects).
+pub struct Deletions {
+    pub ids: Vec<ObjectId>,
+    pub gap: bool,
+}
+
+/// A collector's condemned marker, written by `condemn`.
+pub struct Condemned {
+    key: S3Path,
+    /// The bucket's time when it was written.
+    pub now: SystemTime,
+    /// This server's clock just before it was written: deletions end by
+    /// `started + leases::DELETE_BUDGET`.
+    pub started: Instant,
+}
+
+/// The object GC protocol's I/O (see the module comment).
+impl S3Objects {
+    fn lock_book(&self) -> std::sync::MutexGuard<'_, LeaseBook> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The bucket's time now: the `Last-Modified` of `key`, just written (whole seconds,
+    /// rounded down: leases and markers then look younger, which errs on the safe side).
+    fn bucket_time(&self, key: &S3Path) -> io::Result<SystemTime> {
+        let m = self
+            .rt
+            .block_on(self.store.head(key))
+            .map_err(|e| self.io(key, e))?;
+        Ok(m.last_modified.into())
+    }
+
+    /// Writes a lease on `ids` (held until `release_lease` or `drop_lease`). Written before
+    /// the add relies on any of them being stored.
+    pub fn lease(&self, ids: &[ObjectId]) -> io::Result<LeaseId> {
+        let id = {
+            let mut book = self.lock_book();
+            book.next += 1;
+            LeaseId(book.next)
+        };
+        let key = self
+            .leases
+            .clone()
+            .join(process_token())
+            .join(id.0.to_string());
+        let body = Bytes::from(leases::encode(leases::LEASE_TTL, ids));
+        let written = Instant::now();
+        self.rt
+            .block_on(self.store.put(&key, body.clone().into()))
+            .map_err(|e| self.io(&key, e))?;
+        self.lock_book().leases.insert(
+            id,
+            Lease {
+                key,
+                body,
+                until: None,
+                written,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Keeps a held lease until `until` (then `renew_leases` drops it); drops it now if
+    /// that is already past (no pin grace period).
+    pub fn release_lease(&self, id: LeaseId, until: Instant) {
+        if until <= Instant::now() {
+            return self.drop_lease(id);
+        }
+        if let Some(l) = self.lock_book().leases.get_mut(&id) {
+            l.until = Some(until);
+        }
+    }
+
+    /// Drops a lease now (best effort: a lease left behind expires after `LEASE_TTL`).
+    pub fn drop_lease(&self, id: LeaseId) {
+        let Some(l) = self.lock_book().leases.remove(&id) else {
+            return;
+        };
+        let _ = self.rt.block_on(self.store.delete(&l.key));
+    }
+
+    /// Whether a lease was written recently enough to rely on (`LEASE_TRUSTED`).
+    pub fn lease_trusted(&self, id: LeaseId) -> bool {
+        self.lock_book()
+            .leases
+            .get(&id)
+            .is_some_and(|l| l.written.elapsed() < leases::LEASE_TRUSTED)
+    }
+
+    /// Rewrites the leases still needed that were last written `LEASE_RENEW` ago or more,
+    /// and drops those whose time is up. Returns how many are held.
+    pub fn renew_leases(&self) -> usize {
+        let now = Instant::now();
+        let (due, done): (Vec<_>, Vec<_>) = {
+            let mut book = self.lock_book();
+            let done: Vec<LeaseId> = book
+                .leases
+                .iter()
+                .filter(|(_, l)| l.until.is_some_and(|u| u <= now))
+                .map(|(id, _)| *id)
+                .collect();
+            let done = done
+                .into_iter()
+                .filter_map(|id| book.leases.remove(&id))
+                .map(|l| l.key)
+                .collect();
+            let due = book
+                .leases
+                .iter()
+                .filter(|(_, l)| now.duration_since(l.written) >= leases::LEASE_RENEW)
+                .map(|(id, l)| (*id, l.key.clone(), l.body.clone()))
+                .collect();
+            (due, done)
+        };
+        for key in done {
+            let _ = self.rt.block_on(self.store.delete(&key));
+        }
+        for (id, key, body) in due {
+            let t = Instant::now();
+            match self.rt.block_on(self.store.put(&key, body.into())) {
+                Ok(_) => {
+                    let mut book = self.lock_book();
+                    match book.leases.get_mut(&id) {
+                        Some(l) => l.written = t,
+                        None => {
+                            // Dropped while it was rewritten: drop it again.
+                            drop(book);
+                            let _ = self.rt.block_on(self.store.delete(&key));
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("renewing lease {key}: {e}"),
+            }
+        }
+        self.lock_book().leases.len()
+    }
+
+    /// Every record under `dir` as listed, with its body (read once per key).
+    fn records(&self, dir: &S3Path) -> io::Result<Vec<(S3Path, Record)>> {
+        let metas: Vec<object_store::ObjectMeta> = self
+            .rt
+            .block_on(self.store.list(Some(dir)).try_collect())
+            .map_err(|e| self.io(dir, e))?;
+        {
+            // Forget the bodies of records gone from under `dir`.
+            let listed: HashSet<&str> = metas.iter().map(|m| m.location.as_ref()).collect();
+            let under = format!("{dir}/");
+            let mut bodies = self.bodies.lock().unwrap_or_else(|p| p.into_inner());
+            bodies.retain(|k, _| !k.starts_with(&under) || listed.contains(k.as_str()));
+        }
+        let mut out = Vec::with_capacity(metas.len());
+        for m in metas {
+            let cached = self
+                .bodies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(m.location.as_ref())
+                .cloned();
+            let (ttl, ids) = match cached {
+                Some(b) => b,
+                None => {
+                    let got = self
+                        .rt
+                        .block_on(async { self.store.get(&m.location).await?.bytes().await });
+                    let body = match got {
+                        Ok(b) => b,
+                        Err(object_store::Error::NotFound { .. }) => continue, // just removed
+                        Err(e) => return Err(self.io(&m.location, e)),
+                    };
+                    let Ok(parsed) = leases::decode(&body) else {
+                        tracing::warn!(
+                            "ignoring {}/{}: not a lease or marker",
+                            self.url,
+                            m.location
+                        );
+                        continue;
+                    };
+                    self.bodies
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(m.location.to_string(), parsed.clone());
+                    parsed
+                }
+            };
+            let written = m.last_modified.into();
+            out.push((m.location, Record { written, ttl, ids }));
+        }
+        Ok(out)
+    }
+
+    /// Forgets the cached body of a removed record.
+    fn forget_body(&self, key: &S3Path) {
+        self.bodies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key.as_ref());
+    }
+
+    /// After `lease` (id `lease`) on `ids`: waits while a live condemned marker written
+    /// before the lease (`leases::condemned`) names any of them, each marker at most
+    /// `MARKER_TTL` after this server first saw it. Returns the objects such a marker
+    /// named: the caller must check they are still stored.
+    pub fn wait_condemned(
+        &self,
+        lease: LeaseId,
+        ids: &HashSet<ObjectId>,
+    ) -> io::Result<Vec<ObjectId>> {
+        let mut flagged: HashSet<ObjectId> = HashSet::new();
+        let mut first_seen: HashMap<String, Instant> = HashMap::new();
+        let mut clock: Option<(SystemTime, Instant)> = None;
+        loop {
+            let mut markers = self.records(&self.condemned)?;
+            markers.retain(|(_, m)| m.ids.iter().any(|id| ids.contains(id)));
+            if markers.is_empty() {
+                break; // (the bucket's time is needed only when one names ours)
+            }
+            let (t0, i0) = match clock {
+                Some(c) => c,
+                None => {
+                    let key = self.lock_book().leases.get(&lease).map(|l| l.key.clone());
+                    let key = key.ok_or_else(|| io::Error::other("lease dropped"))?;
+                    *clock.insert((self.bucket_time(&key)?, Instant::now()))
+                }
+            };
+            let now = t0 + i0.elapsed();
+            let waiting: Vec<&(S3Path, Record)> = markers
+                .iter()
+                .filter(|(key, m)| {
+                    let seen = *first_seen
+                        .entry(key.to_string())
+                        .or_insert_with(Instant::now);
+                    seen.elapsed() < leases::MARKER_TTL
+                        && !leases::condemned(ids, std::slice::from_ref(m), t0, now).is_empty()
+                })
+                .collect();
+            if waiting.is_empty() {
+                break;
+            }
+            for (_, m) in &waiting {
+                flagged.extend(leases::condemned(ids, std::slice::from_ref(m), t0, now));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut v: Vec<ObjectId> = flagged.into_iter().collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// Writes a condemned marker naming `ids`, the collector's first step.
+    pub fn condemn(&self, ids: &[ObjectId]) -> io::Result<Condemned> {
+        let started = Instant::now();
+        let key = self.condemned.clone().join(unique_token());
+        let body = leases::encode(leases::MARKER_TTL, ids);
+        self.rt
+            .block_on(self.store.put(&key, Bytes::from(body).into()))
+            .map_err(|e| self.io(&key, e))?;
+        let now = self.bucket_time(&key)?;
+        Ok(Condemned { key, now, started })
+    }
+
+    /// Every lease of every server (the collector's second step, after its marker);
+    /// removes those left by servers gone for twice their ttl.
+    pub fn all_leases(&self, now: SystemTime) -> io::Result<Vec<Record>> {
+        let listed = self.records(&self.leases)?;
+        let mut live = Vec::with_capacity(listed.len());
+        for (key, r) in listed {
+            if leases::prunable(r.written, r.ttl, now) {
+                let _ = self.rt.block_on(self.store.delete(&key));
+                self.forget_body(&key);
+            } else {
+                live.push(r);
+            }
+        }
+        Ok(live)
+    }
+
+    /// The collector's step before its first deletion: records the objects it is about to
+    /// delete (for the other servers' indexes; written first, so a collector that dies
+    /// mid-way leaves no deleted object unrecorded).
+    pub fn record_deletions(&self, c: &Condemned, doomed: &[ObjectId]) -> io::Result<()> {
+        let name = c.key.filename().unwrap_or_default().to_string();
+        let key = self.deleted.clone().join(name.as_str());
+        let body = leases::encode(leases::DELETED_RETENTION, doomed);
+        self.rt
+            .block_on(self.store.put(&key, Bytes::from(body).into()))
+            .map_err(|e| self.io(&key, e))?;
+        let mut sync = self.deletions.lock().unwrap_or_else(|p| p.into_inner());
+        sync.seen.insert(key.to_string());
+        Ok(())
+    }
+
+    /// The collector's last step: removes its marker; prunes old markers and deletion
+    /// records.
+    pub fn finish_condemned(&self, c: Condemned) -> io::Result<()> {
+        self.rt
+            .block_on(self.store.delete(&c.key))
+            .map_err(|e| self.io(&c.key, e))?;
+        self.forget_body(&c.key);
+        self.prune(&self.condemned, |r| {
+            leases::prunable(r.written, r.ttl, c.now)
+        });
+        self.prune(&self.deleted, |r| {
+            leases::prunable(r.written, r.ttl / 2, c.now)
+        });
+        Ok(())
+    }
+
+    /// Removes (best effort) the records under `dir` that `old` says are out of date.
+    fn prune(&self, dir: &S3Path, old: impl Fn(&Record) -> bool) {
+        let Ok(listed) = self.records(dir) else {
+            return;
+        };
+        for (key, _) in listed.iter().filter(|(_, r)| old(r)) {
+            let _ = self.rt.block_on(self.store.delete(key));
+            self.forget_body(key);
+        }
+    }
+
+    /// Marks every deletion record now in the bucket as read (at start-up, just before the
+    /// objects are listed: the listing already lacks what they name).
+    pub fn skip_deletions(&self) -> io::Result<()> {
+        let metas: Vec<object_store::ObjectMeta> = self
+            .rt
+            .block_on(self.store.list(Some(&self.deleted)).try_collect())
+            .map_err(|e| self.io(&self.deleted, e))?;
+        let mut sync = self.deletions.lock().unwrap_or_else(|p| p.into_inner());
+        sync.seen = metas.into_iter().map(|m| m.location.to_string()).collect();
+        sync.last = Some(Instant::now());
+        Ok(())
+    }
+
+    /// The objects named by deletion records not read before (see `Deletions`).
+    pub fn new_deletions(&self) -> io::Result<Deletions> {
+        let started = Instant::now();
+        let listed = self.records(&self.deleted)?;
+        let mut sync = self.deletions.lock().unwrap_or_else(|p| p.into_inner());
+        let gap = sync
+            .last
+            .is_none_or(|t| t.elapsed() > leases::DELETED_RETENTION / 2);
+        let mut ids = Vec::new();
+        for (key, r) in &listed {
+            if !sync.seen.contains(key.as_ref()) {
+                ids.extend(r.ids.iter().copied());
+            }
+        }
+        sync.seen = listed.iter().map(|(k, _)| k.to_string()).collect();
+        sync.last = Some(started);
+        Ok(Deletions { ids, gap })
+    }
+
+    /// Whether `id` is stored (a HEAD).
+    pub fn exists(&self, id: &ObjectId) -> io::Result<bool> {
+        match self.size_of(id) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }
 
