@@ -97,29 +97,68 @@ fn config_text(dir: &Path, rpc: u16, s3: u16, replication: u8, secret: &str) -> 
 impl Garage {
     /// Starts a fresh single-node Garage with bucket `images`.
     pub fn start() -> Garage {
-        let binary = binary();
-        let dir = std::env::temp_dir().join(format!(
-            "garage-test-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::create_dir_all(&dir).expect("garage temp dir");
-        let (rpc, s3) = (free_port(), free_port());
-        let config = dir.join("garage.toml");
-        let text = config_text(&dir, rpc, s3, 1, &rpc_secret(rpc, s3));
-        let child = spawn_server(&binary, &dir, &text);
-        let mut g = Garage {
-            child,
-            dir,
-            config,
-            binary,
-            endpoint: format!("http://127.0.0.1:{s3}"),
-            key_id: String::new(),
-            secret: String::new(),
-            bucket: "images".to_string(),
-        };
+        let mut g = Garage::launch(&binary(), "garage-test", 1, None);
         g.set_up();
         g
+    }
+
+    /// Starts `garage server` in a fresh directory on fresh loopback ports (`replication`
+    /// copies; the RPC `secret` shared by a cluster, or one of its own) and waits until it
+    /// answers. Ports are picked by binding port 0 and letting go, so another process may
+    /// take one before Garage binds it (every outgoing connection takes an ephemeral port
+    /// from the same range, and the imageservers' S3 clients open one per request): a
+    /// server that exits before it answers is started again on other ports, up to three
+    /// times.
+    fn launch(binary: &Path, name: &str, replication: u8, secret: Option<&str>) -> Garage {
+        for attempt in 1..=3 {
+            let dir =
+                std::env::temp_dir().join(format!("{name}-{}-{}", std::process::id(), free_port()));
+            std::fs::create_dir_all(&dir).expect("garage temp dir");
+            let rpc = free_port();
+            let s3 = std::iter::repeat_with(free_port)
+                .find(|p| *p != rpc)
+                .expect("a second port");
+            let secret = secret.map_or_else(|| rpc_secret(rpc, s3), str::to_string);
+            let text = config_text(&dir, rpc, s3, replication, &secret);
+            let mut g = Garage {
+                child: spawn_server(binary, &dir, &text),
+                config: dir.join("garage.toml"),
+                dir,
+                binary: binary.to_path_buf(),
+                endpoint: format!("http://127.0.0.1:{s3}"),
+                key_id: String::new(),
+                secret: String::new(),
+                bucket: "images".to_string(),
+            };
+            if g.answers() {
+                return g;
+            }
+            eprintln!(
+                "garage exited at start (attempt {attempt} of 3), starting it on other ports; its log:\n{}",
+                std::fs::read_to_string(g.dir.join("garage.log")).unwrap_or_default()
+            );
+        }
+        panic!("garage exited at start three times (see its logs above)")
+    }
+
+    /// Waits until the server answers `status` (true), or exits first (false).
+    fn answers(&mut self) -> bool {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if self.try_cli(&["status"]).is_ok() {
+                return true;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "garage did not answer for {} s; log: {}",
+                START_TIMEOUT.as_secs(),
+                std::fs::read_to_string(self.dir.join("garage.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// SIGKILL, as a crash or a power cut would; its directory stays until it is dropped.
@@ -274,25 +313,8 @@ impl Garage {
     /// Starts node `i` of a cluster sharing `secret` (replication `CLUSTER_NODES`), with
     /// no layout, key or bucket yet.
     fn spawn_node(binary: &Path, i: usize, secret: &str) -> Garage {
-        let dir = std::env::temp_dir().join(format!(
-            "garage-cluster-{}-{}-n{i}",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::create_dir_all(&dir).expect("garage temp dir");
-        let (rpc, s3) = (free_port(), free_port());
-        let text = config_text(&dir, rpc, s3, CLUSTER_NODES as u8, secret);
-        let child = spawn_server(binary, &dir, &text);
-        Garage {
-            child,
-            config: dir.join("garage.toml"),
-            dir,
-            binary: binary.to_path_buf(),
-            endpoint: format!("http://127.0.0.1:{s3}"),
-            key_id: String::new(),
-            secret: String::new(),
-            bucket: "images".to_string(),
-        }
+        let name = format!("garage-cluster-n{i}");
+        Garage::launch(binary, &name, CLUSTER_NODES as u8, Some(secret))
     }
 }
 
