@@ -1,6 +1,7 @@
 //! Sending objects to the imageserver: ask which of a batch it lacks (one
 //! `CheckObjects`), then stream only those as one `AddObjects` frame stream, produced on a
-//! blocking thread so file reading overlaps the network.
+//! blocking thread so file reading overlaps the network. A batch whose imageserver fails
+//! mid-way goes, minus what the next one already holds, to the next of the list.
 
 use model::frame;
 use model::ObjectId;
@@ -9,7 +10,7 @@ use std::io::{Read, Seek, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_util::io::{ReaderStream, SyncIoBridge};
-use wire::client::{ClientError, ImageServerClient};
+use wire::client::{fails_over, ClientError, ImageServerClient};
 
 /// Why objects could not be checked or sent.
 #[derive(Debug, thiserror::Error)]
@@ -166,62 +167,140 @@ impl Uploader {
     }
 }
 
-/// Streams one batch as a single `AddObjects` request.
+/// Streams one batch as a single `AddObjects` request. When the imageserver fails (no
+/// answer, a 5xx, the connection cut mid-body) and the client knows another, that one is
+/// asked which of the batch it lacks (over a shared bucket it may already hold what the
+/// failed one stored) and sent those, once per imageserver of the list.
 async fn send_batch(
     client: &ImageServerClient,
     items: Vec<Item>,
     on_bytes: Arc<dyn Fn(u64) + Send + Sync>,
 ) -> Result<Sent, UploadError> {
-    if items.is_empty() {
-        return Ok(Sent::default());
-    }
-    let count = items.len() as u64;
-    let total: u64 = items.iter().map(|i| i.size).sum();
-    let (rd, wr) = tokio::io::duplex(256 * 1024);
-    let producer = tokio::task::spawn_blocking(move || -> Result<(), UploadError> {
-        let mut out = SyncIoBridge::new(wr);
-        let mut buf = vec![0u8; 256 * 1024];
-        for item in items {
-            out.write_all(&frame::header(&item.id, item.size))?;
-            let mut reader: Box<dyn Read> = match item.source {
-                Source::Path(path) => match std::fs::File::open(&path) {
-                    Ok(f) => Box::new(f),
-                    Err(source) => return Err(UploadError::Open { path, source }),
-                },
-                Source::Memory(v) => Box::new(std::io::Cursor::new(v)),
-                Source::Spool(mut f) => {
-                    f.rewind()?;
-                    Box::new(f)
-                }
-            };
-            let mut left = item.size;
-            while left > 0 {
-                let want = (left as usize).min(buf.len());
-                let n = reader.read(&mut buf[..want])?;
-                if n == 0 {
-                    return Err(UploadError::Shrank(item.id));
-                }
-                out.write_all(&buf[..n])?;
-                on_bytes(n as u64);
-                left -= n as u64;
+    let sent = Sent {
+        objects: items.len() as u64,
+        bytes: items.iter().map(|i| i.size).sum(),
+    };
+    let mut items = items;
+    let mut attempt = 1;
+    while !items.is_empty() {
+        let index = client.preferred();
+        let (back, result) = stream_batch(client, index, items, on_bytes.clone()).await?;
+        match result {
+            Ok(()) => break,
+            Err(e) if fails_over(&e) && attempt < client.server_count() => {
+                client.reply_failed(index, &e);
+                items = still_missing(client, back).await?;
+                attempt += 1;
             }
+            // The server verifies every hash; a mismatch here means a file changed after
+            // it was hashed.
+            Err(e) => return Err(refused(e)),
         }
-        out.flush()?;
-        out.shutdown()?;
-        Ok(())
+    }
+    Ok(sent)
+}
+
+/// Of `items`, those the (now preferred) imageserver lacks.
+async fn still_missing(
+    client: &ImageServerClient,
+    mut items: Vec<Item>,
+) -> Result<Vec<Item>, UploadError> {
+    let ids: Vec<ObjectId> = items.iter().map(|i| i.id).collect();
+    let mut sizes = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(CHECK_BATCH) {
+        let got = client
+            .check_objects(chunk)
+            .await
+            .map_err(|source| UploadError::Check { source })?;
+        if got.len() != chunk.len() {
+            return Err(UploadError::CheckAnswer {
+                got: got.len(),
+                asked: chunk.len(),
+            });
+        }
+        sizes.extend(got);
+    }
+    let mut sizes = sizes.into_iter();
+    items.retain(|_| sizes.next() == Some(0));
+    Ok(items)
+}
+
+/// Why producing a request body stopped.
+enum Produce {
+    /// A local problem: a file missing, shrunk or unreadable.
+    Local(UploadError),
+    /// Writing into the request body failed: the request itself ended (its result says
+    /// why).
+    Pipe(std::io::Error),
+}
+
+/// Streams `items` to the imageserver at `index`: the items back (to send elsewhere), and
+/// the server's answer. A local problem (a file changed) is the error, as it explains a
+/// server-side refusal better.
+async fn stream_batch(
+    client: &ImageServerClient,
+    index: usize,
+    items: Vec<Item>,
+    on_bytes: Arc<dyn Fn(u64) + Send + Sync>,
+) -> Result<(Vec<Item>, Result<(), ClientError>), UploadError> {
+    let (rd, wr) = tokio::io::duplex(256 * 1024);
+    let producer = tokio::task::spawn_blocking(move || {
+        let mut items = items;
+        let r = produce(&mut items, SyncIoBridge::new(wr), &*on_bytes);
+        (items, r)
     });
     let body = reqwest::Body::wrap_stream(ReaderStream::with_capacity(rd, 256 * 1024));
-    let result = client.add_objects(body).await;
-    let produced = producer.await.map_err(UploadError::Thread)?;
-    // A local problem (a file changed) explains a server-side refusal better.
-    produced?;
-    // The server verifies every hash; a mismatch here means a file changed after it
-    // was hashed.
-    result.map_err(refused)?;
-    Ok(Sent {
-        objects: count,
-        bytes: total,
-    })
+    let result = client.add_objects_to(index, body).await.map(|_| ());
+    let (items, produced) = producer.await.map_err(UploadError::Thread)?;
+    match (produced, result) {
+        (Err(Produce::Local(e)), _) => Err(e),
+        (Err(Produce::Pipe(e)), Ok(())) => Err(UploadError::Stream(e)),
+        (_, result) => Ok((items, result)),
+    }
+}
+
+/// Writes `items` as frames into `out`, reporting bytes to `on_bytes`.
+fn produce(
+    items: &mut [Item],
+    mut out: SyncIoBridge<tokio::io::DuplexStream>,
+    on_bytes: &(dyn Fn(u64) + Send + Sync),
+) -> Result<(), Produce> {
+    let mut buf = vec![0u8; 256 * 1024];
+    for item in items {
+        out.write_all(&frame::header(&item.id, item.size))
+            .map_err(Produce::Pipe)?;
+        let mut reader: Box<dyn Read + '_> = match &mut item.source {
+            Source::Path(path) => match std::fs::File::open(&*path) {
+                Ok(f) => Box::new(f),
+                Err(source) => {
+                    let path = path.clone();
+                    return Err(Produce::Local(UploadError::Open { path, source }));
+                }
+            },
+            Source::Memory(v) => Box::new(std::io::Cursor::new(v.as_slice())),
+            Source::Spool(f) => {
+                f.rewind()
+                    .map_err(|e| Produce::Local(UploadError::Stream(e)))?;
+                Box::new(f)
+            }
+        };
+        let mut left = item.size;
+        while left > 0 {
+            let want = (left as usize).min(buf.len());
+            let n = reader
+                .read(&mut buf[..want])
+                .map_err(|e| Produce::Local(UploadError::Stream(e)))?;
+            if n == 0 {
+                return Err(Produce::Local(UploadError::Shrank(item.id)));
+            }
+            out.write_all(&buf[..n]).map_err(Produce::Pipe)?;
+            on_bytes(n as u64);
+            left -= n as u64;
+        }
+    }
+    out.flush().map_err(Produce::Pipe)?;
+    out.shutdown().map_err(Produce::Pipe)?;
+    Ok(())
 }
 
 /// Classifies the server's refusal of a batch: a failed hash check (the server names it

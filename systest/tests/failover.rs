@@ -2,8 +2,8 @@
 //! loopback: subd fetching from `--image-server A,B` converges when A's reply breaks off
 //! in the middle of the fetch (a proxy cuts it, as A dying would); imagetool moves past a first server that refuses connections or answers
 //! 5xx, but a 4xx from it is the answer. The two imageservers here hold their own copies
-//! of the same images (added to both); over one S3 bucket (issue 14 §1) the test should be
-//! repeated.
+//! of the same images (added to both); `s3_cluster.rs` kills one of two imageservers over one
+//! Garage bucket mid-fetch and mid-upload.
 //!
 //! Needs the workspace binaries: `cargo build --workspace --bins`.
 

@@ -6,7 +6,7 @@
 //! `files_under`, and `drive`, which polls, plans and updates a subd the way the dominator
 //! does; `fake`, an in-memory subd and imageserver over real sockets; `net`, loopback
 //! addresses that refuse or never answer; `tree`, directory trees compared path by path;
-//! `garage`, a real single-node Garage (S3) with a key and a bucket.
+//! `garage`, a real single-node Garage (S3) with a key and a bucket, or a three-node cluster.
 
 pub mod browser;
 pub mod drive;

@@ -750,12 +750,28 @@ impl ImageServerClient {
 
     /// Uploads a `frame` stream of objects in one request, to the preferred imageserver
     /// only: a stream cannot be sent twice (the calls before it, `CheckObjects` among
-    /// them, have already moved past a server that is down).
+    /// them, have already moved past a server that is down). A caller that can produce
+    /// the stream again uses `add_objects_to`, and on a failure that `fails_over`,
+    /// `reply_failed` and the next server.
     pub async fn add_objects(
         &self,
         body: reqwest::Body,
     ) -> Result<api::AddObjectsResponse, ClientError> {
-        let rpc = &self.servers.clients[self.servers.first()].1;
+        self.add_objects_to(self.preferred(), body).await
+    }
+
+    /// The index of the imageserver calls go to first now (for `add_objects_to`).
+    pub fn preferred(&self) -> usize {
+        self.servers.first()
+    }
+
+    /// `add_objects` to the imageserver at `index` of the list.
+    pub async fn add_objects_to(
+        &self,
+        index: usize,
+        body: reqwest::Body,
+    ) -> Result<api::AddObjectsResponse, ClientError> {
+        let rpc = &self.servers.clients[index % self.servers.clients.len()].1;
         let resp = rpc
             .call_raw(methods::ADD_OBJECTS, body, "application/octet-stream")
             .await?;
