@@ -313,7 +313,9 @@ async fn imagetool_add_moves_to_the_next_imageserver_when_the_first_dies_mid_upl
     let t = tmp.path();
     let mut a = s3_imageserver(&g.endpoint, g.env(), &t.join("a"));
     let b = s3_imageserver(&g.endpoint, g.env(), &t.join("b"));
-    let files = 64;
+    // Six 32 MiB batches on two streams: after the first is stored, at least three are
+    // still to go, however slow the machine (with two, both could end together).
+    let files = 192;
     let src = tree(t, "1", files, 1 << 20);
     let servers = format!("{},{}", a.addr, b.addr);
     let add = Command::new(bin("imagetool"))
