@@ -12,7 +12,8 @@
 # ROUNDS rounds (default 3), medians, the ratio printed (target <= 1.5). Release builds;
 # every daemon runs with --permit-insecure-mode, i.e. plain HTTP on 127.0.0.1, as in
 # bench/subd.sh. The dominator runs with --poll-interval-ms $POLL_MS (default 50), so its
-# polls add at most that much per step; its MDB check interval is fixed at 250 ms.
+# polls add at most that much per step; it sees the MDB edit through inotify on the MDB's
+# directory (its 250 ms identity check is only the fallback).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CORPUS=${CORPUS:-/tmp/bench/fs}
@@ -64,7 +65,7 @@ PY
 
 echo "machine: $(nproc) CPUs, work on $(df --output=source,fstype "$WORK" | tail -1 | tr -s " "), $(awk '/MemTotal/ {print int($2/1024) " MiB"}' /proc/meminfo), $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "corpus: $(grep -o "manifest [0-9a-f]*" "$CORPUS/../corpus-stats.txt" 2>/dev/null | head -1 | tr "\n" " ")at $CORPUS/rootfs; code $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . || echo +changes)"
-echo "dominator flags: --poll-interval-ms $POLL_MS (MDB checked every 250 ms, fixed); subd: --scan-speed-percent 100 --cpu-percent 100; plain HTTP on 127.0.0.1 (--permit-insecure-mode)"
+echo "dominator flags: --poll-interval-ms $POLL_MS (MDB edits seen through inotify, 250 ms check as fallback); subd: --scan-speed-percent 100 --cpu-percent 100; plain HTTP on 127.0.0.1 (--permit-insecure-mode)"
 
 # The imageserver with the corpus as a full image (empty filter).
 "$BIN/imageserver" --data-dir "$WORK/images" --listen "127.0.0.1:$PORT" --permit-insecure-mode 2>"$WORK/imageserver.log" & PIDS+=($!)

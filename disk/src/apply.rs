@@ -19,6 +19,7 @@ mod error;
 
 pub use error::{ApplyError, Cause, CommandError, Op, Step};
 
+use crate::known::Known;
 use crate::objectstore::ObjectStore;
 use crate::statedir::StateDir;
 use model::api::UpdateResult;
@@ -437,7 +438,23 @@ pub fn apply(
     plan: &UpdatePlan,
     opts: &ApplyOptions,
 ) -> UpdateResult {
-    update(root, state_dir, plan, opts).finish().0
+    update(root, state_dir, plan, opts, None).finish().0
+}
+
+/// `apply`, also returning what each regular file it renamed into place looks like now
+/// (device, inode, size, mtime, ctime) with the hash it was verified to hold: one `stat`
+/// per file after the final sync, for the scan that follows (see `crate::known`).
+pub fn apply_noting(
+    root: &Path,
+    state_dir: &StateDir,
+    plan: &UpdatePlan,
+    opts: &ApplyOptions,
+) -> (UpdateResult, Known) {
+    let mut known = Known::default();
+    let result = update(root, state_dir, plan, opts, Some(&mut known))
+        .finish()
+        .0;
+    (result, known)
 }
 
 /// The phases of an update: owed starts, admission, select (present seeds skipped) → stage → stop → activate
@@ -447,6 +464,7 @@ fn update<'a>(
     state_dir: &'a StateDir,
     plan: &UpdatePlan,
     opts: &'a ApplyOptions,
+    known: Option<&mut Known>,
 ) -> Run<'a> {
     let mut run = Run::new(opts, &plan.image_name);
     resume_into(state_dir, &mut run);
@@ -459,6 +477,7 @@ fn update<'a>(
         state_dir,
         excl: opts.exclusions.as_ref(),
         run,
+        installed: Vec::new(),
     };
     let mut sel = u.select(plan);
     u.skip_present_seeds(plan, &mut sel);
@@ -481,6 +500,9 @@ fn update<'a>(
         u.run.result.activation_ms,
         ms(t_changed, Instant::now())
     );
+    if let Some(known) = known {
+        u.note_installed(&sel, known);
+    }
     u.start(&owed, &matched);
     u.remember(plan);
     u.run
@@ -607,6 +629,8 @@ struct Update<'a> {
     state_dir: &'a StateDir,
     excl: Option<&'a Filter>,
     run: Run<'a>,
+    /// Indices (in `Selection::inodes`) of the inodes renamed into place.
+    installed: Vec<usize>,
 }
 
 impl Update<'_> {
@@ -810,7 +834,7 @@ impl Update<'_> {
         window: &mut Window,
     ) {
         let (fs, excl) = (&mut self.fs, self.excl);
-        for (pi, place) in inodes.iter().zip(names) {
+        for (n, (pi, place)) in inodes.iter().zip(names).enumerate() {
             let from = match place {
                 None => continue,
                 Some(Place::Staging(name)) => (sfd.as_fd(), Path::new(name.as_str())),
@@ -820,7 +844,10 @@ impl Update<'_> {
                 rename_into_place(fs, from, pfd.as_fd(), &leaf, &pi.path, excl)
             });
             match r {
-                Ok(()) => window.mark(),
+                Ok(()) => {
+                    window.mark();
+                    self.installed.push(n);
+                }
                 Err(e) => {
                     self.run.error(ApplyError::step(Step::Install, &pi.path)(e));
                     // Keep the content: a staged object goes back to the cache, so the
@@ -831,6 +858,32 @@ impl Update<'_> {
                         return_to_cache(sfd, name, &self.store, &h);
                     }
                 }
+            }
+        }
+    }
+
+    /// Note: each regular file this update renamed into place, as it stands now (after
+    /// its hardlinks were made and the final sync), with the hash its content was verified
+    /// to have; one whose kind, size or mtime is no longer the image's is left out.
+    fn note_installed(&mut self, sel: &Selection<'_>, known: &mut Known) {
+        for &n in &self.installed {
+            let pi = sel.inodes[n];
+            let (Kind::File, Some(h)) = (pi.inode.kind, pi.inode.hash) else {
+                continue;
+            };
+            let Ok((pfd, leaf)) = self.fs.parent(&pi.path) else {
+                continue;
+            };
+            let Ok(st) = rustix::fs::statat(&*pfd, leaf.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
+            else {
+                continue;
+            };
+            let as_installed = Kind::from_mode(st.st_mode) == Some(Kind::File)
+                && st.st_size as u64 == pi.inode.size
+                && st.st_mtime == pi.inode.mtime.sec
+                && st.st_mtime_nsec as i64 == pi.inode.mtime.nsec as i64;
+            if as_installed {
+                known.insert(&st, h);
             }
         }
     }

@@ -7,6 +7,7 @@
 //! - `tarball`: a `.tar`/`.tar.gz` → `FileTree` + objects.
 //! - `objectstore`: the content-addressed on-disk store (imageserver objects, subd cache).
 //! - `apply`: executing an `UpdatePlan` under a root directory, safely.
+//! - `known`: hashes an update vouches for, so the scan after it need not re-read its files.
 //! - `readback`: sending a scanned file's bytes under its hash, re-hashed as sent.
 //! - `statedir`: `ROOT/.subd`, checked once and then reached only through its handle.
 //! - `fsutil`: durable writes (temp + fsync + rename), locks.
@@ -16,6 +17,7 @@
 pub mod apply;
 pub mod clock;
 pub mod fsutil;
+pub mod known;
 pub mod objectstore;
 pub mod readback;
 pub mod report;

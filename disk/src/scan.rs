@@ -10,6 +10,7 @@
 //! block the scan nor make it read forever: it is a *changed* name, which
 //! `ChangedFiles` says how to treat (left out of this pass, or an error).
 
+use crate::known::Known;
 use model::filter::Filter;
 use model::hash::{ObjectHasher, ObjectId};
 use model::image::{FileTree, Inode, Kind, Mtime};
@@ -57,6 +58,9 @@ pub struct ScanOptions {
     pub cancel: Option<Arc<AtomicBool>>,
     /// What a name that changes during the scan does.
     pub changed: ChangedFiles,
+    /// Files whose hash an update vouches for: one found exactly as recorded (device,
+    /// inode, size, mtime, ctime) is not read (see `crate::known`).
+    pub known: Option<Arc<Known>>,
 }
 
 /// A scan that could not finish.
@@ -146,6 +150,8 @@ pub struct Scan {
     /// points; not `/.subd`): a full image must keep them, deleting only what they hold
     /// that is managed.
     pub hidden_parents: BTreeSet<FsPath>,
+    /// Regular files whose hash came from `ScanOptions::known` rather than being read.
+    pub known_files: usize,
 }
 
 /// Scans `root` into a tree whose inode numbers are the host's.
@@ -175,20 +181,19 @@ pub fn scan_full(root: &Path, opts: &ScanOptions) -> Result<Scan, ScanError> {
     tree.entries.insert(FsPath::root(), st.st_ino as u64);
     let mut to_hash: Vec<Listed> = Vec::new();
     let mut hidden_parents = BTreeSet::new();
-    walk(
-        root_fd.as_fd(),
-        &FsPath::root(),
-        &Walk {
-            root,
-            dev: st.st_dev as u64,
-            opts,
-        },
-        &mut Found {
-            tree: &mut tree,
-            to_hash: &mut to_hash,
-            hidden_parents: &mut hidden_parents,
-        },
-    )?;
+    let mut found = Found {
+        tree: &mut tree,
+        known_files: 0,
+        to_hash: &mut to_hash,
+        hidden_parents: &mut hidden_parents,
+    };
+    let w = Walk {
+        root,
+        dev: st.st_dev as u64,
+        opts,
+    };
+    walk(root_fd.as_fd(), &FsPath::root(), &w, &mut found)?;
+    let known_files = found.known_files;
     let hashes = hash_files(root, root_fd.as_fd(), &to_hash, opts)?;
     for (ino, outcome) in hashes {
         match outcome {
@@ -208,6 +213,7 @@ pub fn scan_full(root: &Path, opts: &ScanOptions) -> Result<Scan, ScanError> {
     Ok(Scan {
         tree,
         hidden_parents,
+        known_files,
     })
 }
 
@@ -221,6 +227,7 @@ struct Listed {
 /// What a walk collects.
 struct Found<'a> {
     tree: &'a mut FileTree,
+    known_files: usize,
     to_hash: &'a mut Vec<Listed>,
     hidden_parents: &'a mut BTreeSet<FsPath>,
 }
@@ -345,7 +352,12 @@ fn walk(
         let ino = st.st_ino as u64;
         let kind = inode.kind;
         if let std::collections::btree_map::Entry::Vacant(slot) = found.tree.inodes.entry(ino) {
-            if kind == Kind::File && inode.size > 0 {
+            let mut inode = inode;
+            let known = w.opts.known.as_ref().and_then(|k| k.hash_of(&st));
+            if kind == Kind::File && inode.size > 0 && known.is_some() {
+                inode.hash = known;
+                found.known_files += 1;
+            } else if kind == Kind::File && inode.size > 0 {
                 found.to_hash.push(Listed {
                     path: path.clone(),
                     dev: st.st_dev as u64,
@@ -529,6 +541,39 @@ mod tests {
     use super::*;
     use std::os::unix::fs::{symlink, PermissionsExt};
     use std::path::PathBuf;
+
+    /// The hash the scan reports for `path` (absolute in the tree).
+    fn hash_at(s: &Scan, path: &str) -> Option<ObjectId> {
+        let ino = s.tree.entries[&path.parse::<FsPath>().unwrap()];
+        s.tree.inodes[&ino].hash
+    }
+
+    #[test]
+    fn a_file_found_as_recorded_is_not_read_and_any_change_to_it_is() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a");
+        std::fs::write(&a, b"one").unwrap();
+        std::fs::write(d.path().join("b"), b"two").unwrap();
+        // A hash the content does not have: seeing it reported proves the file was not read.
+        let vouched = ObjectId::of(b"what the update wrote");
+        let mut known = Known::default();
+        known.insert(&rustix::fs::stat(&a).unwrap(), vouched);
+        let opts = ScanOptions {
+            known: Some(Arc::new(known)),
+            ..Default::default()
+        };
+        let s = scan_full(d.path(), &opts).unwrap();
+        assert_eq!(hash_at(&s, "/a"), Some(vouched));
+        assert_eq!(hash_at(&s, "/b"), Some(ObjectId::of(b"two")));
+        assert_eq!(s.known_files, 1);
+        // A later tick: a chmod moves the ctime, so the record no longer fits and the
+        // content is read.
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        std::fs::set_permissions(&a, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let s = scan_full(d.path(), &opts).unwrap();
+        assert_eq!(hash_at(&s, "/a"), Some(ObjectId::of(b"one")));
+        assert_eq!(s.known_files, 0);
+    }
 
     #[test]
     fn scans_kinds_hardlinks_and_filters() {

@@ -1,7 +1,7 @@
 //! The herd: every machine of the MDB, each driven by its own task.
 //!
-//! The MDB watcher notices a changed file (device, inode, size or mtime) within
-//! `mdb_check_interval`, keeps the previous list when the new file does not parse, and
+//! The MDB watcher notices a changed file (device, inode, size or mtime) as soon as its
+//! directory reports a change (`mdbwatch`, inotify), or within `mdb_check_interval`, keeps the previous list when the new file does not parse, and
 //! starts, updates or stops machine tasks. A machine task loops: take a permit from the
 //! fleet-wide `Semaphore`, poll cheaply (`short_only`: status and generation), load the
 //! required image from the shared cache, and only when the generation or the wanted
@@ -267,6 +267,16 @@ pub async fn run(cfg: HerdConfig, fleet: Arc<Fleet>, mut shutdown: watch::Receiv
     // first look. A change (appearing, vanishing, any edit) is loaded once; a failure is
     // logged once and the previous list kept.
     let mut seen: Option<Option<FileStamp>> = None;
+    let dir_watch = match crate::mdbwatch::DirWatch::new(&ctx.cfg.mdb_path) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(
+                "cannot watch the MDB's directory ({e}); checking it every {:?}",
+                ctx.cfg.mdb_check_interval
+            );
+            None
+        }
+    };
     loop {
         let st = stamp(&ctx.cfg.mdb_path);
         if seen != Some(st) {
@@ -286,6 +296,7 @@ pub async fn run(cfg: HerdConfig, fleet: Arc<Fleet>, mut shutdown: watch::Receiv
         }
         tokio::select! {
             _ = tokio::time::sleep(ctx.cfg.mdb_check_interval) => {}
+            Ok(()) = watched(dir_watch.as_ref()) => {}
             _ = shutdown.changed() => break,
         }
         if *shutdown.borrow() {
@@ -295,6 +306,14 @@ pub async fn run(cfg: HerdConfig, fleet: Arc<Fleet>, mut shutdown: watch::Receiv
     watcher.abort();
     for (_, t) in tasks {
         t.handle.abort();
+    }
+}
+
+/// Resolves when the MDB's directory changed; never without a watch.
+async fn watched(w: Option<&crate::mdbwatch::DirWatch>) -> std::io::Result<()> {
+    match w {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
     }
 }
 

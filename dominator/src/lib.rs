@@ -5,6 +5,7 @@
 //! - `planner`: the one place a machine's `UpdatePlan` is computed (the shared diff).
 //! - `herd`: the MDB watcher and one task per machine (I/O around `decision`).
 //! - `images`: the fleet-wide image cache.
+//! - `mdbwatch`: inotify on the MDB's directory, so an edit is seen at once.
 //! - `streams`: MDB image names that name an image directory, resolved to its newest.
 //! - `fleet`: the shared state the herd writes and the web surface reads.
 //! - `history`: the bounded memory of the last hour (chart samples, changes, timelines).
@@ -19,6 +20,7 @@ pub mod herd;
 pub mod history;
 pub mod images;
 pub mod local_fleet;
+pub mod mdbwatch;
 pub mod planner;
 pub mod preview;
 pub mod streams;

@@ -63,6 +63,15 @@ impl Fixture {
 
     /// `mdb_text` `None`: the MDB file does not exist.
     async fn start_with(mdb_text: Option<&str>, disable_at_startup: Option<&str>) -> Fixture {
+        Fixture::start_checking(mdb_text, disable_at_startup, Duration::from_millis(50)).await
+    }
+
+    /// `start_with`, the MDB file's identity checked every `mdb_check`.
+    async fn start_checking(
+        mdb_text: Option<&str>,
+        disable_at_startup: Option<&str>,
+        mdb_check: Duration,
+    ) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let mdb = dir.path().join("mdb.json");
         if let Some(text) = mdb_text {
@@ -74,7 +83,7 @@ impl Fixture {
         herd.poll_interval = Duration::from_millis(50);
         herd.backoff_base = Duration::from_millis(50);
         herd.backoff_cap = Duration::from_millis(400);
-        herd.mdb_check_interval = Duration::from_millis(50);
+        herd.mdb_check_interval = mdb_check;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", l.local_addr().unwrap());
         let config = dominator::Config {
@@ -708,6 +717,35 @@ async fn status_page_renders_in_a_real_browser() {
         dom.contains("<pre id=\"plan\">web-1: image app/1 (sparse)"),
         "{dom}"
     );
+}
+
+/// An MDB edit is seen when it lands (inotify on the MDB's directory), not at the next
+/// identity check (an hour away here): a rename into place as `mdb` makes it, and a
+/// rewrite in place as an editor may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mdb_edits_are_seen_at_once_not_at_the_next_check() {
+    let f = Fixture::start_checking(Some(&mdb_json(&[])), None, Duration::from_secs(3600)).await;
+    let hosts = |n: usize| move |v: &Value| v["machines"].as_array().is_some_and(|m| m.len() == n);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = start_subd(FakeSubd::new(tree(&[]))).await;
+    let tmp = f.mdb.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        mdb_json(&[serde_json::json!({"Hostname": "a", "IpAddress": a})]),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &f.mdb).unwrap();
+    f.wait_fleet("the machine renamed in", hosts(1)).await;
+    let b = start_subd(FakeSubd::new(tree(&[]))).await;
+    std::fs::write(
+        &f.mdb,
+        mdb_json(&[
+            serde_json::json!({"Hostname": "a", "IpAddress": a}),
+            serde_json::json!({"Hostname": "b", "IpAddress": b}),
+        ]),
+    )
+    .unwrap();
+    f.wait_fleet("the machine written in place", hosts(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

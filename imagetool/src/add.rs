@@ -363,6 +363,7 @@ async fn add_directory(
         cancel: None,
         // A file replaced while `add` reads it is an error, never a silently wrong image.
         changed: ChangedFiles::Fail,
+        known: None,
     };
     pb.set_message("hashing");
     let tree = tokio::task::spawn_blocking(move || scan(&root, &opts))

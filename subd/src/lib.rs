@@ -236,6 +236,11 @@ pub struct Status {
     pub seeded: Vec<model::FsPath>,
     /// Scan the next pass unthrottled (set after fetch, update, cleanup).
     pub boost: bool,
+    /// What the last update's files look like and hold (`disk::known`): taken by the
+    /// first scan pass after it, and by that pass only.
+    pub known: Option<Arc<disk::known::Known>>,
+    /// Files the last finished pass took from `known` instead of reading them.
+    pub last_scan_known_files: u64,
 }
 
 /// A running subd's shared state.

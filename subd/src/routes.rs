@@ -363,7 +363,16 @@ async fn update(
         );
         run_update(&s2, &plan, claim, || {
             crate::hooks::update_with_hooks(&s2, &plan, || {
-                disk::apply::apply(&s2.config.root, &s2.state_dir, &plan, &s2.apply_options())
+                let (result, known) = disk::apply::apply_noting(
+                    &s2.config.root,
+                    &s2.state_dir,
+                    &plan,
+                    &s2.apply_options(),
+                );
+                // Set while the update is still in progress: the scanner takes it for its
+                // first pass after the update ends.
+                s2.status().known = Some(Arc::new(known));
+                result
             })
         })
     });
@@ -503,6 +512,11 @@ async fn metrics(State(s): State<Arc<Subd>>) -> Response {
         "subd_last_scan_duration_seconds",
         "Duration of the last scan",
         st.last_scan_duration_ms as f64 / 1000.0,
+    )
+    .gauge(
+        "subd_last_scan_known_files",
+        "Files the last scan took from the preceding update's record instead of reading",
+        st.last_scan_known_files,
     )
     .gauge(
         "subd_paths",

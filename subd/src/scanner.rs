@@ -1,6 +1,8 @@
 //! The background scanner: an endless loop that walks the root (never crossing mount
 //! points, skipping `/.subd` and the exclusions), SHA-512s every regular file on every pass
-//! (no mtime shortcut), lists the object cache, and raises the generation when a finished
+//! (no mtime shortcut; one exception: the first pass after an update takes the hash of a
+//! file the update installed and finds unchanged, device, inode, size, mtime and ctime,
+//! from the update's record, `disk::known`), lists the object cache, and raises the generation when a finished
 //! pass differs from the last. Passes start at least `min_scan_interval` apart. The first
 //! pass (and the pass after a fetch, update or cleanup) runs unthrottled on all CPUs; the
 //! others run on one thread at nice 15, with a tranquilizer that sleeps in proportion to
@@ -52,16 +54,15 @@ pub fn run(subd: &Subd) {
         if !subd.stop.load(Ordering::SeqCst) {
             subd.scan_abort.store(false, Ordering::SeqCst);
         }
-        let (first, boost, updating) = {
+        let (first, boost, updating, known) = {
             let mut st = subd.status();
             let b = st.boost;
             st.boost = false;
             // A fetch or update pauses scanning: a pass overlapping either is discarded.
-            (
-                st.generation == 0,
-                b,
-                st.update_in_progress || st.fetch_in_progress,
-            )
+            let updating = st.update_in_progress || st.fetch_in_progress;
+            // The last update's record serves this pass only (see `disk::known`).
+            let known = if updating { None } else { st.known.take() };
+            (st.generation == 0, b, updating, known)
         };
         if updating {
             wait(subd, Duration::from_millis(50));
@@ -75,15 +76,23 @@ pub fn run(subd: &Subd) {
             cancel: Some(subd.scan_abort.clone()),
             // A name a local user flips mid-pass must not stop the rest being reported.
             changed: ChangedFiles::LeaveOut,
+            known,
         };
         let scanned = scan_full(&cfg.root, &opts);
         let cache = subd.store.list();
-        let (tree, hidden_parents, cache) = match (scanned, cache) {
-            (Ok(s), Ok(c)) => (s.tree, s.hidden_parents.into_iter().collect::<Vec<_>>(), c),
+        let (tree, hidden_parents, known_files, cache) = match (scanned, cache) {
+            (Ok(s), Ok(c)) => (
+                s.tree,
+                s.hidden_parents.into_iter().collect::<Vec<_>>(),
+                s.known_files,
+                c,
+            ),
             (Err(disk::scan::ScanError::Cancelled), _) if subd.stop.load(Ordering::SeqCst) => break,
             (Err(disk::scan::ScanError::Cancelled), _) => {
                 tracing::debug!("scan pass abandoned: an update began");
-                subd.status().scans_aborted += 1;
+                let mut st = subd.status();
+                st.scans_aborted += 1;
+                keep_known(&mut st, &opts);
                 continue;
             }
             (Err(e), _) => {
@@ -105,6 +114,7 @@ pub fn run(subd: &Subd) {
                 || st.fetch_in_progress
                 || subd.epoch.load(Ordering::SeqCst) != epoch
             {
+                keep_known(&mut st, &opts);
                 continue; // the tree changed under us: scan again
             }
             let changed = st.generation == 0
@@ -118,6 +128,7 @@ pub fn run(subd: &Subd) {
                 st.hidden_parents = hidden_parents;
             }
             st.scan_count += 1;
+            st.last_scan_known_files = known_files as u64;
             st.last_scan_time = unix_now();
             st.last_scan_duration_ms = started.elapsed().as_millis() as u64;
         }
@@ -133,6 +144,14 @@ pub fn run(subd: &Subd) {
         if elapsed < cfg.min_scan_interval {
             wait(subd, cfg.min_scan_interval - elapsed);
         }
+    }
+}
+
+/// A pass that reports nothing leaves the update's record for the next pass (unless a
+/// newer update has left its own).
+fn keep_known(st: &mut crate::Status, opts: &ScanOptions) {
+    if st.known.is_none() {
+        st.known = opts.known.clone();
     }
 }
 

@@ -221,6 +221,51 @@ async fn the_first_scan_counted_after_an_accepted_fetch_or_update_shows_it() {
     }
 }
 
+/// The first scan after an update takes the hashes of the files the update installed
+/// from its record instead of reading them (the tree it reports is the same); the scan
+/// after that reads every file again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scan_after_an_update_trusts_its_record_once_then_reads_everything() {
+    // Passes at least a second apart (the default), so the one after the update is still
+    // the last when it is looked at.
+    let f = fleet().await;
+    let src = f.root.parent().unwrap().join("src");
+    for i in 0..30 {
+        write(&src, &format!("d/f{i}"), format!("file {i}\n").as_bytes());
+    }
+    let img = add_image(&f, "known/1", &src, None, Triggers::default()).await;
+    let p = poll_after(&f, 0).await;
+    let pl = plan("known/1", &img, &p);
+    f.subd
+        .fetch(&FetchRequest {
+            server: f.server.clone(),
+            hashes: pl.objects_to_fetch.clone(),
+            wait: true,
+        })
+        .await
+        .unwrap();
+    let accepted = f
+        .subd
+        .update(&UpdateRequest {
+            plan: pl,
+            wait: true,
+        })
+        .await
+        .unwrap()
+        .scan_count
+        .expect("subd says its scan count");
+    let p = poll_at_scan_after(&f, accepted).await;
+    assert!(plan("known/1", &img, &p).is_empty());
+    let (count, known) = {
+        let st = f.state.status();
+        (st.scan_count, st.last_scan_known_files)
+    };
+    assert_eq!(known, 30, "the first scan after the update");
+    let p = poll_at_scan_after(&f, count).await;
+    assert!(plan("known/1", &img, &p).is_empty());
+    assert_eq!(f.state.status().last_scan_known_files, 0, "a later scan");
+}
+
 fn write(root: &Path, rel: &str, data: &[u8]) {
     let p = root.join(rel);
     std::fs::create_dir_all(p.parent().unwrap()).unwrap();

@@ -783,7 +783,7 @@ proptest! {
 
 /// Applies `plan` to the fixture, returning the result and each failure typed.
 fn apply_typed(f: &Fixture, plan: &UpdatePlan) -> (UpdateResult, Vec<ApplyError>) {
-    update(&f.root, &f.sd, plan, &ApplyOptions::default()).finish()
+    update(&f.root, &f.sd, plan, &ApplyOptions::default(), None).finish()
 }
 
 #[test]
@@ -1089,4 +1089,57 @@ fn a_seed_is_made_only_where_nothing_is_and_is_recorded() {
         [p("/mnt/state/a"), p("/mnt/state/b")],
         "both are state now"
     );
+}
+
+#[test]
+fn the_files_an_update_installs_are_noted_and_the_scan_after_it_reads_only_changed_ones() {
+    let f = fixture();
+    let b = B::new()
+        .dir("/d", 0o755)
+        .file("/d/a", b"alpha", 0o644, 0)
+        .file("/b", b"bravo", 0o644, 0)
+        .link("/b2", "/b")
+        .file("/c", b"same", 0o644, 0)
+        .file("/e", b"same", 0o600, 0);
+    let img = b.image(Some(""));
+    let opts = ApplyOptions::default();
+    let plan = rediff(&f, &img, &opts);
+    let store = f.sd.objects().unwrap();
+    for h in &plan.objects_to_fetch {
+        store.put(&b.contents[h]).unwrap();
+    }
+    let (r, known) = apply_noting(&f.root, &f.sd, &plan, &opts);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    // Four inodes: /b and its link are one, /c and /e two copies of one object.
+    assert_eq!(known.len(), 4);
+    let read = scan_full(&f.root, &ScanOptions::default()).unwrap();
+    let trusting = ScanOptions {
+        known: Some(Arc::new(known)),
+        ..Default::default()
+    };
+    let noted = scan_full(&f.root, &trusting).unwrap();
+    assert_eq!(noted.tree, read.tree);
+    assert_eq!(noted.known_files, 4);
+    assert!(rediff(&f, &img, &opts).is_empty());
+    // Same size, mtime put back, a later tick: the ctime moved, so it is read again.
+    std::thread::sleep(Duration::from_millis(30));
+    let a = f.root.join("d/a");
+    std::fs::write(&a, b"ALPHA").unwrap();
+    let t = Timestamps {
+        last_access: Timespec {
+            tv_sec: M.sec,
+            tv_nsec: M.nsec as _,
+        },
+        last_modification: Timespec {
+            tv_sec: M.sec,
+            tv_nsec: M.nsec as _,
+        },
+    };
+    rustix::fs::utimensat(CWD, &a, &t, AtFlags::empty()).unwrap();
+    let after = scan_full(&f.root, &trusting).unwrap();
+    assert_eq!(after.known_files, 3);
+    let ino = after.tree.entries[&p("/d/a")];
+    assert_eq!(after.tree.inodes[&ino].hash, Some(ObjectId::of(b"ALPHA")));
+    assert_eq!(after.tree.inodes[&ino].mtime, M);
+    assert!(!rediff(&f, &img, &opts).is_empty());
 }
