@@ -26,15 +26,7 @@ fn tree(t: &Path, name: &str, files: usize, size: usize) -> String {
     let dir = t.join(name);
     std::fs::create_dir_all(dir.join("payload")).unwrap();
     for i in 0..files {
-        let mut x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let bytes: Vec<u8> = (0..size)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let bytes = testkit::tree::noise(i as u64 + 1, size);
         std::fs::write(dir.join(format!("payload/f{i}")), bytes).unwrap();
     }
     s(&dir)

@@ -31,15 +31,7 @@ fn tree(t: &Path, name: &str, files: usize, size: usize, seed: u64, own: &str) -
     std::fs::write(dir.join("etc/shared"), "the same in every image\n").unwrap();
     std::fs::write(dir.join("etc/own"), own).unwrap();
     for i in 0..files {
-        let mut x = (i as u64 + 1 + seed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let bytes: Vec<u8> = (0..size)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let bytes = testkit::tree::noise(i as u64 + 1 + seed, size);
         std::fs::write(dir.join(format!("payload/f{i}")), bytes).unwrap();
     }
     s(&dir)

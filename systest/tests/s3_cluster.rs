@@ -75,15 +75,7 @@ fn tree(t: &Path, version: &str, files: usize, size: usize) -> PathBuf {
     std::fs::write(dir.join("etc/version"), format!("{version}\n")).unwrap();
     let seed = version.bytes().fold(7u64, |a, b| a * 131 + b as u64);
     for i in 0..files {
-        let mut x = (i as u64 + seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let bytes: Vec<u8> = (0..size)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let bytes = testkit::tree::noise(i as u64 + seed, size);
         std::fs::write(dir.join(format!("payload/f{i}")), bytes).unwrap();
     }
     dir
