@@ -37,6 +37,11 @@ fn tree(t: &Path, name: &str, files: usize, size: usize, seed: u64, own: &str) -
     s(&dir)
 }
 
+/// An insecure imageserver on `dir` following `master`.
+fn replica_of(dir: &Path, master: &str) -> Daemon {
+    Daemon::imageserver(&bin("imageserver"), dir, &["--replication-master", master])
+}
+
 /// `imagetool --image-server SERVER ARGS…`: stdout, or stderr and stdout on failure.
 fn it(server: &str, args: &[&str]) -> Result<String, testkit::BinFailed> {
     let mut v = vec!["--image-server", server];
@@ -147,7 +152,7 @@ async fn a_replica_copies_images_and_only_missing_objects_and_follows_deletions_
     .unwrap();
     it(&m, &["delete", "gone/1"]).unwrap();
 
-    let replica = Daemon::imageserver(&bin("imageserver"), &rd, &["--replication-master", &m]);
+    let replica = replica_of(&rd, &m);
     let r = replica.addr.clone();
     assert_eq!(wait_listed_alike(&m, &r).await, "app/1\n");
     assert_shown_alike(&m, &r, "app/1");
@@ -221,11 +226,7 @@ async fn writes_sent_to_a_replica_are_refused_naming_the_master() {
     let m = master.addr.clone();
     let src = tree(t, "src", 2, 1000, 0, "x\n");
     it(&m, &["add", "app/1", &src, "", ""]).unwrap();
-    let replica = Daemon::imageserver(
-        &bin("imageserver"),
-        &t.join("replica"),
-        &["--replication-master", &m],
-    );
+    let replica = replica_of(&t.join("replica"), &m);
     let r = replica.addr.clone();
     wait_listed_alike(&m, &r).await;
     let line = format!("this imageserver is a replica of {m}; send writes there");
@@ -348,7 +349,7 @@ async fn a_replica_catches_up_after_its_link_is_cut_and_after_a_crash_and_from_e
 
     // From an empty data directory: everything again, tombstones included.
     let fresh = t.join("fresh");
-    let replica = Daemon::imageserver(&bin("imageserver"), &fresh, &["--replication-master", &m]);
+    let replica = replica_of(&fresh, &m);
     let r = replica.addr.clone();
     assert_eq!(wait_listed_alike(&m, &r).await, "app/2\napp/big\n");
     assert_shown_alike(&m, &r, "app/big");
@@ -364,11 +365,7 @@ async fn a_machine_is_born_from_a_replica() {
     let m = master.addr.clone();
     let src = tree(t, "src", 5, 20_000, 3, "born\n");
     it(&m, &["add", "app/1", &src, "", ""]).unwrap();
-    let replica = Daemon::imageserver(
-        &bin("imageserver"),
-        &t.join("replica"),
-        &["--replication-master", &m],
-    );
+    let replica = replica_of(&t.join("replica"), &m);
     let r = replica.addr.clone();
     wait_listed_alike(&m, &r).await;
     // The master goes away: the machine needs only the replica.

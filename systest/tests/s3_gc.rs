@@ -244,14 +244,21 @@ fn a_collector_keeps_the_objects_of_an_image_it_has_not_seen_yet() {
 
 /// A deletion and an expiry through A show on B within the refresh bound, with the same
 /// statuses; B's reference counts follow (the deleted image's own object is unreferenced
+/// Two imageservers over `g`'s bucket that see each other's changes within 200 ms and
+/// accept a 2 s expiry.
+fn quick_pair(g: &Garage, dir: &Path) -> (Daemon, Daemon) {
+    let flags = ["--s3-refresh-ms", "200", "--min-expiry-secs", "2"];
+    let a = s3_imageserver(g, &dir.join("a"), &flags);
+    let b = s3_imageserver(g, &dir.join("b"), &flags);
+    (a, b)
+}
+
 /// there) and the names stay never reusable through B.
 #[test]
 fn deletions_and_expiries_through_one_imageserver_show_on_the_other() {
     let g = Garage::start();
     let t = tempfile::tempdir().unwrap();
-    let flags = ["--s3-refresh-ms", "200", "--min-expiry-secs", "2"];
-    let a = s3_imageserver(&g, &t.path().join("a"), &flags);
-    let b = s3_imageserver(&g, &t.path().join("b"), &flags);
+    let (a, b) = quick_pair(&g, t.path());
     let tree = t.path().join("tree");
     raced_tree(&tree, "app/1");
     let src = tree.to_str().unwrap();
@@ -304,9 +311,7 @@ fn deletions_and_expiries_through_one_imageserver_show_on_the_other() {
 fn an_expiry_change_through_one_imageserver_shows_on_the_other() {
     let g = Garage::start();
     let t = tempfile::tempdir().unwrap();
-    let flags = ["--s3-refresh-ms", "200", "--min-expiry-secs", "2"];
-    let a = s3_imageserver(&g, &t.path().join("a"), &flags);
-    let b = s3_imageserver(&g, &t.path().join("b"), &flags);
+    let (a, b) = quick_pair(&g, t.path());
     let tree = t.path().join("tree");
     raced_tree(&tree, "app/2");
     let src = tree.to_str().unwrap();
