@@ -57,6 +57,9 @@ curl -s -X POST -d '{"have_generation":0}' "http://127.0.0.1:$P/rpc/Subd.Poll" >
 RSS=$(awk '/VmHWM/ {printf "%.1f", $2/1024}' /proc/$SUBD/status)
 echo "scan: subd $SCAN s, sha512sum -P1 $SHA s, ratio $(ratio "$SCAN" "$SHA") (target <= 1.2)"
 echo "subd peak RSS after scans and a full poll: $RSS MiB (target <= 32)"
+# Stopped now: left running, this unthrottled subd would re-hash its 190 MiB root every
+# second through parts 2 and 3, taking CPU from what they time.
+kill $SUBD; wait $SUBD 2>/dev/null || true
 
 if [[ $HAVE_IMAGES == 0 ]]; then echo "imageserver/imagetool not available: parts 2-5 skipped"; exit 0; fi
 
@@ -127,7 +130,6 @@ echo "converge (median of $ROUNDS): patch-directory $PC s, $(median "${C_C[@]}")
 echo "converge counts (last round): $(counts) (target 66 objects in <= 5 requests)"
 
 # 4. running subd on a copy of rootfs, scan done
-kill $SUBD; wait $SUBD 2>/dev/null || true
 cp -a "$CORPUS/rootfs" "$WORK/live"
 (cd "$WORK/live" && find . -xdev -path ./.subd -prune -o -printf '%i %p\n' | sort -k2) >"$WORK/inodes.before"
 "${SUBD_BIN:-$BIN/subd}" --root "$WORK/live" --listen "127.0.0.1:$P" --permit-insecure-mode --service-command true --scan-exclude '/bench-manages-everything$' 2>"$WORK/subd2.log" & SUBD=$!; PIDS+=($SUBD)

@@ -2,11 +2,13 @@
 //!
 //! Order (Dominator §3.3, §6.5): copy local files into the object cache and stage every
 //! new inode with its final owner, mode and mtime in `STATE/staging` (a regular file that
-//! is its object's last use stays in the cache, given its metadata there, and is renamed
-//! from there into place: one rename fewer per file; only `STATE` is touched so far) → stop the services the old trigger set matches → make directories →
-//! rename staged inodes into place → hardlinks → deletions → metadata changes (chown before
+//! is its object's last use stays in the cache, given its metadata there, and is linked
+//! from there into place, its cache name then removed; only `STATE` is touched so far) →
+//! stop the services the old trigger set matches → make directories → install the staged
+//! inodes (over a few lanes) → hardlinks → deletions → metadata changes (chown before
 //! chmod, then mtime) → start or reload the services the new set matches. Content reaches
-//! its path only by rename, so every file is at all times wholly old or wholly new.
+//! its path only whole, by rename or by link, so every file is at all times wholly old or
+//! wholly new.
 //!
 //! Every path is checked (not under `/.subd`, not excluded) and resolved from a handle on
 //! the root one component at a time with `O_NOFOLLOW`, never crossing a mount point; all
@@ -33,7 +35,7 @@ use model::triggers::{Trigger, Triggers};
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, CWD};
 use rustix::io::Errno;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -145,6 +147,16 @@ impl Root {
         Ok((self.dir(&parent)?, path.name().to_vec()))
     }
 
+    /// Another walker on the same root handle, with no handles of its own yet (one per
+    /// lane: each lane walks only the parents of its own items).
+    fn sibling(&self) -> Root {
+        Root {
+            fd: self.fd.clone(),
+            dev: self.dev,
+            chain: Vec::new(),
+        }
+    }
+
     /// Drops the handles kept from the last walk (after removing or replacing directories).
     fn forget(&mut self) {
         self.chain.clear();
@@ -181,13 +193,25 @@ fn open_inode(dir: BorrowedFd<'_>, name: &[u8], kind: Kind) -> Result<(OwnedFd, 
     }
 }
 
-fn proc_path(fd: &OwnedFd) -> String {
+fn proc_path(fd: BorrowedFd<'_>) -> String {
     format!("/proc/self/fd/{}", fd.as_raw_fd())
 }
 
 /// Sets owner, then mode (so setuid survives the chown), then mtime, on an open inode
-/// whose kind is first checked against `want`.
+/// whose kind is first checked against `want`; a call that would change nothing is not
+/// made.
 fn set_metadata(fd: &OwnedFd, o_path: bool, want: &Inode) -> Result<(), Cause> {
+    set_metadata_on(fd.as_fd(), o_path, want)
+}
+
+/// Gives a freshly stored object (a regular file open for writing) the owner, mode and
+/// mtime of its last use, so the update's stage finds them already set. Only a head
+/// start: the stage checks and sets them again.
+pub fn give_final_metadata(file: &std::fs::File, want: &Inode) -> Result<(), Cause> {
+    set_metadata_on(file.as_fd(), false, want)
+}
+
+fn set_metadata_on(fd: BorrowedFd<'_>, o_path: bool, want: &Inode) -> Result<(), Cause> {
     let st = rustix::fs::fstat(fd).map_err(Cause::sys(Op::Stat))?;
     if kind_of(&st) != Some(want.kind) {
         return Err(Cause::WrongKind {
@@ -199,11 +223,14 @@ fn set_metadata(fd: &OwnedFd, o_path: bool, want: &Inode) -> Result<(), Cause> {
         rustix::fs::Uid::from_raw(want.uid),
         rustix::fs::Gid::from_raw(want.gid),
     );
-    if st.st_uid != want.uid || st.st_gid != want.gid {
+    // A chown may clear setuid and setgid bits: the mode is then set whatever it was.
+    let chowned = st.st_uid != want.uid || st.st_gid != want.gid;
+    if chowned {
         rustix::fs::chownat(fd, "", Some(uid), Some(gid), AtFlags::EMPTY_PATH)
             .map_err(Cause::sys(Op::Chown))?;
     }
-    if want.kind != Kind::Symlink {
+    let mode_ok = !chowned && st.st_mode & 0o7777 == want.mode & 0o7777;
+    if want.kind != Kind::Symlink && !mode_ok {
         let mode = Mode::from_raw_mode(want.mode & 0o7777);
         if o_path {
             rustix::fs::chmodat(CWD, proc_path(fd), mode, AtFlags::empty())
@@ -212,7 +239,7 @@ fn set_metadata(fd: &OwnedFd, o_path: bool, want: &Inode) -> Result<(), Cause> {
         }
         .map_err(Cause::sys(Op::Chmod))?;
     }
-    if want.keeps_mtime() {
+    if want.keeps_mtime() && !mtime_matches(&st, want) {
         let t = Timespec {
             tv_sec: want.mtime.sec,
             tv_nsec: want.mtime.nsec as _,
@@ -616,9 +643,13 @@ struct Window {
 
 impl Window {
     fn mark(&mut self) {
-        let now = Instant::now();
-        self.first.get_or_insert(now);
-        self.last = now;
+        self.mark_at(Instant::now());
+    }
+
+    /// A change made at `at` (by any lane).
+    fn mark_at(&mut self, at: Instant) {
+        self.first = Some(self.first.map_or(at, |f| f.min(at)));
+        self.last = self.last.max(at);
     }
 }
 
@@ -737,18 +768,44 @@ impl Update<'_> {
         };
         let mut names: Vec<Option<Place>> = vec![None; sel.inodes.len()];
         if let Some(sfd) = &fd {
-            let mut uses = object_uses(plan);
-            for (n, pi) in sel.inodes.iter().enumerate() {
-                let name = format!("{n}");
-                match stage(sfd, name, &pi.inode, &self.store, &mut uses) {
-                    Ok(place) => names[n] = Some(place),
-                    Err(e) => self.run.error(ApplyError::step(Step::Stage, &pi.path)(e)),
+            let mut failed: Vec<(usize, Cause)> = Vec::new();
+            let (store, inodes) = (&self.store, &sel.inodes);
+            let last_use = last_uses(plan, inodes);
+            // Copies and other inodes first, then the last uses, each group over the lanes:
+            // a last use gives its cache object its final owner and mode, which a copy of
+            // the same object must not meet (without CAP_DAC_OVERRIDE it could not read it).
+            let (last, others): (Vec<usize>, Vec<usize>) =
+                (0..inodes.len()).partition(|&n| last_use[n]);
+            let t = Instant::now();
+            for group in [others, last] {
+                let staged = crate::lanes::run(&group, |chunk, _| {
+                    let one = |&n: &usize| (n, stage(sfd, n, &inodes[n].inode, store, last_use[n]));
+                    chunk.iter().map(one).collect::<Vec<_>>()
+                });
+                for (n, r) in staged.into_iter().flatten() {
+                    match r {
+                        Ok(place) => names[n] = Some(place),
+                        Err(e) => failed.push((n, e)),
+                    }
                 }
             }
+            failed.sort_by_key(|(n, _)| *n);
+            for (n, e) in failed {
+                self.run
+                    .error(ApplyError::step(Step::Stage, &sel.inodes[n].path)(e));
+            }
+            let t_staged = Instant::now();
             // Content durable before any rename makes it visible.
             if let Err(e) = rustix::fs::syncfs(sfd) {
                 self.run.error(ApplyError::Sync(e));
             }
+            tracing::debug!(
+                "stage: {} inodes ({} last uses) {:.1} ms, sync {:.1} ms",
+                inodes.len(),
+                last_use.iter().filter(|l| **l).count(),
+                (t_staged - t).as_secs_f64() * 1000.0,
+                t_staged.elapsed().as_secs_f64() * 1000.0
+            );
         }
         Staged { fd, names }
     }
@@ -800,13 +857,25 @@ impl Update<'_> {
             first: None,
             last: Instant::now(),
         };
+        let t = Instant::now();
         self.make_dirs(&sel.dirs, &mut window);
+        let t_dirs = Instant::now();
         if let Some(sfd) = &staged.fd {
             self.install(sfd, &sel.inodes, &staged.names, &mut window);
             self.make_links(sfd, &sel.links, &mut window);
         }
+        let t_installed = Instant::now();
         self.delete(&sel.deletes, &mut window);
         self.change(&sel.changes, &mut window);
+        tracing::debug!(
+            "activate: {} directories {:.1} ms, {} inodes and {} links {:.1} ms, deletions and changes {:.1} ms",
+            sel.dirs.len(),
+            (t_dirs - t).as_secs_f64() * 1000.0,
+            sel.inodes.len(),
+            sel.links.len(),
+            (t_installed - t_dirs).as_secs_f64() * 1000.0,
+            t_installed.elapsed().as_secs_f64() * 1000.0
+        );
         if let Some(start) = window.first {
             self.run.result.activation_ms =
                 window.last.duration_since(start).as_secs_f64() * 1000.0;
@@ -833,19 +902,39 @@ impl Update<'_> {
         names: &[Option<Place>],
         window: &mut Window,
     ) {
-        let (fs, excl) = (&mut self.fs, self.excl);
-        for (n, (pi, place)) in inodes.iter().zip(names).enumerate() {
-            let from = match place {
-                None => continue,
-                Some(Place::Staging(name)) => (sfd.as_fd(), Path::new(name.as_str())),
-                Some(Place::Cache(path)) => (CWD, path.as_path()),
-            };
-            let r = fs.parent(&pi.path).and_then(|(pfd, leaf)| {
-                rename_into_place(fs, from, pfd.as_fd(), &leaf, &pi.path, excl)
-            });
+        let todo: Vec<usize> = (0..inodes.len()).filter(|&n| names[n].is_some()).collect();
+        let (root, excl) = (&self.fs, self.excl);
+        // Lanes: a last use is linked into place and its cache name removed, calls that
+        // lock only the directories involved; a rename from the state directory into
+        // another takes the file-system's rename lock (`s_vfs_rename_mutex`), so those
+        // (copies, symlinks, devices, anything in the way) go one at a time whatever the
+        // lanes. Every directory was made before; a directory one lane clears out of a
+        // file's way holds no path of the image, so no other lane walks into it.
+        let done = crate::lanes::run(&todo, |chunk, _| {
+            let mut fs = root.sibling();
+            let mut out = Vec::with_capacity(chunk.len());
+            for &n in chunk {
+                let pi = inodes[n];
+                let r = fs.parent(&pi.path).and_then(|(pfd, leaf)| match &names[n] {
+                    Some(Place::Cache(path)) => {
+                        link_into_place(&mut fs, path, pfd.as_fd(), &leaf, &pi.path, excl)
+                    }
+                    Some(Place::Staging(name)) => {
+                        let from = (sfd.as_fd(), Path::new(name.as_str()));
+                        rename_into_place(&mut fs, from, pfd.as_fd(), &leaf, &pi.path, excl)
+                    }
+                    None => Ok(()),
+                });
+                out.push((n, r, Instant::now()));
+            }
+            out
+        });
+        self.fs.forget();
+        for (n, r, at) in done.into_iter().flatten() {
+            let (pi, place) = (inodes[n], &names[n]);
             match r {
                 Ok(()) => {
-                    window.mark();
+                    window.mark_at(at);
                     self.installed.push(n);
                 }
                 Err(e) => {
@@ -1191,6 +1280,71 @@ fn rename_into_place(
     }
 }
 
+/// Installs a last use: its cache object (given its final metadata in the stage) is
+/// linked at `leaf`, then its cache name removed, so the content appears whole under its
+/// path, as a rename would make it. Where something already stands there (or the link is
+/// refused), it is renamed over it instead. A crash between the two calls leaves the
+/// cache naming a live file; `open_cache_object` drops such a name at its next use.
+fn link_into_place(
+    fs: &mut Root,
+    cache: &Path,
+    pfd: BorrowedFd<'_>,
+    leaf: &[u8],
+    path: &FsPath,
+    excl: Option<&Filter>,
+) -> Result<(), Cause> {
+    if rustix::fs::linkat(CWD, cache, pfd, leaf, AtFlags::empty()).is_err() {
+        return rename_into_place(fs, (CWD, cache), pfd, leaf, path, excl);
+    }
+    if let Err(e) = rustix::fs::unlinkat(CWD, cache, AtFlags::empty()) {
+        tracing::warn!(
+            "{}: installed, but its cache name stays: {e}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Opens a cached object (without following a symlink) for its content or its last use.
+/// One that is also the name of another file (a link into place cut short by a crash:
+/// the live file could since have been edited in place) is no object: its cache name is
+/// removed and it is reported missing, to be fetched again.
+fn open_cache_object(src: &Path, h: ObjectId) -> Result<(OwnedFd, bool), Cause> {
+    let missing = |e| match e {
+        Errno::NOENT => Cause::NotInCache(h),
+        e => Cause::sys(Op::Open)(e),
+    };
+    let (fd, o_path) = open_inode(CWD, src.as_os_str().as_bytes(), Kind::File).map_err(missing)?;
+    let st = rustix::fs::fstat(&fd).map_err(Cause::sys(Op::Stat))?;
+    if st.st_nlink > 1 {
+        tracing::warn!("cache object {h} is also another file's name: dropped from the cache");
+        let _ = rustix::fs::unlinkat(CWD, src, AtFlags::empty());
+        return Err(Cause::NotInCache(h));
+    }
+    Ok((fd, o_path))
+}
+
+/// Whether the cached object at `src` is a regular file of no other name that already has
+/// `want`'s owner, mode and mtime (given as it was fetched): one `lstat`, no handle, as
+/// nothing is changed. Anything else goes through `open_cache_object` and `set_metadata`.
+fn cache_object_ready(src: &Path, want: &Inode) -> bool {
+    rustix::fs::statat(CWD, src, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
+        kind_of(&st) == Some(Kind::File) && st.st_nlink == 1 && metadata_matches(&st, want)
+    })
+}
+
+/// Whether `st` has `want`'s owner, mode and (where the image keeps it) mtime.
+fn metadata_matches(st: &rustix::fs::Stat, want: &Inode) -> bool {
+    st.st_uid == want.uid
+        && st.st_gid == want.gid
+        && st.st_mode & 0o7777 == want.mode & 0o7777
+        && (!want.keeps_mtime() || mtime_matches(st, want))
+}
+
+fn mtime_matches(st: &rustix::fs::Stat, want: &Inode) -> bool {
+    st.st_mtime == want.mtime.sec && st.st_mtime_nsec as i64 == want.mtime.nsec as i64
+}
+
 /// Removes a directory standing where a non-directory must go.
 fn clear_dir_in_way(
     fs: &mut Root,
@@ -1296,18 +1450,35 @@ fn empty_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// Stages `want` with its final metadata; returns where it waits. Regular files come from
-/// the cache: copied to `name` in the staging directory for all but an object's last use,
-/// which is the cache's own object, given its metadata where it is (the cache is in the
-/// private state directory, as staging is) and later renamed from there into place.
+/// Which of `inodes` (an update's selection) are their object's last use: the last
+/// selected regular file of each object no unselected file of the plan also needs.
+fn last_uses(plan: &UpdatePlan, inodes: &[&PathInode]) -> Vec<bool> {
+    let mut uses = object_uses(plan);
+    inodes
+        .iter()
+        .map(|pi| match (pi.inode.kind, pi.inode.hash) {
+            (Kind::File, Some(h)) => uses.get_mut(&h).is_none_or(|n| {
+                *n -= 1;
+                *n == 0
+            }),
+            _ => false,
+        })
+        .collect()
+}
+
+/// Stages `want` (the `n`th inode) with its final metadata; returns where it waits.
+/// Regular files come from the cache: copied into the staging directory, unless this is
+/// the object's `last_use`: then it is the cache's own object, given its metadata where it
+/// is (the cache is in the private state directory, as staging is) and later linked from
+/// there into place (`link_into_place`).
 fn stage(
     sfd: &OwnedFd,
-    name: String,
+    n: usize,
     want: &Inode,
     store: &ObjectStore,
-    uses: &mut BTreeMap<ObjectId, usize>,
+    last_use: bool,
 ) -> Result<Place, Cause> {
-    let cache_path = |h: &ObjectId| store.path_of(h);
+    let name = format!("{n}");
     match want.kind {
         Kind::File => match want.hash {
             None => {
@@ -1325,19 +1496,14 @@ fn stage(
                 drop(fd);
             }
             Some(h) => {
-                let src = cache_path(&h);
-                let left = uses.get_mut(&h).map(|n| {
-                    *n -= 1;
-                    *n
-                });
-                if left.unwrap_or(0) > 0 {
-                    copy_object(&src, sfd, &name)?;
+                let src = store.path_of(&h);
+                if last_use && cache_object_ready(&src, want) {
+                    return Ok(Place::Cache(src)); // the fetch gave it its metadata
+                }
+                let (fd, o_path) = open_cache_object(&src, h)?;
+                if !last_use {
+                    copy_object(fd, sfd, &name)?;
                 } else {
-                    let (fd, o_path) = open_inode(CWD, src.as_os_str().as_bytes(), Kind::File)
-                        .map_err(|e| match e {
-                            Errno::NOENT => Cause::NotInCache(h),
-                            e => Cause::sys(Op::Open)(e),
-                        })?;
                     set_metadata(&fd, o_path, want)?;
                     return Ok(Place::Cache(src));
                 }
@@ -1370,11 +1536,9 @@ fn stage(
     Ok(Place::Staging(name))
 }
 
-fn copy_object(src: &Path, sfd: &OwnedFd, name: &str) -> Result<(), Cause> {
-    let mut from = std::fs::File::open(src).map_err(|source| Cause::CacheObject {
-        path: src.to_path_buf(),
-        source,
-    })?;
+/// Copies the open cache object `from` to `name` in the staging directory.
+fn copy_object(from: OwnedFd, sfd: &OwnedFd, name: &str) -> Result<(), Cause> {
+    let mut from = std::fs::File::from(from);
     let fd = rustix::fs::openat(
         sfd,
         name,

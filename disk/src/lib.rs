@@ -7,6 +7,7 @@
 //! - `tarball`: a `.tar`/`.tar.gz` → `FileTree` + objects.
 //! - `objectstore`: the content-addressed on-disk store (imageserver objects, subd cache).
 //! - `apply`: executing an `UpdatePlan` under a root directory, safely.
+//! - `lanes`: independent per-item work split over a few threads, results in order.
 //! - `known`: hashes an update vouches for, so the scan after it need not re-read its files.
 //! - `readback`: sending a scanned file's bytes under its hash, re-hashed as sent.
 //! - `statedir`: `ROOT/.subd`, checked once and then reached only through its handle.
@@ -18,6 +19,7 @@ pub mod apply;
 pub mod clock;
 pub mod fsutil;
 pub mod known;
+pub mod lanes;
 pub mod objectstore;
 pub mod readback;
 pub mod report;

@@ -9,7 +9,8 @@
 //! So a crash at any moment leaves only whole, correct objects under their names, plus
 //! temp files that `open` removes. Nothing here overwrites or edits an object's bytes. (In
 //! subd's cache, `disk::apply` takes an object's last use out of the store: it gives the
-//! object its final owner, mode and mtime where it is and renames it into place.)
+//! object its final owner, mode and mtime where it is, links it into place and removes its
+//! name here.)
 
 use crate::fsutil::{DeleteOnDrop, TEMP_SUFFIX};
 use model::hash::{ObjectHasher, ObjectId};
@@ -194,16 +195,48 @@ impl ObjectStore {
         if pending.is_empty() {
             return Ok(0);
         }
+        let added = self.commit_unsynced_names(pending)?;
         self.sync()?;
-        let mut added = 0;
-        for p in pending {
-            if !rename_no_replace(&p.tmp, &p.final_path).map_err(io_at(&p.final_path))? {
-                continue; // an identical object arrived meanwhile; the guard removes the temp
-            }
-            p.guard.disarm();
-            added += 1;
+        Ok(added)
+    }
+
+    /// `commit` without the sync after the renames, for a cache: every name it makes holds
+    /// a whole, verified, durable object, but a crash may lose names (the objects are then
+    /// fetched again), so only a store nobody is told is durable may use it. (subd's and
+    /// `patch-directory`'s fetches: the update that uses the objects syncs before its
+    /// first rename into place.)
+    pub fn commit_unsynced_names(&self, pending: Vec<PendingObject>) -> Result<usize, StoreError> {
+        if pending.is_empty() {
+            return Ok(0);
         }
         self.sync()?;
+        // Each lane renames its own objects' temp files (an object is in one lane only);
+        // the guards are settled here, in order, once every lane is done.
+        let renamed: Vec<io::Result<bool>> = crate::lanes::run(&pending, |chunk, _| {
+            let rename = |p: &PendingObject| rename_no_replace(&p.tmp, &p.final_path);
+            chunk.iter().map(rename).collect::<Vec<_>>()
+        })
+        .into_iter()
+        .flatten()
+        .collect();
+        let mut added = 0;
+        let mut failed = None;
+        for (p, r) in pending.into_iter().zip(renamed) {
+            match r {
+                Ok(true) => {
+                    p.guard.disarm();
+                    added += 1;
+                }
+                // An identical object arrived meanwhile; the guard removes the temp.
+                Ok(false) => {}
+                Err(e) => {
+                    failed.get_or_insert_with(|| io_at(&p.final_path)(e));
+                }
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
         Ok(added)
     }
 
@@ -237,6 +270,17 @@ impl ObjectStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_at(&p)(e)),
         }
+    }
+
+    /// Every object's id (no `stat` per object: one directory read per fan-out directory).
+    pub fn ids(&self) -> Result<std::collections::HashSet<ObjectId>, StoreError> {
+        let mut out = std::collections::HashSet::new();
+        self.walk(false, |_, name, _| {
+            if let Ok(id) = ObjectId::from_hex(name) {
+                out.insert(id);
+            }
+        })?;
+        Ok(out)
     }
 
     /// Every object with its size.
@@ -348,6 +392,15 @@ impl ObjectWriter {
     /// Checks length and hash; on success the object awaits `ObjectStore::commit`.
     /// On failure the temp file is removed.
     pub fn finish(self) -> Result<PendingObject, StoreError> {
+        self.finish_preparing(|_| {})
+    }
+
+    /// `finish`, calling `prepare` on the verified file before it is closed (to give it
+    /// metadata; never to change its bytes).
+    pub fn finish_preparing(
+        self,
+        prepare: impl FnOnce(&File),
+    ) -> Result<PendingObject, StoreError> {
         let (computed, got) = self.hasher.finish();
         if got != self.len {
             return Err(StoreError::Truncated {
@@ -362,6 +415,7 @@ impl ObjectWriter {
                 computed: Box::new(computed),
             });
         }
+        prepare(&self.file);
         start_writeback(&self.file, self.len);
         Ok(PendingObject {
             guard: self.guard,

@@ -192,9 +192,18 @@ pub fn scan_full(root: &Path, opts: &ScanOptions) -> Result<Scan, ScanError> {
         dev: st.st_dev as u64,
         opts,
     };
+    let t_walk = std::time::Instant::now();
     walk(root_fd.as_fd(), &FsPath::root(), &w, &mut found)?;
     let known_files = found.known_files;
+    let t_hash = std::time::Instant::now();
     let hashes = hash_files(root, root_fd.as_fd(), &to_hash, opts)?;
+    tracing::debug!(
+        "scan: walk {:.1} ms, {} files hashed in {:.1} ms, {} known",
+        (t_hash - t_walk).as_secs_f64() * 1000.0,
+        to_hash.len(),
+        t_hash.elapsed().as_secs_f64() * 1000.0,
+        known_files
+    );
     for (ino, outcome) in hashes {
         match outcome {
             Hashed::Same { id, size, current } => {

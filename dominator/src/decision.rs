@@ -265,6 +265,15 @@ pub const FETCH_HEADROOM: u64 = 64 << 20;
 /// Scans after a fetch before the object cache is believed to list the fetched objects.
 pub const SCANS_AFTER_FETCH: u64 = 1;
 
+/// The scan count that settles the last action (the first scan counted after it), while
+/// one is awaited: a poll may be held until the subd reaches it.
+pub fn awaited_scan(last_action: Option<&Action>) -> Option<u64> {
+    match last_action? {
+        Action::Update { scan_count, .. } => Some(scan_count + SCANS_AFTER_UPDATE),
+        Action::Fetch { scan_count, .. } => Some(scan_count + SCANS_AFTER_FETCH),
+    }
+}
+
 /// Whether `next_step` would look at the plan: not while the subd is busy or the last
 /// action awaits the scans that confirm it. The herd drops a plan once it has acted on it
 /// and recomputes one (from a fresh tree) only when this says it is needed.
@@ -825,6 +834,31 @@ mod tests {
                 want,
                 "{prev:?} -> {now:?} with {err:?}, showing {shown:?}"
             );
+        }
+    }
+
+    /// The scan a held poll waits for is the one that settles the action: with it,
+    /// `needs_plan` looks at the plan again; one short of it, it does not.
+    #[test]
+    fn the_awaited_scan_is_the_one_that_settles_the_action() {
+        assert_eq!(awaited_scan(None), None);
+        for action in [
+            Action::Fetch {
+                image: "img/2".into(),
+                scan_count: 7,
+            },
+            Action::Update {
+                image: "img/2".into(),
+                scan_count: 7,
+            },
+        ] {
+            let target = awaited_scan(Some(&action)).unwrap();
+            assert!(target > 7, "{action:?}");
+            assert!(
+                !needs_plan(&poll(3, target - 1), Some(&action)),
+                "{action:?}"
+            );
+            assert!(needs_plan(&poll(3, target), Some(&action)), "{action:?}");
         }
     }
 }

@@ -429,6 +429,8 @@ struct MachineState {
     state_diverged: u64,
     /// Unix seconds the last update was sent (its duration, once it reports finished).
     update_sent_at: Option<u64>,
+    /// The subd's scan count at the last poll.
+    scan_count: u64,
 }
 
 async fn machine_loop(ctx: Arc<Ctx>, mut rx: watch::Receiver<Machine>) {
@@ -444,11 +446,15 @@ async fn machine_loop(ctx: Arc<Ctx>, mut rx: watch::Receiver<Machine>) {
             let span = tracing::info_span!("machine", host = %m.hostname);
             cycle(&ctx, &m, &resolved, &mut st).instrument(span).await
         };
-        // Sleep until the delay ends, the record changes, or a stream it follows moves.
+        // Sleep until the delay ends, the record changes, a stream it follows moves, or
+        // the scan the last action awaits is done (a held poll; no permit is taken).
         let until = tokio::time::Instant::now() + delay;
+        let confirmed = scan_done(&ctx, &st, until);
+        tokio::pin!(confirmed);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => break,
+                () = &mut confirmed => break,
                 r = rx.changed() => if r.is_err() { return } else { break },
                 r = streams.changed() => {
                     if r.is_err() || ctx.streams.resolve(&m) != resolved {
@@ -457,6 +463,34 @@ async fn machine_loop(ctx: Arc<Ctx>, mut rx: watch::Receiver<Machine>) {
                 }
             }
         }
+    }
+}
+
+/// Returns once the subd has done the scan the last action awaits, asked with a poll it
+/// holds until then (or until `until`); never returns when no scan is awaited (or the last
+/// poll already saw it done), the poll fails, or the subd answered without reaching it (one
+/// that predates held polls), so the caller's sleep decides.
+async fn scan_done(ctx: &Ctx, st: &MachineState, until: tokio::time::Instant) {
+    let target = decision::awaited_scan(st.last_action.as_ref());
+    // Only while the last poll had not reached it: then the next cycle settles the action.
+    let (Some(target), Some((_, client))) =
+        (target.filter(|t| st.scan_count < *t), st.client.as_ref())
+    else {
+        return std::future::pending().await;
+    };
+    let wait_ms = until
+        .saturating_duration_since(tokio::time::Instant::now())
+        .as_millis() as u64;
+    let req = PollRequest {
+        have_generation: st.generation,
+        short_only: true,
+        wait_for_scan: target,
+        wait_ms,
+    };
+    Counters::add(&ctx.fleet.counters.polls, 1);
+    match poll_counted(client, &req).await {
+        Ok((p, n)) if p.scan_count >= target => Counters::add(&ctx.fleet.counters.poll_bytes, n),
+        _ => std::future::pending().await,
     }
 }
 
@@ -609,7 +643,7 @@ async fn observe(
     client: &SubdClient,
 ) -> Observation {
     let (poll, poll_bytes) = poll_short(ctx, st, client).await;
-    let (image, image_state) = required_image(ctx, m, poll.is_ok()).await;
+    let (image, image_state) = required_image(ctx, m).await;
     let mut seen = Observation {
         poll,
         poll_bytes,
@@ -634,6 +668,7 @@ async fn poll_short(
     let req = PollRequest {
         have_generation: st.generation,
         short_only: true,
+        ..Default::default()
     };
     match poll_counted(client, &req).await {
         Ok((mut p, n)) => {
@@ -645,6 +680,7 @@ async fn poll_short(
                 forget_machine_state(st);
             }
             st.start_time = p.start_time;
+            st.scan_count = p.scan_count;
             (Ok(p), n)
         }
         Err(e) => {
@@ -670,21 +706,14 @@ fn forget_machine_state(st: &mut MachineState) {
     st.planned_key = None;
 }
 
-/// The required image from the fleet-wide cache; fetched only when the machine answered
-/// (machines that are down do not hammer the imageserver).
-async fn required_image(
-    ctx: &Ctx,
-    m: &Machine,
-    reachable: bool,
-) -> (Option<Arc<Image>>, ImageState) {
+/// The required image from the fleet-wide cache, loaded whether or not the machine
+/// answered: a machine that comes back, or its replacement pointed at by an MDB edit,
+/// finds it ready. Down machines cannot hammer the imageserver with it: the cache loads
+/// each image once for the whole fleet and retries a missing one at most once per retry
+/// period.
+async fn required_image(ctx: &Ctx, m: &Machine) -> (Option<Arc<Image>>, ImageState) {
     if m.required_image.is_empty() {
         return (None, ImageState::Undefined);
-    }
-    if !reachable {
-        return match ctx.images.cached(&m.required_image) {
-            Some(i) => (Some(i), ImageState::Ready),
-            None => (None, ImageState::NotReady(String::new())),
-        };
     }
     match ctx.images.get(&m.required_image).await {
         Ok(i) => (Some(i), ImageState::Ready),
@@ -839,6 +868,10 @@ async fn act(
     }
 }
 
+/// The most objects a Fetch names with their final metadata (about 200 bytes each in
+/// JSON beside the hash's 131: far inside subd's 128 MiB request limit).
+const FINAL_METADATA_MAX: usize = 100_000;
+
 /// Asks the subd to fetch the required image's missing objects.
 async fn send_fetch(
     ctx: &Ctx,
@@ -849,10 +882,17 @@ async fn send_fetch(
     scan_count: u64,
 ) -> Outcome {
     Counters::add(&ctx.fleet.counters.fetches, 1);
+    // The last uses' metadata, for subd to give the objects as it stores them: a hint, left
+    // out of very large fetches, whose requests it would more than double.
+    let final_metadata = match st.plan.as_ref() {
+        Some(p) if hashes.len() <= FINAL_METADATA_MAX => p.final_metadata(),
+        _ => Vec::new(),
+    };
     let req = api::FetchRequest {
         server: ctx.cfg.image_server.clone(),
         hashes,
         wait: false,
+        final_metadata,
     };
     let (status, error) = match client.fetch(&req).await {
         Ok(accepted) => {
@@ -939,6 +979,7 @@ async fn send_prefetch(
         server: ctx.cfg.image_server.clone(),
         hashes: prefetch,
         wait: false,
+        ..Default::default()
     };
     match client.fetch(&req).await {
         Ok(_) => {

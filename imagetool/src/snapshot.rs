@@ -144,6 +144,7 @@ impl Snapshotter {
                 .snapshot_tree(&PollRequest {
                     have_generation: 0,
                     short_only: false,
+                    ..Default::default()
                 })
                 .await
                 .map_err(|source| SnapshotError::Poll {

@@ -191,6 +191,21 @@ pub struct PollRequest {
     /// Never send the tree.
     #[serde(default)]
     pub short_only: bool,
+    /// Hold the reply until the subd has finished this many scans (its `scan_count`), for
+    /// at most `wait_ms` (the subd caps the hold at `MAX_POLL_HOLD_MS`); 0 = reply at once.
+    /// A dominator awaiting the scan that confirms its fetch or update hears of it as it
+    /// ends instead of at its next poll. A subd that predates it replies at once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub wait_for_scan: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub wait_ms: u64,
+}
+
+/// The longest a subd holds a poll waiting for a scan.
+pub const MAX_POLL_HOLD_MS: u64 = 5_000;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What the last update did.
@@ -254,7 +269,7 @@ pub struct PollResponse {
     pub seeded: Vec<FsPath>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct FetchRequest {
     /// The imageserver to fetch from, `HOST:PORT`.
     pub server: String,
@@ -262,6 +277,11 @@ pub struct FetchRequest {
     /// Return only when the fetch is done (errors are then returned too).
     #[serde(default)]
     pub wait: bool,
+    /// The metadata the following update gives each object at its last use, for subd to
+    /// give it as it stores the object (`UpdatePlan::final_metadata`; a hint, checked again
+    /// by the update). Left out by older dominators.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub final_metadata: Vec<crate::plan::FinalMetadata>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

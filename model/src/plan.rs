@@ -106,6 +106,28 @@ pub struct MetadataChange {
     pub mtime_only: bool,
 }
 
+/// The owner, group, mode and mtime an object will have at its last use in an update (the
+/// regular file the update makes from the cache's own object): a fetch ahead of the
+/// update may give them to the object as it stores it, so the update's stage finds that
+/// work done. A hint: the stage checks and sets them again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinalMetadata {
+    pub object: ObjectId,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    pub mtime: crate::image::Mtime,
+}
+
+impl FinalMetadata {
+    /// The regular file `self` describes, for the metadata calls.
+    pub fn inode(&self) -> Inode {
+        let mut i = Inode::file(self.mode, self.uid, self.gid, self.mtime, 0, None);
+        i.hash = Some(self.object);
+        i
+    }
+}
+
 /// Everything one update does, in the order subd applies it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct UpdatePlan {
@@ -190,6 +212,29 @@ pub fn writable_by_others(mode: u32) -> bool {
 }
 
 impl UpdatePlan {
+    /// The metadata of each fetched object's last use (the last regular file of the plan
+    /// made from it), in the order of `objects_to_fetch`.
+    pub fn final_metadata(&self) -> Vec<FinalMetadata> {
+        let mut last = std::collections::HashMap::new();
+        for pi in &self.inodes_to_make {
+            if let (Kind::File, Some(h)) = (pi.inode.kind, pi.inode.hash) {
+                last.insert(h, &pi.inode);
+            }
+        }
+        self.objects_to_fetch
+            .iter()
+            .filter_map(|h| {
+                last.get(h).map(|i| FinalMetadata {
+                    object: *h,
+                    uid: i.uid,
+                    gid: i.gid,
+                    mode: i.mode,
+                    mtime: i.mtime,
+                })
+            })
+            .collect()
+    }
+
     /// Checks that the plan leaves the root a directory subd still trusts when run as
     /// `euid`: owned by root or `euid`, and not writable by other users. A plan that broke
     /// this would stop subd at its next start, wedging the machine.
@@ -527,5 +572,36 @@ mod tests {
         let mut p = ok;
         p.dirs_to_make[0].inode.gid = u32::MAX;
         assert!(p.validate().is_err());
+    }
+
+    /// Each fetched object's hint is its last use's metadata; objects not fetched get none.
+    #[test]
+    fn final_metadata_is_each_fetched_objects_last_use() {
+        let (a, b, c) = (ObjectId::of(b"a"), ObjectId::of(b"b"), ObjectId::of(b"c"));
+        let t = |sec| crate::image::Mtime { sec, nsec: 7 };
+        let file = |mode, uid, sec, h| Inode::file(mode, uid, uid, t(sec), 1, Some(h));
+        let plan = UpdatePlan {
+            objects_to_fetch: vec![b, a],
+            inodes_to_make: vec![
+                at("/a1", file(0o600, 1, 10, a)),
+                at("/b", file(0o755, 2, 20, b)),
+                at("/a2", file(0o4755, 3, 30, a)),
+                at("/c", file(0o644, 4, 40, c)),
+                at("/l", Inode::symlink(0, 0, "a1")),
+            ],
+            ..UpdatePlan::default()
+        };
+        let hint = |object, mode, uid, sec| FinalMetadata {
+            object,
+            uid,
+            gid: uid,
+            mode,
+            mtime: t(sec),
+        };
+        assert_eq!(
+            plan.final_metadata(),
+            [hint(b, 0o755, 2, 20), hint(a, 0o4755, 3, 30)]
+        );
+        assert_eq!(plan.final_metadata()[1].inode().mode, 0o4755);
     }
 }

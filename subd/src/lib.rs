@@ -268,6 +268,9 @@ pub struct Subd {
     /// The imageserver client of the last fetch, by its server list: kept so the server
     /// it failed over to stays preferred across fetches.
     pub fetch_client: Mutex<Option<(String, wire::client::ImageServerClient)>>,
+    /// The scan count, published by the scanner after each pass it counts (and
+    /// `u64::MAX` once shutting down): held polls (`PollRequest::wait_for_scan`) wait on it.
+    pub scans: tokio::sync::watch::Sender<u64>,
     /// Held while running: one subd per root.
     _lock: disk::fsutil::DirLock,
 }
@@ -325,6 +328,7 @@ impl Subd {
             polls: poll::PollShare::default(),
             snapshot_index: snapshot::IndexCache::default(),
             fetch_client: Mutex::new(None),
+            scans: tokio::sync::watch::Sender::new(0),
             _lock: lock,
         });
         // An update killed between stopping services and starting them left them stopped.
@@ -398,6 +402,8 @@ impl Subd {
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.scan_abort.store(true, Ordering::SeqCst);
+        // Held polls answer now: shutdown does not wait out their holds.
+        self.scans.send_replace(u64::MAX);
         let (m, c) = &self.wake;
         *m.lock().unwrap() = true;
         c.notify_all();

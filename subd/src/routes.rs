@@ -16,6 +16,7 @@ use model::api::{
 };
 use serde::Serialize;
 use std::sync::Arc;
+use std::time::Duration;
 use wire::client::ImageServerClient;
 use wire::fetch::{fetch_objects, FetchError, FetchOptions};
 use wire::http::{ApiError, Caller, Json};
@@ -73,6 +74,18 @@ async fn poll(
     poll_reply(s, req).await
 }
 
+/// Holds a poll that asks for it until the scan count reaches `wait_for_scan`, at most
+/// `wait_ms` (capped by `MAX_POLL_HOLD_MS`); the reply then says where the count stands.
+async fn hold_for_scan(s: &Subd, req: &PollRequest) {
+    if req.wait_for_scan == 0 || req.wait_ms == 0 {
+        return;
+    }
+    let hold = Duration::from_millis(req.wait_ms.min(model::api::MAX_POLL_HOLD_MS));
+    let mut scans = s.scans.subscribe();
+    let reached = scans.wait_for(|n| *n >= req.wait_for_scan);
+    let _ = tokio::time::timeout(hold, reached).await;
+}
+
 /// `Snapshot.GetTree`: a full poll for a snapshot (its grant checked by the server).
 async fn snapshot_tree(
     State(s): State<Arc<Subd>>,
@@ -88,6 +101,7 @@ async fn snapshot_tree(
 /// The poll reply: the status, and the shared tree when asked for and newer than the
 /// caller's.
 async fn poll_reply(s: Arc<Subd>, req: PollRequest) -> Result<Response, ApiError> {
+    hold_for_scan(&s, &req).await;
     let s2 = s.clone();
     // statvfs and the status lock (a std Mutex, taken and released inside): off the
     // executor. The tree is only referenced here, never serialized.
@@ -300,6 +314,7 @@ async fn fetch(
     let task = tokio::spawn(async move {
         let opts = FetchOptions {
             bytes_per_second: s2.config.fetch_bytes_per_second,
+            final_metadata: wire::fetch::metadata_map(&req.final_metadata),
             ..FetchOptions::default()
         };
         let r = fetch_objects(&client, &s2.store, &req.hashes, &opts).await;

@@ -79,7 +79,7 @@ pub fn run(subd: &Subd) {
             known,
         };
         let scanned = scan_full(&cfg.root, &opts);
-        let cache = subd.store.list();
+        let cache = subd.store.ids();
         let (tree, hidden_parents, known_files, cache) = match (scanned, cache) {
             (Ok(s), Ok(c)) => (
                 s.tree,
@@ -106,7 +106,7 @@ pub fn run(subd: &Subd) {
                 continue;
             }
         };
-        let mut ids: Vec<ObjectId> = cache.into_iter().map(|(h, _)| h).collect();
+        let mut ids: Vec<ObjectId> = cache.into_iter().collect();
         ids.sort();
         {
             let mut st = subd.status();
@@ -115,6 +115,7 @@ pub fn run(subd: &Subd) {
                 || subd.epoch.load(Ordering::SeqCst) != epoch
             {
                 keep_known(&mut st, &opts);
+                tracing::debug!("scan pass discarded: a fetch or update overlapped it");
                 continue; // the tree changed under us: scan again
             }
             let changed = st.generation == 0
@@ -128,9 +129,19 @@ pub fn run(subd: &Subd) {
                 st.hidden_parents = hidden_parents;
             }
             st.scan_count += 1;
+            if !subd.stop.load(Ordering::SeqCst) {
+                subd.scans.send_replace(st.scan_count);
+            }
             st.last_scan_known_files = known_files as u64;
             st.last_scan_time = unix_now();
             st.last_scan_duration_ms = started.elapsed().as_millis() as u64;
+            tracing::debug!(
+                known_files,
+                changed,
+                "scan pass {} done in {} ms",
+                st.scan_count,
+                st.last_scan_duration_ms
+            );
         }
         subd.snapshot_index.expire(crate::snapshot::INDEX_IDLE);
         if !niced && percent < 100 {

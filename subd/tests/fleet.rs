@@ -94,6 +94,22 @@ async fn add_image(
     f.images.get_image(name).await.unwrap()
 }
 
+/// `Subd.Fetch` of `hashes` from the fleet's imageserver, with `final_metadata` hints.
+async fn fetch(
+    f: &Fleet,
+    hashes: Vec<ObjectId>,
+    wait: bool,
+    final_metadata: Vec<model::plan::FinalMetadata>,
+) -> model::api::FetchResponse {
+    let req = FetchRequest {
+        server: f.server.clone(),
+        hashes,
+        wait,
+        final_metadata,
+    };
+    f.subd.fetch(&req).await.unwrap()
+}
+
 async fn poll_after(f: &Fleet, after: u64) -> PollResponse {
     testkit::drive::poll_after(&f.subd, after).await
 }
@@ -107,14 +123,7 @@ async fn converge(f: &Fleet, name: &str, img: &Image) -> model::api::UpdateResul
     let p = poll_after(f, 0).await;
     let pl = plan(name, img, &p);
     assert!(pl.unsafe_reason.is_none(), "{pl:#}");
-    f.subd
-        .fetch(&FetchRequest {
-            server: f.server.clone(),
-            hashes: pl.objects_to_fetch.clone(),
-            wait: true,
-        })
-        .await
-        .unwrap();
+    fetch(f, pl.objects_to_fetch.clone(), true, Vec::new()).await;
     let p = poll_after(f, p.generation).await;
     let pl = plan(name, img, &p);
     assert!(
@@ -147,6 +156,7 @@ async fn poll_at_scan_after(f: &Fleet, accepted: u64) -> PollResponse {
             .poll(&PollRequest {
                 have_generation: 0,
                 short_only: false,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -180,15 +190,8 @@ async fn the_first_scan_counted_after_an_accepted_fetch_or_update_shows_it() {
         let img = add_image(&f, &name, &src, None, Triggers::default()).await;
         let p = poll_after(&f, 0).await;
         let pl = plan(&name, &img, &p);
-        let accepted = f
-            .subd
-            .fetch(&FetchRequest {
-                server: f.server.clone(),
-                hashes: pl.objects_to_fetch.clone(),
-                wait: false,
-            })
+        let accepted = fetch(&f, pl.objects_to_fetch.clone(), false, Vec::new())
             .await
-            .unwrap()
             .scan_count
             .expect("subd says its scan count");
         let p = poll_at_scan_after(&f, accepted).await;
@@ -236,14 +239,7 @@ async fn the_scan_after_an_update_trusts_its_record_once_then_reads_everything()
     let img = add_image(&f, "known/1", &src, None, Triggers::default()).await;
     let p = poll_after(&f, 0).await;
     let pl = plan("known/1", &img, &p);
-    f.subd
-        .fetch(&FetchRequest {
-            server: f.server.clone(),
-            hashes: pl.objects_to_fetch.clone(),
-            wait: true,
-        })
-        .await
-        .unwrap();
+    fetch(&f, pl.objects_to_fetch.clone(), true, Vec::new()).await;
     let accepted = f
         .subd
         .update(&UpdateRequest {
@@ -355,6 +351,7 @@ async fn fetch_faults_are_reported_and_nothing_bad_is_kept() {
                 server,
                 hashes,
                 wait: true,
+                ..Default::default()
             })
             .await
         }
@@ -408,4 +405,53 @@ async fn fetch_faults_are_reported_and_nothing_bad_is_kept() {
     std::fs::write(&on_server, vec![7u8; 300_000]).unwrap();
     fetch(f.server.clone()).await.unwrap();
     assert!(store.contains(&big));
+}
+
+/// A Fetch carrying the plan's last-use metadata stores each object with it (its mode and
+/// mtime in the cache before any update), and the update then installs it as the image
+/// says; one without leaves the cache's own (0640).
+#[tokio::test]
+async fn a_fetch_gives_objects_their_last_uses_metadata_as_it_stores_them() {
+    use std::os::unix::fs::MetadataExt;
+    let f = fleet().await;
+    let src = f.root.parent().unwrap().join("src");
+    write(&src, "bin/tool", b"#!/bin/sh\n");
+    std::fs::set_permissions(src.join("bin/tool"), std::fs::Permissions::from_mode(0o751)).unwrap();
+    write(&src, "etc/conf", b"conf\n");
+    let img = add_image(&f, "meta/1", &src, None, Triggers::default()).await;
+    let p = poll_after(&f, 0).await;
+    let pl = plan("meta/1", &img, &p);
+    let hints = pl.final_metadata();
+    assert_eq!(hints.len(), 2, "{hints:?}");
+    let tool = hints
+        .iter()
+        .find(|m| m.mode & 0o777 == 0o751)
+        .expect("the tool's hint");
+    let conf = hints.iter().find(|m| m.object != tool.object).unwrap();
+    fetch(&f, vec![tool.object], true, vec![*tool]).await;
+    let accepted = fetch(&f, vec![conf.object], true, Vec::new())
+        .await
+        .scan_count
+        .expect("subd says its scan count");
+    let cached = |id: &ObjectId| {
+        let hex = id.to_hex();
+        std::fs::metadata(f.root.join(".subd/objects").join(&hex[..2]).join(&hex[2..])).unwrap()
+    };
+    let m = cached(&tool.object);
+    assert_eq!((m.mode() & 0o7777, m.mtime()), (0o751, tool.mtime.sec));
+    assert_eq!(cached(&conf.object).mode() & 0o7777, 0o640);
+    // Planned from a scan that lists both objects in the cache: nothing left to fetch.
+    let pl = plan("meta/1", &img, &poll_at_scan_after(&f, accepted).await);
+    assert!(pl.objects_to_fetch.is_empty(), "{pl:#}");
+    let update = UpdateRequest {
+        plan: pl,
+        wait: true,
+    };
+    let r = f.subd.update(&update).await.unwrap().result.unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let installed = std::fs::metadata(f.root.join("bin/tool")).unwrap();
+    assert_eq!(
+        (installed.mode() & 0o7777, installed.mtime()),
+        (0o751, tool.mtime.sec)
+    );
 }

@@ -323,6 +323,7 @@ async fn kill_9_during_a_fetch_leaves_no_partial_object() {
             server,
             hashes: vec![h],
             wait: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -333,6 +334,7 @@ async fn kill_9_during_a_fetch_leaves_no_partial_object() {
             .poll(&PollRequest {
                 have_generation: 0,
                 short_only: true,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -449,6 +451,7 @@ async fn triggers_too_big_together_do_not_jam_subd() {
             server: "127.0.0.1:1".into(),
             hashes: vec![],
             wait: true,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -466,6 +469,7 @@ async fn triggers_too_big_together_do_not_jam_subd() {
         .poll(&PollRequest {
             have_generation: 0,
             short_only: true,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -548,6 +552,7 @@ async fn unread_full_polls_share_one_buffer_and_rss_stays_bounded() {
         .poll(&PollRequest {
             have_generation: full.generation,
             short_only: true,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -557,6 +562,7 @@ async fn unread_full_polls_share_one_buffer_and_rss_stays_bounded() {
         .poll(&PollRequest {
             have_generation: 0,
             short_only: false,
+            ..Default::default()
         })
         .await
         .unwrap();

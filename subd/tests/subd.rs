@@ -170,6 +170,7 @@ async fn poll_reports_generations_and_sends_the_tree_only_when_it_changed() {
         .poll(&PollRequest {
             have_generation: p1.generation,
             short_only: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -181,6 +182,7 @@ async fn poll_reports_generations_and_sends_the_tree_only_when_it_changed() {
         .poll(&PollRequest {
             have_generation: 0,
             short_only: true,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -399,6 +401,7 @@ async fn triggers_run_around_the_change_and_a_second_update_is_refused_meanwhile
             .poll(&PollRequest {
                 have_generation: 0,
                 short_only: true,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -602,4 +605,56 @@ async fn seeded_paths_are_remembered_across_restarts_and_reported_in_polls() {
     );
     assert!(plan.is_empty(), "{plan:#}");
     s2.shutdown();
+}
+
+/// A poll asking to wait for a scan is held until that scan is counted (not answered at
+/// once with the count before it), and no longer than asked when the scan is far off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_waiting_for_a_scan_is_answered_when_it_is_done() {
+    let r = start_with(|root, _| {
+        let mut c = Config::new(root);
+        c.min_scan_interval = Duration::from_millis(1500);
+        c
+    })
+    .await;
+    let now = poll_after(&r, 0).await.scan_count;
+    let t0 = Instant::now();
+    let held = r
+        .client
+        .poll(&PollRequest {
+            short_only: true,
+            wait_for_scan: now + 1,
+            wait_ms: 4000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        held.scan_count > now,
+        "answered before the scan: {}",
+        held.scan_count
+    );
+    assert!(
+        t0.elapsed() < Duration::from_millis(3500),
+        "{:?}",
+        t0.elapsed()
+    );
+    // A scan out of reach: answered when the hold ends, with the count as it stands.
+    let t0 = Instant::now();
+    let timed_out = r
+        .client
+        .poll(&PollRequest {
+            short_only: true,
+            wait_for_scan: held.scan_count + 100,
+            wait_ms: 300,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(timed_out.scan_count < held.scan_count + 100);
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
 }

@@ -253,6 +253,7 @@ async fn subd_killed_at_random_moments_during_fetch_and_activation_converges() {
                 server: is_addr.clone(),
                 hashes: plan.objects_to_fetch.clone(),
                 wait: false,
+                ..Default::default()
             };
             c.fetch(&req).await.unwrap();
             tokio::time::sleep(Duration::from_millis(rng.u64(0..60))).await;

@@ -104,6 +104,7 @@ async fn a_full_disk_during_fetch_and_update_activates_nothing_partial_and_conve
         server: is_addr.clone(),
         hashes: plan.objects_to_fetch.clone(),
         wait: true,
+        ..Default::default()
     };
     let e = c.fetch(&req).await.expect_err("the fetch must fail");
     assert!(e.to_string().to_lowercase().contains("space"), "{e}");

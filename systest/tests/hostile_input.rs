@@ -102,6 +102,7 @@ async fn subd_refuses_a_plan_with_an_unsettable_owner_or_a_directory_among_inode
                 server: server.into(),
                 hashes: vec![model::ObjectId::of(b"x")],
                 wait: true,
+                ..Default::default()
             })
             .await
             .expect_err(server);

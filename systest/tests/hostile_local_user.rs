@@ -134,6 +134,7 @@ async fn a_name_flipped_by_a_local_user_cannot_freeze_the_scanner() {
     let short = PollRequest {
         have_generation: 0,
         short_only: true,
+        ..Default::default()
     };
     // Scans keep completing while the names flip.
     let first = c.poll(&short).await.unwrap();

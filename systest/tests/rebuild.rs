@@ -154,6 +154,25 @@ fn plan_until_ready(mdb: &Path, is_addr: &str) -> String {
     }
 }
 
+/// `DIR/mdb.json` holding the dead host `m1`: its record points at a closed port and
+/// requires `app/1`. Returns the path and its string.
+fn dead_host_mdb(dir: &Path) -> (std::path::PathBuf, String) {
+    let mdb = dir.join("mdb.json");
+    let m = s(&mdb);
+    let add = [
+        "--mdb",
+        &m,
+        "add",
+        "m1",
+        "--ip",
+        "127.0.0.1:1",
+        "--required",
+        "app/1",
+    ];
+    ok("mdb", &add);
+    (mdb, m)
+}
+
 /// The hook scripts: two pre hooks and a post hook, each appending
 /// `PHASE NAME IMAGE|PREVIOUS|REBUILD|app.conf` to `log`.
 fn hooks_dir(dir: &Path, log: &Path) {
@@ -210,21 +229,7 @@ async fn dead_host_is_rebuilt_from_an_empty_root_in_one_update() {
     ok("imagetool", &add);
 
     // The dead host: its record points at a closed port.
-    let mdb = t.join("mdb.json");
-    let m = s(&mdb);
-    ok(
-        "mdb",
-        &[
-            "--mdb",
-            &m,
-            "add",
-            "m1",
-            "--ip",
-            "127.0.0.1:1",
-            "--required",
-            "app/1",
-        ],
-    );
+    let (mdb, m) = dead_host_mdb(t);
     let dom = Daemon::dominator(&bin("dominator"), &m, &is.addr, 200);
     let api = dom.dominator_api();
     wait_for(&api, "polled the dead host", |m| {
@@ -339,4 +344,56 @@ async fn dead_host_is_rebuilt_from_an_empty_root_in_one_update() {
     let hooks_after = std::fs::read_to_string(&log).unwrap();
     assert_eq!(hooks_after.lines().count(), lines.len(), "{hooks_after}");
     drop(subd);
+}
+
+/// With a poll interval longer than the whole rebuild, the dominator still goes from the
+/// fetch to the update to `synced` without waiting out an interval at each step: it holds a
+/// poll open until the scan that settles its last action is done. (Polling only, the two
+/// awaited scans would cost two whole intervals.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_does_not_wait_out_the_poll_interval_between_steps() {
+    const POLL_MS: u64 = 6000;
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let root = t.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let is = Daemon::imageserver(&bin("imageserver"), &t.join("imageserver"), &[]);
+    let src = t.join("src");
+    for n in 0..20 {
+        write(
+            &src.join(format!("etc/f{n}")),
+            &format!("file {n}\n"),
+            0o644,
+        );
+    }
+    ok(
+        "imagetool",
+        &["--image-server", &is.addr, "add", "app/1", &s(&src), "", ""],
+    );
+    let subd = Daemon::subd(&bin("subd"), &s(&root), &["--scan-speed-percent", "100"]);
+    let sc =
+        wire::client::SubdClient::new(&subd.addr, &wire::client::ClientSecurity::Insecure, None)
+            .unwrap();
+    testkit::drive::poll_after(&sc, 0).await;
+    let (_, m) = dead_host_mdb(t);
+    let dom = Daemon::dominator(&bin("dominator"), &m, &is.addr, POLL_MS);
+    let api = dom.dominator_api();
+    wait_for(&api, "polled the dead host", |m| {
+        m["last_error"].is_string()
+    })
+    .await;
+    // Just after a cycle: the next poll is a whole interval away.
+    let t0 = Instant::now();
+    ok("mdb", &["--mdb", &m, "set", "m1", "--address", &subd.addr]);
+    let synced = wait_for(&api, "synced", |m| m["status_name"] == "synced").await;
+    let took = t0.elapsed();
+    assert_eq!(synced["last_update"]["image_name"], "app/1", "{synced:#}");
+    assert!(
+        took < Duration::from_millis(POLL_MS - 1000),
+        "synced after {took:?}: the steps waited for the {POLL_MS} ms poll interval"
+    );
+    for n in 0..20 {
+        let got = std::fs::read_to_string(root.join(format!("etc/f{n}"))).unwrap();
+        assert_eq!(got, format!("file {n}\n"));
+    }
 }

@@ -226,6 +226,7 @@ async fn a_builder_certificate_gets_a_short_poll_and_is_refused_a_full_one() {
         .poll(&PollRequest {
             have_generation: 0,
             short_only: true,
+            ..Default::default()
         })
         .await
         .expect("any authenticated caller may poll short");
@@ -236,6 +237,7 @@ async fn a_builder_certificate_gets_a_short_poll_and_is_refused_a_full_one() {
             .poll(&PollRequest {
                 have_generation,
                 short_only: false,
+                ..Default::default()
             })
             .await
             .unwrap_err();

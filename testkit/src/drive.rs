@@ -17,6 +17,7 @@ pub async fn poll_after(c: &SubdClient, after: u64) -> PollResponse {
         let req = PollRequest {
             have_generation: after,
             short_only: false,
+            ..Default::default()
         };
         if let Ok(p) = c.poll(&req).await {
             if p.generation > after

@@ -67,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
         server: a[2].clone(),
         hashes: plan.objects_to_fetch.clone(),
         wait: true,
+        final_metadata: plan.final_metadata(),
     })
     .await?;
     let fetch_s = t1.elapsed().as_secs_f64();

@@ -2,8 +2,10 @@
 //! `patch-directory`): `ObjectServer.GetObjects` in batches, each reply streamed through a
 //! small bounded channel into a blocking writer that verifies every object's length and
 //! SHA-512 before it is kept. Batches run concurrently as tasks, one per CPU (at most 4); the
-//! objects they verify are committed together (one sync before the renames, one after) at
-//! the end or every `COMMIT_EVERY` objects, so a fetch syncs twice, not twice per batch.
+//! objects they verify are committed (a sync, then the renames to their names) by one
+//! commit at a time running beside the batches still streaming, which takes everything
+//! verified since the last one began, so the fetch ends waiting only for the last. The
+//! names are not synced: the update using the objects syncs before its first rename.
 //! A mismatching object is discarded and reported; a truncated reply keeps the whole
 //! objects before the cut; a full disk is reported as such. Given several imageservers
 //! (`ImageServerClient` fails each call over itself), a reply that breaks off moves the
@@ -14,7 +16,8 @@ use crate::client::{ClientError, ImageServerClient};
 use disk::objectstore::{ObjectStore, PendingObject, StoreError};
 use futures_util::StreamExt;
 use model::hash::ObjectId;
-use std::collections::HashSet;
+use model::image::Inode;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,6 +30,10 @@ pub struct FetchOptions {
     pub batch_objects: usize,
     /// Cap on the transfer rate; `None` = unlimited.
     pub bytes_per_second: Option<u64>,
+    /// The owner, mode and mtime each object will have at its last use, given to it as
+    /// it is stored (`disk::apply::give_final_metadata`), so the update's stage, which
+    /// runs alone, finds that work done while the fetch ran on every CPU.
+    pub final_metadata: Option<Arc<HashMap<ObjectId, Inode>>>,
 }
 
 impl Default for FetchOptions {
@@ -34,8 +41,19 @@ impl Default for FetchOptions {
         FetchOptions {
             batch_objects: 1000,
             bytes_per_second: None,
+            final_metadata: None,
         }
     }
+}
+
+/// `FetchOptions::final_metadata` from a plan's (or a Fetch request's) list.
+pub fn metadata_map(list: &[model::plan::FinalMetadata]) -> Option<Arc<HashMap<ObjectId, Inode>>> {
+    if list.is_empty() {
+        return None;
+    }
+    Some(Arc::new(
+        list.iter().map(|m| (m.object, m.inode())).collect(),
+    ))
 }
 
 /// What a fetch did.
@@ -175,7 +193,12 @@ fn copy_object(
 }
 
 /// Parses frames from `r` into `store`, verifying each; returns what verified, uncommitted.
-fn write_frames(mut r: impl Read, store: &ObjectStore, wanted: &HashSet<ObjectId>) -> BatchOutcome {
+fn write_frames(
+    mut r: impl Read,
+    store: &ObjectStore,
+    wanted: &HashSet<ObjectId>,
+    metadata: Option<&HashMap<ObjectId, Inode>>,
+) -> BatchOutcome {
     let mut out = BatchOutcome {
         pending: Vec::new(),
         bytes: 0,
@@ -234,7 +257,14 @@ fn write_frames(mut r: impl Read, store: &ObjectStore, wanted: &HashSet<ObjectId
                 break;
             }
         }
-        match w.finish() {
+        let meta = metadata.and_then(|m| m.get(&id));
+        let give = |f: &std::fs::File| {
+            if let Some(want) = meta {
+                // A head start only: the stage sets whatever this could not.
+                let _ = disk::apply::give_final_metadata(f, want);
+            }
+        };
+        match w.finish_preparing(give) {
             Ok(p) => {
                 out.bytes += p.len;
                 out.pending.push(p);
@@ -252,13 +282,15 @@ fn write_frames(mut r: impl Read, store: &ObjectStore, wanted: &HashSet<ObjectId
     out
 }
 
-/// Commits `pending` (off the executor: it syncs); returns how many were new.
+/// Commits `pending` (off the executor: it syncs); returns how many were new. The store
+/// is a cache: its new names are left for the update using them to make durable
+/// (`ObjectStore::commit_unsynced_names`).
 async fn commit(store: &ObjectStore, pending: Vec<PendingObject>) -> Result<u64, FetchError> {
     if pending.is_empty() {
         return Ok(0);
     }
     let st = store.clone();
-    match tokio::task::spawn_blocking(move || st.commit(pending)).await {
+    match tokio::task::spawn_blocking(move || st.commit_unsynced_names(pending)).await {
         Ok(Ok(n)) => Ok(n as u64),
         Ok(Err(e)) if e.is_no_space() => Err(FetchError::DiskFull {
             dir: store.dir().display().to_string(),
@@ -281,6 +313,7 @@ async fn fetch_batch(
     let wanted: HashSet<ObjectId> = batch.iter().copied().collect();
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let st = store.clone();
+    let metadata = opts.final_metadata.clone();
     let writer = tokio::task::spawn_blocking(move || {
         write_frames(
             ChunkReader {
@@ -290,6 +323,7 @@ async fn fetch_batch(
             },
             &st,
             &wanted,
+            metadata.as_deref(),
         )
     });
     let mut body = resp.bytes_stream();
@@ -349,7 +383,8 @@ struct Pace {
 /// Fetches `hashes` (those the store lacks) from `client` into `store`, running up to one
 /// batch per CPU (at most 4) at a time so hashing and file creation use every core.
 /// Phases: select what is missing → split it into batches → run them, absorbing each
-/// result (committing every `COMMIT_EVERY` objects) → commit the rest and report.
+/// result (its objects committed beside the batches still running) → commit the rest and
+/// report.
 pub async fn fetch_objects(
     client: &ImageServerClient,
     store: &ObjectStore,
@@ -403,21 +438,31 @@ struct FetchRun {
     stats: FetchStats,
     mismatched: Vec<ObjectId>,
     first_error: Option<FetchError>,
+    /// Verified objects no commit has taken yet.
     pending: Vec<PendingObject>,
+    /// The commit running beside the batches, if any (one at a time).
+    committing: Option<tokio::task::JoinHandle<Result<u64, FetchError>>>,
 }
 
 type Joined = Result<(Batch, Result<BatchOutcome, FetchError>), tokio::task::JoinError>;
 
 impl FetchRun {
     /// The distinct `hashes` the store lacks, counting those it holds.
+    /// Many hashes are checked against one read of the store's directories rather than a
+    /// `stat` each.
     fn select_missing(&mut self, store: &ObjectStore, hashes: &[ObjectId]) -> Vec<ObjectId> {
+        let held = if hashes.len() >= 256 { store.ids().ok() } else { None };
+        let present = |h: &ObjectId| match &held {
+            Some(ids) => ids.contains(h),
+            None => store.contains(h),
+        };
         let mut seen = HashSet::new();
         let mut todo = Vec::new();
         for h in hashes {
             if !seen.insert(*h) {
                 continue;
             }
-            if store.contains(h) {
+            if present(h) {
                 self.stats.already_present += 1;
             } else {
                 todo.push(*h);
@@ -484,12 +529,7 @@ impl FetchRun {
     ) {
         self.stats.bytes += out.bytes;
         self.pending.extend(out.pending);
-        if self.pending.len() >= COMMIT_EVERY {
-            match commit(store, std::mem::take(&mut self.pending)).await {
-                Ok(n) => self.stats.objects += n,
-                Err(e) => self.fail(e),
-            }
-        }
+        self.commit_beside(store).await;
         self.mismatched.extend(out.mismatched);
         if let Some(e) = out.error {
             return self.fail(e);
@@ -506,10 +546,37 @@ impl FetchRun {
         }
     }
 
+    /// Starts a commit of everything pending unless one is running; settles a commit that
+    /// has ended. Waits for the running one only when `COMMIT_EVERY` objects are pending,
+    /// which bounds the memory and the work a crash loses.
+    async fn commit_beside(&mut self, store: &ObjectStore) {
+        let ended = self.committing.as_ref().is_some_and(|c| c.is_finished());
+        if ended || self.pending.len() >= COMMIT_EVERY {
+            self.settle_commit().await;
+        }
+        if self.committing.is_none() && !self.pending.is_empty() {
+            let (st, pending) = (store.clone(), std::mem::take(&mut self.pending));
+            self.committing = Some(tokio::spawn(async move { commit(&st, pending).await }));
+        }
+    }
+
+    /// Waits for the running commit, if any, and counts what it named.
+    async fn settle_commit(&mut self) {
+        let Some(running) = self.committing.take() else {
+            return;
+        };
+        match running.await {
+            Ok(Ok(n)) => self.stats.objects += n,
+            Ok(Err(e)) => self.fail(e),
+            Err(e) => self.fail(FetchError::Truncated(format!("commit failed: {e}"))),
+        }
+    }
+
     /// Commits what is still pending (whatever verified is kept, even when another batch
     /// failed) and reports: the first error, else the first mismatch, else the counts.
     async fn finish(mut self, store: &ObjectStore, pace: &Pace) -> Result<FetchStats, FetchError> {
         let t_commit = Instant::now();
+        self.settle_commit().await;
         match commit(store, std::mem::take(&mut self.pending)).await {
             Ok(n) => self.stats.objects += n,
             Err(e) => self.fail(e),
@@ -609,7 +676,7 @@ mod tests {
         // b's bytes are wrong; c is cut short
         let mut v = body(&[(&a, b"aaa"), (&b, b"BBB"), (&c, b"ccc")]);
         v.truncate(v.len() - 1);
-        let out = write_frames(&v[..], &s, &wanted);
+        let out = write_frames(&v[..], &s, &wanted, None);
         assert_eq!(out.pending.len(), 1);
         assert!(!s.contains(&a), "nothing visible before the commit");
         assert_eq!(s.commit(out.pending).unwrap(), 1);
@@ -622,7 +689,7 @@ mod tests {
         assert!(s.contains(&a) && !s.contains(&b) && !s.contains(&c));
         // an object nobody asked for stops the reply
         let x = ObjectId::of(b"x");
-        let out = write_frames(&body(&[(&x, b"x")])[..], &s, &wanted);
+        let out = write_frames(&body(&[(&x, b"x")])[..], &s, &wanted, None);
         assert!(matches!(out.error, Some(FetchError::Unexpected(_))));
         assert!(!s.contains(&x));
     }

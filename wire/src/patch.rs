@@ -115,11 +115,10 @@ pub async fn patch_directory(
     };
     let cache: BTreeSet<_> = {
         let st = store.clone();
-        tokio::task::spawn_blocking(move || st.list())
+        tokio::task::spawn_blocking(move || st.ids())
             .await
             .map_err(|e| PatchError::Join(e.to_string()))??
             .into_iter()
-            .map(|(h, _)| h)
             .collect()
     };
     let plan = diff(
@@ -142,7 +141,11 @@ pub async fn patch_directory(
     }
     let scan_seconds = t_scan.elapsed().as_secs_f64();
     let t_fetch = std::time::Instant::now();
-    let fetch = fetch_objects(client, &store, &plan.objects_to_fetch, &options.fetch).await?;
+    let fetch_options = FetchOptions {
+        final_metadata: crate::fetch::metadata_map(&plan.final_metadata()),
+        ..options.fetch.clone()
+    };
+    let fetch = fetch_objects(client, &store, &plan.objects_to_fetch, &fetch_options).await?;
     let fetch_seconds = t_fetch.elapsed().as_secs_f64();
     let t_apply = std::time::Instant::now();
     let result = {

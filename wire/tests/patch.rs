@@ -264,6 +264,7 @@ async fn fetch_verifies_batches_and_reports_lies() {
     let opts = FetchOptions {
         batch_objects: 16,
         bytes_per_second: None,
+        ..Default::default()
     };
 
     *fake.lie.lock().unwrap() = Lie::CorruptFirst;
@@ -328,6 +329,7 @@ async fn fetch_rate_limit_slows_the_transfer() {
     let opts = FetchOptions {
         batch_objects: 10,
         bytes_per_second: Some(400_000),
+        ..Default::default()
     };
     fetch_objects(&client, &store, &[h], &opts).await.unwrap();
     assert!(

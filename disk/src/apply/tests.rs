@@ -692,6 +692,45 @@ fn an_object_several_inodes_need_is_duplicated() {
     }
 }
 
+/// Enough inodes that staging runs over several lanes: every object is needed by several
+/// files, its last use taking mode 000 in the cache, and every copy still gets the bytes
+/// (the copies are staged before any last use changes the cache's object).
+#[test]
+fn many_inodes_sharing_objects_are_staged_over_lanes_with_every_copy_whole() {
+    let f = fixture();
+    let mut b = B::new().dir("/d", 0o755);
+    for n in 0..(4 * crate::lanes::MIN_PER_LANE) {
+        let data = format!("object {}", n % 7);
+        b = b.file(
+            &format!("/d/f{n:04}"),
+            data.as_bytes(),
+            [0o644, 0o000][n % 2],
+            0,
+        );
+    }
+    let (plan, r) = converge(&f, &b.image(None), &b.contents, &ApplyOptions::default());
+    assert_eq!(plan.objects_to_fetch.len(), 7);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    for n in 0..(4 * crate::lanes::MIN_PER_LANE) {
+        let path = f.root.join(format!("d/f{n:04}"));
+        let m = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(m.mode() & 0o7777, [0o644, 0o000][n % 2], "{n}");
+        assert_eq!(m.mtime(), M.sec);
+        if is_root() || n % 2 == 0 {
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                format!("object {}", n % 7).as_bytes()
+            );
+        }
+    }
+    assert_eq!(
+        rediff(&f, &b.image(None), &ApplyOptions::default())
+            .inodes_to_make
+            .len(),
+        0
+    );
+}
+
 /// Everything under `dir`, as (relative path, content or "<dir>"), sorted.
 fn listing(dir: &Path) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -893,8 +932,97 @@ fn an_object_missing_from_the_cache_is_typed_as_such() {
     );
 }
 
-/// An object's last use is the cache's own inode, given its metadata and renamed from the
-/// cache into place (one rename, nothing copied); an object whose install fails stays in
+/// The metadata a fetch gives an object ahead of its last use is only a head start: when
+/// it is the image's, the stage takes the object as it is; when it is not (another use's,
+/// or stale), the stage sets the image's.
+#[test]
+fn metadata_given_ahead_is_kept_when_right_and_set_again_when_not() {
+    let f = fixture();
+    let store = f.sd.objects().unwrap();
+    let want = |mode| Inode::file(mode, 0, 0, M, 5, Some(ObjectId::of(b"data1")));
+    for (n, (given, wanted)) in [(0o640, 0o640), (0o600, 0o755), (0o4755, 0o644)]
+        .into_iter()
+        .enumerate()
+    {
+        let data = format!("data{n}");
+        let h = ObjectId::of(data.as_bytes());
+        let mut w = store.writer(h, 5).unwrap();
+        w.write_all(data.as_bytes()).unwrap();
+        let mut ahead = want(given);
+        ahead.mtime.sec -= 1000 * n as i64;
+        let pending = w
+            .finish_preparing(|f| give_final_metadata(f, &ahead).unwrap())
+            .unwrap();
+        store.commit(vec![pending]).unwrap();
+        let mut inode = want(wanted);
+        inode.hash = Some(h);
+        let path = format!("/f{n}");
+        let plan = UpdatePlan {
+            sparse: true,
+            inodes_to_make: vec![PathInode {
+                path: p(&path),
+                inode,
+            }],
+            ..UpdatePlan::default()
+        };
+        let (_, failures) = apply_typed(&f, &plan);
+        assert!(failures.is_empty(), "{failures:?}");
+        let m = meta(&f, &path);
+        assert_eq!(
+            (m.mode() & 0o7777, m.mtime(), m.mtime_nsec()),
+            (wanted, M.sec, M.nsec as i64),
+            "{n}"
+        );
+        assert_eq!(
+            std::fs::read(f.root.join(&path[1..])).unwrap(),
+            data.as_bytes()
+        );
+        assert!(!store.contains(&h));
+    }
+}
+
+/// A cache object that is also another file's name (a link into place cut short by a
+/// crash; the live file may since have been edited in place) is never used: it is dropped
+/// from the cache and reported missing, for the next plan to fetch it again. The live
+/// file is left as it is.
+#[test]
+fn a_cache_object_linked_to_a_live_file_is_dropped_not_used() {
+    let f = fixture();
+    let store = f.sd.objects().unwrap();
+    let h = store.put(b"cached").unwrap();
+    std::fs::hard_link(store.path_of(&h), f.root.join("live")).unwrap();
+    std::fs::write(f.root.join("live"), b"edited").unwrap();
+    for (path, other_use) in [("/a", false), ("/b", true)] {
+        let mut plan = UpdatePlan {
+            sparse: true,
+            inodes_to_make: vec![PathInode {
+                path: p(path),
+                inode: Inode::file(0o644, 0, 0, M, 6, Some(h)),
+            }],
+            ..UpdatePlan::default()
+        };
+        if other_use {
+            // Two uses: the first is a copy, which must not read the live file either.
+            let mut second = plan.inodes_to_make[0].clone();
+            second.path = p("/c");
+            plan.inodes_to_make.push(second);
+            std::fs::hard_link(f.root.join("live"), store.path_of(&h)).unwrap();
+        }
+        let (_, failures) = apply_typed(&f, &plan);
+        assert!(
+            failures.iter().all(|e| matches!(e,
+                ApplyError::Step { step: Step::Stage, cause: Cause::NotInCache(x), .. } if *x == h)),
+            "{failures:?}"
+        );
+        assert!(!failures.is_empty());
+        assert!(!store.contains(&h), "the linked name stays in the cache");
+        assert!(!f.root.join(&path[1..]).exists());
+    }
+    assert_eq!(std::fs::read(f.root.join("live")).unwrap(), b"edited");
+}
+
+/// An object's last use is the cache's own inode, given its metadata and linked from the
+/// cache into place (its cache name removed, nothing copied); an object whose install fails stays in
 /// the cache, content intact, for the next update; nothing is left in staging.
 #[test]
 fn a_last_use_goes_from_the_cache_into_place_and_a_failed_install_keeps_it_cached() {

@@ -153,6 +153,7 @@ pub async fn fetch_then_replan(
             server: server.to_string(),
             hashes: plan.objects_to_fetch.clone(),
             wait: true,
+            ..Default::default()
         };
         c.fetch(&req).await.expect("fetch");
     }
