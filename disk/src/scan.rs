@@ -12,18 +12,20 @@
 
 use crate::known::Known;
 use model::filter::Filter;
-use model::hash::{ObjectHasher, ObjectId};
+use model::hash::ObjectId;
+use model::hash_lanes::ALONE_BYTES;
 use model::image::{FileTree, Inode, Kind, Mtime};
 use model::path::FsPath;
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Stat};
 use rustix::io::Errno;
+use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Paths never scanned: subd's private directory.
@@ -231,6 +233,8 @@ struct Listed {
     path: FsPath,
     dev: u64,
     ino: u64,
+    /// Its size when listed (to hand the longest out first).
+    size: u64,
 }
 
 /// What a walk collects.
@@ -371,6 +375,7 @@ fn walk(
                     path: path.clone(),
                     dev: st.st_dev as u64,
                     ino,
+                    size: inode.size,
                 });
             }
             slot.insert(inode);
@@ -411,6 +416,8 @@ enum Hashed {
     Changed,
 }
 
+/// Hashes `files` on `opts.threads` threads (0: one per CPU), each taking the next file
+/// from a shared counter into one of its eight SHA-512 lanes (`model::hash_lanes`).
 fn hash_files(
     root: &Path,
     root_fd: BorrowedFd<'_>,
@@ -422,38 +429,139 @@ fn hash_files(
     } else {
         opts.threads
     };
-    let one = |l: &Listed| -> Result<(u64, Hashed), ScanError> {
-        if cancelled(opts) {
-            return Err(ScanError::Cancelled);
-        }
-        let shown = || root.join(l.path.relative_os());
-        match hash_listed(root_fd, l, opts.throttle.as_ref()) {
-            Ok(Hashed::Changed) if opts.changed == ChangedFiles::Fail => {
-                Err(ScanError::Changed(shown()))
-            }
-            Ok(Hashed::Changed) => {
-                tracing::debug!(
-                    "{}: changed before it was hashed; left out of this pass",
-                    l.path.display()
-                );
-                Ok((l.ino, Hashed::Changed))
-            }
-            Ok(h) => Ok((l.ino, h)),
-            Err(e) => Err(io_err(&shown())(e)),
-        }
+    // The files hashed alone first, longest first (the longest is the scan's critical
+    // path), then the rest in walk order.
+    let mut order: Vec<usize> = (0..files.len()).collect();
+    order.sort_by_key(|&i| {
+        let size = files[i].size;
+        (
+            size < ALONE_BYTES,
+            if size < ALONE_BYTES {
+                0
+            } else {
+                u64::MAX - size
+            },
+        )
+    });
+    let share = Share {
+        root,
+        root_fd,
+        files,
+        order,
+        opts,
+        next: AtomicUsize::new(0),
+        stop: AtomicBool::new(false),
     };
-    if threads <= 1 {
-        return files.iter().map(one).collect();
+    let threads = threads.clamp(1, files.len().max(1));
+    let parts: Vec<Result<Vec<(u64, Hashed)>, ScanError>> = std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads).map(|_| s.spawn(|| share.hash())).collect();
+        let mine = share.hash();
+        std::iter::once(mine)
+            .chain(
+                helpers
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+            )
+            .collect()
+    });
+    let mut out = HashMap::with_capacity(files.len());
+    for part in parts {
+        out.extend(part?);
     }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| ScanError::Io {
-            path: PathBuf::new(),
-            source: io::Error::other(e),
-        })?;
-    use rayon::prelude::*;
-    pool.install(|| files.par_iter().map(one).collect())
+    Ok(out)
+}
+
+/// The files of one scan, shared by its hashing threads: each takes the next index from
+/// `next`; the first error sets `stop`, and every thread then stops taking files.
+struct Share<'a> {
+    root: &'a Path,
+    root_fd: BorrowedFd<'a>,
+    files: &'a [Listed],
+    /// The order in which files are handed out (indices into `files`).
+    order: Vec<usize>,
+    opts: &'a ScanOptions,
+    next: AtomicUsize,
+    stop: AtomicBool,
+}
+
+impl Share<'_> {
+    /// This thread's part: files taken until none are left (or the scan stops), each
+    /// opened and checked, then hashed in the lanes.
+    fn hash(&self) -> Result<Vec<(u64, Hashed)>, ScanError> {
+        let out = RefCell::new(Vec::new());
+        let failed: RefCell<Option<ScanError>> = RefCell::new(None);
+        let opened: RefCell<HashMap<usize, Box<Inode>>> = RefCell::new(HashMap::new());
+        let fail = |e: ScanError| {
+            failed.borrow_mut().get_or_insert(e);
+            self.stop.store(true, Ordering::Relaxed);
+        };
+        let next = || loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            if cancelled(self.opts) {
+                fail(ScanError::Cancelled);
+                return None;
+            }
+            let i = *self.order.get(self.next.fetch_add(1, Ordering::Relaxed))?;
+            let l = &self.files[i];
+            match open_listed_file(self.root_fd, l) {
+                Ok(Some((f, current))) => {
+                    let len = f.limit();
+                    opened.borrow_mut().insert(i, current);
+                    return Some((i, Throttled(f, self.opts.throttle.as_ref()), len));
+                }
+                Ok(None) if self.opts.changed == ChangedFiles::Fail => {
+                    fail(ScanError::Changed(self.shown(l)));
+                    return None;
+                }
+                Ok(None) => {
+                    tracing::debug!(
+                        "{}: changed before it was hashed; left out of this pass",
+                        l.path.display()
+                    );
+                    out.borrow_mut().push((l.ino, Hashed::Changed));
+                }
+                Err(e) => {
+                    fail(io_err(&self.shown(l))(e));
+                    return None;
+                }
+            }
+        };
+        let done = |i: usize, r: io::Result<(ObjectId, u64)>| {
+            let l = &self.files[i];
+            let current = opened.borrow_mut().remove(&i);
+            match (r, current) {
+                (Ok((id, size)), Some(current)) => out
+                    .borrow_mut()
+                    .push((l.ino, Hashed::Same { id, size, current })),
+                (Ok(_), None) => {}
+                (Err(e), _) => fail(io_err(&self.shown(l))(e)),
+            }
+        };
+        model::hash_lanes::hash_many(next, done);
+        match failed.into_inner() {
+            Some(e) => Err(e),
+            None => Ok(out.into_inner()),
+        }
+    }
+
+    fn shown(&self, l: &Listed) -> PathBuf {
+        self.root.join(l.path.relative_os())
+    }
+}
+
+/// A file read for hashing, telling the scan's throttle of every chunk.
+struct Throttled<'a>(io::Take<File>, Option<&'a Throttle>);
+
+impl Read for Throttled<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.0.read(buf)?;
+        if let Some(t) = self.1 {
+            t(n as u64);
+        }
+        Ok(n)
+    }
 }
 
 /// Opens listed file `l` under the root without following any symlink or crossing a
@@ -486,63 +594,27 @@ pub fn open_beneath(root_fd: BorrowedFd<'_>, path: &FsPath) -> Result<OwnedFd, E
     }
 }
 
-/// Hashes listed file `l` if it is still that regular file, reading exactly the size its
-/// open handle reports (a file that grows while read cannot make the scan read forever).
-fn hash_listed(
+/// Opens listed file `l` for hashing if it is still that regular file: its handle, limited
+/// to the size the handle reports (a file that grows while read cannot make the scan read
+/// forever), and its current metadata; `None` if the name changed.
+fn open_listed_file(
     root_fd: BorrowedFd<'_>,
     l: &Listed,
-    throttle: Option<&Throttle>,
-) -> io::Result<Hashed> {
+) -> io::Result<Option<(io::Take<File>, Box<Inode>)>> {
     let fd = match open_listed(root_fd, l) {
         Ok(fd) => fd,
-        Err(e) if is_change(e) => return Ok(Hashed::Changed),
+        Err(e) if is_change(e) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     let st = rustix::fs::fstat(&fd)?;
-    let current = match inode_from_stat(&st, None) {
+    match inode_from_stat(&st, None) {
         Some(i)
             if i.kind == Kind::File && st.st_ino as u64 == l.ino && st.st_dev as u64 == l.dev =>
         {
-            i
+            Ok(Some((File::from(fd).take(st.st_size as u64), Box::new(i))))
         }
-        _ => return Ok(Hashed::Changed),
-    };
-    let mut f = File::from(fd).take(st.st_size as u64);
-    thread_local! {
-        /// One read buffer per hashing thread, rather than one zeroed per file.
-        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
+        _ => Ok(None),
     }
-    let (id, size) = BUF.with(|b| match b.try_borrow_mut() {
-        Ok(mut buf) => hash_reader_with(&mut f, throttle, &mut buf),
-        Err(_) => hash_reader_with(&mut f, throttle, &mut vec![0u8; 256 * 1024]),
-    })?;
-    Ok(Hashed::Same {
-        id,
-        size,
-        current: Box::new(current),
-    })
-}
-
-/// Hashes what `r` yields, returning the id and the number of bytes read.
-fn hash_reader_with(
-    r: &mut impl Read,
-    throttle: Option<&Throttle>,
-    buf: &mut [u8],
-) -> io::Result<(ObjectId, u64)> {
-    let mut h = ObjectHasher::new();
-    loop {
-        let n = match r.read(buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        h.update(&buf[..n]);
-        if let Some(t) = throttle {
-            t(n as u64);
-        }
-    }
-    Ok(h.finish())
 }
 
 #[cfg(test)]
@@ -641,8 +713,8 @@ mod tests {
             .expect("the scan finished within 10 s")
     }
 
-    /// Options hashing `a` before `b` on one thread, running `swap` once, after the first
-    /// chunk of `a` is hashed (so after both were listed, before `b` is opened).
+    /// Options hashing on one thread, running `swap` once, after the first chunk of `a` is
+    /// read (so after `b` was listed, before it is opened: see `two_files`).
     fn swapping(changed: ChangedFiles, swap: impl Fn() + Send + Sync + 'static) -> ScanOptions {
         let done = AtomicBool::new(false);
         ScanOptions {
@@ -657,10 +729,15 @@ mod tests {
         }
     }
 
+    /// `a` and `b`, with enough files listed between them (`a1`, `a2`, …) to fill every
+    /// hashing lane, so that `b` is opened only once a lane frees, after `a`'s first chunk.
     fn two_files() -> (tempfile::TempDir, PathBuf) {
         let d = tempfile::tempdir().unwrap();
         let r = d.path().to_path_buf();
         std::fs::write(r.join("a"), vec![7u8; 1 << 20]).unwrap();
+        for i in 1..model::hash_lanes::LANES {
+            std::fs::write(r.join(format!("a{i}")), vec![i as u8; 4096]).unwrap();
+        }
         std::fs::write(r.join("b"), b"listed content").unwrap();
         (d, r)
     }

@@ -21,6 +21,7 @@ pub mod expiry;
 pub mod filter;
 pub mod frame;
 pub mod hash;
+pub mod hash_lanes;
 pub mod hooks;
 pub mod image;
 pub mod path;

@@ -451,7 +451,11 @@ impl FetchRun {
     /// Many hashes are checked against one read of the store's directories rather than a
     /// `stat` each.
     fn select_missing(&mut self, store: &ObjectStore, hashes: &[ObjectId]) -> Vec<ObjectId> {
-        let held = if hashes.len() >= 256 { store.ids().ok() } else { None };
+        let held = if hashes.len() >= 256 {
+            store.ids().ok()
+        } else {
+            None
+        };
         let present = |h: &ObjectId| match &held {
             Some(ids) => ids.contains(h),
             None => store.contains(h),
