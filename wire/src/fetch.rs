@@ -13,7 +13,7 @@
 //! each batch on at most every server once.
 
 use crate::client::{ClientError, ImageServerClient};
-use disk::objectstore::{ObjectStore, PendingObject, StoreError};
+use disk::objectstore::{ObjectStore, PendingObject, StoreError, Unverified};
 use futures_util::StreamExt;
 use model::hash::ObjectId;
 use model::image::Inode;
@@ -209,6 +209,13 @@ fn write_frames(
     };
     let dir = store.dir().display().to_string();
     let mut buf = vec![0u8; COPY_BUFFER];
+    let give = |id: &ObjectId, f: &std::fs::File| {
+        if let Some(want) = metadata.and_then(|m| m.get(id)) {
+            // A head start only: the stage sets whatever this could not.
+            let _ = disk::apply::give_final_metadata(f, want);
+        }
+    };
+    let mut queue = VerifyQueue::default();
     loop {
         let (id, len) = match model::frame::read_header(&mut r) {
             Ok(None) => break,
@@ -223,7 +230,15 @@ fn write_frames(
             break;
         }
         out.received.insert(id);
-        let mut w = match store.writer(id, len) {
+        // Long objects are hashed as they stream; the others are checked together, eight
+        // at a time (`VerifyQueue`).
+        let alone = len >= HASH_AS_STREAMED;
+        let made = if alone {
+            store.writer(id, len)
+        } else {
+            store.unhashed_writer(id, len)
+        };
+        let mut w = match made {
             Ok(w) => w,
             Err(e) if e.is_no_space() => {
                 out.error = Some(FetchError::DiskFull {
@@ -257,29 +272,84 @@ fn write_frames(
                 break;
             }
         }
-        let meta = metadata.and_then(|m| m.get(&id));
-        let give = |f: &std::fs::File| {
-            if let Some(want) = meta {
-                // A head start only: the stage sets whatever this could not.
-                let _ = disk::apply::give_final_metadata(f, want);
+        if alone {
+            out.take(id, w.finish_preparing(|f| give(&id, f)));
+        } else {
+            match w.finish_unverified() {
+                Ok(u) => queue.push(u, len),
+                Err(e) => out.take(id, Err(e)),
             }
-        };
-        match w.finish_preparing(give) {
+            if queue.full() {
+                queue.verify(&mut out, &give);
+            }
+        }
+        if out.error.is_some() {
+            break;
+        }
+    }
+    // Whatever arrived whole is checked and kept, even when the reply broke off.
+    queue.verify(&mut out, &give);
+    out
+}
+
+/// Objects written whole, waiting to be hashed together.
+#[derive(Default)]
+struct VerifyQueue {
+    objects: Vec<Unverified>,
+    bytes: u64,
+}
+
+/// Objects at least this long are hashed as they stream, one at a time: in a queue of
+/// shorter ones, one of them would be left to end alone in its lane (and it would be read
+/// back from the page cache for nothing).
+const HASH_AS_STREAMED: u64 = 1 << 20;
+
+/// A queue is checked once it holds this many objects or bytes: enough for the lanes to
+/// stay busy, few enough that the bytes are still in the page cache and the open files few.
+const VERIFY_OBJECTS: usize = 128;
+const VERIFY_BYTES: u64 = 16 << 20;
+
+impl VerifyQueue {
+    fn push(&mut self, u: Unverified, len: u64) {
+        self.objects.push(u);
+        self.bytes += len;
+    }
+
+    fn full(&self) -> bool {
+        self.objects.len() >= VERIFY_OBJECTS || self.bytes >= VERIFY_BYTES
+    }
+
+    /// Hashes the queued objects and adds each outcome to `out`.
+    fn verify(&mut self, out: &mut BatchOutcome, give: &impl Fn(&ObjectId, &std::fs::File)) {
+        let objects = std::mem::take(&mut self.objects);
+        self.bytes = 0;
+        let ids: Vec<ObjectId> = objects.iter().map(|u| *u.id()).collect();
+        for (id, r) in ids
+            .into_iter()
+            .zip(disk::objectstore::verify(objects, give))
+        {
+            out.take(id, r);
+        }
+    }
+}
+
+impl BatchOutcome {
+    /// Adds one object's outcome: kept, discarded as mismatching, or the batch's error.
+    fn take(&mut self, id: ObjectId, r: Result<PendingObject, StoreError>) {
+        match r {
             Ok(p) => {
-                out.bytes += p.len;
-                out.pending.push(p);
+                self.bytes += p.len;
+                self.pending.push(p);
             }
             Err(StoreError::HashMismatch { .. }) => {
                 tracing::warn!("fetched object {id} does not match its SHA-512: discarded");
-                out.mismatched.push(id);
+                self.mismatched.push(id);
             }
             Err(e) => {
-                out.error = Some(FetchError::Store(e));
-                break;
+                self.error.get_or_insert(FetchError::Store(e));
             }
         }
     }
-    out
 }
 
 /// Commits `pending` (off the executor: it syncs); returns how many were new. The store
