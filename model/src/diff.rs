@@ -29,8 +29,9 @@ pub const ALWAYS_EXCLUDED: [&str; 2] = ["/var/lib/initial-image", "/var/lib/patc
 /// True for a path no update may touch: `/.subd` and beneath, the always-excluded paths,
 /// and whatever the machine's scan exclusions match.
 pub fn is_protected(path: &FsPath, exclusions: Option<&Filter>) -> bool {
-    let subd = FsPath::new(SUBD_DIR.as_bytes().to_vec()).expect("valid constant");
-    path.starts_with(&subd)
+    let (p, subd) = (path.as_bytes(), SUBD_DIR.as_bytes());
+    let under_subd = p.starts_with(subd) && (p.len() == subd.len() || p[subd.len()] == b'/');
+    under_subd
         || ALWAYS_EXCLUDED
             .iter()
             .any(|p| path.as_bytes() == p.as_bytes())

@@ -197,14 +197,27 @@ fn key(b: u8) -> u8 {
 impl Ord for FsPath {
     fn cmp(&self, other: &Self) -> Ordering {
         let (a, b) = (&self.0, &other.0);
-        for (x, y) in a.iter().zip(b.iter()) {
-            match key(*x).cmp(&key(*y)) {
-                Ordering::Equal => {}
-                o => return o,
-            }
+        // `key` is one-to-one, so the first differing byte decides; found eight bytes at a
+        // time (paths in one tree share long prefixes, and the diff compares them often).
+        match first_difference(a, b) {
+            Some(i) => key(a[i]).cmp(&key(b[i])),
+            None => a.len().cmp(&b.len()),
         }
-        a.len().cmp(&b.len())
     }
+}
+
+/// Where `a` and `b` first differ, within the shorter's length.
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let word = |s: &[u8]| u64::from_ne_bytes(s.try_into().expect("8 bytes"));
+    let skip = a
+        .chunks_exact(8)
+        .zip(b.chunks_exact(8))
+        .take_while(|(x, y)| word(x) == word(y))
+        .count()
+        * 8;
+    (skip..n).find(|&i| a[i] != b[i])
 }
 
 impl PartialOrd for FsPath {
@@ -360,6 +373,19 @@ mod tests {
     }
 
     proptest! {
+        /// The word-at-a-time comparison orders paths as comparing their keys byte by byte.
+        #[test]
+        fn order_is_the_bytewise_order_of_keys(
+            common in proptest::collection::vec(prop_oneof![Just(b'/'), 1u8..=255], 0..40),
+            a in proptest::collection::vec(prop_oneof![Just(b'/'), 1u8..=255], 0..12),
+            b in proptest::collection::vec(prop_oneof![Just(b'/'), 1u8..=255], 0..12),
+        ) {
+            let path = |tail: &[u8]| FsPath([b"/".as_slice(), &common, tail].concat());
+            let (pa, pb) = (path(&a), path(&b));
+            let reference = pa.0.iter().map(|&x| key(x)).cmp(pb.0.iter().map(|&x| key(x)));
+            prop_assert_eq!(pa.cmp(&pb), reference);
+        }
+
         #[test]
         fn json_round_trip(names in proptest::collection::vec(proptest::collection::vec(1u8..=255, 1..8), 0..4)) {
             let mut path = FsPath::root();
