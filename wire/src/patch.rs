@@ -113,7 +113,6 @@ pub async fn patch_directory(
         .await
         .map_err(|e| PatchError::Join(e.to_string()))??
     };
-    let t_gap = std::time::Instant::now();
     let cache: BTreeSet<_> = {
         let st = store.clone();
         tokio::task::spawn_blocking(move || st.ids())
@@ -122,9 +121,7 @@ pub async fn patch_directory(
             .into_iter()
             .collect()
     };
-    tracing::debug!("TMP ids {:?}", t_gap.elapsed());
     let seeded = disk::apply::load_seeded(&state);
-    tracing::debug!("TMP seeded {:?}", t_gap.elapsed());
     let plan = diff(
         image_name,
         &image,
@@ -139,9 +136,7 @@ pub async fn patch_directory(
             allow_unsafe: options.allow_unsafe,
         },
     );
-    tracing::debug!("TMP diff {:?}", t_gap.elapsed());
     drop(tree);
-    tracing::debug!("TMP drop {:?}", t_gap.elapsed());
     if let Some(r) = &plan.unsafe_reason {
         return Err(PatchError::Unsafe(r.clone()));
     }
