@@ -631,7 +631,8 @@ struct Staged {
 enum Place {
     /// `STATE/staging/NAME`.
     Staging(String),
-    /// Its object in the cache (a regular file, the object's last use).
+    /// Its object in the cache (a regular file, the object's last use), named relative to
+    /// the cache's handle (`ObjectStore::name_of`).
     Cache(PathBuf),
 }
 
@@ -903,7 +904,7 @@ impl Update<'_> {
         window: &mut Window,
     ) {
         let todo: Vec<usize> = (0..inodes.len()).filter(|&n| names[n].is_some()).collect();
-        let (root, excl) = (&self.fs, self.excl);
+        let (root, excl, store_fd) = (&self.fs, self.excl, self.store.fd());
         // Lanes: a last use is linked into place and its cache name removed, calls that
         // lock only the directories involved; a rename from the state directory into
         // another takes the file-system's rename lock (`s_vfs_rename_mutex`), so those
@@ -917,7 +918,8 @@ impl Update<'_> {
                 let pi = inodes[n];
                 let r = fs.parent(&pi.path).and_then(|(pfd, leaf)| match &names[n] {
                     Some(Place::Cache(path)) => {
-                        link_into_place(&mut fs, path, pfd.as_fd(), &leaf, &pi.path, excl)
+                        let cache = (store_fd, path.as_path());
+                        link_into_place(&mut fs, cache, pfd.as_fd(), &leaf, &pi.path, excl)
                     }
                     Some(Place::Staging(name)) => {
                         let from = (sfd.as_fd(), Path::new(name.as_str()));
@@ -1287,16 +1289,16 @@ fn rename_into_place(
 /// cache naming a live file; `open_cache_object` drops such a name at its next use.
 fn link_into_place(
     fs: &mut Root,
-    cache: &Path,
+    (store_fd, cache): (BorrowedFd<'_>, &Path),
     pfd: BorrowedFd<'_>,
     leaf: &[u8],
     path: &FsPath,
     excl: Option<&Filter>,
 ) -> Result<(), Cause> {
-    if rustix::fs::linkat(CWD, cache, pfd, leaf, AtFlags::empty()).is_err() {
-        return rename_into_place(fs, (CWD, cache), pfd, leaf, path, excl);
+    if rustix::fs::linkat(store_fd, cache, pfd, leaf, AtFlags::empty()).is_err() {
+        return rename_into_place(fs, (store_fd, cache), pfd, leaf, path, excl);
     }
-    if let Err(e) = rustix::fs::unlinkat(CWD, cache, AtFlags::empty()) {
+    if let Err(e) = rustix::fs::unlinkat(store_fd, cache, AtFlags::empty()) {
         tracing::warn!(
             "{}: installed, but its cache name stays: {e}",
             path.display()
@@ -1309,16 +1311,20 @@ fn link_into_place(
 /// One that is also the name of another file (a link into place cut short by a crash:
 /// the live file could since have been edited in place) is no object: its cache name is
 /// removed and it is reported missing, to be fetched again.
-fn open_cache_object(src: &Path, h: ObjectId) -> Result<(OwnedFd, bool), Cause> {
+fn open_cache_object(
+    (store_fd, src): (BorrowedFd<'_>, &Path),
+    h: ObjectId,
+) -> Result<(OwnedFd, bool), Cause> {
     let missing = |e| match e {
         Errno::NOENT => Cause::NotInCache(h),
         e => Cause::sys(Op::Open)(e),
     };
-    let (fd, o_path) = open_inode(CWD, src.as_os_str().as_bytes(), Kind::File).map_err(missing)?;
+    let (fd, o_path) =
+        open_inode(store_fd, src.as_os_str().as_bytes(), Kind::File).map_err(missing)?;
     let st = rustix::fs::fstat(&fd).map_err(Cause::sys(Op::Stat))?;
     if st.st_nlink > 1 {
         tracing::warn!("cache object {h} is also another file's name: dropped from the cache");
-        let _ = rustix::fs::unlinkat(CWD, src, AtFlags::empty());
+        let _ = rustix::fs::unlinkat(store_fd, src, AtFlags::empty());
         return Err(Cause::NotInCache(h));
     }
     Ok((fd, o_path))
@@ -1327,8 +1333,8 @@ fn open_cache_object(src: &Path, h: ObjectId) -> Result<(OwnedFd, bool), Cause> 
 /// Whether the cached object at `src` is a regular file of no other name that already has
 /// `want`'s owner, mode and mtime (given as it was fetched): one `lstat`, no handle, as
 /// nothing is changed. Anything else goes through `open_cache_object` and `set_metadata`.
-fn cache_object_ready(src: &Path, want: &Inode) -> bool {
-    rustix::fs::statat(CWD, src, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
+fn cache_object_ready((store_fd, src): (BorrowedFd<'_>, &Path), want: &Inode) -> bool {
+    rustix::fs::statat(store_fd, src, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
         kind_of(&st) == Some(Kind::File) && st.st_nlink == 1 && metadata_matches(&st, want)
     })
 }
@@ -1496,11 +1502,12 @@ fn stage(
                 drop(fd);
             }
             Some(h) => {
-                let src = store.path_of(&h);
-                if last_use && cache_object_ready(&src, want) {
+                let src = store.name_of(&h);
+                let at = (store.fd(), src.as_path());
+                if last_use && cache_object_ready(at, want) {
                     return Ok(Place::Cache(src)); // the fetch gave it its metadata
                 }
-                let (fd, o_path) = open_cache_object(&src, h)?;
+                let (fd, o_path) = open_cache_object(at, h)?;
                 if !last_use {
                     copy_object(fd, sfd, &name)?;
                 } else {

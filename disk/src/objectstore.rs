@@ -14,9 +14,8 @@
 
 use crate::fsutil::{DeleteOnDrop, TEMP_SUFFIX};
 use model::hash::{ObjectHasher, ObjectId};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -98,16 +97,25 @@ pub struct ObjectStore {
     /// First-level directories known to exist (one-level layout), so writing an object
     /// costs no `mkdir` attempt once its directory is made.
     made: Arc<[AtomicBool; 256]>,
+    /// A handle on `dir`, for reaching objects by `name_of` without walking `dir` again.
+    fd: Arc<std::os::fd::OwnedFd>,
 }
 
 impl ObjectStore {
     /// Opens (creating if needed) a store and removes temp files left by a crash.
     pub fn open(dir: &Path) -> Result<ObjectStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(io_at(dir))?;
+        let fd = rustix::fs::open(
+            dir,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| io_at(dir)(e.into()))?;
         let store = ObjectStore {
             dir: dir.to_path_buf(),
             layout: Layout::detect(dir)?,
             made: Arc::new(std::array::from_fn(|_| AtomicBool::new(false))),
+            fd: Arc::new(fd),
         };
         store.walk(false, |path, name, _| {
             if name.ends_with(TEMP_SUFFIX) {
@@ -123,11 +131,22 @@ impl ObjectStore {
 
     /// Where `id` lives.
     pub fn path_of(&self, id: &ObjectId) -> PathBuf {
+        self.dir.join(self.name_of(id))
+    }
+
+    /// Where `id` lives, relative to `fd`.
+    pub fn name_of(&self, id: &ObjectId) -> PathBuf {
         let hex = id.to_hex();
         match self.layout {
-            Layout::OneLevel => self.dir.join(&hex[0..2]).join(&hex[2..]),
-            Layout::TwoLevel => self.dir.join(&hex[0..2]).join(&hex[2..4]).join(&hex[4..]),
+            Layout::OneLevel => Path::new(&hex[0..2]).join(&hex[2..]),
+            Layout::TwoLevel => Path::new(&hex[0..2]).join(&hex[2..4]).join(&hex[4..]),
         }
+    }
+
+    /// A handle on the store's directory (`name_of` names objects beneath it).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
     }
 
     /// Makes the directory `final_path` of `id` goes in, unless known to exist.
@@ -178,16 +197,22 @@ impl ObjectStore {
         len: u64,
         hash: bool,
     ) -> Result<ObjectWriter, StoreError> {
-        let final_path = self.path_of(&expected);
+        let final_name = self.name_of(&expected);
+        let final_path = self.dir.join(&final_name);
         self.make_parent(&expected, &final_path)?;
-        let tmp = crate::fsutil::temp_path(&final_path);
-        let create = || {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o640)
-                .open(&tmp)
+        let tmp_name = crate::fsutil::temp_path(&final_name);
+        let tmp = self.dir.join(&tmp_name);
+        // Beneath the store's handle: no walk of its path per object.
+        let create = || -> io::Result<File> {
+            use rustix::fs::{Mode, OFlags};
+            let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW;
+            let fd = rustix::fs::openat(
+                self.fd(),
+                &tmp_name,
+                flags | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o640),
+            )?;
+            Ok(File::from(fd))
         };
         let file = match create() {
             // Its directory was removed behind our back: make it again.
@@ -203,6 +228,7 @@ impl ObjectStore {
             guard: DeleteOnDrop::new(tmp.clone()),
             tmp,
             final_path,
+            names: (tmp_name, final_name),
             file,
             hasher: hash.then(ObjectHasher::new),
             written: 0,
@@ -235,7 +261,10 @@ impl ObjectStore {
         // Each lane renames its own objects' temp files (an object is in one lane only);
         // the guards are settled here, in order, once every lane is done.
         let renamed: Vec<io::Result<bool>> = crate::lanes::run(&pending, |chunk, _| {
-            let rename = |p: &PendingObject| rename_no_replace(&p.tmp, &p.final_path);
+            let rename = |p: &PendingObject| {
+                let (tmp, name) = &p.names;
+                rename_no_replace(self.fd(), (tmp, name), &p.final_path)
+            };
             chunk.iter().map(rename).collect::<Vec<_>>()
         })
         .into_iter()
@@ -356,16 +385,20 @@ impl ObjectStore {
 
 /// Renames `from` to `to` unless `to` exists; false when it did. One `renameat2` where the
 /// file-system supports `RENAME_NOREPLACE`, else a check and a rename.
-fn rename_no_replace(from: &Path, to: &Path) -> io::Result<bool> {
-    use rustix::fs::{renameat_with, RenameFlags, CWD};
-    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+fn rename_no_replace(
+    dir: std::os::fd::BorrowedFd<'_>,
+    (from, to): (&Path, &Path),
+    shown: &Path,
+) -> io::Result<bool> {
+    use rustix::fs::{renameat, renameat_with, RenameFlags};
+    match renameat_with(dir, from, dir, to, RenameFlags::NOREPLACE) {
         Ok(()) => Ok(true),
         Err(rustix::io::Errno::EXIST) => Ok(false),
         Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOSYS) => {
-            if to.exists() {
+            if shown.exists() {
                 return Ok(false);
             }
-            std::fs::rename(from, to)?;
+            renameat(dir, from, dir, to)?;
             Ok(true)
         }
         Err(e) => Err(e.into()),
@@ -393,6 +426,8 @@ pub struct ObjectWriter {
     guard: DeleteOnDrop,
     tmp: PathBuf,
     final_path: PathBuf,
+    /// `tmp` and `final_path` relative to the store's handle.
+    names: (PathBuf, PathBuf),
     file: File,
     /// `None`: hashed later, by `verify`.
     hasher: Option<ObjectHasher>,
@@ -475,8 +510,8 @@ impl ObjectWriter {
         prepare(&self.file);
         Ok(PendingObject {
             guard: self.guard,
-            tmp: self.tmp,
             final_path: self.final_path,
+            names: self.names,
             id: self.expected,
             len: self.len,
         })
@@ -565,8 +600,9 @@ fn start_writeback(file: &File, len: u64) {
 /// A verified object not yet visible under its name.
 pub struct PendingObject {
     guard: DeleteOnDrop,
-    tmp: PathBuf,
     final_path: PathBuf,
+    /// `tmp` and `final_path` relative to the store's handle.
+    names: (PathBuf, PathBuf),
     pub id: ObjectId,
     pub len: u64,
 }
