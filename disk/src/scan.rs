@@ -509,7 +509,7 @@ impl Share<'_> {
                 Ok(Some((f, current))) => {
                     let len = f.limit();
                     opened.borrow_mut().insert(i, current);
-                    return Some((i, Throttled(f, self.opts.throttle.as_ref()), len));
+                    return Some((i, Throttled(f, self.opts), len));
                 }
                 Ok(None) if self.opts.changed == ChangedFiles::Fail => {
                     fail(ScanError::Changed(self.shown(l)));
@@ -536,6 +536,7 @@ impl Share<'_> {
                     .borrow_mut()
                     .push((l.ino, Hashed::Same { id, size, current })),
                 (Ok(_), None) => {}
+                (Err(_), _) if cancelled(self.opts) => fail(ScanError::Cancelled),
                 (Err(e), _) => fail(io_err(&self.shown(l))(e)),
             }
         };
@@ -551,13 +552,18 @@ impl Share<'_> {
     }
 }
 
-/// A file read for hashing, telling the scan's throttle of every chunk.
-struct Throttled<'a>(io::Take<File>, Option<&'a Throttle>);
+/// A file read for hashing, telling the scan's throttle of every chunk and ending with an
+/// error once the scan is cancelled (a throttled pass must stop within a chunk, not after
+/// the files in every lane).
+struct Throttled<'a>(io::Take<File>, &'a ScanOptions);
 
 impl Read for Throttled<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if cancelled(self.1) {
+            return Err(io::Error::other("scan cancelled"));
+        }
         let n = self.0.read(buf)?;
-        if let Some(t) = self.1 {
+        if let Some(t) = &self.1.throttle {
             t(n as u64);
         }
         Ok(n)
