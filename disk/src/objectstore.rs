@@ -177,18 +177,21 @@ impl ObjectStore {
 
     /// Starts writing an object expected to hash to `expected` and be `len` bytes long.
     pub fn writer(&self, expected: ObjectId, len: u64) -> Result<ObjectWriter, StoreError> {
-        self.make_writer(expected, len, true)
+        self.make_writer(expected, len, true, 0o640)
     }
 
     /// A writer that does not hash as it writes: `ObjectWriter::finish_unverified`, then
     /// `verify` with others, hashes the objects together from the page cache, eight at a
     /// time (`model::hash_lanes`), several times faster than one by one as they stream.
+    /// `mode`: its permission bits when made (those its last use will have, so no `chmod`
+    /// follows; only for a store in a directory nobody else can enter, as subd's cache).
     pub fn unhashed_writer(
         &self,
         expected: ObjectId,
         len: u64,
+        mode: Option<u32>,
     ) -> Result<ObjectWriter, StoreError> {
-        self.make_writer(expected, len, false)
+        self.make_writer(expected, len, false, mode.map_or(0o640, |m| m & 0o777))
     }
 
     fn make_writer(
@@ -196,6 +199,7 @@ impl ObjectStore {
         expected: ObjectId,
         len: u64,
         hash: bool,
+        mode: u32,
     ) -> Result<ObjectWriter, StoreError> {
         let final_name = self.name_of(&expected);
         let final_path = self.dir.join(&final_name);
@@ -210,7 +214,7 @@ impl ObjectStore {
                 self.fd(),
                 &tmp_name,
                 flags | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o640),
+                Mode::from_raw_mode(mode),
             )?;
             Ok(File::from(fd))
         };
@@ -468,7 +472,7 @@ impl ObjectWriter {
             Some(h) => h.finish().0,
             // Not hashed as written: read it back.
             None => {
-                model::hash::hash_reader(ReadAt::new(&self.file))
+                model::hash::hash_reader(ReadAt::new(&self.file, self.len))
                     .map_err(io_at(&self.tmp))?
                     .0
             }
@@ -543,8 +547,13 @@ pub fn verify(
     let mut it = order.into_iter();
     model::hash_lanes::hash_many(
         || {
-            it.next()
-                .map(|i| (i, ReadAt::new(&objects[i].0.file), objects[i].0.len))
+            it.next().map(|i| {
+                (
+                    i,
+                    ReadAt::new(&objects[i].0.file, objects[i].0.len),
+                    objects[i].0.len,
+                )
+            })
         },
         |i, r| computed[i] = Some(r.map(|(id, _)| id)),
     );
@@ -562,22 +571,28 @@ pub fn verify(
         .collect()
 }
 
-/// Reads a file from its start by position (`pread`), leaving its offset alone.
+/// Reads the first `len` bytes of a file by position (`pread`), leaving its offset alone;
+/// the end is known, so no read is spent finding it.
 struct ReadAt<'a> {
     file: &'a File,
     pos: u64,
+    len: u64,
 }
 
 impl<'a> ReadAt<'a> {
-    fn new(file: &'a File) -> ReadAt<'a> {
-        ReadAt { file, pos: 0 }
+    fn new(file: &'a File, len: u64) -> ReadAt<'a> {
+        ReadAt { file, pos: 0, len }
     }
 }
 
 impl io::Read for ReadAt<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         use std::os::unix::fs::FileExt;
-        let n = self.file.read_at(buf, self.pos)?;
+        let left = (self.len - self.pos).min(buf.len() as u64) as usize;
+        if left == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..left], self.pos)?;
         self.pos += n as u64;
         Ok(n)
     }

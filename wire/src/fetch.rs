@@ -236,7 +236,8 @@ fn write_frames(
         let made = if alone {
             store.writer(id, len)
         } else {
-            store.unhashed_writer(id, len)
+            let mode = metadata.and_then(|m| m.get(&id)).map(|i| i.mode);
+            store.unhashed_writer(id, len, mode)
         };
         let mut w = match made {
             Ok(w) => w,
