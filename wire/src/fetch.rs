@@ -768,4 +768,71 @@ mod tests {
         assert!(matches!(out.error, Some(FetchError::Unexpected(_))));
         assert!(!s.contains(&x));
     }
+
+    /// Objects checked together (several queues' worth, long ones hashed as they stream):
+    /// every good one kept with its own bytes, every bad one discarded, wherever it falls.
+    #[test]
+    fn queued_checks_keep_exactly_the_objects_whose_bytes_match() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ObjectStore::open(d.path()).unwrap();
+        let n = VERIFY_OBJECTS * 2 + 37;
+        let datas: Vec<Vec<u8>> = (0..n)
+            .map(|i| {
+                // Mostly small; a few past HASH_AS_STREAMED.
+                let len = if i % 97 == 5 {
+                    (1 << 20) + i
+                } else {
+                    100 + i * 37
+                };
+                (0..len).map(|j| (i * 7 + j * 13) as u8).collect()
+            })
+            .collect();
+        let ids: Vec<ObjectId> = datas.iter().map(|d| ObjectId::of(d)).collect();
+        let bad: HashSet<usize> = [0, 5, VERIFY_OBJECTS - 1, VERIFY_OBJECTS, n - 1].into();
+        let sent: Vec<Vec<u8>> = datas
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let mut d = d.clone();
+                if bad.contains(&i) {
+                    let mid = d.len() / 2;
+                    d[mid] ^= 1;
+                }
+                d
+            })
+            .collect();
+        let frames: Vec<(&ObjectId, &[u8])> =
+            ids.iter().zip(&sent).map(|(i, d)| (i, &d[..])).collect();
+        let wanted: HashSet<ObjectId> = ids.iter().copied().collect();
+        let out = write_frames(&body(&frames)[..], &s, &wanted, None);
+        assert!(
+            out.error.is_none(),
+            "{:?}",
+            out.error.map(|e| e.to_string())
+        );
+        let mut mismatched = out.mismatched.clone();
+        mismatched.sort();
+        let mut want_bad: Vec<ObjectId> = bad.iter().map(|&i| ids[i]).collect();
+        want_bad.sort();
+        assert_eq!(mismatched, want_bad);
+        assert_eq!(s.commit(out.pending).unwrap(), n - bad.len());
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(s.contains(id), !bad.contains(&i), "object {i}");
+            if !bad.contains(&i) {
+                assert_eq!(
+                    std::fs::read(s.path_of(id)).unwrap(),
+                    datas[i],
+                    "object {i}"
+                );
+            }
+        }
+        // Nothing unverified is left behind: only the named objects' files remain.
+        let files: usize = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_dir())
+            .map(|p| std::fs::read_dir(p).unwrap().count())
+            .sum();
+        assert_eq!(files, n - bad.len());
+    }
 }
