@@ -134,3 +134,17 @@ pub fn arb_tree() -> impl Strategy<Value = FileTree> {
         t.done()
     })
 }
+
+/// `len` incompressible bytes, the same for the same `seed` (an xorshift stream): file
+/// contents for tests that need real transfer sizes or varied bytes.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

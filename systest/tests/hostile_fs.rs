@@ -12,7 +12,7 @@ use common::{
 use model::api::{FetchRequest, UpdateRequest};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::{Command, Output};
-use testkit::{bin, Tmpfs};
+use testkit::{bin, tree::noise, Tmpfs};
 
 fn imagetool(addr: &str, args: &[&str]) -> Output {
     Command::new(bin("imagetool"))
@@ -20,11 +20,6 @@ fn imagetool(addr: &str, args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut r = fastrand::Rng::with_seed(seed);
-    (0..len).map(|_| r.u8(..)).collect()
 }
 
 #[test]

@@ -78,16 +78,5 @@ pub fn differences(want: &BTreeMap<String, String>, got: &BTreeMap<String, Strin
         .collect()
 }
 
-/// `len` incompressible bytes, the same for the same `seed` (an xorshift stream): file
-/// contents for tests that need real transfer sizes.
-pub fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+/// `len` incompressible bytes, the same for the same `seed` (`model::testing::noise`).
+pub use model::testing::noise;
