@@ -37,9 +37,12 @@ pub fn hash_many<R: Read>(
     mut next: impl FnMut() -> Option<Source<R>>,
     mut done: impl FnMut(usize, io::Result<(ObjectId, u64)>),
 ) {
+    // One buffer for every message hashed alone (zeroing one per message would cost more
+    // than hashing a small one).
+    let mut buf = vec![0u8; CHUNK];
     if !lanes_supported() {
         while let Some((key, r, _)) = next() {
-            done(key, crate::hash::hash_reader(r));
+            done(key, hash_alone(r, &mut buf));
         }
         return;
     }
@@ -50,9 +53,22 @@ pub fn hash_many<R: Read>(
         if len < ALONE_BYTES {
             return Some((key, r));
         }
-        (done.borrow_mut())(key, crate::hash::hash_reader(r));
+        (done.borrow_mut())(key, hash_alone(r, &mut buf));
     };
     Engine::new().run(&mut laned, &mut |k, r| (done.borrow_mut())(k, r));
+}
+
+/// One message through ring, read into `buf`.
+fn hash_alone(mut r: impl Read, buf: &mut [u8]) -> io::Result<(ObjectId, u64)> {
+    let mut h = crate::hash::ObjectHasher::new();
+    loop {
+        match r.read(buf) {
+            Ok(0) => return Ok(h.finish()),
+            Ok(n) => h.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// True where the eight-lane kernel runs (x86-64 with AVX-512F and AVX-512BW).
