@@ -505,6 +505,7 @@ fn update<'a>(
         excl: opts.exclusions.as_ref(),
         run,
         installed: Vec::new(),
+        linked: Vec::new(),
     };
     let mut sel = u.select(plan);
     u.skip_present_seeds(plan, &mut sel);
@@ -516,7 +517,16 @@ fn update<'a>(
     u.activate(&sel, &staged);
     let t_changed = Instant::now();
     // One syncfs: fsyncing each changed directory instead costs a journal commit each here.
-    if let Err(e) = rustix::fs::syncfs(&*u.fs.fd) {
+    // Meanwhile the cache names of the files linked into place go: their removal need not
+    // be durable (a name a crash leaves is dropped at its next use), and the known inodes
+    // are noted after it (it changes their ctime).
+    let linked = std::mem::take(&mut u.linked);
+    let synced = std::thread::scope(|s| {
+        let store_fd = u.store.fd();
+        s.spawn(move || drop_cache_names(store_fd, &linked));
+        rustix::fs::syncfs(&*u.fs.fd)
+    });
+    if let Err(e) = synced {
         u.run.error(ApplyError::Sync(e));
     }
     let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1000.0;
@@ -663,6 +673,8 @@ struct Update<'a> {
     run: Run<'a>,
     /// Indices (in `Selection::inodes`) of the inodes renamed into place.
     installed: Vec<usize>,
+    /// Cache names of the objects linked into place, removed after the window.
+    linked: Vec<PathBuf>,
 }
 
 impl Update<'_> {
@@ -905,8 +917,8 @@ impl Update<'_> {
     ) {
         let todo: Vec<usize> = (0..inodes.len()).filter(|&n| names[n].is_some()).collect();
         let (root, excl, store_fd) = (&self.fs, self.excl, self.store.fd());
-        // Lanes: a last use is linked into place and its cache name removed, calls that
-        // lock only the directories involved; a rename from the state directory into
+        // Lanes: a last use is linked into place (its cache name removed after the window,
+        // `drop_cache_names`), a call that locks only the directories involved; a rename from the state directory into
         // another takes the file-system's rename lock (`s_vfs_rename_mutex`), so those
         // (copies, symlinks, devices, anything in the way) go one at a time whatever the
         // lanes. Every directory was made before; a directory one lane clears out of a
@@ -924,8 +936,9 @@ impl Update<'_> {
                     Some(Place::Staging(name)) => {
                         let from = (sfd.as_fd(), Path::new(name.as_str()));
                         rename_into_place(&mut fs, from, pfd.as_fd(), &leaf, &pi.path, excl)
+                            .map(|()| false)
                     }
-                    None => Ok(()),
+                    None => Ok(false),
                 });
                 out.push((n, r, Instant::now()));
             }
@@ -935,9 +948,12 @@ impl Update<'_> {
         for (n, r, at) in done.into_iter().flatten() {
             let (pi, place) = (inodes[n], &names[n]);
             match r {
-                Ok(()) => {
+                Ok(linked) => {
                     window.mark_at(at);
                     self.installed.push(n);
+                    if let (true, Some(Place::Cache(name))) = (linked, place) {
+                        self.linked.push(name.clone());
+                    }
                 }
                 Err(e) => {
                     self.run.error(ApplyError::step(Step::Install, &pi.path)(e));
@@ -1283,10 +1299,11 @@ fn rename_into_place(
 }
 
 /// Installs a last use: its cache object (given its final metadata in the stage) is
-/// linked at `leaf`, then its cache name removed, so the content appears whole under its
-/// path, as a rename would make it. Where something already stands there (or the link is
-/// refused), it is renamed over it instead. A crash between the two calls leaves the
-/// cache naming a live file; `open_cache_object` drops such a name at its next use.
+/// linked at `leaf`, so the content appears whole under its path, as a rename would make
+/// it; true if so, its cache name then being the caller's to remove (`drop_cache_names`).
+/// Where something already stands there (or the link is refused), it is renamed over it
+/// instead. A crash before the cache name goes leaves the cache naming a live file;
+/// `open_cache_object` drops such a name at its next use.
 fn link_into_place(
     fs: &mut Root,
     (store_fd, cache): (BorrowedFd<'_>, &Path),
@@ -1294,17 +1311,25 @@ fn link_into_place(
     leaf: &[u8],
     path: &FsPath,
     excl: Option<&Filter>,
-) -> Result<(), Cause> {
+) -> Result<bool, Cause> {
     if rustix::fs::linkat(store_fd, cache, pfd, leaf, AtFlags::empty()).is_err() {
-        return rename_into_place(fs, (store_fd, cache), pfd, leaf, path, excl);
+        return rename_into_place(fs, (store_fd, cache), pfd, leaf, path, excl).map(|()| false);
     }
-    if let Err(e) = rustix::fs::unlinkat(store_fd, cache, AtFlags::empty()) {
-        tracing::warn!(
-            "{}: installed, but its cache name stays: {e}",
-            path.display()
-        );
-    }
-    Ok(())
+    Ok(true)
+}
+
+/// Removes the cache names of the objects linked into place (over the lanes).
+fn drop_cache_names(store_fd: BorrowedFd<'_>, names: &[PathBuf]) {
+    crate::lanes::run(names, |chunk, _| {
+        for name in chunk {
+            if let Err(e) = rustix::fs::unlinkat(store_fd, name, AtFlags::empty()) {
+                tracing::warn!(
+                    "cache object {}: installed, but its cache name stays: {e}",
+                    name.display()
+                );
+            }
+        }
+    });
 }
 
 /// Opens a cached object (without following a symlink) for its content or its last use.
