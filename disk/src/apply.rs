@@ -22,7 +22,7 @@ mod error;
 pub use error::{ApplyError, Cause, CommandError, Op, Step};
 
 use crate::known::Known;
-use crate::objectstore::ObjectStore;
+use crate::objectstore::{HeldNames, ObjectStore};
 use crate::statedir::StateDir;
 use model::api::UpdateResult;
 use model::diff::{is_protected, object_uses};
@@ -66,6 +66,9 @@ pub struct ApplyOptions {
     pub reboot_command: Option<Vec<String>>,
     /// A command running longer is killed (with its process group) and reported.
     pub command_timeout: Duration,
+    /// Objects fetched by this process and held under their temp names in the cache
+    /// (`objectstore::HeldObjects`): used from there as if named.
+    pub held: Option<Arc<HeldNames>>,
 }
 
 impl Default for ApplyOptions {
@@ -75,6 +78,7 @@ impl Default for ApplyOptions {
             service_command: None,
             reboot_command: None,
             command_timeout: Duration::from_secs(120),
+            held: None,
         }
     }
 }
@@ -580,7 +584,8 @@ fn admit(
             return None;
         }
     };
-    match state_dir.objects() {
+    // Attached, not opened: opening sweeps temp files, which may be held objects.
+    match state_dir.attach_objects() {
         Ok(store) => Some((fs, store)),
         Err(e) => {
             run.error(ApplyError::ObjectCache(e));
@@ -782,7 +787,11 @@ impl Update<'_> {
         let mut names: Vec<Option<Place>> = vec![None; sel.inodes.len()];
         if let Some(sfd) = &fd {
             let mut failed: Vec<(usize, Cause)> = Vec::new();
-            let (store, inodes) = (&self.store, &sel.inodes);
+            let (inodes, held) = (&sel.inodes, self.run.opts.held.as_deref());
+            let store = CacheNames {
+                store: &self.store,
+                held,
+            };
             let last_use = last_uses(plan, inodes);
             // Copies and other inodes first, then the last uses, each group over the lanes:
             // a last use gives its cache object its final owner and mode, which a copy of
@@ -792,7 +801,8 @@ impl Update<'_> {
             let t = Instant::now();
             for group in [others, last] {
                 let staged = crate::lanes::run(&group, |chunk, _| {
-                    let one = |&n: &usize| (n, stage(sfd, n, &inodes[n].inode, store, last_use[n]));
+                    let one =
+                        |&n: &usize| (n, stage(sfd, n, &inodes[n].inode, &store, last_use[n]));
                     chunk.iter().map(one).collect::<Vec<_>>()
                 });
                 for (n, r) in staged.into_iter().flatten() {
@@ -1506,7 +1516,7 @@ fn stage(
     sfd: &OwnedFd,
     n: usize,
     want: &Inode,
-    store: &ObjectStore,
+    store: &CacheNames<'_>,
     last_use: bool,
 ) -> Result<Place, Cause> {
     let name = format!("{n}");
@@ -1528,7 +1538,7 @@ fn stage(
             }
             Some(h) => {
                 let src = store.name_of(&h);
-                let at = (store.fd(), src.as_path());
+                let at = (store.store.fd(), src.as_path());
                 if last_use && cache_object_ready(at, want) {
                     return Ok(Place::Cache(src)); // the fetch gave it its metadata
                 }
@@ -1566,6 +1576,22 @@ fn stage(
         open_inode(sfd.as_fd(), name.as_bytes(), want.kind).map_err(Cause::sys(Op::Open))?;
     set_metadata(&fd, o_path, want)?;
     Ok(Place::Staging(name))
+}
+
+/// The cache's objects by name, the held ones (`ApplyOptions::held`) by their temp names.
+struct CacheNames<'a> {
+    store: &'a ObjectStore,
+    held: Option<&'a HeldNames>,
+}
+
+impl CacheNames<'_> {
+    /// `h`'s name relative to the store's handle.
+    fn name_of(&self, h: &ObjectId) -> PathBuf {
+        match self.held.and_then(|m| m.get(h)) {
+            Some(name) => name.clone(),
+            None => self.store.name_of(h),
+        }
+    }
 }
 
 /// Copies the open cache object `from` to `name` in the staging directory.

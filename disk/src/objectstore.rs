@@ -104,6 +104,19 @@ pub struct ObjectStore {
 impl ObjectStore {
     /// Opens (creating if needed) a store and removes temp files left by a crash.
     pub fn open(dir: &Path) -> Result<ObjectStore, StoreError> {
+        let store = ObjectStore::attach(dir)?;
+        store.walk(false, |path, name, _| {
+            if name.ends_with(TEMP_SUFFIX) {
+                let _ = std::fs::remove_file(path);
+            }
+        })?;
+        Ok(store)
+    }
+
+    /// Opens (creating if needed) a store this process has already opened, without
+    /// removing temp files: they are objects being fetched, or verified objects held for an
+    /// update (`HeldObjects`).
+    pub fn attach(dir: &Path) -> Result<ObjectStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(io_at(dir))?;
         let fd = rustix::fs::open(
             dir,
@@ -117,11 +130,6 @@ impl ObjectStore {
             made: Arc::new(std::array::from_fn(|_| AtomicBool::new(false))),
             fd: Arc::new(fd),
         };
-        store.walk(false, |path, name, _| {
-            if name.ends_with(TEMP_SUFFIX) {
-                let _ = std::fs::remove_file(path);
-            }
-        })?;
         Ok(store)
     }
 
@@ -612,6 +620,71 @@ fn start_writeback(file: &File, len: u64) {
     }
 }
 
+/// Verified objects left under their temp names for an update in this same process to
+/// take at once (`imagetool patch-directory`): each is spared the sync before naming and
+/// the rename to its name, which only an object kept for later needs. The update finds
+/// them through `names`; `release` then names whatever it did not take, so no verified
+/// object is lost. Dropped unreleased, the held objects are removed.
+pub struct HeldObjects {
+    store: ObjectStore,
+    objects: Vec<PendingObject>,
+}
+
+/// Held objects' temp names, relative to the store's handle, by id.
+pub type HeldNames = std::collections::HashMap<ObjectId, PathBuf>;
+
+impl HeldObjects {
+    pub fn new(store: &ObjectStore, objects: Vec<PendingObject>) -> HeldObjects {
+        HeldObjects {
+            store: store.clone(),
+            objects,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+
+    /// Where the update finds each held object.
+    pub fn names(&self) -> HeldNames {
+        self.objects
+            .iter()
+            .map(|p| (p.id, p.names.0.clone()))
+            .collect()
+    }
+
+    /// After the update: the objects `taken` (linked or renamed into place, their temp
+    /// names gone) are let go; the others are named (sync, then renames) and stay in the
+    /// store. One whose temp name turns out to be gone is counted as taken. Returns how
+    /// many were named.
+    pub fn release(self, taken: impl Fn(&ObjectId) -> bool) -> Result<usize, StoreError> {
+        let (gone, kept): (Vec<PendingObject>, Vec<PendingObject>) =
+            self.objects.into_iter().partition(|p| taken(&p.id));
+        for p in gone {
+            p.guard.disarm();
+        }
+        let mut left = Vec::with_capacity(kept.len());
+        for p in kept {
+            let there = rustix::fs::statat(
+                self.store.fd(),
+                &p.names.0,
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .is_ok();
+            if there {
+                left.push(p);
+            } else {
+                p.guard.disarm();
+            }
+        }
+        self.store.commit_unsynced_names(left)
+    }
+}
+
 /// A verified object not yet visible under its name.
 pub struct PendingObject {
     guard: DeleteOnDrop,
@@ -641,6 +714,55 @@ mod tests {
         assert_eq!(s.list().unwrap().len(), 1);
         s.remove(&id).unwrap();
         assert!(s.list().unwrap().is_empty());
+    }
+
+    fn pending(s: &ObjectStore, data: &[u8]) -> PendingObject {
+        let mut w = s.writer(ObjectId::of(data), data.len() as u64).unwrap();
+        w.write_all(data).unwrap();
+        w.finish().unwrap()
+    }
+
+    #[test]
+    fn held_objects_are_found_by_their_temp_names_and_released_by_what_was_taken() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ObjectStore::open(d.path()).unwrap();
+        let data: [&[u8]; 4] = [b"taken", b"left", b"gone", b"dropped"];
+        let ids: Vec<ObjectId> = data.iter().map(|b| ObjectId::of(b)).collect();
+        let held = HeldObjects::new(&s, data[..3].iter().map(|b| pending(&s, b)).collect());
+        assert_eq!(held.len(), 3);
+        let names = held.names();
+        for (id, b) in ids[..3].iter().zip(data) {
+            assert!(!s.contains(id), "held, not named");
+            let at = d.path().join(&names[id]);
+            assert_eq!(std::fs::read(&at).unwrap(), b, "{}", at.display());
+        }
+        // `attach` leaves held objects alone (`open` would sweep them).
+        let again = ObjectStore::attach(d.path()).unwrap();
+        assert!(d.path().join(&names[&ids[0]]).exists());
+        // the update took "taken" (moved it away) and, unreported, "gone"
+        let out = d.path().join("elsewhere");
+        std::fs::rename(d.path().join(&names[&ids[0]]), &out).unwrap();
+        std::fs::remove_file(d.path().join(&names[&ids[2]])).unwrap();
+        assert_eq!(held.release(|id| *id == ids[0]).unwrap(), 1);
+        assert_eq!(
+            again.list().unwrap(),
+            vec![(ids[1], 4)],
+            "only what was left is named"
+        );
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            b"taken",
+            "a taken one is not removed"
+        );
+        assert_eq!(
+            walkdir_files(d.path()),
+            2,
+            "no temp files: the object and `elsewhere`"
+        );
+        // dropped unreleased, held objects go
+        drop(HeldObjects::new(&s, vec![pending(&s, data[3])]));
+        assert!(!s.contains(&ids[3]));
+        assert_eq!(walkdir_files(d.path()), 2);
     }
 
     #[test]

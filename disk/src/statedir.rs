@@ -166,6 +166,12 @@ impl StateDir {
         ObjectStore::open(&self.anchored().join("objects"))
     }
 
+    /// `objects` for a process that has opened it already: no sweep of temp files
+    /// (`ObjectStore::attach`).
+    pub fn attach_objects(&self) -> Result<ObjectStore, StoreError> {
+        ObjectStore::attach(&self.anchored().join("objects"))
+    }
+
     /// The contents of file `name`, not following a symlink.
     pub fn read(&self, name: &str) -> io::Result<Vec<u8>> {
         let fd = rustix::fs::openat(

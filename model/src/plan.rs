@@ -117,12 +117,15 @@ pub struct FinalMetadata {
     pub gid: u32,
     pub mode: u32,
     pub mtime: crate::image::Mtime,
+    /// The object's length (a fetch shares the bytes out evenly among its requests).
+    #[serde(default)]
+    pub size: u64,
 }
 
 impl FinalMetadata {
     /// The regular file `self` describes, for the metadata calls.
     pub fn inode(&self) -> Inode {
-        let mut i = Inode::file(self.mode, self.uid, self.gid, self.mtime, 0, None);
+        let mut i = Inode::file(self.mode, self.uid, self.gid, self.mtime, self.size, None);
         i.hash = Some(self.object);
         i
     }
@@ -230,6 +233,7 @@ impl UpdatePlan {
                     gid: i.gid,
                     mode: i.mode,
                     mtime: i.mtime,
+                    size: i.size,
                 })
             })
             .collect()
@@ -597,6 +601,7 @@ mod tests {
             gid: uid,
             mode,
             mtime: t(sec),
+            size: 1,
         };
         assert_eq!(
             plan.final_metadata(),

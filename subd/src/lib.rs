@@ -356,6 +356,7 @@ impl Subd {
             service_command: Some(self.config.service_command.clone()),
             reboot_command: self.config.reboot_command.clone(),
             command_timeout: self.config.command_timeout,
+            held: None,
         }
     }
 

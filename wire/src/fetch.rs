@@ -6,6 +6,10 @@
 //! commit at a time running beside the batches still streaming, which takes everything
 //! verified since the last one began, so the fetch ends waiting only for the last. The
 //! names are not synced: the update using the objects syncs before its first rename.
+//! `fetch_objects_held` (`patch-directory`, whose update follows at once) names nothing:
+//! it only syncs beside the batches, and hands the verified objects over under their temp
+//! names (`HeldObjects`). Given sizes (the final metadata), batches carry equal bytes, the
+//! heaviest first.
 //! A mismatching object is discarded and reported; a truncated reply keeps the whole
 //! objects before the cut; a full disk is reported as such. Given several imageservers
 //! (`ImageServerClient` fails each call over itself), a reply that breaks off moves the
@@ -13,7 +17,7 @@
 //! each batch on at most every server once.
 
 use crate::client::{ClientError, ImageServerClient};
-use disk::objectstore::{ObjectStore, PendingObject, StoreError, Unverified};
+use disk::objectstore::{HeldObjects, ObjectStore, PendingObject, StoreError, Unverified};
 use futures_util::StreamExt;
 use model::hash::ObjectId;
 use model::image::Inode;
@@ -112,37 +116,39 @@ struct ChunkReader {
     failed: Option<TransferError>,
 }
 
-impl Read for ChunkReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl io::BufRead for ChunkReader {
+    /// The rest of the chunk received last, waiting for the next one when it is used up:
+    /// its bytes are written to their file from where they arrived, not copied first.
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         while self.cur.is_empty() {
             if let Some(e) = self.failed.take() {
                 return Err(io::Error::new(io::ErrorKind::ConnectionAborted, e));
             }
             match self.rx.blocking_recv() {
-                None => return Ok(0),
+                None => break,
                 Some(Ok(b)) => self.cur = b,
-                Some(Err(e)) => return Err(io::Error::new(io::ErrorKind::ConnectionAborted, e)),
+                Some(Err(e)) => self.failed = Some(e),
             }
         }
-        // Fill `buf` with what has already arrived, so writes are large.
-        let mut n = 0;
-        loop {
-            let k = (buf.len() - n).min(self.cur.len());
-            buf[n..n + k].copy_from_slice(&self.cur[..k]);
-            let _ = self.cur.split_to(k);
-            n += k;
-            if n == buf.len() {
-                return Ok(n);
-            }
-            match self.rx.try_recv() {
-                Ok(Ok(b)) => self.cur = b,
-                Ok(Err(e)) => {
-                    self.failed = Some(e); // reported by the next read
-                    return Ok(n);
-                }
-                Err(_) => return Ok(n), // nothing more yet
-            }
-        }
+        Ok(&self.cur)
+    }
+
+    fn consume(&mut self, n: usize) {
+        let _ = self.cur.split_to(n);
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use io::BufRead;
+        let k = {
+            let have = self.fill_buf()?;
+            let k = have.len().min(buf.len());
+            buf[..k].copy_from_slice(&have[..k]);
+            k
+        };
+        self.consume(k);
+        Ok(k)
     }
 }
 
@@ -166,35 +172,28 @@ fn no_space(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
 }
 
-/// Bytes moved per read and write while storing an object.
-const COPY_BUFFER: usize = 256 * 1024;
-
-/// Copies up to `len` bytes from `r` to `w` through `buf`; returns how many were copied
-/// (fewer only at the end of `r`).
-fn copy_object(
-    r: &mut impl Read,
-    len: u64,
-    w: &mut impl io::Write,
-    buf: &mut [u8],
-) -> io::Result<u64> {
+/// Copies up to `len` bytes from `r` to `w`, each piece written from `r`'s buffer; returns
+/// how many were copied (fewer only at the end of `r`).
+fn copy_object(r: &mut impl io::BufRead, len: u64, w: &mut impl io::Write) -> io::Result<u64> {
     let mut done = 0u64;
     while done < len {
-        let want = buf.len().min((len - done) as usize);
-        let n = match r.read(&mut buf[..want]) {
-            Ok(0) => break,
-            Ok(n) => n,
+        let have = match r.fill_buf() {
+            Ok([]) => break,
+            Ok(have) => have,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        w.write_all(&buf[..n])?;
-        done += n as u64;
+        let k = have.len().min((len - done) as usize);
+        w.write_all(&have[..k])?;
+        r.consume(k);
+        done += k as u64;
     }
     Ok(done)
 }
 
 /// Parses frames from `r` into `store`, verifying each; returns what verified, uncommitted.
 fn write_frames(
-    mut r: impl Read,
+    mut r: impl io::BufRead,
     store: &ObjectStore,
     wanted: &HashSet<ObjectId>,
     metadata: Option<&HashMap<ObjectId, Inode>>,
@@ -208,7 +207,6 @@ fn write_frames(
         server: 0,
     };
     let dir = store.dir().display().to_string();
-    let mut buf = vec![0u8; COPY_BUFFER];
     let give = |id: &ObjectId, f: &std::fs::File| {
         if let Some(want) = metadata.and_then(|m| m.get(id)) {
             // A head start only: the stage sets whatever this could not.
@@ -253,7 +251,7 @@ fn write_frames(
                 break;
             }
         };
-        match copy_object(&mut r, len, &mut w, &mut buf) {
+        match copy_object(&mut r, len, &mut w) {
             Ok(n) if n == len => {}
             Ok(n) => {
                 out.error = Some(FetchError::Truncated(format!(
@@ -303,7 +301,7 @@ struct VerifyQueue {
 /// Objects at least this long are hashed as they stream, one at a time: in a queue of
 /// shorter ones, one of them would be left to end alone in its lane (and it would be read
 /// back from the page cache for nothing).
-const HASH_AS_STREAMED: u64 = 1 << 20;
+const HASH_AS_STREAMED: u64 = model::hash_lanes::ALONE_BYTES;
 
 /// A queue is checked once it holds this many objects or bytes: enough for the lanes to
 /// stay busy, few enough that the bytes are still in the page cache and the open files few.
@@ -380,6 +378,7 @@ async fn fetch_batch(
     opts: &FetchOptions,
     pace: &Pace,
 ) -> Result<BatchOutcome, FetchError> {
+    let t_batch = Instant::now();
     let (server, resp) = client.get_objects_from(batch).await?;
     let wanted: HashSet<ObjectId> = batch.iter().copied().collect();
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -419,6 +418,12 @@ async fn fetch_batch(
         .await
         .map_err(|e| FetchError::Truncated(format!("writer failed: {e}")))?;
     out.server = server;
+    tracing::debug!(
+        "batch of {} objects ({} bytes): {:.1} ms",
+        batch.len(),
+        out.bytes,
+        t_batch.elapsed().as_secs_f64() * 1000.0
+    );
     Ok(out)
 }
 
@@ -462,19 +467,56 @@ pub async fn fetch_objects(
     hashes: &[ObjectId],
     opts: &FetchOptions,
 ) -> Result<FetchStats, FetchError> {
-    let mut run = FetchRun::default();
+    let run = fetch_run(client, store, hashes, opts, false).await;
+    run.finish(store).await
+}
+
+/// `fetch_objects` for an update that follows at once in this process: the fetched
+/// objects are verified but left under their temp names (`HeldObjects`), sparing each a
+/// sync and a rename; the update takes them from there and `HeldObjects::release` names
+/// the rest. On an error, whatever verified is named and kept, as `fetch_objects` does.
+pub async fn fetch_objects_held(
+    client: &ImageServerClient,
+    store: &ObjectStore,
+    hashes: &[ObjectId],
+    opts: &FetchOptions,
+) -> Result<(FetchStats, HeldObjects), FetchError> {
+    let mut run = fetch_run(client, store, hashes, opts, true).await;
+    run.settle_commit().await;
+    if run.first_error.is_some() || !run.mismatched.is_empty() {
+        return run
+            .finish(store)
+            .await
+            .map(|s| (s, HeldObjects::new(store, Vec::new())));
+    }
+    let held = std::mem::take(&mut run.pending);
+    run.stats.objects = held.len() as u64;
+    run.log_done(Instant::now());
+    Ok((run.stats, HeldObjects::new(store, held)))
+}
+
+/// Runs the batches of a fetch; `hold`: verified objects are kept pending, not named.
+async fn fetch_run(
+    client: &ImageServerClient,
+    store: &ObjectStore,
+    hashes: &[ObjectId],
+    opts: &FetchOptions,
+    hold: bool,
+) -> FetchRun {
+    let mut run = FetchRun {
+        hold,
+        ..FetchRun::default()
+    };
     let todo = run.select_missing(store, hashes);
     let lanes = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(1, 4);
     let pace = Arc::new(Pace {
-        started: Instant::now(),
+        started: run.started,
         transferred: AtomicU64::new(0),
     });
-    let mut batches: std::collections::VecDeque<Batch> = todo
-        .chunks(batch_size(opts, todo.len(), lanes))
-        .map(|b| (b.to_vec(), 0))
-        .collect();
+    let size = batch_size(opts, todo.len(), lanes);
+    let mut batches = split_batches(todo, size, opts.final_metadata.as_deref());
     // Dropping the set (the fetch abandoned) aborts the batches still running.
     let mut tasks = tokio::task::JoinSet::new();
     while tasks.len() < lanes {
@@ -494,7 +536,7 @@ pub async fn fetch_objects(
             spawn_batch(&mut tasks, client, store, batch, opts, &pace);
         }
     }
-    run.finish(store, &pace).await
+    run
 }
 
 /// Objects per batch: `opts.batch_objects`, but small fetches are split across the lanes
@@ -503,9 +545,45 @@ fn batch_size(opts: &FetchOptions, todo: usize, lanes: usize) -> usize {
     opts.batch_objects.max(1).min(todo.div_ceil(lanes).max(16))
 }
 
+/// Splits `todo` into batches of at most `size` objects. Given the objects' sizes
+/// (`metadata`), the bytes are shared out evenly, largest object first, each to the batch
+/// with the fewest bytes so far, and the heaviest batch goes first: a long object then
+/// streams and is hashed beside the other batches instead of alone at the end. Without
+/// sizes, batches follow `todo`'s order.
+fn split_batches(
+    todo: Vec<ObjectId>,
+    size: usize,
+    metadata: Option<&HashMap<ObjectId, Inode>>,
+) -> std::collections::VecDeque<Batch> {
+    let Some(sizes) = metadata else {
+        return todo.chunks(size).map(|b| (b.to_vec(), 0)).collect();
+    };
+    let len_of = |id: &ObjectId| sizes.get(id).map_or(0, |i| i.size);
+    let mut todo = todo;
+    todo.sort_by_key(|id| std::cmp::Reverse(len_of(id)));
+    let count = todo.len().div_ceil(size);
+    // (bytes, index), lightest on top; a batch leaves the heap once it is full.
+    let mut open: std::collections::BinaryHeap<std::cmp::Reverse<(u64, usize)>> =
+        (0..count).map(|i| std::cmp::Reverse((0, i))).collect();
+    let mut batches: Vec<(Vec<ObjectId>, u64)> = vec![(Vec::new(), 0); count];
+    for id in todo {
+        let std::cmp::Reverse((bytes, i)) = open.pop().expect("room for every object");
+        let b = &mut batches[i];
+        b.0.push(id);
+        b.1 = bytes + len_of(&id);
+        if b.0.len() < size {
+            open.push(std::cmp::Reverse((b.1, i)));
+        }
+    }
+    batches.sort_by_key(|b| std::cmp::Reverse(b.1));
+    batches.into_iter().map(|(b, _)| (b, 0)).collect()
+}
+
 /// What one `fetch_objects` has gathered so far.
-#[derive(Default)]
 struct FetchRun {
+    started: Instant,
+    /// Verified objects wait in `pending` for the caller (`fetch_objects_held`).
+    hold: bool,
     stats: FetchStats,
     mismatched: Vec<ObjectId>,
     first_error: Option<FetchError>,
@@ -513,6 +591,20 @@ struct FetchRun {
     pending: Vec<PendingObject>,
     /// The commit running beside the batches, if any (one at a time).
     committing: Option<tokio::task::JoinHandle<Result<u64, FetchError>>>,
+}
+
+impl Default for FetchRun {
+    fn default() -> Self {
+        FetchRun {
+            started: Instant::now(),
+            hold: false,
+            stats: FetchStats::default(),
+            mismatched: Vec::new(),
+            first_error: None,
+            pending: Vec::new(),
+            committing: None,
+        }
+    }
 }
 
 type Joined = Result<(Batch, Result<BatchOutcome, FetchError>), tokio::task::JoinError>;
@@ -603,8 +695,13 @@ impl FetchRun {
         retried: bool,
     ) {
         self.stats.bytes += out.bytes;
+        let fresh = !out.pending.is_empty();
         self.pending.extend(out.pending);
-        self.commit_beside(store).await;
+        if !self.hold {
+            self.commit_beside(store).await;
+        } else if fresh {
+            self.sync_beside(store).await;
+        }
         self.mismatched.extend(out.mismatched);
         if let Some(e) = out.error {
             return self.fail(e);
@@ -635,6 +732,34 @@ impl FetchRun {
         }
     }
 
+    /// For held objects: starts a sync of the store (its bytes written back while the
+    /// batches still stream, so the update's sync finds little left) unless one is running.
+    async fn sync_beside(&mut self, store: &ObjectStore) {
+        if self.committing.as_ref().is_some_and(|c| c.is_finished()) {
+            self.settle_commit().await;
+        }
+        if self.committing.is_none() {
+            let st = store.clone();
+            self.committing = Some(tokio::spawn(async move {
+                match tokio::task::spawn_blocking(move || st.sync()).await {
+                    Ok(r) => r.map(|()| 0).map_err(FetchError::Store),
+                    Err(e) => Err(FetchError::Truncated(format!("sync failed: {e}"))),
+                }
+            }));
+        }
+    }
+
+    /// Logs the fetch's times: streaming until `t_commit`, then its last commit.
+    fn log_done(&self, t_commit: Instant) {
+        tracing::debug!(
+            "fetch: {} objects in {} requests streamed in {:.1} ms, committed in {:.1} ms",
+            self.stats.objects,
+            self.stats.requests,
+            (t_commit - self.started).as_secs_f64() * 1000.0,
+            t_commit.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+
     /// Waits for the running commit, if any, and counts what it named.
     async fn settle_commit(&mut self) {
         let Some(running) = self.committing.take() else {
@@ -649,20 +774,14 @@ impl FetchRun {
 
     /// Commits what is still pending (whatever verified is kept, even when another batch
     /// failed) and reports: the first error, else the first mismatch, else the counts.
-    async fn finish(mut self, store: &ObjectStore, pace: &Pace) -> Result<FetchStats, FetchError> {
+    async fn finish(mut self, store: &ObjectStore) -> Result<FetchStats, FetchError> {
         let t_commit = Instant::now();
         self.settle_commit().await;
         match commit(store, std::mem::take(&mut self.pending)).await {
             Ok(n) => self.stats.objects += n,
             Err(e) => self.fail(e),
         }
-        tracing::debug!(
-            "fetch: {} objects in {} requests streamed in {:.1} ms, committed in {:.1} ms",
-            self.stats.objects,
-            self.stats.requests,
-            (t_commit - pace.started).as_secs_f64() * 1000.0,
-            t_commit.elapsed().as_secs_f64() * 1000.0
-        );
+        self.log_done(t_commit);
         if let Some(mut e) = self.first_error {
             if let FetchError::DiskFull { stored, .. } = &mut e {
                 *stored = self.stats.objects;
@@ -834,5 +953,66 @@ mod tests {
             .map(|p| std::fs::read_dir(p).unwrap().count())
             .sum();
         assert_eq!(files, n - bad.len());
+    }
+
+    /// Batches share the bytes out evenly, heaviest first, never over `size` objects,
+    /// every object in exactly one; without sizes they follow the list.
+    #[test]
+    fn batches_share_the_bytes_and_the_heaviest_goes_first() {
+        let ids: Vec<ObjectId> = (0u32..103)
+            .map(|i| ObjectId::of(&i.to_be_bytes()))
+            .collect();
+        // one object as long as all the others together, and a spread of lengths
+        let len = |i: usize| {
+            if i == 7 {
+                5_000
+            } else {
+                1 + (i as u64 * 37) % 97
+            }
+        };
+        let sizes: HashMap<ObjectId, Inode> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let inode = Inode::file(0o644, 0, 0, Default::default(), len(i), Some(*id));
+                (*id, inode)
+            })
+            .collect();
+        for size in [10, 16, 40, 103, 500] {
+            let batches = split_batches(ids.clone(), size, Some(&sizes));
+            assert_eq!(batches.len(), ids.len().div_ceil(size), "size {size}");
+            let bytes: Vec<u64> = batches
+                .iter()
+                .map(|(b, _)| b.iter().map(|id| sizes[id].size).sum())
+                .collect();
+            assert!(
+                bytes.windows(2).all(|w| w[0] >= w[1]),
+                "heaviest first: {bytes:?}"
+            );
+            assert!(
+                batches[0].0.contains(&ids[7]),
+                "the long object starts first"
+            );
+            assert!(batches
+                .iter()
+                .all(|(b, tries)| b.len() <= size && *tries == 0));
+            let mut all: Vec<ObjectId> = batches.iter().flat_map(|(b, _)| b.clone()).collect();
+            all.sort();
+            let mut want = ids.clone();
+            want.sort();
+            assert_eq!(all, want, "size {size}: every object once");
+        }
+        // without the long one, and room to spare: within one object's length of each other
+        let short: Vec<ObjectId> = ids.iter().copied().filter(|id| *id != ids[7]).collect();
+        let batches = split_batches(short, 30, Some(&sizes));
+        let bytes: Vec<u64> = batches
+            .iter()
+            .map(|(b, _)| b.iter().map(|id| sizes[id].size).sum())
+            .collect();
+        assert_eq!(bytes.len(), 4);
+        assert!(bytes[0] - bytes[3] <= 97, "{bytes:?}");
+        let plain = split_batches(ids.clone(), 40, None);
+        let flat: Vec<ObjectId> = plain.iter().flat_map(|(b, _)| b.clone()).collect();
+        assert_eq!(flat, ids, "without sizes, the list's order");
     }
 }

@@ -1,13 +1,14 @@
 //! `patch_directory`: make a local directory match an image without a subd — get the image,
 //! scan the directory, diff, fetch the missing objects into `DIR/.subd/objects` (same
-//! file-system, so activation is a rename), apply. `DIR/.subd` is checked and reached
+//! file-system, so activation is a rename; held under their temp names, which the apply
+//! takes them from, the rest named after it), apply. `DIR/.subd` is checked and reached
 //! through one handle, as subd does (`statedir`). The same diff and apply code subd uses;
 //! `imagetool patch-directory NAME DIR` is a thin wrapper.
 
 use crate::client::{ClientError, ImageServerClient};
-use crate::fetch::{fetch_objects, FetchError, FetchOptions, FetchStats};
+use crate::fetch::{fetch_objects_held, FetchError, FetchOptions, FetchStats};
 use disk::apply::{apply, ApplyOptions};
-use disk::objectstore::StoreError;
+use disk::objectstore::{HeldObjects, StoreError};
 use disk::scan::{scan_full, ChangedFiles, ScanError, ScanOptions};
 use disk::statedir::{StateDir, StateDirError};
 use model::api::UpdateResult;
@@ -71,6 +72,20 @@ pub enum PatchError {
     Fetch(#[from] FetchError),
     #[error("internal: {0}")]
     Join(String),
+}
+
+/// After the apply: a complete one took every held object with a last use in `plan`
+/// (linked or renamed into place); the others are named and stay in the cache.
+fn release_held(held: HeldObjects, plan: &UpdatePlan, result: &UpdateResult) {
+    let complete = result.errors.is_empty();
+    let installed: std::collections::HashSet<_> = if complete {
+        plan.final_metadata().iter().map(|m| m.object).collect()
+    } else {
+        Default::default()
+    };
+    if let Err(e) = held.release(|id| installed.contains(id)) {
+        tracing::warn!("fetched objects the update did not use could not be kept: {e}");
+    }
 }
 
 /// Makes `dir` (created if missing) match image `image_name` from `client`.
@@ -146,14 +161,24 @@ pub async fn patch_directory(
         final_metadata: crate::fetch::metadata_map(&plan.final_metadata()),
         ..options.fetch.clone()
     };
-    let fetch = fetch_objects(client, &store, &plan.objects_to_fetch, &fetch_options).await?;
+    // Held, not named: the apply right after takes them from their temp names.
+    let (fetch, held) =
+        fetch_objects_held(client, &store, &plan.objects_to_fetch, &fetch_options).await?;
     let fetch_seconds = t_fetch.elapsed().as_secs_f64();
     let t_apply = std::time::Instant::now();
     let result = {
-        let (dir, plan, opts) = (dir.to_path_buf(), plan.clone(), options.apply.clone());
-        tokio::task::spawn_blocking(move || apply(&dir, &state, &plan, &opts))
-            .await
-            .map_err(|e| PatchError::Join(e.to_string()))?
+        let (dir, plan) = (dir.to_path_buf(), plan.clone());
+        let opts = ApplyOptions {
+            held: Some(std::sync::Arc::new(held.names())),
+            ..options.apply.clone()
+        };
+        tokio::task::spawn_blocking(move || {
+            let result = apply(&dir, &state, &plan, &opts);
+            release_held(held, &plan, &result);
+            result
+        })
+        .await
+        .map_err(|e| PatchError::Join(e.to_string()))?
     };
     let apply_seconds = t_apply.elapsed().as_secs_f64();
     tracing::info!(

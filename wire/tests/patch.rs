@@ -169,6 +169,8 @@ async fn patch_directory_births_and_converges_a_tree() {
         std::fs::metadata(root.join("su")).unwrap().mode() & 0o7777,
         0o4755
     );
+    // every object fetched went into place from where it was held: none left in the cache
+    assert_eq!(files_under(&root.join(".subd/objects")), 0);
     // drift: edit one file, add an extra and a filtered one; patch again
     let untouched = std::fs::metadata(root.join("data/f001")).unwrap().ino();
     std::fs::write(root.join("data/f002"), b"edited").unwrap();
@@ -200,6 +202,67 @@ async fn patch_directory_births_and_converges_a_tree() {
         .await
         .unwrap_err();
     assert!(matches!(e, PatchError::Image { .. }), "{e}");
+}
+
+/// Regular files beneath `dir`, temp files included.
+fn files_under(dir: &std::path::Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            n += files_under(&e.path());
+        } else {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Objects are fetched before the update is checked; one the update refuses keeps every
+/// fetched object, verified and named in the cache, so the next patch fetches nothing.
+#[tokio::test]
+async fn a_refused_update_keeps_the_fetched_objects_for_the_next_patch() {
+    let (mut img, objects) = sample(20, None);
+    let good = img.clone();
+    img.tree.inodes.get_mut(&0).unwrap().mode = 0o777; // a root others could write
+    let images = [("bad/1".to_string(), img), ("good/1".to_string(), good)];
+    let (fake, client) = start(images.into(), objects).await;
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    let r = patch_directory(&client, "bad/1", &root, &PatchOptions::default())
+        .await
+        .unwrap();
+    assert!(!r.succeeded());
+    assert!(
+        r.result.errors[0].contains("would let other users write the root"),
+        "{:?}",
+        r.result
+    );
+    assert_eq!(r.fetch.objects, 21);
+    let cache = disk::objectstore::ObjectStore::attach(&root.join(".subd/objects")).unwrap();
+    assert_eq!(cache.list().unwrap().len(), 21, "every object named");
+    assert_eq!(
+        files_under(&root.join(".subd/objects")),
+        21,
+        "no temp files"
+    );
+    assert!(!root.join("data").exists(), "nothing installed");
+    let before = *fake.requests.lock().unwrap();
+    let r = patch_directory(&client, "good/1", &root, &PatchOptions::default())
+        .await
+        .unwrap();
+    assert!(r.succeeded(), "{:?}", r.result);
+    assert_eq!(r.fetch.objects, 0);
+    assert_eq!(
+        *fake.requests.lock().unwrap(),
+        before,
+        "nothing fetched again"
+    );
+    assert_eq!(
+        std::fs::read(root.join("data/f003")).unwrap(),
+        b"file number 3\n"
+    );
+    assert_eq!(files_under(&root.join(".subd/objects")), 0);
 }
 
 #[tokio::test]
