@@ -285,6 +285,7 @@ fn is_change(e: Errno) -> bool {
     )
 }
 
+/// Lists `dir` (sorted), records each entry and descends into each subdirectory.
 fn walk(
     dir: BorrowedFd<'_>,
     dir_path: &FsPath,
@@ -305,87 +306,97 @@ fn walk(
     }
     names.sort();
     for name in names {
-        let Ok(path) = dir_path.join(&name) else {
-            continue;
-        };
-        if path.as_bytes() == SUBD_DIR.as_bytes() {
-            continue;
-        }
-        if w.opts.exclude.as_ref().is_some_and(|f| f.matches(&path)) {
-            found.hidden_parents.insert(dir_path.clone());
-            continue;
-        }
-        let st = match rustix::fs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => st,
-            Err(Errno::NOENT) => continue,
-            Err(e) => return Err(w.err(&path, e)),
-        };
-        if st.st_dev as u64 != w.dev {
-            // a mount point: another file-system is never scanned
-            found.hidden_parents.insert(dir_path.clone());
-            continue;
-        }
-        let kind = Kind::from_mode(st.st_mode as u32);
-        let target = if kind == Some(Kind::Symlink) {
-            match rustix::fs::readlinkat(dir, name.as_slice(), Vec::new()) {
-                Ok(t) => Some(t.into_bytes()),
-                Err(e) if is_change(e) || e == Errno::INVAL => {
-                    changed(w, path)?;
-                    continue;
-                }
-                Err(e) => return Err(w.err(&path, e)),
-            }
-        } else {
-            None
-        };
-        let Some(inode) = inode_from_stat(&st, target) else {
-            continue;
-        }; // sockets
-           // A directory is opened before it is recorded: if it is no longer the directory
-           // listed, the name is changed, not a directory to descend into.
-        let sub = if inode.kind == Kind::Dir {
-            match rustix::fs::openat(dir, name.as_slice(), DIR_FLAGS, Mode::empty()) {
-                Ok(fd) => match rustix::fs::fstat(&fd) {
-                    Ok(s) if s.st_ino == st.st_ino && s.st_dev == st.st_dev => Some(fd),
-                    Ok(_) => {
-                        changed(w, path)?;
-                        continue;
-                    }
-                    Err(e) => return Err(w.err(&path, e)),
-                },
-                Err(e) if is_change(e) => {
-                    changed(w, path)?;
-                    continue;
-                }
-                Err(e) => return Err(w.err(&path, e)),
-            }
-        } else {
-            None
-        };
-        let ino = st.st_ino as u64;
-        let kind = inode.kind;
-        if let std::collections::btree_map::Entry::Vacant(slot) = found.tree.inodes.entry(ino) {
-            let mut inode = inode;
-            let known = w.opts.known.as_ref().and_then(|k| k.hash_of(&st));
-            if kind == Kind::File && inode.size > 0 && known.is_some() {
-                inode.hash = known;
-                found.known_files += 1;
-            } else if kind == Kind::File && inode.size > 0 {
-                found.to_hash.push(Listed {
-                    path: path.clone(),
-                    dev: st.st_dev as u64,
-                    ino,
-                    size: inode.size,
-                });
-            }
-            slot.insert(inode);
-        }
-        found.tree.entries.insert(path.clone(), ino);
-        if let Some(fd) = sub {
-            walk(fd.as_fd(), &path, w, found)?;
+        if let Some((path, sub)) = visit(dir, dir_path, &name, w, found)? {
+            walk(sub.as_fd(), &path, w, found)?;
         }
     }
     Ok(())
+}
+
+/// Records the entry `name` of `dir`; returns it, opened, if it is a directory to descend
+/// into. Left out: `/.subd`, exclusions and mount points (their parent noted as hiding
+/// entries), sockets, and names that changed since they were listed (`changed`).
+fn visit(
+    dir: BorrowedFd<'_>,
+    dir_path: &FsPath,
+    name: &[u8],
+    w: &Walk<'_>,
+    found: &mut Found<'_>,
+) -> Result<Option<(FsPath, OwnedFd)>, ScanError> {
+    let Ok(path) = dir_path.join(name) else {
+        return Ok(None);
+    };
+    if path.as_bytes() == SUBD_DIR.as_bytes() {
+        return Ok(None);
+    }
+    if w.opts.exclude.as_ref().is_some_and(|f| f.matches(&path)) {
+        found.hidden_parents.insert(dir_path.clone());
+        return Ok(None);
+    }
+    let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(w.err(&path, e)),
+    };
+    if st.st_dev as u64 != w.dev {
+        // a mount point: another file-system is never scanned
+        found.hidden_parents.insert(dir_path.clone());
+        return Ok(None);
+    }
+    let target = if Kind::from_mode(st.st_mode as u32) == Some(Kind::Symlink) {
+        match rustix::fs::readlinkat(dir, name, Vec::new()) {
+            Ok(t) => Some(t.into_bytes()),
+            Err(e) if is_change(e) || e == Errno::INVAL => return changed(w, path).map(|()| None),
+            Err(e) => return Err(w.err(&path, e)),
+        }
+    } else {
+        None
+    };
+    let Some(inode) = inode_from_stat(&st, target) else {
+        return Ok(None); // sockets
+    };
+    // A directory is opened before it is recorded: if it is no longer the directory
+    // listed, the name is changed, not a directory to descend into.
+    let sub = if inode.kind == Kind::Dir {
+        match rustix::fs::openat(dir, name, DIR_FLAGS, Mode::empty()) {
+            Ok(fd) => match rustix::fs::fstat(&fd) {
+                Ok(s) if s.st_ino == st.st_ino && s.st_dev == st.st_dev => Some(fd),
+                Ok(_) => return changed(w, path).map(|()| None),
+                Err(e) => return Err(w.err(&path, e)),
+            },
+            Err(e) if is_change(e) => return changed(w, path).map(|()| None),
+            Err(e) => return Err(w.err(&path, e)),
+        }
+    } else {
+        None
+    };
+    record(&st, inode, &path, w, found);
+    Ok(sub.map(|fd| (path, fd)))
+}
+
+/// Adds `path` and (if new) its inode to the tree; a regular file with content is queued
+/// for hashing unless the last update's record already knows its hash.
+fn record(st: &rustix::fs::Stat, inode: Inode, path: &FsPath, w: &Walk<'_>, found: &mut Found<'_>) {
+    #[allow(clippy::unnecessary_cast)] // `ino_t` and `dev_t` are not 64-bit on every target
+    let (ino, dev) = (st.st_ino as u64, st.st_dev as u64);
+    let kind = inode.kind;
+    if let std::collections::btree_map::Entry::Vacant(slot) = found.tree.inodes.entry(ino) {
+        let mut inode = inode;
+        let known = w.opts.known.as_ref().and_then(|k| k.hash_of(st));
+        if kind == Kind::File && inode.size > 0 && known.is_some() {
+            inode.hash = known;
+            found.known_files += 1;
+        } else if kind == Kind::File && inode.size > 0 {
+            found.to_hash.push(Listed {
+                path: path.clone(),
+                dev,
+                ino,
+                size: inode.size,
+            });
+        }
+        slot.insert(inode);
+    }
+    found.tree.entries.insert(path.clone(), ino);
 }
 
 /// A name changed between being listed and being opened: an error, or left out.

@@ -465,6 +465,9 @@ mod kernel {
 
     /// `compress` on AVX-512: register `w` holds word `w` of all eight lanes' states; the
     /// message words are gathered from the eight blocks and byte-swapped to big-endian.
+    /// One function on purpose (over 100 lines): the gather, the 80 rounds and the
+    /// feed-forward share the 16 message registers and the 8 state registers, which split
+    /// functions would spill to memory between calls.
     ///
     /// # Safety
     /// The CPU must have AVX-512F and AVX-512BW, and every `ptrs[i] + k * strides[i]`

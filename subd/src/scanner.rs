@@ -36,7 +36,8 @@ pub fn tranquilizer(percent: u32) -> Throttle {
     })
 }
 
-/// Runs until `subd.stop` is set.
+/// Runs until `subd.stop` is set. Each pass: begin (read the status) → scan → publish
+/// → rest until the next is due.
 pub fn run(subd: &Subd) {
     let cfg = &subd.config;
     // `--scan-speed-percent 100` means unthrottled, whatever the CPU share.
@@ -49,99 +50,17 @@ pub fn run(subd: &Subd) {
     while !subd.stop.load(Ordering::SeqCst) {
         let started = Instant::now();
         let epoch = subd.epoch.load(Ordering::SeqCst);
-        // Cleared before the status is read, so an update that begins after this point
-        // either is seen below or aborts the pass.
-        if !subd.stop.load(Ordering::SeqCst) {
-            subd.scan_abort.store(false, Ordering::SeqCst);
-        }
-        let (first, boost, updating, known) = {
-            let mut st = subd.status();
-            let b = st.boost;
-            st.boost = false;
-            // A fetch or update pauses scanning: a pass overlapping either is discarded.
-            let updating = st.update_in_progress || st.fetch_in_progress;
-            // The last update's record serves this pass only (see `disk::known`).
-            let known = if updating { None } else { st.known.take() };
-            (st.generation == 0, b, updating, known)
-        };
-        if updating {
+        let Some(opts) = begin(subd, percent) else {
             wait(subd, Duration::from_millis(50));
             continue;
-        }
-        let throttled = !first && !boost && percent < 100;
-        let opts = ScanOptions {
-            exclude: Some(subd.exclusions.clone()),
-            threads: if throttled { 1 } else { 0 },
-            throttle: throttled.then(|| tranquilizer(percent)),
-            cancel: Some(subd.scan_abort.clone()),
-            // A name a local user flips mid-pass must not stop the rest being reported.
-            changed: ChangedFiles::LeaveOut,
-            known,
         };
-        let scanned = scan_full(&cfg.root, &opts);
-        let cache = subd.store.ids();
-        let (tree, hidden_parents, known_files, cache) = match (scanned, cache) {
-            (Ok(s), Ok(c)) => (
-                s.tree,
-                s.hidden_parents.into_iter().collect::<Vec<_>>(),
-                s.known_files,
-                c,
-            ),
-            (Err(disk::scan::ScanError::Cancelled), _) if subd.stop.load(Ordering::SeqCst) => break,
-            (Err(disk::scan::ScanError::Cancelled), _) => {
-                tracing::debug!("scan pass abandoned: an update began");
-                let mut st = subd.status();
-                st.scans_aborted += 1;
-                keep_known(&mut st, &opts);
-                continue;
-            }
-            (Err(e), _) => {
-                tracing::error!("scan: {e}");
-                wait(subd, Duration::from_secs(5));
-                continue;
-            }
-            (_, Err(e)) => {
-                tracing::error!("listing object cache: {e}");
-                wait(subd, Duration::from_secs(5));
-                continue;
-            }
+        let pass = match scan(subd, &opts) {
+            Scanned::Pass(pass) => pass,
+            Scanned::Stopped => break,
+            Scanned::Abandoned => continue,
         };
-        let mut ids: Vec<ObjectId> = cache.into_iter().collect();
-        ids.sort();
-        {
-            let mut st = subd.status();
-            if st.update_in_progress
-                || st.fetch_in_progress
-                || subd.epoch.load(Ordering::SeqCst) != epoch
-            {
-                keep_known(&mut st, &opts);
-                tracing::debug!("scan pass discarded: a fetch or update overlapped it");
-                continue; // the tree changed under us: scan again
-            }
-            let changed = st.generation == 0
-                || st.tree.as_deref() != Some(&tree)
-                || st.object_cache.as_deref() != Some(&ids)
-                || st.hidden_parents != hidden_parents;
-            if changed {
-                st.generation += 1;
-                st.tree = Some(Arc::new(tree));
-                st.object_cache = Some(Arc::new(ids));
-                st.hidden_parents = hidden_parents;
-            }
-            st.scan_count += 1;
-            if !subd.stop.load(Ordering::SeqCst) {
-                subd.scans.send_replace(st.scan_count);
-            }
-            st.last_scan_known_files = known_files as u64;
-            st.last_scan_time = unix_now();
-            st.last_scan_duration_ms = started.elapsed().as_millis() as u64;
-            tracing::debug!(
-                known_files,
-                changed,
-                "scan pass {} done in {} ms",
-                st.scan_count,
-                st.last_scan_duration_ms
-            );
+        if !publish(subd, &opts, pass, epoch, started) {
+            continue; // the tree changed under us: scan again
         }
         subd.snapshot_index.expire(crate::snapshot::INDEX_IDLE);
         if !niced && percent < 100 {
@@ -156,6 +75,124 @@ pub fn run(subd: &Subd) {
             wait(subd, cfg.min_scan_interval - elapsed);
         }
     }
+}
+
+/// Begins a pass: its options, or `None` while a fetch or update runs (a pass overlapping
+/// either is discarded, so none starts).
+fn begin(subd: &Subd, percent: u32) -> Option<ScanOptions> {
+    // Cleared before the status is read, so an update that begins after this point
+    // either is seen below or aborts the pass.
+    if !subd.stop.load(Ordering::SeqCst) {
+        subd.scan_abort.store(false, Ordering::SeqCst);
+    }
+    let mut st = subd.status();
+    let boost = std::mem::take(&mut st.boost);
+    if st.update_in_progress || st.fetch_in_progress {
+        return None;
+    }
+    // The last update's record serves this pass only (see `disk::known`).
+    let known = st.known.take();
+    let throttled = st.generation != 0 && !boost && percent < 100;
+    Some(ScanOptions {
+        exclude: Some(subd.exclusions.clone()),
+        threads: if throttled { 1 } else { 0 },
+        throttle: throttled.then(|| tranquilizer(percent)),
+        cancel: Some(subd.scan_abort.clone()),
+        // A name a local user flips mid-pass must not stop the rest being reported.
+        changed: ChangedFiles::LeaveOut,
+        known,
+    })
+}
+
+/// What one pass saw.
+struct Pass {
+    tree: model::image::FileTree,
+    hidden_parents: Vec<model::FsPath>,
+    known_files: usize,
+    /// The object cache's ids, sorted.
+    ids: Vec<ObjectId>,
+}
+
+enum Scanned {
+    Pass(Pass),
+    /// Cancelled because subd is stopping.
+    Stopped,
+    /// Cancelled by an update, or failed (logged, after a pause): begin again.
+    Abandoned,
+}
+
+/// Scans the root and lists the object cache.
+fn scan(subd: &Subd, opts: &ScanOptions) -> Scanned {
+    let scanned = scan_full(&subd.config.root, opts);
+    let cache = subd.store.ids();
+    match (scanned, cache) {
+        (Ok(s), Ok(c)) => {
+            let mut ids: Vec<ObjectId> = c.into_iter().collect();
+            ids.sort();
+            Scanned::Pass(Pass {
+                tree: s.tree,
+                hidden_parents: s.hidden_parents.into_iter().collect(),
+                known_files: s.known_files,
+                ids,
+            })
+        }
+        (Err(disk::scan::ScanError::Cancelled), _) if subd.stop.load(Ordering::SeqCst) => {
+            Scanned::Stopped
+        }
+        (Err(disk::scan::ScanError::Cancelled), _) => {
+            tracing::debug!("scan pass abandoned: an update began");
+            let mut st = subd.status();
+            st.scans_aborted += 1;
+            keep_known(&mut st, opts);
+            Scanned::Abandoned
+        }
+        (Err(e), _) => {
+            tracing::error!("scan: {e}");
+            wait(subd, Duration::from_secs(5));
+            Scanned::Abandoned
+        }
+        (_, Err(e)) => {
+            tracing::error!("listing object cache: {e}");
+            wait(subd, Duration::from_secs(5));
+            Scanned::Abandoned
+        }
+    }
+}
+
+/// Publishes a pass (a new generation if it differs from the last); false, publishing
+/// nothing, when a fetch or update overlapped it (`epoch` moved).
+fn publish(subd: &Subd, opts: &ScanOptions, pass: Pass, epoch: u64, started: Instant) -> bool {
+    let mut st = subd.status();
+    if st.update_in_progress || st.fetch_in_progress || subd.epoch.load(Ordering::SeqCst) != epoch {
+        keep_known(&mut st, opts);
+        tracing::debug!("scan pass discarded: a fetch or update overlapped it");
+        return false;
+    }
+    let changed = st.generation == 0
+        || st.tree.as_deref() != Some(&pass.tree)
+        || st.object_cache.as_deref() != Some(&pass.ids)
+        || st.hidden_parents != pass.hidden_parents;
+    if changed {
+        st.generation += 1;
+        st.tree = Some(Arc::new(pass.tree));
+        st.object_cache = Some(Arc::new(pass.ids));
+        st.hidden_parents = pass.hidden_parents;
+    }
+    st.scan_count += 1;
+    if !subd.stop.load(Ordering::SeqCst) {
+        subd.scans.send_replace(st.scan_count);
+    }
+    st.last_scan_known_files = pass.known_files as u64;
+    st.last_scan_time = unix_now();
+    st.last_scan_duration_ms = started.elapsed().as_millis() as u64;
+    tracing::debug!(
+        known_files = pass.known_files,
+        changed,
+        "scan pass {} done in {} ms",
+        st.scan_count,
+        st.last_scan_duration_ms
+    );
+    true
 }
 
 /// A pass that reports nothing leaves the update's record for the next pass (unless a

@@ -8,14 +8,17 @@
 use crate::client::{ClientError, ImageServerClient};
 use crate::fetch::{fetch_objects_held, FetchError, FetchOptions, FetchStats};
 use disk::apply::{apply, ApplyOptions};
-use disk::objectstore::{HeldObjects, StoreError};
+use disk::objectstore::{HeldObjects, ObjectStore, StoreError};
 use disk::scan::{scan_full, ChangedFiles, ScanError, ScanOptions};
 use disk::statedir::{StateDir, StateDirError};
 use model::api::UpdateResult;
 use model::diff::{diff, DiffOptions, Machine};
+use model::hash::ObjectId;
+use model::image::Image;
 use model::plan::UpdatePlan;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 /// How to patch.
 #[derive(Clone, Debug, Default)]
@@ -74,28 +77,15 @@ pub enum PatchError {
     Join(String),
 }
 
-/// After the apply: a complete one took every held object with a last use in `plan`
-/// (linked or renamed into place); the others are named and stay in the cache.
-fn release_held(held: HeldObjects, plan: &UpdatePlan, result: &UpdateResult) {
-    let complete = result.errors.is_empty();
-    let installed: std::collections::HashSet<_> = if complete {
-        plan.final_metadata().iter().map(|m| m.object).collect()
-    } else {
-        Default::default()
-    };
-    if let Err(e) = held.release(|id| installed.contains(id)) {
-        tracing::warn!("fetched objects the update did not use could not be kept: {e}");
-    }
-}
-
-/// Makes `dir` (created if missing) match image `image_name` from `client`.
+/// Makes `dir` (created if missing) match image `image_name` from `client`. Phases: get
+/// the image → open and lock `DIR/.subd` → scan and diff → fetch (held) → apply.
 pub async fn patch_directory(
     client: &ImageServerClient,
     image_name: &str,
     dir: &Path,
     options: &PatchOptions,
 ) -> Result<PatchReport, PatchError> {
-    let t_image = std::time::Instant::now();
+    let t_image = Instant::now();
     let image = client
         .get_image(image_name)
         .await
@@ -104,7 +94,7 @@ pub async fn patch_directory(
             source,
         })?;
     let image_seconds = t_image.elapsed().as_secs_f64();
-    let t_scan = std::time::Instant::now();
+    let t_scan = Instant::now();
     std::fs::create_dir_all(dir).map_err(|source| PatchError::Dir {
         path: dir.to_path_buf(),
         source,
@@ -112,51 +102,9 @@ pub async fn patch_directory(
     // Checked, and from here on reached only through its handle.
     let state = StateDir::open(dir)?;
     let _lock = state.lock("lock")?;
-    let (tree, store) = {
-        let state = state.clone();
-        let dir = dir.to_path_buf();
-        let opts = ScanOptions {
-            exclude: options.apply.exclusions.clone(),
-            threads: options.scan_threads,
-            changed: ChangedFiles::LeaveOut,
-            ..Default::default()
-        };
-        tokio::task::spawn_blocking(move || -> Result<_, PatchError> {
-            let store = state.objects()?;
-            Ok((scan_full(&dir, &opts)?, store))
-        })
-        .await
-        .map_err(|e| PatchError::Join(e.to_string()))??
-    };
-    let cache: BTreeSet<_> = {
-        let st = store.clone();
-        tokio::task::spawn_blocking(move || st.ids())
-            .await
-            .map_err(|e| PatchError::Join(e.to_string()))??
-            .into_iter()
-            .collect()
-    };
-    let seeded = disk::apply::load_seeded(&state);
-    let plan = diff(
-        image_name,
-        &image,
-        &Machine {
-            tree: &tree.tree,
-            object_cache: &cache,
-            exclusions: options.apply.exclusions.as_ref(),
-            hidden_parents: &tree.hidden_parents.iter().cloned().collect::<Vec<_>>(),
-            seeded: &seeded,
-        },
-        &DiffOptions {
-            allow_unsafe: options.allow_unsafe,
-        },
-    );
-    drop(tree);
-    if let Some(r) = &plan.unsafe_reason {
-        return Err(PatchError::Unsafe(r.clone()));
-    }
+    let (plan, store) = plan(image_name, &image, dir, &state, options).await?;
     let scan_seconds = t_scan.elapsed().as_secs_f64();
-    let t_fetch = std::time::Instant::now();
+    let t_fetch = Instant::now();
     let fetch_options = FetchOptions {
         final_metadata: crate::fetch::metadata_map(&plan.final_metadata()),
         ..options.fetch.clone()
@@ -165,21 +113,8 @@ pub async fn patch_directory(
     let (fetch, held) =
         fetch_objects_held(client, &store, &plan.objects_to_fetch, &fetch_options).await?;
     let fetch_seconds = t_fetch.elapsed().as_secs_f64();
-    let t_apply = std::time::Instant::now();
-    let result = {
-        let (dir, plan) = (dir.to_path_buf(), plan.clone());
-        let opts = ApplyOptions {
-            held: Some(std::sync::Arc::new(held.names())),
-            ..options.apply.clone()
-        };
-        tokio::task::spawn_blocking(move || {
-            let result = apply(&dir, &state, &plan, &opts);
-            release_held(held, &plan, &result);
-            result
-        })
-        .await
-        .map_err(|e| PatchError::Join(e.to_string()))?
-    };
+    let t_apply = Instant::now();
+    let result = apply_held(dir, state, &plan, &options.apply, held).await?;
     let apply_seconds = t_apply.elapsed().as_secs_f64();
     tracing::info!(
         "patch phases: image {:.1} ms, scan+diff {:.1} ms, fetch {:.1} ms, apply {:.1} ms",
@@ -196,4 +131,83 @@ pub async fn patch_directory(
         fetch_seconds,
         apply_seconds,
     })
+}
+
+/// Scans `dir` and lists the object cache (off the executor), then diffs them against
+/// `image`; refuses an unsafe plan. Returns the plan and the cache, opened.
+async fn plan(
+    image_name: &str,
+    image: &Image,
+    dir: &Path,
+    state: &StateDir,
+    options: &PatchOptions,
+) -> Result<(UpdatePlan, ObjectStore), PatchError> {
+    let (tree, store, cache) = {
+        let state = state.clone();
+        let dir = dir.to_path_buf();
+        let opts = ScanOptions {
+            exclude: options.apply.exclusions.clone(),
+            threads: options.scan_threads,
+            changed: ChangedFiles::LeaveOut,
+            ..Default::default()
+        };
+        tokio::task::spawn_blocking(move || -> Result<_, PatchError> {
+            let store = state.objects()?;
+            let tree = scan_full(&dir, &opts)?;
+            let cache: BTreeSet<ObjectId> = store.ids()?.into_iter().collect();
+            Ok((tree, store, cache))
+        })
+        .await
+        .map_err(|e| PatchError::Join(e.to_string()))??
+    };
+    let seeded = disk::apply::load_seeded(state);
+    let plan = diff(
+        image_name,
+        image,
+        &Machine {
+            tree: &tree.tree,
+            object_cache: &cache,
+            exclusions: options.apply.exclusions.as_ref(),
+            hidden_parents: &tree.hidden_parents.iter().cloned().collect::<Vec<_>>(),
+            seeded: &seeded,
+        },
+        &DiffOptions {
+            allow_unsafe: options.allow_unsafe,
+        },
+    );
+    if let Some(r) = &plan.unsafe_reason {
+        return Err(PatchError::Unsafe(r.clone()));
+    }
+    Ok((plan, store))
+}
+
+/// Applies `plan` (off the executor) with the `held` objects found under their temp
+/// names, then releases them: a complete apply took every one with a last use in the
+/// plan (linked or renamed into place); the others are named and stay in the cache.
+async fn apply_held(
+    dir: &Path,
+    state: StateDir,
+    plan: &UpdatePlan,
+    options: &ApplyOptions,
+    held: HeldObjects,
+) -> Result<UpdateResult, PatchError> {
+    let (dir, plan) = (dir.to_path_buf(), plan.clone());
+    let opts = ApplyOptions {
+        held: Some(std::sync::Arc::new(held.names())),
+        ..options.clone()
+    };
+    tokio::task::spawn_blocking(move || {
+        let result = apply(&dir, &state, &plan, &opts);
+        let installed: HashSet<ObjectId> = if result.errors.is_empty() {
+            plan.final_metadata().iter().map(|m| m.object).collect()
+        } else {
+            HashSet::new()
+        };
+        if let Err(e) = held.release(|id| installed.contains(id)) {
+            tracing::warn!("fetched objects the update did not use could not be kept: {e}");
+        }
+        result
+    })
+    .await
+    .map_err(|e| PatchError::Join(e.to_string()))
 }
