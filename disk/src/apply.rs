@@ -488,8 +488,9 @@ pub fn apply_noting(
     (result, known)
 }
 
-/// The phases of an update: owed starts, admission, select (present seeds skipped) → stage → stop → activate
-/// (the change window) → sync → start → remember.
+/// The phases of an update: owed starts, admission, select (present seeds skipped) →
+/// stage → stop → activate (the change window) → record the image patched → sync → start
+/// → remember.
 fn update<'a>(
     root: &Path,
     state_dir: &'a StateDir,
@@ -520,6 +521,9 @@ fn update<'a>(
     let owed = u.stop(&matched);
     u.activate(&sel, &staged);
     let t_changed = Instant::now();
+    if !plan.sparse && u.run.failures.is_empty() {
+        write_patched_image(&mut u.fs, &plan.image_name);
+    }
     // One syncfs: fsyncing each changed directory instead costs a journal commit each here.
     // Meanwhile the cache names of the files linked into place go: their removal need not
     // be durable (a name a crash leaves is dropped at its next use), and the known inodes
@@ -1114,9 +1118,6 @@ impl Update<'_> {
                 });
             }
         }
-        if !plan.sparse && self.run.failures.is_empty() {
-            write_patched_image(&mut self.fs, &plan.image_name);
-        }
         self.remember_seeded(plan);
     }
 
@@ -1264,7 +1265,8 @@ impl Drop for PriorityBoost {
     }
 }
 
-/// Records the image name in `/var/lib/patched-image` when `/var/lib` exists.
+/// Records the image name in `/var/lib/patched-image` when `/var/lib` exists (temp and
+/// rename, made durable by the update's final sync).
 fn write_patched_image(fs: &mut Root, name: &str) {
     let path: FsPath = PATCHED_IMAGE.parse().expect("valid constant");
     let Ok((dfd, leaf)) = fs.parent(&path) else {
@@ -1281,7 +1283,6 @@ fn write_patched_image(fs: &mut Root, name: &str) {
         let mut f = std::fs::File::from(fd);
         f.write_all(format!("{name}\n").as_bytes())
             .map_err(|_| Errno::IO)?;
-        f.sync_all().map_err(|_| Errno::IO)?;
         rustix::fs::renameat(&*dfd, tmp.as_slice(), &*dfd, leaf.as_slice())
     })();
     if let Err(e) = r {
