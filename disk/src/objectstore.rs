@@ -183,6 +183,28 @@ impl ObjectStore {
         File::open(self.path_of(id))
     }
 
+    /// `open_object` only if that needs no disk read (every name on the way in the
+    /// kernel's lookup cache: `openat2` with `RESOLVE_CACHED`); `WouldBlock` otherwise,
+    /// and on kernels before 5.12, which lack the flag. For a caller that must not block
+    /// (an async task), with `read_cached`.
+    pub fn open_object_cached(&self, id: &ObjectId) -> io::Result<File> {
+        use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        match openat2(
+            self.fd(),
+            self.name_of(id),
+            flags,
+            Mode::empty(),
+            ResolveFlags::CACHED,
+        ) {
+            Ok(fd) => Ok(File::from(fd)),
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Starts writing an object expected to hash to `expected` and be `len` bytes long.
     pub fn writer(&self, expected: ObjectId, len: u64) -> Result<ObjectWriter, StoreError> {
         self.make_writer(expected, len, true, 0o640)
@@ -604,6 +626,36 @@ impl io::Read for ReadAt<'_> {
         self.pos += n as u64;
         Ok(n)
     }
+}
+
+/// Appends to `buf` up to `want` bytes read from `file` at its position, as far as the
+/// page cache holds them (`preadv2` with `RWF_NOWAIT`): returns how many (0 at the end of
+/// the file), or `WouldBlock` when the first of them would need a disk read. Never waits
+/// for the disk, so an async task may call it.
+pub fn read_cached(file: &File, buf: &mut Vec<u8>, want: usize) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    buf.reserve(want);
+    let spare = &mut buf.spare_capacity_mut()[..want];
+    let iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: spare.len(),
+    };
+    // SAFETY: the one iovec covers `want` bytes of `buf`'s spare capacity, which the
+    // kernel writes and nothing else aliases; only the `n` bytes it reports written are
+    // then counted as initialised. Offset -1: the file's position, which it advances.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            // EOPNOTSUPP: a file-system without RWF_NOWAIT reads (then always blocking).
+            Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) => Err(io::ErrorKind::WouldBlock.into()),
+            _ => Err(e),
+        };
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialised the first `n` (≤ `want`) spare bytes.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
 }
 
 /// Objects at least this long start their write-back when verified.

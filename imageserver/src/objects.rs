@@ -4,6 +4,8 @@
 //! `ObjectServer.GetObjects` streams the requested objects back as frames, from an async
 //! task through a small bounded queue, so a client that does not read holds a task and a
 //! few pieces, never a thread; streams are bounded overall and per caller (503 beyond).
+//! The task reads what the page cache holds itself (`RESOLVE_CACHED` opens, `RWF_NOWAIT`
+//! reads) and hands only what would wait for the disk to a blocking thread.
 //!
 //! Every object an upload stream stores or offers (already present) is held until the
 //! stream ends, then pinned for the catalogue's grace period, so unreferenced-object
@@ -17,6 +19,7 @@ use axum::extract::State as AxState;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use bytes::Bytes;
+use disk::objectstore::read_cached;
 use futures_util::TryStreamExt;
 use model::api;
 use model::frame;
@@ -201,7 +204,8 @@ pub const DEFAULT_MAX_STREAMS_PER_CALLER: usize = 32;
 /// Callers remembered before those with no stream open are forgotten.
 const FORGET_IDLE_CALLERS_ABOVE: usize = 4096;
 /// Bytes of frames (headers and object bytes, several small objects together) read per
-/// piece sent: one blocking read task and one body chunk per piece, not per object.
+/// piece sent: one body chunk (and at most one blocking read task) per piece, not per
+/// object.
 const PIECE: usize = 256 * 1024;
 /// Pieces queued per stream for a client that reads slowly.
 const QUEUED_PIECES: usize = 2;
@@ -287,25 +291,44 @@ struct OpenObject {
     id: ObjectId,
     size: u64,
     left: u64,
-    file: Box<dyn Read + Send>,
+    file: Source,
 }
 
-/// Reads the frames of a list of objects, a piece at a time, on a blocking thread.
+/// Where an open object's bytes come from.
+enum Source {
+    /// A local file: read without blocking where the page cache allows (`read_cached`).
+    File(std::fs::File),
+    /// Any other reader (S3): blocking reads only.
+    Reader(Box<dyn Read + Send>),
+}
+
+/// How far `Pieces::fill` got.
+#[derive(Debug, PartialEq)]
+enum Filled {
+    /// The piece is full, or the objects are all read.
+    Done,
+    /// Reading on without blocking was not possible: go on on a blocking thread.
+    WouldBlock,
+}
+
+/// Reads the frames of a list of objects, a piece at a time: on the async task as far as
+/// the page cache holds them (cached lookups, `RWF_NOWAIT` reads, no thread handed over),
+/// the rest on a blocking thread.
 struct Pieces {
     store: Objects,
     objects: Vec<(ObjectId, u64)>,
     next: usize,
     open: Option<OpenObject>,
-    /// Objects and bytes whose last byte is in the piece just read.
+    /// Objects and bytes whose last byte was read since the last `take_finished`.
     finished: (u64, u64),
 }
 
 impl Pieces {
-    /// Reads the next piece: up to `PIECE` bytes of frames, empty at the end. An error
-    /// comes with the bytes read before it, to be sent first.
-    fn read(&mut self) -> (Vec<u8>, Option<SendError>) {
-        let mut buf = Vec::with_capacity(PIECE);
-        self.finished = (0, 0);
+    /// Appends frames to `buf` until it holds `PIECE` bytes or every object is read. With
+    /// `cached`, it never blocks: it stops with `WouldBlock` at the first open or read that
+    /// would wait for the disk, leaving its place for the next call. An error comes after
+    /// the bytes read before it, which are to be sent first.
+    fn fill(&mut self, buf: &mut Vec<u8>, cached: bool) -> Result<Filled, SendError> {
         while buf.len() < PIECE {
             let Some(o) = self.open.as_mut() else {
                 let Some(&(id, size)) = self.objects.get(self.next) else {
@@ -314,9 +337,14 @@ impl Pieces {
                 if PIECE - buf.len() < frame::HEADER_LEN {
                     break; // the header starts the next piece; this one never grows
                 }
-                self.next += 1;
-                match self.store.open(&id) {
+                let opened = match &self.store {
+                    _ if cached => self.store.open_cached(&id).map(Source::File),
+                    Objects::Local(s) => s.open_object(&id).map(Source::File),
+                    Objects::S3(_) => self.store.open(&id).map(Source::Reader),
+                };
+                match opened {
                     Ok(file) => {
+                        self.next += 1;
                         buf.extend_from_slice(&frame::header(&id, size));
                         self.open = Some(OpenObject {
                             id,
@@ -325,18 +353,33 @@ impl Pieces {
                             file,
                         });
                     }
-                    Err(source) => return (buf, Some(SendError::Read { id, source })),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(Filled::WouldBlock)
+                    }
+                    Err(source) => return Err(SendError::Read { id, source }),
                 }
                 continue;
             };
             let want = o.left.min((PIECE - buf.len()) as u64);
-            let got = match (&mut o.file).take(want).read_to_end(&mut buf) {
-                Ok(n) => n as u64,
-                Err(source) => return (buf, Some(SendError::Read { id: o.id, source })),
+            let read_err = |source| SendError::Read { id: o.id, source };
+            let got = match (&mut o.file, cached) {
+                _ if want == 0 => 0,
+                (Source::File(f), true) => match read_cached(f, buf, want as usize) {
+                    Ok(n) => n as u64, // 0: the end of the file, short
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(Filled::WouldBlock)
+                    }
+                    Err(e) => return Err(read_err(e)),
+                },
+                (Source::Reader(_), true) => return Ok(Filled::WouldBlock),
+                (Source::File(f), false) => read_fully(f, want, buf).map_err(read_err)?,
+                (Source::Reader(r), false) => read_fully(r, want, buf).map_err(read_err)?,
             };
-            if got < want {
-                let (id, size) = (o.id, o.size);
-                return (buf, Some(SendError::Short { id, size }));
+            if got == 0 && want > 0 {
+                return Err(SendError::Short {
+                    id: o.id,
+                    size: o.size,
+                });
             }
             o.left -= got;
             if o.left == 0 {
@@ -345,12 +388,18 @@ impl Pieces {
                 self.open = None;
             }
         }
-        (buf, None)
+        Ok(Filled::Done)
     }
 }
 
+/// Reads up to `want` bytes from `r` onto `buf` (blocking); fewer only at its end.
+fn read_fully(r: impl Read, want: u64, buf: &mut Vec<u8>) -> Result<u64, io::Error> {
+    r.take(want).read_to_end(buf).map(|n| n as u64)
+}
+
 /// Sends the frames of `objects` (id, recorded size) into `tx`, read from their files a
-/// piece at a time off the executor; a stalled client holds only this task.
+/// piece at a time: on this task while the page cache holds them, else on a blocking
+/// thread (`Pieces::fill`).
 async fn send_objects(
     st: &State,
     objects: Vec<(ObjectId, u64)>,
@@ -364,26 +413,29 @@ async fn send_objects(
         finished: (0, 0),
     };
     loop {
-        let (p, (buf, err)) = tokio::task::spawn_blocking(move || {
-            let r = pieces.read();
-            (pieces, r)
-        })
-        .await
-        .map_err(SendError::Task)?;
-        pieces = p;
-        if !buf.is_empty() {
+        let mut buf = Vec::with_capacity(PIECE);
+        let mut filled = pieces.fill(&mut buf, true);
+        if let Ok(Filled::WouldBlock) = filled {
+            let (p, b, f) = tokio::task::spawn_blocking(move || {
+                let f = pieces.fill(&mut buf, false);
+                (pieces, buf, f)
+            })
+            .await
+            .map_err(SendError::Task)?;
+            (pieces, buf, filled) = (p, b, f);
+        }
+        let ended = buf.is_empty();
+        if !ended {
             match tokio::time::timeout(STALL_TIMEOUT, tx.send(Bytes::from(buf))).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(SendError::Gone),
                 Err(_) => return Err(SendError::Stalled),
             }
-        } else if err.is_none() {
+        }
+        if filled? == Filled::Done && ended {
             return Ok(());
         }
-        if let Some(e) = err {
-            return Err(e);
-        }
-        let (n, bytes) = pieces.finished;
+        let (n, bytes) = std::mem::take(&mut pieces.finished);
         st.metrics.objects_served.fetch_add(n, Ordering::Relaxed);
         st.metrics
             .object_bytes_served
@@ -431,4 +483,103 @@ pub async fn get_objects(
         Body::from_stream(body),
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use disk::objectstore::ObjectStore;
+    use std::os::fd::AsRawFd;
+
+    fn pieces(store: &ObjectStore, objects: Vec<(ObjectId, u64)>) -> Pieces {
+        Pieces {
+            store: Objects::Local(store.clone()),
+            objects,
+            next: 0,
+            open: None,
+            finished: (0, 0),
+        }
+    }
+
+    /// Everything `send_objects` would send (page cache first when `cached`, the rest on
+    /// disk), the error it would end with, and how many pieces fell back to blocking reads.
+    fn drain(mut p: Pieces, cached: bool) -> (Vec<u8>, Option<SendError>, usize) {
+        let (mut out, mut blocked) = (Vec::new(), 0);
+        loop {
+            let mut buf = Vec::with_capacity(PIECE);
+            let mut filled = p.fill(&mut buf, cached);
+            if let Ok(Filled::WouldBlock) = filled {
+                blocked += 1;
+                filled = p.fill(&mut buf, false);
+            }
+            assert!(buf.len() <= PIECE);
+            let ended = buf.is_empty();
+            out.extend_from_slice(&buf);
+            match filled {
+                Err(e) => return (out, Some(e), blocked),
+                Ok(Filled::Done) if ended => return (out, None, blocked),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Drops a file's pages from the page cache (it is synced first), so reading it
+    /// without blocking is refused.
+    fn evict(path: &std::path::Path) {
+        let f = std::fs::File::open(path).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: a plain advisory call on an open descriptor.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+
+    #[test]
+    fn frames_read_from_the_page_cache_or_from_disk_are_the_same() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open(d.path()).unwrap();
+        let sizes = [1usize, 7_000, 100_000, 300_000, PIECE - 3, 1_000_000, 40];
+        let mut list = Vec::new();
+        let mut want = Vec::new();
+        for (i, n) in sizes.into_iter().enumerate() {
+            let data: Vec<u8> = (0..n).map(|j| (j * 31 + i) as u8).collect();
+            let id = store.put(&data).unwrap();
+            list.push((id, n as u64));
+            want.extend_from_slice(&frame::header(&id, n as u64));
+            want.extend_from_slice(&data);
+        }
+        let (blocking, e, _) = drain(pieces(&store, list.clone()), false);
+        assert!(e.is_none(), "{e:?}");
+        assert_eq!(blocking, want);
+        let (hot, e, _) = drain(pieces(&store, list.clone()), true);
+        assert!(e.is_none(), "{e:?}");
+        assert_eq!(hot, want);
+        // cold: every object read from disk, wherever the fall-back happens
+        for (id, _) in &list {
+            evict(&store.path_of(id));
+        }
+        let (cold, e, blocked) = drain(pieces(&store, list.clone()), true);
+        assert!(e.is_none(), "{e:?}");
+        assert_eq!(cold, want);
+        assert!(blocked > 0, "cold objects fell back to blocking reads");
+    }
+
+    #[test]
+    fn a_file_shorter_than_recorded_ends_the_stream_after_its_bytes_in_either_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open(d.path()).unwrap();
+        let a = store.put(b"whole").unwrap();
+        let b = store.put(b"cut short").unwrap();
+        for cached in [true, false] {
+            let list = vec![(a, 5), (b, 20)];
+            let (out, e, _) = drain(pieces(&store, list), cached);
+            assert!(
+                matches!(e, Some(SendError::Short { id, size: 20 }) if id == b),
+                "{e:?}"
+            );
+            let mut want = frame::header(&a, 5).to_vec();
+            want.extend_from_slice(b"whole");
+            want.extend_from_slice(&frame::header(&b, 20));
+            want.extend_from_slice(b"cut short");
+            assert_eq!(out, want, "cached {cached}");
+        }
+    }
 }

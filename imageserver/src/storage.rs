@@ -163,6 +163,15 @@ impl Objects {
         }
     }
 
+    /// A local object's file, opened without blocking (`ObjectStore::open_object_cached`);
+    /// `WouldBlock` when that would need a disk read, and always for S3.
+    pub fn open_cached(&self, id: &ObjectId) -> io::Result<std::fs::File> {
+        match self {
+            Objects::Local(s) => s.open_object_cached(id),
+            Objects::S3(_) => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
     /// Removes `id` (absent is fine).
     pub fn remove(&self, id: &ObjectId) -> Result<(), StoreError> {
         match self {
