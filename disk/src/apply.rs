@@ -1538,10 +1538,12 @@ fn stage(
                 drop(fd);
             }
             Some(h) => {
-                let src = store.name_of(&h);
+                let (src, prepared) = store.name_of(&h);
                 let at = (store.store.fd(), src.as_path());
-                if last_use && cache_object_ready(at, want) {
-                    return Ok(Place::Cache(src)); // the fetch gave it its metadata
+                // The fetch gave it its metadata: known (a held object, in the private
+                // state directory since), or checked with one `lstat`.
+                if last_use && (prepared || cache_object_ready(at, want)) {
+                    return Ok(Place::Cache(src));
                 }
                 let (fd, o_path) = open_cache_object(at, h)?;
                 if !last_use {
@@ -1586,11 +1588,12 @@ struct CacheNames<'a> {
 }
 
 impl CacheNames<'_> {
-    /// `h`'s name relative to the store's handle.
-    fn name_of(&self, h: &ObjectId) -> PathBuf {
+    /// `h`'s name relative to the store's handle, and whether it is known to hold its
+    /// last use's metadata already (a held object the fetch gave it to).
+    fn name_of(&self, h: &ObjectId) -> (PathBuf, bool) {
         match self.held.and_then(|m| m.get(h)) {
-            Some(name) => name.clone(),
-            None => self.store.name_of(h),
+            Some(held) => (held.name.clone(), held.prepared),
+            None => (self.store.name_of(h), false),
         }
     }
 }

@@ -488,14 +488,14 @@ impl ObjectWriter {
     /// Checks length and hash; on success the object awaits `ObjectStore::commit`.
     /// On failure the temp file is removed.
     pub fn finish(self) -> Result<PendingObject, StoreError> {
-        self.finish_preparing(|_| {})
+        self.finish_preparing(|_| false)
     }
 
     /// `finish`, calling `prepare` on the verified file before it is closed (to give it
-    /// metadata; never to change its bytes).
+    /// metadata; never to change its bytes; true if it did: `PendingObject::prepared`).
     pub fn finish_preparing(
         mut self,
-        prepare: impl FnOnce(&File),
+        prepare: impl FnOnce(&File) -> bool,
     ) -> Result<PendingObject, StoreError> {
         self.check_length()?;
         let computed = match self.hasher.take() {
@@ -533,7 +533,7 @@ impl ObjectWriter {
     fn checked(
         self,
         computed: ObjectId,
-        prepare: impl FnOnce(&File),
+        prepare: impl FnOnce(&File) -> bool,
     ) -> Result<PendingObject, StoreError> {
         if computed != self.expected {
             return Err(StoreError::HashMismatch {
@@ -541,8 +541,9 @@ impl ObjectWriter {
                 computed: Box::new(computed),
             });
         }
-        prepare(&self.file);
+        let prepared = prepare(&self.file);
         Ok(PendingObject {
+            prepared,
             guard: self.guard,
             final_path: self.final_path,
             names: self.names,
@@ -567,7 +568,7 @@ impl Unverified {
 /// removed).
 pub fn verify(
     objects: Vec<Unverified>,
-    mut prepare: impl FnMut(&ObjectId, &File),
+    mut prepare: impl FnMut(&ObjectId, &File) -> bool,
 ) -> Vec<Result<PendingObject, StoreError>> {
     let mut computed: Vec<Option<io::Result<ObjectId>>> =
         (0..objects.len()).map(|_| None).collect();
@@ -682,8 +683,17 @@ pub struct HeldObjects {
     objects: Vec<PendingObject>,
 }
 
-/// Held objects' temp names, relative to the store's handle, by id.
-pub type HeldNames = std::collections::HashMap<ObjectId, PathBuf>;
+/// Where a held object waits.
+#[derive(Clone, Debug)]
+pub struct HeldName {
+    /// Its temp name, relative to the store's handle.
+    pub name: PathBuf,
+    /// It was given its last use's metadata as it was stored (`PendingObject::prepared`).
+    pub prepared: bool,
+}
+
+/// Held objects by id.
+pub type HeldNames = std::collections::HashMap<ObjectId, HeldName>;
 
 impl HeldObjects {
     pub fn new(store: &ObjectStore, objects: Vec<PendingObject>) -> HeldObjects {
@@ -705,7 +715,11 @@ impl HeldObjects {
     pub fn names(&self) -> HeldNames {
         self.objects
             .iter()
-            .map(|p| (p.id, p.names.0.clone()))
+            .map(|p| {
+                let name = p.names.0.clone();
+                let prepared = p.prepared;
+                (p.id, HeldName { name, prepared })
+            })
             .collect()
     }
 
@@ -739,6 +753,8 @@ impl HeldObjects {
 
 /// A verified object not yet visible under its name.
 pub struct PendingObject {
+    /// Whether `prepare` gave it its metadata (`ObjectWriter::finish_preparing`).
+    pub prepared: bool,
     guard: DeleteOnDrop,
     final_path: PathBuf,
     /// `tmp` and `final_path` relative to the store's handle.
@@ -780,21 +796,26 @@ mod tests {
         let s = ObjectStore::open(d.path()).unwrap();
         let data: [&[u8]; 4] = [b"taken", b"left", b"gone", b"dropped"];
         let ids: Vec<ObjectId> = data.iter().map(|b| ObjectId::of(b)).collect();
-        let held = HeldObjects::new(&s, data[..3].iter().map(|b| pending(&s, b)).collect());
+        let mut objects: Vec<PendingObject> = data[..2].iter().map(|b| pending(&s, b)).collect();
+        let mut w = s.writer(ids[2], 4).unwrap();
+        w.write_all(data[2]).unwrap();
+        objects.push(w.finish_preparing(|_| true).unwrap());
+        let held = HeldObjects::new(&s, objects);
         assert_eq!(held.len(), 3);
         let names = held.names();
+        assert!(!names[&ids[0]].prepared && names[&ids[2]].prepared);
         for (id, b) in ids[..3].iter().zip(data) {
             assert!(!s.contains(id), "held, not named");
-            let at = d.path().join(&names[id]);
+            let at = d.path().join(&names[id].name);
             assert_eq!(std::fs::read(&at).unwrap(), b, "{}", at.display());
         }
         // `attach` leaves held objects alone (`open` would sweep them).
         let again = ObjectStore::attach(d.path()).unwrap();
-        assert!(d.path().join(&names[&ids[0]]).exists());
+        assert!(d.path().join(&names[&ids[0]].name).exists());
         // the update took "taken" (moved it away) and, unreported, "gone"
         let out = d.path().join("elsewhere");
-        std::fs::rename(d.path().join(&names[&ids[0]]), &out).unwrap();
-        std::fs::remove_file(d.path().join(&names[&ids[2]])).unwrap();
+        std::fs::rename(d.path().join(&names[&ids[0]].name), &out).unwrap();
+        std::fs::remove_file(d.path().join(&names[&ids[2]].name)).unwrap();
         assert_eq!(held.release(|id| *id == ids[0]).unwrap(), 1);
         assert_eq!(
             again.list().unwrap(),

@@ -207,11 +207,11 @@ fn write_frames(
         server: 0,
     };
     let dir = store.dir().display().to_string();
+    // A head start only: the stage sets whatever this could not.
     let give = |id: &ObjectId, f: &std::fs::File| {
-        if let Some(want) = metadata.and_then(|m| m.get(id)) {
-            // A head start only: the stage sets whatever this could not.
-            let _ = disk::apply::give_final_metadata(f, want);
-        }
+        metadata
+            .and_then(|m| m.get(id))
+            .is_some_and(|want| disk::apply::give_final_metadata(f, want).is_ok())
     };
     let mut queue = VerifyQueue::default();
     loop {
@@ -319,7 +319,11 @@ impl VerifyQueue {
     }
 
     /// Hashes the queued objects and adds each outcome to `out`.
-    fn verify(&mut self, out: &mut BatchOutcome, give: &impl Fn(&ObjectId, &std::fs::File)) {
+    fn verify(
+        &mut self,
+        out: &mut BatchOutcome,
+        give: &impl Fn(&ObjectId, &std::fs::File) -> bool,
+    ) {
         let objects = std::mem::take(&mut self.objects);
         self.bytes = 0;
         let ids: Vec<ObjectId> = objects.iter().map(|u| *u.id()).collect();
