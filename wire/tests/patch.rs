@@ -206,16 +206,7 @@ async fn patch_directory_births_and_converges_a_tree() {
 
 /// Regular files beneath `dir`, temp files included.
 fn files_under(dir: &std::path::Path) -> usize {
-    let mut n = 0;
-    for e in std::fs::read_dir(dir).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            n += files_under(&e.path());
-        } else {
-            n += 1;
-        }
-    }
-    n
+    testkit::files_under(dir).len()
 }
 
 /// Objects are fetched before the update is checked; one the update refuses keeps every
