@@ -1265,8 +1265,8 @@ impl Drop for PriorityBoost {
     }
 }
 
-/// Records the image name in `/var/lib/patched-image` when `/var/lib` exists (temp and
-/// rename, made durable by the update's final sync).
+/// Records the image name in `/var/lib/patched-image` when `/var/lib` exists (temp,
+/// fsync, rename; the rename made durable by the update's final sync).
 fn write_patched_image(fs: &mut Root, name: &str) {
     let path: FsPath = PATCHED_IMAGE.parse().expect("valid constant");
     let Ok((dfd, leaf)) = fs.parent(&path) else {
@@ -1283,6 +1283,9 @@ fn write_patched_image(fs: &mut Root, name: &str) {
         let mut f = std::fs::File::from(fd);
         f.write_all(format!("{name}\n").as_bytes())
             .map_err(|_| Errno::IO)?;
+        // Its bytes durable before its name: the rename may reach the journal before
+        // the final sync has written them.
+        f.sync_data().map_err(|_| Errno::IO)?;
         rustix::fs::renameat(&*dfd, tmp.as_slice(), &*dfd, leaf.as_slice())
     })();
     if let Err(e) = r {

@@ -319,7 +319,7 @@ struct Pieces {
     objects: Vec<(ObjectId, u64)>,
     next: usize,
     open: Option<OpenObject>,
-    /// Objects and bytes whose last byte was read since the last `take_finished`.
+    /// Objects and bytes whose last byte was read since `send_objects` last took them.
     finished: (u64, u64),
 }
 
@@ -353,9 +353,10 @@ impl Pieces {
                             file,
                         });
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        return Ok(Filled::WouldBlock)
-                    }
+                    // Any failure of the cached open (it would block; or `openat2` is
+                    // refused, as some seccomp filters do with EPERM) is left to the
+                    // blocking open, whose error is the one reported.
+                    Err(_) if cached => return Ok(Filled::WouldBlock),
                     Err(source) => return Err(SendError::Read { id, source }),
                 }
                 continue;
@@ -366,10 +367,8 @@ impl Pieces {
                 _ if want == 0 => 0,
                 (Source::File(f), true) => match read_cached(f, buf, want as usize) {
                     Ok(n) => n as u64, // 0: the end of the file, short
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        return Ok(Filled::WouldBlock)
-                    }
-                    Err(e) => return Err(read_err(e)),
+                    // Would block, or refused: the blocking read goes on from here.
+                    Err(_) => return Ok(Filled::WouldBlock),
                 },
                 (Source::Reader(_), true) => return Ok(Filled::WouldBlock),
                 (Source::File(f), false) => read_fully(f, want, buf).map_err(read_err)?,

@@ -183,7 +183,9 @@ async fn plan(
 
 /// Applies `plan` (off the executor) with the `held` objects found under their temp
 /// names, then releases them: a complete apply took every one with a last use in the
-/// plan (linked or renamed into place); the others are named and stay in the cache.
+/// plan (linked or renamed into place); the others are named and stay in the cache. (A
+/// last use the apply skipped without an error, a seeded path that appeared since the
+/// diff, leaves its temp file to the store's next open, which sweeps it.)
 async fn apply_held(
     dir: &Path,
     state: StateDir,
