@@ -521,8 +521,9 @@ fn update<'a>(
     let owed = u.stop(&matched);
     u.activate(&sel, &staged);
     let t_changed = Instant::now();
-    if !plan.sparse && u.run.failures.is_empty() {
-        write_patched_image(&mut u.fs, &plan.image_name);
+    if let (true, Some(sfd)) = (staged.record, &staged.fd) {
+        let complete = u.run.failures.is_empty();
+        install_patched_image(&mut u.fs, sfd, complete);
     }
     // One syncfs: fsyncing each changed directory instead costs a journal commit each here.
     // Meanwhile the cache names of the files linked into place go: their removal need not
@@ -643,6 +644,8 @@ struct Owed {
 struct Staged {
     fd: Option<OwnedFd>,
     names: Vec<Option<Place>>,
+    /// The record of the image patched is staged (`STAGED_RECORD`).
+    record: bool,
 }
 
 /// Where a staged inode waits for its rename into place, with its final metadata.
@@ -789,6 +792,7 @@ impl Update<'_> {
             }
         };
         let mut names: Vec<Option<Place>> = vec![None; sel.inodes.len()];
+        let mut record = false;
         if let Some(sfd) = &fd {
             let mut failed: Vec<(usize, Cause)> = Vec::new();
             let (inodes, held) = (&sel.inodes, self.run.opts.held.as_deref());
@@ -821,6 +825,7 @@ impl Update<'_> {
                 self.run
                     .error(ApplyError::step(Step::Stage, &sel.inodes[n].path)(e));
             }
+            record = !plan.sparse && stage_patched_image(sfd, &plan.image_name);
             let t_staged = Instant::now();
             // Content durable before any rename makes it visible.
             if let Err(e) = rustix::fs::syncfs(sfd) {
@@ -834,7 +839,7 @@ impl Update<'_> {
                 t_staged.elapsed().as_secs_f64() * 1000.0
             );
         }
-        Staged { fd, names }
+        Staged { fd, names, record }
     }
 
     /// Stop: skipped entirely when a reboot is due; otherwise the starts owed are recorded
@@ -1265,32 +1270,40 @@ impl Drop for PriorityBoost {
     }
 }
 
-/// Records the image name in `/var/lib/patched-image` when `/var/lib` exists (temp,
-/// fsync, rename; the rename made durable by the update's final sync).
-fn write_patched_image(fs: &mut Root, name: &str) {
-    let path: FsPath = PATCHED_IMAGE.parse().expect("valid constant");
-    let Ok((dfd, leaf)) = fs.parent(&path) else {
-        return;
-    };
-    let tmp = b"patched-image.tmp~";
-    let r = (|| -> Result<(), Errno> {
+/// The name in the staging directory of the record of the image patched, waiting to be
+/// renamed to `/var/lib/patched-image` (never a staged inode's: those are numbers).
+const STAGED_RECORD: &str = "patched-image";
+
+/// Stages the record of the image patched: its bytes made durable by the stage's sync,
+/// so its rename needs no sync of its own; true if it was written.
+fn stage_patched_image(sfd: &OwnedFd, name: &str) -> bool {
+    let r = (|| -> io::Result<()> {
         let fd = rustix::fs::openat(
-            &*dfd,
-            tmp.as_slice(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            sfd,
+            STAGED_RECORD,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o644),
         )?;
-        let mut f = std::fs::File::from(fd);
-        f.write_all(format!("{name}\n").as_bytes())
-            .map_err(|_| Errno::IO)?;
-        // Its bytes durable before its name: the rename may reach the journal before
-        // the final sync has written them.
-        f.sync_data().map_err(|_| Errno::IO)?;
-        rustix::fs::renameat(&*dfd, tmp.as_slice(), &*dfd, leaf.as_slice())
+        std::fs::File::from(fd).write_all(format!("{name}\n").as_bytes())
     })();
-    if let Err(e) = r {
-        tracing::warn!("writing {PATCHED_IMAGE}: {}", io::Error::from(e));
+    if let Err(e) = &r {
+        tracing::warn!("staging {PATCHED_IMAGE}: {e}");
     }
+    r.is_ok()
+}
+
+/// Renames the staged record to `/var/lib/patched-image` if the update is `complete`
+/// and `/var/lib` exists (the update's final sync makes the rename durable); otherwise
+/// it is removed, leaving the staging directory empty.
+fn install_patched_image(fs: &mut Root, sfd: &OwnedFd, complete: bool) {
+    let path: FsPath = PATCHED_IMAGE.parse().expect("valid constant");
+    if let (true, Ok((dfd, leaf))) = (complete, fs.parent(&path)) {
+        match rustix::fs::renameat(sfd, STAGED_RECORD, &*dfd, leaf.as_slice()) {
+            Ok(()) => return,
+            Err(e) => tracing::warn!("writing {PATCHED_IMAGE}: {}", io::Error::from(e)),
+        }
+    }
+    let _ = rustix::fs::unlinkat(sfd, STAGED_RECORD, AtFlags::empty());
 }
 
 /// Renames the staged `from` (a directory and a name in it) to `leaf` in `pfd`. A directory standing there is removed

@@ -304,6 +304,46 @@ fn drift_in_metadata_only_is_fixed_in_place() {
     assert_eq!(meta(&f, "/bin/su").ino(), ino, "same inode");
 }
 
+/// A full image applied completely is recorded in `/var/lib/patched-image` (when
+/// `/var/lib` exists); an update with errors leaves the record as it was; either way the
+/// staging directory ends empty.
+#[test]
+fn a_complete_full_update_records_its_image_in_var_lib_patched_image() {
+    let f = fixture();
+    let staging_empty = || {
+        std::fs::read_dir(f.state.join("staging"))
+            .unwrap()
+            .next()
+            .is_none()
+    };
+    let record = f.root.join("var/lib/patched-image");
+    let opts = ApplyOptions::default();
+    let b = B::new().dir("/etc", 0o755).file("/etc/a", b"a", 0o644, 0);
+    let (_, r) = converge(&f, &b.image(Some("")), &b.contents, &opts);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(!f.root.join("var").exists(), "no /var/lib, no record");
+    assert!(staging_empty());
+    let b = b.dir("/var", 0o755).dir("/var/lib", 0o755);
+    let (_, r) = converge(&f, &b.image(Some("")), &b.contents, &opts);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(std::fs::read(&record).unwrap(), b"test/1\n");
+    assert!(staging_empty());
+    // an object missing from the cache: an error, and the record stays as it was
+    let plan = UpdatePlan {
+        image_name: "test/2".into(),
+        sparse: false,
+        inodes_to_make: vec![PathInode {
+            path: p("/etc/b"),
+            inode: Inode::file(0o644, 0, 0, M, 6, Some(ObjectId::of(b"absent"))),
+        }],
+        ..UpdatePlan::default()
+    };
+    let r = apply(&f.root, &f.sd, &plan, &opts);
+    assert!(!r.errors.is_empty());
+    assert_eq!(std::fs::read(&record).unwrap(), b"test/1\n");
+    assert!(staging_empty());
+}
+
 #[test]
 fn sparse_image_leaves_everything_else_alone() {
     let f = fixture();
