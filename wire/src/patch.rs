@@ -15,9 +15,11 @@ use model::api::UpdateResult;
 use model::diff::{diff, DiffOptions, Machine};
 use model::hash::ObjectId;
 use model::image::Image;
+use model::image::Inode;
 use model::plan::UpdatePlan;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// How to patch.
@@ -114,7 +116,8 @@ pub async fn patch_directory(
         fetch_objects_held(client, &store, &plan.objects_to_fetch, &fetch_options).await?;
     let fetch_seconds = t_fetch.elapsed().as_secs_f64();
     let t_apply = Instant::now();
-    let result = apply_held(dir, state, &plan, &options.apply, held).await?;
+    let last_uses = fetch_options.final_metadata.clone();
+    let result = apply_held(dir, state, &plan, &options.apply, held, last_uses).await?;
     let apply_seconds = t_apply.elapsed().as_secs_f64();
     tracing::info!(
         "patch phases: image {:.1} ms, scan+diff {:.1} ms, fetch {:.1} ms, apply {:.1} ms",
@@ -183,7 +186,7 @@ async fn plan(
 
 /// Applies `plan` (off the executor) with the `held` objects found under their temp
 /// names, then releases them: a complete apply took every one with a last use in the
-/// plan (linked or renamed into place); the others are named and stay in the cache. (A
+/// plan (`last_uses`, the fetch's final metadata: linked or renamed into place); the others are named and stay in the cache. (A
 /// last use the apply skipped without an error, a seeded path that appeared since the
 /// diff, leaves its temp file to the store's next open, which sweeps it.)
 async fn apply_held(
@@ -192,20 +195,19 @@ async fn apply_held(
     plan: &UpdatePlan,
     options: &ApplyOptions,
     held: HeldObjects,
+    last_uses: Option<Arc<HashMap<ObjectId, Inode>>>,
 ) -> Result<UpdateResult, PatchError> {
     let (dir, plan) = (dir.to_path_buf(), plan.clone());
     let opts = ApplyOptions {
-        held: Some(std::sync::Arc::new(held.names())),
+        held: Some(Arc::new(held.names())),
         ..options.clone()
     };
     tokio::task::spawn_blocking(move || {
         let result = apply(&dir, &state, &plan, &opts);
-        let installed: HashSet<ObjectId> = if result.errors.is_empty() {
-            plan.final_metadata().iter().map(|m| m.object).collect()
-        } else {
-            HashSet::new()
-        };
-        if let Err(e) = held.release(|id| installed.contains(id)) {
+        let complete = result.errors.is_empty();
+        let taken =
+            |id: &ObjectId| complete && last_uses.as_ref().is_some_and(|m| m.contains_key(id));
+        if let Err(e) = held.release(taken) {
             tracing::warn!("fetched objects the update did not use could not be kept: {e}");
         }
         result
