@@ -3,7 +3,7 @@
 # ~/.cargo/bin unless the pinned version is already there or on PATH. A debug build of the
 # sqlite-only feature set: a few minutes on two cores where a release build takes 13-22;
 # ample for the tests' small objects. GARAGE_TARGET_DIR (default: a temp directory,
-# removed afterwards) holds the build.
+# removed afterwards) holds the build, without debug info.
 set -euo pipefail
 version=2.5.0
 have() { "$1" --version 2>/dev/null | grep -q "v\?$version\b"; }
@@ -17,6 +17,6 @@ target=${GARAGE_TARGET_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/garage-target.XXXXXX")}
 trap 'rm -rf "$target"' EXIT
 echo "[garage] building garage $version (debug, sqlite) in $target" >&2
 start=$(date +%s)
-CARGO_TARGET_DIR=$target nice -n 10 cargo install garage --locked --version "$version" \
+CARGO_TARGET_DIR=$target CARGO_PROFILE_DEV_DEBUG=false nice -n 10 cargo install garage --locked --version "$version" \
     --no-default-features --features bundled-libs,sqlite --debug
 echo "[garage] installed $(~/.cargo/bin/garage --version | head -1) in $(( $(date +%s) - start )) s" >&2
